@@ -1,0 +1,174 @@
+"""save / load / list_checkpoints / verify: the public functions over the DCP plug-ins."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from dckpt import dist
+from dckpt.config import LoadConfig, SaveConfig
+from dckpt.errors import (CheckpointNotFoundError, DckptError, IntegrityError)
+from dckpt.info import CheckpointInfo, info_from_manifest
+from dckpt.manifest import Manifest
+from dckpt.planner import SafeLoadPlanner
+from dckpt.reader import Reader
+from dckpt.repository import committed_steps, read_manifest, require_repository
+from dckpt.storage import Store
+from dckpt.verify import Progress, VerifyReport, verify_steps
+from dckpt.writer import Metrics, Writer
+
+__all__ = ["save", "load", "list_checkpoints", "verify"]
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, Any]
+
+
+@contextmanager
+def _single_process_quiet() -> Iterator[None]:
+    """Without a process group one process is the whole world, as documented: no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
+         storage_options: dict | None = None, config: SaveConfig | None = None) -> CheckpointInfo:
+    """(collective) Save ``state_dict`` as checkpoint ``step`` and commit it.
+
+    Returns the same CheckpointInfo on every rank. Any failure on any rank raises the same
+    CommitError on every rank; nothing is committed and earlier checkpoints stand.
+    """
+    config = config or SaveConfig()
+    writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
+                    config=config)
+    group = dist.checkpoint_group(config.collective_timeout_s)
+    what = f"save of step {step} to {url}"
+    try:
+        with _single_process_quiet():
+            dcp.save(state_dict, storage_writer=writer, process_group=group)
+    except CheckpointException as e:
+        raise dist.translate(e, what=what, saving=True) from None
+    except DckptError:
+        raise
+    except Exception as e:  # a collective broke: a peer died or timed out
+        raise dist.peer_failure(e, what=what, saving=True) from e
+    info = dist.broadcast(writer.info, group)
+    assert isinstance(info, CheckpointInfo)
+    return info
+
+
+def _find(store: Store, step: int | None, tried: set[int]) -> tuple[Manifest | None, list[tuple[int, str]], DckptError | None]:
+    """(coordinator) The manifest to try next: the asked step, or the newest readable one
+    not yet tried. Returns it, the steps skipped on the way, and the error that ends the
+    search, if any."""
+    skipped: list[tuple[int, str]] = []
+    try:
+        if step is not None:
+            return read_manifest(store, step), skipped, None
+        require_repository(store)
+        candidates = [s for s in reversed(committed_steps(store)) if s not in tried]
+        for s in candidates:
+            try:
+                return read_manifest(store, s), skipped, None
+            except (IntegrityError, CheckpointNotFoundError) as e:
+                skipped.append((s, str(e)))
+        if not tried and not skipped:
+            return None, skipped, CheckpointNotFoundError(f"{store.url} holds no committed checkpoint")
+        return None, skipped, None
+    except DckptError as e:
+        return None, skipped, e
+
+
+def load(state_dict: StateDict, url: str, *, step: int | None = None,
+         storage_options: dict | None = None, config: LoadConfig | None = None) -> CheckpointInfo:
+    """(collective) Load a checkpoint into ``state_dict`` in place.
+
+    ``step=None``: the newest committed checkpoint that loads cleanly; ones that fail
+    verification are skipped (all ranks agree) and listed in ``info.skipped``. An explicit
+    ``step`` that fails raises IntegrityError.
+    """
+    config = config or LoadConfig()
+    store = Store(url, storage_options)
+    group = dist.checkpoint_group(config.collective_timeout_s)
+    t0 = time.perf_counter()
+    skipped: list[tuple[int, str]] = []
+    tried: set[int] = set()
+    while True:
+        t_find = time.perf_counter()
+        found = _find(store, step, tried) if dist.rank() == 0 else None
+        manifest, newly_skipped, error = dist.broadcast(found, group)  # type: ignore[misc]
+        skipped += newly_skipped
+        if error is not None:
+            raise error
+        if manifest is None:
+            raise IntegrityError(
+                f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"
+                + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped),
+                failures={})
+        tried.add(manifest.step)
+        reader = Reader(url, step=manifest.step, storage_options=storage_options,
+                        config=config, manifest=manifest)
+        t_read = time.perf_counter()
+        what = f"load of step {manifest.step} from {url}"
+        try:
+            with _single_process_quiet():
+                dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
+                         process_group=group)
+        except CheckpointException as e:
+            err = dist.translate(e, what=what, saving=False)
+            if step is not None or not isinstance(err, IntegrityError):
+                raise err from None
+            log.warning("rank %d: skipping step %d: %s", dist.rank(), manifest.step, err)
+            skipped.append((manifest.step, str(err)))
+            continue
+        except DckptError:
+            raise
+        except Exception as e:
+            raise dist.peer_failure(e, what=what, saving=False) from e
+        now = time.perf_counter()
+        phase_s = {"find": t_read - t_find, "read": now - t_read, "total": now - t0}
+        log.info("rank %d loaded step %d: %d bytes read in %.3f s", dist.rank(), manifest.step,
+                 reader.bytes_read, phase_s["read"])
+        return info_from_manifest(manifest, url, phase_s=phase_s, skipped=tuple(skipped))
+
+
+def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
+    ``problem`` set. Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    infos = []
+    for step in committed_steps(store):
+        try:
+            infos.append(info_from_manifest(read_manifest(store, step), url))
+        except DckptError as e:
+            infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
+                                        world_size=0, bytes_logical=0, bytes_written=0,
+                                        problem=str(e)))
+    return infos
+
+
+def verify(url: str, *, step: int | None = None, all_steps: bool = False,
+           storage_options: dict | None = None, progress: Progress | None = None) -> VerifyReport:
+    """Read back and check every byte of one checkpoint (``step``, default the newest), or of
+    every committed one with ``all_steps=True``. Raises only when ``url`` holds no
+    repository (or the asked step does not exist). Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    steps = committed_steps(store)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
+                                          f"committed steps: {steps or 'none'}")
+        steps = [step]
+    elif not all_steps:
+        steps = steps[-1:]
+    return verify_steps(store, steps, progress=progress)

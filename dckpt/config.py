@@ -1,0 +1,56 @@
+"""Frozen, keyword-only, validated configuration of saves and loads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SaveConfig", "LoadConfig"]
+
+MiB = 1 << 20
+GiB = 1 << 30
+
+
+def _positive(owner: object, **fields: float) -> None:
+    for name, value in fields.items():
+        if not value > 0:
+            raise ValueError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SaveConfig:
+    """How a save cuts, writes and commits the state."""
+
+    block_size_bytes: int = 4 * MiB
+    """Tensor bytes are cut into blocks of this size; each block is hashed on its own."""
+    writer_threads: int = 4
+    """Writer threads per rank; each writes one segment object, so also segments per rank."""
+    collective_timeout_s: float = 300.0
+    """A peer that does not answer a collective within this time fails the save."""
+
+    def __post_init__(self) -> None:
+        _positive(self, block_size_bytes=self.block_size_bytes,
+                  writer_threads=self.writer_threads,
+                  collective_timeout_s=self.collective_timeout_s)
+        if self.block_size_bytes % 4096:
+            raise ValueError(
+                f"SaveConfig.block_size_bytes must be a multiple of 4096, got {self.block_size_bytes}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadConfig:
+    """How a load reads, verifies and copies the state."""
+
+    reader_threads: int = 4
+    """Reader threads per rank, each running one ranged read at a time."""
+    read_request_bytes: int = 16 * MiB
+    """Adjacent blocks are coalesced into ranged reads of up to this size."""
+    read_buffer_bytes: int = 1 * GiB
+    """Bound on the host memory a rank holds for bytes that cannot be read in place."""
+    collective_timeout_s: float = 300.0
+    """A peer that does not answer a collective within this time fails the load."""
+
+    def __post_init__(self) -> None:
+        _positive(self, reader_threads=self.reader_threads,
+                  read_request_bytes=self.read_request_bytes,
+                  read_buffer_bytes=self.read_buffer_bytes,
+                  collective_timeout_s=self.collective_timeout_s)

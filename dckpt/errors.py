@@ -1,0 +1,70 @@
+"""The exception tree: every error dckpt raises derives from DckptError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "DckptError",
+    "CheckpointNotFoundError",
+    "IntegrityError",
+    "FormatError",
+    "UnsafeValueError",
+    "CommitError",
+    "CheckpointExistsError",
+    "StateDictError",
+]
+
+
+class DckptError(Exception):
+    """Base of every dckpt error.
+
+    ``failures`` maps a rank to that rank's message when the error stands for a failure
+    on one or more ranks of a collective call; every rank raises the same error.
+    """
+
+    def __init__(self, message: str, *, failures: dict[int, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.failures: dict[int, str] = dict(failures or {})
+
+    def __reduce__(self):  # keeps keyword state across pickling (errors cross ranks)
+        return (_rebuild, (type(self), self.message, self.failures))
+
+    def __str__(self) -> str:
+        if not self.failures:
+            return self.message
+        lines = [self.message]
+        for rank in sorted(self.failures):
+            lines.append(f"  rank {rank}: {self.failures[rank]}")
+        return "\n".join(lines)
+
+
+def _rebuild(cls: type[DckptError], message: str, failures: dict[int, str]) -> DckptError:
+    return cls(message, failures=failures)
+
+
+class CheckpointNotFoundError(DckptError):
+    """The URL holds no repository, or no committed checkpoint for the asked step."""
+
+
+class IntegrityError(DckptError):
+    """Stored bytes or a manifest do not match what the checkpoint says they are."""
+
+
+class FormatError(IntegrityError):
+    """A manifest is not valid JSON of a known version, or breaks the format spec."""
+
+
+class UnsafeValueError(IntegrityError):
+    """A stored non-tensor value would need arbitrary code to be loaded; it was refused."""
+
+
+class CommitError(DckptError):
+    """A save did not commit: nothing was written to the manifest, earlier checkpoints stand."""
+
+
+class CheckpointExistsError(CommitError):
+    """The step is already committed; a committed checkpoint is never overwritten."""
+
+
+class StateDictError(DckptError, ValueError):
+    """The state dict does not fit the checkpoint (or cannot be saved); lists every problem."""

@@ -1,0 +1,44 @@
+"""What a save or load reports back: CheckpointInfo, built from a manifest (pure)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dckpt.manifest import Manifest
+
+__all__ = ["CheckpointInfo", "info_from_manifest"]
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """A committed checkpoint, as a save returned it or a listing found it."""
+
+    step: int
+    """The training step the checkpoint holds."""
+    url: str
+    """The repository it lives in."""
+    created_at: float
+    """Unix time of the commit."""
+    metrics: dict[str, float | int | str | bool | None]
+    """The metrics passed to the save."""
+    world_size: int
+    """Ranks that saved it."""
+    bytes_logical: int
+    """Size of the state (every stored tensor box and value once, all ranks)."""
+    bytes_written: int
+    """Bytes this save stored, all ranks."""
+    phase_s: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: save (plan, write, commit, total), load (find, read, total)."""
+    skipped: tuple[tuple[int, str], ...] = ()
+    """Load only: newer checkpoints that failed to load, with the reason, newest first."""
+    problem: str | None = None
+    """Listing only: why the manifest could not be read (the checkpoint is damaged)."""
+
+
+def info_from_manifest(m: Manifest, url: str, **overrides: object) -> CheckpointInfo:
+    fields: dict[str, object] = dict(
+        step=m.step, url=url, created_at=m.created_at, metrics=dict(m.metrics),
+        world_size=m.world_size, bytes_logical=m.bytes_logical, bytes_written=m.bytes_written,
+        phase_s=dict(m.phase_s))
+    fields.update(overrides)
+    return CheckpointInfo(**fields)  # type: ignore[arg-type]

@@ -1,0 +1,117 @@
+"""Coalesced, parallel, verified reads of stored blocks into caller-owned buffers.
+
+Planning (which blocks, merged into which ranged reads) is pure; ``Fetcher`` runs the reads
+on a thread pool and checks every block against its digest before the bytes are used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dckpt.blocks import check
+from dckpt.errors import IntegrityError
+from dckpt.manifest import BlockRef, StoredData
+from dckpt.storage import Store
+
+__all__ = ["Request", "blocks_in_range", "coalesce", "Fetcher"]
+
+
+@dataclass(frozen=True)
+class Request:
+    """One ranged read: ``length`` bytes of ``segment`` at ``offset`` into dest[dest_start:]."""
+
+    segment: str
+    offset: int
+    length: int
+    dest_start: int
+    blocks: tuple[tuple[BlockRef, int], ...]  # each block and where its bytes land in dest
+
+
+def blocks_in_range(data: StoredData, start: int, end: int) -> tuple[int, list[tuple[BlockRef, int]]]:
+    """The blocks holding raw bytes [start, end) of ``data``.
+
+    Returns the raw offset where the first of them begins, and each block with its position
+    relative to that offset (so a buffer from that offset on receives them).
+    """
+    picked: list[tuple[BlockRef, int]] = []
+    first = None
+    pos = 0
+    for ref in data.blocks:
+        if pos + ref.raw_length > start and pos < end:
+            if first is None:
+                first = pos
+            picked.append((ref, pos - first))
+        pos += ref.raw_length
+        if pos >= end:
+            break
+    return (first or 0), picked
+
+
+def coalesce(blocks: Sequence[tuple[BlockRef, int]], max_bytes: int) -> list[Request]:
+    """Merge blocks adjacent both in their object and in the destination into ranged reads."""
+    requests: list[Request] = []
+    run: list[tuple[BlockRef, int]] = []
+
+    def flush() -> None:
+        if run:
+            ref0, dest0 = run[0]
+            last, _ = run[-1]
+            requests.append(Request(ref0.segment, ref0.offset,
+                                    last.offset + last.length - ref0.offset, dest0, tuple(run)))
+            run.clear()
+
+    for ref, dest in blocks:
+        if run:
+            prev, prev_dest = run[-1]
+            adjacent = (ref.segment == prev.segment and ref.offset == prev.offset + prev.length
+                        and dest == prev_dest + prev.raw_length and ref.codec == "raw"
+                        and prev.codec == "raw")
+            if not adjacent or ref.offset + ref.length - run[0][0].offset > max_bytes:
+                flush()
+        run.append((ref, dest))
+    flush()
+    return requests
+
+
+class Fetcher:
+    """A pool of reader threads over one store. Use as a context manager."""
+
+    def __init__(self, store: Store, threads: int) -> None:
+        self.store = store
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dckpt-read")
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def submit(self, request: Request, dest: memoryview, what: str) -> Future[int]:
+        return self._pool.submit(self.fetch, request, dest, what)
+
+    def submit_check(self, request: Request, what: str) -> Future[int]:
+        """Read and verify a request into a buffer of its own (memory: one per thread)."""
+        return self._pool.submit(self._check, request, what)
+
+    def _check(self, req: Request, what: str) -> int:
+        shifted = Request(req.segment, req.offset, req.length, 0,
+                          tuple((ref, pos - req.dest_start) for ref, pos in req.blocks))
+        return self.fetch(shifted, memoryview(bytearray(req.length)), what)
+
+    def fetch(self, req: Request, dest: memoryview, what: str) -> int:
+        """Read one request into ``dest`` and verify its blocks; returns bytes read."""
+        out = dest[req.dest_start: req.dest_start + req.length]
+        try:
+            n = self.store.read_into(req.segment, req.offset, out)
+        except FileNotFoundError:
+            raise IntegrityError(
+                f"{what}: object {req.segment} is missing from {self.store.url}") from None
+        if n != req.length:
+            raise IntegrityError(
+                f"{what}: object {req.segment} is truncated: asked {req.length} bytes at offset "
+                f"{req.offset}, got {n}")
+        for ref, pos in req.blocks:
+            check(dest[pos: pos + ref.raw_length], ref, what=what)
+        return n

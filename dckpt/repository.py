@@ -1,0 +1,46 @@
+"""Finding committed checkpoints in a repository: the listing and the manifests."""
+
+from __future__ import annotations
+
+import json
+
+from dckpt import layout
+from dckpt.errors import CheckpointNotFoundError, FormatError
+from dckpt.manifest import Manifest, decode
+from dckpt.storage import Store
+
+__all__ = ["committed_steps", "read_manifest", "require_repository", "mark_repository"]
+
+_MARKER = json.dumps({"format": "dckpt.repository", "version": 1}).encode()
+
+
+def mark_repository(store: Store) -> None:
+    """(coordinator) Create the marker that says this URL is a dckpt repository."""
+    store.write_if_absent(layout.MARKER, _MARKER)
+
+
+def require_repository(store: Store) -> None:
+    if not store.exists(layout.MARKER) and not committed_steps(store):
+        raise CheckpointNotFoundError(
+            f"{store.url} holds no dckpt repository (no {layout.MARKER} and no "
+            f"{layout.MANIFEST_DIR}/); check the URL and storage_options")
+
+
+def committed_steps(store: Store) -> list[int]:
+    """Steps with a committed manifest, oldest first. Temp files are not checkpoints."""
+    steps = (layout.parse_manifest_name(n) for n in store.list_names(layout.MANIFEST_DIR))
+    return sorted(s for s in steps if s is not None)
+
+
+def read_manifest(store: Store, step: int) -> Manifest:
+    name = layout.manifest_name(step)
+    try:
+        raw = store.read_bytes(name)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"{store.url} has no committed checkpoint for step {step} (no {name}); "
+            f"committed steps: {committed_steps(store) or 'none'}") from None
+    m = decode(raw, name=f"{store.url}/{name}")
+    if m.step != step:
+        raise FormatError(f"{store.url}/{name}: holds step {m.step}, its name says {step}")
+    return m

@@ -1,0 +1,85 @@
+"""Checking every stored byte of a checkpoint against its digest, reporting, not raising."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+
+from dckpt.errors import DckptError
+from dckpt.manifest import Manifest, StoredData, TensorEntry
+from dckpt.reads import Fetcher, coalesce
+from dckpt.repository import read_manifest
+from dckpt.storage import Store
+
+__all__ = ["Problem", "VerifyReport", "verify_steps"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    step: int
+    message: str
+    object: str | None = None
+    item: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    steps: tuple[int, ...]
+    bytes_checked: int
+    problems: tuple[Problem, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+Progress = Callable[[int, int], None]
+
+
+def _datas(m: Manifest) -> list[tuple[str, StoredData]]:
+    out = []
+    for fqn, e in m.items.items():
+        if isinstance(e, TensorEntry):
+            out += [(fqn, c.data) for c in e.chunks]
+        else:
+            out.append((fqn, e.data))
+    return out
+
+
+def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
+                 request_bytes: int = 16 << 20, progress: Progress | None = None) -> VerifyReport:
+    """Read and check every block of each step; ``progress(done, total)`` after each read."""
+    problems: list[Problem] = []
+    checked = 0
+    for step in steps:
+        try:
+            m = read_manifest(store, step)
+        except DckptError as e:
+            problems.append(Problem(step, str(e)))
+            continue
+        datas = _datas(m)
+        total = sum(d.nbytes for _, d in datas)
+        done = 0
+        with Fetcher(store, threads) as fetcher:
+            futures = {}
+            for fqn, data in datas:
+                positions, pos = [], 0
+                for ref in data.blocks:
+                    positions.append((ref, pos))
+                    pos += ref.raw_length
+                what = f"item {fqn!r} of checkpoint step {step}"
+                for req in coalesce(positions, request_bytes):
+                    futures[fetcher.submit_check(req, what)] = (fqn, req)
+            for f in as_completed(futures):
+                fqn, req = futures[f]
+                try:
+                    checked += f.result()
+                except DckptError as e:
+                    problems.append(Problem(step, str(e), req.segment, fqn))
+                except OSError as e:
+                    problems.append(Problem(step, f"reading {req.segment}: {e}", req.segment, fqn))
+                done += req.length
+                if progress is not None:
+                    progress(done, total)
+    return VerifyReport(tuple(steps), checked, tuple(problems))

@@ -1,0 +1,229 @@
+"""Test support shared by unit and multiprocess tests: real gloo ranks, fault-injecting
+filesystems and a moto S3 server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+# ------------------------------------------------------------------ fault injection
+
+FAULT: dict = {}
+"""This process's armed fault: kind ('enospc', 'eio', 'kill'), after_bytes. Set by arm()."""
+
+
+def arm(kind: str, after_bytes: int = 0) -> None:
+    FAULT.clear()
+    FAULT.update(kind=kind, after_bytes=after_bytes, written=0)
+
+
+def disarm() -> None:
+    FAULT.clear()
+
+
+class _FaultyFile:
+    def __init__(self, f) -> None:
+        self._f = f
+
+    def write(self, data) -> int:
+        if FAULT and FAULT["written"] + len(data) > FAULT["after_bytes"]:
+            room = FAULT["after_bytes"] - FAULT["written"]
+            if room > 0:
+                self._f.write(memoryview(data)[:room])
+                self._f.flush()
+            FAULT["written"] = FAULT["after_bytes"]
+            if FAULT["kind"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            if FAULT["kind"] == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device (injected)")
+            raise OSError(errno.EIO, "SlowDown: service unavailable (injected)")
+        if FAULT:
+            FAULT["written"] += len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+class FaultyLocalFileSystem(LocalFileSystem):
+    """The local filesystem, whose writes fail (or kill the process) once armed."""
+
+    protocol = ("faultyfile",)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = str(path)
+        if path.startswith("faultyfile://"):
+            path = path[len("faultyfile://"):]
+        return super()._strip_protocol(path)
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        return _FaultyFile(f) if "w" in mode else f
+
+
+fsspec.register_implementation("faultyfile", FaultyLocalFileSystem, clobber=True)
+
+
+def faulty_s3_class():
+    """s3fs, whose uploads fail once armed (a server error mid-save)."""
+    import s3fs
+
+    class FaultyS3FileSystem(s3fs.S3FileSystem):
+        protocol = ("faultys3",)
+        cachable = False
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path, mode, **kwargs)
+            return _FaultyFile(f) if "w" in mode else f
+
+    return FaultyS3FileSystem
+
+
+# ------------------------------------------------------------------ real gloo ranks
+
+
+@dataclass
+class Outcome:
+    rank: int
+    exitcode: int | None
+    value: object = None
+    error_type: str | None = None
+    error: str | None = None
+
+    @property
+    def killed(self) -> bool:
+        return self.exitcode == -signal.SIGKILL
+
+
+def _entry(fn, rank, world_size, init_file, queue, args, timeout_s):
+    import torch.distributed as dist
+
+    sys.path[:0] = [p for p in os.environ.get("DCKPT_TEST_PATH", "").split(os.pathsep) if p]
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        value = fn(rank, world_size, *args)
+        queue.put((rank, value, None, None))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        queue.put((rank, None, type(e).__name__, "".join(traceback.format_exception(e))))
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
+              allow_failures: bool = False) -> list[Outcome]:
+    """Run ``fn(rank, world_size, *args)`` on real gloo ranks (spawned processes).
+
+    Returns one Outcome per rank. Unless ``allow_failures``, a rank that raised or died
+    fails the test with that rank's traceback.
+    """
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    init_file = tempfile.mktemp(prefix="dckpt-pg-")
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args,
+                                              timeout_s), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    results: dict[int, tuple] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(results) < world_size and time.monotonic() < deadline:
+        try:
+            item = queue.get(timeout=0.2)
+            results[item[0]] = item
+        except Exception:  # noqa: BLE001 - queue.Empty
+            if all(not p.is_alive() for p in procs) and queue.empty():
+                break
+    for p in procs:
+        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if os.path.exists(init_file):
+        os.unlink(init_file)
+    outcomes = []
+    for r, p in enumerate(procs):
+        _, value, etype, err = results.get(r, (r, None, None, None))
+        outcomes.append(Outcome(r, p.exitcode, value, etype, err))
+    if not allow_failures:
+        for o in outcomes:
+            if o.error is not None:
+                raise AssertionError(f"rank {o.rank} raised:\n{o.error}")
+            if o.exitcode != 0:
+                raise AssertionError(f"rank {o.rank} exited with {o.exitcode} and no result")
+    return outcomes
+
+
+# ------------------------------------------------------------------ moto S3 server
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MotoServer:
+    """moto in server mode, a separate process speaking S3 on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError("moto server did not start within 30 s")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def options(self) -> dict:
+        return {"endpoint_url": self.endpoint, "key": "testing", "secret": "testing",
+                "client_kwargs": {"region_name": "us-east-1"}}
+
+    def make_bucket(self, name: str) -> None:
+        import boto3
+
+        boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                     aws_secret_access_key="testing", region_name="us-east-1"
+                     ).create_bucket(Bucket=name)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -1,0 +1,156 @@
+"""Save then load, one process, on every storage: values come back bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dckpt
+
+DTYPES = [torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.int8,
+          torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
+          torch.complex128]
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_floating_point or dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) if not dtype.is_complex \
+            else torch.randn(shape, generator=g, dtype=dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000), shape, generator=g, dtype=dtype)
+
+
+def _zeros_like(sd):
+    if isinstance(sd, dict):
+        return {k: _zeros_like(v) for k, v in sd.items()}
+    if isinstance(sd, torch.Tensor):
+        return torch.zeros(sd.shape, dtype=sd.dtype)
+    return None
+
+
+class Counter:
+    """A Stateful object: DCP calls state_dict on save and load_state_dict on load."""
+
+    def __init__(self, n: int = 0) -> None:
+        self.n = n
+        self.history = torch.zeros(3)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "history": self.history}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.n = sd["n"]
+        self.history = sd["history"]
+
+
+def test_every_dtype_round_trips(repo):
+    url, opts = repo
+    state = {f"t_{str(d).split('.')[-1]}": _sample(d, (7, 5), i) for i, d in enumerate(DTYPES)}
+    info = dckpt.save(state, url, step=3, storage_options=opts)
+    assert info.step == 3
+    assert info.bytes_logical == sum(t.numel() * t.element_size() for t in state.values())
+    assert info.bytes_written == info.bytes_logical
+    out = _zeros_like(state)
+    got = dckpt.load(out, url, storage_options=opts)
+    assert got.step == 3
+    for k, t in state.items():
+        assert out[k].dtype == t.dtype
+        assert torch.equal(out[k], t), k
+
+
+def test_shapes_layouts_nesting_and_values(repo):
+    url, opts = repo
+    base = torch.arange(48, dtype=torch.float32).reshape(6, 8)
+    counter = Counter(7)
+    counter.history = torch.tensor([1.0, 2.0, 3.0])
+    state = {
+        "scalar": torch.tensor(2.5),
+        "empty": torch.empty(0, 3),
+        "transposed": base.t(),  # non-contiguous
+        "strided": base[:, ::2],
+        "nested": {"a": {"b": torch.ones(2, 2, dtype=torch.int32)}, "lr": 0.1, "name": "adam",
+                   "steps": [1, 2, 3], "flag": True, "none": None},
+        "counter": counter,
+    }
+    dckpt.save(state, url, step=1, metrics={"loss": 1.5, "ok": True}, storage_options=opts)
+    fresh = Counter()
+    out = {"scalar": torch.tensor(0.0), "empty": torch.empty(0, 3), "transposed": torch.zeros(8, 6),
+           "strided": torch.zeros(6, 4),
+           "nested": {"a": {"b": torch.zeros(2, 2, dtype=torch.int32)}, "lr": 0.0, "name": "",
+                      "steps": [], "flag": False, "none": 1},
+           "counter": fresh}
+    info = dckpt.load(out, url, storage_options=opts)
+    assert info.metrics == {"loss": 1.5, "ok": True}
+    assert out["scalar"].item() == 2.5 and out["scalar"].shape == ()
+    assert out["empty"].shape == (0, 3)
+    assert torch.equal(out["transposed"], base.t())
+    assert torch.equal(out["strided"], base[:, ::2])
+    assert torch.equal(out["nested"]["a"]["b"], torch.ones(2, 2, dtype=torch.int32))
+    assert out["nested"]["lr"] == 0.1 and out["nested"]["name"] == "adam"
+    assert out["nested"]["steps"] == [1, 2, 3] and out["nested"]["flag"] is True
+    assert out["nested"]["none"] is None
+    assert fresh.n == 7 and torch.equal(fresh.history, torch.tensor([1.0, 2.0, 3.0]))
+
+
+def test_tensor_spanning_many_blocks(repo):
+    url, opts = repo
+    big = torch.randn(300_000)  # 1.2 MB over 4 KiB blocks: 293 blocks
+    cfg = dckpt.SaveConfig(block_size_bytes=4096)
+    dckpt.save({"big": big}, url, step=1, storage_options=opts, config=cfg)
+    out = {"big": torch.zeros(300_000)}
+    dckpt.load(out, url, storage_options=opts,
+               config=dckpt.LoadConfig(read_request_bytes=64 * 1024, reader_threads=3))
+    assert torch.equal(out["big"], big)
+    report = dckpt.verify(url, storage_options=opts)
+    assert report.ok and report.bytes_checked == big.numel() * 4
+
+
+def test_load_into_non_contiguous_destination_and_small_buffer(tmp_path):
+    url = str(tmp_path)
+    src = torch.randn(64, 32)
+    dckpt.save({"w": src, "v": torch.randn(10)}, url, step=1,
+               config=dckpt.SaveConfig(block_size_bytes=4096))
+    dest = torch.zeros(32, 64).t()  # non-contiguous view: read through a buffer
+    out = {"w": dest, "v": torch.zeros(10)}
+    dckpt.load(out, url, config=dckpt.LoadConfig(read_buffer_bytes=1024))
+    assert torch.equal(dest, src)
+
+
+def test_list_checkpoints_oldest_first(repo):
+    url, opts = repo
+    for step in (10, 2, 30):
+        dckpt.save({"x": torch.full((3,), float(step))}, url, step=step,
+                   metrics={"step_sq": step * step}, storage_options=opts)
+    infos = dckpt.list_checkpoints(url, storage_options=opts)
+    assert [i.step for i in infos] == [2, 10, 30]
+    assert [i.metrics["step_sq"] for i in infos] == [4, 100, 900]
+    out = {"x": torch.zeros(3)}
+    assert dckpt.load(out, url, storage_options=opts).step == 30
+    assert torch.equal(out["x"], torch.full((3,), 30.0))
+    dckpt.load(out, url, step=10, storage_options=opts)
+    assert torch.equal(out["x"], torch.full((3,), 10.0))
+
+
+def test_dcp_save_and_load_with_the_plug_ins(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    url = str(tmp_path)
+    state = {"w": torch.randn(5, 5), "meta": {"epoch": 4}}
+    dcp.save(state, storage_writer=dckpt.Writer(url, step=100), no_dist=True)
+    out = {"w": torch.zeros(5, 5), "meta": {"epoch": 0}}
+    dcp.load(out, storage_reader=dckpt.Reader(url, step=100), no_dist=True)
+    assert torch.equal(out["w"], state["w"]) and out["meta"]["epoch"] == 4
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [100]
+
+
+def test_committed_step_is_never_overwritten(repo):
+    url, opts = repo
+    dckpt.save({"x": torch.ones(2)}, url, step=5, storage_options=opts)
+    with pytest.raises(dckpt.CheckpointExistsError, match="already committed"):
+        dckpt.save({"x": torch.zeros(2)}, url, step=5, storage_options=opts)
+    out = {"x": torch.zeros(2)}
+    dckpt.load(out, url, step=5, storage_options=opts)
+    assert torch.equal(out["x"], torch.ones(2))
