@@ -1,0 +1,159 @@
+"""Real gloo ranks: sharded save, resharded load, and failures on one rank."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import dckpt
+from dckpt_testing import arm, run_ranks
+
+FULL = torch.arange(12 * 10, dtype=torch.float32).reshape(12, 10)
+
+
+def _dtensor_state(placement: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    dim = 0 if placement == "rows" else 1
+    return {"w": distribute_tensor(FULL.clone(), mesh, [Shard(dim)]),
+            "bias": torch.full((5,), 3.0), "epoch": 7}
+
+
+def _save_dtensor(rank, world, url):
+    state = _dtensor_state("rows")
+    info = dckpt.save(state, url, step=10)
+    return info.world_size, info.bytes_logical
+
+
+def _load_dtensor(rank, world, url, placement):
+    from torch.distributed.tensor import DTensor
+
+    state = _dtensor_state(placement)
+    state["w"] = DTensor.from_local(torch.zeros_like(state["w"].to_local()),
+                                    state["w"].device_mesh, state["w"].placements)
+    state["bias"] = torch.zeros(5)
+    state["epoch"] = 0
+    info = dckpt.load(state, url)
+    return info.step, torch.equal(state["w"].full_tensor(), FULL), state["bias"].tolist(), \
+        state["epoch"]
+
+
+def test_dtensor_saved_on_4_ranks_loads_on_2_and_3_with_other_sharding(tmp_path):
+    url = str(tmp_path)
+    outcomes = run_ranks(_save_dtensor, 4, url)
+    assert {o.value for o in outcomes} == {(4, FULL.numel() * 4 + 5 * 4 + _pickled_int_size())}
+    for world, placement in [(2, "cols"), (3, "rows")]:
+        results = [o.value for o in run_ranks(_load_dtensor, world, url, placement)]
+        assert results == [(10, True, [3.0] * 5, 7)] * world
+
+
+def _pickled_int_size() -> int:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(7, buf)
+    return len(buf.getvalue())
+
+
+def _save_twice(rank, world, url, fail_rank):
+    dckpt.save({"w": _sharded(torch.full((4, 64), 1.0))}, url, step=1)
+    if rank == fail_rank:
+        arm("eio", after_bytes=0)
+    try:
+        dckpt.save({"w": _sharded(torch.full((4, 64), 2.0))}, url, step=2)
+        return "committed"
+    except dckpt.CommitError as e:
+        return type(e).__name__, str(e), sorted(e.failures)
+    finally:
+        from dckpt_testing import disarm
+
+        disarm()
+
+
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_failure_on_one_rank_is_the_same_commit_error_everywhere(tmp_path, fail_rank):
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_save_twice, 2, url, fail_rank)
+    values = [o.value for o in outcomes]
+    assert values[0] == values[1]
+    kind, message, failing = values[0]
+    assert kind == "CommitError" and failing == [fail_rank]
+    assert f"failed on rank {fail_rank}" in message and "SlowDown" in message
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    # the next save works, from fresh ranks
+    run_ranks(_save_step, 2, str(tmp_path), 2)
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 2]
+
+
+def _save_step(rank, world, url, step):
+    return dckpt.save({"w": torch.full((64,), float(step))}, url, step=step).step
+
+
+def _save_then_die(rank, world, url, victim):
+    from dckpt_testing import arm
+
+    own = {"w": _sharded(torch.full((4, 1 << 18), 1.0))}
+    dckpt.save(own, url, step=1, config=dckpt.SaveConfig(collective_timeout_s=20))
+    if rank == victim:
+        arm("kill", after_bytes=1 << 20)  # SIGKILL this rank after 1 MiB of step 2
+    try:
+        dckpt.save({"w": _sharded(torch.full((4, 1 << 18), 2.0))}, url, step=2,
+                   config=dckpt.SaveConfig(collective_timeout_s=20))
+    except dckpt.CommitError as e:
+        return "CommitError", str(e)
+    return "committed"
+
+
+def _sharded(full):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    return distribute_tensor(full, mesh, [Shard(0)])
+
+
+def _load_full(rank, world, url):
+    state = {"w": _sharded(torch.zeros(4, 1 << 18))}
+    info = dckpt.load(state, url)
+    return info.step, bool(torch.equal(state["w"].full_tensor(), torch.full((4, 1 << 18), 1.0)))
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_sigkill_of_one_rank_mid_save_leaves_the_previous_checkpoint(tmp_path, victim):
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_save_then_die, 2, url, victim, allow_failures=True, timeout_s=90)
+    assert outcomes[victim].killed
+    survivor = outcomes[1 - victim]
+    assert survivor.exitcode == 0 and survivor.value[0] == "CommitError", survivor
+    assert not os.path.exists(tmp_path / "manifests" / "000000000002.json")
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    assert [o.value for o in run_ranks(_load_full, 2, str(tmp_path))] == [(1, True)] * 2
+
+
+def _load_with_fallback(rank, world, url):
+    state = {"w": _sharded(torch.zeros(4, 1 << 18))}
+    info = dckpt.load(state, url)
+    return info.step, [s for s, _ in info.skipped], \
+        bool(torch.equal(state["w"].full_tensor(), torch.full((4, 1 << 18), 1.0)))
+
+
+def _save_two(rank, world, url):
+    for step in (1, 2):
+        dckpt.save({"w": _sharded(torch.full((4, 1 << 18), float(step)))}, url, step=step)
+
+
+def test_ranks_agree_to_fall_back_when_one_rank_reads_a_bad_block(tmp_path):
+    import json
+
+    url = str(tmp_path)
+    run_ranks(_save_two, 2, url)
+    m = json.loads((tmp_path / "manifests" / "000000000002.json").read_text())
+    rank1_segment = [s for s in m["segments"] if "/r00001-" in s][0]
+    with open(tmp_path / rank1_segment, "r+b") as f:  # only rank 1's shard is damaged
+        f.seek(10)
+        f.write(b"\x55\xaa")
+    assert [o.value for o in run_ranks(_load_with_fallback, 2, url)] == [(1, [2], True)] * 2

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite, set-up included: bash tests/run.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash launch/setup.sh
+set +e
+.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+    echo "pytest collected no test: failing" >&2
+    exit 1
+fi
+exit "$rc"

@@ -1,0 +1,202 @@
+"""Damage and bad input: every problem becomes a clear error, and nothing is lost."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import fsspec
+import pytest
+import torch
+
+import dckpt
+from dckpt import layout
+from dckpt_testing import arm, disarm, faulty_s3_class
+
+
+def _segment_paths(root: str, step: int) -> list[str]:
+    m = json.loads(open(os.path.join(root, layout.manifest_name(step))).read())
+    return [os.path.join(root, s) for s in m["segments"]]
+
+
+def _flip_byte(path: str, offset: int = 100) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_flipped_byte_is_reported_refused_and_skipped(tmp_path):
+    url = str(tmp_path)
+    dckpt.save({"w": torch.full((1000,), 1.0)}, url, step=1)
+    dckpt.save({"w": torch.full((1000,), 2.0)}, url, step=2)
+    seg = _segment_paths(url, 2)[0]
+    _flip_byte(seg)
+
+    report = dckpt.verify(url, step=2)
+    assert not report.ok
+    assert len(report.problems) == 1
+    problem = report.problems[0]
+    assert problem.step == 2 and problem.item == "w"
+    assert problem.object == os.path.relpath(seg, url)
+    assert dckpt.verify(url, step=1).ok
+    assert not dckpt.verify(url, all_steps=True).ok
+
+    out = {"w": torch.zeros(1000)}
+    with pytest.raises(dckpt.IntegrityError) as e:
+        dckpt.load(out, url, step=2)
+    assert "'w'" in str(e.value) and os.path.relpath(seg, url) in str(e.value)
+    assert "step 2" in str(e.value)
+
+    info = dckpt.load(out, url)
+    assert info.step == 1
+    assert [s for s, _ in info.skipped] == [2]
+    assert "xxh3-128" in info.skipped[0][1]
+    assert torch.equal(out["w"], torch.full((1000,), 1.0))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "version", "dotdot", "absolute",
+                                    "unknown_field"])
+def test_bad_manifest_is_a_clear_error_and_skipped(tmp_path, damage):
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    dckpt.save({"w": torch.full((10,), 2.0)}, url, step=2)
+    path = os.path.join(url, layout.manifest_name(2))
+    raw = open(path, "rb").read()
+    doc = json.loads(raw)
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    elif damage == "garbage":
+        raw = b"\x00\xff" * 10
+    else:
+        if damage == "version":
+            doc["version"] = 99
+        elif damage == "dotdot":
+            doc["segments"][0] = "data/../../etc/passwd"
+        elif damage == "absolute":
+            doc["segments"][0] = "/etc/passwd"
+        else:
+            doc["surprise"] = 1
+        raw = json.dumps(doc).encode()
+    open(path, "wb").write(raw)
+    expected = {"truncate": "not valid JSON", "garbage": "not valid JSON",
+                "version": "version 99 is not supported", "dotdot": "relative name",
+                "absolute": "relative name", "unknown_field": "unknown fields"}[damage]
+    out = {"w": torch.zeros(10)}
+    with pytest.raises(dckpt.FormatError, match=expected):
+        dckpt.load(out, url, step=2)
+    info = dckpt.load(out, url)
+    assert info.step == 1 and info.skipped[0][0] == 2 and expected in info.skipped[0][1]
+    listed = dckpt.list_checkpoints(url)
+    assert [i.step for i in listed] == [1, 2]
+    assert listed[0].problem is None and expected in listed[1].problem
+    report = dckpt.verify(url, step=2)
+    assert not report.ok and expected in report.problems[0].message
+
+
+class _Boom:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ["DCKPT_PWNED"],))
+
+
+def test_pickle_payload_is_refused_and_runs_nothing(tmp_path, monkeypatch):
+    url = str(tmp_path / "repo")
+    marker = tmp_path / "pwned"
+    monkeypatch.setenv("DCKPT_PWNED", str(marker))
+    dckpt.save({"w": torch.ones(4), "cfg": {"lr": 0.1}}, url, step=1)
+    # Forge a checkpoint whose value object is a hostile pickle, with a valid digest.
+    m = json.loads(open(os.path.join(url, layout.manifest_name(1))).read())
+    raw = pickle.dumps(_Boom())
+    seg = "data/forged/r00000-000.seg"
+    os.makedirs(os.path.join(url, "data/forged"))
+    open(os.path.join(url, seg), "wb").write(raw)
+    m["segments"].append(seg)
+    from dckpt.blocks import digest
+    m["items"]["cfg.lr"] = {"kind": "value", "nbytes": len(raw),
+                            "blocks": [[len(m["segments"]) - 1, 0, len(raw), len(raw),
+                                        digest(raw), "raw"]]}
+    open(os.path.join(url, layout.manifest_name(1)), "w").write(json.dumps(m))
+    out = {"w": torch.zeros(4), "cfg": {"lr": 0.0}}
+    with pytest.raises(dckpt.UnsafeValueError, match="refused to load"):
+        dckpt.load(out, url, step=1)
+    assert not marker.exists()
+
+
+def test_mismatched_state_dict_lists_every_problem(tmp_path):
+    url = str(tmp_path)
+    dckpt.save({"a": torch.ones(2, 3), "b": torch.ones(4), "c": torch.ones(1), "n": 3},
+               url, step=1)
+    out = {"a": torch.zeros(3, 2), "b": torch.zeros(4, dtype=torch.float64), "d": torch.zeros(1),
+           "n": 0}
+    with pytest.raises(dckpt.StateDictError) as e:
+        dckpt.load(out, url)
+    text = str(e.value)
+    assert "4 problems" in text
+    assert "a: shape [3, 2] in the state dict, [2, 3] in the checkpoint" in text
+    assert "b: dtype torch.float64 in the state dict, torch.float32 in the checkpoint" in text
+    assert "d: in the state dict but not in the checkpoint" in text
+    assert "c: in the checkpoint but not in the state dict" in text
+    assert torch.equal(out["a"], torch.zeros(3, 2))  # nothing was read
+
+
+def test_full_disk_mid_save_is_a_commit_error_and_nothing_is_lost(tmp_path):
+    url = f"faultyfile://{tmp_path}"
+    dckpt.save({"w": torch.ones(100_000)}, url, step=1)
+    arm("enospc", after_bytes=100_000)
+    try:
+        with pytest.raises(dckpt.CommitError, match="No space left on device"):
+            dckpt.save({"w": torch.full((100_000,), 2.0)}, url, step=2)
+    finally:
+        disarm()
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+    out = {"w": torch.zeros(100_000)}
+    assert dckpt.load(out, url).step == 1
+    assert torch.equal(out["w"], torch.ones(100_000))
+    info = dckpt.save({"w": torch.full((100_000,), 3.0)}, url, step=2)  # the next save works
+    assert info.step == 2 and dckpt.verify(url, all_steps=True).ok
+
+
+def test_s3_error_mid_save_is_a_commit_error(s3_repo):
+    url, opts = s3_repo
+    fsspec.register_implementation("faultys3", faulty_s3_class(), clobber=True)
+    faulty_url = url.replace("s3://", "faultys3://")
+    opts = {**opts, "default_block_size": 5 << 20}
+    dckpt.save({"w": torch.ones(3 << 20)}, faulty_url, step=1, storage_options=opts)
+    arm("eio", after_bytes=6 << 20)  # after the first multipart part went up
+    try:
+        with pytest.raises(dckpt.CommitError, match="SlowDown"):
+            dckpt.save({"w": torch.full((3 << 20,), 2.0)}, faulty_url, step=2,
+                       storage_options=opts)
+    finally:
+        disarm()
+    assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
+    out = {"w": torch.zeros(3 << 20)}
+    assert dckpt.load(out, url, storage_options=opts).step == 1
+    assert torch.equal(out["w"], torch.ones(3 << 20))
+    assert dckpt.save({"w": torch.zeros(4)}, url, step=2, storage_options=opts).step == 2
+
+
+def test_s3_server_error_is_a_commit_error(moto_server):
+    opts = moto_server.options()
+    with pytest.raises(dckpt.CommitError, match="rank 0"):
+        dckpt.save({"w": torch.ones(4)}, "s3://no-such-bucket/repo", step=1,
+                   storage_options=opts)
+
+
+def test_no_repository_errors(tmp_path):
+    with pytest.raises(dckpt.CheckpointNotFoundError, match="holds no dckpt repository"):
+        dckpt.verify(str(tmp_path))
+    with pytest.raises(dckpt.CheckpointNotFoundError):
+        dckpt.load({"w": torch.zeros(1)}, str(tmp_path))
+    dckpt.save({"w": torch.ones(1)}, str(tmp_path), step=1)
+    with pytest.raises(dckpt.CheckpointNotFoundError, match="committed steps: \\[1\\]"):
+        dckpt.load({"w": torch.zeros(1)}, str(tmp_path), step=7)
+
+
+def test_unsupported_state_is_refused_before_any_byte(tmp_path):
+    sparse = torch.eye(3).to_sparse()
+    with pytest.raises(dckpt.CommitError):
+        dckpt.save({"s": sparse}, str(tmp_path), step=1)
+    assert not os.path.exists(os.path.join(tmp_path, "data"))
