@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dckpt.api import list_checkpoints, load, save, verify
+from dckpt.api import inspect, list_checkpoints, load, save, verify
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
                           UnsafeValueError)
 from dckpt.info import CheckpointInfo
+from dckpt.manifest import Manifest, TensorEntry, ValueEntry
 from dckpt.reader import Reader
 from dckpt.verify import Problem, VerifyReport
 from dckpt.writer import Writer
@@ -15,7 +16,8 @@ from dckpt.writer import Writer
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "load", "list_checkpoints", "verify",
+    "save", "load", "list_checkpoints", "verify", "inspect", "Manifest", "TensorEntry",
+    "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",
     "CommitError", "CheckpointExistsError", "StateDictError",

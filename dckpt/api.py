@@ -24,7 +24,7 @@ from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics, Writer
 
-__all__ = ["save", "load", "list_checkpoints", "verify"]
+__all__ = ["save", "load", "list_checkpoints", "verify", "inspect"]
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +172,16 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     elif not all_steps:
         steps = steps[-1:]
     return verify_steps(store, steps, progress=progress)
+
+
+def inspect(url: str, *, step: int | None = None,
+            storage_options: dict | None = None) -> Manifest:
+    """The manifest of ``step`` (default: the newest committed). Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    if step is None:
+        steps = committed_steps(store)
+        if not steps:
+            raise CheckpointNotFoundError(f"{url} holds no committed checkpoint")
+        step = steps[-1]
+    return read_manifest(store, step)

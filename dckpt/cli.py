@@ -1,0 +1,151 @@
+"""The dckpt command: ls, inspect, verify. Calls only public functions of the package."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import json
+import sys
+import time
+
+import dckpt
+
+__all__ = ["main"]
+
+
+def _options(pairs: list[str]) -> dict | None:
+    out: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"dckpt: -o expects KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out or None
+
+
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class _Progress:
+    """A progress line on stderr for long work, at most a few updates a second."""
+
+    def __init__(self, label: str, enabled: bool) -> None:
+        self.label, self.enabled, self._last = label, enabled, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (now - self._last < 0.25 and done < total):
+            return
+        self._last = now
+        pct = 100.0 * done / total if total else 100.0
+        sys.stderr.write(f"\r{self.label}: {_size(done)} / {_size(total)} ({pct:.0f}%)")
+        if done >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    infos = dckpt.list_checkpoints(args.url, storage_options=_options(args.option))
+    if args.json:
+        print(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+        return 0
+    print(f"{'step':>10}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  metrics")
+    for i in infos:
+        if i.problem:
+            print(f"{i.step:>10}  DAMAGED: {i.problem.splitlines()[0]}")
+            continue
+        metrics = " ".join(f"{k}={v}" for k, v in i.metrics.items())
+        print(f"{i.step:>10}  {_when(i.created_at):<23}  {i.world_size:>5}  "
+              f"{_size(i.bytes_logical):>10}  {_size(i.bytes_written):>10}  {metrics}")
+    if not infos:
+        print("(no committed checkpoint)")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    m = dckpt.inspect(args.url, step=args.step, storage_options=_options(args.option))
+    if args.json:
+        print(json.dumps(dataclasses.asdict(m), indent=2, default=str))
+        return 0
+    print(f"step {m.step}  attempt {m.attempt}  created {_when(m.created_at)}")
+    print(f"ranks {m.world_size}  logical {_size(m.bytes_logical)}  written "
+          f"{_size(m.bytes_written)}  segments {len(m.segments())}  "
+          f"block size {_size(m.block_size_bytes)}")
+    if m.metrics:
+        print("metrics " + " ".join(f"{k}={v}" for k, v in m.metrics.items()))
+    print(f"{'item':<48} {'kind':<6} {'dtype':<9} {'shape':<18} {'shards':>6} {'bytes':>10}")
+    for fqn, e in m.items.items():
+        if isinstance(e, dckpt.TensorEntry):
+            print(f"{fqn:<48} tensor {e.dtype:<9} {str(list(e.size)):<18} {len(e.chunks):>6} "
+                  f"{_size(e.nbytes):>10}")
+        else:
+            print(f"{fqn:<48} value  {'':<9} {'':<18} {'':>6} {_size(e.nbytes):>10}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    report = dckpt.verify(args.url, step=args.step, all_steps=args.all,
+                          storage_options=_options(args.option),
+                          progress=_Progress("verifying", not args.json and sys.stderr.isatty()))
+    if args.json:
+        print(json.dumps({"ok": report.ok, "steps": list(report.steps),
+                          "bytes_checked": report.bytes_checked,
+                          "problems": [dataclasses.asdict(p) for p in report.problems]}, indent=2))
+    else:
+        for p in report.problems:
+            print(f"PROBLEM step {p.step}: {p.message}")
+        state = "clean" if report.ok else f"{len(report.problems)} problem(s) found"
+        print(f"verified steps {list(report.steps)}: {_size(report.bytes_checked)} checked, "
+              f"{state}")
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dckpt", description="Inspect and check dckpt "
+                                     "checkpoint repositories (a local path or an fsspec URL).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, fn, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("url", help="repository: a path, file://, s3://bucket/prefix, ...")
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000")
+        p.set_defaults(fn=fn)
+        return p
+
+    command("ls", cmd_ls, "list committed checkpoints, oldest first")
+    p = command("inspect", cmd_inspect, "show one checkpoint's manifest")
+    p.add_argument("--step", type=int, help="the step (default: the newest)")
+    p = command("verify", cmd_verify,
+                "read back every byte and check it; exit 0 when clean, 1 when a problem is found")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--step", type=int, help="the step (default: the newest)")
+    which.add_argument("--all", action="store_true", help="every committed checkpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except dckpt.DckptError as e:
+        print(f"dckpt {args.command}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The dckpt command, run as a user runs it (a subprocess), output and exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+import dckpt
+
+
+def _dckpt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dckpt.cli", *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_ls_inspect_verify(tmp_path):
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(256, 4), "opt": {"lr": 0.5}}, url, step=5, metrics={"loss": 2.0})
+    dckpt.save({"w": torch.zeros(256, 4), "opt": {"lr": 0.25}}, url, step=9, metrics={"loss": 1.0})
+
+    ls = _dckpt("ls", url)
+    assert ls.returncode == 0
+    lines = ls.stdout.splitlines()
+    assert lines[1].split()[0] == "5" and lines[2].split()[0] == "9" and "loss=1.0" in lines[2]
+    listed = json.loads(_dckpt("ls", url, "--json").stdout)
+    assert [i["step"] for i in listed] == [5, 9]
+    value = io.BytesIO()
+    torch.save(0.5, value)
+    assert listed[0]["bytes_logical"] == 256 * 4 * 4 + len(value.getvalue())
+
+    inspect = _dckpt("inspect", url, "--step", "5")
+    assert inspect.returncode == 0 and "step 5" in inspect.stdout
+    assert any(line.split()[:4] == ["w", "tensor", "float32", "[256,"] for line in
+               inspect.stdout.splitlines())
+    doc = json.loads(_dckpt("inspect", url, "--json").stdout)
+    assert doc["step"] == 9 and doc["items"]["w"]["size"] == [256, 4]
+
+    clean = _dckpt("verify", url, "--all")
+    assert clean.returncode == 0 and "clean" in clean.stdout
+
+    m = json.loads(open(os.path.join(url, "manifests", "000000000009.json")).read())
+    with open(os.path.join(url, m["segments"][0]), "r+b") as f:
+        f.seek(5)
+        f.write(b"\x01\x02\x03")
+    bad = _dckpt("verify", url, "--json")
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False and report["steps"] == [9]
+    assert report["problems"][0]["object"] == m["segments"][0]
+    assert _dckpt("verify", url, "--step", "5").returncode == 0
+
+
+def test_errors_say_what_is_wrong(tmp_path):
+    missing = _dckpt("ls", str(tmp_path / "nothing"))
+    assert missing.returncode == 2 and "holds no dckpt repository" in missing.stderr
+    usage = _dckpt("verify", str(tmp_path), "--step", "1", "--all")
+    assert usage.returncode == 2 and "not allowed with" in usage.stderr
