@@ -40,7 +40,7 @@ class SaveConfig:
 class LoadConfig:
     """How a load reads, verifies and copies the state."""
 
-    reader_threads: int = 4
+    reader_threads: int = 8
     """Reader threads per rank, each running one ranged read at a time."""
     read_request_bytes: int = 16 * MiB
     """Adjacent blocks are coalesced into ranged reads of up to this size."""

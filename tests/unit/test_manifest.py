@@ -1,0 +1,169 @@
+"""The format: encode/decode, the golden manifest, names, and the pure planning helpers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import dckpt
+from dckpt import layout
+from dckpt.blocks import check, cut, digest
+from dckpt.errors import FormatError, IntegrityError
+from dckpt.manifest import (BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, ValueEntry,
+                            decode, dtype_from_name, dtype_name, encode)
+from dckpt.reader import box_range
+from dckpt.reads import blocks_in_range, coalesce
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "repo-v1")
+
+
+def test_golden_repository_keeps_loading(tmp_path):
+    repo = shutil.copytree(GOLDEN, tmp_path / "repo")
+    m = dckpt.inspect(str(repo))
+    assert (m.step, m.world_size, m.metrics, m.block_size_bytes) == (42, 1, {"loss": 0.25}, 4096)
+    assert m.bytes_logical == 2652 and m.attempt == "s42-t1795384259711-3599d887"
+    assert isinstance(m.items["w"], TensorEntry) and m.items["w"].size == (4, 6)
+    assert isinstance(m.items["meta.name"], ValueEntry)
+    state = {"w": torch.zeros(4, 6), "b": torch.zeros(3, dtype=torch.int64),
+             "h": torch.zeros(5, dtype=torch.bfloat16), "meta": {"epoch": 0, "name": ""}}
+    info = dckpt.load(state, str(repo))
+    assert info.step == 42
+    assert torch.equal(state["w"], torch.arange(24, dtype=torch.float32).reshape(4, 6))
+    assert state["b"].tolist() == [1, -2, 3]
+    assert torch.equal(state["h"], torch.arange(5, dtype=torch.bfloat16))
+    assert state["meta"] == {"epoch": 3, "name": "golden"}
+    assert dckpt.verify(str(repo)).ok
+
+
+def _manifest() -> Manifest:
+    seg = "data/s1-t0-00000000/r00000-000.seg"
+    blocks = (BlockRef(seg, 0, 4096, 4096, "0" * 32), BlockRef(seg, 4096, 4, 4, "f" * 32))
+    return Manifest(step=1, attempt="s1-t0-00000000", created_at=12.5, world_size=2,
+                    items={"w": TensorEntry("float32", (1025,), True,
+                                            (ChunkEntry((0,), (1025,), StoredData(4100, blocks)),)),
+                           "v": ValueEntry(StoredData(0, ()))},
+                    metrics={"loss": float("nan"), "ok": True}, bytes_logical=4100,
+                    bytes_written=4100, phase_s={"plan": 0.5}, block_size_bytes=4096,
+                    dcp_version="1.0.0", planner_data={"w": ["w"]})
+
+
+def test_encode_decode_round_trip():
+    m = _manifest()
+    back = decode(encode(m))
+    assert back.items == m.items
+    assert back.metrics == {"loss": "nan", "ok": True}
+    assert (back.step, back.world_size, back.phase_s, back.dcp_version) == (1, 2, {"plan": 0.5},
+                                                                            "1.0.0")
+    assert back.segments() == ["data/s1-t0-00000000/r00000-000.seg"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.pop("items"), "missing fields \\['items'\\]"),
+    (lambda d: d["items"]["w"]["chunks"][0].update(nbytes=4), "blocks hold 4100 bytes"),
+    (lambda d: d["items"]["w"].update(dtype="float128"), "unknown dtype 'float128'"),
+    (lambda d: d["items"]["w"]["chunks"][0]["blocks"][0].__setitem__(0, 7), "out of range"),
+    (lambda d: d["items"]["w"]["chunks"][0]["blocks"][0].__setitem__(5, "lz4"), "unknown codec"),
+    (lambda d: d["items"]["w"]["chunks"][0].update(sizes=[2000]), "does not fit"),
+    (lambda d: d.update(format="other"), "not a dckpt manifest"),
+])
+def test_decode_refuses_what_the_spec_does_not_allow(edit, message):
+    import json
+
+    doc = json.loads(encode(_manifest()))
+    edit(doc)
+    with pytest.raises(FormatError, match=message):
+        decode(json.dumps(doc).encode())
+
+
+@pytest.mark.parametrize("name, ok", [
+    ("data/s1-t2-abcdef01/r00000-000.seg", True),
+    ("data/x/y.seg", True),
+    ("data/../etc/passwd", False),
+    ("/data/x.seg", False),
+    ("/etc/passwd", False),
+    ("s3://bucket/data/x.seg", False),
+    ("manifests/000000000001.json", False),
+    ("data/x/../../y", False),
+    ("data\\x", False),
+    ("data/.hidden", False),
+    ("", False),
+    (7, False),
+])
+def test_object_names_are_checked(name, ok):
+    if ok:
+        assert layout.check_object_name(name) == name
+    else:
+        with pytest.raises(FormatError):
+            layout.check_object_name(name)
+
+
+def test_layout_names_parse_back():
+    assert layout.manifest_name(7) == "manifests/000000000007.json"
+    assert layout.parse_manifest_name("000000000007.json") == 7
+    assert layout.parse_manifest_name(".tmp-s7-t1-0000aaaa.json") is None
+    attempt = layout.new_attempt(7, now_s=1000.5)
+    assert attempt.startswith("s7-t1000500-") and layout.attempt_started_s(attempt) == 1000.5
+    assert layout.segment_name(attempt, 3, 1) == f"data/{attempt}/r00003-001.seg"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.complex64,
+                                   torch.uint8, torch.int64])
+def test_dtype_table_round_trips(dtype):
+    assert dtype_from_name(dtype_name(dtype)) == dtype
+
+
+@pytest.mark.parametrize("nbytes, size, expected", [
+    (0, 4, []), (3, 4, [(0, 3)]), (8, 4, [(0, 4), (4, 4)]), (9, 4, [(0, 4), (4, 4), (8, 1)]),
+])
+def test_cut(nbytes, size, expected):
+    assert cut(nbytes, size) == expected
+
+
+def test_check_names_the_block_and_the_damage():
+    data = b"abcdefgh"
+    ref = BlockRef("data/a/b.seg", 16, 8, 8, digest(data))
+    check(data, ref, what="tensor 'w'")
+    with pytest.raises(IntegrityError, match="tensor 'w': block at data/a/b.seg@16"):
+        check(b"abcdefgX", ref, what="tensor 'w'")
+    with pytest.raises(IntegrityError, match="truncated"):
+        check(b"abc", ref, what="tensor 'w'")
+
+
+def _blocks(spec):
+    return [(BlockRef(seg, off, n, n, "0" * 32), dest) for seg, off, n, dest in spec]
+
+
+@pytest.mark.parametrize("spec, max_bytes, expected", [
+    ([("a", 0, 4, 0), ("a", 4, 4, 4), ("a", 8, 4, 8)], 100, [("a", 0, 12, 0, 3)]),
+    ([("a", 0, 4, 0), ("a", 4, 4, 4), ("a", 8, 4, 8)], 8, [("a", 0, 8, 0, 2), ("a", 8, 4, 8, 1)]),
+    ([("a", 0, 4, 0), ("b", 4, 4, 4)], 100, [("a", 0, 4, 0, 1), ("b", 4, 4, 4, 1)]),
+    ([("a", 0, 4, 0), ("a", 8, 4, 4)], 100, [("a", 0, 4, 0, 1), ("a", 8, 4, 4, 1)]),
+])
+def test_coalesce(spec, max_bytes, expected):
+    got = [(r.segment, r.offset, r.length, r.dest_start, len(r.blocks))
+           for r in coalesce(_blocks(spec), max_bytes)]
+    assert got == expected
+
+
+def test_blocks_in_range():
+    refs = tuple(BlockRef("a", i * 4, 4, 4, "0" * 32) for i in range(4))
+    data = StoredData(16, refs)
+    first, picked = blocks_in_range(data, 5, 9)
+    assert first == 4 and [(r.offset, pos) for r, pos in picked] == [(4, 0), (8, 4)]
+    assert blocks_in_range(data, 0, 16)[0] == 0 and len(blocks_in_range(data, 0, 16)[1]) == 4
+
+
+@pytest.mark.parametrize("sizes, offsets, lengths, expected", [
+    ((4, 6), (1, 0), (2, 6), (6, 18)),      # rows: contiguous
+    ((4, 6), (0, 2), (4, 2), None),         # columns: not
+    ((4, 6), (2, 3), (1, 2), (15, 17)),     # part of one row
+    ((2, 3, 4), (1, 1, 0), (1, 2, 4), (16, 24)),
+    ((), (), (), (0, 1)),                   # 0-dim
+    ((5,), (0,), (0,), (0, 0)),
+])
+def test_box_range(sizes, offsets, lengths, expected):
+    assert box_range(sizes, offsets, lengths) == expected
