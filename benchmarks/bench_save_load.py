@@ -6,8 +6,9 @@ Every rank holds ``--gib-per-rank`` GiB of float32 DTensor shards (an FSDP-like 
 method saves the same state durably (fsync) to a fresh folder; each load starts cold (the
 files' pages are dropped from the page cache first). The raw disk is each rank writing
 (sequentially, then fsync) and reading back (positional reads, 8 in flight) the same byte
-count with plain file I/O, all ranks at once as in a checkpoint. Figures are GB/s over all ranks, the median of
-``--repeats``; ratios compare dckpt with the peers. JSON lines go to --out, a chart beside.
+count with plain file I/O, all ranks at once as in a checkpoint. Figures are GB/s over all
+ranks, the median of ``--repeats``; ratios compare dckpt with the peers. JSON lines go to
+--out, a chart beside.
 """
 
 from __future__ import annotations

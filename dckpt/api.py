@@ -65,7 +65,10 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
     return info
 
 
-def _find(store: Store, step: int | None, tried: set[int]) -> tuple[Manifest | None, list[tuple[int, str]], DckptError | None]:
+Found = tuple[Manifest | None, list[tuple[int, str]], DckptError | None]
+
+
+def _find(store: Store, step: int | None, tried: set[int]) -> Found:
     """(coordinator) The manifest to try next: the asked step, or the newest readable one
     not yet tried. Returns it, the steps skipped on the way, and the error that ends the
     search, if any."""
