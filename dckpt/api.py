@@ -114,8 +114,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None,
         if manifest is None:
             raise IntegrityError(
                 f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"
-                + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped),
-                failures={})
+                + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped))
         tried.add(manifest.step)
         reader = Reader(url, step=manifest.step, storage_options=storage_options,
                         config=config, manifest=manifest)

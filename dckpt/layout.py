@@ -4,7 +4,7 @@ A repository is a folder (or an S3 prefix)::
 
     dckpt.json                          marker: {"format": "dckpt.repository", "version": 1}
     manifests/000000000100.json         a committed checkpoint (the commit point)
-    manifests/.tmp-<attempt>.json       a manifest being committed (local disk only)
+    manifests/.tmp-<random>             a manifest being committed (local disk only)
     data/<attempt>/r00000-000.seg       segment objects of one save attempt, per rank and writer
 
 An attempt name is ``s<step>-t<unix ms>-<random hex>``: unique to one try at saving a step,
@@ -30,10 +30,6 @@ _NAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 def manifest_name(step: int) -> str:
     return f"{MANIFEST_DIR}/{step:012d}.json"
-
-
-def manifest_tmp_name(attempt: str) -> str:
-    return f"{MANIFEST_DIR}/.tmp-{attempt}.json"
 
 
 def parse_manifest_name(basename: str) -> int | None:

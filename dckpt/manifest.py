@@ -13,7 +13,7 @@ from dckpt.layout import check_object_name
 
 __all__ = [
     "FORMAT", "VERSION", "BlockRef", "StoredData", "ChunkEntry", "TensorEntry", "ValueEntry",
-    "Manifest", "encode", "decode", "dtype_name", "dtype_from_name",
+    "Manifest", "encode", "decode", "dtype_name", "dtype_from_name", "stored_datas",
 ]
 
 FORMAT = "dckpt.manifest"
@@ -120,11 +120,11 @@ class Manifest:
 
     def segments(self) -> list[str]:
         """Every object this checkpoint needs, in a stable order."""
-        names = {b.segment for e in self.items.values() for d in _datas(e) for b in d.blocks}
+        names = {b.segment for e in self.items.values() for d in stored_datas(e) for b in d.blocks}
         return sorted(names)
 
 
-def _datas(entry: Entry) -> list[StoredData]:
+def stored_datas(entry: Entry) -> list[StoredData]:
     if isinstance(entry, TensorEntry):
         return [c.data for c in entry.chunks]
     return [entry.data]

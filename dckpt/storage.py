@@ -8,7 +8,6 @@ S3: one PUT with ``If-None-Match: *``).
 
 from __future__ import annotations
 
-import errno
 import os
 import posixpath
 import uuid
@@ -144,7 +143,3 @@ class Store:
         except FileNotFoundError:
             pass
 
-
-def is_missing(exc: BaseException) -> bool:
-    return isinstance(exc, FileNotFoundError) or (
-        isinstance(exc, OSError) and exc.errno == errno.ENOENT)

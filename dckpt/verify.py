@@ -7,7 +7,7 @@ from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 
 from dckpt.errors import DckptError
-from dckpt.manifest import Manifest, StoredData, TensorEntry
+from dckpt.manifest import stored_datas
 from dckpt.reads import Fetcher, coalesce
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
@@ -37,16 +37,6 @@ class VerifyReport:
 Progress = Callable[[int, int], None]
 
 
-def _datas(m: Manifest) -> list[tuple[str, StoredData]]:
-    out = []
-    for fqn, e in m.items.items():
-        if isinstance(e, TensorEntry):
-            out += [(fqn, c.data) for c in e.chunks]
-        else:
-            out.append((fqn, e.data))
-    return out
-
-
 def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
                  request_bytes: int = 16 << 20, progress: Progress | None = None) -> VerifyReport:
     """Read and check every block of each step; ``progress(done, total)`` after each read."""
@@ -58,7 +48,7 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
         except DckptError as e:
             problems.append(Problem(step, str(e)))
             continue
-        datas = _datas(m)
+        datas = [(fqn, d) for fqn, e in m.items.items() for d in stored_datas(e)]
         total = sum(d.nbytes for _, d in datas)
         done = 0
         with Fetcher(store, threads) as fetcher:

@@ -37,7 +37,7 @@ from dckpt.config import SaveConfig
 from dckpt.errors import CheckpointExistsError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, TensorEntry,
-                            ValueEntry, dtype_name, encode)
+                            ValueEntry, dtype_name, encode, stored_datas)
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
@@ -71,8 +71,7 @@ def check_metrics(metrics: object) -> Metrics:
             for k, v in metrics.items()):
         raise StateDictError(
             f"metrics must map str to int, float, str, bool or None, got {metrics!r}")
-    return {k: (float(v) if not isinstance(v, (bool, int, str, type(None))) else v)
-            for k, v in metrics.items()}
+    return dict(metrics)
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -198,7 +197,7 @@ class Writer(StorageWriter):
             step=self.step, attempt=self._attempt, created_at=time.time(), world_size=len(results),
             items=items, metrics=self.metrics,
             bytes_logical=sum(e.nbytes for e in items.values()),
-            bytes_written=sum(b.length for e in items.values() for d in _datas(e)
+            bytes_written=sum(b.length for e in items.values() for d in stored_datas(e)
                               for b in d.blocks),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
@@ -239,10 +238,6 @@ class Writer(StorageWriter):
                                            storage_data=_Stored(StoredData(len(buf), tuple(blocks)))))
                 del buf
         return results
-
-
-def _datas(entry: Entry) -> list[StoredData]:
-    return [c.data for c in entry.chunks] if isinstance(entry, TensorEntry) else [entry.data]
 
 
 def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[str, Entry]:
