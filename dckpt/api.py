@@ -181,9 +181,4 @@ def inspect(url: str, *, step: int | None = None,
     """The manifest of ``step`` (default: the newest committed). Not collective."""
     store = Store(url, storage_options)
     require_repository(store)
-    if step is None:
-        steps = committed_steps(store)
-        if not steps:
-            raise CheckpointNotFoundError(f"{url} holds no committed checkpoint")
-        step = steps[-1]
     return read_manifest(store, step)

@@ -29,11 +29,10 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dckpt.config import LoadConfig
-from dckpt.errors import CheckpointNotFoundError
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry, dtype_from_name
 from dckpt.planner import safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce
-from dckpt.repository import committed_steps, read_manifest
+from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
 __all__ = ["Reader", "to_dcp_metadata", "box_range"]
@@ -112,13 +111,7 @@ class Reader(StorageReader):
 
     def read_metadata(self) -> Metadata:
         if self.manifest is None:
-            step = self.step
-            if step is None:
-                steps = committed_steps(self.store)
-                if not steps:
-                    raise CheckpointNotFoundError(f"{self.store.url} holds no committed checkpoint")
-                step = steps[-1]
-            self.manifest = read_manifest(self.store, step)
+            self.manifest = read_manifest(self.store, self.step)
         md = to_dcp_metadata(self.manifest)
         self._storage = md.storage_data
         return md

@@ -32,7 +32,13 @@ def committed_steps(store: Store) -> list[int]:
     return sorted(s for s in steps if s is not None)
 
 
-def read_manifest(store: Store, step: int) -> Manifest:
+def read_manifest(store: Store, step: int | None) -> Manifest:
+    """The manifest of ``step``; None: of the newest committed step."""
+    if step is None:
+        steps = committed_steps(store)
+        if not steps:
+            raise CheckpointNotFoundError(f"{store.url} holds no committed checkpoint")
+        step = steps[-1]
     name = layout.manifest_name(step)
     try:
         raw = store.read_bytes(name)
