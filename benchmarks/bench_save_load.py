@@ -22,26 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
 
 import dckpt
-from common import bar_chart, emit, evict, median, timed
-
-TENSOR_BYTES = 64 << 20
-
-
-def make_state(gib: float, mesh, fill: bool) -> dict:
-    world = dist.get_world_size()
-    rows = TENSOR_BYTES // 4 // 1024
-    n = max(1, int(gib * (1 << 30) // TENSOR_BYTES))
-    state = {}
-    for i in range(n):
-        local = torch.randn(rows, 1024) if fill else torch.empty(rows, 1024)
-        state[f"layer{i}.weight"] = DTensor.from_local(local, mesh, [Shard(0)],
-                                                       shape=torch.Size([rows * world, 1024]),
-                                                       stride=(1024, 1))
-    return state
-
+from common import bar_chart, emit, fresh_folders, evict, make_state, median, timed
 
 def local_tensors(state: dict) -> dict:
     return {k: v.to_local() for k, v in state.items()}
@@ -93,12 +76,7 @@ def main() -> None:
     src = make_state(args.gib_per_rank, mesh, fill=True)
     dst = make_state(args.gib_per_rank, mesh, fill=False)
     nbytes = sum(t.to_local().numel() * 4 for t in src.values()) * world
-    base = os.path.abspath(args.dir)
-    if rank == 0:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        shutil.rmtree(base, ignore_errors=True)
-        os.makedirs(base)
-    dist.barrier()
+    base = fresh_folders(args.dir, args.out)
 
     def fresh(name: str, i: int) -> str:
         path = os.path.join(base, f"{name}-{i}")

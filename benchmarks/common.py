@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import statistics
 import time
 
+import torch
 import torch.distributed as dist
+
+TENSOR_BYTES = 64 << 20
+
+
+def make_state(gib: float, mesh, *, device: str = "cpu", fill: bool = True) -> dict:
+    """``gib`` GiB per rank of float32 DTensor shards of 64 MiB (an FSDP-like state)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    world = dist.get_world_size()
+    rows = TENSOR_BYTES // 4 // 1024
+    n = max(1, int(gib * (1 << 30) // TENSOR_BYTES))
+    state = {}
+    for i in range(n):
+        local = (torch.randn(rows, 1024, device=device) if fill
+                 else torch.empty(rows, 1024, device=device))
+        state[f"layer{i}.weight"] = DTensor.from_local(local, mesh, [Shard(0)],
+                                                       shape=torch.Size([rows * world, 1024]),
+                                                       stride=(1024, 1))
+    return state
 
 
 def evict(path: str) -> None:
@@ -25,6 +46,17 @@ def evict(path: str) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
+
+
+def fresh_folders(data_dir: str, out: str) -> str:
+    """(all ranks) An empty ``data_dir`` and the folder of ``out``; returns the data dir."""
+    base = os.path.abspath(data_dir)
+    if dist.get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        shutil.rmtree(base, ignore_errors=True)
+        os.makedirs(base)
+    dist.barrier()
+    return base
 
 
 def timed(fn) -> float:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dckpt.api import inspect, list_checkpoints, load, save, verify
+from dckpt.api import async_save, inspect, list_checkpoints, load, save, verify
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
@@ -10,13 +10,16 @@ from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, Commit
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import Manifest, TensorEntry, ValueEntry
 from dckpt.reader import Reader
+from dckpt.saver import AsyncSaver, SaveHandle
+from dckpt.staging import Stager
 from dckpt.verify import Problem, VerifyReport
 from dckpt.writer import Writer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "save", "load", "list_checkpoints", "verify", "inspect", "Manifest", "TensorEntry",
+    "save", "async_save", "SaveHandle", "AsyncSaver", "Stager", "load", "list_checkpoints",
+    "verify", "inspect", "Manifest", "TensorEntry",
     "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",

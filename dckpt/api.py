@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -14,29 +11,22 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt import dist
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import (CheckpointNotFoundError, DckptError, IntegrityError)
+from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
+from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
 from dckpt.repository import committed_steps, read_manifest, require_repository
 from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
-from dckpt.writer import Metrics, Writer
+from dckpt.writer import Metrics
 
-__all__ = ["save", "load", "list_checkpoints", "verify", "inspect"]
+__all__ = ["save", "async_save", "load", "list_checkpoints", "verify", "inspect"]
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, Any]
-
-
-@contextmanager
-def _single_process_quiet() -> Iterator[None]:
-    """Without a process group one process is the whole world, as documented: no warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
 
 
 def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
@@ -44,25 +34,27 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
     """(collective) Save ``state_dict`` as checkpoint ``step`` and commit it.
 
     Returns the same CheckpointInfo on every rank. Any failure on any rank raises the same
-    CommitError on every rank; nothing is committed and earlier checkpoints stand.
+    CommitError on every rank; nothing is committed and earlier checkpoints stand. Waits
+    first for an async save in flight.
     """
-    config = config or SaveConfig()
-    writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
-                    config=config)
-    group = dist.checkpoint_group(config.collective_timeout_s)
-    what = f"save of step {step} to {url}"
-    try:
-        with _single_process_quiet():
-            dcp.save(state_dict, storage_writer=writer, process_group=group)
-    except CheckpointException as e:
-        raise dist.translate(e, what=what, saving=True) from None
-    except DckptError:
-        raise
-    except Exception as e:  # a collective broke: a peer died or timed out
-        raise dist.peer_failure(e, what=what, saving=True) from e
-    info = dist.broadcast(writer.info, group)
-    assert isinstance(info, CheckpointInfo)
-    return info
+    return default_saver().save(state_dict, url, step=step, metrics=metrics,
+                                storage_options=storage_options, config=config)
+
+
+def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
+               storage_options: dict | None = None, config: SaveConfig | None = None
+               ) -> SaveHandle:
+    """(collective) Stage ``state_dict`` into reused host memory and return a SaveHandle;
+    the write and the commit run in the background.
+
+    After it returns the caller may change every tensor: the checkpoint holds the values
+    at the call (in ``config.overlap`` mode, after ``handle.wait_staged()``). A save still
+    in flight is waited for first, or this one is skipped (``config.if_busy``). A failure
+    in the background never raises here: ``handle.wait()`` raises it, and the next save's
+    info lists it.
+    """
+    return default_saver().async_save(state_dict, url, step=step, metrics=metrics,
+                                      storage_options=storage_options, config=config)
 
 
 Found = tuple[Manifest | None, list[tuple[int, str]], DckptError | None]
@@ -100,6 +92,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None,
     """
     config = config or LoadConfig()
     store = Store(url, storage_options)
+    wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)
     t0 = time.perf_counter()
     skipped: list[tuple[int, str]] = []
@@ -121,7 +114,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None,
         t_read = time.perf_counter()
         what = f"load of step {manifest.step} from {url}"
         try:
-            with _single_process_quiet():
+            with quiet_single_process():
                 dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
                          process_group=group)
         except CheckpointException as e:

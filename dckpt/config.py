@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 __all__ = ["SaveConfig", "LoadConfig"]
 
@@ -26,11 +27,34 @@ class SaveConfig:
     """Writer threads per rank; each writes one segment object, so also segments per rank."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the save."""
+    staging_bytes: int | None = None
+    """Async saves: cap on the host memory that holds the staged copy (None: the whole
+    state). Past it, the rest is written during the pause through a window of the buffer;
+    the pause grows and ``CheckpointInfo.overflow_bytes`` says by how much."""
+    if_busy: Literal["wait", "skip"] = "wait"
+    """Async saves: when a save is still in flight, ``"wait"`` for it, or ``"skip"`` this
+    one (all ranks agree; the handle says ``skipped``). Both are logged."""
+    persist_nice: int = 10
+    """Async saves: the nice value (0-19) of the background write's threads, so that they
+    take the CPU only when the training leaves it; 0 keeps the training's priority."""
+    overlap: bool = False
+    """Async saves: return before the copy is done; it runs while the next forward and
+    backward run, and ``SaveHandle.wait_staged()`` (or the optimizer hook of
+    ``AsyncSaver.install_hook``) must come before the state changes. On CUDA the wait is
+    on the device: the host does not stop."""
 
     def __post_init__(self) -> None:
         _positive(self, block_size_bytes=self.block_size_bytes,
                   writer_threads=self.writer_threads,
                   collective_timeout_s=self.collective_timeout_s)
+        if not 0 <= self.persist_nice <= 19:
+            raise ValueError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
+        if self.if_busy not in ("wait", "skip"):
+            raise ValueError(f"SaveConfig.if_busy must be 'wait' or 'skip', got {self.if_busy!r}")
+        if self.staging_bytes is not None and self.staging_bytes < 2 * self.block_size_bytes:
+            raise ValueError(
+                f"SaveConfig.staging_bytes must be None or at least two blocks "
+                f"({2 * self.block_size_bytes} bytes), got {self.staging_bytes!r}")
         if self.block_size_bytes % 4096:
             raise ValueError(
                 f"SaveConfig.block_size_bytes must be a multiple of 4096, got {self.block_size_bytes}")

@@ -6,16 +6,18 @@ from __future__ import annotations
 import logging
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt.errors import (CheckpointExistsError, CommitError, DckptError, IntegrityError)
 
-__all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "translate"]
+__all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "any_true",
+           "translate", "peer_failure"]
 
 log = logging.getLogger(__name__)
 
-_groups: dict[tuple[int, float], dist.ProcessGroup] = {}
+_groups: dict[tuple[int, float, str], dist.ProcessGroup] = {}
 
 
 def active() -> bool:
@@ -30,17 +32,19 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
-def checkpoint_group(timeout_s: float) -> dist.ProcessGroup | None:
+def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessGroup | None:
     """(all ranks) A gloo group over every rank for checkpoint collectives, or None alone.
 
     Derived from the default group with ``new_group`` (never a private TCPStore: under
     torchrun that can hang, pytorch/pytorch#191989), so checkpoint traffic never queues
     behind the training's own NCCL or gloo collectives, and a dead peer fails within
-    ``timeout_s``. Created once per default group and timeout, collectively.
+    ``timeout_s``. Created once per default group, timeout and purpose, collectively:
+    ``"commit"`` carries saves and loads (an async save's from its persist thread),
+    ``"control"`` the caller-thread agreements made while a save may be in flight.
     """
     if not active():
         return None
-    key = (id(dist.group.WORLD), float(timeout_s))
+    key = (id(dist.group.WORLD), float(timeout_s), purpose)
     group = _groups.get(key)
     if group is None:
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
@@ -55,6 +59,15 @@ def broadcast(obj: object, group: dist.ProcessGroup | None) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def any_true(flag: bool, group: dist.ProcessGroup | None) -> bool:
+    """(all ranks) Whether ``flag`` is true on any rank of ``group``."""
+    if group is None:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return bool(t.item())
 
 
 def _describe(exc: BaseException) -> str:

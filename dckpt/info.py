@@ -33,6 +33,15 @@ class CheckpointInfo:
     """Load only: newer checkpoints that failed to load, with the reason, newest first."""
     problem: str | None = None
     """Listing only: why the manifest could not be read (the checkpoint is damaged)."""
+    pause_s: float | None = None
+    """Async save only, this rank: seconds the caller was held (waiting for the save before,
+    staging, and writing what did not fit the staging budget)."""
+    overflow_bytes: int = 0
+    """Async save only, this rank: bytes written during the pause because the staging budget
+    (``SaveConfig.staging_bytes``) could not hold them."""
+    previous_failures: tuple[tuple[int, str], ...] = ()
+    """Async save only, this rank: earlier background saves that failed since the last
+    report, as (step, reason)."""
 
 
 def info_from_manifest(m: Manifest, url: str, **overrides: object) -> CheckpointInfo:

@@ -22,6 +22,7 @@ import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import torch
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
@@ -41,7 +42,7 @@ from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, T
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "SegmentOut", "tensor_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -165,11 +166,16 @@ class Writer(StorageWriter):
         """(all ranks) Write this rank's items; every segment is durable when this returns."""
         self._t["write"] = time.perf_counter()
         assignment: _Assignment = plan.storage_data
-        total = sum(_item_nbytes(i) for i in plan.items)
+        # items an async save already wrote during its pause (over its staging budget)
+        prewritten: dict[MetadataIndex, StoredData] = getattr(planner, "prewritten", {})
+        results = [WriteResult(index=i.index, size_in_bytes=prewritten[i.index].nbytes,
+                               storage_data=_Stored(prewritten[i.index]))
+                   for i in plan.items if i.index in prewritten]
+        items = [i for i in plan.items if i.index not in prewritten]
+        total = sum(_item_nbytes(i) for i in items)
         # IMPORTANT: few large objects (S3 pays per request): a segment per 64 MiB at least
-        bins = _balance(list(plan.items), max(1, min(self.config.writer_threads,
-                                                     math.ceil(total / (64 << 20)))))
-        results: list[WriteResult] = []
+        bins = _balance(items, max(1, min(self.config.writer_threads,
+                                          math.ceil(total / (64 << 20)))))
         if bins:
             with ThreadPoolExecutor(len(bins), thread_name_prefix="dckpt-write") as pool:
                 futures = [pool.submit(self._write_segment,
@@ -217,10 +223,9 @@ class Writer(StorageWriter):
 
     def _write_segment(self, name: str, items: list[WriteItem],
                        planner: SavePlanner) -> list[WriteResult]:
-        block_size = self.config.block_size_bytes
         results = []
-        offset = 0
         with self.store.open_write(name) as f:
+            out = SegmentOut(f, name, self.config.block_size_bytes)
             for item in items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
@@ -228,16 +233,34 @@ class Writer(StorageWriter):
                     buf = data.getbuffer()
                 else:
                     buf = tensor_bytes(data)  # type: ignore[arg-type]
-                blocks = []
-                for start, length in cut(len(buf), block_size):
-                    piece = buf[start: start + length]
-                    blocks.append(BlockRef(name, offset, length, length, digest(piece)))
-                    f.write(piece)
-                    offset += length
+                stored = StoredData(len(buf), tuple(out.append(buf)))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
-                                           storage_data=_Stored(StoredData(len(buf), tuple(blocks)))))
+                                           storage_data=_Stored(stored)))
                 del buf
         return results
+
+
+class SegmentOut:
+    """Appends the bytes of items to one open segment, cut into blocks and hashed.
+
+    An item may come in pieces (``append`` once per piece); every piece but the last must
+    be a multiple of the block size, so that blocks fall where one ``append`` would cut.
+    """
+
+    def __init__(self, f: BinaryIO, name: str, block_size: int) -> None:
+        self.f = f
+        self.name = name
+        self.block_size = block_size
+        self.offset = 0
+
+    def append(self, buf: memoryview) -> list[BlockRef]:
+        blocks = []
+        for start, length in cut(len(buf), self.block_size):
+            piece = buf[start: start + length]
+            blocks.append(BlockRef(self.name, self.offset, length, length, digest(piece)))
+            self.f.write(piece)
+            self.offset += length
+        return blocks
 
 
 def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[str, Entry]:

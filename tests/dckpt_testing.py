@@ -21,12 +21,16 @@ from fsspec.implementations.local import LocalFileSystem
 # ------------------------------------------------------------------ fault injection
 
 FAULT: dict = {}
-"""This process's armed fault: kind ('enospc', 'eio', 'kill'), after_bytes. Set by arm()."""
+"""This process's armed fault: kind ('enospc', 'eio', 'kill', 'slow'), after_bytes,
+delay_s. Set by arm()."""
 
 
-def arm(kind: str, after_bytes: int = 0) -> None:
+def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0) -> None:
+    """Arm a fault for this process's faultyfile:// and faultys3:// writes: past
+    ``after_bytes`` the write fails ('enospc', 'eio') or the process dies ('kill'); 'slow'
+    makes every write sleep ``delay_s`` first and fail nothing."""
     FAULT.clear()
-    FAULT.update(kind=kind, after_bytes=after_bytes, written=0)
+    FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s)
 
 
 def disarm() -> None:
@@ -38,6 +42,9 @@ class _FaultyFile:
         self._f = f
 
     def write(self, data) -> int:
+        if FAULT and FAULT["kind"] == "slow":
+            time.sleep(FAULT["delay_s"])
+            return self._f.write(data)
         if FAULT and FAULT["written"] + len(data) > FAULT["after_bytes"]:
             room = FAULT["after_bytes"] - FAULT["written"]
             if room > 0:

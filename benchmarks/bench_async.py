@@ -1,0 +1,191 @@
+"""Async save: training pause, time to commit and training slowdown, dckpt against DCP.
+
+    torchrun --standalone --nproc-per-node=2 benchmarks/bench_async.py --gib-per-rank 1
+
+Every rank holds ``--gib-per-rank`` GiB of float32 DTensor shards (an FSDP-like state), on
+CUDA with ``--device cuda``. Each method saves it ``--saves`` times; between saves the
+"training" runs steps (matrix products on the same device) while the write goes on. For
+each save: the pause (the call until it returns: the state may change then), the time to
+commit (until the save is durable and committed), and the step time while the write runs
+against the step time with no save running (the slowdown). Methods:
+
+- ``dckpt``: ``dckpt.async_save`` with its defaults (staging memory reserved once up front,
+  as the CheckpointManager does after restoring; the reservation time is reported);
+- ``dckpt overlap`` (CUDA only): ``SaveConfig(overlap=True)``, the pause until the call
+  returns, the copies overlapping the next steps;
+- ``DCP``: ``dcp.async_save`` with its defaults (a fresh CPU copy per save);
+- ``DCP DefaultStager``: ``dcp.async_save`` with ``DefaultStager`` (cached, and pinned with
+  non-blocking copies on CUDA).
+
+The hardware limit is the copy itself: ``memcpy`` of the same bytes into pre-faulted host
+memory (CPU), or device-to-pinned-host at the measured bandwidth (CUDA). Ratios go in the
+last JSON line; a chart beside --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
+
+import dckpt
+from common import bar_chart, emit, fresh_folders, make_state
+
+class Trainer:
+    """A stand-in training step: matrix products on the state's device."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        n = 384 if device == "cpu" else 4096
+        self.a = torch.randn(n, n, device=device)
+        self.b = torch.randn(n, n, device=device)
+        self.reps = 8 if device == "cpu" else 20
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        for _ in range(self.reps):
+            self.a = torch.tanh(self.a @ self.b)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+
+def copy_limit(state: dict, device: str, repeats: int = 5) -> tuple[float, float]:
+    """Seconds to copy the local state once into pre-faulted (pinned on CUDA) host memory,
+    the median of ``repeats``; and the bytes copied."""
+    locals_ = [v.to_local() for v in state.values() if isinstance(v, DTensor)]
+    dst = [torch.empty(t.shape, dtype=t.dtype, pin_memory=(device == "cuda")) for t in locals_]
+    for d in dst:
+        d.zero_()  # pre-fault
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for d, s in zip(dst, locals_):
+            d.copy_(s, non_blocking=(device == "cuda"))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), sum(t.numel() * t.element_size() for t in locals_)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gib-per-rank", type=float, default=1.0)
+    p.add_argument("--saves", type=int, default=5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dir", default="bench-out/async")
+    p.add_argument("--out", default="bench-out/async.jsonl")
+    p.add_argument("--methods", default="", help="comma-separated subset of the methods")
+    p.add_argument("--nice", default="10",
+                   help="comma-separated SaveConfig.persist_nice values to run dckpt with")
+    args = p.parse_args()
+    cuda = args.device == "cuda"
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    mesh = init_device_mesh(args.device, (world,))
+    state = make_state(args.gib_per_rank, mesh, device=args.device)
+    state["step"] = 0
+    base = fresh_folders(args.dir, args.out)
+    trainer = Trainer(args.device)
+    for _ in range(3):
+        trainer.step()
+    idle = statistics.median(trainer.step() for _ in range(15))
+    copy_s, nbytes = copy_limit(state, args.device)
+    if rank == 0:
+        emit(args.out, {"bench": "async", "limit": "copy", "device": args.device,
+                        "bytes_per_rank": nbytes, "copy_s": copy_s,
+                        "gbps": nbytes / copy_s / 1e9, "idle_step_s": idle})
+
+    saver = dckpt.AsyncSaver()
+    stager_opts = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                 use_async_staging=False, use_non_blocking_copy=cuda)
+    stager = DefaultStager(stager_opts)
+
+    def run_dckpt(path: str, i: int, overlap: bool = False, nice: int = 10):
+        config = dckpt.SaveConfig(overlap=overlap, persist_nice=nice)
+        handle = saver.async_save(state, path, step=i, config=config)
+        if overlap:
+            handle.wait_staged()  # where the optimizer hook waits; on CUDA the host goes on
+        return handle.done, handle.wait
+
+    def run_dcp(path: str, i: int, staged: bool = False):
+        out = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(f"{path}/{i}"),
+                             async_stager=stager if staged else None)
+        future = getattr(out, "upload_completion", out)
+        return future.done, future.result
+
+    nices = [int(n) for n in args.nice.split(",")]
+    methods = {("dckpt" if len(nices) == 1 else f"dckpt nice {n}"):
+               (lambda path, i, n=n: run_dckpt(path, i, nice=n)) for n in nices}
+    methods |= {"DCP": run_dcp,
+               "DCP DefaultStager": lambda path, i: run_dcp(path, i, staged=True)}
+    if cuda:
+        methods["dckpt overlap"] = lambda path, i: run_dckpt(path, i, overlap=True, nice=nices[0])
+    if args.methods:
+        methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
+    summary = {}
+    for name, run in methods.items():
+        path = os.path.join(base, name.replace(" ", "_"))
+        reserve_s = saver.reserve(state) if name.startswith("dckpt") else 0.0
+        pauses, commits, slow = [], [], []
+        for i in range(1, args.saves + 1):
+            dist.barrier()
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            done, wait = run(path, i)
+            pause = time.perf_counter() - t0
+            steps = []
+            while not done():
+                steps.append(trainer.step())
+            wait()
+            commit = time.perf_counter() - t0
+            pauses.append(pause)
+            commits.append(commit)
+            if steps:
+                slow.append(statistics.median(steps) / idle)
+            state["step"] = i
+        dist.barrier()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        summary[name] = {
+            "pause_median_s": statistics.median(pauses), "pause_max_s": max(pauses),
+            "commit_median_s": statistics.median(commits),
+            "step_slowdown": statistics.median(slow) if slow else None,
+            "pause_vs_copy": statistics.median(pauses) / copy_s,
+            "max_vs_median_pause": max(pauses) / statistics.median(pauses),
+        }
+        if rank == 0:
+            emit(args.out, {"bench": "async", "method": name, "device": args.device,
+                            "world_size": world, "bytes_per_rank": nbytes,
+                            "reserve_s": reserve_s, "pauses_s": pauses, "commits_s": commits,
+                            **summary[name]})
+    stager.close()
+    saver.close()
+    if rank == 0:
+        emit(args.out, {"bench": "async", "device": args.device, "copy_s": copy_s,
+                        "summary": summary})
+        labels = [f"{m} pause" for m in summary] + ["copy limit"]
+        values = [summary[m]["pause_median_s"] for m in summary] + [copy_s]
+        bar_chart(args.out.replace(".jsonl", ".png"),
+                  f"async save pause, {world} ranks x {args.gib_per_rank} GiB ({args.device})",
+                  labels, values, "seconds (median)")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

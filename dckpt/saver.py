@@ -1,0 +1,482 @@
+"""The save pipeline, synchronous and asynchronous.
+
+Synchronous: DCP plans and the Writer writes and commits, while the caller waits.
+
+Asynchronous (``async_save``), per rank::
+
+    caller's thread   wait for the save in flight (or skip, by policy)
+                      plan locally (DCP's planner; no collective)
+                      stage every tensor into reused host memory      <- training pauses here
+                      write what does not fit the staging budget      <- only past the budget
+                      return a SaveHandle
+    persist thread    wait for the copies, then DCP's collectives on the checkpoint group:
+                      global plan, write the staged bytes, commit (the Writer)
+
+The persist thread never touches the live state: its planner answers from the staged copy.
+Its collectives run on dckpt's own gloo group with a timeout, so they never interleave with
+the training's collectives and a dead peer becomes an error, not a hang.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.stateful import Stateful
+
+from dckpt import dist, layout
+from dckpt.config import SaveConfig
+from dckpt.errors import CommitError, DckptError
+from dckpt.info import CheckpointInfo
+from dckpt.manifest import StoredData
+from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
+from dckpt.storage import Store
+from dckpt.writer import Metrics, SegmentOut, Writer, tensor_bytes
+
+__all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, Any]
+
+
+@contextmanager
+def quiet_single_process() -> Iterator[None]:
+    """Without a process group one process is the whole world, as documented: no warning."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
+             group: object) -> CheckpointInfo:
+    """(collective) DCP's save with ``writer``; every failure becomes the same DckptError on
+    every rank, and every rank returns the coordinator's CheckpointInfo."""
+    what = f"save of step {writer.step} to {writer.store.url}"
+    try:
+        with quiet_single_process():
+            dcp.save(state_dict, storage_writer=writer, planner=planner,
+                     process_group=group)  # type: ignore[arg-type]
+    except CheckpointException as e:
+        raise dist.translate(e, what=what, saving=True) from None
+    except DckptError:
+        raise
+    except Exception as e:  # a collective broke: a peer died or timed out
+        raise dist.peer_failure(e, what=what, saving=True) from e
+    info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
+    assert isinstance(info, CheckpointInfo)
+    return info
+
+
+def stateful_to_state_dict(state_dict: StateDict) -> StateDict:
+    """DCP's rule: a top-level Stateful value saves as its ``state_dict()``."""
+    return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
+
+
+class StagedPlanner(DefaultSavePlanner):
+    """DCP's default planner, over a local plan made and staged in the caller's thread.
+
+    The persist thread's ``dcp.save`` gets an empty state dict: the planner answers every
+    item from the staged copy (or from what was already written past the staging budget).
+    """
+
+    def __init__(self, plan: SavePlan, staged: dict[MetadataIndex, object],
+                 prewritten: dict[MetadataIndex, StoredData]) -> None:
+        super().__init__()
+        self._local_plan = plan
+        self._staged = staged
+        self.prewritten = prewritten
+
+    def set_up_planner(self, state_dict: StateDict, storage_meta: object = None,
+                       is_coordinator: bool = False) -> None:
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        self.plan = self._local_plan
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return self._staged[write_item.index]
+
+
+class SaveHandle:
+    """One asynchronous save: staged when returned, written and committed in the background.
+
+    ``wait()`` returns the CheckpointInfo or raises the save's error (the same error on
+    every rank); ``done()`` does not block. A skipped save (``if_busy="skip"``) is done at
+    once and ``wait()`` returns None.
+    """
+
+    def __init__(self, step: int, future: Future[CheckpointInfo] | None, *,
+                 staged: Callable[[], None] = lambda: None, skipped_for: int | None = None,
+                 pause_s: float = 0.0) -> None:
+        self.step = step
+        self._future = future
+        self._staged = staged
+        self.skipped = future is None
+        """True when the save was skipped because another was in flight."""
+        self.skipped_for = skipped_for
+        """The step whose save was in flight when this one was skipped."""
+        self.pause_s = pause_s
+        """Seconds the caller was held in ``async_save`` on this rank."""
+
+    def __repr__(self) -> str:
+        state = ("skipped" if self.skipped else "running" if not self.done()
+                 else "failed" if self.error else "committed")
+        return f"SaveHandle(step={self.step}, {state})"
+
+    def done(self) -> bool:
+        return self._future is None or self._future.done()
+
+    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
+        """Block until committed (the info) or failed (raises); TimeoutError past ``timeout``."""
+        if self._future is None:
+            return None
+        try:
+            return self._future.result(timeout)
+        except FutureTimeout:
+            raise TimeoutError(f"the save of step {self.step} is still running after "
+                               f"{timeout} s") from None
+
+    @property
+    def error(self) -> BaseException | None:
+        """The save's failure once done, else None."""
+        if self._future is None or not self._future.done():
+            return None
+        return self._future.exception()
+
+    @property
+    def info(self) -> CheckpointInfo | None:
+        """The committed checkpoint's info once done and successful, else None."""
+        if self._future is None or not self._future.done() or self._future.exception():
+            return None
+        return self._future.result()
+
+    def wait_staged(self) -> None:
+        """Overlap mode: return when the staged copy is complete (so the state may change).
+
+        On CUDA the training's stream waits for the copies and the host goes on at once.
+        A no-op when staging already finished inside ``async_save``.
+        """
+        self._staged()
+
+
+class _Staging:
+    """What the caller's thread hands the persist thread."""
+
+    def __init__(self) -> None:
+        self.staged: dict[MetadataIndex, object] = {}
+        self.prewritten: dict[MetadataIndex, StoredData] = {}
+        self.events: list[torch.cuda.Event] = []
+        self.copies: Future[None] | None = None
+        self.plan = SavePlan([])
+        self.overflow_bytes = 0
+        self.staged_bytes = 0
+        self._lock = threading.Lock()
+        self._waited_on_device = False
+
+    def wait_caller(self) -> None:
+        """(caller's thread) The state may change after this: CPU copies are done, and the
+        training's CUDA stream waits for the device copies."""
+        if self.copies is not None:
+            self.copies.result()
+        with self._lock:
+            if self.events and not self._waited_on_device:
+                wait_device(self.events)
+                self._waited_on_device = True
+
+    def wait_persist(self) -> None:
+        """(persist thread) The staged bytes are all there."""
+        if self.copies is not None:
+            self.copies.result()
+        wait_host(self.events)
+
+
+class _Planned:
+    """A local plan, split into values (already serialized) and tensors that fit the
+    staging budget or overflow it, with the staging layout's key and slot sizes."""
+
+    def __init__(self, plan: SavePlan) -> None:
+        self.plan = plan
+        self.values: dict[MetadataIndex, object] = {}
+        self.fit: list[tuple[WriteItem, torch.Tensor]] = []
+        self.overflow: list[tuple[WriteItem, torch.Tensor]] = []
+        self.window = 0
+        self.key: object = None
+        self.sizes: list[int] = []
+        self.pinned = False
+
+
+def _nbytes(item: WriteItem) -> int:
+    assert item.tensor_data is not None
+    return (torch.Size(item.tensor_data.chunk.sizes).numel()
+            * item.tensor_data.properties.dtype.itemsize)
+
+
+class AsyncSaver:
+    """Saves with reused staging memory and at most one save in flight per process.
+
+    ``dckpt.save`` and ``dckpt.async_save`` use one AsyncSaver per process; make your own
+    only to keep several independent staging areas.
+    """
+
+    def __init__(self) -> None:
+        self._area = HostArea()
+        self._engine = CopyEngine()
+        self._persist = ThreadPoolExecutor(1, thread_name_prefix="dckpt-persist")
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="dckpt-stage")
+        self._in_flight: SaveHandle | None = None
+        self._failures: list[tuple[int, BaseException]] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ public
+
+    def save(self, state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
+             storage_options: dict | None = None, config: SaveConfig | None = None
+             ) -> CheckpointInfo:
+        """(collective) Synchronous save; first waits for a save in flight."""
+        config = config or SaveConfig()
+        writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
+                        config=config)
+        self.wait_idle()
+        group = dist.checkpoint_group(config.collective_timeout_s)
+        return run_save(state_dict, writer, None, group)
+
+    def async_save(self, state_dict: StateDict, url: str, *, step: int,
+                   metrics: Metrics | None = None, storage_options: dict | None = None,
+                   config: SaveConfig | None = None) -> SaveHandle:
+        """(collective) Stage ``state_dict`` and return; write and commit in the background."""
+        t0 = time.perf_counter()
+        config = config or SaveConfig()
+        writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
+                        config=config)  # checks the arguments before anything happens
+        group = dist.checkpoint_group(config.collective_timeout_s)
+        control = dist.checkpoint_group(config.collective_timeout_s, purpose="control")
+        previous = self._in_flight
+        if previous is not None and config.if_busy == "skip":
+            if dist.any_true(not previous.done(), control):
+                log.warning("rank %d: skipping the save of step %d: the save of step %d is "
+                            "still in flight (if_busy='skip')", dist.rank(), step, previous.step)
+                return SaveHandle(step, None, skipped_for=previous.step)
+        if previous is not None and not previous.done():
+            log.info("rank %d: the save of step %d waits for the save of step %d still in "
+                     "flight (if_busy='wait')", dist.rank(), step, previous.step)
+        t_wait = time.perf_counter()
+        self.wait_idle()
+        failures = self._take_failures()
+        t_stage = time.perf_counter()
+        staging = self._stage(state_dict, writer, config)
+        if not config.overlap:  # staged means staged: the host waits for the device copies
+            wait_host(staging.events)
+            staging.wait_caller()
+        t_end = time.perf_counter()
+        local = {"wait_previous": t_stage - t_wait, "stage": t_end - t_stage,
+                 "pause": t_end - t0}
+        planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten)
+        future = self._persist.submit(self._persist_one, writer, planner, group, staging, local,
+                                      failures)
+        handle = SaveHandle(step, future, staged=staging.wait_caller, pause_s=local["pause"])
+        future.add_done_callback(lambda f: self._record_failure(step, f))
+        self._in_flight = handle
+        log.info("rank %d: step %d staged in %.3f s (%d bytes staged, %d written in the pause)",
+                 dist.rank(), step, local["stage"], staging.staged_bytes, staging.overflow_bytes)
+        return handle
+
+    def wait_idle(self) -> None:
+        """Wait for the save in flight, if any; its failure stays on its handle."""
+        handle = self._in_flight
+        if handle is not None:
+            try:
+                handle.wait()
+            except BaseException:  # noqa: BLE001 - reported by the handle and the next save
+                pass
+
+    def install_hook(self, optimizer: torch.optim.Optimizer) -> Any:
+        """Overlap mode: the optimizer waits for the staged copy before it changes anything.
+
+        Returns the hook's handle (``.remove()`` uninstalls it).
+        """
+        def before_step(*_: object) -> None:
+            handle = self._in_flight
+            if handle is not None:
+                handle.wait_staged()
+        return optimizer.register_step_pre_hook(before_step)
+
+    def close(self) -> None:
+        """Wait for the save in flight and free the staging memory."""
+        self.wait_idle()
+        self._area.release()
+
+    # ------------------------------------------------------------------ internals
+
+    def _take_failures(self) -> list[tuple[int, BaseException]]:
+        with self._lock:
+            failures, self._failures = self._failures, []
+        for step, error in failures:
+            log.error("rank %d: the background save of step %d failed: %s; nothing was "
+                      "committed for it", dist.rank(), step, error)
+        return failures
+
+    def _record_failure(self, step: int, future: Future[CheckpointInfo]) -> None:
+        error = future.exception()
+        if error is not None:
+            with self._lock:
+                self._failures.append((step, error))
+
+    def reserve(self, state_dict: StateDict, config: SaveConfig | None = None) -> float:
+        """Allocate the staging memory for ``state_dict``'s layout now, so that the first
+        save's pause is as short as the next ones (a manager calls this after restoring).
+        Returns the seconds it took; nothing is copied or written."""
+        t0 = time.perf_counter()
+        planned = self._plan(state_dict, config or SaveConfig())
+        self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
+        return time.perf_counter() - t0
+
+    def _plan(self, state_dict: StateDict, config: SaveConfig) -> _Planned:
+        """(caller's thread) DCP's local plan, its data, and where each tensor is staged."""
+        planner = DefaultSavePlanner()
+        planner.set_up_planner(stateful_to_state_dict(state_dict), None, dist.rank() == 0)
+        planned = _Planned(planner.create_local_plan())
+        tensors: list[tuple[WriteItem, torch.Tensor]] = []
+        for item in planned.plan.items:
+            data = planner.resolve_data(item)
+            if item.type == WriteItemType.BYTE_IO:
+                assert isinstance(data, io.BytesIO)
+                planned.values[item.index] = data  # serialized just now: already a copy
+            else:
+                tensors.append((item, data))
+        planned.fit, planned.overflow, planned.window = self._fit(tensors, config)
+        planned.key = (tuple((i.index, t.dtype, tuple(t.shape), t.device)
+                             for i, t in planned.fit), planned.window)
+        planned.sizes = [_nbytes(i) for i, _ in planned.fit] + [planned.window]
+        planned.pinned = any(t.device.type == "cuda" for _, t in tensors)
+        return planned
+
+    def _stage(self, state_dict: StateDict, writer: Writer, config: SaveConfig) -> _Staging:
+        """(caller's thread) Plan locally and copy the state aside; see the module docstring."""
+        planned = self._plan(state_dict, config)
+        slots = self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
+        staging = _Staging()
+        staging.plan = planned.plan
+        staging.staged.update(planned.values)
+        staging.staged_bytes = sum(_nbytes(i) for i, _ in planned.fit)
+
+        def copy_all() -> None:
+            for slot, (item, t) in zip(slots, planned.fit):
+                staging.staged[item.index] = self._engine.copy(slot, t)
+            staging.events = self._engine.record()
+
+        if config.overlap and not planned.overflow and not planned.pinned:
+            staging.copies = self._copier.submit(copy_all)
+        else:
+            copy_all()
+        if planned.overflow:
+            self._write_overflow(planned.overflow, slots[-1], writer, staging)
+        return staging
+
+    @staticmethod
+    def _fit(tensors: list[tuple[WriteItem, torch.Tensor]], config: SaveConfig
+             ) -> tuple[list[tuple[WriteItem, torch.Tensor]], list[tuple[WriteItem, torch.Tensor]], int]:
+        """Which tensors the staging budget holds; the rest go through a window, in the pause."""
+        total = sum(aligned(_nbytes(i)) for i, _ in tensors)
+        budget = config.staging_bytes
+        if budget is None or total <= budget:
+            return tensors, [], 0
+        block = config.block_size_bytes
+        window = max(block, min(64 << 20, budget // 4) // block * block)
+        room = budget - window
+        fit, overflow = [], []
+        for item, t in tensors:
+            need = aligned(_nbytes(item))
+            if need <= room:
+                fit.append((item, t))
+                room -= need
+            else:
+                overflow.append((item, t))
+        return fit, overflow, window
+
+    def _write_overflow(self, overflow: list[tuple[WriteItem, torch.Tensor]],
+                        window: torch.Tensor, writer: Writer, staging: _Staging) -> None:
+        """(caller's thread) Write what the budget does not hold, now, in a segment of its own."""
+        store: Store = writer.store
+        name = layout.segment_name(layout.new_attempt(writer.step), dist.rank(), 0)
+        with store.open_write(name) as f:
+            out = SegmentOut(f, name, writer.config.block_size_bytes)
+            for item, t in overflow:
+                n = _nbytes(item)
+                if t.device.type == "cpu":
+                    blocks = out.append(tensor_bytes(t))
+                else:
+                    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                    blocks = []
+                    for start in range(0, n, window.numel()):
+                        piece = window[: min(window.numel(), n - start)]
+                        piece.copy_(flat[start: start + piece.numel()])
+                        blocks += out.append(memoryview(piece.numpy()))
+                staging.prewritten[item.index] = StoredData(n, tuple(blocks))
+                staging.staged[item.index] = None
+                staging.overflow_bytes += n
+
+    def _persist_one(self, writer: Writer, planner: StagedPlanner, group: object,
+                     staging: _Staging, local: dict[str, float],
+                     failures: list[tuple[int, BaseException]]) -> CheckpointInfo:
+        """(persist thread) Write the staged bytes and commit."""
+        _lower_priority(writer.config.persist_nice)
+        staging.wait_persist()
+        try:
+            info = run_save({}, writer, planner, group)
+        except DckptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - never let a bug pass as a commit
+            raise CommitError(f"save of step {writer.step} failed on rank {dist.rank()}: "
+                              f"{type(e).__name__}: {e}") from e
+        return dataclasses.replace(
+            info, phase_s={**info.phase_s, **local}, pause_s=local["pause"],
+            overflow_bytes=staging.overflow_bytes,
+            previous_failures=tuple((s, str(e)) for s, e in failures))
+
+
+def _lower_priority(nice: int) -> None:
+    """Give this thread (and the writer threads it starts, which inherit it) a lower CPU
+    priority than the training's threads: Linux schedules threads as tasks of their own."""
+    if nice <= 0 or not hasattr(os, "setpriority"):
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, max(current, nice)))
+    except OSError as e:  # not permitted on some systems: run at the training's priority
+        log.debug("could not lower the persist thread's priority: %s", e)
+
+
+_default: AsyncSaver | None = None
+
+
+def default_saver() -> AsyncSaver:
+    """The process's saver, made on first use."""
+    global _default
+    if _default is None:
+        _default = AsyncSaver()
+    return _default
+
+
+def wait_idle() -> None:
+    """Wait for the process's save in flight, if there is one (loads call this first)."""
+    if _default is not None:
+        _default.wait_idle()

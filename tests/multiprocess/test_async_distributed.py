@@ -1,0 +1,139 @@
+"""Async save on real gloo ranks: background commit, a failing rank, a killed rank."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+import dckpt
+from dckpt_testing import arm, disarm, run_ranks
+
+ROWS, COLS = 4, 1 << 16
+
+
+def _sharded(full):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    return distribute_tensor(full, mesh, [Shard(0)])
+
+
+def _state(value: float) -> dict:
+    return {"w": _sharded(torch.full((ROWS, COLS), value)), "bias": torch.full((8,), value),
+            "step": int(value)}
+
+
+def _save_mutate_load(rank, world, url):
+    state = _state(1.0)
+    handle = dckpt.async_save(state, url, step=1)
+    state["w"].to_local().fill_(9.0)  # changed before the background write
+    state["bias"].fill_(9.0)
+    info = handle.wait(timeout=60)
+    second = dckpt.async_save(state, url, step=2).wait(timeout=60)
+    out = _state(0.0)
+    dckpt.load(out, url, step=1)
+    first_ok = (torch.equal(out["w"].full_tensor(), torch.full((ROWS, COLS), 1.0))
+                and torch.equal(out["bias"], torch.full((8,), 1.0)) and out["step"] == 1)
+    dckpt.load(out, url, step=2)
+    second_ok = torch.equal(out["w"].full_tensor(), torch.full((ROWS, COLS), 9.0))
+    return info.step, info.world_size, second.step, first_ok, second_ok
+
+
+def test_async_save_on_two_ranks_holds_the_values_at_the_call(tmp_path):
+    outcomes = run_ranks(_save_mutate_load, 2, str(tmp_path))
+    assert [o.value for o in outcomes] == [(1, 2, 2, True, True)] * 2
+
+
+def _background_failure(rank, world, url, fail_rank):
+    dckpt.async_save(_state(1.0), url, step=1).wait(timeout=60)
+    if rank == fail_rank:
+        arm("enospc", after_bytes=1000)
+    try:
+        handle = dckpt.async_save(_state(2.0), url, step=2)  # returns: training goes on
+        try:
+            handle.wait(timeout=60)
+            outcome = "committed"
+        except dckpt.CommitError as e:
+            outcome = (type(e).__name__, str(e), sorted(e.failures))
+    finally:
+        disarm()
+    info = dckpt.async_save(_state(3.0), url, step=3).wait(timeout=60)
+    return outcome, [s for s, _ in info.previous_failures]
+
+
+@pytest.mark.parametrize("fail_rank", [0, 1])
+def test_a_background_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path, fail_rank):
+    url = f"faultyfile://{tmp_path}"
+    values = [o.value for o in run_ranks(_background_failure, 2, url, fail_rank)]
+    assert values[0] == values[1]
+    (kind, message, failing), previous = values[0]
+    assert kind == "CommitError" and failing == [fail_rank] and previous == [2]
+    assert f"failed on rank {fail_rank}" in message and "No space left" in message
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+TIMEOUT_S = 8.0
+
+
+def _killed_during_background_write(rank, world, url, victim):
+    config = dckpt.SaveConfig(collective_timeout_s=TIMEOUT_S)
+    dckpt.async_save(_state(1.0), url, step=1, config=config).wait(timeout=60)
+    if rank == victim:
+        arm("kill", after_bytes=100_000)  # SIGKILL this rank inside its background write
+    handle = dckpt.async_save(_state(2.0), url, step=2, config=config)
+    t0 = time.monotonic()
+    for _ in range(20):  # the training loop goes on meanwhile
+        torch.mm(torch.ones(64, 64), torch.ones(64, 64))
+    try:
+        handle.wait(timeout=TIMEOUT_S * 4)
+        return "committed", time.monotonic() - t0
+    except dckpt.CommitError as e:
+        return "CommitError", time.monotonic() - t0, str(e)
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_sigkill_during_the_background_write_fails_the_survivor_within_the_timeout(tmp_path,
+                                                                                   victim):
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_killed_during_background_write, 2, url, victim, allow_failures=True,
+                         timeout_s=90)
+    assert outcomes[victim].killed
+    survivor = outcomes[1 - victim]
+    assert survivor.exitcode == 0 and survivor.value[0] == "CommitError", survivor
+    assert survivor.value[1] < TIMEOUT_S + 5, survivor.value
+    assert not os.path.exists(tmp_path / "manifests" / "000000000002.json")
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    state = {"w": torch.zeros(ROWS, COLS), "bias": torch.zeros(8), "step": 0}
+    dckpt.load(state, str(tmp_path))  # one process reads the two ranks' checkpoint
+    assert torch.equal(state["w"], torch.full((ROWS, COLS), 1.0)) and state["step"] == 1
+
+
+def _skip_agreement(rank, world, url):
+    from dckpt.saver import AsyncSaver
+
+    if rank == 0:  # rank 0's background thread lingers after the commit; rank 1's is done
+        persist = AsyncSaver._persist_one
+
+        def lingering(self, *args):
+            info = persist(self, *args)
+            time.sleep(1.5)
+            return info
+
+        AsyncSaver._persist_one = lingering
+    dckpt.async_save(_state(1.0), url, step=1)
+    time.sleep(0.5)
+    busy = not dckpt.saver.default_saver()._in_flight.done()
+    second = dckpt.async_save(_state(2.0), url, step=2,
+                              config=dckpt.SaveConfig(if_busy="skip", collective_timeout_s=10))
+    third = dckpt.async_save(_state(3.0), url, step=3)
+    return busy, second.skipped, third.wait(timeout=60).step
+
+
+def test_ranks_agree_to_skip_when_one_rank_is_still_busy(tmp_path):
+    values = [o.value for o in run_ranks(_skip_agreement, 2, str(tmp_path))]
+    assert values == [(True, True, 3), (False, True, 3)]
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]

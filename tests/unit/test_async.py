@@ -1,0 +1,253 @@
+"""Async save in one process: staged values, reused memory, budgets, failures, policies."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dckpt
+from dckpt.saver import AsyncSaver
+from dckpt_testing import arm, disarm
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model": {"w": torch.randn(256, 128, generator=g), "b": torch.randn(128, generator=g),
+                  "t": torch.randn(64, 32, generator=g).t()},  # non-contiguous
+        "opt": {"step": torch.tensor(3), "m": torch.randn(256, 128, generator=g).bfloat16()},
+        "mask": torch.rand(50, generator=g) > 0.5,
+        "epoch": 4,
+    }
+
+
+def _snapshot(state: dict) -> dict:
+    return {k: _snapshot(v) if isinstance(v, dict) else
+            v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+
+
+def _zeros_like(state: dict) -> dict:
+    return {k: _zeros_like(v) if isinstance(v, dict) else
+            torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0 for k, v in state.items()}
+
+
+def _mutate(state: dict) -> None:
+    for v in state.values():
+        if isinstance(v, dict):
+            _mutate(v)
+        elif isinstance(v, torch.Tensor):
+            v.copy_(~v if v.dtype == torch.bool else v + 1)
+
+
+def _assert_equal(got: dict, want: dict) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], dict):
+            _assert_equal(got[k], want[k])
+        elif isinstance(want[k], torch.Tensor):
+            assert torch.equal(got[k], want[k]), k
+        else:
+            assert got[k] == want[k], k
+
+
+def _loaded(url: str, step: int, like: dict) -> dict:
+    out = _zeros_like(like)
+    dckpt.load(out, url, step=step)
+    return out
+
+
+def test_checkpoint_holds_values_at_the_call_when_state_changes_after_return(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    state = _state()
+    want = _snapshot(state)
+    arm("slow", delay_s=0.05)  # the write surely runs after the changes below
+    try:
+        handle = dckpt.async_save(state, url, step=5, metrics={"loss": 0.5})
+        assert not handle.done()
+        _mutate(state)  # training goes on before the write
+        info = handle.wait(timeout=60)
+    finally:
+        disarm()
+    assert handle.done() and handle.error is None and handle.info == info
+    assert info.step == 5 and info.metrics == {"loss": 0.5} and info.pause_s > 0
+    assert info.overflow_bytes == 0 and "stage" in info.phase_s and "commit" in info.phase_s
+    _assert_equal(_loaded(url, 5, want), want)
+
+
+def test_back_to_back_saves_reuse_one_staging_allocation(tmp_path):
+    url = str(tmp_path / "repo")
+    saver = AsyncSaver()
+    state = _state()
+    assert saver.reserve(state) >= 0 and saver._area.allocations == 1
+    wants = {}
+    handles = []
+    for step in range(1, 6):
+        wants[step] = _snapshot(state)
+        handles.append(saver.async_save(state, url, step=step))  # waits for the one before
+        _mutate(state)
+    assert [h.wait(timeout=60).step for h in handles] == [1, 2, 3, 4, 5]
+    assert saver._area.allocations == 1
+    for step, want in wants.items():
+        _assert_equal(_loaded(url, step, want), want)
+    saver.close()
+
+
+def test_a_layout_change_allocates_again_and_both_layouts_load(tmp_path):
+    url = str(tmp_path / "repo")
+    saver = AsyncSaver()
+    small = {"w": torch.arange(10.0)}
+    big = {"w": torch.arange(1000.0), "extra": torch.ones(3, dtype=torch.int64)}
+    saver.async_save(small, url, step=1).wait(timeout=60)
+    saver.async_save(big, url, step=2).wait(timeout=60)
+    saver.async_save(big, url, step=3).wait(timeout=60)
+    assert saver._area.allocations == 2
+    _assert_equal(_loaded(url, 1, small), small)
+    _assert_equal(_loaded(url, 3, big), big)
+    saver.close()
+
+
+@pytest.mark.parametrize("budget_blocks", [2, 5])
+def test_staging_budget_smaller_than_the_state_writes_the_rest_in_the_pause(tmp_path, budget_blocks):
+    url = str(tmp_path / "repo")
+    block = 64 << 10
+    config = dckpt.SaveConfig(block_size_bytes=block, staging_bytes=budget_blocks * block)
+    state = {f"t{i}": torch.randn(40_000 + i) for i in range(4)}  # ~160 KiB each, 2.5 blocks
+    state["small"] = torch.arange(7)
+    want = _snapshot(state)
+    saver = AsyncSaver()
+    handle = saver.async_save(state, url, step=1, config=config)
+    _mutate(state)
+    info = handle.wait(timeout=60)
+    assert 0 < info.overflow_bytes < info.bytes_logical
+    assert saver._area.nbytes <= config.staging_bytes
+    _assert_equal(_loaded(url, 1, want), want)
+    assert dckpt.verify(url, step=1).ok
+    saver.close()
+
+
+def test_a_background_write_failure_surfaces_on_wait_and_the_next_save_commits(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    saver = AsyncSaver()
+    state = _state()
+    saver.async_save(state, url, step=1).wait(timeout=60)
+    arm("enospc", after_bytes=10_000)
+    try:
+        failed = saver.async_save(state, url, step=2)  # training is not interrupted here
+        with pytest.raises(dckpt.CommitError, match="No space left"):
+            failed.wait(timeout=60)
+    finally:
+        disarm()
+    assert isinstance(failed.error, dckpt.CommitError) and failed.info is None
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+    _mutate(state)
+    want = _snapshot(state)
+    info = saver.async_save(state, url, step=3).wait(timeout=60)
+    assert [s for s, _ in info.previous_failures] == [2]
+    assert "No space left" in info.previous_failures[0][1]
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1, 3]
+    _assert_equal(_loaded(str(tmp_path / "repo"), 3, want), want)
+    saver.close()
+
+
+def test_skip_policy_skips_while_a_save_is_in_flight_and_says_so(tmp_path, caplog):
+    url = f"faultyfile://{tmp_path}/repo"
+    saver = AsyncSaver()
+    state = _state()
+    arm("slow", delay_s=0.3)
+    try:
+        first = saver.async_save(state, url, step=1)
+        with caplog.at_level(logging.INFO, logger="dckpt"):
+            skipped = saver.async_save(state, url, step=2,
+                                       config=dckpt.SaveConfig(if_busy="skip"))
+        assert skipped.skipped and skipped.skipped_for == 1 and skipped.done()
+        assert skipped.wait() is None
+        assert "skipping the save of step 2" in caplog.text
+        with caplog.at_level(logging.INFO, logger="dckpt"):
+            waited = saver.async_save(state, url, step=3)  # default policy: wait
+        assert first.done()  # waited for before staging step 3
+        assert "waits for the save of step 1" in caplog.text
+    finally:
+        disarm()
+    assert waited.wait(timeout=60).step == 3
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1, 3]
+    saver.close()
+
+
+def test_wait_with_a_timeout_raises_timeout_error_while_running(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    saver = AsyncSaver()
+    arm("slow", delay_s=0.5)
+    try:
+        handle = saver.async_save({"w": torch.ones(10)}, url, step=1)
+        with pytest.raises(TimeoutError, match="step 1 is still running"):
+            handle.wait(timeout=0.01)
+        assert not handle.done() and handle.error is None
+        assert handle.wait(timeout=60).step == 1
+    finally:
+        disarm()
+    saver.close()
+
+
+def test_overlap_mode_with_the_optimizer_hook_stages_values_before_the_step(tmp_path):
+    url = str(tmp_path / "repo")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    saver = AsyncSaver()
+    hook = saver.install_hook(opt)
+    x = torch.randn(32, 64)
+    for _ in range(2):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+    want = _snapshot({"model": model.state_dict()})
+    config = dckpt.SaveConfig(overlap=True)
+    handle = saver.async_save({"model": model.state_dict()}, url, step=2, config=config)
+    opt.zero_grad()
+    model(x).pow(2).mean().backward()  # runs while the copy may still run
+    opt.step()  # the hook waits for the copy first
+    assert handle.wait(timeout=60).step == 2
+    _assert_equal(_loaded(url, 2, want), want)
+    changed = not torch.equal(model.state_dict()["0.weight"], want["model"]["0.weight"])
+    assert changed
+    hook.remove()
+    saver.close()
+
+
+def test_stager_serves_dcp_async_save(tmp_path):
+    url = str(tmp_path / "repo")
+    stager = dckpt.Stager()
+    state = _state()
+    wants = {}
+    for step in (1, 2):
+        wants[step] = _snapshot(state)
+        future = dcp.async_save(state, storage_writer=dckpt.Writer(url, step=step),
+                                async_stager=stager)
+        _mutate(state)
+        future.result(timeout=60)
+    stager.close()
+    for step, want in wants.items():
+        _assert_equal(_loaded(url, step, want), want)
+
+
+def test_async_save_refuses_bad_arguments_before_anything_runs(tmp_path):
+    with pytest.raises(ValueError, match="step must be an int"):
+        dckpt.async_save({"w": torch.ones(1)}, str(tmp_path), step=-1)
+    with pytest.raises(ValueError, match="if_busy"):
+        dckpt.SaveConfig(if_busy="later")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="staging_bytes"):
+        dckpt.SaveConfig(staging_bytes=4096)
+    with pytest.raises(dckpt.StateDictError, match="metrics"):
+        dckpt.async_save({"w": torch.ones(1)}, str(tmp_path), step=1, metrics={"x": [1]})
+
+
+def test_saving_a_committed_step_again_fails_in_the_background(tmp_path):
+    url = str(tmp_path / "repo")
+    dckpt.async_save({"w": torch.ones(3)}, url, step=1).wait(timeout=60)
+    handle = dckpt.async_save({"w": torch.zeros(3)}, url, step=1)
+    with pytest.raises(dckpt.CheckpointExistsError, match="already committed"):
+        handle.wait(timeout=60)
+    _assert_equal(_loaded(url, 1, {"w": torch.ones(3)}), {"w": torch.ones(3)})
