@@ -15,7 +15,8 @@ against the step time with no save running (the slowdown). Methods:
   returns, the copies overlapping the next steps;
 - ``DCP``: ``dcp.async_save`` with its defaults (a fresh CPU copy per save);
 - ``DCP DefaultStager``: ``dcp.async_save`` with ``DefaultStager`` (cached, and pinned with
-  non-blocking copies on CUDA).
+  non-blocking copies on CUDA);
+- ``DCP BlockingAsyncStager cached`` (CUDA only): the older stager with a pinned cache.
 
 The hardware limit is the copy itself: ``memcpy`` of the same bytes into pre-faulted host
 memory (CPU), or device-to-pinned-host at the measured bandwidth (CUDA). Ratios go in the
@@ -33,7 +34,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+from torch.distributed.checkpoint.staging import (BlockingAsyncStager, DefaultStager,
+                                                  StagingOptions)
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
@@ -109,21 +111,22 @@ def main() -> None:
                         "bytes_per_rank": nbytes, "copy_s": copy_s,
                         "gbps": nbytes / copy_s / 1e9, "idle_step_s": idle})
 
-    saver = dckpt.AsyncSaver()
+    savers: dict[str, dckpt.AsyncSaver] = {}  # one per dckpt method: its own persist thread
     stager_opts = StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
                                  use_async_staging=False, use_non_blocking_copy=cuda)
-    stager = DefaultStager(stager_opts)
+    stagers = {"default": DefaultStager(stager_opts),
+               "blocking": BlockingAsyncStager(cache_staged_state_dict=True)}
 
     def run_dckpt(path: str, i: int, overlap: bool = False, nice: int = 10):
         config = dckpt.SaveConfig(overlap=overlap, persist_nice=nice)
-        handle = saver.async_save(state, path, step=i, config=config)
+        handle = savers[path].async_save(state, path, step=i, config=config)
         if overlap:
             handle.wait_staged()  # where the optimizer hook waits; on CUDA the host goes on
         return handle.done, handle.wait
 
-    def run_dcp(path: str, i: int, staged: bool = False):
+    def run_dcp(path: str, i: int, stager: str | None = None):
         out = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(f"{path}/{i}"),
-                             async_stager=stager if staged else None)
+                             async_stager=stagers[stager] if stager else None)
         future = getattr(out, "upload_completion", out)
         return future.done, future.result
 
@@ -131,15 +134,14 @@ def main() -> None:
     methods = {("dckpt" if len(nices) == 1 else f"dckpt nice {n}"):
                (lambda path, i, n=n: run_dckpt(path, i, nice=n)) for n in nices}
     methods |= {"DCP": run_dcp,
-               "DCP DefaultStager": lambda path, i: run_dcp(path, i, staged=True)}
-    if cuda:
+                "DCP DefaultStager": lambda path, i: run_dcp(path, i, "default")}
+    if cuda:  # pins its cache: CUDA only
+        methods["DCP BlockingAsyncStager cached"] = lambda path, i: run_dcp(path, i, "blocking")
         methods["dckpt overlap"] = lambda path, i: run_dckpt(path, i, overlap=True, nice=nices[0])
     if args.methods:
         methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
-    summary = {}
-    for name, run in methods.items():
-        path = os.path.join(base, name.replace(" ", "_"))
-        reserve_s = saver.reserve(state) if name.startswith("dckpt") else 0.0
+    def measure(name: str, run, path: str, reserve_s: float) -> dict:
+        """``--saves`` saves with ``run``, training steps while each one is written."""
         pauses, commits, slow = [], [], []
         for i in range(1, args.saves + 1):
             dist.barrier()
@@ -152,16 +154,12 @@ def main() -> None:
             while not done():
                 steps.append(trainer.step())
             wait()
-            commit = time.perf_counter() - t0
+            commits.append(time.perf_counter() - t0)
             pauses.append(pause)
-            commits.append(commit)
             if steps:
                 slow.append(statistics.median(steps) / idle)
             state["step"] = i
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-        summary[name] = {
+        result = {
             "pause_median_s": statistics.median(pauses), "pause_max_s": max(pauses),
             "commit_median_s": statistics.median(commits),
             "step_slowdown": statistics.median(slow) if slow else None,
@@ -172,14 +170,38 @@ def main() -> None:
             emit(args.out, {"bench": "async", "method": name, "device": args.device,
                             "world_size": world, "bytes_per_rank": nbytes,
                             "reserve_s": reserve_s, "pauses_s": pauses, "commits_s": commits,
-                            **summary[name]})
-    stager.close()
-    saver.close()
+                            **result})
+        return result
+
+    summary = {}
+    for name, run in methods.items():
+        path = os.path.join(base, name.replace(" ", "_"))
+        reserve_s = 0.0
+        if name.startswith("dckpt"):  # allocate staging up front, as the manager does
+            savers[path] = dckpt.AsyncSaver()
+            reserve_s = savers[path].reserve(state)
+        try:
+            summary[name] = measure(name, run, path, reserve_s)
+        except Exception as e:  # noqa: BLE001 - a peer that fails on this torch is reported
+            summary[name] = {"error": f"{type(e).__name__}: {e}"}
+            if rank == 0:
+                emit(args.out, {"bench": "async", "method": name, **summary[name]})
+        dist.barrier()
+        if path in savers:
+            savers.pop(path).close()
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        os.sync()  # let the file system settle before the next method
+        time.sleep(2)
+        dist.barrier()
+    for stager in stagers.values():
+        stager.close()
     if rank == 0:
         emit(args.out, {"bench": "async", "device": args.device, "copy_s": copy_s,
                         "summary": summary})
-        labels = [f"{m} pause" for m in summary] + ["copy limit"]
-        values = [summary[m]["pause_median_s"] for m in summary] + [copy_s]
+        ok = [m for m in summary if "error" not in summary[m]]
+        labels = [f"{m} pause" for m in ok] + ["copy limit"]
+        values = [summary[m]["pause_median_s"] for m in ok] + [copy_s]
         bar_chart(args.out.replace(".jsonl", ".png"),
                   f"async save pause, {world} ranks x {args.gib_per_rank} GiB ({args.device})",
                   labels, values, "seconds (median)")

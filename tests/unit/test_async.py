@@ -251,3 +251,27 @@ def test_saving_a_committed_step_again_fails_in_the_background(tmp_path):
     with pytest.raises(dckpt.CheckpointExistsError, match="already committed"):
         handle.wait(timeout=60)
     _assert_equal(_loaded(url, 1, {"w": torch.ones(3)}), {"w": torch.ones(3)})
+
+
+def test_the_local_plan_is_reused_only_while_its_key_holds(tmp_path):
+    from dckpt.saver import _plan_key
+
+    base = {"a": torch.zeros(4, 2), "v": 3}
+    assert _plan_key(base) == _plan_key({"a": torch.ones(4, 2), "v": 9})  # values do not count
+    for changed in ({"a": torch.zeros(2, 4), "v": 3}, {"a": torch.zeros(4, 2).double(), "v": 3},
+                    {"b": torch.zeros(4, 2), "v": 3}, {"a": torch.zeros(4, 2, requires_grad=True),
+                                                       "v": 3}):
+        assert _plan_key(changed) != _plan_key(base)
+
+    class Odd(torch.Tensor):
+        pass
+
+    assert _plan_key({"a": torch.zeros(2).as_subclass(Odd)}) is None
+    url = str(tmp_path / "repo")
+    saver = AsyncSaver()
+    saver.async_save({"a": torch.ones(4, 2)}, url, step=1).wait(timeout=60)
+    saver.async_save({"a": torch.ones(2, 4)}, url, step=2).wait(timeout=60)  # new plan
+    out = {"a": torch.zeros(2, 4)}
+    dckpt.load(out, url, step=2)
+    assert torch.equal(out["a"], torch.ones(2, 4))
+    saver.close()
