@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dckpt.api import async_save, inspect, list_checkpoints, load, save, verify
+from dckpt.api import async_save, delete, inspect, list_checkpoints, load, save, verify
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "save", "async_save", "SaveHandle", "AsyncSaver", "Stager", "load", "list_checkpoints",
-    "verify", "inspect", "Manifest", "TensorEntry",
+    "verify", "inspect", "delete", "Manifest", "TensorEntry",
     "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",

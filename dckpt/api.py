@@ -9,7 +9,7 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dckpt import dist
+from dckpt import dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.info import CheckpointInfo, info_from_manifest
@@ -22,7 +22,7 @@ from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
 
-__all__ = ["save", "async_save", "load", "list_checkpoints", "verify", "inspect"]
+__all__ = ["save", "async_save", "load", "delete", "list_checkpoints", "verify", "inspect"]
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +167,20 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     elif not all_steps:
         steps = steps[-1:]
     return verify_steps(store, steps, progress=progress)
+
+
+def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
+    """Drop checkpoint ``step``: its manifest, the commit point, is removed, so it is no longer
+    listed or loaded. Its data stays until ``gc`` finds nothing references it (other
+    checkpoints may share its blocks). Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    steps = committed_steps(store)
+    if step not in steps:
+        raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
+                                      f"committed steps: {steps or 'none'}")
+    store.delete(layout.manifest_name(step))
+    log.info("deleted the checkpoint of step %d from %s", step, url)
 
 
 def inspect(url: str, *, step: int | None = None,

@@ -154,3 +154,23 @@ def test_committed_step_is_never_overwritten(repo):
     out = {"x": torch.zeros(2)}
     dckpt.load(out, url, step=5, storage_options=opts)
     assert torch.equal(out["x"], torch.ones(2))
+
+
+def test_delete_drops_one_checkpoint_and_the_others_still_load(repo):
+    url, opts = repo
+    for step in (1, 2, 3):
+        dckpt.save({"x": torch.full((4,), float(step))}, url, step=step, storage_options=opts)
+    dckpt.delete(url, step=2, storage_options=opts)
+    assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1, 3]
+    out = {"x": torch.zeros(4)}
+    with pytest.raises(dckpt.CheckpointNotFoundError, match="step 2"):
+        dckpt.load(out, url, step=2, storage_options=opts)
+    for step in (1, 3):
+        dckpt.load(out, url, step=step, storage_options=opts)
+        assert torch.equal(out["x"], torch.full((4,), float(step)))
+    with pytest.raises(dckpt.CheckpointNotFoundError, match=r"committed steps: \[1, 3\]"):
+        dckpt.delete(url, step=2, storage_options=opts)
+    # a deleted step that never had its data collected may be saved again
+    dckpt.save({"x": torch.full((4,), 22.0)}, url, step=2, storage_options=opts)
+    dckpt.load(out, url, step=2, storage_options=opts)
+    assert torch.equal(out["x"], torch.full((4,), 22.0))
