@@ -312,7 +312,6 @@ class AsyncSaver:
         future = self._persist.submit(self._persist_one, writer, planner, group, staging, local,
                                       failures)
         handle = SaveHandle(step, future, staged=staging.wait_caller, pause_s=local["pause"])
-        future.add_done_callback(lambda f: self._record_failure(step, f))
         self._in_flight = handle
         log.info("rank %d: step %d staged in %.3f s (%d bytes staged, %d written in the pause)",
                  dist.rank(), step, local["stage"], staging.staged_bytes, staging.overflow_bytes)
@@ -353,11 +352,11 @@ class AsyncSaver:
                       "committed for it", dist.rank(), step, error)
         return failures
 
-    def _record_failure(self, step: int, future: Future[CheckpointInfo]) -> None:
-        error = future.exception()
-        if error is not None:
-            with self._lock:
-                self._failures.append((step, error))
+    def _record_failure(self, step: int, error: BaseException) -> None:
+        # IMPORTANT: recorded before the future completes, so that the save after a wait()
+        # that raised always reports it (done-callbacks run after waiters wake up)
+        with self._lock:
+            self._failures.append((step, error))
 
     def reserve(self, state_dict: StateDict, config: SaveConfig | None = None) -> float:
         """Allocate the staging memory for ``state_dict``'s layout now, so that the first
@@ -463,14 +462,17 @@ class AsyncSaver:
                      failures: list[tuple[int, BaseException]]) -> CheckpointInfo:
         """(persist thread) Write the staged bytes and commit."""
         _lower_priority(writer.config.persist_nice)
-        staging.wait_persist()
         try:
+            staging.wait_persist()
             info = run_save({}, writer, planner, group)
-        except DckptError:
+        except DckptError as e:
+            self._record_failure(writer.step, e)
             raise
         except Exception as e:  # noqa: BLE001 - never let a bug pass as a commit
-            raise CommitError(f"save of step {writer.step} failed on rank {dist.rank()}: "
-                              f"{type(e).__name__}: {e}") from e
+            error = CommitError(f"save of step {writer.step} failed on rank {dist.rank()}: "
+                                f"{type(e).__name__}: {e}")
+            self._record_failure(writer.step, error)
+            raise error from e
         return dataclasses.replace(
             info, phase_s={**info.phase_s, **local}, pause_s=local["pause"],
             overflow_bytes=staging.overflow_bytes,
