@@ -7,12 +7,17 @@ CUDA with ``--device cuda``. Each method saves it ``--saves`` times; between sav
 "training" runs steps (matrix products on the same device) while the write goes on. For
 each save: the pause (the call until it returns: the state may change then), the time to
 commit (until the save is durable and committed), and the step time while the write runs
-against the step time with no save running (the slowdown). Methods:
+against the step time with no save running, measured right before each save (the
+slowdown). Methods:
 
 - ``dckpt``: ``dckpt.async_save`` with its defaults (staging memory reserved once up front,
   as the CheckpointManager does after restoring; the reservation time is reported);
+- ``dckpt buffered``: the same with ``SaveConfig(direct_io=False)``: writes through the page
+  cache instead of ``O_DIRECT``;
 - ``dckpt overlap`` (CUDA only): ``SaveConfig(overlap=True)``, the pause until the call
   returns, the copies overlapping the next steps;
+- ``raw O_DIRECT write`` (CPU): the hardware limit of the slowdown: the same bytes written
+  from page-aligned memory by a niced thread, nothing else (no pause: nothing is copied);
 - ``DCP``: ``dcp.async_save`` with its defaults (a fresh CPU copy per save);
 - ``DCP DefaultStager``: ``dcp.async_save`` with ``DefaultStager`` (cached, and pinned with
   non-blocking copies on CUDA);
@@ -26,9 +31,11 @@ last JSON line; a chart beside --out.
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
 import statistics
+import threading
 import time
 
 import torch
@@ -81,6 +88,33 @@ def copy_limit(state: dict, device: str, repeats: int = 5) -> tuple[float, float
     return statistics.median(times), sum(t.numel() * t.element_size() for t in locals_)
 
 
+class RawWrite:
+    """The hardware limit of the background write: the same bytes from page-aligned memory
+    to one file with O_DIRECT and an fsync, in a niced thread; no hashing, no commit."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        self.buf = mmap.mmap(-1, nbytes, flags=flags)
+
+    def __call__(self, path: str, i: int):
+        os.makedirs(path, exist_ok=True)
+        file = os.path.join(path, f"raw-{dist.get_rank()}-{i}")
+
+        def write() -> None:
+            os.nice(10)  # as dckpt's persist thread
+            fd = os.open(file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            with memoryview(self.buf) as mv:
+                for off in range(0, self.nbytes, 4 << 20):
+                    os.write(fd, mv[off: off + (4 << 20)])
+            os.fsync(fd)
+            os.close(fd)
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        return (lambda: not thread.is_alive()), thread.join
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gib-per-rank", type=float, default=1.0)
@@ -88,6 +122,7 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dir", default="bench-out/async")
     p.add_argument("--out", default="bench-out/async.jsonl")
+    p.add_argument("--writer-threads", type=int, default=dckpt.SaveConfig().writer_threads)
     p.add_argument("--methods", default="", help="comma-separated subset of the methods")
     p.add_argument("--nice", default="10",
                    help="comma-separated SaveConfig.persist_nice values to run dckpt with")
@@ -117,8 +152,9 @@ def main() -> None:
     stagers = {"default": DefaultStager(stager_opts),
                "blocking": BlockingAsyncStager(cache_staged_state_dict=True)}
 
-    def run_dckpt(path: str, i: int, overlap: bool = False, nice: int = 10):
-        config = dckpt.SaveConfig(overlap=overlap, persist_nice=nice)
+    def run_dckpt(path: str, i: int, overlap: bool = False, nice: int = 10, direct: bool = True):
+        config = dckpt.SaveConfig(overlap=overlap, persist_nice=nice, direct_io=direct,
+                                  writer_threads=args.writer_threads)
         handle = savers[path].async_save(state, path, step=i, config=config)
         if overlap:
             handle.wait_staged()  # where the optimizer hook waits; on CUDA the host goes on
@@ -133,6 +169,9 @@ def main() -> None:
     nices = [int(n) for n in args.nice.split(",")]
     methods = {("dckpt" if len(nices) == 1 else f"dckpt nice {n}"):
                (lambda path, i, n=n: run_dckpt(path, i, nice=n)) for n in nices}
+    methods["dckpt buffered"] = lambda path, i: run_dckpt(path, i, nice=nices[0], direct=False)
+    if not cuda:
+        methods["raw O_DIRECT write"] = RawWrite(nbytes // 4096 * 4096)
     methods |= {"DCP": run_dcp,
                 "DCP DefaultStager": lambda path, i: run_dcp(path, i, "default")}
     if cuda:  # pins its cache: CUDA only
@@ -142,8 +181,11 @@ def main() -> None:
         methods = {k: v for k, v in methods.items() if k in args.methods.split(",")}
     def measure(name: str, run, path: str, reserve_s: float) -> dict:
         """``--saves`` saves with ``run``, training steps while each one is written."""
-        pauses, commits, slow = [], [], []
+        pauses, commits, slow, lost = [], [], [], []
         for i in range(1, args.saves + 1):
+            # the step time with no save running, right before this save: the machine is
+            # shared, so a baseline from the start of the run drifts
+            before = statistics.median(trainer.step() for _ in range(7))
             dist.barrier()
             if cuda:
                 torch.cuda.synchronize()
@@ -157,12 +199,15 @@ def main() -> None:
             commits.append(time.perf_counter() - t0)
             pauses.append(pause)
             if steps:
-                slow.append(statistics.median(steps) / idle)
+                slow.append(statistics.median(steps) / before)
+                lost.append(sum(steps) - len(steps) * before)
             state["step"] = i
         result = {
             "pause_median_s": statistics.median(pauses), "pause_max_s": max(pauses),
             "commit_median_s": statistics.median(commits),
             "step_slowdown": statistics.median(slow) if slow else None,
+            # training time lost to the background write: its steps' time beyond the baseline
+            "steps_lost_s": statistics.median(lost) if lost else None,
             "pause_vs_copy": statistics.median(pauses) / copy_s,
             "max_vs_median_pause": max(pauses) / statistics.median(pauses),
         }
@@ -197,9 +242,14 @@ def main() -> None:
     for stager in stagers.values():
         stager.close()
     if rank == 0:
+        raw = summary.get("raw O_DIRECT write", {}).get("step_slowdown")
+        if raw:
+            for m in summary.values():
+                if m.get("step_slowdown"):
+                    m["slowdown_vs_raw_write"] = m["step_slowdown"] / raw
         emit(args.out, {"bench": "async", "device": args.device, "copy_s": copy_s,
                         "summary": summary})
-        ok = [m for m in summary if "error" not in summary[m]]
+        ok = [m for m in summary if "error" not in summary[m] and not m.startswith("raw")]
         labels = [f"{m} pause" for m in ok] + ["copy limit"]
         values = [summary[m]["pause_median_s"] for m in ok] + [copy_s]
         bar_chart(args.out.replace(".jsonl", ".png"),

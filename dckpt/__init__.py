@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from dckpt.api import async_save, delete, inspect, list_checkpoints, load, save, verify
+from dckpt.api import (async_save, delete, export, gc, inspect, list_checkpoints, load, save,
+                       verify)
 from dckpt.config import LoadConfig, SaveConfig
+from dckpt.sweep import GcReport
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
                           UnsafeValueError)
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "save", "async_save", "SaveHandle", "AsyncSaver", "Stager", "load", "list_checkpoints",
-    "verify", "inspect", "delete", "Manifest", "TensorEntry",
+    "verify", "inspect", "delete", "gc", "export", "GcReport", "Manifest", "TensorEntry",
     "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",

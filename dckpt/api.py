@@ -12,6 +12,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
+from dckpt.export import FORMATS, export_checkpoint
+from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.planner import SafeLoadPlanner
@@ -22,7 +24,8 @@ from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
 
-__all__ = ["save", "async_save", "load", "delete", "list_checkpoints", "verify", "inspect"]
+__all__ = ["save", "async_save", "load", "delete", "gc", "export", "list_checkpoints", "verify",
+           "inspect"]
 
 log = logging.getLogger(__name__)
 
@@ -172,15 +175,55 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
 def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     """Drop checkpoint ``step``: its manifest, the commit point, is removed, so it is no longer
     listed or loaded. Its data stays until ``gc`` finds nothing references it (other
-    checkpoints may share its blocks). Not collective."""
+    checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
+    gc's grace period, so that a save in flight that references its blocks keeps them.
+    Not collective."""
     store = Store(url, storage_options)
     require_repository(store)
     steps = committed_steps(store)
     if step not in steps:
         raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
                                       f"committed steps: {steps or 'none'}")
-    store.delete(layout.manifest_name(step))
+    name = layout.manifest_name(step)
+    try:
+        raw = store.read_bytes(name)
+    except FileNotFoundError:
+        raw = None  # deleted meanwhile by another process
+    if raw is not None:
+        # IMPORTANT: kept for gc's grace period: a save in flight may reference its blocks
+        store.write_if_absent(layout.tombstone_name(step), raw)
+        store.delete(name)
     log.info("deleted the checkpoint of step %d from %s", step, url)
+
+
+def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
+       storage_options: dict | None = None, progress: Progress | None = None) -> GcReport:
+    """Remove the data no committed checkpoint references (see dckpt.gc for what is spared:
+    saves younger than ``min_age_s`` may be in flight). ``dry_run``: report, remove nothing.
+    Not collective."""
+    if min_age_s < 0:
+        raise ValueError(f"min_age_s must be >= 0, got {min_age_s!r}")
+    store = Store(url, storage_options)
+    require_repository(store)
+    return collect(store, dry_run=dry_run, min_age_s=min_age_s, progress=progress)
+
+
+def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
+           storage_options: dict | None = None, to_storage_options: dict | None = None,
+           progress: Progress | None = None) -> int:
+    """Write checkpoint ``step`` (default: the newest) to ``to``: ``"dckpt"`` a new repository
+    holding only it; ``"torch"`` the full unsharded state dict as one ``torch.save`` file;
+    ``"safetensors"`` its tensors as one safetensors file. Returns the bytes written. Every
+    byte read is verified. Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+    m = read_manifest(store, step)
+    n = export_checkpoint(store, m, to, format, storage_options=to_storage_options,
+                          progress=progress)
+    log.info("exported step %d of %s to %s as %s: %d bytes", m.step, url, to, format, n)
+    return n
 
 
 def inspect(url: str, *, step: int | None = None,

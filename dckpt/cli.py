@@ -1,4 +1,4 @@
-"""The dckpt command: ls, inspect, verify. Calls only public functions of the package."""
+"""The dckpt command: ls, inspect, verify, delete, gc, export. Calls only public functions."""
 
 from __future__ import annotations
 
@@ -113,6 +113,46 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def cmd_delete(args: argparse.Namespace) -> int:
+    dckpt.delete(args.url, step=args.step, storage_options=_options(args.option))
+    if args.json:
+        print(json.dumps({"deleted": args.step}))
+    else:
+        print(f"deleted step {args.step}; its data goes at the next gc that finds it unreferenced")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    report = dckpt.gc(args.url, dry_run=args.dry_run, min_age_s=args.min_age,
+                      storage_options=_options(args.option),
+                      progress=_Progress("sweeping", not args.json and sys.stderr.isatty()))
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes},
+                         indent=2))
+        return 0
+    verb = "would remove" if report.dry_run else "removed"
+    print(f"{verb} {len(report.deleted)} objects, {_size(report.bytes_freed)}; "
+          f"live checkpoints {list(report.live_checkpoints)}")
+    if report.kept_young:
+        print(f"spared {len(report.kept_young)} unreferenced objects younger than "
+              f"{args.min_age:.0f} s (a save may be writing them)")
+    if report.partly_referenced:
+        print(f"{len(report.partly_referenced)} objects are only partly referenced: "
+              f"{_size(report.wasted_bytes)} in them is no longer needed but kept")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    n = dckpt.export(args.url, args.to, step=args.step, format=args.format,
+                     storage_options=_options(args.option),
+                     progress=_Progress("exporting", not args.json and sys.stderr.isatty()))
+    if args.json:
+        print(json.dumps({"to": args.to, "format": args.format, "bytes": n}))
+    else:
+        print(f"exported to {args.to} ({args.format}, {_size(n)})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dckpt", description="Inspect and check dckpt "
                                      "checkpoint repositories (a local path or an fsspec URL).")
@@ -135,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="the step (default: the newest)")
     which.add_argument("--all", action="store_true", help="every committed checkpoint")
+    p = command("delete", cmd_delete, "drop one checkpoint (its data goes at a later gc)")
+    p.add_argument("--step", type=int, required=True, help="the step to drop")
+    p = command("gc", cmd_gc, "remove data no committed checkpoint references")
+    p.add_argument("--dry-run", action="store_true", help="report only, remove nothing")
+    p.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                   help="spare unreferenced data younger than this: a save may be writing it "
+                        "(default 3600)")
+    p = command("export", cmd_export, "write one checkpoint elsewhere, self-contained")
+    p.add_argument("--step", type=int, help="the step (default: the newest)")
+    p.add_argument("--to", required=True, help="destination: a new repository (dckpt) or a file")
+    p.add_argument("--format", choices=["dckpt", "torch", "safetensors"], default="dckpt",
+                   help="dckpt: a repository holding only this checkpoint; torch: one "
+                        "torch.save file of the full state; safetensors: its tensors")
     return parser
 
 
@@ -142,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except dckpt.DckptError as e:
+    except (dckpt.DckptError, ValueError) as e:
         print(f"dckpt {args.command}: {e}", file=sys.stderr)
         return 2
 

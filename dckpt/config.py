@@ -37,6 +37,17 @@ class SaveConfig:
     persist_nice: int = 10
     """Async saves: the nice value (0-19) of the background write's threads, so that they
     take the CPU only when the training leaves it; 0 keeps the training's priority."""
+    dedup: bool = True
+    """Write only blocks the newest committed checkpoint does not already hold; reference
+    the others (differential saves). Blocks are compared by xxh3-128 digest and length."""
+    compression: Literal["auto", "on", "off"] = "auto"
+    """Per-block zstd (floats split into byte planes first); a block that does not shrink
+    is stored raw. ``"auto"``: on for object stores, off for local disks, where compressing
+    costs more time than the bytes it saves (docs/design.md, Compression)."""
+    direct_io: bool = True
+    """Local storage: write segments with ``O_DIRECT`` (falls back to buffered writes where
+    the filesystem refuses it). Staged memory is page-aligned and goes to the disk without a
+    copy into the page cache, which keeps the background write off the training's CPU."""
     overlap: bool = False
     """Async saves: return before the copy is done; it runs while the next forward and
     backward run, and ``SaveHandle.wait_staged()`` (or the optimizer hook of
@@ -49,6 +60,9 @@ class SaveConfig:
                   collective_timeout_s=self.collective_timeout_s)
         if not 0 <= self.persist_nice <= 19:
             raise ValueError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
+        if self.compression not in ("auto", "on", "off"):
+            raise ValueError("SaveConfig.compression must be 'auto', 'on' or 'off', got "
+                             f"{self.compression!r}")
         if self.if_busy not in ("wait", "skip"):
             raise ValueError(f"SaveConfig.if_busy must be 'wait' or 'skip', got {self.if_busy!r}")
         if self.staging_bytes is not None and self.staging_bytes < 2 * self.block_size_bytes:

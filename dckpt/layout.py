@@ -5,6 +5,7 @@ A repository is a folder (or an S3 prefix)::
     dckpt.json                          marker: {"format": "dckpt.repository", "version": 1}
     manifests/000000000100.json         a committed checkpoint (the commit point)
     manifests/.tmp-<random>             a manifest being committed (local disk only)
+    deleted/000000000100-<unix ms>.json a deleted checkpoint's manifest, kept for gc's grace
     data/<attempt>/r00000-000.seg       segment objects of one save attempt, per rank and writer
 
 An attempt name is ``s<step>-t<unix ms>-<random hex>``: unique to one try at saving a step,
@@ -22,8 +23,10 @@ from dckpt.errors import FormatError
 MARKER = "dckpt.json"
 MANIFEST_DIR = "manifests"
 DATA_DIR = "data"
+DELETED_DIR = "deleted"
 
 _MANIFEST_RE = re.compile(r"^(\d{12,20})\.json$")
+_TOMBSTONE_RE = re.compile(r"^(\d{12,20})-(\d+)\.json$")
 _ATTEMPT_RE = re.compile(r"^s(\d+)-t(\d+)-([0-9a-f]{8})$")
 _NAME_PART_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -36,6 +39,17 @@ def parse_manifest_name(basename: str) -> int | None:
     """The step of a committed manifest's base name, or None for anything else."""
     match = _MANIFEST_RE.match(basename)
     return int(match.group(1)) if match else None
+
+
+def tombstone_name(step: int, now_s: float | None = None) -> str:
+    millis = int((time.time() if now_s is None else now_s) * 1000)
+    return f"{DELETED_DIR}/{step:012d}-{millis}.json"
+
+
+def parse_tombstone_name(basename: str) -> tuple[int, float] | None:
+    """The step and deletion time (unix seconds) of a tombstone's base name, else None."""
+    match = _TOMBSTONE_RE.match(basename)
+    return (int(match.group(1)), int(match.group(2)) / 1000) if match else None
 
 
 def new_attempt(step: int, now_s: float | None = None) -> str:

@@ -30,7 +30,7 @@ _DTYPES: dict[str, torch.dtype] = {
     if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-CODECS = ("raw",)
+CODECS = ("raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -218,8 +218,11 @@ def _data(doc: dict, where: str, segments: list[str]) -> StoredData:
             raise FormatError(f"{w}: digest {digest!r} is not 32 lowercase hex digits")
         if codec not in CODECS:
             raise FormatError(f"{w}: unknown codec {codec!r}; known: {', '.join(CODECS)}")
-        blocks.append(BlockRef(segments[seg], _int(b[1], w), _int(b[2], w), _int(b[3], w),
-                               digest, codec))
+        ref = BlockRef(segments[seg], _int(b[1], w), _int(b[2], w), _int(b[3], w), digest, codec)
+        if ref.length > ref.raw_length or (codec == "raw" and ref.length != ref.raw_length):
+            raise FormatError(f"{w}: {ref.length} stored bytes for {ref.raw_length} raw bytes "
+                              f"is impossible for codec {codec!r}")
+        blocks.append(ref)
     if sum(b.raw_length for b in blocks) != nbytes:
         raise FormatError(f"{where}: blocks hold {sum(b.raw_length for b in blocks)} bytes, "
                           f"nbytes says {nbytes}")

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dckpt.blocks import check
+from dckpt.codec import decode
 from dckpt.errors import IntegrityError
 from dckpt.manifest import BlockRef, StoredData
 from dckpt.storage import Store
@@ -98,11 +99,17 @@ class Fetcher:
     def _check(self, req: Request, what: str) -> int:
         shifted = Request(req.segment, req.offset, req.length, 0,
                           tuple((ref, pos - req.dest_start) for ref, pos in req.blocks))
-        return self.fetch(shifted, memoryview(bytearray(req.length)), what)
+        size = max(pos + ref.raw_length for ref, pos in shifted.blocks)
+        return self.fetch(shifted, memoryview(bytearray(size)), what)
 
     def fetch(self, req: Request, dest: memoryview, what: str) -> int:
-        """Read one request into ``dest`` and verify its blocks; returns bytes read."""
-        out = dest[req.dest_start: req.dest_start + req.length]
+        """Read one request into ``dest`` (decoding a compressed block) and verify its blocks;
+        returns the stored bytes read."""
+        encoded = req.blocks[0][0].codec != "raw"  # IMPORTANT: then it is the only block
+        if encoded:
+            out = memoryview(bytearray(req.length))
+        else:
+            out = dest[req.dest_start: req.dest_start + req.length]
         try:
             n = self.store.read_into(req.segment, req.offset, out)
         except FileNotFoundError:
@@ -112,6 +119,9 @@ class Fetcher:
             raise IntegrityError(
                 f"{what}: object {req.segment} is truncated: asked {req.length} bytes at offset "
                 f"{req.offset}, got {n}")
+        if encoded:
+            ref, pos = req.blocks[0]
+            decode(ref.codec, out, dest[pos: pos + ref.raw_length], what=what)
         for ref, pos in req.blocks:
             check(dest[pos: pos + ref.raw_length], ref, what=what)
         return n

@@ -46,8 +46,8 @@ from dckpt.errors import CommitError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
 from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
-from dckpt.storage import Store
-from dckpt.writer import Metrics, SegmentOut, Writer, tensor_bytes
+from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.writer import Metrics, SegmentOut, Writer, byte_planes, tensor_bytes
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
 
@@ -81,6 +81,7 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
         raise dist.peer_failure(e, what=what, saving=True) from e
     info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
     assert isinstance(info, CheckpointInfo)
+    writer.committed()
     return info
 
 
@@ -440,19 +441,23 @@ class AsyncSaver:
         """(caller's thread) Write what the budget does not hold, now, in a segment of its own."""
         store: Store = writer.store
         name = layout.segment_name(layout.new_attempt(writer.step), dist.rank(), 0)
-        with store.open_write(name) as f:
-            out = SegmentOut(f, name, writer.config.block_size_bytes)
+        direct = writer.config.direct_io and store.direct_capable
+        with store.open_write(name, direct=direct) as f:
+            # no dedup: which checkpoint to dedup against is decided later, at the plan
+            out = SegmentOut(f, name, writer.config.block_size_bytes,
+                             align=DIRECT_ALIGN if direct else 0, compress=writer.compresses)
             for item, t in overflow:
                 n = _nbytes(item)
+                planes = byte_planes(t.dtype)
                 if t.device.type == "cpu":
-                    blocks = out.append(tensor_bytes(t))
+                    blocks = out.append(tensor_bytes(t), planes=planes)
                 else:
                     flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
                     blocks = []
                     for start in range(0, n, window.numel()):
                         piece = window[: min(window.numel(), n - start)]
                         piece.copy_(flat[start: start + piece.numel()])
-                        blocks += out.append(memoryview(piece.numpy()))
+                        blocks += out.append(memoryview(piece.numpy()), planes=planes)
                 staging.prewritten[item.index] = StoredData(n, tuple(blocks))
                 staging.staged[item.index] = None
                 staging.overflow_bytes += n

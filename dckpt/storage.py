@@ -1,9 +1,12 @@
 """The only module that imports fsspec: object I/O under a repository root.
 
 Writes are made durable before they return (local: fsync of the file and its folder;
-object stores: a completed upload). Committing a manifest is one atomic create that fails
-when the object exists (local: temp file in the same folder, fsync, link, fsync the folder;
-S3: one PUT with ``If-None-Match: *``).
+object stores: a completed upload). Local segments may be written with ``O_DIRECT``
+(``open_write(direct=True)``): page-aligned memory goes from the caller's buffer to the
+disk without a copy into the page cache, which is the CPU a background save would otherwise
+take from the training (measured: 1 GiB buffered 0.33-2.6 s of system time, direct 0.05 s).
+Committing a manifest is one atomic create that fails when the object exists (local: temp
+file in the same folder, fsync, link, fsync the folder; S3: one PUT with ``If-None-Match: *``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
+import errno
+import fcntl
+import mmap
+
 import fsspec
+import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["Store"]
+__all__ = ["Store", "DirectFile", "DIRECT_ALIGN"]
+
+DIRECT_ALIGN = 4096
 
 
 class Store:
@@ -44,12 +54,31 @@ class Store:
 
     # ------------------------------------------------------------ writes
 
+    @property
+    def direct_capable(self) -> bool:
+        """Whether ``open_write(direct=True)`` bypasses the page cache here (plain local files;
+        subclasses of the local filesystem may wrap their files, so they do not qualify)."""
+        return type(self.fs) is LocalFileSystem and hasattr(os, "O_DIRECT")
+
     @contextmanager
-    def open_write(self, name: str) -> Iterator[BinaryIO]:
-        """A new object, durable when the block exits cleanly; discarded when it raises."""
+    def open_write(self, name: str, *, direct: bool = False) -> Iterator[BinaryIO]:
+        """A new object, durable when the block exits cleanly; discarded when it raises.
+
+        ``direct``: write through ``O_DIRECT`` where ``direct_capable`` (see ``DirectFile``);
+        elsewhere it is ignored. The object's bytes are the same either way.
+        """
         path = self.path(name)
         if self.local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+        if direct and self.direct_capable:
+            d = DirectFile(path)
+            try:
+                yield d  # type: ignore[misc]
+                d.close()
+            except BaseException:
+                d.abort()
+                raise
+            return
         f = self.fs.open(path, "wb")
         try:
             yield f
@@ -137,9 +166,116 @@ class Store:
             entries = self.fs.ls(self.path(folder), detail=False)
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    def list_sizes(self, folder: str) -> dict[str, int]:
+        """Base name -> size in bytes of the objects directly under ``folder``."""
+        try:
+            entries = self.fs.ls(self.path(folder), detail=True)
+        except FileNotFoundError:
+            return {}
+        return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
+                for e in entries if e.get("type") != "directory"}
+
+    def remove_folder(self, name: str) -> None:
+        """Remove an empty local folder (object stores have none); a non-empty one stays."""
+        if self.local:
+            try:
+                os.rmdir(self.path(name))
+            except OSError:
+                pass
+
     def delete(self, name: str) -> None:
         try:
             self.fs.rm_file(self.path(name))
         except FileNotFoundError:
             pass
 
+
+
+class DirectFile:
+    """A local file written through ``O_DIRECT``, for the bytes of large aligned buffers.
+
+    ``write`` sends the page-aligned part of a page-aligned buffer straight to the disk (no
+    copy), and everything else through an aligned bounce buffer; ``close`` writes the last
+    partial page padded, cuts the file to the bytes written, and fsyncs it. A filesystem that
+    refuses ``O_DIRECT`` (at open or at the first write) gets buffered writes instead. The
+    file holds exactly the bytes written, as a buffered file would.
+    """
+
+    BOUNCE_BYTES = 4 << 20
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.direct = True
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            self.direct = False
+        self.size = 0  # bytes accepted
+        self._bounce = mmap.mmap(-1, self.BOUNCE_BYTES)  # page-aligned
+        self._fill = 0
+
+    def write(self, data: object) -> int:
+        mv = memoryview(data).cast("B")  # type: ignore[arg-type]
+        n = len(mv)
+        if self._fill == 0 and n >= DIRECT_ALIGN and _address(mv) % DIRECT_ALIGN == 0:
+            k = n // DIRECT_ALIGN * DIRECT_ALIGN
+            self._write_all(mv[:k])
+            mv = mv[k:]
+        while len(mv):
+            take = min(len(mv), self.BOUNCE_BYTES - self._fill)
+            self._bounce[self._fill: self._fill + take] = mv[:take]
+            self._fill += take
+            mv = mv[take:]
+            if self._fill == self.BOUNCE_BYTES:
+                self._flush_bounce()
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self.size
+
+    def close(self) -> None:
+        """Write what the bounce buffer holds, cut the file to its size, make it durable."""
+        if self._fill:
+            pad = -self._fill % DIRECT_ALIGN
+            self._bounce[self._fill: self._fill + pad] = bytes(pad)
+            self._fill += pad
+            self._flush_bounce()
+            os.ftruncate(self.fd, self.size)
+        os.fsync(self.fd)
+        self._release()
+
+    def abort(self) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._bounce.close()
+
+    def _flush_bounce(self) -> None:
+        with memoryview(self._bounce) as mv:
+            self._write_all(mv[: self._fill])
+        self._fill = 0
+
+    def _write_all(self, mv: memoryview) -> None:
+        while len(mv):
+            try:
+                n = os.write(self.fd, mv)
+            except OSError as e:
+                if e.errno != errno.EINVAL or not self.direct:
+                    raise
+                # IMPORTANT: some filesystems accept O_DIRECT at open and refuse the write
+                fcntl.fcntl(self.fd, fcntl.F_SETFL,
+                            fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+                continue
+            mv = mv[n:]
+
+
+def _address(mv: memoryview) -> int:
+    return int(np.frombuffer(mv, dtype=np.uint8).ctypes.data) if len(mv) else 0

@@ -64,7 +64,8 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
             for f in as_completed(futures):
                 fqn, req = futures[f]
                 try:
-                    checked += f.result()
+                    f.result()
+                    checked += sum(ref.raw_length for ref, _ in req.blocks)
                 except DckptError as e:
                     problems.append(Problem(step, str(e), req.segment, fqn))
                 except OSError as e:

@@ -34,15 +34,17 @@ from torch.futures import Future
 
 from dckpt import layout
 from dckpt.blocks import cut, digest
+from dckpt import codec
 from dckpt.config import SaveConfig
-from dckpt.errors import CheckpointExistsError, StateDictError
+from dckpt.dedup import BlockIndex, index_for, remember
+from dckpt.errors import CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, TensorEntry,
                             ValueEntry, dtype_name, encode, stored_datas)
-from dckpt.repository import mark_repository
-from dckpt.storage import Store
+from dckpt.repository import committed_steps, mark_repository
+from dckpt.storage import DIRECT_ALIGN, Store
 
-__all__ = ["Writer", "SegmentOut", "tensor_bytes"]
+__all__ = ["Writer", "SegmentOut", "tensor_bytes", "byte_planes"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class _Assignment:
 
     attempt: str
     rank: int
+    base_step: int | None = None  # the newest committed step: dedup against its blocks
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class _Stored:
     """One rank's report for one item: where its blocks are (WriteResult.storage_data)."""
 
     data: StoredData
+    written: int = 0  # stored bytes this save wrote for it (the rest it references)
 
 
 def check_metrics(metrics: object) -> Metrics:
@@ -117,12 +121,15 @@ class Writer(StorageWriter):
         self.info: CheckpointInfo | None = None
         self._attempt = ""
         self._t: dict[str, float] = {}
+        self._index: BlockIndex | None = None
+        self._results: list[WriteResult] | None = None
 
     # -- DCP protocol ----------------------------------------------------------------
 
     def reset(self, checkpoint_id: object = None) -> None:
         self.info = None
         self._t = {}
+        self._results = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: object) -> bool:
@@ -152,14 +159,17 @@ class Writer(StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """(coordinator) Refuse a committed step; give every rank the attempt's name."""
-        if self.store.exists(layout.manifest_name(self.step)):
+        """(coordinator) Refuse a committed step; give every rank the attempt's name and the
+        step whose blocks it need not write again."""
+        committed = committed_steps(self.store)
+        if self.step in committed:
             raise CheckpointExistsError(
                 f"step {self.step} is already committed in {self.store.url}; a committed "
                 "checkpoint is never overwritten. Save under another step, or delete it first")
         mark_repository(self.store)
         self._attempt = layout.new_attempt(self.step)
-        return [dataclasses.replace(p, storage_data=_Assignment(self._attempt, i))
+        base = committed[-1] if committed and self.config.dedup else None
+        return [dataclasses.replace(p, storage_data=_Assignment(self._attempt, i, base))
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -169,9 +179,11 @@ class Writer(StorageWriter):
         # items an async save already wrote during its pause (over its staging budget)
         prewritten: dict[MetadataIndex, StoredData] = getattr(planner, "prewritten", {})
         results = [WriteResult(index=i.index, size_in_bytes=prewritten[i.index].nbytes,
-                               storage_data=_Stored(prewritten[i.index]))
+                               storage_data=_Stored(prewritten[i.index], sum(
+                                   b.length for b in prewritten[i.index].blocks)))
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
+        self._index = index_for(self.store, assignment.base_step) if self.config.dedup else None
         total = sum(_item_nbytes(i) for i in items)
         # IMPORTANT: few large objects (S3 pays per request): a segment per 64 MiB at least
         bins = _balance(items, max(1, min(self.config.writer_threads,
@@ -185,10 +197,13 @@ class Writer(StorageWriter):
                 for f in futures:
                     results.extend(f.result())
             self.store.sync_folder(f"{layout.DATA_DIR}/{assignment.attempt}")
+        self._results = results
         nbytes = sum(r.size_in_bytes for r in results)
+        written = sum(r.storage_data.written for r in results)
         seconds = time.perf_counter() - self._t["write"]
-        log.info("rank %d wrote %d bytes in %d segments in %.3f s (%.2f GB/s)", assignment.rank,
-                 nbytes, len(bins), seconds, nbytes / max(seconds, 1e-9) / 1e9)
+        log.info("rank %d stored %d bytes (%d written) in %d segments in %.3f s (%.2f GB/s)",
+                 assignment.rank, nbytes, written, len(bins), seconds,
+                 nbytes / max(seconds, 1e-9) / 1e9)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -198,13 +213,13 @@ class Writer(StorageWriter):
         t_finish = time.perf_counter()
         stored = {r.index: r.storage_data for rank_results in results for r in rank_results}
         items = _entries(metadata, stored)
+        self._check_references(items)
         phase_s = {"plan": self._t["write"] - self._t["start"], "write": t_finish - self._t["write"]}
         manifest = Manifest(
             step=self.step, attempt=self._attempt, created_at=time.time(), world_size=len(results),
             items=items, metrics=self.metrics,
             bytes_logical=sum(e.nbytes for e in items.values()),
-            bytes_written=sum(b.length for e in items.values() for d in stored_datas(e)
-                              for b in d.blocks),
+            bytes_written=sum(st.written for st in stored.values()),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
         try:
@@ -219,25 +234,65 @@ class Writer(StorageWriter):
         log.info("committed step %d: %d bytes logical, %d written, %.3f s total", self.step,
                  manifest.bytes_logical, manifest.bytes_written, self.info.phase_s["total"])
 
+    def committed(self) -> None:
+        """(every rank, after the commit) Keep this rank's blocks as the next save's index."""
+        if self.config.dedup and self._results is not None:
+            remember(self.store, self.step, (b for r in self._results
+                                             for b in r.storage_data.data.blocks))
+
     # -- internals ---------------------------------------------------------------------
+
+    def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
+        return SegmentOut(f, name, self.config.block_size_bytes,
+                          align=DIRECT_ALIGN if direct else 0, index=self._index,
+                          compress=self.compresses)
+
+    @property
+    def compresses(self) -> bool:
+        """``compression="auto"``: only where the store is slower than compressing it
+        (object stores; not local disks: docs/design.md, Compression)."""
+        mode = self.config.compression
+        return mode == "on" or (mode == "auto" and not self.store.local)
 
     def _write_segment(self, name: str, items: list[WriteItem],
                        planner: SavePlanner) -> list[WriteResult]:
         results = []
-        with self.store.open_write(name) as f:
-            out = SegmentOut(f, name, self.config.block_size_bytes)
+        direct = self.config.direct_io and self.store.direct_capable
+        with self.store.open_write(name, direct=direct) as f:
+            out = self.segment_out(f, name, direct)
             for item in items:
                 data = planner.resolve_data(item)
                 if item.type == WriteItemType.BYTE_IO:
                     assert isinstance(data, io.BytesIO)
-                    buf = data.getbuffer()
+                    buf, planes = data.getbuffer(), 1
                 else:
                     buf = tensor_bytes(data)  # type: ignore[arg-type]
-                stored = StoredData(len(buf), tuple(out.append(buf)))
+                    planes = byte_planes(data.dtype)  # type: ignore[union-attr]
+                before = out.written
+                stored = StoredData(len(buf), tuple(out.append(buf, planes=planes)))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
-                                           storage_data=_Stored(stored)))
+                                           storage_data=_Stored(stored, out.written - before)))
                 del buf
         return results
+
+    def _check_references(self, items: dict[str, Entry]) -> None:
+        """(coordinator) Every object of another attempt that this save references still
+        exists: a ``gc`` with a grace period shorter than this save may have taken it."""
+        mine = f"{layout.DATA_DIR}/{self._attempt}/"
+        folders: dict[str, set[str]] = {}
+        for e in items.values():
+            for d in stored_datas(e):
+                for b in d.blocks:
+                    if not b.segment.startswith(mine):
+                        folder, _, base = b.segment.rpartition("/")
+                        folders.setdefault(folder, set()).add(base)
+        for folder, names in folders.items():
+            missing = names - set(self.store.list_names(folder))
+            if missing:
+                raise CommitError(
+                    f"step {self.step} references blocks in {len(missing)} objects of {folder} "
+                    f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
+                    "than this save took them); nothing was committed, save again")
 
 
 class SegmentOut:
@@ -245,22 +300,57 @@ class SegmentOut:
 
     An item may come in pieces (``append`` once per piece); every piece but the last must
     be a multiple of the block size, so that blocks fall where one ``append`` would cut.
+
+    ``align``: large items start at a multiple of it (zeros fill the gap, which no block
+    references), so that a ``DirectFile`` writes them from the caller's memory.
     """
 
-    def __init__(self, f: BinaryIO, name: str, block_size: int) -> None:
+    ALIGN_FROM_BYTES = 1 << 20  # smaller items are packed: the padding would cost more
+
+    def __init__(self, f: BinaryIO, name: str, block_size: int, *, align: int = 0,
+                 index: BlockIndex | None = None, compress: bool = False) -> None:
         self.f = f
         self.name = name
         self.block_size = block_size
+        self.align = align
+        self.index = index
+        self.compress = compress
         self.offset = 0
+        self.written = 0  # stored bytes written (padding aside)
 
-    def append(self, buf: memoryview) -> list[BlockRef]:
+    def append(self, buf: memoryview, *, planes: int = 1) -> list[BlockRef]:
+        """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
+        planes its elements split into before compression (see dckpt.codec)."""
+        if self.align and len(buf) >= self.ALIGN_FROM_BYTES and self.offset % self.align:
+            pad = -self.offset % self.align
+            self.f.write(bytes(pad))
+            self.offset += pad
         blocks = []
         for start, length in cut(len(buf), self.block_size):
             piece = buf[start: start + length]
-            blocks.append(BlockRef(self.name, self.offset, length, length, digest(piece)))
-            self.f.write(piece)
-            self.offset += length
+            d = digest(piece)
+            ref = self.index.get(d, length) if self.index is not None else None
+            if ref is None:
+                encoded = codec.encode(piece, planes) if self.compress else None
+                if encoded is None:
+                    ref = BlockRef(self.name, self.offset, length, length, d)
+                    self.f.write(piece)
+                else:
+                    ref = BlockRef(self.name, self.offset, len(encoded[1]), length, d, encoded[0])
+                    self.f.write(encoded[1])
+                self.offset += ref.length
+                self.written += ref.length
+                if self.index is not None:
+                    self.index.add(ref)
+            blocks.append(ref)
         return blocks
+
+
+def byte_planes(dtype: torch.dtype) -> int:
+    """Byte planes worth splitting a tensor of ``dtype`` into: one per byte of a float."""
+    if dtype.is_complex:
+        return dtype.itemsize // 2
+    return dtype.itemsize if dtype.is_floating_point and dtype.itemsize in (2, 4, 8) else 1
 
 
 def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[str, Entry]:

@@ -133,6 +133,7 @@ def test_a_background_write_failure_surfaces_on_wait_and_the_next_save_commits(t
     saver = AsyncSaver()
     state = _state()
     saver.async_save(state, url, step=1).wait(timeout=60)
+    _mutate(state)  # new bytes to write: unchanged blocks would be referenced, not written
     arm("enospc", after_bytes=10_000)
     try:
         failed = saver.async_save(state, url, step=2)  # training is not interrupted here

@@ -163,18 +163,19 @@ def test_s3_error_mid_save_is_a_commit_error(s3_repo):
     fsspec.register_implementation("faultys3", faulty_s3_class(), clobber=True)
     faulty_url = url.replace("s3://", "faultys3://")
     opts = {**opts, "default_block_size": 5 << 20}
-    dckpt.save({"w": torch.ones(3 << 20)}, faulty_url, step=1, storage_options=opts)
+    first = torch.randn(3 << 20, generator=torch.Generator().manual_seed(1))
+    dckpt.save({"w": first}, faulty_url, step=1, storage_options=opts)
     arm("eio", after_bytes=6 << 20)  # after the first multipart part went up
     try:
-        with pytest.raises(dckpt.CommitError, match="SlowDown"):
-            dckpt.save({"w": torch.full((3 << 20,), 2.0)}, faulty_url, step=2,
-                       storage_options=opts)
+        with pytest.raises(dckpt.CommitError, match="SlowDown"):  # random: incompressible
+            dckpt.save({"w": torch.randn(3 << 20, generator=torch.Generator().manual_seed(2))},
+                       faulty_url, step=2, storage_options=opts)
     finally:
         disarm()
     assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
     out = {"w": torch.zeros(3 << 20)}
     assert dckpt.load(out, url, storage_options=opts).step == 1
-    assert torch.equal(out["w"], torch.ones(3 << 20))
+    assert torch.equal(out["w"], first)
     assert dckpt.save({"w": torch.zeros(4)}, url, step=2, storage_options=opts).step == 2
 
 

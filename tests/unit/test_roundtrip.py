@@ -52,7 +52,7 @@ def test_every_dtype_round_trips(repo):
     info = dckpt.save(state, url, step=3, storage_options=opts)
     assert info.step == 3
     assert info.bytes_logical == sum(t.numel() * t.element_size() for t in state.values())
-    assert info.bytes_written == info.bytes_logical
+    assert 0 < info.bytes_written <= info.bytes_logical  # compressed on object stores
     out = _zeros_like(state)
     got = dckpt.load(out, url, storage_options=opts)
     assert got.step == 3

@@ -1,0 +1,77 @@
+"""Which blocks a save need not write: the repository already holds their bytes.
+
+The index maps a block's digest (xxh3-128 of its raw bytes) and length to where a committed
+checkpoint stores it. It comes from the newest committed manifest (the coordinator lists the
+committed steps at the start of every save anyway); no listing of the data objects, which
+would cost a request per thousand objects on S3. Within one process the
+index of the save just committed is kept, so the next save does not read its manifest back.
+A save adds its own new blocks as it goes (identical blocks in one save are written once).
+
+Only blocks of committed checkpoints are referenced. A checkpoint deleted while a save that
+references its blocks is in flight keeps its blocks for ``gc``'s grace period (``min_age_s``);
+the commit checks that every object it references still exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+
+from dckpt.errors import DckptError
+from dckpt.manifest import BlockRef, Manifest, stored_datas
+from dckpt.repository import read_manifest
+from dckpt.storage import Store
+
+__all__ = ["BlockIndex", "index_for", "remember"]
+
+log = logging.getLogger(__name__)
+
+
+class BlockIndex:
+    """digest and raw length -> a stored block; safe to share between writer threads."""
+
+    def __init__(self, base_step: int | None, refs: Iterable[BlockRef] = ()) -> None:
+        self.base_step = base_step
+        self._refs = {(r.digest, r.raw_length): r for r in refs}
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._refs)
+
+    @classmethod
+    def of_manifest(cls, m: Manifest) -> BlockIndex:
+        return cls(m.step, (b for e in m.items.values() for d in stored_datas(e)
+                            for b in d.blocks))
+
+    def get(self, digest: str, raw_length: int) -> BlockRef | None:
+        return self._refs.get((digest, raw_length))
+
+    def add(self, ref: BlockRef) -> None:
+        with self._lock:
+            self._refs.setdefault((ref.digest, ref.raw_length), ref)
+
+
+_last: dict[str, BlockIndex] = {}  # store URL -> blocks of this process's last commit there
+_last_lock = threading.Lock()
+
+
+def index_for(store: Store, base_step: int | None) -> BlockIndex:
+    """A fresh index of the blocks of committed checkpoint ``base_step`` (None: empty)."""
+    if base_step is None:
+        return BlockIndex(None)
+    with _last_lock:
+        last = _last.get(store.url)
+    if last is not None and last.base_step == base_step:
+        return BlockIndex(base_step, last._refs.values())
+    try:
+        return BlockIndex.of_manifest(read_manifest(store, base_step))
+    except DckptError as e:  # deleted or damaged since the listing: write everything
+        log.warning("no dedup against step %d of %s: %s", base_step, store.url, e)
+        return BlockIndex(None)
+
+
+def remember(store: Store, step: int, refs: Iterable[BlockRef]) -> None:
+    """(after a commit) This rank's blocks of committed ``step``: the next save's index."""
+    with _last_lock:
+        _last[store.url] = BlockIndex(step, refs)

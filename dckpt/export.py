@@ -1,0 +1,224 @@
+"""Export one checkpoint: a self-contained dckpt repository, or the full unsharded state as
+one torch.save file or one safetensors file. Every byte is verified on the way."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from dckpt import layout
+from dckpt.blocks import check
+from dckpt.codec import decode
+from dckpt.errors import CheckpointExistsError, IntegrityError, StateDictError
+from dckpt.manifest import (BlockRef, Manifest, StoredData, TensorEntry, dtype_from_name,
+                            encode)
+from dckpt.planner import safe_load
+from dckpt.repository import mark_repository
+from dckpt.storage import Store
+
+__all__ = ["export_checkpoint", "FORMATS"]
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("dckpt", "torch", "safetensors")
+
+Progress = Callable[[int, int], None]
+
+# safetensors' dtype names (https://github.com/huggingface/safetensors, the format spec)
+_SAFETENSORS_DTYPES = {
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
+    "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
+    "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
+                      storage_options: dict | None = None,
+                      progress: Progress | None = None) -> int:
+    """Write checkpoint ``m`` of ``store`` to ``to`` in format ``fmt``; returns bytes written."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    total = sum(e.nbytes for e in m.items.values())
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    if fmt == "dckpt":
+        return _export_dckpt(store, m, Store(to, storage_options), step)
+    flat = {fqn: _full_item(store, m, fqn, step) for fqn in m.items}
+    if fmt == "torch":
+        state = _unflatten(flat, m.planner_data)
+        with open(to, "wb") as f:
+            torch.save(state, f)
+        return os.path.getsize(to)
+    return _write_safetensors(flat, m, to)
+
+
+def _read_stored(store: Store, data: StoredData, what: str) -> bytearray:
+    """The raw bytes of one stored item, every block verified."""
+    out = bytearray(data.nbytes)
+    view = memoryview(out)
+    pos = 0
+    for ref in data.blocks:
+        dest = view[pos: pos + ref.raw_length]
+        payload = _read_block(store, ref, what)
+        if ref.codec == "raw":
+            dest[:] = payload
+        else:
+            decode(ref.codec, payload, dest, what=what)
+        check(dest, ref, what=what)
+        pos += ref.raw_length
+    return out
+
+
+def _read_block(store: Store, ref: BlockRef, what: str) -> bytearray:
+    buf = bytearray(ref.length)
+    try:
+        n = store.read_into(ref.segment, ref.offset, memoryview(buf))
+    except FileNotFoundError:
+        raise IntegrityError(f"{what}: object {ref.segment} is missing from {store.url}") from None
+    if n != ref.length:
+        raise IntegrityError(f"{what}: object {ref.segment} is truncated at {ref.offset}")
+    return buf
+
+
+def _full_item(store: Store, m: Manifest, fqn: str, step: Callable[[int], None]) -> Any:
+    e = m.items[fqn]
+    what = f"item {fqn!r} of checkpoint step {m.step} in {store.url}"
+    if not isinstance(e, TensorEntry):
+        raw = _read_stored(store, e.data, what)
+        step(len(raw))
+        return safe_load(raw, what)
+    dtype = dtype_from_name(e.dtype)
+    full = torch.empty(e.size, dtype=dtype)
+    for c in e.chunks:
+        raw = _read_stored(store, c.data, what)
+        shard = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        box = full
+        for dim, (o, n) in enumerate(zip(c.offsets, c.sizes)):
+            box = box.narrow(dim, o, n)
+        box.copy_(shard.reshape(c.sizes))
+        step(len(raw))
+    return full
+
+
+def _unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | None
+               ) -> dict[str, Any]:
+    """The nested state dict: DCP's planner data maps each flat key to its path."""
+    if not planner_data:
+        return flat
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        path = planner_data.get(key, [key])
+        node: Any = out
+        for part, nxt in zip(path[:-1], path[1:]):
+            if isinstance(node, list):
+                while len(node) <= part:  # type: ignore[operator]
+                    node.append(None)
+                if node[part] is None:  # type: ignore[index]
+                    node[part] = [] if isinstance(nxt, int) else {}  # type: ignore[index]
+                node = node[part]  # type: ignore[index]
+            else:
+                node = node.setdefault(part, [] if isinstance(nxt, int) else {})
+        last = path[-1]
+        if isinstance(node, list):
+            while len(node) <= last:  # type: ignore[operator]
+                node.append(None)
+        node[last] = value  # type: ignore[index]
+    return out
+
+
+def _write_safetensors(flat: dict[str, Any], m: Manifest, to: str) -> int:
+    """Tensors as safetensors; non-tensor values that JSON holds go to ``__metadata__``
+    (as JSON strings, the format's rule), and any other value is refused."""
+    header: dict[str, Any] = {}
+    metadata = {"dckpt.step": str(m.step)}
+    tensors = []
+    offset = 0
+    for key, value in flat.items():
+        if isinstance(value, torch.Tensor):
+            name = _SAFETENSORS_DTYPES.get(m.items[key].dtype)  # type: ignore[union-attr]
+            if name is None:
+                raise StateDictError(f"{key}: dtype {value.dtype} has no safetensors name; "
+                                     "export --format torch instead")
+            n = value.numel() * value.element_size()
+            header[key] = {"dtype": name, "shape": list(value.shape),
+                           "data_offsets": [offset, offset + n]}
+            tensors.append(value)
+            offset += n
+        else:
+            try:
+                metadata[key] = json.dumps(value)
+            except (TypeError, ValueError):
+                raise StateDictError(
+                    f"{key}: a {type(value).__name__} value fits neither a safetensors tensor "
+                    "nor its JSON metadata; export --format torch instead") from None
+    header["__metadata__"] = metadata
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data begins 8-aligned
+    with open(to, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for t in tensors:
+            if t.numel():
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(raw) + offset
+
+
+def _export_dckpt(store: Store, m: Manifest, dest: Store, step: Callable[[int], None]) -> int:
+    """A new repository holding only this checkpoint: its blocks (each verified, stored
+    bytes copied as they are, once even when shared) packed into one segment."""
+    if dest.exists(layout.manifest_name(m.step)):
+        raise CheckpointExistsError(f"{dest.url} already holds step {m.step}")
+    mark_repository(dest)
+    attempt = layout.new_attempt(m.step)
+    name = layout.segment_name(attempt, 0, 0)
+    moved: dict[tuple[str, int], BlockRef] = {}
+    written = 0
+    with dest.open_write(name) as f:
+        def copy(data: StoredData, what: str) -> StoredData:
+            nonlocal written
+            blocks = []
+            for ref in data.blocks:
+                new = moved.get((ref.segment, ref.offset))
+                if new is None:
+                    payload = _read_block(store, ref, what)
+                    raw = memoryview(bytearray(ref.raw_length))
+                    if ref.codec == "raw":
+                        raw[:] = payload
+                    else:
+                        decode(ref.codec, payload, raw, what=what)
+                    check(raw, ref, what=what)
+                    new = dataclasses.replace(ref, segment=name, offset=written)
+                    f.write(payload)
+                    written += len(payload)
+                    moved[(ref.segment, ref.offset)] = new
+                blocks.append(new)
+                step(ref.raw_length)
+            return StoredData(data.nbytes, tuple(blocks))
+
+        items = {}
+        for fqn, e in m.items.items():
+            what = f"item {fqn!r} of checkpoint step {m.step} in {store.url}"
+            if isinstance(e, TensorEntry):
+                items[fqn] = dataclasses.replace(e, chunks=tuple(
+                    dataclasses.replace(c, data=copy(c.data, what)) for c in e.chunks))
+            else:
+                items[fqn] = dataclasses.replace(e, data=copy(e.data, what))
+    dest.sync_folder(f"{layout.DATA_DIR}/{attempt}")
+    exported = dataclasses.replace(m, attempt=attempt, items=items, bytes_written=written)
+    dest.create_exclusive(layout.manifest_name(m.step), encode(exported))
+    return written

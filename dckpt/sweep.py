@@ -1,0 +1,116 @@
+"""Garbage collection: remove the data objects that no committed checkpoint references.
+
+What is live: every block that a committed manifest references, and every block of a
+checkpoint deleted less than ``min_age_s`` ago (``dckpt.delete`` leaves its manifest under
+``deleted/`` for that long: a save that started before the delete may still reference its
+blocks). What is spared: objects of a save attempt younger than ``min_age_s`` (the attempt's
+name carries its start time), which may still be in flight. Everything else under ``data/``
+goes. A segment that some blocks of a live checkpoint still need is kept whole; the bytes no
+one references in it are reported as waste.
+
+A damaged manifest stops gc: what it references cannot be told from garbage.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from dckpt import layout
+from dckpt.errors import DckptError, FormatError
+from dckpt.manifest import Manifest, decode, stored_datas
+from dckpt.repository import committed_steps, read_manifest
+from dckpt.storage import Store
+
+__all__ = ["GcReport", "collect", "DEFAULT_MIN_AGE_S"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIN_AGE_S = 3600.0
+"""Grace period: longer than any save takes, so that gc never races one."""
+
+
+@dataclass(frozen=True)
+class GcReport:
+    dry_run: bool
+    deleted: tuple[str, ...]
+    """Objects removed (with ``dry_run``: that would be removed)."""
+    bytes_freed: int
+    kept_young: tuple[str, ...]
+    """Unreferenced objects spared because their save may still be in flight."""
+    partly_referenced: tuple[tuple[str, int, int], ...]
+    """(object, its size, its bytes no live checkpoint references), for kept objects."""
+    live_checkpoints: tuple[int, ...]
+
+    @property
+    def wasted_bytes(self) -> int:
+        return sum(w for _, _, w in self.partly_referenced)
+
+
+Progress = Callable[[int, int], None]
+
+
+def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
+            now_s: float | None = None, progress: Progress | None = None) -> GcReport:
+    now = time.time() if now_s is None else now_s
+    live: list[Manifest] = []
+    for step in committed_steps(store):
+        try:
+            live.append(read_manifest(store, step))
+        except DckptError as e:
+            raise FormatError(
+                f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({e}); "
+                "what it references cannot be told from garbage. Delete that checkpoint "
+                "(dckpt.delete) or restore its manifest, then run gc again") from None
+    expired = []
+    for name in store.list_names(layout.DELETED_DIR):
+        parsed = layout.parse_tombstone_name(name)
+        if parsed is None:
+            continue
+        if now - parsed[1] < min_age_s:
+            raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
+            live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+        else:
+            expired.append(f"{layout.DELETED_DIR}/{name}")
+    referenced: dict[str, int] = {}
+    seen = set()  # blocks shared by checkpoints (or within one) count once
+    for m in live:
+        for e in m.items.values():
+            for d in stored_datas(e):
+                for b in d.blocks:
+                    if (b.segment, b.offset) not in seen:  # a block shared within a checkpoint
+                        seen.add((b.segment, b.offset))
+                        referenced[b.segment] = referenced.get(b.segment, 0) + b.length
+    deleted, young, partly = [], [], []
+    freed = 0
+    attempts = store.list_names(layout.DATA_DIR)
+    for i, attempt in enumerate(attempts):
+        folder = f"{layout.DATA_DIR}/{attempt}"
+        started = layout.attempt_started_s(attempt)
+        sizes = store.list_sizes(folder)
+        for base, size in sizes.items():
+            name = f"{folder}/{base}"
+            if name in referenced:
+                if referenced[name] < size:
+                    partly.append((name, size, size - referenced[name]))
+            elif started is None or now - started < min_age_s:
+                young.append(name)  # in flight, or not a name dckpt gives: left alone
+            else:
+                deleted.append(name)
+                freed += size
+                if not dry_run:
+                    store.delete(name)
+        if not dry_run and len(sizes) and all(f"{folder}/{b}" in deleted for b in sizes):
+            store.remove_folder(folder)
+        if progress is not None:
+            progress(i + 1, len(attempts))
+    if not dry_run:
+        for name in expired:  # after the data: a crash in between leaves only more to collect
+            store.delete(name)
+    log.info("gc of %s%s: %d objects, %d bytes freed; %d spared as young; %d bytes wasted in "
+             "%d partly referenced objects", store.url, " (dry run)" if dry_run else "",
+             len(deleted), freed, len(young), sum(w for _, _, w in partly), len(partly))
+    return GcReport(dry_run, tuple(deleted), freed, tuple(young), tuple(partly),
+                    tuple(m.step for m in live))

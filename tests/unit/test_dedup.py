@@ -1,0 +1,352 @@
+"""Differential saves, compression, delete + gc, export: every checkpoint stays bit-exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import threading
+import time
+
+import pytest
+import torch
+
+import dckpt
+from dckpt.cli import main as cli
+from dckpt.config import SaveConfig
+from dckpt_testing import arm, disarm
+
+BLOCK = 64 << 10  # small blocks: small tensors span several
+
+
+def _state(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {f"t{i}": torch.randn(40_000 + 1000 * i, generator=g) for i in range(8)} | {
+        "emb": torch.randn(512, 64, generator=g).bfloat16(), "step": 0}
+
+
+def _zeros(state: dict) -> dict:
+    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None
+            for k, v in state.items()}
+
+
+def _load(url: str, step: int, like: dict) -> dict:
+    out = _zeros(like)
+    dckpt.load(out, url, step=step)
+    return out
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def _chain(url: str, saves: int = 5, seed: int = 0, config: SaveConfig | None = None):
+    """``saves`` checkpoints; before each but the first a random subset of tensors changes."""
+    config = config or SaveConfig(block_size_bytes=BLOCK)
+    rng = torch.Generator().manual_seed(seed + 100)
+    state, snapshots, infos = _state(seed), {}, {}
+    for step in range(1, saves + 1):
+        if step > 1:
+            for k in [k for k in state if isinstance(state[k], torch.Tensor)]:
+                if torch.rand(1, generator=rng).item() < 0.4:
+                    state[k] += 1
+        state["step"] = step
+        infos[step] = dckpt.save(state, url, step=step, config=config)
+        snapshots[step] = {k: v.clone() if isinstance(v, torch.Tensor) else v
+                           for k, v in state.items()}
+    return snapshots, infos
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_chain_of_differential_saves_loads_bit_exact(tmp_path, seed):
+    url = str(tmp_path / "repo")
+    snapshots, infos = _chain(url, seed=seed)
+    full = infos[1].bytes_written
+    assert full == infos[1].bytes_logical  # the first save writes everything
+    for step in range(2, 6):
+        assert infos[step].bytes_written < full  # only what changed
+    for step, want in snapshots.items():
+        _assert_same(_load(url, step, want), want)
+    assert dckpt.verify(url, all_steps=True).ok
+    assert [i.bytes_written for i in dckpt.list_checkpoints(url)] == \
+        [infos[s].bytes_written for s in range(1, 6)]
+
+
+def test_an_unchanged_state_writes_nothing_and_identical_blocks_are_written_once(tmp_path):
+    url = str(tmp_path / "repo")
+    same = torch.randn(3 * BLOCK // 4)
+    state = {"a": same, "b": same.clone(), "n": 1}
+    first = dckpt.save(state, url, step=1, config=SaveConfig(block_size_bytes=BLOCK))
+    value_bytes = first.bytes_logical - 2 * same.numel() * 4
+    assert first.bytes_written == same.numel() * 4 + value_bytes
+    second = dckpt.save(state, url, step=2, config=SaveConfig(block_size_bytes=BLOCK))
+    assert second.bytes_written == 0
+    off = dckpt.save(state, url, step=3, config=SaveConfig(block_size_bytes=BLOCK, dedup=False))
+    assert off.bytes_written == off.bytes_logical
+    _assert_same(_load(url, 2, state), state)
+
+
+@pytest.mark.parametrize("middle", [2, 3, 4])
+def test_delete_a_middle_checkpoint_then_gc_keeps_the_others_whole(tmp_path, middle):
+    url = str(tmp_path / "repo")
+    snapshots, _ = _chain(url)
+    dckpt.delete(url, step=middle)
+    graced = dckpt.gc(url)  # within the grace period its blocks stay
+    assert graced.deleted == () and middle in graced.live_checkpoints
+    dry = dckpt.gc(url, min_age_s=0, dry_run=True)
+    report = dckpt.gc(url, min_age_s=0)
+    assert report.deleted == dry.deleted and report.bytes_freed == dry.bytes_freed
+    assert middle not in report.live_checkpoints
+    assert all(not os.path.exists(tmp_path / "repo" / name) for name in report.deleted)
+    assert os.listdir(tmp_path / "repo" / "deleted") == []  # the expired tombstone went too
+    for step, want in snapshots.items():
+        if step != middle:
+            _assert_same(_load(url, step, want), want)
+    assert dckpt.verify(url, all_steps=True).ok
+    again = dckpt.gc(url, min_age_s=0)
+    assert again.deleted == ()
+
+
+def test_gc_removes_the_data_of_a_deleted_checkpoint_that_nothing_shares(tmp_path):
+    url = str(tmp_path / "repo")
+    config = SaveConfig(block_size_bytes=BLOCK)
+    dckpt.save(_state(1), url, step=1, config=config)
+    two = dict(_state(2), step=2)  # shares no block with step 1
+    dckpt.save(two, url, step=2, config=config)
+    size_before = sum(os.path.getsize(os.path.join(d, f))
+                      for d, _, fs in os.walk(tmp_path / "repo" / "data") for f in fs)
+    dckpt.delete(url, step=1)
+    report = dckpt.gc(url, min_age_s=0)
+    assert report.deleted and report.bytes_freed > 0.4 * size_before
+    assert report.partly_referenced == ()
+    assert not os.path.exists(tmp_path / "repo" / "data" / report.deleted[0].split("/")[1])
+    _assert_same(_load(url, 2, two), two)
+
+
+def test_gc_reports_the_waste_of_a_partly_referenced_segment(tmp_path):
+    url = str(tmp_path / "repo")
+    config = SaveConfig(block_size_bytes=BLOCK, writer_threads=1)
+    one = {"keep": torch.randn(BLOCK // 4), "drop": torch.randn(BLOCK // 4)}
+    dckpt.save(one, url, step=1, config=config)
+    two = {"keep": one["keep"], "drop": torch.randn(BLOCK // 4)}
+    dckpt.save(two, url, step=2, config=config)
+    dckpt.delete(url, step=1)
+    report = dckpt.gc(url, min_age_s=0)
+    assert report.deleted == ()  # step 1's segment still holds step 2's "keep"
+    [(name, size, wasted)] = report.partly_referenced
+    assert wasted == BLOCK and size >= 2 * BLOCK
+
+
+def test_gc_racing_a_save_deletes_nothing_referenced_and_the_save_commits(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    states = {k: dict(_state(k), step=k) for k in (1, 2, 3)}  # no block in common
+    dckpt.save(states[1], url, step=1)
+    dckpt.save(states[2], url, step=2)
+    dckpt.delete(url, step=1)
+    result = {}
+
+    def save() -> None:
+        result["info"] = dckpt.save(states[3], url, step=3)
+
+    arm("slow", delay_s=0.05)
+    try:
+        t = threading.Thread(target=save)
+        t.start()
+        deadline = time.monotonic() + 30
+        while not os.listdir(tmp_path / "repo" / "data") or len(
+                os.listdir(tmp_path / "repo" / "data")) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        report = dckpt.gc(url)  # while step 3 is being written
+        t.join(60)
+    finally:
+        disarm()
+    assert not t.is_alive() and result["info"].step == 3
+    assert report.deleted == () and report.kept_young  # step 3's objects, in flight
+    final = dckpt.gc(url, min_age_s=0)
+    assert final.deleted  # step 1's data, once its grace ran out
+    _assert_same(_load(url, 3, states[3]), states[3])
+    _assert_same(_load(url, 2, states[2]), states[2])
+
+
+def _slow_save_in_thread(url: str, state: dict, step: int, out: dict) -> threading.Thread:
+    def save() -> None:
+        try:
+            out["info"] = dckpt.save(state, url, step=step)
+        except dckpt.CommitError as e:
+            out["error"] = e
+
+    t = threading.Thread(target=save)
+    t.start()
+    return t
+
+
+def test_deleting_the_base_of_a_save_in_flight_keeps_its_blocks_for_the_grace(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    base = _state(1)
+    dckpt.save(base, url, step=1)
+    changed = dict(base, t0=base["t0"] + 1)  # the rest references step 1's blocks
+    out: dict = {}
+    arm("slow", delay_s=0.5)
+    try:
+        t = _slow_save_in_thread(url, changed, 2, out)
+        time.sleep(0.3)
+        dckpt.delete(url, step=1)
+        report = dckpt.gc(url, min_age_s=1.5)
+        t.join(60)
+    finally:
+        disarm()
+    assert report.deleted == () and report.live_checkpoints == (1,)  # the tombstone's
+    assert out["info"].step == 2
+    _assert_same(_load(url, 2, changed), changed)
+
+
+def test_a_save_whose_referenced_objects_vanished_does_not_commit(tmp_path):
+    url = f"faultyfile://{tmp_path}/repo"
+    base = _state(1)
+    dckpt.save(base, url, step=1)
+    [segment] = dckpt.inspect(url).segments()
+    changed = dict(base, t0=base["t0"] + 1)
+    out: dict = {}
+    arm("slow", delay_s=0.5)
+    try:
+        t = _slow_save_in_thread(url, changed, 2, out)
+        time.sleep(0.3)
+        os.remove(tmp_path / "repo" / segment)  # what a gc with too short a grace would do
+        t.join(60)
+    finally:
+        disarm()
+    assert "no longer exist" in str(out["error"])
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+
+
+def test_a_corrupted_block_shared_by_several_checkpoints_is_reported_by_each(tmp_path):
+    url = str(tmp_path / "repo")
+    frozen = torch.randn(BLOCK)  # 4 blocks, in every checkpoint
+    config = SaveConfig(block_size_bytes=BLOCK, writer_threads=1)
+    for step in (1, 2, 3):
+        dckpt.save({"frozen": frozen, "moving": torch.full((100,), float(step))}, url,
+                   step=step, config=config)
+    m = dckpt.inspect(url, step=3)
+    ref = m.items["frozen"].chunks[0].data.blocks[1]
+    assert all(dckpt.inspect(url, step=s).items["frozen"].chunks[0].data.blocks[1] == ref
+               for s in (1, 2))
+    path = tmp_path / "repo" / ref.segment
+    raw = bytearray(path.read_bytes())
+    raw[ref.offset + 7] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    report = dckpt.verify(url, all_steps=True)
+    assert sorted({p.step for p in report.problems}) == [1, 2, 3]
+    assert all(p.item == "frozen" for p in report.problems)
+    for step in (1, 2, 3):
+        with pytest.raises(dckpt.IntegrityError, match="frozen"):
+            dckpt.load({"frozen": torch.zeros(BLOCK), "moving": torch.zeros(100)}, url,
+                       step=step)
+
+
+def test_compression_splits_floats_into_byte_planes_and_leaves_noise_raw(tmp_path):
+    url = str(tmp_path / "repo")
+    g = torch.Generator().manual_seed(5)
+    weights = (torch.randn(200_000, generator=g) * 0.02).bfloat16()  # narrow exponents
+    noise = torch.randint(0, 256, (200_000,), dtype=torch.uint8, generator=g)
+    state = {"w": weights, "noise": noise, "zeros": torch.zeros(50_000)}
+    info = dckpt.save(state, url, step=1, config=SaveConfig(compression="on"))
+    m = dckpt.inspect(url)
+    codecs = {k: {b.codec for c in m.items[k].chunks for b in c.data.blocks} for k in state}
+    assert codecs == {"w": {"zstd-planes-2"}, "noise": {"raw"}, "zeros": {"zstd-planes-4"}}
+    w_stored = sum(b.length for b in m.items["w"].chunks[0].data.blocks)
+    assert w_stored < 0.8 * weights.numel() * 2  # the exponent plane shrinks
+    assert info.bytes_written < info.bytes_logical
+    _assert_same(_load(url, 1, state), state)
+    assert dckpt.verify(url).bytes_checked == info.bytes_logical
+    off = dckpt.save(dict(state, zeros=torch.ones(50_000)), url, step=2,
+                     config=SaveConfig(compression="off", dedup=False))
+    assert off.bytes_written == off.bytes_logical
+
+
+def test_a_damaged_compressed_block_is_an_integrity_error(tmp_path):
+    url = str(tmp_path / "repo")
+    state = {"z": torch.zeros(100_000)}
+    dckpt.save(state, url, step=1, config=SaveConfig(compression="on"))
+    ref = dckpt.inspect(url).items["z"].chunks[0].data.blocks[0]
+    path = tmp_path / "repo" / ref.segment
+    raw = bytearray(path.read_bytes())
+    raw[ref.offset + ref.length // 2] ^= 0x55
+    path.write_bytes(bytes(raw))
+    with pytest.raises(dckpt.IntegrityError, match="'z'"):
+        dckpt.load({"z": torch.ones(100_000)}, url, step=1)
+    assert not dckpt.verify(url).ok
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    raw = open(path, "rb").read()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8: 8 + n])
+    meta = header.pop("__metadata__")
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "I64": torch.int64}
+    out = {}
+    for k, v in header.items():
+        a, b = v["data_offsets"]
+        out[k] = torch.frombuffer(bytearray(raw[8 + n + a: 8 + n + b]),
+                                  dtype=names[v["dtype"]]).reshape(v["shape"])
+    return out, meta
+
+
+@pytest.mark.parametrize("compression", ["on", "off"])
+def test_export_round_trips_in_every_format(tmp_path, compression):
+    url = str(tmp_path / "repo")
+    config = SaveConfig(block_size_bytes=BLOCK, compression=compression)
+    state = _state(3)
+    dckpt.save(state, url, step=1, config=config)
+    state["t0"] += 1
+    state["step"] = 2
+    dckpt.save(state, url, step=2, config=config)  # references step 1's blocks
+
+    copy = str(tmp_path / "copy")
+    dckpt.export(url, copy, step=2, format="dckpt")
+    assert [i.step for i in dckpt.list_checkpoints(copy)] == [2]
+    assert dckpt.verify(copy).ok
+    _assert_same(_load(copy, 2, state), state)  # self-contained: nothing from the source
+
+    pt = str(tmp_path / "state.pt")
+    dckpt.export(url, pt, step=2, format="torch")
+    loaded = torch.load(pt, weights_only=True)
+    _assert_same(loaded, state)
+
+    st = str(tmp_path / "state.safetensors")
+    dckpt.export(url, st, step=2, format="safetensors")
+    tensors, meta = _read_safetensors(st)
+    _assert_same(tensors, {k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    assert json.loads(meta["step"]) == 2 and meta["dckpt.step"] == "2"
+
+
+def test_export_of_a_sharded_checkpoint_assembles_the_full_tensor(tmp_path):
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: F401
+    url = str(tmp_path / "repo")
+    full = torch.arange(60, dtype=torch.float32).reshape(6, 10)
+    dckpt.save({"m": {"w": full}}, url, step=1)
+    pt = str(tmp_path / "m.pt")
+    dckpt.export(url, pt, format="torch")
+    assert torch.equal(torch.load(pt, weights_only=True)["m"]["w"], full)
+
+
+def test_cli_delete_gc_and_export(tmp_path, capsys):
+    url = str(tmp_path / "repo")
+    _chain(url, saves=3)
+    assert cli(["delete", url, "--step", "1"]) == 0
+    assert "deleted step 1" in capsys.readouterr().out
+    assert cli(["gc", url, "--dry-run", "--min-age", "0", "--json"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["dry_run"] is True and 1 not in dry["live_checkpoints"]
+    assert cli(["gc", url, "--min-age", "0"]) == 0
+    assert "removed" in capsys.readouterr().out
+    out = tmp_path / "s.pt"
+    assert cli(["export", url, "--step", "3", "--to", str(out), "--format", "torch"]) == 0
+    assert out.exists()
+    assert cli(["export", url, "--step", "9", "--to", str(out)]) == 2
+    assert "step 9" in capsys.readouterr().err
