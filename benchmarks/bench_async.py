@@ -4,7 +4,8 @@
 
 Every rank holds ``--gib-per-rank`` GiB of float32 DTensor shards (an FSDP-like state), on
 CUDA with ``--device cuda``. Each method saves it ``--saves`` times; between saves the
-"training" runs steps (matrix products on the same device) while the write goes on. For
+"training" runs steps (matrix products on the same device) while the write goes on, and
+after each save every value of the state changes (so no save can skip unchanged blocks). For
 each save: the pause (the call until it returns: the state may change then), the time to
 commit (until the save is durable and committed), and the step time while the write runs
 against the step time with no save running, measured right before each save (the
@@ -202,6 +203,10 @@ def main() -> None:
                 slow.append(statistics.median(steps) / before)
                 lost.append(sum(steps) - len(steps) * before)
             state["step"] = i
+            with torch.no_grad():  # every value changes, as in dense training (no dedup)
+                for v in state.values():
+                    if isinstance(v, DTensor):
+                        v.to_local().add_(1.0)
         result = {
             "pause_median_s": statistics.median(pauses), "pause_max_s": max(pauses),
             "commit_median_s": statistics.median(commits),

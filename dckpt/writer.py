@@ -326,6 +326,12 @@ class SegmentOut:
             self.f.write(bytes(pad))
             self.offset += pad
         blocks = []
+        pending = [0, 0]  # raw blocks not yet written: one write for a run of them
+
+        def flush() -> None:
+            if pending[1] > pending[0]:
+                self.f.write(buf[pending[0]: pending[1]])
+
         for start, length in cut(len(buf), self.block_size):
             piece = buf[start: start + length]
             d = digest(piece)
@@ -334,15 +340,21 @@ class SegmentOut:
                 encoded = codec.encode(piece, planes) if self.compress else None
                 if encoded is None:
                     ref = BlockRef(self.name, self.offset, length, length, d)
-                    self.f.write(piece)
+                    if pending[1] != start:
+                        flush()
+                        pending[0] = start
+                    pending[1] = start + length
                 else:
                     ref = BlockRef(self.name, self.offset, len(encoded[1]), length, d, encoded[0])
+                    flush()
+                    pending[0] = pending[1] = start
                     self.f.write(encoded[1])
                 self.offset += ref.length
                 self.written += ref.length
                 if self.index is not None:
                     self.index.add(ref)
             blocks.append(ref)
+        flush()
         return blocks
 
 

@@ -100,8 +100,10 @@ def _save_then_die(rank, world, url, victim):
     dckpt.save(own, url, step=1, config=dckpt.SaveConfig(collective_timeout_s=20))
     if rank == victim:
         arm("kill", after_bytes=1 << 20)  # SIGKILL this rank after 1 MiB of step 2
+    # random: every block new (a constant tensor would be one block, written once)
+    changed = torch.randn(4, 1 << 18, generator=torch.Generator().manual_seed(2))
     try:
-        dckpt.save({"w": _sharded(torch.full((4, 1 << 18), 2.0))}, url, step=2,
+        dckpt.save({"w": _sharded(changed)}, url, step=2,
                    config=dckpt.SaveConfig(collective_timeout_s=20))
     except dckpt.CommitError as e:
         return "CommitError", str(e)
