@@ -25,8 +25,8 @@ class SaveConfig:
     """Tensor bytes are cut into blocks of this size; each block is hashed on its own and
     is the unit a differential save skips. Measured (benchmarks/bench_dedup.py): 256 KiB
     finds 1/3 of a sparsely updated embedding table unchanged where 1-4 MiB find almost
-    nothing, at no measurable cost in save time; 64 KiB finds 2/3 but saves 30% slower
-    (docs/design.md, Block size)."""
+    nothing, for about 0.07 s more per GiB of unchanged state than 4 MiB; 64 KiB finds 2/3
+    and costs 0.18 s per GiB more (docs/design.md, Block size)."""
     writer_threads: int = 4
     """Writer threads per rank; each writes one segment object, so also segments per rank."""
     collective_timeout_s: float = 300.0
