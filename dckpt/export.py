@@ -54,9 +54,12 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
         if progress is not None:
             progress(done[0], total)
 
-    if fmt == "dckpt":
-        return _export_dckpt(store, m, Store(to, storage_options), step)
-    flat = {fqn: _full_item(store, m, fqn, step) for fqn in m.items}
+    try:
+        if fmt == "dckpt":
+            return _export_dckpt(store, m, Store(to, storage_options), step)
+        flat = {fqn: _full_item(store, m, fqn, step) for fqn in m.items}
+    finally:
+        store.close_files()
     if fmt == "torch":
         state = _unflatten(flat, m.planner_data)
         with open(to, "wb") as f:

@@ -88,6 +88,7 @@ class Fetcher:
 
     def __exit__(self, *exc: object) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.store.close_files()
 
     def submit(self, request: Request, dest: memoryview, what: str) -> Future[int]:
         return self._pool.submit(self.fetch, request, dest, what)

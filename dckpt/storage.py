@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +42,8 @@ class Store:
         self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
+        self._fds: dict[str, int] = {}
+        self._fds_lock = threading.Lock()
         if not self.local:
             # IMPORTANT: fsspec caches instances and listings across calls; other processes
             # commit checkpoints, so a listing from an earlier call may be stale.
@@ -134,8 +137,21 @@ class Store:
         return self.fs.cat_file(self.path(name))
 
     def read_into(self, name: str, offset: int, out: memoryview) -> int:
-        """Read ``len(out)`` bytes at ``offset`` into ``out``; returns the count read."""
+        """Read ``len(out)`` bytes at ``offset`` into ``out``; returns the count read.
+
+        Local files stay open between reads (``close_files`` closes them): a differential
+        checkpoint's reads are many and short, and opening the file for each cost more than
+        the read (objects are never modified once written, so a handle cannot go stale)."""
         path = self.path(name)
+        if type(self.fs) is LocalFileSystem:
+            fd = self._fd(path)
+            done = 0
+            while done < len(out):
+                n = os.preadv(fd, [out[done:]], offset + done)
+                if not n:
+                    break
+                done += n
+            return done
         if self.local:
             with self.fs.open(path, "rb") as f:
                 f.seek(offset)
@@ -149,6 +165,22 @@ class Store:
         data = self.fs.cat_file(path, start=offset, end=offset + len(out))
         out[: len(data)] = data
         return len(data)
+
+    def _fd(self, path: str) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            with self._fds_lock:
+                fd = self._fds.get(path)
+                if fd is None:
+                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def close_files(self) -> None:
+        """Close the files ``read_into`` keeps open."""
+        with self._fds_lock:
+            fds, self._fds = list(self._fds.values()), {}
+        for fd in fds:
+            os.close(fd)
 
     def size(self, name: str) -> int:
         return int(self.fs.size(self.path(name)))
