@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch.distributed.checkpoint as dcp
@@ -19,7 +20,8 @@ from dckpt.manifest import Manifest
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
-from dckpt.repository import committed_steps, read_manifest, require_repository
+from dckpt.repository import (committed_steps, quarantined, read_manifest, require_repository,
+                              set_quarantine)
 from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
@@ -60,38 +62,65 @@ def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics |
                                       storage_options=storage_options, config=config)
 
 
-Found = tuple[Manifest | None, list[tuple[int, str]], DckptError | None]
+@dataclass
+class _Found:
+    """(coordinator -> all ranks) The manifest to try next, the steps skipped on the way, the
+    error that ends the search, and the newest committed step (for the data lost)."""
+
+    manifest: Manifest | None = None
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    error: DckptError | None = None
+    newest: tuple[int, float | None] | None = None
 
 
-def _find(store: Store, step: int | None, tried: set[int]) -> Found:
-    """(coordinator) The manifest to try next: the asked step, or the newest readable one
-    not yet tried. Returns it, the steps skipped on the way, and the error that ends the
-    search, if any."""
-    skipped: list[tuple[int, str]] = []
+def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
+    """(coordinator) The asked step, or the newest readable one not yet tried and not
+    quarantined."""
+    found = _Found()
     try:
         if step is not None:
-            return read_manifest(store, step), skipped, None
+            found.manifest = read_manifest(store, step)
+            return found
         require_repository(store)
-        candidates = [s for s in reversed(committed_steps(store)) if s not in tried]
-        for s in candidates:
+        steps = committed_steps(store)
+        if not steps:
+            found.error = CheckpointNotFoundError(f"{store.url} holds no committed checkpoint")
+            return found
+        marked = quarantined(store)
+        for s in reversed(steps):
+            if s in tried:
+                continue
+            if s in marked:
+                found.skipped.append((s, f"quarantined by verify: {marked[s]}"))
+                continue
             try:
-                return read_manifest(store, s), skipped, None
+                found.manifest = read_manifest(store, s)
+                break
             except (IntegrityError, CheckpointNotFoundError) as e:
-                skipped.append((s, str(e)))
-        if not tried and not skipped:
-            return None, skipped, CheckpointNotFoundError(f"{store.url} holds no committed checkpoint")
-        return None, skipped, None
+                found.skipped.append((s, str(e)))
+        newest = steps[-1]
+        try:
+            created = (found.manifest.created_at if found.manifest is not None
+                       and found.manifest.step == newest
+                       else read_manifest(store, newest).created_at)
+        except DckptError:
+            created = None
+        found.newest = (newest, created)
     except DckptError as e:
-        return None, skipped, e
+        found.error = e
+    return found
 
 
-def load(state_dict: StateDict, url: str, *, step: int | None = None,
+def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: bool = False,
          storage_options: dict | None = None, config: LoadConfig | None = None) -> CheckpointInfo:
     """(collective) Load a checkpoint into ``state_dict`` in place.
 
     ``step=None``: the newest committed checkpoint that loads cleanly; ones that fail
-    verification are skipped (all ranks agree) and listed in ``info.skipped``. An explicit
-    ``step`` that fails raises IntegrityError.
+    verification, or that ``verify(quarantine=True)`` marked, are skipped (all ranks agree)
+    and listed in ``info.skipped``. An explicit ``step`` that fails raises IntegrityError.
+    ``partial=True``: load only the keys of ``state_dict`` (for example the model without
+    the optimizer); the checkpoint's other keys are not read. The info is a recovery report:
+    ``tried``, ``bytes_read``, ``phase_s`` and the data lost against the newest checkpoint.
     """
     config = config or LoadConfig()
     store = Store(url, storage_options)
@@ -99,27 +128,32 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None,
     group = dist.checkpoint_group(config.collective_timeout_s)
     t0 = time.perf_counter()
     skipped: list[tuple[int, str]] = []
-    tried: set[int] = set()
+    tried: list[int] = []
+    newest: tuple[int, float | None] | None = None
     while True:
         t_find = time.perf_counter()
-        found = _find(store, step, tried) if dist.rank() == 0 else None
-        manifest, newly_skipped, error = dist.broadcast(found, group)  # type: ignore[misc]
-        skipped += newly_skipped
-        if error is not None:
-            raise error
+        found = _find(store, step, set(tried)) if dist.rank() == 0 else None
+        found = dist.broadcast(found, group)  # type: ignore[assignment]
+        assert isinstance(found, _Found)
+        skipped += found.skipped
+        newest = newest or found.newest
+        if found.error is not None:
+            raise found.error
+        manifest = found.manifest
         if manifest is None:
             raise IntegrityError(
                 f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"
-                + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped))
-        tried.add(manifest.step)
+                + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped)
+                + "\nRun `dckpt verify --all` to see every problem")
+        tried.append(manifest.step)
         reader = Reader(url, step=manifest.step, storage_options=storage_options,
                         config=config, manifest=manifest)
         t_read = time.perf_counter()
         what = f"load of step {manifest.step} from {url}"
         try:
             with quiet_single_process():
-                dcp.load(state_dict, storage_reader=reader, planner=SafeLoadPlanner(),
-                         process_group=group)
+                dcp.load(state_dict, storage_reader=reader,
+                         planner=SafeLoadPlanner(partial=partial), process_group=group)
         except CheckpointException as e:
             err = dist.translate(e, what=what, saving=False)
             if step is not None or not isinstance(err, IntegrityError):
@@ -131,11 +165,19 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None,
             raise
         except Exception as e:
             raise dist.peer_failure(e, what=what, saving=False) from e
+        bytes_read = dist.total(reader.bytes_read, group)
         now = time.perf_counter()
-        phase_s = {"find": t_read - t_find, "read": now - t_read, "total": now - t0}
-        log.info("rank %d loaded step %d: %d bytes read in %.3f s", dist.rank(), manifest.step,
-                 reader.bytes_read, phase_s["read"])
-        return info_from_manifest(manifest, url, phase_s=phase_s, skipped=tuple(skipped))
+        phase_s = {"find": t_read - t_find, **reader.phase_s, "total": now - t0}
+        lost_steps = lost_s = None
+        if newest is not None:
+            lost_steps = newest[0] - manifest.step
+            lost_s = newest[1] - manifest.created_at if newest[1] is not None else None
+        log.info("rank %d loaded step %d: %d bytes read in %.3f s; %s", dist.rank(),
+                 manifest.step, reader.bytes_read, phase_s.get("read", 0.0),
+                 f"skipped {[s for s, _ in skipped]}" if skipped else "nothing skipped")
+        return info_from_manifest(manifest, url, phase_s=phase_s, skipped=tuple(skipped),
+                                  tried=tuple(tried), bytes_read=bytes_read,
+                                  data_lost_steps=lost_steps, data_lost_s=lost_s)
 
 
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
@@ -144,9 +186,11 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
     store = Store(url, storage_options)
     require_repository(store)
     infos = []
+    marked = quarantined(store)
     for step in committed_steps(store):
         try:
-            infos.append(info_from_manifest(read_manifest(store, step), url))
+            infos.append(info_from_manifest(read_manifest(store, step), url,
+                                            quarantined=marked.get(step)))
         except DckptError as e:
             infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
                                         world_size=0, bytes_logical=0, bytes_written=0,
@@ -155,10 +199,13 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
 
 
 def verify(url: str, *, step: int | None = None, all_steps: bool = False,
-           storage_options: dict | None = None, progress: Progress | None = None) -> VerifyReport:
+           quarantine: bool = False, storage_options: dict | None = None,
+           progress: Progress | None = None) -> VerifyReport:
     """Read back and check every byte of one checkpoint (``step``, default the newest), or of
-    every committed one with ``all_steps=True``. Raises only when ``url`` holds no
-    repository (or the asked step does not exist). Not collective."""
+    every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
+    that restores skip it at once (nothing is deleted), and clear the mark of each one that
+    verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
+    exist). Not collective."""
     store = Store(url, storage_options)
     require_repository(store)
     steps = committed_steps(store)
@@ -169,7 +216,16 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
         steps = [step]
     elif not all_steps:
         steps = steps[-1:]
-    return verify_steps(store, steps, progress=progress)
+    report = verify_steps(store, steps, progress=progress)
+    if quarantine:
+        bad = {}
+        for p in report.problems:
+            bad.setdefault(p.step, p.message.splitlines()[0])
+        for s in steps:
+            set_quarantine(store, s, bad.get(s))
+        if bad:
+            log.warning("quarantined steps %s of %s", sorted(bad), url)
+    return report
 
 
 def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:

@@ -67,6 +67,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if i.problem:
             print(f"{i.step:>10}  DAMAGED: {i.problem.splitlines()[0]}")
             continue
+        if i.quarantined:
+            print(f"{i.step:>10}  QUARANTINED: {i.quarantined}")
+            continue
         metrics = " ".join(f"{k}={v}" for k, v in i.metrics.items())
         print(f"{i.step:>10}  {_when(i.created_at):<23}  {i.world_size:>5}  "
               f"{_size(i.bytes_logical):>10}  {_size(i.bytes_written):>10}  {metrics}")
@@ -98,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     report = dckpt.verify(args.url, step=args.step, all_steps=args.all,
-                          storage_options=_options(args.option),
+                          quarantine=args.quarantine, storage_options=_options(args.option),
                           progress=_Progress("verifying", not args.json and sys.stderr.isatty()))
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": list(report.steps),
@@ -175,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="the step (default: the newest)")
     which.add_argument("--all", action="store_true", help="every committed checkpoint")
+    p.add_argument("--quarantine", action="store_true",
+                   help="mark each damaged checkpoint so that restores skip it (nothing is "
+                        "deleted); clear the mark of each that verifies clean")
     p = command("delete", cmd_delete, "drop one checkpoint (its data goes at a later gc)")
     p.add_argument("--step", type=int, required=True, help="the step to drop")
     p = command("gc", cmd_gc, "remove data no committed checkpoint references")

@@ -105,3 +105,12 @@ def peer_failure(exc: BaseException, *, what: str, saving: bool) -> DckptError:
     return cls(f"{what} failed on rank {rank()}: a collective with the other ranks broke "
                f"({type(exc).__name__}: {exc}). A rank died or stopped answering within the "
                "timeout; earlier checkpoints are intact")
+
+
+def total(value: int, group: dist.ProcessGroup | None) -> int:
+    """(all ranks) The sum of ``value`` over the ranks of ``group``."""
+    if group is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return int(t.item())

@@ -28,7 +28,8 @@ class CheckpointInfo:
     bytes_written: int
     """Bytes this save stored, all ranks."""
     phase_s: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase: save (plan, write, commit, total), load (find, read, total)."""
+    """Seconds per phase: save (plan, write, commit, total); load (find, plan, read, total,
+    and this rank's io_thread, verify_thread and copy: see Reader.phase_s)."""
     skipped: tuple[tuple[int, str], ...] = ()
     """Load only: newer checkpoints that failed to load, with the reason, newest first."""
     problem: str | None = None
@@ -42,6 +43,18 @@ class CheckpointInfo:
     previous_failures: tuple[tuple[int, str], ...] = ()
     """Async save only, this rank: earlier background saves that failed since the last
     report, as (step, reason)."""
+    quarantined: str | None = None
+    """Listing only: why ``verify(quarantine=True)`` marked it damaged; loads skip it."""
+    tried: tuple[int, ...] = ()
+    """Load only: the steps tried, newest first (the last is this one)."""
+    bytes_read: int = 0
+    """Load only: stored bytes read, all ranks."""
+    data_lost_steps: int | None = None
+    """Load only: steps between this checkpoint and the newest committed one (0 when it is
+    the newest): the training to redo."""
+    data_lost_s: float | None = None
+    """Load only: seconds between this checkpoint's commit and the newest one's, where the
+    newest's manifest could be read."""
 
 
 def info_from_manifest(m: Manifest, url: str, **overrides: object) -> CheckpointInfo:

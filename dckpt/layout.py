@@ -6,6 +6,7 @@ A repository is a folder (or an S3 prefix)::
     manifests/000000000100.json         a committed checkpoint (the commit point)
     manifests/.tmp-<random>             a manifest being committed (local disk only)
     deleted/000000000100-<unix ms>.json a deleted checkpoint's manifest, kept for gc's grace
+    quarantine/000000000100.json        a committed checkpoint that verify found damaged
     data/<attempt>/r00000-000.seg       segment objects of one save attempt, per rank and writer
 
 An attempt name is ``s<step>-t<unix ms>-<random hex>``: unique to one try at saving a step,
@@ -24,6 +25,7 @@ MARKER = "dckpt.json"
 MANIFEST_DIR = "manifests"
 DATA_DIR = "data"
 DELETED_DIR = "deleted"
+QUARANTINE_DIR = "quarantine"
 
 _MANIFEST_RE = re.compile(r"^(\d{12,20})\.json$")
 _TOMBSTONE_RE = re.compile(r"^(\d{12,20})-(\d+)\.json$")
@@ -39,6 +41,10 @@ def parse_manifest_name(basename: str) -> int | None:
     """The step of a committed manifest's base name, or None for anything else."""
     match = _MANIFEST_RE.match(basename)
     return int(match.group(1)) if match else None
+
+
+def quarantine_name(step: int) -> str:
+    return f"{QUARANTINE_DIR}/{step:012d}.json"
 
 
 def tombstone_name(step: int, now_s: float | None = None) -> str:

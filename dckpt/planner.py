@@ -18,11 +18,15 @@ from dckpt.errors import StateDictError, UnsafeValueError
 __all__ = ["SafeLoadPlanner", "state_dict_problems", "safe_load"]
 
 
-def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str]:
-    """Every way the (flattened) destination state dict does not fit the checkpoint."""
+def state_dict_problems(flat: dict[str, object], metadata: Metadata, *,
+                        partial: bool = False) -> list[str]:
+    """Every way the (flattened) destination state dict does not fit the checkpoint;
+    ``partial``: the checkpoint may hold keys the state dict does not ask for."""
     stored = metadata.state_dict_metadata
     problems = [f"{k}: in the state dict but not in the checkpoint" for k in flat if k not in stored]
-    problems += [f"{k}: in the checkpoint but not in the state dict" for k in stored if k not in flat]
+    if not partial:
+        problems += [f"{k}: in the checkpoint but not in the state dict (pass partial=True "
+                     "to load only the state dict's keys)" for k in stored if k not in flat]
     for key, value in flat.items():
         md = stored.get(key)
         if md is None:
@@ -57,10 +61,15 @@ def safe_load(raw: bytes | memoryview, what: str) -> object:
 
 class SafeLoadPlanner(DefaultLoadPlanner):
     """DefaultLoadPlanner that (all ranks) refuses a state dict that does not fit, listing
-    every problem, and loads non-tensor values with ``weights_only=True``."""
+    every problem, and loads non-tensor values with ``weights_only=True``. ``partial``: load
+    the state dict's keys only, leaving the checkpoint's others unread."""
+
+    def __init__(self, *, partial: bool = False) -> None:
+        super().__init__()
+        self.partial = partial
 
     def create_local_plan(self) -> LoadPlan:
-        problems = state_dict_problems(self.state_dict, self.metadata)
+        problems = state_dict_problems(self.state_dict, self.metadata, partial=self.partial)
         if problems:
             raise StateDictError(
                 f"the state dict does not fit the checkpoint ({len(problems)} problems):\n"

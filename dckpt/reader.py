@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+import time
 from concurrent.futures import Future as PoolFuture
 from dataclasses import dataclass, field
 
@@ -100,16 +101,23 @@ class Reader(StorageReader):
         self.config = config or LoadConfig()
         self.manifest = manifest
         self.bytes_read = 0
+        self.phase_s: dict[str, float] = {}
+        """After a load, this rank: plan (DCP's planning up to the first read), read (the
+        reads, checks and copies, wall), io_thread / verify_thread (thread-seconds in reads
+        and in decoding and checking), copy (wall, into destinations not read in place)."""
+        self._t_plan = 0.0
         self._storage: dict[MetadataIndex, tuple[str, ChunkEntry | StoredData]] = {}
 
     def reset(self, checkpoint_id: object = None) -> None:
         self.bytes_read = 0
+        self.phase_s = {}
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: object) -> bool:
         return False
 
     def read_metadata(self) -> Metadata:
+        self._t_plan = time.perf_counter()
         if self.manifest is None:
             self.manifest = read_manifest(self.store, self.step)
         md = to_dcp_metadata(self.manifest)
@@ -127,6 +135,8 @@ class Reader(StorageReader):
         return plans
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        t_read = time.perf_counter()
+        self._copy_s = 0.0
         groups: dict[MetadataIndex, list[ReadItem]] = {}
         for item in plan.items:
             groups.setdefault(item.storage_index, []).append(item)
@@ -147,6 +157,9 @@ class Reader(StorageReader):
                 window.append(job)
                 window_bytes += size
             self._finish(window, planner)
+        self.phase_s = {"plan": t_read - self._t_plan if self._t_plan else 0.0,
+                        "read": time.perf_counter() - t_read, "io_thread": fetcher.io_s,
+                        "verify_thread": fetcher.verify_s, "copy": self._copy_s}
         future: Future[None] = Future()
         future.set_result(None)
         return future
@@ -203,7 +216,9 @@ class Reader(StorageReader):
                 self.bytes_read += f.result()
             for item, target in zip(job.items, job.targets):
                 if not job.direct:
+                    t0 = time.perf_counter()
                     target.copy_(self._source(job, item))
+                    self._copy_s += time.perf_counter() - t0
                 planner.commit_tensor(item, target)
 
     def _source(self, job: _Job, item: ReadItem) -> torch.Tensor:

@@ -6,6 +6,8 @@ on a thread pool and checks every block against its digest before the bytes are 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -82,6 +84,11 @@ class Fetcher:
     def __init__(self, store: Store, threads: int) -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dckpt-read")
+        self._lock = threading.Lock()
+        self.io_s = 0.0
+        """Thread-seconds spent reading (summed over the reader threads)."""
+        self.verify_s = 0.0
+        """Thread-seconds spent decoding and checking digests."""
 
     def __enter__(self) -> Fetcher:
         return self
@@ -111,6 +118,7 @@ class Fetcher:
             out = memoryview(bytearray(req.length))
         else:
             out = dest[req.dest_start: req.dest_start + req.length]
+        t0 = time.perf_counter()
         try:
             n = self.store.read_into(req.segment, req.offset, out)
         except FileNotFoundError:
@@ -120,9 +128,14 @@ class Fetcher:
             raise IntegrityError(
                 f"{what}: object {req.segment} is truncated: asked {req.length} bytes at offset "
                 f"{req.offset}, got {n}")
+        t1 = time.perf_counter()
         if encoded:
             ref, pos = req.blocks[0]
             decode(ref.codec, out, dest[pos: pos + ref.raw_length], what=what)
         for ref, pos in req.blocks:
             check(dest[pos: pos + ref.raw_length], ref, what=what)
+        t2 = time.perf_counter()
+        with self._lock:
+            self.io_s += t1 - t0
+            self.verify_s += t2 - t1
         return n

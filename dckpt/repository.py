@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import time
 
 from dckpt import layout
 from dckpt.errors import CheckpointNotFoundError, FormatError
 from dckpt.manifest import Manifest, decode
 from dckpt.storage import Store
 
-__all__ = ["committed_steps", "read_manifest", "require_repository", "mark_repository"]
+__all__ = ["committed_steps", "read_manifest", "require_repository", "mark_repository",
+           "quarantined", "set_quarantine"]
 
 _MARKER = json.dumps({"format": "dckpt.repository", "version": 1}).encode()
 
@@ -50,3 +52,29 @@ def read_manifest(store: Store, step: int | None) -> Manifest:
     if m.step != step:
         raise FormatError(f"{store.url}/{name}: holds step {m.step}, its name says {step}")
     return m
+
+
+def quarantined(store: Store) -> dict[int, str]:
+    """Steps that ``verify(quarantine=True)`` found damaged, with the reason: restores with
+    ``step=None`` skip them without reading them."""
+    out = {}
+    for name in store.list_names(layout.QUARANTINE_DIR):
+        step = layout.parse_manifest_name(name)
+        if step is None:
+            continue
+        try:
+            doc = json.loads(store.read_bytes(f"{layout.QUARANTINE_DIR}/{name}"))
+            out[step] = str(doc.get("reason", "damaged"))
+        except (FileNotFoundError, ValueError, AttributeError):
+            out[step] = "quarantined (the marker is unreadable)"
+    return out
+
+
+def set_quarantine(store: Store, step: int, reason: str | None) -> None:
+    """Mark ``step`` damaged with ``reason``, or clear its mark (``reason=None``)."""
+    name = layout.quarantine_name(step)
+    if reason is None:
+        store.delete(name)
+        return
+    with store.open_write(name) as f:
+        f.write(json.dumps({"step": step, "reason": reason, "at": time.time()}).encode())

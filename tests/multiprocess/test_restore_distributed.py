@@ -1,0 +1,45 @@
+"""Fallback on real gloo ranks: every kind of damage, the ranks agreeing, on 4 ranks and
+resharded onto 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dckpt
+from dckpt_testing import run_ranks
+from restore_damage import KINDS, damage
+
+
+def _full(step: int) -> torch.Tensor:
+    return torch.randn(16, 4096, generator=torch.Generator().manual_seed(step))
+
+
+def _sharded(full: torch.Tensor):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    return distribute_tensor(full, mesh, [Shard(0)])
+
+
+def _save_steps(rank, world, url):
+    for step in (1, 2):
+        dckpt.save({"w": _sharded(_full(step)), "step": step}, url, step=step)
+
+
+def _load(rank, world, url):
+    state = {"w": _sharded(torch.zeros(16, 4096)), "step": 0}
+    info = dckpt.load(state, url)
+    return (info.step, [s for s, _ in info.skipped], state["step"],
+            bool(torch.equal(state["w"].full_tensor(), _full(info.step))))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ranks_agree_on_the_fallback_for_every_damage_and_on_another_world_size(tmp_path, kind):
+    url = str(tmp_path)
+    run_ranks(_save_steps, 4, url)
+    damage(tmp_path, 2, kind, rank=1)  # only rank 1's data (or the shared manifest)
+    want = (1, [2], 1, True)
+    assert [o.value for o in run_ranks(_load, 4, url)] == [want] * 4
+    assert [o.value for o in run_ranks(_load, 2, url)] == [want] * 2
