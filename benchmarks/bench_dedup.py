@@ -148,7 +148,8 @@ def main() -> None:
                   "world_size": world, "bytes_logical": logical,
                   "bytes_written_median": statistics.median(written),
                   "written_vs_full": statistics.median(written) / logical,
-                  "save_s_median": statistics.median(seconds), "save_s": seconds}
+                  "save_s_median": statistics.median(seconds), "save_s": seconds,
+                  "written_vs_full_each": [w / logical for w in written]}
         if config is not None:
             result["block_size_bytes"] = config.block_size_bytes
         if restore:

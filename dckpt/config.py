@@ -41,6 +41,12 @@ class SaveConfig:
     persist_nice: int = 10
     """Async saves: the nice value (0-19) of the background write's threads, so that they
     take the CPU only when the training leaves it; 0 keeps the training's priority."""
+    sparse_block_size_bytes: int | None = 32 * 1024
+    """Differential saves: the block size for a tensor (of 16 blocks or more) whose last save
+    wrote some of its blocks but under 90% of them: sparse updates, such as an embedding
+    table's rows, where small blocks find the unchanged bytes (used only when smaller than
+    ``block_size_bytes``). It returns to ``block_size_bytes`` when the tensor changes
+    densely. None: one block size for all."""
     dedup: bool = True
     """Write only blocks the newest committed checkpoint does not already hold; reference
     the others (differential saves). Blocks are compared by xxh3-128 digest and length."""
@@ -73,6 +79,11 @@ class SaveConfig:
             raise ValueError(
                 f"SaveConfig.staging_bytes must be None or at least two blocks "
                 f"({2 * self.block_size_bytes} bytes), got {self.staging_bytes!r}")
+        if self.sparse_block_size_bytes is not None and (
+                self.sparse_block_size_bytes % 4096 or self.sparse_block_size_bytes <= 0):
+            raise ValueError(
+                "SaveConfig.sparse_block_size_bytes must be None or a positive multiple of "
+                f"4096, got {self.sparse_block_size_bytes!r}")
         if self.block_size_bytes % 4096:
             raise ValueError(
                 f"SaveConfig.block_size_bytes must be a multiple of 4096, got {self.block_size_bytes}")

@@ -19,21 +19,54 @@ import threading
 from collections.abc import Iterable
 
 from dckpt.errors import DckptError
-from dckpt.manifest import BlockRef, Manifest, stored_datas
+from dckpt.manifest import BlockRef, Manifest, TensorEntry, stored_datas
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
-__all__ = ["BlockIndex", "index_for", "remember"]
+__all__ = ["BlockIndex", "index_for", "remember", "block_size_for", "item_key"]
 
 log = logging.getLogger(__name__)
 
 
-class BlockIndex:
-    """digest and raw length -> a stored block; safe to share between writer threads."""
+History = dict[str, tuple[int, float | None]]
+"""Per stored item (``item_key``): the block size of its last save and the fraction of its
+blocks that save had to write (None when only the size is known, from a manifest)."""
 
-    def __init__(self, base_step: int | None, refs: Iterable[BlockRef] = ()) -> None:
+DENSE = 0.9
+"""An item whose save wrote at least this fraction of its blocks changed densely."""
+
+
+def item_key(fqn: str, offsets: Iterable[int] | None) -> str:
+    return fqn if offsets is None else f"{fqn}@{','.join(str(o) for o in offsets)}"
+
+
+def block_size_for(history: History, key: str, nbytes: int, default: int,
+                   sparse: int | None) -> int:
+    """The block size for an item: ``sparse`` for one whose last save wrote some of its
+    blocks but not most (sparse updates: an embedding table, say, where small blocks find
+    the unchanged rows), back to ``default`` once it changes densely; an unchanged item keeps
+    its size, so that it keeps matching. The save that changes an item's size matches none of
+    its blocks, so it records no fraction: the size holds until the next save measures."""
+    if sparse is not None and sparse >= default:
+        sparse = None
+    last = history.get(key)
+    if sparse is None or last is None or nbytes < 16 * default:
+        return default if last is None or sparse is None else last[0]
+    size, fraction = last
+    if fraction is None or fraction == 0.0:
+        return size
+    return sparse if fraction < DENSE else default
+
+
+class BlockIndex:
+    """digest and raw length -> a stored block; safe to share between writer threads. Also
+    the items' block-size history (see ``block_size_for``)."""
+
+    def __init__(self, base_step: int | None, refs: Iterable[BlockRef] = (),
+                 history: History | None = None) -> None:
         self.base_step = base_step
         self._refs = {(r.digest, r.raw_length): r for r in refs}
+        self.history: History = dict(history or {})
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -41,8 +74,15 @@ class BlockIndex:
 
     @classmethod
     def of_manifest(cls, m: Manifest) -> BlockIndex:
+        history: History = {}
+        for fqn, e in m.items.items():
+            chunks = ([(c.offsets, c.data) for c in e.chunks] if isinstance(e, TensorEntry)
+                      else [(None, e.data)])
+            for offsets, d in chunks:
+                if len(d.blocks) > 1:
+                    history[item_key(fqn, offsets)] = (d.blocks[0].raw_length, None)
         return cls(m.step, (b for e in m.items.values() for d in stored_datas(e)
-                            for b in d.blocks))
+                            for b in d.blocks), history)
 
     def get(self, digest: str, raw_length: int) -> BlockRef | None:
         return self._refs.get((digest, raw_length))
@@ -63,7 +103,7 @@ def index_for(store: Store, base_step: int | None) -> BlockIndex:
     with _last_lock:
         last = _last.get(store.url)
     if last is not None and last.base_step == base_step:
-        return BlockIndex(base_step, last._refs.values())
+        return BlockIndex(base_step, last._refs.values(), last.history)
     try:
         return BlockIndex.of_manifest(read_manifest(store, base_step))
     except DckptError as e:  # deleted or damaged since the listing: write everything
@@ -71,7 +111,8 @@ def index_for(store: Store, base_step: int | None) -> BlockIndex:
         return BlockIndex(None)
 
 
-def remember(store: Store, step: int, refs: Iterable[BlockRef]) -> None:
-    """(after a commit) This rank's blocks of committed ``step``: the next save's index."""
+def remember(store: Store, step: int, refs: Iterable[BlockRef], history: History) -> None:
+    """(after a commit) This rank's blocks of committed ``step`` and its items' history:
+    the next save's index."""
     with _last_lock:
-        _last[store.url] = BlockIndex(step, refs)
+        _last[store.url] = BlockIndex(step, refs, history)

@@ -36,7 +36,7 @@ from dckpt import layout
 from dckpt.blocks import cut, digest
 from dckpt import codec
 from dckpt.config import SaveConfig
-from dckpt.dedup import BlockIndex, index_for, remember
+from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember
 from dckpt.errors import CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, TensorEntry,
@@ -123,6 +123,7 @@ class Writer(StorageWriter):
         self._t: dict[str, float] = {}
         self._index: BlockIndex | None = None
         self._results: list[WriteResult] | None = None
+        self._history: History = {}  # this save's items: block size, fraction written
 
     # -- DCP protocol ----------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Writer(StorageWriter):
         self.info = None
         self._t = {}
         self._results = None
+        self._history = {}
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: object) -> bool:
@@ -238,7 +240,8 @@ class Writer(StorageWriter):
         """(every rank, after the commit) Keep this rank's blocks as the next save's index."""
         if self.config.dedup and self._results is not None:
             remember(self.store, self.step, (b for r in self._results
-                                             for b in r.storage_data.data.blocks))
+                                             for b in r.storage_data.data.blocks),
+                     self._history)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -268,8 +271,19 @@ class Writer(StorageWriter):
                 else:
                     buf = tensor_bytes(data)  # type: ignore[arg-type]
                     planes = byte_planes(data.dtype)  # type: ignore[union-attr]
-                before = out.written
-                stored = StoredData(len(buf), tuple(out.append(buf, planes=planes)))
+                key = item_key(item.index.fqn, item.index.offset)
+                size = self.config.block_size_bytes
+                if self._index is not None:
+                    size = block_size_for(self._index.history, key, len(buf), size,
+                                          self.config.sparse_block_size_bytes)
+                before, new_before = out.written, out.new_blocks
+                blocks = out.append(buf, planes=planes, block_size=size)
+                if blocks:  # a save that changed the size matched nothing: no evidence
+                    last = self._index.history.get(key) if self._index is not None else None
+                    fresh = last is not None and last[0] != size
+                    self._history[key] = (size, None if fresh else
+                                          (out.new_blocks - new_before) / len(blocks))
+                stored = StoredData(len(buf), tuple(blocks))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
                                            storage_data=_Stored(stored, out.written - before)))
                 del buf
@@ -317,10 +331,13 @@ class SegmentOut:
         self.compress = compress
         self.offset = 0
         self.written = 0  # stored bytes written (padding aside)
+        self.new_blocks = 0  # blocks written (the others the index held)
 
-    def append(self, buf: memoryview, *, planes: int = 1) -> list[BlockRef]:
+    def append(self, buf: memoryview, *, planes: int = 1,
+               block_size: int | None = None) -> list[BlockRef]:
         """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
-        planes its elements split into before compression (see dckpt.codec)."""
+        planes its elements split into before compression (see dckpt.codec);
+        ``block_size``: this item's, instead of the segment's."""
         if self.align and len(buf) >= self.ALIGN_FROM_BYTES and self.offset % self.align:
             pad = -self.offset % self.align
             self.f.write(bytes(pad))
@@ -332,7 +349,7 @@ class SegmentOut:
             if pending[1] > pending[0]:
                 self.f.write(buf[pending[0]: pending[1]])
 
-        for start, length in cut(len(buf), self.block_size):
+        for start, length in cut(len(buf), block_size or self.block_size):
             piece = buf[start: start + length]
             d = digest(piece)
             ref = self.index.get(d, length) if self.index is not None else None
@@ -351,6 +368,7 @@ class SegmentOut:
                     self.f.write(encoded[1])
                 self.offset += ref.length
                 self.written += ref.length
+                self.new_blocks += 1
                 if self.index is not None:
                     self.index.add(ref)
             blocks.append(ref)

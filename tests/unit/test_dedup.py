@@ -350,3 +350,36 @@ def test_cli_delete_gc_and_export(tmp_path, capsys):
     assert out.exists()
     assert cli(["export", url, "--step", "9", "--to", str(out)]) == 2
     assert "step 9" in capsys.readouterr().err
+
+
+def test_a_sparsely_updated_table_moves_to_small_blocks_and_a_dense_one_does_not(tmp_path):
+    url = str(tmp_path / "repo")
+    config = SaveConfig(block_size_bytes=64 << 10, sparse_block_size_bytes=4 << 10)
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(4096, 64, generator=g)  # 1 MiB, 256-byte rows
+    dense = torch.randn(4096, 64, generator=g)
+    written, snapshots = [], {}
+    for step in range(1, 6):
+        if step > 1:
+            rows = torch.randperm(4096, generator=g)[:8]  # 8 rows: 8 of 16 big blocks at most
+            table[rows] += 1
+            dense += 1
+        info = dckpt.save({"table": table, "dense": dense}, url, step=step, config=config)
+        snapshots[step] = (table.clone(), dense.clone())
+        written.append(info.bytes_written - dense.numel() * 4)  # the table's share
+    sizes = {k: {b.raw_length for b in dckpt.inspect(url, step=5).items[k].chunks[0].data.blocks}
+             for k in ("table", "dense")}
+    assert sizes == {"table": {4 << 10}, "dense": {64 << 10}}
+    assert written[1] < 0.7 * (1 << 20)  # 64 KiB blocks: about half the table
+    assert written[2] >= 1 << 20  # the move to 4 KiB blocks writes it once more
+    assert written[3] <= 8 * (4 << 10) and written[4] <= 8 * (4 << 10)  # then only the rows
+    for step, (t, d) in snapshots.items():
+        out = {"table": torch.zeros(4096, 64), "dense": torch.zeros(4096, 64)}
+        dckpt.load(out, url, step=step)
+        assert torch.equal(out["table"], t) and torch.equal(out["dense"], d)
+    # a new process (no memory of the last save) keeps the small blocks from the manifest
+    from dckpt import dedup
+    dedup._last.clear()
+    table[0] += 1
+    info = dckpt.save({"table": table, "dense": dense}, url, step=6, config=config)
+    assert info.bytes_written - dense.numel() * 4 <= 4 << 10
