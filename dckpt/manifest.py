@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ _DTYPES: dict[str, torch.dtype] = {
     if isinstance(getattr(torch, name, None), torch.dtype)
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+_DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 CODECS = ("raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8")
 
 
@@ -214,7 +216,7 @@ def _data(doc: dict, where: str, segments: list[str]) -> StoredData:
         if seg >= len(segments):
             raise FormatError(f"{w}: segment index {seg} out of range ({len(segments)} segments)")
         digest, codec = _str(b[4], w), _str(b[5], w)
-        if len(digest) != 32 or any(c not in "0123456789abcdef" for c in digest):
+        if not _DIGEST_RE.fullmatch(digest):
             raise FormatError(f"{w}: digest {digest!r} is not 32 lowercase hex digits")
         if codec not in CODECS:
             raise FormatError(f"{w}: unknown codec {codec!r}; known: {', '.join(CODECS)}")

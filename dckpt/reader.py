@@ -32,11 +32,14 @@ from torch.futures import Future
 from dckpt.config import LoadConfig
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry, dtype_from_name
 from dckpt.planner import safe_load
-from dckpt.reads import Fetcher, blocks_in_range, coalesce
+from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
 __all__ = ["Reader", "to_dcp_metadata", "box_range"]
+
+SPAN_GAP_BYTES = 1 << 20
+"""Requests of one object at most this far apart are read as one (the gap is dropped)."""
 
 
 def to_dcp_metadata(m: Manifest) -> Metadata:
@@ -207,8 +210,9 @@ class Reader(StorageReader):
                                     job.first + job.buffer.numel())
         dest = memoryview(job.buffer.numpy())
         what = self._what("tensor", job.fqn)
-        job.futures = [fetcher.submit(req, dest, what)
-                       for req in coalesce(picked, self.config.read_request_bytes)]
+        requests = coalesce(picked, self.config.read_request_bytes)
+        job.futures = [fetcher.submit_span(span, dest, what) for span in
+                       spans(requests, self.config.read_request_bytes, SPAN_GAP_BYTES)]
 
     def _finish(self, window: list[_Job], planner: LoadPlanner) -> None:
         for job in window:

@@ -18,7 +18,7 @@ from dckpt.errors import IntegrityError
 from dckpt.manifest import BlockRef, StoredData
 from dckpt.storage import Store
 
-__all__ = ["Request", "blocks_in_range", "coalesce", "Fetcher"]
+__all__ = ["Request", "Span", "blocks_in_range", "coalesce", "spans", "Fetcher"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,44 @@ def coalesce(blocks: Sequence[tuple[BlockRef, int]], max_bytes: int) -> list[Req
     return requests
 
 
+@dataclass(frozen=True)
+class Span:
+    """One ranged read covering several requests of one object, and the gaps between them."""
+
+    segment: str
+    offset: int
+    length: int
+    parts: tuple[Request, ...]
+
+
+def spans(requests: Sequence[Request], max_bytes: int, max_gap: int) -> list[Span]:
+    """Requests of the same object whose bytes lie close (gaps of at most ``max_gap``) merged
+    into reads of at most ``max_bytes``: a differential checkpoint's blocks lie in short runs
+    across the segments of several saves, and one larger read beats many small ones. The gap
+    bytes are read and dropped."""
+    out: list[Span] = []
+    by_segment: dict[str, list[Request]] = {}
+    for r in requests:
+        by_segment.setdefault(r.segment, []).append(r)
+    for segment, reqs in by_segment.items():
+        reqs.sort(key=lambda r: r.offset)
+        run = [reqs[0]]
+        for r in reqs[1:]:
+            end = run[-1].offset + run[-1].length
+            if 0 <= r.offset - end <= max_gap and r.offset + r.length - run[0].offset <= max_bytes:
+                run.append(r)
+            else:
+                out.append(_span(segment, run))
+                run = [r]
+        out.append(_span(segment, run))
+    return out
+
+
+def _span(segment: str, run: list[Request]) -> Span:
+    return Span(segment, run[0].offset, run[-1].offset + run[-1].length - run[0].offset,
+                tuple(run))
+
+
 class Fetcher:
     """A pool of reader threads over one store. Use as a context manager."""
 
@@ -100,6 +138,31 @@ class Fetcher:
     def submit(self, request: Request, dest: memoryview, what: str) -> Future[int]:
         return self._pool.submit(self.fetch, request, dest, what)
 
+    def submit_span(self, span: Span, dest: memoryview, what: str) -> Future[int]:
+        if len(span.parts) == 1:
+            return self.submit(span.parts[0], dest, what)
+        return self._pool.submit(self.fetch_span, span, dest, what)
+
+    def fetch_span(self, span: Span, dest: memoryview, what: str) -> int:
+        """Read a span into a buffer of its own, then each of its requests from there into
+        ``dest`` as ``fetch`` would; returns the bytes read."""
+        buf = memoryview(bytearray(span.length))
+        self.fetch(Request(span.segment, span.offset, span.length, 0, ()), buf, what)
+        for req in span.parts:
+            rel = req.offset - span.offset
+            piece = buf[rel: rel + req.length]
+            t0 = time.perf_counter()
+            ref, pos = req.blocks[0]
+            if ref.codec != "raw":
+                decode(ref.codec, piece, dest[pos: pos + ref.raw_length], what=what)
+            else:
+                dest[req.dest_start: req.dest_start + req.length] = piece
+            for ref, pos in req.blocks:
+                check(dest[pos: pos + ref.raw_length], ref, what=what)
+            with self._lock:
+                self.verify_s += time.perf_counter() - t0
+        return span.length
+
     def submit_check(self, request: Request, what: str) -> Future[int]:
         """Read and verify a request into a buffer of its own (memory: one per thread)."""
         return self._pool.submit(self._check, request, what)
@@ -113,7 +176,7 @@ class Fetcher:
     def fetch(self, req: Request, dest: memoryview, what: str) -> int:
         """Read one request into ``dest`` (decoding a compressed block) and verify its blocks;
         returns the stored bytes read."""
-        encoded = req.blocks[0][0].codec != "raw"  # IMPORTANT: then it is the only block
+        encoded = bool(req.blocks) and req.blocks[0][0].codec != "raw"  # then the only block
         if encoded:
             out = memoryview(bytearray(req.length))
         else:

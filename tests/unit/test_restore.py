@@ -128,3 +128,19 @@ def test_cli_verify_json_lists_quarantine_state(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert {p["step"] for p in out["problems"]} == {2}
     assert dckpt.load(_empty(), url, step=None).step == 3
+
+
+def test_spans_merge_close_reads_of_one_object_and_nothing_else():
+    from dckpt.manifest import BlockRef
+    from dckpt.reads import Request, spans
+
+    def req(seg: str, offset: int, length: int) -> Request:
+        ref = BlockRef(seg, offset, length, length, "0" * 32)
+        return Request(seg, offset, length, offset, ((ref, offset),))
+
+    reqs = [req("a", 0, 10), req("b", 0, 10), req("a", 15, 10), req("a", 100, 10),
+            req("a", 26, 4)]
+    got = {(s.segment, s.offset, s.length, len(s.parts)) for s in spans(reqs, 1000, 20)}
+    assert got == {("a", 0, 30, 3), ("a", 100, 10, 1), ("b", 0, 10, 1)}
+    capped = spans(reqs, 20, 20)  # a span never exceeds the request size
+    assert all(s.length <= 20 or len(s.parts) == 1 for s in capped)
