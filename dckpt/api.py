@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +17,12 @@ from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.info import CheckpointInfo, info_from_manifest
-from dckpt.manifest import Manifest
+from dckpt.manifest import Manifest, decode
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
-from dckpt.repository import (committed_steps, quarantined, read_manifest, require_repository,
-                              set_quarantine)
+from dckpt.repository import (committed_steps, quarantined, read_manifest, read_manifest_raw,
+                              require_repository, set_quarantine)
 from dckpt.storage import Store
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
@@ -68,6 +69,7 @@ class _Found:
     error that ends the search, and the newest committed step (for the data lost)."""
 
     manifest: Manifest | None = None
+    raw: bytes | None = None  # the manifest as stored: what goes to the other ranks
     skipped: list[tuple[int, str]] = field(default_factory=list)
     error: DckptError | None = None
     newest: tuple[int, float | None] | None = None
@@ -79,7 +81,7 @@ def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
     found = _Found()
     try:
         if step is not None:
-            found.manifest = read_manifest(store, step)
+            found.manifest, found.raw = read_manifest_raw(store, step)
             return found
         require_repository(store)
         steps = committed_steps(store)
@@ -94,7 +96,7 @@ def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
                 found.skipped.append((s, f"quarantined by verify: {marked[s]}"))
                 continue
             try:
-                found.manifest = read_manifest(store, s)
+                found.manifest, found.raw = read_manifest_raw(store, s)
                 break
             except (IntegrityError, CheckpointNotFoundError) as e:
                 found.skipped.append((s, str(e)))
@@ -133,13 +135,18 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
     while True:
         t_find = time.perf_counter()
         found = _find(store, step, set(tried)) if dist.rank() == 0 else None
-        found = dist.broadcast(found, group)  # type: ignore[assignment]
+        mine = found.manifest if found is not None else None
+        # IMPORTANT: the bytes, not the decoded object: pickling 10^5 block references to
+        # every rank took longer than each rank decoding them
+        shared = dataclasses.replace(found, manifest=None) if found is not None else None
+        found = dist.broadcast(shared, group)  # type: ignore[assignment]
         assert isinstance(found, _Found)
         skipped += found.skipped
         newest = newest or found.newest
         if found.error is not None:
             raise found.error
-        manifest = found.manifest
+        manifest = mine if dist.rank() == 0 else (
+            decode(found.raw, name=f"{url} (step broadcast by rank 0)") if found.raw else None)
         if manifest is None:
             raise IntegrityError(
                 f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"

@@ -10,7 +10,8 @@ from dckpt.errors import CheckpointNotFoundError, FormatError
 from dckpt.manifest import Manifest, decode
 from dckpt.storage import Store
 
-__all__ = ["committed_steps", "read_manifest", "require_repository", "mark_repository",
+__all__ = ["committed_steps", "read_manifest", "read_manifest_raw", "require_repository",
+           "mark_repository",
            "quarantined", "set_quarantine"]
 
 _MARKER = json.dumps({"format": "dckpt.repository", "version": 1}).encode()
@@ -36,6 +37,11 @@ def committed_steps(store: Store) -> list[int]:
 
 def read_manifest(store: Store, step: int | None) -> Manifest:
     """The manifest of ``step``; None: of the newest committed step."""
+    return read_manifest_raw(store, step)[0]
+
+
+def read_manifest_raw(store: Store, step: int | None) -> tuple[Manifest, bytes]:
+    """The manifest of ``step`` (None: the newest), and its bytes as stored."""
     if step is None:
         steps = committed_steps(store)
         if not steps:
@@ -51,7 +57,7 @@ def read_manifest(store: Store, step: int | None) -> Manifest:
     m = decode(raw, name=f"{store.url}/{name}")
     if m.step != step:
         raise FormatError(f"{store.url}/{name}: holds step {m.step}, its name says {step}")
-    return m
+    return m, raw
 
 
 def quarantined(store: Store) -> dict[int, str]:
