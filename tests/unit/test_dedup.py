@@ -383,3 +383,16 @@ def test_a_sparsely_updated_table_moves_to_small_blocks_and_a_dense_one_does_not
     table[0] += 1
     info = dckpt.save({"table": table, "dense": dense}, url, step=6, config=config)
     assert info.bytes_written - dense.numel() * 4 <= 4 << 10
+
+
+@pytest.mark.parametrize("fmt", ["dckpt", "torch", "safetensors"])
+def test_export_refuses_a_damaged_checkpoint(tmp_path, fmt):
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.randn(70_000)}, url, step=1)
+    ref = dckpt.inspect(url).items["w"].chunks[0].data.blocks[0]
+    path = tmp_path / "repo" / ref.segment
+    raw = bytearray(path.read_bytes())
+    raw[ref.offset + 3] ^= 0x10
+    path.write_bytes(bytes(raw))
+    with pytest.raises(dckpt.IntegrityError, match="'w'"):
+        dckpt.export(url, str(tmp_path / "out"), format=fmt)
