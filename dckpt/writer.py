@@ -338,10 +338,10 @@ class SegmentOut:
         """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
         planes its elements split into before compression (see dckpt.codec);
         ``block_size``: this item's, instead of the segment's."""
-        if self.align and len(buf) >= self.ALIGN_FROM_BYTES and self.offset % self.align:
-            pad = -self.offset % self.align
-            self.f.write(bytes(pad))
-            self.offset += pad
+        # a large item starts aligned, padded just before its first write: an item whose
+        # blocks are all known writes nothing, not even the padding
+        pad = (-self.offset % self.align
+               if self.align and len(buf) >= self.ALIGN_FROM_BYTES else 0)
         blocks = []
         pending = [0, 0]  # raw blocks not yet written: one write for a run of them
 
@@ -354,6 +354,10 @@ class SegmentOut:
             d = digest(piece)
             ref = self.index.get(d, length) if self.index is not None else None
             if ref is None:
+                if pad:
+                    self.f.write(bytes(pad))
+                    self.offset += pad
+                    pad = 0
                 encoded = codec.encode(piece, planes) if self.compress else None
                 if encoded is None:
                     ref = BlockRef(self.name, self.offset, length, length, d)

@@ -108,3 +108,18 @@ def test_save_load_round_trip_with_and_without_direct_io(tmp_path, direct, mode)
     for k in ("w", "b", "h"):
         assert torch.equal(out[k], state[k]), k
     assert out["n"] == 7
+
+
+def test_a_large_item_whose_blocks_are_all_known_writes_not_even_padding(tmp_path):
+    from dckpt.dedup import BlockIndex
+
+    index = BlockIndex(None)
+    big = _aligned_buffer(SegmentOut.ALIGN_FROM_BYTES + 5, 3)
+    with Store(str(tmp_path)).open_write("a", direct=True) as f:
+        SegmentOut(f, "a", 1 << 20, align=DIRECT_ALIGN, index=index).append(big)
+    with Store(str(tmp_path)).open_write("b", direct=True) as f:
+        out = SegmentOut(f, "b", 1 << 20, align=DIRECT_ALIGN, index=index)
+        out.append(memoryview(b"xyz"))
+        refs = out.append(big)
+    assert all(r.segment == "a" for r in refs)
+    assert (tmp_path / "b").read_bytes() == b"xyz"
