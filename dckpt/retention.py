@@ -1,0 +1,125 @@
+"""Retention policies: which committed checkpoints to keep (pure).
+
+A policy is any callable that takes the committed checkpoints (oldest first) and returns the
+steps to keep. ``KeepLast``, ``KeepBest`` and ``KeepEvery`` are the usual ones; ``a | b``
+keeps what either keeps. ``plan`` turns a policy into the steps to delete, and never names
+the newest checkpoint or a protected one (a save in flight, a run's restore point).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from dckpt.info import CheckpointInfo
+
+__all__ = ["Policy", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "plan"]
+
+Policy = Callable[[Sequence[CheckpointInfo]], Iterable[int]]
+
+
+class _Composable:
+    def __or__(self, other: Policy) -> _Union:
+        return _Union((self, other))  # type: ignore[arg-type]
+
+    def __ror__(self, other: Policy) -> _Union:
+        return _Union((other, self))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class _Union(_Composable):
+    policies: tuple[Policy, ...]
+
+    def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+        return {s for p in self.policies for s in p(checkpoints)}
+
+    def __or__(self, other: Policy) -> _Union:
+        return _Union((*self.policies, other))
+
+    def __repr__(self) -> str:
+        return " | ".join(map(repr, self.policies))
+
+
+@dataclass(frozen=True)
+class KeepLast(_Composable):
+    """The ``n`` newest checkpoints."""
+
+    n: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"KeepLast(n): n must be an int >= 1, got {self.n!r}")
+
+    def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+        return {c.step for c in sorted(checkpoints, key=lambda c: c.step)[-self.n:]}
+
+
+@dataclass(frozen=True)
+class KeepBest(_Composable):
+    """The ``n`` checkpoints with the best value of ``metric`` (``mode="min"``: lowest).
+    Checkpoints without a finite number for it are not candidates; ties go to the newer."""
+
+    n: int
+    metric: str
+    mode: Literal["min", "max"] = "min"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.n, int) or self.n < 1:
+            raise ValueError(f"KeepBest(n, ...): n must be an int >= 1, got {self.n!r}")
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
+
+    def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+        return {c.step for c in best(checkpoints, self.metric, self.mode)[:self.n]}
+
+
+@dataclass(frozen=True)
+class KeepEvery(_Composable):
+    """Checkpoints whose step is a multiple of ``steps`` (milestones kept for good)."""
+
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"KeepEvery(steps): steps must be an int >= 1, got {self.steps!r}")
+
+    def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+        return {c.step for c in checkpoints if c.step % self.steps == 0}
+
+
+@dataclass(frozen=True)
+class KeepAll(_Composable):
+    """Every checkpoint (no retention)."""
+
+    def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
+        return {c.step for c in checkpoints}
+
+
+def metric_value(info: CheckpointInfo, metric: str) -> float | None:
+    v = info.metrics.get(metric)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def best(checkpoints: Sequence[CheckpointInfo], metric: str,
+         mode: Literal["min", "max"] = "min") -> list[CheckpointInfo]:
+    """The checkpoints that carry ``metric``, best first (ties: the newer first)."""
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    scored = [(v, c) for c in checkpoints if (v := metric_value(c, metric)) is not None]
+    sign = 1.0 if mode == "min" else -1.0
+    return [c for _, c in sorted(scored, key=lambda vc: (sign * vc[0], -vc[1].step))]
+
+
+def plan(policy: Policy, checkpoints: Sequence[CheckpointInfo], *,
+         protect: Iterable[int] = ()) -> tuple[list[int], list[int]]:
+    """(steps to keep, steps to delete), each ascending. The newest checkpoint and the
+    ``protect`` steps are always kept, whatever the policy says."""
+    steps = sorted(c.step for c in checkpoints)
+    keep = {int(s) for s in policy(list(checkpoints))} | set(protect)
+    if steps:
+        keep.add(steps[-1])
+    return [s for s in steps if s in keep], [s for s in steps if s not in keep]
