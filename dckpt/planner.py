@@ -15,7 +15,16 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
 from dckpt.errors import StateDictError, UnsafeValueError
 
-__all__ = ["SafeLoadPlanner", "state_dict_problems", "safe_load"]
+__all__ = ["SafeLoadPlanner", "state_dict_problems", "safe_load", "RANK_LOCAL"]
+
+RANK_LOCAL = "__rank"
+"""A key component ``__rank<r>`` marks a value only rank r saved and loads (random states):
+a checkpoint's rank-local keys that a state dict does not ask for are no problem, whatever
+``partial`` says (the world size changed, or the value is optional)."""
+
+
+def _rank_local(key: str) -> bool:
+    return any(part.startswith(RANK_LOCAL) for part in key.split("."))
 
 
 def state_dict_problems(flat: dict[str, object], metadata: Metadata, *,
@@ -26,7 +35,8 @@ def state_dict_problems(flat: dict[str, object], metadata: Metadata, *,
     problems = [f"{k}: in the state dict but not in the checkpoint" for k in flat if k not in stored]
     if not partial:
         problems += [f"{k}: in the checkpoint but not in the state dict (pass partial=True "
-                     "to load only the state dict's keys)" for k in stored if k not in flat]
+                     "to load only the state dict's keys)" for k in stored
+                     if k not in flat and not _rank_local(k)]
     for key, value in flat.items():
         md = stored.get(key)
         if md is None:
