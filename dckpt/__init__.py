@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from dckpt.api import (async_save, delete, export, gc, inspect, list_checkpoints, load, save,
-                       verify)
+                       status, verify)
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.sweep import GcReport
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
                           UnsafeValueError)
 from dckpt.info import CheckpointInfo
+from dckpt.manager import CheckpointManager, RetentionReport
 from dckpt.manifest import Manifest, TensorEntry, ValueEntry
 from dckpt.reader import Reader
 from dckpt.saver import AsyncSaver, SaveHandle
+from dckpt.pipeline import Pipeline
+from dckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast
 from dckpt.staging import Stager
+from dckpt.status import Status
+from dckpt.train_state import TrainState
 from dckpt.verify import Problem, VerifyReport
 from dckpt.writer import Writer
 
@@ -25,5 +30,7 @@ __all__ = [
     "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",
-    "CommitError", "CheckpointExistsError", "StateDictError",
+    "CommitError", "CheckpointExistsError", "StateDictError", "TrainState", "KeepLast",
+    "KeepBest", "KeepEvery", "KeepAll", "CheckpointManager", "RetentionReport",
+    "Pipeline", "status", "Status",
 ]

@@ -23,7 +23,9 @@ from dckpt.reader import Reader
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
 from dckpt.repository import (committed_steps, quarantined, read_manifest, read_manifest_raw,
                               require_repository, set_quarantine)
+from dckpt.status import Status, repository_status
 from dckpt.storage import Store
+from dckpt.train_state import loading
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
 
@@ -158,7 +160,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
         t_read = time.perf_counter()
         what = f"load of step {manifest.step} from {url}"
         try:
-            with quiet_single_process():
+            with quiet_single_process(), loading(frozenset(manifest.items)):
                 dcp.load(state_dict, storage_reader=reader,
                          planner=SafeLoadPlanner(partial=partial), process_group=group)
         except CheckpointException as e:
@@ -287,6 +289,14 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
                           progress=progress)
     log.info("exported step %d of %s to %s as %s: %d bytes", m.step, url, to, format, n)
     return n
+
+
+def status(url: str, *, storage_options: dict | None = None) -> Status:
+    """The repository at a glance: the newest usable checkpoint and its age, the count,
+    damaged and quarantined steps, and a pipeline's progress. Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    return repository_status(store, list_checkpoints(url, storage_options=storage_options))
 
 
 def inspect(url: str, *, step: int | None = None,

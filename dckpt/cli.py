@@ -1,4 +1,5 @@
-"""The dckpt command: ls, inspect, verify, delete, gc, export. Calls only public functions."""
+"""The dckpt command: ls, inspect, verify, delete, gc, export, status. Calls only public
+functions."""
 
 from __future__ import annotations
 
@@ -156,6 +157,45 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _age(seconds: float) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= n:
+            return f"{seconds / n:.1f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = dckpt.status(args.url, storage_options=_options(args.option))
+    healthy = st.newest is not None and not st.problems
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(st), "healthy": healthy}, indent=2))
+        return 0 if healthy else 1
+    print(f"repository  {st.url}")
+    print(f"checkpoints {st.checkpoints}" + (f", damaged: steps {list(st.damaged)}"
+                                            if st.damaged else "")
+          + (f", quarantined: steps {list(st.quarantined)}" if st.quarantined else ""))
+    if st.newest is None:
+        print("newest      NONE usable: a restart would start from scratch")
+    else:
+        print(f"newest      step {st.newest.step}, committed {_when(st.newest.created_at)} "
+              f"({_age(st.newest_age_s or 0.0)} ago), {st.newest.world_size} ranks, "
+              f"{_size(st.newest.bytes_logical)}")
+    if st.pipeline is not None:
+        p = st.pipeline
+        print(f"pipeline    {len(p['done'])} of {len(p['stages'])} stages done")
+        for stage in p["stages"]:
+            if stage in p["done"]:
+                results = " ".join(f"{k}={v}" for k, v in p["results"].get(stage, {}).items())
+                print(f"  done      {stage}  {results}".rstrip())
+            elif stage == p["current"]:
+                print(f"  running   {stage}  at step {p['step']}")
+            else:
+                print(f"  pending   {stage}")
+    for problem in st.problems:
+        print(f"problem     {problem}")
+    return 0 if healthy else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dckpt", description="Inspect and check dckpt "
                                      "checkpoint repositories (a local path or an fsspec URL).")
@@ -194,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["dckpt", "torch", "safetensors"], default="dckpt",
                    help="dckpt: a repository holding only this checkpoint; torch: one "
                         "torch.save file of the full state; safetensors: its tensors")
+    command("status", cmd_status, "the newest checkpoint, its age and a pipeline's progress; "
+            "exit 0 when a restart would find a checkpoint, 1 when not")
     return parser
 
 

@@ -24,7 +24,7 @@ from dckpt.reads import Fetcher, blocks_in_range, coalesce
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
-__all__ = ["export_checkpoint", "FORMATS"]
+__all__ = ["export_checkpoint", "read_value", "FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,18 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
             torch.save(state, f)
         return os.path.getsize(to)
     return _write_safetensors(flat, m, to)
+
+
+def read_value(store: Store, m: Manifest, fqn: str) -> Any:
+    """One item of checkpoint ``m``, whole (a tensor, or a value loaded with
+    weights_only=True), every byte verified."""
+    if fqn not in m.items:
+        raise KeyError(f"checkpoint step {m.step} has no item {fqn!r}")
+    try:
+        with Fetcher(store, READ_THREADS) as fetcher:
+            return _full_item(fetcher, m, fqn, lambda n: None)
+    finally:
+        store.close_files()
 
 
 def _read_stored(fetcher: Fetcher, data: StoredData, what: str) -> bytearray:

@@ -1,0 +1,91 @@
+"""Pipeline: the progress of a run made of stages (several models or phases trained in turn),
+saved with every checkpoint so that a restart skips the stages already finished.
+
+    pipe = dckpt.Pipeline(["pretrain", "finetune", "eval"])
+    mgr.restore({"pipeline": pipe}, partial=True)     # where the run stood, if anywhere
+    for stage in pipe:                                 # the stages not finished, in order
+        state = {"pipeline": pipe, "app": dckpt.TrainState(*build(stage))}
+        if pipe.resuming:                              # this stage was cut short: resume it
+            mgr.restore(state)
+        for step in range(pipe.step + 1, steps[stage]):
+            ...; pipe.step = step
+            mgr.maybe_save(global_step, state)
+        pipe.finish(stage, loss=...)                   # results kept with the progress
+
+The progress is one JSON value in the checkpoint (key ``...dckpt_pipeline``); ``dckpt status``
+shows it. A Stateful: DCP saves and loads it like the rest of the state.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from torch.distributed.checkpoint.stateful import Stateful
+
+__all__ = ["Pipeline", "PROGRESS_KEY"]
+
+PROGRESS_KEY = "dckpt_pipeline"
+
+
+class Pipeline(Stateful):
+    """Stages done, the current stage and its step, and per-stage results."""
+
+    def __init__(self, stages: Sequence[str]) -> None:
+        stages = list(stages)
+        if not stages or not all(isinstance(s, str) and s for s in stages):
+            raise ValueError(f"Pipeline stages must be non-empty names, got {stages!r}")
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"Pipeline stage names must be unique, got {stages!r}")
+        self.stages = stages
+        self.done: list[str] = []
+        self.results: dict[str, dict[str, Any]] = {}
+        self.current: str | None = None
+        self.step = -1
+        """The last step finished in the current stage (-1: none yet); set it each step."""
+        self.resuming = False
+        """True while iterating a stage that a checkpoint had started: restore its state."""
+
+    def __iter__(self) -> Iterator[str]:
+        for stage in self.stages:
+            if stage in self.done:
+                continue
+            self.resuming = self.current == stage and self.step >= 0
+            if not self.resuming:
+                self.current, self.step = stage, -1
+            yield stage
+            if stage not in self.done:
+                self.finish(stage)
+            self.resuming = False
+
+    def finish(self, stage: str, **results: Any) -> None:
+        """Mark ``stage`` done, with its results (JSON values)."""
+        if stage not in self.stages:
+            raise ValueError(f"unknown stage {stage!r}; the stages are {self.stages}")
+        json.dumps(results)  # refuse what could not be saved, now rather than at the save
+        if stage not in self.done:
+            self.done.append(stage)
+        self.results[stage] = dict(results)
+        self.current, self.step = None, -1
+
+    def progress(self) -> dict[str, Any]:
+        return {"stages": self.stages, "done": self.done, "current": self.current,
+                "step": self.step, "results": self.results}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {PROGRESS_KEY: json.dumps(self.progress())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        p = json.loads(state_dict[PROGRESS_KEY])
+        unknown = [s for s in p["done"] if s not in self.stages]
+        if unknown:
+            raise ValueError(f"the checkpoint's pipeline finished stages {unknown} that this "
+                             f"pipeline ({self.stages}) does not have")
+        self.done = list(p["done"])
+        self.results = dict(p["results"])
+        self.current, self.step = p["current"], int(p["step"])
+
+    def __repr__(self) -> str:
+        return (f"Pipeline(done={self.done}, current={self.current!r}, step={self.step}, "
+                f"pending={[s for s in self.stages if s not in self.done]})")
