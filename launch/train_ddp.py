@@ -1,10 +1,16 @@
-"""A DDP training run (gloo, CPU) that checkpoints with dckpt and resumes from the newest
-committed checkpoint. Launch with torchrun, e.g.:
+"""A DDP training run (gloo, CPU) on dckpt's CheckpointManager: periodic async checkpoints,
+retention, a preemption checkpoint on SIGTERM / SIGUSR1, and automatic resume. Launch with
+torchrun, e.g.:
 
     torchrun --standalone --nproc-per-node=2 launch/train_ddp.py --ckpt runs/ckpt --steps 60
 
-Data is a pure function of (seed, step, rank), so a resumed run sees exactly the batches an
-uninterrupted run sees, and its final weights match bit for bit.
+Under ``torchrun --max-restarts=N`` a killed worker makes torchrun restart the group, and the
+restarted workers resume from the newest checkpoint with no manual step (set
+TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: see launch/restarts.sh).
+
+Data is a pure function of (seed, step, rank) and the random states (dropout) are
+checkpointed, so a resumed run computes exactly what an uninterrupted run computes, and its
+final weights match bit for bit.
 """
 
 from __future__ import annotations
@@ -12,11 +18,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import time
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import dckpt
@@ -33,9 +39,13 @@ def main() -> None:
     p.add_argument("--ckpt", required=True, help="checkpoint repository (path or URL)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--save-every", type=int, default=10)
+    p.add_argument("--keep-last", type=int, default=3, help="retention: newest checkpoints kept")
     p.add_argument("--step-seconds", type=float, default=0.05, help="pause per step")
     p.add_argument("--out", help="rank 0 writes the final weights here (torch.save)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sync", action="store_true", help="synchronous saves")
+    p.add_argument("--crash-at", type=int, default=None,
+                   help="fault drill: in the first attempt, rank 1 SIGKILLs itself at this step")
     args = p.parse_args()
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -43,43 +53,50 @@ def main() -> None:
     rank = dist.get_rank()
     torch.manual_seed(args.seed)
     model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(),
-                                    torch.nn.Linear(128, 1)))
+                                    torch.nn.Dropout(0.1), torch.nn.Linear(128, 1)))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=20, gamma=0.5)
+    progress = {"step": -1}
+    state = {"app": dckpt.TrainState(model, opt, scheduler=sched, extra=progress)}
 
-    def state() -> dict:
-        msd, osd = get_state_dict(model, opt)
-        return {"model": msd, "optim": osd, "step": -1}
-
-    start = 0
-    if dckpt.list_checkpoints(args.ckpt) if os.path.exists(args.ckpt) else []:
-        st = state()
-        t0 = time.perf_counter()
-        info = dckpt.load(st, args.ckpt)
-        set_state_dict(model, opt, model_state_dict=st["model"], optim_state_dict=st["optim"])
-        start = st["step"] + 1
+    def on_save(info: dckpt.CheckpointInfo) -> None:
         if rank == 0:
+            print(f"[train] checkpoint of step {info.step} committed ({info.bytes_written} "
+                  f"bytes written, {info.phase_s.get('total', 0) * 1000:.0f} ms)", flush=True)
+
+    mgr = dckpt.CheckpointManager(args.ckpt, save_every_steps=args.save_every,
+                                  retention=dckpt.KeepLast(args.keep_last),
+                                  async_save=not args.sync, on_save=on_save)
+    info = mgr.restore(state)
+    start = progress["step"] + 1 if info else 0
+    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if rank == 0:
+        if info:
             skipped = f", skipped {[s for s, _ in info.skipped]}" if info.skipped else ""
-            print(f"[train] resumed from step {info.step} in {time.perf_counter() - t0:.2f} s"
-                  f"{skipped}", flush=True)
-    elif rank == 0:
-        print("[train] no checkpoint: starting from step 0", flush=True)
+            print(f"[train] resumed from step {info.step} (torchrun restart {restarts}) in "
+                  f"{info.phase_s['total']:.2f} s{skipped}", flush=True)
+        else:
+            print("[train] no checkpoint: starting from step 0", flush=True)
 
     for step in range(start, args.steps):
+        if args.crash_at == step and rank == 1 and restarts == 0:
+            print(f"[train] rank 1: SIGKILL at step {step}", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        model.train()
         x, y = batch(args.seed, step, rank)
         loss = torch.nn.functional.mse_loss(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % args.save_every == 0 or step == args.steps - 1:
-            st = state()
-            st["step"] = step
-            info = dckpt.save(st, args.ckpt, step=step, metrics={"loss": loss.item()})
-            if rank == 0:
-                print(f"[train] step {step}: loss {loss.item():.5f}, checkpoint committed "
-                      f"({info.bytes_written} bytes, {info.phase_s['total'] * 1000:.0f} ms)",
-                      flush=True)
+        sched.step()
+        progress["step"] = step
+        last = step == args.steps - 1
+        if last:
+            mgr.save(step, state, metrics={"loss": loss.item()})
+        else:
+            mgr.maybe_save(step, state, metrics={"loss": loss.item()})
         time.sleep(args.step_seconds)
-
+    mgr.close()
     if rank == 0 and args.out:
         torch.save(model.module.state_dict(), args.out)
         print(f"[train] done: final weights in {args.out}", flush=True)

@@ -1,0 +1,126 @@
+"""CheckpointManager under torchrun: restarts after SIGKILL, SIGTERM to the agent, FSDP2
+resharding from 4 ranks to 2, and a two-node rendezvous on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+import dckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LAUNCH = os.path.join(ROOT, "launch")
+
+
+def torchrun(*args: str, nproc: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", *extra, *args]
+
+
+def run(cmd: list[str], timeout: float = 240, env_extra: dict | None = None, **kw) -> str:
+    env = dict(os.environ, PY=sys.executable, OMP_NUM_THREADS="1", **(env_extra or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=env, **kw)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def same_weights(a: str, b: str) -> bool:
+    x, y = torch.load(a, weights_only=True), torch.load(b, weights_only=True)
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def train(ckpt, *args: str) -> list[str]:
+    return [os.path.join(LAUNCH, "train_ddp.py"), "--ckpt", str(ckpt), "--step-seconds", "0.02",
+            *args]
+
+
+def test_max_restarts_resumes_after_sigkill_bit_exact(tmp_path):
+    common = ("--steps", "24", "--save-every", "5")
+    run(torchrun(*train(tmp_path / "ref", *common, "--out", str(tmp_path / "ref.pt"))))
+    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *common,
+               "--step-seconds", "0.02", "--crash-at", "13", "--out", str(tmp_path / "got.pt")])
+    assert "rank 1: SIGKILL at step 13" in out
+    # the newest committed before the kill: step 10, or 5 where 10's async save was still
+    # being written
+    assert re.search(r"resumed from step (5|10) \(torchrun restart 1\)", out), out
+    assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
+
+
+def test_sigterm_to_the_agent_takes_an_emergency_checkpoint(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    agent = subprocess.Popen(torchrun(*train(ckpt, "--steps", "2000", "--save-every", "50")),
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 120
+        manifest = ckpt / "manifests" / f"{50:012d}.json"
+        while not manifest.exists():
+            assert agent.poll() is None and time.monotonic() < deadline, agent.communicate()
+            time.sleep(0.05)
+        time.sleep(0.1)  # a few steps past the periodic checkpoint
+        agent.send_signal(signal.SIGTERM)
+        out, err = agent.communicate(timeout=60)
+    finally:
+        agent.kill()
+    steps = [c.step for c in dckpt.list_checkpoints(str(ckpt))]
+    newest = steps[-1]
+    assert newest > 50 and newest % 50 != 0, (steps, out, err[-3000:])
+    assert f"checkpoint of step {newest} committed" in out
+    assert "got SIGTERM: emergency checkpoint" in err
+    resumed = run(torchrun(*train(ckpt, "--steps", str(newest + 3), "--save-every", "50")))
+    assert f"resumed from step {newest} " in resumed
+
+
+def test_fsdp2_saved_on_4_ranks_restores_on_2(tmp_path):
+    script = os.path.join(LAUNCH, "train_fsdp2.py")
+    ckpt = str(tmp_path / "ckpt")
+    out4 = run(torchrun(script, "--ckpt", ckpt, "--steps", "7", "--out", str(tmp_path / "a.pt"),
+                        nproc=4))
+    assert "4 ranks on cpu: fresh start" in out4
+    out2 = run(torchrun(script, "--ckpt", ckpt, "--steps", "7", "--out", str(tmp_path / "b.pt")))
+    assert "2 ranks on cpu: resumed step 6 (saved by 4 ranks)" in out2
+    a, b = (torch.load(tmp_path / f, weights_only=True) for f in ("a.pt", "b.pt"))
+    assert a["model"].keys() == b["model"].keys() and len(a["model"]) == 6
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert a["optim"].keys() == b["optim"].keys()
+    assert all(torch.equal(a["optim"][k][n], b["optim"][k][n])
+               for k in a["optim"] for n in ("exp_avg", "exp_avg_sq"))
+    assert [c.world_size for c in dckpt.list_checkpoints(ckpt)] == [4, 4]  # KeepLast(2)
+
+
+def test_two_node_rendezvous_save_and_restore(tmp_path):
+    two_node = ["bash", os.path.join(LAUNCH, "two_node.sh"), str(tmp_path / "ckpt"),
+                "--save-every", "5", "--step-seconds", "0"]
+    run([*two_node, "--steps", "12"])
+    out = run([*two_node, "--steps", "20", "--out", str(tmp_path / "two.pt")])
+    assert "resumed from step 11" in out
+    run(torchrun(*train(tmp_path / "ref", "--steps", "20", "--save-every", "5",
+                        "--out", str(tmp_path / "ref.pt"))))
+    assert same_weights(tmp_path / "two.pt", tmp_path / "ref.pt")
+
+
+def test_pipeline_restart_skips_finished_stages(tmp_path):
+    script = os.path.join(LAUNCH, "pipeline.py")
+    run(torchrun(script, "--ckpt", str(tmp_path / "ref"), "--out", str(tmp_path / "ref.json")))
+    env_restarts = ("--max-restarts=1",)
+    out = run(torchrun(script, "--ckpt", str(tmp_path / "ckpt"), "--crash-at", "finetune:12",
+                       "--out", str(tmp_path / "got.json"), extra=env_restarts),
+              env_extra={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    assert "SIGKILL in finetune at step 12" in out
+    assert "pretrain: done before, skipped" in out
+    assert re.search(r"finetune: resumed at step (5|10) ", out), out
+    assert out.count("pretrain: starting") == 1 and out.count("distill: starting") == 1
+    ref, got = (json.loads((tmp_path / f).read_text()) for f in ("ref.json", "got.json"))
+    assert got == ref and set(got) == {"pretrain", "finetune", "distill"}
+    st = dckpt.status(str(tmp_path / "ckpt"))
+    assert st.pipeline["done"] == ["pretrain", "finetune", "distill"]
+    assert st.pipeline["results"] == ref
