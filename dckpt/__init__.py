@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from dckpt.api import (async_save, delete, export, gc, inspect, list_checkpoints, load, save,
-                       status, verify)
+from dckpt.api import (async_save, delete, diff, export, gc, health, inspect, list_checkpoints,
+                       load, save, status, verify)
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.sweep import GcReport
 from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
                           DckptError, FormatError, IntegrityError, StateDictError,
                           UnsafeValueError)
 from dckpt.info import CheckpointInfo
+from dckpt.logs import configure_logging
 from dckpt.manager import CheckpointManager, RetentionReport
 from dckpt.manifest import Manifest, TensorEntry, ValueEntry
 from dckpt.reader import Reader
 from dckpt.saver import AsyncSaver, SaveHandle
+from dckpt.metrics import Metrics
 from dckpt.pipeline import Pipeline
 from dckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast
 from dckpt.staging import Stager
@@ -32,5 +34,6 @@ __all__ = [
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",
     "CommitError", "CheckpointExistsError", "StateDictError", "TrainState", "KeepLast",
     "KeepBest", "KeepEvery", "KeepAll", "CheckpointManager", "RetentionReport",
-    "Pipeline", "status", "Status",
+    "Pipeline", "status", "Status", "Metrics", "configure_logging",
+    "health", "diff",
 ]

@@ -41,10 +41,13 @@ from typing import Any, Literal
 import torch
 import torch.distributed as tdist
 
-from dckpt import api, dist
+from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
+from dckpt.logs import event
+from dckpt.manifest import stored_datas
+from dckpt.metrics import Metrics
 from dckpt.retention import Policy, best, plan
 from dckpt.saver import SaveHandle
 from dckpt.sweep import GcReport
@@ -149,7 +152,8 @@ class CheckpointManager:
     SIGUSR1 trigger an emergency save (main thread only); ``exit_on_preemption=False``
     returns instead, with ``preempted`` set, for the loop to stop itself.
     Callbacks: ``on_save(info)``, ``on_restore(info)``, ``on_failure(step, error)``, called
-    on the training thread (an async save's, at the next call after it ended).
+    on the training thread (an async save's, at the next call after it ended). ``metrics``: a
+    dckpt.Metrics that records every save, failure, restore and retention run.
     """
 
     def __init__(self, url: str, *, save_every_steps: int | None = None,
@@ -161,7 +165,8 @@ class CheckpointManager:
                  save_config: SaveConfig | None = None, load_config: LoadConfig | None = None,
                  on_save: Callable[[CheckpointInfo], None] | None = None,
                  on_restore: Callable[[CheckpointInfo], None] | None = None,
-                 on_failure: Callable[[int, BaseException], None] | None = None) -> None:
+                 on_failure: Callable[[int, BaseException], None] | None = None,
+                 metrics: Metrics | None = None) -> None:
         if save_every_steps is not None and (not isinstance(save_every_steps, int)
                                              or save_every_steps < 1):
             raise ValueError(f"save_every_steps must be an int >= 1 or None, got "
@@ -190,6 +195,7 @@ class CheckpointManager:
         self.save_config = save_config or SaveConfig()
         self.load_config = load_config or LoadConfig()
         self.on_save, self.on_restore, self.on_failure = on_save, on_restore, on_failure
+        self.metrics = metrics
 
         self.preempted = False
         """True once the emergency checkpoint of a preemption signal committed."""
@@ -278,7 +284,13 @@ class CheckpointManager:
                 "training since that checkpoint is redone: %d newer step(s) skipped, "
                 "checkpoint taken %.0f s ago", self.recoveries, info.step, self.url,
                 time.perf_counter() - t0, info.bytes_read, list(info.tried),
-                info.data_lost_steps or 0, since)
+                info.data_lost_steps or 0, since,
+                extra=event("restore", step=info.step, seconds=info.phase_s.get("total"),
+                            bytes=info.bytes_read,
+                            reason="; ".join(f"step {s}: {r.splitlines()[0]}"
+                                             for s, r in info.skipped) or None))
+        if self.metrics is not None:
+            self.metrics.observe_restore(info, self.recoveries)
         if self.on_restore is not None:
             self.on_restore(info)
         return info
@@ -348,7 +360,8 @@ class CheckpointManager:
 
     def _save(self, step: int, state_dict: dict, metrics: dict | None, reason: str
               ) -> SaveHandle | CheckpointInfo | None:
-        log.info("rank %d: saving step %d (%s)", dist.rank(), step, reason)
+        log.info("rank %d: saving step %d (%s)", dist.rank(), step, reason,
+                 extra=event("save_start", step=step, reason=reason))
         self._last_save_t = time.monotonic()
         self._in_flight_since = time.time()
         self.saves += 1
@@ -368,6 +381,8 @@ class CheckpointManager:
         if not handle.skipped:
             self._committed.add(step)
             self._pending.append(handle)
+        if self.metrics is not None:
+            self.metrics.observe_pause(handle.pause_s)
         return handle
 
     def _poll(self, wait: bool = False) -> None:
@@ -389,10 +404,14 @@ class CheckpointManager:
         self._pending = still
 
     def _saved(self, info: CheckpointInfo) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_save(info)
         if dist.rank() == 0:
             log.info("checkpoint of step %d committed: %d bytes written of %d, %.2f s",
                      info.step, info.bytes_written, info.bytes_logical,
-                     info.phase_s.get("total", 0.0))
+                     info.phase_s.get("total", 0.0),
+                     extra=event("save_commit", step=info.step,
+                                 seconds=info.phase_s.get("total"), bytes=info.bytes_written))
             if self.retention is not None or self.gc:
                 self._retention_jobs.append(self._retention.submit(self._apply_retention))
         if self.on_save is not None:
@@ -402,7 +421,10 @@ class CheckpointManager:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         self.failures.append((step, reason))
         log.error("rank %d: the checkpoint of step %d failed, training goes on: %s",
-                  dist.rank(), step, reason)
+                  dist.rank(), step, reason,
+                  extra=event("save_failed", step=step, reason=reason))
+        if self.metrics is not None:
+            self.metrics.observe_failure(type(error).__name__)
         if self.on_failure is not None:
             self.on_failure(step, error)
 
@@ -411,7 +433,9 @@ class CheckpointManager:
     def _emergency(self, step: int, state_dict: dict, metrics: dict | None
                    ) -> SaveHandle | CheckpointInfo | None:
         signum = self._signal or signal.SIGTERM  # a peer's signal: act as for SIGTERM
-        log.warning("rank %d: preemption: emergency checkpoint of step %d", dist.rank(), step)
+        log.warning("rank %d: preemption: emergency checkpoint of step %d", dist.rank(), step,
+                    extra=event("preemption", step=step,
+                                reason=signal.Signals(signum).name))
         self._poll(wait=True)
         result: SaveHandle | CheckpointInfo | None = None
         if step not in self._committed:
@@ -461,8 +485,31 @@ class CheckpointManager:
             if deleted or (report is not None and report.deleted):
                 log.info("retention%s: kept steps %s, deleted %s; gc freed %d bytes",
                          " (dry run)" if dry_run else "", kept, deleted,
-                         report.bytes_freed if report is not None else 0)
+                         report.bytes_freed if report is not None else 0,
+                         extra=event("retention", bytes=report.bytes_freed if report else 0,
+                                     reason=f"deleted steps {deleted}"))
+            if self.metrics is not None and not dry_run:
+                self.metrics.observe_repository(self.url, len(kept))
+                self._observe_compression(infos[-1].step if infos else None)
             return RetentionReport(tuple(kept), tuple(deleted), dry_run, report)
+
+    def _observe_compression(self, step: int | None) -> None:
+        """The newest save's compression: raw over stored bytes of the blocks it wrote."""
+        if step is None or self.metrics is None:
+            return
+        try:
+            m = api.inspect(self.url, step=step, storage_options=self.storage_options)
+        except DckptError:
+            return
+        mine = f"{layout.DATA_DIR}/{m.attempt}/"
+        raw = stored = 0
+        for e in m.items.values():
+            for d in stored_datas(e):
+                for b in d.blocks:
+                    if b.segment.startswith(mine):
+                        raw += b.raw_length
+                        stored += b.length
+        self.metrics.observe_compression(raw, stored)
 
     # ----------------------------------------------------------------- closing
 

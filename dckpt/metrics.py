@@ -1,0 +1,187 @@
+"""Prometheus metrics for checkpoints, through prometheus-client, three ways out: a textfile
+for node_exporter's textfile collector, a push to a Pushgateway, an HTTP endpoint to scrape.
+
+    metrics = dckpt.Metrics(job="llm-pretrain", textfile="/var/lib/node_exporter/dckpt.prom")
+    mgr = dckpt.CheckpointManager(url, save_every_steps=500, metrics=metrics)
+    metrics.serve(9400)                          # optional: http://host:9400/metrics
+    metrics.push("pushgateway:9091")             # optional, e.g. at the end of a batch job
+
+The manager records every save, failure, restore and retention run; ``observe_*`` can be
+called directly by code that uses ``dckpt.save`` / ``load`` without the manager. Only rank 0
+records by default (the figures in a CheckpointInfo already cover all ranks), so one series
+per job, not per rank. Metric names and what they mean: docs/operations.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+from typing import Any
+
+from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
+                               push_to_gateway, start_http_server, write_to_textfile)
+
+from dckpt import dist
+from dckpt.info import CheckpointInfo
+
+__all__ = ["Metrics"]
+
+log = logging.getLogger(__name__)
+
+_SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class Metrics:
+    """A registry of dckpt's metrics for one training job (its ``job`` label)."""
+
+    def __init__(self, job: str = "dckpt", *, textfile: str | None = None,
+                 all_ranks: bool = False) -> None:
+        self.job = job
+        self.textfile = textfile
+        self.enabled = all_ranks or dist.rank() == 0
+        self.registry = CollectorRegistry()
+        self._lock = threading.Lock()
+        r, j = self.registry, ("job_name",)
+        self.last_success_ts = Gauge("dckpt_last_success_timestamp_seconds",
+                                     "Unix time of the newest committed checkpoint", j, registry=r)
+        self.last_success_step = Gauge("dckpt_last_success_step",
+                                       "Step of the newest committed checkpoint", j, registry=r)
+        self.save_phase = Gauge("dckpt_save_phase_seconds",
+                                "Seconds per phase of the last save (plan, write, commit, "
+                                "total, ...)", ("job_name", "phase"), registry=r)
+        self.save_seconds = Histogram("dckpt_save_seconds", "Seconds per save, start to commit",
+                                      j, buckets=_SECONDS_BUCKETS, registry=r)
+        self.pause = Histogram("dckpt_training_pause_seconds",
+                               "Seconds the training was held per save (the staging copy)",
+                               j, buckets=_SECONDS_BUCKETS, registry=r)
+        self.bytes_logical = Counter("dckpt_bytes_logical", "State bytes saved, all ranks",
+                                     j, registry=r)
+        self.bytes_written = Counter("dckpt_bytes_written",
+                                     "Bytes stored by saves (after dedup and compression)",
+                                     j, registry=r)
+        self.dedup_ratio = Gauge("dckpt_dedup_ratio",
+                                 "Last save: state bytes / bytes stored (1 = nothing reused)",
+                                 j, registry=r)
+        self.compression_ratio = Gauge("dckpt_compression_ratio",
+                                       "Last save: raw bytes / stored bytes of its new blocks",
+                                       j, registry=r)
+        self.saves = Counter("dckpt_saves", "Committed saves", j, registry=r)
+        self.failures = Counter("dckpt_save_failures", "Failed saves by reason",
+                                ("job_name", "reason"), registry=r)
+        self.corrupt = Counter("dckpt_corrupt_checkpoints_detected",
+                               "Checkpoints found damaged (skipped on restore, or by verify)",
+                               j, registry=r)
+        self.restore_seconds = Gauge("dckpt_restore_seconds",
+                                     "Seconds of the last restore, find to loaded", j,
+                                     registry=r)
+        self.recoveries = Gauge("dckpt_recoveries", "Restarts this job recovered from", j,
+                                registry=r)
+        self.data_lost_steps = Gauge("dckpt_data_lost_steps",
+                                     "Last restore: steps between the checkpoint used and the "
+                                     "newest one attempted", j, registry=r)
+        self.free_bytes = Gauge("dckpt_storage_free_bytes",
+                                "Free bytes on the repository's filesystem (local only)", j,
+                                registry=r)
+        self.checkpoints = Gauge("dckpt_checkpoints", "Committed checkpoints in the repository",
+                                 j, registry=r)
+        self._server: Any = None
+
+    # ------------------------------------------------------------ recording
+
+    def _on(self) -> bool:
+        return self.enabled
+
+    def observe_save(self, info: CheckpointInfo) -> None:
+        if not self._on():
+            return
+        with self._lock:
+            self.last_success_ts.labels(self.job).set(info.created_at)
+            self.last_success_step.labels(self.job).set(info.step)
+            for phase, seconds in info.phase_s.items():
+                self.save_phase.labels(self.job, phase).set(seconds)
+            if "total" in info.phase_s:
+                self.save_seconds.labels(self.job).observe(info.phase_s["total"])
+            self.bytes_logical.labels(self.job).inc(info.bytes_logical)
+            self.bytes_written.labels(self.job).inc(info.bytes_written)
+            self.dedup_ratio.labels(self.job).set(
+                info.bytes_logical / info.bytes_written if info.bytes_written else 0.0)
+            self.saves.labels(self.job).inc()
+        self._flush()
+
+    def observe_compression(self, raw: int, stored: int) -> None:
+        if self._on() and stored:
+            self.compression_ratio.labels(self.job).set(raw / stored)
+
+    def observe_pause(self, seconds: float) -> None:
+        """The training's pause for one save (recorded when the save is staged)."""
+        if self._on():
+            self.pause.labels(self.job).observe(seconds)
+
+    def observe_failure(self, reason: str) -> None:
+        if not self._on():
+            return
+        self.failures.labels(self.job, reason).inc()
+        self._flush()
+
+    def observe_restore(self, info: CheckpointInfo, recoveries: int) -> None:
+        if not self._on():
+            return
+        with self._lock:
+            self.restore_seconds.labels(self.job).set(info.phase_s.get("total", 0.0))
+            self.recoveries.labels(self.job).set(recoveries)
+            self.data_lost_steps.labels(self.job).set(info.data_lost_steps or 0)
+            if info.skipped:
+                self.corrupt.labels(self.job).inc(len(info.skipped))
+        self._flush()
+
+    def observe_corrupt(self, n: int = 1) -> None:
+        if self._on():
+            self.corrupt.labels(self.job).inc(n)
+
+    def observe_repository(self, url: str, checkpoints: int) -> None:
+        """The count of checkpoints, and free space where the repository is a local path."""
+        if not self._on():
+            return
+        self.checkpoints.labels(self.job).set(checkpoints)
+        path = url[len("file://"):] if url.startswith("file://") else url
+        if "://" not in path:
+            try:
+                self.free_bytes.labels(self.job).set(shutil.disk_usage(path).free)
+            except OSError:
+                pass
+        self._flush()
+
+    # ------------------------------------------------------------ output
+
+    def _flush(self) -> None:
+        if self.textfile:
+            self.write_textfile(self.textfile)
+
+    def write_textfile(self, path: str) -> None:
+        """Write the metrics for node_exporter's textfile collector (atomically)."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_to_textfile(path, self.registry)
+
+    def push(self, gateway: str, *, timeout: float = 10.0) -> None:
+        """Push to a Pushgateway (``host:port`` or a URL), grouped by job."""
+        push_to_gateway(gateway, job=self.job, registry=self.registry, timeout=timeout)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Serve ``/metrics`` over HTTP from a daemon thread; returns the port."""
+        if self._server is None:
+            self._server = start_http_server(port, addr=addr, registry=self.registry)
+        return port
+
+    def close(self) -> None:
+        if self._server is not None:
+            server, _thread = self._server
+            server.shutdown()
+            server.server_close()
+            self._server = None
+
+    def exposition(self) -> str:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry).decode()

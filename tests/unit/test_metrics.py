@@ -1,0 +1,144 @@
+"""Metrics scraped over HTTP, written as a textfile and pushed to an HTTP server on
+127.0.0.1; structured JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import threading
+import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+import dckpt
+from dckpt_testing import free_port
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted((k, v) for k, v in s.labels.items()
+                                      if k != "job_name")))] = s.value
+    return out
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    return samples(text)[(name, tuple(sorted(labels.items())))]
+
+
+def make_state():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, {"app": dckpt.TrainState(model, opt, rng=False)}
+
+
+def test_manager_metrics_over_http_and_textfile(tmp_path):
+    url = str(tmp_path / "ckpt")
+    dckpt.save(make_state()[2], url, step=6)  # a step the manager will fail to save again
+    metrics = dckpt.Metrics(job="unit", textfile=str(tmp_path / "prom" / "dckpt.prom"))
+    port = metrics.serve(free_port(), addr="127.0.0.1")
+    infos = []
+    model, opt, state = make_state()
+    mgr = dckpt.CheckpointManager(url, save_every_steps=3, retention=dckpt.KeepLast(2),
+                                  metrics=metrics, handle_signals=False,
+                                  save_config=dckpt.SaveConfig(compression="on"),
+                                  on_save=infos.append)
+    for step in range(10):
+        with torch.no_grad():
+            model.weight.mul_(0.5)  # halves: compresses (exponent planes)
+        mgr.maybe_save(step, state)
+    mgr.close()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        scraped = r.read().decode()
+    metrics.close()
+    assert [i.step for i in infos] == [0, 3, 9]
+    assert value(scraped, "dckpt_saves_total") == 3
+    assert value(scraped, "dckpt_last_success_step") == 9
+    assert value(scraped, "dckpt_last_success_timestamp_seconds") == infos[-1].created_at
+    assert value(scraped, "dckpt_bytes_written_total") == sum(i.bytes_written for i in infos)
+    assert value(scraped, "dckpt_bytes_logical_total") == sum(i.bytes_logical for i in infos)
+    assert value(scraped, "dckpt_save_failures_total", reason="CheckpointExistsError") == 1
+    assert value(scraped, "dckpt_checkpoints") == 2
+    assert value(scraped, "dckpt_storage_free_bytes") > 0
+    assert value(scraped, "dckpt_compression_ratio") > 1.0
+    assert value(scraped, "dckpt_training_pause_seconds_count") == 4  # 3 saves + the failed
+    assert value(scraped, "dckpt_save_phase_seconds", phase="total") == \
+        infos[-1].phase_s["total"]
+    # the textfile holds the same figures for node_exporter
+    text = (tmp_path / "prom" / "dckpt.prom").read_text()
+    assert value(text, "dckpt_saves_total") == 3 and 'job_name="unit"' in text
+
+    # a restore that skips a damaged checkpoint counts it
+    doc = json.loads((tmp_path / "ckpt" / "manifests" / f"{9:012d}.json").read_text())
+    own = [seg for seg in doc["segments"] if doc["attempt"] in seg]  # what step 9 wrote
+    with open(tmp_path / "ckpt" / own[0], "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    fresh = dckpt.Metrics(job="unit")
+    m2 = dckpt.CheckpointManager(url, metrics=fresh, handle_signals=False)
+    assert m2.restore(make_state()[2]).step == 6
+    m2.close()
+    text = fresh.exposition()
+    assert value(text, "dckpt_corrupt_checkpoints_detected_total") == 1
+    assert value(text, "dckpt_data_lost_steps") == 3
+    assert value(text, "dckpt_recoveries") >= 1 and value(text, "dckpt_restore_seconds") > 0
+
+
+class _Gateway(BaseHTTPRequestHandler):
+    received: list[tuple[str, str, bytes]] = []
+
+    def do_PUT(self) -> None:  # noqa: N802 - http.server's naming
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.received.append(("PUT", self.path, body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_push_to_a_gateway_on_localhost():
+    server = HTTPServer(("127.0.0.1", 0), _Gateway)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        metrics = dckpt.Metrics(job="pushed")
+        metrics.observe_failure("CommitError")
+        metrics.push(f"127.0.0.1:{server.server_address[1]}")
+    finally:
+        server.shutdown()
+        server.server_close()
+    method, path, body = _Gateway.received[-1]
+    assert method == "PUT" and path == "/metrics/job/pushed"
+    assert value(body.decode(), "dckpt_save_failures_total", reason="CommitError") == 1
+
+
+def test_only_rank_0_records_by_default():
+    m = dckpt.Metrics(job="x")
+    assert m.enabled  # one process: rank 0
+
+
+def test_json_logs_carry_the_events(tmp_path):
+    stream = io.StringIO()
+    handler = dckpt.configure_logging(json_lines=True, stream=stream, run="run-1")
+    try:
+        _, _, state = make_state()
+        mgr = dckpt.CheckpointManager(str(tmp_path), save_every_steps=1, async_save=False,
+                                      handle_signals=False)
+        mgr.maybe_save(0, state)
+        mgr.close()
+    finally:
+        logging.getLogger("dckpt").removeHandler(handler)
+    docs = [json.loads(line) for line in stream.getvalue().splitlines()]
+    events = {d.get("event"): d for d in docs}
+    assert all(d["run_id"] == "run-1" and d["rank"] == 0 for d in docs)
+    assert events["save_start"]["step"] == 0 and events["save_start"]["reason"] == "steps"
+    commit = events["save_commit"]
+    assert commit["step"] == 0 and commit["bytes"] > 0 and commit["seconds"] > 0
