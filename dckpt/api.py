@@ -14,7 +14,9 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
+from dckpt.diff import Diff, diff_manifests
 from dckpt.export import FORMATS, export_checkpoint
+from dckpt.health import Health, check_health
 from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, decode
@@ -297,6 +299,26 @@ def status(url: str, *, storage_options: dict | None = None) -> Status:
     store = Store(url, storage_options)
     require_repository(store)
     return repository_status(store, list_checkpoints(url, storage_options=storage_options))
+
+
+def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | None = None,
+           verify: bool = False, sample_bytes: int = 64 << 20,
+           storage_options: dict | None = None) -> Health:
+    """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
+    read time from a measured sample, free space (see dckpt.health). Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    return check_health(store, list_checkpoints(url, storage_options=storage_options),
+                        max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
+                        sample_bytes=sample_bytes)
+
+
+def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = None) -> Diff:
+    """Which items differ between checkpoints ``step_a`` and ``step_b``, and the stored bytes
+    they share; from the manifests alone. Not collective."""
+    store = Store(url, storage_options)
+    require_repository(store)
+    return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
 
 
 def inspect(url: str, *, step: int | None = None,

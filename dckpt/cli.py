@@ -1,5 +1,5 @@
-"""The dckpt command: ls, inspect, verify, delete, gc, export, status. Calls only public
-functions."""
+"""The dckpt command: ls, inspect, verify, delete, gc, export, status, health, diff. Calls
+only public functions."""
 
 from __future__ import annotations
 
@@ -196,6 +196,52 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if healthy else 1
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    try:
+        h = dckpt.health(args.url, max_age_s=args.max_age, min_free_bytes=args.min_free,
+                         verify=args.verify, sample_bytes=int(args.sample_mib * (1 << 20)),
+                         storage_options=_options(args.option))
+    except (dckpt.DckptError, ValueError, OSError) as e:
+        if args.json:
+            print(json.dumps({"url": args.url, "code": 3, "status": "UNKNOWN",
+                              "reasons": [str(e)]}))
+        else:
+            print(f"UNKNOWN: {args.url}: {e}")
+        return 3
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(h), "status": h.status}, indent=2))
+        return h.code
+    print(f"{h.status}: {h.url}" + (f": {'; '.join(h.reasons)}" if h.reasons else ""))
+    if h.newest_step is not None:
+        print(f"newest        step {h.newest_step}, {_age(h.newest_age_s or 0.0)} old "
+              f"({h.checkpoints} checkpoints)")
+    print("recoverable   " + (f"step {h.recoverable_step}" if h.recoverable_step is not None
+                              else "NONE: a restart would start from scratch"))
+    for step, why in h.unrecoverable:
+        print(f"  skipped     step {step}: {why}")
+    if h.read_bytes_per_s:
+        print(f"read          {h.read_bytes_per_s / 1e6:.0f} MB/s measured; restore read "
+              f"about {h.estimated_read_s:.1f} s per rank")
+    if h.free_bytes is not None:
+        print(f"free storage  {_size(h.free_bytes)}")
+    return h.code
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    d = dckpt.diff(args.url, args.step_a, args.step_b, storage_options=_options(args.option))
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(d), "changed_bytes": d.changed_bytes}, indent=2))
+        return 0
+    print(f"step {d.step_a} -> step {d.step_b}: {len(d.items)} items differ, {d.same} equal; "
+          f"{_size(d.changed_bytes)} changed; {_size(d.bytes_shared)} of step {d.step_b}'s "
+          f"{_size(d.bytes_b)} stored bytes shared with step {d.step_a}")
+    if d.items:
+        print(f"{'item':<56} {'change':<8} {'size':>10} {'changed':>10}")
+        for i in d.items:
+            print(f"{i.fqn:<56} {i.change:<8} {_size(i.nbytes):>10} {_size(i.changed_bytes):>10}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dckpt", description="Inspect and check dckpt "
                                      "checkpoint repositories (a local path or an fsspec URL).")
@@ -234,6 +280,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["dckpt", "torch", "safetensors"], default="dckpt",
                    help="dckpt: a repository holding only this checkpoint; torch: one "
                         "torch.save file of the full state; safetensors: its tensors")
+    p = command("health", cmd_health,
+                "can a restart recover, and how fast? exit 0 OK, 1 WARNING, 2 CRITICAL "
+                "(nothing recoverable), 3 UNKNOWN (the check failed)")
+    p.add_argument("--max-age", type=float, metavar="SECONDS",
+                   help="WARNING when the newest checkpoint is older than this")
+    p.add_argument("--min-free", type=int, metavar="BYTES",
+                   help="WARNING when the repository's filesystem has less free (local)")
+    p.add_argument("--verify", action="store_true",
+                   help="read back every byte of the candidate (default: check that every "
+                        "object it references exists and is long enough)")
+    p.add_argument("--sample-mib", type=float, default=64.0,
+                   help="MiB read to measure the read throughput (default 64)")
+    p = command("diff", cmd_diff, "which items differ between two checkpoints, and the "
+                "stored bytes they share (from the manifests; no data read)")
+    p.add_argument("step_a", type=int)
+    p.add_argument("step_b", type=int)
     command("status", cmd_status, "the newest checkpoint, its age and a pipeline's progress; "
             "exit 0 when a restart would find a checkpoint, 1 when not")
     return parser

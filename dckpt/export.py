@@ -18,13 +18,13 @@ from dckpt.blocks import check
 from dckpt.codec import decode
 from dckpt.errors import CheckpointExistsError, IntegrityError, StateDictError
 from dckpt.manifest import (BlockRef, Manifest, StoredData, TensorEntry, dtype_from_name,
-                            encode)
+                            encode, stored_datas)
 from dckpt.planner import safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
-__all__ = ["export_checkpoint", "read_value", "FORMATS"]
+__all__ = ["export_checkpoint", "read_value", "read_stored_sample", "FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,21 @@ def read_value(store: Store, m: Manifest, fqn: str) -> Any:
             return _full_item(fetcher, m, fqn, lambda n: None)
     finally:
         store.close_files()
+
+
+def read_stored_sample(store: Store, m: Manifest, nbytes: int) -> int:
+    """Read (and verify) stored data of ``m`` until ``nbytes`` are read: the bytes read."""
+    done = 0
+    try:
+        with Fetcher(store, READ_THREADS) as fetcher:
+            for fqn, e in m.items.items():
+                for d in stored_datas(e):
+                    if done >= nbytes:
+                        return done
+                    done += len(_read_stored(fetcher, d, f"item {fqn!r} of step {m.step}"))
+    finally:
+        store.close_files()
+    return done
 
 
 def _read_stored(fetcher: Fetcher, data: StoredData, what: str) -> bytearray:

@@ -1,0 +1,132 @@
+"""Can this job recover, and how fast? A check for monitors (not collective).
+
+The newest checkpoint that is recoverable: its manifest reads and every object it references
+exists and is long enough (a listing, no data read), or, with ``verify=True``, every byte it
+references reads back and checks. A sample of its blocks is read (and checked) to measure the read
+throughput, from which the restore's read time is estimated. Exit codes of ``dckpt health``
+follow the monitoring-plugin convention: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+
+from dckpt.errors import DckptError
+from dckpt.export import read_stored_sample
+from dckpt.info import CheckpointInfo
+from dckpt.manifest import Manifest, stored_datas
+from dckpt.repository import read_manifest
+from dckpt.storage import Store
+from dckpt.verify import verify_steps
+
+__all__ = ["Health", "check_health", "OK", "WARNING", "CRITICAL", "UNKNOWN"]
+
+OK, WARNING, CRITICAL, UNKNOWN = 0, 1, 2, 3
+
+
+@dataclass(frozen=True)
+class Health:
+    url: str
+    code: int
+    """0 OK, 1 WARNING, 2 CRITICAL (3 UNKNOWN is the CLI's, when the check itself fails)."""
+    reasons: tuple[str, ...]
+    newest_step: int | None
+    newest_age_s: float | None
+    recoverable_step: int | None
+    """The newest checkpoint a restart would load; None: it would start from scratch."""
+    unrecoverable: tuple[tuple[int, str], ...]
+    """Newer checkpoints a restart would skip, with why."""
+    checkpoints: int
+    read_bytes_per_s: float | None
+    """Measured on a sample of the recoverable checkpoint's blocks (one reader)."""
+    estimated_read_s: float | None
+    """The recoverable checkpoint's bytes per rank over the measured throughput: the read
+    phase of a restore, roughly (start-up and the first step come on top)."""
+    free_bytes: int | None
+    """Free bytes on the repository's filesystem (local repositories only)."""
+
+    @property
+    def status(self) -> str:
+        return ("OK", "WARNING", "CRITICAL", "UNKNOWN")[self.code]
+
+
+def _objects_present(store: Store, m: Manifest) -> str | None:
+    """Why ``m`` cannot load from what the listing shows, or None."""
+    needed: dict[str, int] = {}
+    for e in m.items.values():
+        for d in stored_datas(e):
+            for b in d.blocks:
+                needed[b.segment] = max(needed.get(b.segment, 0), b.offset + b.length)
+    folders: dict[str, dict[str, int]] = {}
+    for name, end in sorted(needed.items()):
+        folder, _, base = name.rpartition("/")
+        if folder not in folders:
+            folders[folder] = store.list_sizes(folder)
+        size = folders[folder].get(base)
+        if size is None:
+            return f"object {name} is missing"
+        if size < end:
+            return f"object {name} holds {size} bytes, the checkpoint needs {end}"
+    return None
+
+
+def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float | None = None,
+                 min_free_bytes: int | None = None, verify: bool = False,
+                 sample_bytes: int = 64 << 20) -> Health:
+    committed = [i for i in infos if i.quarantined is None]
+    unrecoverable: list[tuple[int, str]] = []
+    recoverable: tuple[CheckpointInfo, Manifest] | None = None
+    rate = estimate = None
+    for info in reversed(committed):
+        if info.problem is not None:
+            unrecoverable.append((info.step, info.problem.splitlines()[0]))
+            continue
+        try:
+            m = read_manifest(store, info.step)
+            why = _objects_present(store, m)
+            if why is None and verify:
+                report = verify_steps(store, [info.step])
+                why = None if report.ok else report.problems[0].message
+            if why is None:  # the sample read also checks what it reads
+                t0 = time.perf_counter()
+                n = read_stored_sample(store, m, sample_bytes)
+                seconds = time.perf_counter() - t0
+                if n and seconds > 0:
+                    rate = n / seconds
+                    estimate = m.bytes_logical / max(1, m.world_size) / rate
+        except DckptError as e:
+            why = str(e).splitlines()[0]
+        if why is None:
+            recoverable = (info, m)
+            break
+        unrecoverable.append((info.step, why))
+    newest = committed[-1] if committed else None
+    age = time.time() - newest.created_at if newest is not None else None
+    free = None
+    if store.local:
+        try:
+            free = shutil.disk_usage(store.root).free
+        except OSError:
+            free = None
+    code, reasons = OK, []
+    if recoverable is None:
+        code = CRITICAL
+        reasons.append("no recoverable checkpoint: a restart would start from scratch"
+                       if not committed else
+                       f"none of the {len(committed)} checkpoints is recoverable")
+    else:
+        if unrecoverable:
+            code = WARNING
+            reasons.append(f"newer checkpoints not recoverable: {[s for s, _ in unrecoverable]}"
+                           f"; a restart would fall back to step {recoverable[0].step}")
+        if max_age_s is not None and age is not None and age > max_age_s:
+            code = WARNING
+            reasons.append(f"the newest checkpoint is {age:.0f} s old (limit {max_age_s:.0f} s)")
+    if min_free_bytes is not None and free is not None and free < min_free_bytes:
+        code = max(code, WARNING)
+        reasons.append(f"{free} bytes free, under the limit of {min_free_bytes}")
+    return Health(store.url, code, tuple(reasons), newest.step if newest else None, age,
+                  recoverable[0].step if recoverable else None, tuple(unrecoverable),
+                  len(infos), rate, estimate, free)

@@ -1,0 +1,84 @@
+"""Operations: dckpt health (exit codes a monitor alerts on) and dckpt diff."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+import dckpt
+from dckpt.cli import main as cli
+
+
+def own_segment(repo, step: int) -> str:
+    doc = json.loads((repo / "manifests" / f"{step:012d}.json").read_text())
+    return str(repo / next(s for s in doc["segments"] if doc["attempt"] in s))
+
+
+def three_saves(repo) -> dict:
+    torch.manual_seed(0)
+    state = {"w": torch.randn(1024, 256), "b": torch.zeros(256), "frozen": torch.ones(64, 64),
+             "epoch": 1}
+    dckpt.save(state, str(repo), step=1)
+    state["w"][:8] += 1.0  # the first 8 KiB of a 1 MiB tensor: one 256 KiB block of four
+    state["b"] += 1.0
+    dckpt.save(state, str(repo), step=2)
+    state["extra"] = torch.arange(10)
+    state["w"] = torch.randn(128, 256)  # another shape
+    dckpt.save(state, str(repo), step=3)
+    return state
+
+
+def test_diff_names_what_changed_and_what_is_shared(tmp_path, capsys):
+    three_saves(tmp_path)
+    d = dckpt.diff(str(tmp_path), 1, 2)
+    assert {i.fqn: (i.change, i.changed_bytes) for i in d.items} == {
+        "w": ("changed", 256 << 10), "b": ("changed", 1024)}
+    assert d.same == 2  # frozen, epoch
+    assert 0 < d.bytes_shared < d.bytes_b  # w's three unchanged blocks, frozen, epoch
+    d13 = dckpt.diff(str(tmp_path), 1, 3)
+    assert {i.fqn: i.change for i in d13.items} == {"w": "layout", "b": "changed",
+                                                    "extra": "added"}
+    assert cli(["diff", str(tmp_path), "1", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "2 items differ, 2 equal" in out and "256.0 KiB" in out
+    assert cli(["diff", str(tmp_path), "1", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["changed_bytes"] == (256 << 10) + 1024
+    assert cli(["diff", str(tmp_path), "1", "9"]) == 2  # no such step: an error, said
+
+
+def test_health_codes(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    three_saves(repo)
+    h = dckpt.health(str(repo))
+    assert (h.code, h.status, h.recoverable_step, h.newest_step) == (0, "OK", 3, 3)
+    assert h.read_bytes_per_s > 0 and h.estimated_read_s > 0 and h.free_bytes > 0
+    assert cli(["health", str(repo)]) == 0
+    assert cli(["health", str(repo), "--max-age", "0"]) == 1  # stale
+    assert "old (limit 0 s)" in capsys.readouterr().out
+
+    # the newest checkpoint's own data truncated: a restart would fall back to step 2
+    path = own_segment(repo, 3)
+    os.truncate(path, os.path.getsize(path) // 2)
+    h = dckpt.health(str(repo))
+    assert h.code == 1 and h.recoverable_step == 2 and [s for s, _ in h.unrecoverable] == [3]
+    assert cli(["health", str(repo), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["status"] == "WARNING"
+
+    # a flipped byte passes the listing check; the sample read or --verify finds it
+    with open(own_segment(repo, 2), "r+b") as f:
+        f.seek(10)
+        b = f.read(1)
+        f.seek(10)
+        f.write(bytes([b[0] ^ 1]))
+    listing_only = dckpt.health(str(repo), sample_bytes=0)
+    assert listing_only.recoverable_step == 2 and listing_only.read_bytes_per_s is None
+    assert dckpt.health(str(repo)).recoverable_step == 1
+    assert dckpt.health(str(repo), verify=True, sample_bytes=0).recoverable_step == 1
+
+    # nothing recoverable: CRITICAL; no repository at all: UNKNOWN
+    os.remove(own_segment(repo, 1))
+    assert cli(["health", str(repo)]) == 2
+    assert "CRITICAL" in capsys.readouterr().out
+    assert cli(["health", str(tmp_path / "nowhere")]) == 3
