@@ -75,13 +75,14 @@ def _objects_present(store: Store, m: Manifest) -> str | None:
 def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float | None = None,
                  min_free_bytes: int | None = None, verify: bool = False,
                  sample_bytes: int = 64 << 20) -> Health:
-    committed = [i for i in infos if i.quarantined is None]
+    committed = list(infos)
     unrecoverable: list[tuple[int, str]] = []
     recoverable: tuple[CheckpointInfo, Manifest] | None = None
     rate = estimate = None
     for info in reversed(committed):
-        if info.problem is not None:
-            unrecoverable.append((info.step, info.problem.splitlines()[0]))
+        if info.problem is not None or info.quarantined is not None:
+            why = info.problem or f"quarantined: {info.quarantined}"
+            unrecoverable.append((info.step, why.splitlines()[0]))
             continue
         try:
             m = read_manifest(store, info.step)

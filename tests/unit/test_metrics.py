@@ -142,3 +142,20 @@ def test_json_logs_carry_the_events(tmp_path):
     assert events["save_start"]["step"] == 0 and events["save_start"]["reason"] == "steps"
     commit = events["save_commit"]
     assert commit["step"] == 0 and commit["bytes"] > 0 and commit["seconds"] > 0
+
+
+def test_grafana_dashboard_uses_only_metrics_that_exist():
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "grafana", "dckpt.json")
+    with open(path) as f:
+        dash = json.load(f)
+    exported = set()
+    for family in text_string_to_metric_families(dckpt.Metrics(job="x").exposition()):
+        exported |= {family.name, f"{family.name}_total", f"{family.name}_bucket",
+                     f"{family.name}_count", f"{family.name}_sum"}
+    used = {name for p in dash["panels"] for t in p["targets"]
+            for name in re.findall(r"\b(dckpt_[a-z_]+)", t["expr"])}
+    assert len(dash["panels"]) >= 10 and used
+    assert used <= exported, used - exported
