@@ -1,0 +1,32 @@
+"""The one benchmark command: runs benchmarks, writes JSON lines and a PNG summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_run_all_tiny_writes_results_and_a_chart(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--size", "tiny",
+         "--only", "compress,manager", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with open(tmp_path / "results.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    benches = {r["bench"] for r in records}
+    assert benches == {"compress", "manager"} and all(r["run_size"] == "tiny" for r in records)
+    methods = {r.get("method") for r in records if r["bench"] == "compress"}
+    assert {"raw write", "dckpt compression=on", "dckpt compression=off", "DCP"} <= methods
+    assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_all_refuses_an_unknown_benchmark(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "run_all.py"), "--only", "nope",
+         "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown benchmarks ['nope']" in proc.stderr
