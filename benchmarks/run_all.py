@@ -166,6 +166,7 @@ def main() -> int:
     unknown = set(names) - set(SIZES)
     if unknown:
         p.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(SIZES)}")
+    args.out_dir = os.path.abspath(args.out_dir)  # the benchmarks run in benchmarks/
     os.makedirs(args.out_dir, exist_ok=True)
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     results, failed = [], []
