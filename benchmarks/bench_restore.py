@@ -65,7 +65,11 @@ def worker(args: argparse.Namespace) -> None:
     t0 = time.time()
     info = None
     if args.worker == "dckpt":
-        info = dckpt.load(state, f"{base}/dckpt")
+        config = dckpt.LoadConfig()
+        if args.read_config:
+            threads, mib = (int(x) for x in args.read_config.split("x"))
+            config = dckpt.LoadConfig(reader_threads=threads, read_request_bytes=mib << 20)
+        info = dckpt.load(state, f"{base}/dckpt", config=config)
     elif args.worker == "DCP":
         dcp.load(state, storage_reader=dcp.FileSystemReader(f"{base}/dcp"))
     else:
@@ -93,9 +97,12 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
+    """Run one torchrun job; ``mode`` is a method, or "dckpt THREADSxMIB"."""
+    method, _, config = mode.partition(" ")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", mode,
-           "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir]
+           f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
+           "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
+           *(["--read-config", config] if config else [])]
     t_launch = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
@@ -131,7 +138,11 @@ def main() -> None:
     p.add_argument("--dir", default="bench-out/restore")
     p.add_argument("--out", default="bench-out/restore.jsonl")
     p.add_argument("--keep", action="store_true", help="keep the written state for a rerun")
+    p.add_argument("--read-configs", default="",
+                   help="more dckpt methods with other read settings: THREADSxMIB,... "
+                        "(reader threads x request MiB), e.g. 8x64,4x32")
     p.add_argument("--worker", choices=("prepare",) + METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--read-config", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -144,11 +155,12 @@ def main() -> None:
         print(f"writing {args.ranks} x {args.gib_per_rank} GiB three ways ...", flush=True)
         launch(args, "prepare")
     nbytes = int(args.gib_per_rank * (1 << 30)) // (64 << 20) * (64 << 20) * args.ranks
-    runs: dict[str, list[dict]] = {m: [] for m in METHODS}
+    methods = METHODS + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
     seq = []
     for i in range(args.repeats):
         seq.append(raw_cold_read_sequential(args))
-        for method in METHODS:
+        for method in methods:
             evict_tree(args.dir)
             t_launch, r = launch(args, method)
             row = {"launch_to_python_s": r["python_start"] - t_launch,
@@ -168,9 +180,10 @@ def main() -> None:
     med = {m: {k: statistics.median(r[k] for r in rows) for k in
                ("read_s", "launch_to_first_step_s", "launch_to_python_s", "imports_s")}
            for m, rows in runs.items()}
+    extra = {f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods[len(METHODS):]}
     summary = {
         "bytes": nbytes, "raw_sequential_read_gbps": nbytes / statistics.median(seq) / 1e9,
-        **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in METHODS},
+        **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in METHODS}, **extra,
         "dckpt_read_vs_raw": med["raw"]["read_s"] / med["dckpt"]["read_s"],
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
         "dckpt_read_vs_DCP": med["DCP"]["read_s"] / med["dckpt"]["read_s"],

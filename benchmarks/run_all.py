@@ -24,7 +24,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 SIZES = {
-    # benchmark: {size: arguments}
+    # benchmark: {size: arguments}; in this order: the CPU-bound one first, before the disk
+    # is busy writing back what the others wrote
+    "manager": {"tiny": ["--steps", "200", "--rounds", "1"],
+                "small": ["--steps", "1000", "--rounds", "3"],
+                "full": ["--steps", "2000", "--rounds", "5"]},
     "save_load": {"tiny": ["--gib-per-rank", "0.0625", "--repeats", "1"],
                   "small": ["--gib-per-rank", "0.25", "--repeats", "2"],
                   "full": ["--gib-per-rank", "1", "--repeats", "3"]},
@@ -40,9 +44,6 @@ SIZES = {
     "compress": {"tiny": ["--mib", "32", "--repeat", "1"],
                  "small": ["--mib", "128", "--repeat", "1"],
                  "full": ["--mib", "512", "--repeat", "2"]},
-    "manager": {"tiny": ["--steps", "200", "--rounds", "1"],
-                "small": ["--steps", "1000", "--rounds", "3"],
-                "full": ["--steps", "2000", "--rounds", "5"]},
 }
 NEEDS_RANKS = {"save_load", "async", "dedup", "manager"}
 """Run under torchrun with 2 ranks; restore launches its own torchrun jobs, compress is one
@@ -66,6 +67,8 @@ def run_one(name: str, size: str, out_dir: str, device: str) -> tuple[str, int, 
         cmd = [sys.executable, script, *args]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
                PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    os.sync()  # the previous benchmark's dirty pages go now, not during this one
+    time.sleep(2)
     t0 = time.perf_counter()
     with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
         rc = subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
