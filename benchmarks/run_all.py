@@ -41,11 +41,14 @@ SIZES = {
     "restore": {"tiny": ["--gib-per-rank", "0.0625", "--repeats", "1"],
                 "small": ["--gib-per-rank", "0.5", "--repeats", "1"],
                 "full": ["--gib-per-rank", "4", "--repeats", "2"]},
+    "replicated": {"tiny": ["--gib", "0.0625", "--repeats", "1"],
+                   "small": ["--gib", "0.25", "--repeats", "1"],
+                   "full": ["--gib", "1", "--repeats", "2"]},
     "compress": {"tiny": ["--mib", "32", "--repeat", "1"],
                  "small": ["--mib", "128", "--repeat", "1"],
                  "full": ["--mib", "512", "--repeat", "2"]},
 }
-NEEDS_RANKS = {"save_load", "async", "dedup", "manager"}
+NEEDS_RANKS = {"save_load", "async", "dedup", "manager", "replicated"}
 """Run under torchrun with 2 ranks; restore launches its own torchrun jobs, compress is one
 process."""
 
@@ -113,6 +116,11 @@ def _panels(results: list[dict]) -> list[tuple[str, str, list[str], list[float]]
             med.setdefault(r["method"], []).append(r["bytes"] / r["read_s"] / 1e9)
         panels.append(("Restore: read phase, cold", "GB/s", list(med),
                        [sorted(v)[len(v) // 2] for v in med.values()]))
+    rows = [r for r in by.get("replicated", []) if "seconds" in r]
+    if rows:
+        panels.append(("Replicated state: load (2 ranks)", "s",
+                       [f"{r.get('store', '')} {r['method']}".strip() for r in rows],
+                       [r["seconds"] for r in rows]))
     rows = [r for r in by.get("compress", []) if "save_s" in r]
     if rows:
         panels.append(("Compression: save time by store", "s",

@@ -101,8 +101,16 @@ class LoadConfig:
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the load."""
+    replicated: Literal["read", "broadcast", "auto"] = "auto"
+    """Tensors every rank loads whole (DDP parameters, a replicated optimizer): ``"read"``,
+    every rank reads them; ``"broadcast"``, one rank reads each (spread over the ranks) and
+    broadcasts it over the checkpoint group; ``"auto"``: broadcast from object stores, read
+    from local disks (docs/design.md, Replicated state)."""
 
     def __post_init__(self) -> None:
+        if self.replicated not in ("read", "broadcast", "auto"):
+            raise ValueError("LoadConfig.replicated must be 'read', 'broadcast' or 'auto', got "
+                             f"{self.replicated!r}")
         _positive(self, reader_threads=self.reader_threads,
                   read_request_bytes=self.read_request_bytes,
                   read_buffer_bytes=self.read_buffer_bytes,

@@ -12,7 +12,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt.errors import (CheckpointExistsError, CommitError, DckptError, IntegrityError)
 
-__all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "any_true",
+__all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "broadcast_tensor",
+           "any_true",
            "translate", "peer_failure"]
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,12 @@ def broadcast(obj: object, group: dist.ProcessGroup | None) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
     return box[0]
+
+
+def broadcast_tensor(t: torch.Tensor, src: int, group: dist.ProcessGroup | None) -> None:
+    """(all ranks) ``t`` from rank ``src`` of ``group`` (in place); nothing alone."""
+    if group is not None:
+        dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
 
 
 def any_true(flag: bool, group: dist.ProcessGroup | None) -> bool:

@@ -14,6 +14,7 @@ only the blocks that hold the needed bytes are read where the needed box is cont
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import time
@@ -29,6 +30,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from dckpt import dist
 from dckpt.config import LoadConfig
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry, dtype_from_name
 from dckpt.planner import safe_load
@@ -36,7 +38,7 @@ from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
-__all__ = ["Reader", "to_dcp_metadata", "box_range"]
+__all__ = ["Reader", "to_dcp_metadata", "box_range", "share_replicated", "Shared"]
 
 SPAN_GAP_BYTES = 1 << 20
 """Requests of one object at most this far apart are read as one (the gap is dropped)."""
@@ -93,6 +95,57 @@ class _Job:
     futures: list[PoolFuture[int]] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """One replicated box in a rank's plan: read by ``owner``, broadcast to the others."""
+
+    index: MetadataIndex
+    owner: int
+    nbytes: int
+    item: ReadItem | None
+    """This rank's read item for it (its destination), left out of the rank's reads unless
+    the rank is the owner."""
+
+
+def _whole(item: ReadItem, stored: object) -> bool:
+    return (isinstance(stored, ChunkEntry) and tuple(item.lengths) == stored.sizes
+            and not any(item.storage_offsets) and not any(item.dest_offsets))
+
+
+def share_replicated(plans: list[LoadPlan], storage: dict) -> list[LoadPlan]:
+    """Plans where every box that all ranks read whole, each into one tensor, is read by
+    one rank only (owners chosen by least bytes so far) and broadcast in a fixed order."""
+    per_rank: list[dict[MetadataIndex, list[ReadItem]]] = []
+    for plan in plans:
+        boxes: dict[MetadataIndex, list[ReadItem]] = {}
+        for item in plan.items:
+            boxes.setdefault(item.storage_index, []).append(item)
+        per_rank.append(boxes)
+    common = set(per_rank[0])
+    for boxes in per_rank[1:]:
+        common &= boxes.keys()
+    replicated = sorted(
+        (i for i in common
+         if all(len(b[i]) == 1 and _whole(b[i][0], storage[i][1]) for b in per_rank)),
+        key=lambda i: (i.fqn, tuple(i.offset or ()), i.index or 0))
+    if not replicated:
+        return plans
+    load = [0] * len(plans)
+    owners: dict[MetadataIndex, int] = {}
+    for index in sorted(replicated, key=lambda i: -storage[i][1].data.nbytes):
+        owner = min(range(len(plans)), key=lambda r: load[r])
+        owners[index] = owner
+        load[owner] += storage[index][1].data.nbytes
+    out = []
+    for rank, plan in enumerate(plans):
+        items = [it for it in plan.items
+                 if it.storage_index not in owners or owners[it.storage_index] == rank]
+        shared = [Shared(i, owners[i], storage[i][1].data.nbytes, per_rank[rank][i][0])
+                  for i in replicated]
+        out.append(dataclasses.replace(plan, items=items, storage_data=shared))
+    return out
+
+
 class Reader(StorageReader):
     """Reads the checkpoint of ``step`` (None: the newest committed) from ``url``."""
 
@@ -104,6 +157,8 @@ class Reader(StorageReader):
         self.config = config or LoadConfig()
         self.manifest = manifest
         self.bytes_read = 0
+        self.bytes_broadcast = 0
+        """Bytes this rank sent or received in read-once broadcasts of replicated state."""
         self.phase_s: dict[str, float] = {}
         """After a load, this rank: plan (DCP's planning up to the first read), read (the
         reads, checks and copies, wall), io_thread / verify_thread (thread-seconds in reads
@@ -113,6 +168,7 @@ class Reader(StorageReader):
 
     def reset(self, checkpoint_id: object = None) -> None:
         self.bytes_read = 0
+        self.bytes_broadcast = 0
         self.phase_s = {}
 
     @classmethod
@@ -134,12 +190,62 @@ class Reader(StorageReader):
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
 
+    @property
+    def broadcasts(self) -> bool:
+        mode = self.config.replicated
+        return mode == "broadcast" or (mode == "auto" and not self.store.local)
+
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """(coordinator) Read-once replicated state: a stored box that every rank reads
+        whole, into one tensor, is read by one rank (spread by bytes) and broadcast."""
+        if not self.broadcasts or len(plans) < 2:
+            return plans
+        return share_replicated(plans, self._storage)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         t_read = time.perf_counter()
         self._copy_s = 0.0
+        shared: list[Shared] = plan.storage_data or []
+        try:
+            self._read_items(plan, planner)
+        except BaseException:
+            if shared:  # the peers learn of it and skip the broadcasts; DCP reports this
+                dist.any_true(True, self._group())
+            raise
+        self.phase_s = {"plan": t_read - self._t_plan if self._t_plan else 0.0,
+                        "read": time.perf_counter() - t_read, "io_thread": self._io_s,
+                        "verify_thread": self._verify_s, "copy": self._copy_s}
+        if shared and not dist.any_true(False, self._group()):
+            t0 = time.perf_counter()
+            self._broadcast(shared, planner)
+            self.phase_s["broadcast"] = time.perf_counter() - t0
+        self.phase_s["read"] = time.perf_counter() - t_read
+        future: Future[None] = Future()
+        future.set_result(None)
+        return future
+
+    def _group(self) -> object:
+        return dist.checkpoint_group(self.config.collective_timeout_s)
+
+    def _broadcast(self, shared: list[Shared], planner: LoadPlanner) -> None:
+        """Every rank, the same order: each owner sends what it read, the others receive."""
+        me = dist.rank()
+        group = self._group()
+        for s in shared:
+            if s.item is None:  # this rank does not load it (cannot happen for whole reads)
+                continue
+            target = planner.resolve_tensor(s.item)
+            staging = target if (target.device.type == "cpu" and target.is_contiguous()) \
+                else target.detach().to("cpu", copy=True).contiguous()
+            dist.broadcast_tensor(staging, s.owner, group)
+            if me != s.owner:
+                if staging is not target:
+                    target.copy_(staging)
+                planner.commit_tensor(s.item, target)
+            self.bytes_broadcast += staging.numel() * staging.element_size()
+
+    def _read_items(self, plan: LoadPlan, planner: LoadPlanner) -> None:
+        self._io_s = self._verify_s = 0.0
         groups: dict[MetadataIndex, list[ReadItem]] = {}
         for item in plan.items:
             groups.setdefault(item.storage_index, []).append(item)
@@ -160,12 +266,7 @@ class Reader(StorageReader):
                 window.append(job)
                 window_bytes += size
             self._finish(window, planner)
-        self.phase_s = {"plan": t_read - self._t_plan if self._t_plan else 0.0,
-                        "read": time.perf_counter() - t_read, "io_thread": fetcher.io_s,
-                        "verify_thread": fetcher.verify_s, "copy": self._copy_s}
-        future: Future[None] = Future()
-        future.set_result(None)
-        return future
+        self._io_s, self._verify_s = fetcher.io_s, fetcher.verify_s
 
     # -- internals ---------------------------------------------------------------------
 

@@ -43,3 +43,41 @@ def test_ranks_agree_on_the_fallback_for_every_damage_and_on_another_world_size(
     want = (1, [2], 1, True)
     assert [o.value for o in run_ranks(_load, 4, url)] == [want] * 4
     assert [o.value for o in run_ranks(_load, 2, url)] == [want] * 2
+
+
+def _replicated_state(step: int) -> dict:
+    g = torch.Generator().manual_seed(100 + step)
+    return {f"ddp.layer{i}": torch.randn(64, 1024, generator=g) for i in range(5)}
+
+
+def _save_replicated(rank, world, url):
+    for step in (1, 2):
+        state = _replicated_state(step)
+        dckpt.save({**state, "w": _sharded(_full(step))}, url, step=step)
+
+
+def _load_replicated(rank, world, url, mode):
+    state = {k: torch.zeros_like(v) for k, v in _replicated_state(0).items()}
+    state["w"] = _sharded(torch.zeros(16, 4096))
+    info = dckpt.load(state, url, config=dckpt.LoadConfig(replicated=mode))
+    want = _replicated_state(info.step)
+    ok = (all(torch.equal(state[k], v) for k, v in want.items())
+          and torch.equal(state["w"].full_tensor(), _full(info.step)))
+    return info.step, [s for s, _ in info.skipped], ok, info.bytes_read
+
+
+def test_replicated_state_read_once_and_broadcast(tmp_path):
+    url = str(tmp_path)
+    run_ranks(_save_replicated, 3, url)
+    read = [o.value for o in run_ranks(_load_replicated, 3, url, "read")]
+    once = [o.value for o in run_ranks(_load_replicated, 3, url, "broadcast")]
+    assert all(v[:3] == (2, [], True) for v in read + once), (read, once)
+    replicated_bytes = 5 * 64 * 1024 * 4
+    # every rank read the 5 replicated tensors, against each read once over all ranks
+    assert read[0][3] - once[0][3] == 2 * replicated_bytes
+    # onto another world size, and falling back past damage in a replicated tensor
+    assert [o.value[:3] for o in run_ranks(_load_replicated, 2, url, "broadcast")] == \
+        [(2, [], True)] * 2
+    damage(tmp_path, 2, "flipped_byte", rank=0)  # rank 0 wrote the replicated tensors
+    assert [o.value[:3] for o in run_ranks(_load_replicated, 3, url, "broadcast")] == \
+        [(1, [2], True)] * 3
