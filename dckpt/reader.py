@@ -164,6 +164,7 @@ class Reader(StorageReader):
         reads, checks and copies, wall), io_thread / verify_thread (thread-seconds in reads
         and in decoding and checking), copy (wall, into destinations not read in place)."""
         self._t_plan = 0.0
+        self._streams: dict[torch.device, torch.cuda.Stream] = {}
         self._storage: dict[MetadataIndex, tuple[str, ChunkEntry | StoredData]] = {}
 
     def reset(self, checkpoint_id: object = None) -> None:
@@ -246,6 +247,12 @@ class Reader(StorageReader):
 
     def _read_items(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         self._io_s = self._verify_s = 0.0
+        try:
+            self._read_windows(plan, planner)
+        finally:
+            self._wait_copies()
+
+    def _read_windows(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         groups: dict[MetadataIndex, list[ReadItem]] = {}
         for item in plan.items:
             groups.setdefault(item.storage_index, []).append(item)
@@ -303,8 +310,11 @@ class Reader(StorageReader):
             lo, hi = 0, chunk.data.nbytes
         first, picked = blocks_in_range(chunk.data, lo, hi)
         size = sum(ref.raw_length for ref, _ in picked)
-        return _Job(fqn, dtype, chunk, items, targets, torch.empty(size, dtype=torch.uint8),
-                    first, False)
+        # CUDA destinations: a pinned buffer, so that the copy to the device runs
+        # asynchronously while the next reads go on (see _finish)
+        pinned = any(t.device.type == "cuda" for t in targets)
+        return _Job(fqn, dtype, chunk, items, targets,
+                    torch.empty(size, dtype=torch.uint8, pin_memory=pinned), first, False)
 
     def _start(self, fetcher: Fetcher, job: _Job) -> None:
         _, picked = blocks_in_range(job.chunk.data, job.first,
@@ -322,9 +332,26 @@ class Reader(StorageReader):
             for item, target in zip(job.items, job.targets):
                 if not job.direct:
                     t0 = time.perf_counter()
-                    target.copy_(self._source(job, item))
+                    if target.device.type == "cuda":
+                        # from pinned memory on a side stream: returns at once; the caching
+                        # host allocator keeps the buffer until the copy is done
+                        with torch.cuda.stream(self._h2d_stream(target.device)):
+                            target.copy_(self._source(job, item), non_blocking=True)
+                    else:
+                        target.copy_(self._source(job, item))
                     self._copy_s += time.perf_counter() - t0
                 planner.commit_tensor(item, target)
+
+    def _h2d_stream(self, device: torch.device) -> torch.cuda.Stream:
+        stream = self._streams.get(device)
+        if stream is None:
+            stream = self._streams[device] = torch.cuda.Stream(device=device)
+        return stream
+
+    def _wait_copies(self) -> None:
+        """The destinations are complete when read_data returns."""
+        for stream in self._streams.values():
+            stream.synchronize()
 
     def _source(self, job: _Job, item: ReadItem) -> torch.Tensor:
         sizes = job.chunk.sizes
