@@ -317,7 +317,9 @@ class CheckpointManager:
         async save (or the info of a sync one), else None. After a preemption signal: the
         emergency checkpoint, then the job exits (see the class)."""
         if self._closed:
-            raise DckptError("CheckpointManager.maybe_save after close()")
+            raise DckptError(f"CheckpointManager({self.url!r}).maybe_save at step {step} after "
+                             "close() (or after a preemption checkpoint): this manager saves "
+                             "no more; make a new one to save again")
         self._poll()
         agreed = None
         if self._agreement is not None:
