@@ -264,15 +264,19 @@ def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
 
 
 def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
-       storage_options: dict | None = None, progress: Progress | None = None) -> GcReport:
-    """Remove the data no committed checkpoint references (see dckpt.gc for what is spared:
-    saves younger than ``min_age_s`` may be in flight). ``dry_run``: report, remove nothing.
-    Not collective."""
-    if min_age_s < 0:
-        raise ValueError(f"min_age_s must be >= 0, got {min_age_s!r}")
+       deleted_min_age_s: float | None = None, storage_options: dict | None = None,
+       progress: Progress | None = None) -> GcReport:
+    """Remove the data no committed checkpoint references (see dckpt.sweep for what is
+    spared: saves younger than ``min_age_s`` may be in flight; a checkpoint deleted less than
+    ``deleted_min_age_s`` ago, default ``min_age_s``, may be a save's base). ``dry_run``:
+    report, remove nothing. Not collective."""
+    for name, value in (("min_age_s", min_age_s), ("deleted_min_age_s", deleted_min_age_s)):
+        if value is not None and value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
     store = Store(url, storage_options)
     require_repository(store)
-    return collect(store, dry_run=dry_run, min_age_s=min_age_s, progress=progress)
+    return collect(store, dry_run=dry_run, min_age_s=min_age_s,
+                   deleted_min_age_s=deleted_min_age_s, progress=progress)
 
 
 def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",

@@ -50,7 +50,8 @@ from dckpt.manifest import stored_datas
 from dckpt.metrics import Metrics
 from dckpt.retention import Policy, best, plan
 from dckpt.saver import SaveHandle
-from dckpt.sweep import GcReport
+from dckpt.storage import Store
+from dckpt.sweep import GcReport, collect
 
 __all__ = ["CheckpointManager", "RetentionReport"]
 
@@ -214,7 +215,9 @@ class CheckpointManager:
         self._committed: set[int] = set()
         self._best_value: float | None = None
         self._pending: list[SaveHandle] = []
-        self._in_flight_since: float | None = None  # wall time the newest save started
+        # step -> wall time its save began, while it may still be writing (gc after
+        # retention spares what started since the oldest: docs/manager.md)
+        self._started: dict[int, float] = {}
         self._retention = ThreadPoolExecutor(1, thread_name_prefix="dckpt-retention")
         self._retention_jobs: list[Future[RetentionReport]] = []
         self._lock = threading.Lock()
@@ -365,12 +368,16 @@ class CheckpointManager:
         log.info("rank %d: saving step %d (%s)", dist.rank(), step, reason,
                  extra=event("save_start", step=step, reason=reason))
         self._last_save_t = time.monotonic()
-        self._in_flight_since = time.time()
+        self._started[step] = time.time()
         self.saves += 1
         try:
             if not self.async_save:
-                info = api.save(state_dict, self.url, step=step, metrics=metrics,
-                                storage_options=self.storage_options, config=self.save_config)
+                try:
+                    info = api.save(state_dict, self.url, step=step, metrics=metrics,
+                                    storage_options=self.storage_options,
+                                    config=self.save_config)
+                finally:
+                    self._started.pop(step, None)
                 self._committed.add(step)
                 self._saved(info)
                 return info
@@ -378,9 +385,12 @@ class CheckpointManager:
                                     storage_options=self.storage_options,
                                     config=self.save_config)
         except DckptError as e:
+            self._started.pop(step, None)
             self._failed(step, e)
             return None
-        if not handle.skipped:
+        if handle.skipped:
+            self._started.pop(step, None)
+        else:
             self._committed.add(step)
             self._pending.append(handle)
         if self.metrics is not None:
@@ -398,7 +408,9 @@ class CheckpointManager:
                     pass
             if not h.done():
                 still.append(h)
-            elif h.error is not None:
+                continue
+            self._started.pop(h.step, None)
+            if h.error is not None:
                 self._committed.discard(h.step)
                 self._failed(h.step, h.error)
             elif h.info is not None:
@@ -479,11 +491,20 @@ class CheckpointManager:
                             pass  # deleted meanwhile
             report = None
             if self.gc:
-                since = self._in_flight_since
-                min_age = GC_MARGIN_S + (time.time() - since if since is not None
-                                         and self._pending else 0.0)
-                report = api.gc(self.url, dry_run=dry_run, min_age_s=min_age,
-                                storage_options=self.storage_options)
+                # IMPORTANT: spare what started after the oldest save of this manager that
+                # may still be writing began (a save waiting in async_save for the one
+                # before, or writing before async_save returned its handle, included); one
+                # clock reading for the age and the sweep
+                now = time.time()
+                starts = list(self._started.values())
+                since = None
+                if starts:  # attempt names carry whole milliseconds, rounded down
+                    since = math.floor(min(starts) * 1000) / 1000 - 0.002
+                min_age = GC_MARGIN_S + (now - since if since is not None else 0.0)
+                # deleted checkpoints need only the margin: this job's saves take the newest
+                # committed checkpoint as their base, and retention never deletes it
+                report = collect(Store(self.url, self.storage_options), dry_run=dry_run,
+                                 min_age_s=min_age, deleted_min_age_s=GC_MARGIN_S, now_s=now)
             if deleted or (report is not None and report.deleted):
                 log.info("retention%s: kept steps %s, deleted %s; gc freed %d bytes",
                          " (dry run)" if dry_run else "", kept, deleted,

@@ -53,8 +53,12 @@ Progress = Callable[[int, int], None]
 
 
 def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
-            now_s: float | None = None, progress: Progress | None = None) -> GcReport:
+            deleted_min_age_s: float | None = None, now_s: float | None = None,
+            progress: Progress | None = None) -> GcReport:
+    """``deleted_min_age_s`` (default ``min_age_s``): how long a deleted checkpoint's blocks
+    stay live, for a save that took it as its base before the delete."""
     now = time.time() if now_s is None else now_s
+    tombstone_age = min_age_s if deleted_min_age_s is None else deleted_min_age_s
     live: list[Manifest] = []
     for step in committed_steps(store):
         try:
@@ -69,7 +73,7 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         parsed = layout.parse_tombstone_name(name)
         if parsed is None:
             continue
-        if now - parsed[1] < min_age_s:
+        if now - parsed[1] < tombstone_age:
             raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
             live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
         else:
