@@ -286,3 +286,26 @@ def test_pipeline_refuses_bad_stages():
         dckpt.Pipeline(["a", "a"])
     with pytest.raises(ValueError, match="unknown stage"):
         dckpt.Pipeline(["a"]).finish("b")
+
+
+def test_gc_after_retention_spares_every_save_that_may_still_be_writing(tmp_path, monkeypatch):
+    from dckpt import layout
+
+    monkeypatch.setattr(manager_module, "GC_MARGIN_S", 0.0)
+    url = str(tmp_path)
+    _, _, _, _, state = make_train()
+    mgr = dckpt.CheckpointManager(url, retention=dckpt.KeepLast(1), handle_signals=False)
+    mgr.save(0, state)
+    mgr.wait()
+    # two saves not yet committed: one writing, one queued behind it (started later)
+    mgr._started = {5: time.time(), 7: time.time() + 0.5}
+    writing = tmp_path / "data" / layout.new_attempt(5) / "r00000-000.seg"
+    writing.parent.mkdir(parents=True)
+    writing.write_bytes(b"x" * 100)
+    report = mgr.apply_retention()
+    assert writing.exists() and report.gc.deleted == ()
+    mgr._started = {}  # the save ended without a commit: its data is garbage now
+    report = mgr.apply_retention()
+    assert not writing.exists() and len(report.gc.deleted) == 1
+    mgr.close()
+    assert dckpt.verify(url).ok
