@@ -97,3 +97,27 @@ def test_random_states_per_rank_across_world_sizes(tmp_path):
     assert grown[:3] == after_save
     torch.manual_seed(7)
     assert grown[3] == torch.rand(3).tolist()  # no state saved for rank 3: its own kept
+
+
+def _improve(rank, world, url):
+    from dckpt import manager
+
+    manager.AGREE_INTERVAL_S = 0.0  # an exchange in flight at every call, beside the broadcasts
+    model, opt, state = _model_state()
+    mgr = dckpt.CheckpointManager(url, save_on_improve=("val", "min"), async_save=False)
+    saved = []
+    vals = {3: 5.0, 6: 4.0, 9: 4.5, 12: 1.0}
+    for step in range(15):
+        opt.step()
+        metrics = {"val": vals[step] + rank} if step in vals else None  # rank 0's decides
+        if mgr.maybe_save(step, state, metrics) is not None:
+            saved.append(step)
+    mgr.close()
+    return saved
+
+
+def test_ranks_agree_on_the_metric_trigger(tmp_path):
+    url = str(tmp_path / "ckpt")
+    saved = [o.value for o in run_ranks(_improve, 2, url)]
+    assert saved == [[3, 6, 12]] * 2
+    assert [c.metrics["val"] for c in dckpt.list_checkpoints(url)] == [5.0, 4.0, 1.0]
