@@ -100,10 +100,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> dckpt.Metrics | None:
+    if not args.metrics_textfile:
+        return None
+    return dckpt.Metrics(job=args.job, textfile=args.metrics_textfile)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     report = dckpt.verify(args.url, step=args.step, all_steps=args.all,
                           quarantine=args.quarantine, storage_options=_options(args.option),
                           progress=_Progress("verifying", not args.json and sys.stderr.isatty()))
+    metrics = _metrics(args)
+    if metrics is not None:
+        metrics.observe_verify(report)
     if args.json:
         print(json.dumps({"ok": report.ok, "steps": list(report.steps),
                           "bytes_checked": report.bytes_checked,
@@ -202,12 +211,18 @@ def cmd_health(args: argparse.Namespace) -> int:
                          verify=args.verify, sample_bytes=int(args.sample_mib * (1 << 20)),
                          storage_options=_options(args.option))
     except (dckpt.DckptError, ValueError, OSError) as e:
+        metrics = _metrics(args)
+        if metrics is not None:
+            metrics.observe_unknown()
         if args.json:
             print(json.dumps({"url": args.url, "code": 3, "status": "UNKNOWN",
                               "reasons": [str(e)]}))
         else:
             print(f"UNKNOWN: {args.url}: {e}")
         return 3
+    metrics = _metrics(args)
+    if metrics is not None:
+        metrics.observe_health(h)
     if args.json:
         print(json.dumps({**dataclasses.asdict(h), "status": h.status}, indent=2))
         return h.code
@@ -220,8 +235,8 @@ def cmd_health(args: argparse.Namespace) -> int:
     for step, why in h.unrecoverable:
         print(f"  skipped     step {step}: {why}")
     if h.read_bytes_per_s:
-        print(f"read          {h.read_bytes_per_s / 1e6:.0f} MB/s measured; restore read "
-              f"about {h.estimated_read_s:.1f} s per rank")
+        print(f"read          {h.read_bytes_per_s / 1e6:.3g} MB/s measured; restore read "
+              f"about {h.estimated_read_s:.2g} s per rank")
     if h.free_bytes is not None:
         print(f"free storage  {_size(h.free_bytes)}")
     return h.code
@@ -240,6 +255,13 @@ def cmd_diff(args: argparse.Namespace) -> int:
         for i in d.items:
             print(f"{i.fqn:<56} {i.change:<8} {_size(i.nbytes):>10} {_size(i.changed_bytes):>10}")
     return 0
+
+
+def _metrics_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-textfile", metavar="PATH",
+                   help="also write the result as Prometheus metrics to PATH, for "
+                        "node_exporter's textfile collector (e.g. from cron)")
+    p.add_argument("--job", default="dckpt", help="the job_name label of those metrics")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quarantine", action="store_true",
                    help="mark each damaged checkpoint so that restores skip it (nothing is "
                         "deleted); clear the mark of each that verifies clean")
+    _metrics_options(p)
     p = command("delete", cmd_delete, "drop one checkpoint (its data goes at a later gc)")
     p.add_argument("--step", type=int, required=True, help="the step to drop")
     p = command("gc", cmd_gc, "remove data no committed checkpoint references")
@@ -292,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "object it references exists and is long enough)")
     p.add_argument("--sample-mib", type=float, default=64.0,
                    help="MiB read to measure the read throughput (default 64)")
+    _metrics_options(p)
     p = command("diff", cmd_diff, "which items differ between two checkpoints, and the "
                 "stored bytes they share (from the manifests; no data read)")
     p.add_argument("step_a", type=int)

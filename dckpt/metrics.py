@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from typing import Any
 
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
@@ -86,6 +87,15 @@ class Metrics:
                                 registry=r)
         self.checkpoints = Gauge("dckpt_checkpoints", "Committed checkpoints in the repository",
                                  j, registry=r)
+        self.health = Gauge("dckpt_health_status",
+                            "Last health check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", j,
+                            registry=r)
+        self.recoverable_step = Gauge("dckpt_recoverable_step",
+                                      "Last health check: the step a restart would load "
+                                      "(-1: none)", j, registry=r)
+        self.damaged = Gauge("dckpt_damaged_checkpoints",
+                             "Checkpoints the last verify or health check found damaged", j,
+                             registry=r)
         self._server: Any = None
 
     # ------------------------------------------------------------ recording
@@ -151,6 +161,39 @@ class Metrics:
                 self.free_bytes.labels(self.job).set(shutil.disk_usage(path).free)
             except OSError:
                 pass
+        self._flush()
+
+    def observe_health(self, health: Any) -> None:
+        """A dckpt.Health (``dckpt health --metrics-textfile``, e.g. from cron)."""
+        if not self._on():
+            return
+        with self._lock:
+            self.health.labels(self.job).set(health.code)
+            self.recoverable_step.labels(self.job).set(
+                -1 if health.recoverable_step is None else health.recoverable_step)
+            self.damaged.labels(self.job).set(len(health.unrecoverable))
+            self.checkpoints.labels(self.job).set(health.checkpoints)
+            if health.free_bytes is not None:
+                self.free_bytes.labels(self.job).set(health.free_bytes)
+            if health.newest_step is not None and health.newest_age_s is not None:
+                self.last_success_step.labels(self.job).set(health.newest_step)
+                self.last_success_ts.labels(self.job).set(time.time() - health.newest_age_s)
+        self._flush()
+
+    def observe_unknown(self) -> None:
+        """A health check that could not run."""
+        if self._on():
+            self.health.labels(self.job).set(3)
+            self._flush()
+
+    def observe_verify(self, report: Any) -> None:
+        """A dckpt.VerifyReport: the damaged checkpoints it found."""
+        if not self._on():
+            return
+        damaged = len({p.step for p in report.problems})
+        self.damaged.labels(self.job).set(damaged)
+        if damaged:
+            self.corrupt.labels(self.job).inc(damaged)
         self._flush()
 
     # ------------------------------------------------------------ output

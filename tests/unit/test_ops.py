@@ -82,3 +82,34 @@ def test_health_codes(tmp_path, capsys):
     assert cli(["health", str(repo)]) == 2
     assert "CRITICAL" in capsys.readouterr().out
     assert cli(["health", str(tmp_path / "nowhere")]) == 3
+
+
+def test_health_and_verify_leave_metrics_for_cron(tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def values(path):
+        return {s.name: s.value for f in text_string_to_metric_families(path.read_text())
+                for s in f.samples if s.labels.get("job_name") == "cron"}
+
+    repo = tmp_path / "repo"
+    three_saves(repo)
+    prom = tmp_path / "prom" / "health.prom"
+    assert cli(["health", str(repo), "--metrics-textfile", str(prom), "--job", "cron"]) == 0
+    v = values(prom)
+    assert (v["dckpt_health_status"], v["dckpt_recoverable_step"], v["dckpt_checkpoints"],
+            v["dckpt_damaged_checkpoints"], v["dckpt_last_success_step"]) == (0, 3, 3, 0, 3)
+    path = own_segment(repo, 3)
+    os.truncate(path, 10)
+    assert cli(["health", str(repo), "--metrics-textfile", str(prom), "--job", "cron"]) == 1
+    v = values(prom)
+    assert (v["dckpt_health_status"], v["dckpt_recoverable_step"],
+            v["dckpt_damaged_checkpoints"]) == (1, 2, 1)
+    vprom = tmp_path / "prom" / "verify.prom"
+    assert cli(["verify", str(repo), "--all", "--metrics-textfile", str(vprom),
+                "--job", "cron"]) == 1
+    v = values(vprom)
+    assert v["dckpt_damaged_checkpoints"] == 1
+    assert v["dckpt_corrupt_checkpoints_detected_total"] == 1
+    assert cli(["health", str(tmp_path / "nowhere"), "--metrics-textfile", str(prom),
+                "--job", "cron"]) == 3
+    assert values(prom)["dckpt_health_status"] == 3
