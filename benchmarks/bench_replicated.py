@@ -1,6 +1,10 @@
 """Replicated state: every rank reads it, or one rank reads each tensor and broadcasts it.
 
     torchrun --standalone --nproc-per-node=2 benchmarks/bench_replicated.py --gib 0.5
+    torchrun --standalone --nproc-per-node=2 benchmarks/bench_replicated.py --layout sharded
+
+``--layout sharded`` measures the usual FSDP case instead: ``--gib`` GiB per rank of row-
+sharded DTensors, each rank reading only its shards (dckpt against DCP; nothing to share).
 
 A DDP-like state (plain tensors, the same on every rank: ``--gib`` GiB in 64 MiB tensors) is
 saved once to the local disk and once to an S3 protocol server on 127.0.0.1 (moto, started
@@ -32,11 +36,24 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from dckpt_testing import MotoServer  # noqa: E402
 
 
-def state_of(gib: float, fill: bool) -> dict[str, torch.Tensor]:
+def state_of(gib: float, fill: bool, layout: str = "replicated") -> dict:
+    if layout == "sharded":
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from common import make_state
+
+        torch.manual_seed(dist.get_rank())
+        return make_state(gib, init_device_mesh("cpu", (dist.get_world_size(),)), fill=fill)
     n = max(1, int(gib * 16))
     g = torch.Generator().manual_seed(0)
     return {f"layer{i}.weight": (torch.randn(4096, 4096, generator=g) if fill
                                  else torch.empty(4096, 4096)) for i in range(n)}
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if hasattr(a, "to_local"):
+        return torch.equal(a.to_local(), b.to_local())
+    return torch.equal(a, b)
 
 
 def main() -> None:
@@ -44,6 +61,7 @@ def main() -> None:
     p.add_argument("--gib", type=float, default=0.5)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--stores", default="local,s3")
+    p.add_argument("--layout", choices=("replicated", "sharded"), default="replicated")
     p.add_argument("--dir", default="bench-out/replicated")
     p.add_argument("--out", default="bench-out/replicated.jsonl")
     args = p.parse_args()
@@ -51,14 +69,16 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     base = fresh_folders(args.dir, args.out)
-    state = state_of(args.gib, fill=True)
-    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    state = state_of(args.gib, fill=True, layout=args.layout)
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in state.values()]
+    nbytes = sum(t.numel() * t.element_size() for t in local) * (
+        dist.get_world_size() if args.layout == "sharded" else 1)
     group = dckpt.dist.checkpoint_group(300.0)
-    flat = torch.cat([t.reshape(-1) for t in state.values()])
+    flat = torch.cat([t.reshape(-1) for t in local])
     bcast = [timed(lambda: dist.broadcast(flat, src=0, group=group))
              for _ in range(args.repeats)]
     flat = torch.empty(0)
-    if rank == 0:
+    if rank == 0 and args.layout == "replicated":
         emit(args.out, {"bench": "replicated", "method": "gloo broadcast (limit)",
                         "bytes": nbytes, "world": world, "seconds": statistics.median(bcast)})
     server = None
@@ -81,11 +101,13 @@ def main() -> None:
             dcp.save(state, storage_writer=dcp_writer)
             times: dict[str, list[float]] = {}
             for _ in range(args.repeats):
-                for method in ("dckpt read", "dckpt broadcast", "DCP"):
+                methods = (("dckpt read", "DCP") if args.layout == "sharded"
+                           else ("dckpt read", "dckpt broadcast", "DCP"))
+                for method in methods:
                     if store == "local" and rank == 0:
                         evict(base)
                     dist.barrier()
-                    target = state_of(args.gib, fill=False)
+                    target = state_of(args.gib, fill=False, layout=args.layout)
                     if method == "DCP":
                         reader = (dcp.FileSystemReader(f"{base}/dcp") if store == "local"
                                   else FsspecReader("s3://bench/dcp", **opts))
@@ -94,12 +116,13 @@ def main() -> None:
                         cfg = dckpt.LoadConfig(replicated=method.split()[1])
                         s = timed(lambda: dckpt.load(target, url, storage_options=opts,
                                                      config=cfg))
-                    assert all(torch.equal(target[k], v) for k, v in state.items())
+                    assert all(same(target[k], v) for k, v in state.items())
                     times.setdefault(method, []).append(s)
             if rank == 0:
                 med = {m: statistics.median(v) for m, v in times.items()}
                 for m, v in times.items():
-                    emit(args.out, {"bench": "replicated", "store": store, "method": m,
+                    emit(args.out, {"bench": "replicated", "layout": args.layout,
+                                    "store": store, "method": m,
                                     "bytes": nbytes, "world": world, "seconds": med[m],
                                     "all_s": [round(x, 3) for x in v],
                                     "vs_dckpt_read": round(med["dckpt read"] / med[m], 3)})
