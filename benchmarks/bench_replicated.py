@@ -23,6 +23,7 @@ import statistics
 import sys
 import warnings
 
+import fsspec
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -48,6 +49,16 @@ def state_of(gib: float, fill: bool, layout: str = "replicated") -> dict:
     g = torch.Generator().manual_seed(0)
     return {f"layer{i}.weight": (torch.randn(4096, 4096, generator=g) if fill
                                  else torch.empty(4096, 4096)) for i in range(n)}
+
+
+def raw_read(fs, path: str, _n: int, chunk: int, threads: int = 8) -> int:
+    """The rank's bytes as one object, read in 16 MiB ranges, 8 in flight."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    size = fs.size(path)
+    with ThreadPoolExecutor(threads) as pool:
+        return sum(pool.map(lambda o: len(fs.cat_file(path, start=o, end=min(size, o + chunk))),
+                            range(0, size, chunk)))
 
 
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -99,15 +110,24 @@ def main() -> None:
                 dcp_writer = FsspecWriter("s3://bench/dcp", sync_files=False, **opts)
             dckpt.save(state, url, step=1, storage_options=opts)
             dcp.save(state, storage_writer=dcp_writer)
+            raw = f"{base}/raw-{rank}.bin" if store == "local" else f"s3://bench/raw-{rank}.bin"
+            fs, _ = fsspec.core.url_to_fs(raw, **(opts or {}))
+            fs.pipe(raw, b"".join(t.contiguous().view(torch.uint8).numpy().tobytes()
+                                  for t in local))
             times: dict[str, list[float]] = {}
             for _ in range(args.repeats):
-                methods = (("dckpt read", "DCP") if args.layout == "sharded"
+                methods = (("raw ranged reads, one object per rank", "dckpt read", "DCP")
+                           if args.layout == "sharded"
                            else ("dckpt read", "dckpt broadcast", "DCP"))
                 for method in methods:
                     if store == "local" and rank == 0:
                         evict(base)
                     dist.barrier()
                     target = state_of(args.gib, fill=False, layout=args.layout)
+                    if method.startswith("raw"):
+                        s = timed(lambda: raw_read(fs, raw, len(local), 16 << 20))
+                        times.setdefault(method, []).append(s)
+                        continue
                     if method == "DCP":
                         reader = (dcp.FileSystemReader(f"{base}/dcp") if store == "local"
                                   else FsspecReader("s3://bench/dcp", **opts))
