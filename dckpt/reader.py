@@ -101,8 +101,7 @@ class Shared:
 
     index: MetadataIndex
     owner: int
-    nbytes: int
-    item: ReadItem | None
+    item: ReadItem
     """This rank's read item for it (its destination), left out of the rank's reads unless
     the rank is the owner."""
 
@@ -140,8 +139,7 @@ def share_replicated(plans: list[LoadPlan], storage: dict) -> list[LoadPlan]:
     for rank, plan in enumerate(plans):
         items = [it for it in plan.items
                  if it.storage_index not in owners or owners[it.storage_index] == rank]
-        shared = [Shared(i, owners[i], storage[i][1].data.nbytes, per_rank[rank][i][0])
-                  for i in replicated]
+        shared = [Shared(i, owners[i], per_rank[rank][i][0]) for i in replicated]
         out.append(dataclasses.replace(plan, items=items, storage_data=shared))
     return out
 
@@ -157,8 +155,6 @@ class Reader(StorageReader):
         self.config = config or LoadConfig()
         self.manifest = manifest
         self.bytes_read = 0
-        self.bytes_broadcast = 0
-        """Bytes this rank sent or received in read-once broadcasts of replicated state."""
         self.phase_s: dict[str, float] = {}
         """After a load, this rank: plan (DCP's planning up to the first read), read (the
         reads, checks and copies, wall), io_thread / verify_thread (thread-seconds in reads
@@ -169,7 +165,6 @@ class Reader(StorageReader):
 
     def reset(self, checkpoint_id: object = None) -> None:
         self.bytes_read = 0
-        self.bytes_broadcast = 0
         self.phase_s = {}
 
     @classmethod
@@ -233,17 +228,18 @@ class Reader(StorageReader):
         me = dist.rank()
         group = self._group()
         for s in shared:
-            if s.item is None:  # this rank does not load it (cannot happen for whole reads)
-                continue
             target = planner.resolve_tensor(s.item)
-            staging = target if (target.device.type == "cpu" and target.is_contiguous()) \
-                else target.detach().to("cpu", copy=True).contiguous()
+            if target.device.type == "cpu" and target.is_contiguous():
+                staging = target
+            elif me == s.owner:  # through the host: gloo carries CPU tensors
+                staging = target.detach().to("cpu", copy=True).contiguous()
+            else:
+                staging = torch.empty(target.shape, dtype=target.dtype)
             dist.broadcast_tensor(staging, s.owner, group)
             if me != s.owner:
                 if staging is not target:
                     target.copy_(staging)
                 planner.commit_tensor(s.item, target)
-            self.bytes_broadcast += staging.numel() * staging.element_size()
 
     def _read_items(self, plan: LoadPlan, planner: LoadPlanner) -> None:
         self._io_s = self._verify_s = 0.0
