@@ -1,5 +1,6 @@
 """End-to-end recovery: from the torchrun launch to the state loaded on every rank and the
-first training step done, cold page cache, dckpt against DCP and a raw read of the same bytes.
+first training step done, cold page cache (or --cache warm), dckpt against DCP and a raw
+read of the same bytes.
 
     python benchmarks/bench_restore.py --ranks 2 --gib-per-rank 4
 
@@ -13,6 +14,13 @@ training step. Each worker reports, from rank 0 after barriers: when its Python 
 when the first step was done. The read phase of a method is its load (barrier to barrier);
 the raw method reads the same bytes per rank with positional reads, 8 in flight, straight
 into the tensors: the disk's limit. Ratios against DCP and the raw read in the last line.
+
+With ``--device cuda`` the state lives on the GPU (one per rank, NCCL): the raw method reads
+into two pinned host buffers in turn and copies each to the device while the next one is
+read. ``--methods`` picks a subset (a state as big as the GPU may not fit on the disk three
+times); without the raw method, the raw sequential figure reads dckpt's own files.
+
+    python benchmarks/bench_restore.py --device cuda --ranks 1 --gib-per-rank 40 --methods dckpt
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ T_PYTHON = time.time()  # as early as possible: the worker's start, before the h
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("raw", "dckpt", "DCP")
+METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp"}
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -44,23 +53,31 @@ def worker(args: argparse.Namespace) -> None:
     from common import make_state
 
     t_imports = time.time()
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(args.device, (world,))
     t_group = time.time()
     base = os.path.abspath(args.dir)
     if args.worker == "prepare":
         torch.manual_seed(rank)
-        state = make_state(args.gib_per_rank, mesh, fill=True)
-        dckpt.save(state, f"{base}/dckpt", step=1)
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{base}/dcp", sync_files=True))
-        raw_write(f"{base}/raw-{rank}.bin", local_tensors(state))
+        state = make_state(args.gib_per_rank, mesh, device=args.device, fill=True)
+        methods = args.methods.split(",")
+        if "dckpt" in methods:
+            dckpt.save(state, f"{base}/dckpt", step=1)
+        if "DCP" in methods:
+            dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{base}/dcp", sync_files=True))
+        if "raw" in methods:
+            raw_write(f"{base}/raw-{rank}.bin",
+                      {k: v.cpu() for k, v in local_tensors(state).items()})
         sums = {k: float(v.to_local().double().sum()) for k, v in state.items()}
         with open(f"{base}/sums-{rank}.json", "w") as f:
             json.dump(sums, f)
         dist.barrier()
         return
-    state = make_state(args.gib_per_rank, mesh, fill=False)
+    state = make_state(args.gib_per_rank, mesh, device=args.device, fill=False)
     dist.barrier()
     t0 = time.time()
     info = None
@@ -72,12 +89,16 @@ def worker(args: argparse.Namespace) -> None:
         info = dckpt.load(state, f"{base}/dckpt", config=config)
     elif args.worker == "DCP":
         dcp.load(state, storage_reader=dcp.FileSystemReader(f"{base}/dcp"))
+    elif cuda:
+        raw_read_to_device(f"{base}/raw-{rank}.bin", local_tensors(state))
     else:
         raw_read(f"{base}/raw-{rank}.bin", local_tensors(state))
+    if cuda:
+        torch.cuda.synchronize()
     dist.barrier()
     t_loaded = time.time()
     first = next(iter(state.values())).to_local()
-    w = torch.randn(first.shape[1], 256)
+    w = torch.randn(first.shape[1], 256, device=first.device)
     torch.tanh(first @ w).sum().item()  # the first step: reads the restored weights
     dist.barrier()
     t_step = time.time()
@@ -85,7 +106,7 @@ def worker(args: argparse.Namespace) -> None:
         want = json.load(f)
     ok = all(abs(float(v.to_local().double().sum()) - want[k]) <= 1e-6 * max(1.0, abs(want[k]))
              for k, v in state.items())
-    bad = torch.tensor([int(not ok)])
+    bad = torch.tensor([int(not ok)], device=first.device)
     dist.all_reduce(bad)  # every rank's values must match
     ok = int(bad.item()) == 0
     if rank == 0:
@@ -96,12 +117,40 @@ def worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
+def raw_read_to_device(path: str, tensors: dict) -> None:
+    """The raw read onto the GPU: each tensor's bytes into one of two pinned buffers in
+    turn (positional reads, 8 in flight), then copied to the device on a side stream while
+    the next tensor is read."""
+    import torch
+
+    from bench_save_load import raw_read
+
+    size = max(t.numel() * t.element_size() for t in tensors.values())
+    buffers = [torch.empty(size, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+    events: list = [None, None]
+    stream = torch.cuda.Stream()
+    offset = 0
+    for i, t in enumerate(tensors.values()):
+        n = t.numel() * t.element_size()
+        buf = buffers[i % 2][:n]
+        if events[i % 2] is not None:
+            events[i % 2].synchronize()  # its last copy to the device is done
+        raw_read(path, {"x": buf}, offset=offset)
+        with torch.cuda.stream(stream):
+            t.view(-1).view(torch.uint8).copy_(buf, non_blocking=True)
+            events[i % 2] = torch.cuda.Event()
+            events[i % 2].record(stream)
+        offset += n
+    stream.synchronize()
+
+
 def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
     """Run one torchrun job; ``mode`` is a method, or "dckpt THREADSxMIB"."""
     method, _, config = mode.partition(" ")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
            "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
+           "--device", args.device, "--methods", args.methods,
            *(["--read-config", config] if config else [])]
     t_launch = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -117,14 +166,29 @@ def evict_tree(path: str) -> None:
     evict(path)
 
 
+def warm_tree(path: str) -> None:
+    """Read a method's files once, so that its restore finds them in the page cache."""
+    names = [path] if os.path.exists(path) else [
+        os.path.join(os.path.dirname(path), f) for f in os.listdir(os.path.dirname(path))
+        if f.startswith(os.path.basename(path))]
+    subprocess.run(["sh", "-c", 'find "$@" -type f -exec cat {} + >/dev/null', "sh", *names],
+                   check=True)
+
+
 def raw_cold_read_sequential(args: argparse.Namespace) -> float:
     """A single sequential stream per file, all ranks' files at once: cat-like."""
     paths = [os.path.join(args.dir, f"raw-{r}.bin") for r in range(args.ranks)]
-    for p in paths:
-        evict_tree(p)
+    if not os.path.exists(paths[0]):  # dckpt's own files, as many streams as ranks
+        files = sorted((os.path.join(d, f) for d, _, fs in os.walk(os.path.join(args.dir, "dckpt"))
+                        for f in fs), key=os.path.getsize, reverse=True)
+        paths = [files[r::args.ranks] for r in range(args.ranks)]
+    else:
+        paths = [[p] for p in paths]
+    for group in paths:
+        for p in group:
+            evict_tree(p)
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=16M"],
-                              stderr=subprocess.DEVNULL) for p in paths]
+    procs = [subprocess.Popen(["cat", *group], stdout=subprocess.DEVNULL) for group in paths]
     for p in procs:
         p.wait()
     return time.perf_counter() - t0
@@ -141,6 +205,12 @@ def main() -> None:
     p.add_argument("--read-configs", default="",
                    help="more dckpt methods with other read settings: THREADSxMIB,... "
                         "(reader threads x request MiB), e.g. 8x64,4x32")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--cache", choices=("cold", "warm"), default="cold",
+                   help="warm: each method's files are read into the page cache before its "
+                        "job (a restart on the node that wrote them, with memory to spare)")
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--worker", choices=("prepare",) + METHODS, help=argparse.SUPPRESS)
     p.add_argument("--read-config", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,6 +218,9 @@ def main() -> None:
         worker(args)
         return
     args.dir = os.path.abspath(args.dir)
+    chosen = tuple(m for m in METHODS if m in args.methods.split(","))
+    if "dckpt" not in chosen or set(args.methods.split(",")) - set(METHODS):
+        p.error(f"--methods: a subset of {','.join(METHODS)} with dckpt in it")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not os.path.exists(os.path.join(args.dir, "sums-0.json")):
         shutil.rmtree(args.dir, ignore_errors=True)
@@ -155,13 +228,15 @@ def main() -> None:
         print(f"writing {args.ranks} x {args.gib_per_rank} GiB three ways ...", flush=True)
         launch(args, "prepare")
     nbytes = int(args.gib_per_rank * (1 << 30)) // (64 << 20) * (64 << 20) * args.ranks
-    methods = METHODS + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
+    methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     seq = []
     for i in range(args.repeats):
         seq.append(raw_cold_read_sequential(args))
         for method in methods:
             evict_tree(args.dir)
+            if args.cache == "warm":
+                warm_tree(os.path.join(args.dir, METHOD_DIRS[method.split()[0]]))
             t_launch, r = launch(args, method)
             row = {"launch_to_python_s": r["python_start"] - t_launch,
                    "imports_s": r["imports_done"] - r["python_start"],
@@ -174,21 +249,22 @@ def main() -> None:
             runs[method].append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps({"bench": "restore", "method": method, "repeat": i,
+                                    "device": args.device, "cache": args.cache,
                                     "bytes": nbytes, "ranks": args.ranks, **row}) + "\n")
             print(method, {k: round(v, 2) if isinstance(v, float) else v
                            for k, v in row.items() if k != "phase_s"}, flush=True)
     med = {m: {k: statistics.median(r[k] for r in rows) for k in
                ("read_s", "launch_to_first_step_s", "launch_to_python_s", "imports_s")}
            for m, rows in runs.items()}
-    extra = {f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods[len(METHODS):]}
     summary = {
-        "bytes": nbytes, "raw_sequential_read_gbps": nbytes / statistics.median(seq) / 1e9,
-        **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in METHODS}, **extra,
-        "dckpt_read_vs_raw": med["raw"]["read_s"] / med["dckpt"]["read_s"],
+        "bytes": nbytes, "device": args.device, "cache": args.cache,
+        "raw_sequential_read_gbps": nbytes / statistics.median(seq) / 1e9,
+        **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods},
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
-        "dckpt_read_vs_DCP": med["DCP"]["read_s"] / med["dckpt"]["read_s"],
-        "launch_to_first_step_s": {m: med[m]["launch_to_first_step_s"] for m in METHODS},
-        "start_up_s": {m: med[m]["launch_to_python_s"] + med[m]["imports_s"] for m in METHODS},
+        **{f"dckpt_read_vs_{m}": med[m]["read_s"] / med["dckpt"]["read_s"]
+           for m in ("raw", "DCP") if m in med},
+        "launch_to_first_step_s": {m: med[m]["launch_to_first_step_s"] for m in chosen},
+        "start_up_s": {m: med[m]["launch_to_python_s"] + med[m]["imports_s"] for m in chosen},
         "all_values_ok": all(r["values_ok"] for rows in runs.values() for r in rows),
     }
     with open(args.out, "a") as f:

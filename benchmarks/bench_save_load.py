@@ -38,11 +38,12 @@ def raw_write(path: str, tensors: dict) -> None:
         os.fsync(f.fileno())
 
 
-def raw_read(path: str, tensors: dict, threads: int = 8, chunk: int = 16 << 20) -> None:
+def raw_read(path: str, tensors: dict, threads: int = 8, chunk: int = 16 << 20,
+             offset: int = 0) -> None:
     """The disk's limit: positional reads of 16 MiB, 8 in flight per rank (a single stream
-    reads slower here, so it would flatter every method compared with it)."""
+    reads slower here, so it would flatter every method compared with it), from ``offset``."""
     fd = os.open(path, os.O_RDONLY)
-    jobs, offset = [], 0
+    jobs = []
     for t in tensors.values():
         mv = memoryview(t.view(-1).view(torch.uint8).numpy())
         for start in range(0, len(mv), chunk):
