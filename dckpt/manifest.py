@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -32,7 +33,9 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
+_HEX_RE = re.compile(r"[0-9a-f]*")
 CODECS = ("raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8")
+_CODEC_SET = frozenset(CODECS)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -203,12 +206,38 @@ def _str(value: object, where: str) -> str:
     return value
 
 
-def _data(doc: dict, where: str, segments: list[str]) -> StoredData:
-    nbytes = _int(doc["nbytes"], f"{where}.nbytes")
+def _blocks_fast(rows: list, segments: list[str]) -> tuple[BlockRef, ...] | None:
+    """The block rows checked column by column (a differential checkpoint's manifest holds
+    10^5 of them, and a restore waits for their decoding); None when any check fails, and
+    ``_blocks_checked`` then names the first bad block."""
+    if not rows:
+        return ()
+    if set(map(type, rows)) != {list} or set(map(len, rows)) != {6}:
+        return None
+    segs, offs, lens, raws, digests, codecs = zip(*rows)
+    ints = segs + offs + lens + raws
+    if set(map(type, ints)) != {int} or min(ints) < 0 or max(segs) >= len(segments):
+        return None
+    if (set(map(type, digests)) != {str} or set(map(len, digests)) != {32}
+            or not _HEX_RE.fullmatch("".join(digests))):
+        return None
+    if set(map(type, codecs)) != {str}:
+        return None
+    kinds = set(codecs)
+    if not kinds <= _CODEC_SET:
+        return None
+    if kinds == {"raw"}:
+        if lens != raws:
+            return None
+    elif any(n > r or (c == "raw" and n != r) for n, r, c in zip(lens, raws, codecs)):
+        return None
+    return tuple(map(BlockRef, map(segments.__getitem__, segs), offs, lens, raws, digests,
+                     codecs))
+
+
+def _blocks_checked(rows: list, where: str, segments: list[str]) -> tuple[BlockRef, ...]:
     blocks = []
-    if not isinstance(doc["blocks"], list):
-        raise FormatError(f"{where}.blocks: expected a list")
-    for i, b in enumerate(doc["blocks"]):
+    for i, b in enumerate(rows):
         w = f"{where}.blocks[{i}]"
         if not isinstance(b, list) or len(b) != 6:
             raise FormatError(f"{w}: expected [segment, offset, length, raw_length, digest, codec]")
@@ -225,10 +254,21 @@ def _data(doc: dict, where: str, segments: list[str]) -> StoredData:
             raise FormatError(f"{w}: {ref.length} stored bytes for {ref.raw_length} raw bytes "
                               f"is impossible for codec {codec!r}")
         blocks.append(ref)
+    return tuple(blocks)
+
+
+def _data(doc: dict, where: str, segments: list[str]) -> StoredData:
+    nbytes = _int(doc["nbytes"], f"{where}.nbytes")
+    rows = doc["blocks"]
+    if not isinstance(rows, list):
+        raise FormatError(f"{where}.blocks: expected a list")
+    blocks = _blocks_fast(rows, segments)
+    if blocks is None:
+        blocks = _blocks_checked(rows, where, segments)
     if sum(b.raw_length for b in blocks) != nbytes:
         raise FormatError(f"{where}: blocks hold {sum(b.raw_length for b in blocks)} bytes, "
                           f"nbytes says {nbytes}")
-    return StoredData(nbytes, tuple(blocks))
+    return StoredData(nbytes, blocks)
 
 
 def _entry(fqn: str, doc: object, segments: list[str]) -> Entry:
@@ -268,6 +308,19 @@ _TOP_REQUIRED = {"format", "version", "step", "attempt", "created_at", "world_si
 
 def decode(raw: bytes, *, name: str = "manifest") -> Manifest:
     """Parse and check a manifest; anything unexpected raises FormatError naming ``name``."""
+    # IMPORTANT: a differential checkpoint's manifest is 10^5 small lists; with the cyclic
+    # garbage collector on, its passes over them took 2/3 of the decoding (0.7 s against
+    # 0.2 s for 32k blocks), and the objects made here form no cycles
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return _decode(raw, name)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _decode(raw: bytes, name: str) -> Manifest:
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:

@@ -60,6 +60,24 @@ def test_encode_decode_round_trip():
     assert back.segments() == ["data/s1-t0-00000000/r00000-000.seg"]
 
 
+def test_compressed_blocks_decode_column_wise_as_block_wise():
+    from dckpt.manifest import _blocks_checked, _blocks_fast
+
+    segs = ["data/a/r0.seg", "data/b/r1.seg"]
+    rows = [[i % 2, i * 100, 100 - i % 3, 100, f"{i:032x}", ("raw", "zstd")[i % 3 > 0]]
+            for i in range(300)]
+    for r in rows:
+        if r[5] == "raw":
+            r[2] = 100
+    fast = _blocks_fast(rows, segs)
+    assert fast is not None and fast == _blocks_checked(rows, "x", segs)
+    assert fast[1] == BlockRef("data/b/r1.seg", 100, 99, 100, f"{1:032x}", "zstd")
+
+
+def _block(doc: dict, i: int) -> list:
+    return doc["items"]["w"]["chunks"][0]["blocks"][i]
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda d: d.update(version=2), "version 2 is not supported"),
     (lambda d: d.pop("items"), "missing fields \\['items'\\]"),
@@ -68,6 +86,19 @@ def test_encode_decode_round_trip():
     (lambda d: d["items"]["w"]["chunks"][0]["blocks"][0].__setitem__(0, 7), "out of range"),
     (lambda d: d["items"]["w"]["chunks"][0]["blocks"][0].__setitem__(5, "lz4"), "unknown codec"),
     (lambda d: d["items"]["w"]["chunks"][0].update(sizes=[2000]), "does not fit"),
+    # each block field: the column-wise check refuses it, the block-wise one names it
+    (lambda d: _block(d, 1).__setitem__(0, -1), "blocks\\[1\\]: expected an integer >= 0"),
+    (lambda d: _block(d, 1).__setitem__(1, True), "blocks\\[1\\]: expected an integer"),
+    (lambda d: _block(d, 1).__setitem__(2, 4.0), "blocks\\[1\\]: expected an integer"),
+    (lambda d: _block(d, 1).__setitem__(3, "4"), "blocks\\[1\\]: expected an integer"),
+    (lambda d: _block(d, 1).__setitem__(4, "F" * 32), "blocks\\[1\\]: digest 'FFFF"),
+    (lambda d: _block(d, 1).__setitem__(4, "f" * 31), "blocks\\[1\\]: digest"),
+    (lambda d: _block(d, 1).__setitem__(4, 7), "blocks\\[1\\]: expected a string"),
+    (lambda d: _block(d, 1).__setitem__(5, ["raw"]), "blocks\\[1\\]: expected a string"),
+    (lambda d: _block(d, 1).__setitem__(2, 3), "blocks\\[1\\]: 3 stored bytes for 4 raw"),
+    (lambda d: _block(d, 1).pop(), "blocks\\[1\\]: expected \\[segment"),
+    (lambda d: _block(d, 1).__setitem__(5, "zstd") or _block(d, 1).__setitem__(2, 5),
+     "blocks\\[1\\]: 5 stored bytes for 4 raw bytes is impossible for codec 'zstd'"),
     (lambda d: d.update(format="other"), "not a dckpt manifest"),
 ])
 def test_decode_refuses_what_the_spec_does_not_allow(edit, message):
