@@ -39,6 +39,7 @@ T_PYTHON = time.time()  # as early as possible: the worker's start, before the h
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("raw", "dckpt", "DCP")
 METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp"}
+DIFF_SAVES = 5
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -50,7 +51,6 @@ def worker(args: argparse.Namespace) -> None:
     sys.path.insert(0, HERE)
     import dckpt
     from bench_save_load import local_tensors, raw_read, raw_write
-    from common import make_state
 
     t_imports = time.time()
     cuda = args.device == "cuda"
@@ -63,10 +63,13 @@ def worker(args: argparse.Namespace) -> None:
     base = os.path.abspath(args.dir)
     if args.worker == "prepare":
         torch.manual_seed(rank)
-        state = make_state(args.gib_per_rank, mesh, device=args.device, fill=True)
+        state, change = build_state(args, mesh, fill=True)
         methods = args.methods.split(",")
         if "dckpt" in methods:
             dckpt.save(state, f"{base}/dckpt", step=1)
+            for step in range(2, DIFF_SAVES + 2 if change else 2):
+                change(step)  # differential saves: the blocks of 5 checkpoints
+                dckpt.save(state, f"{base}/dckpt", step=step)
         if "DCP" in methods:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{base}/dcp", sync_files=True))
         if "raw" in methods:
@@ -77,7 +80,7 @@ def worker(args: argparse.Namespace) -> None:
             json.dump(sums, f)
         dist.barrier()
         return
-    state = make_state(args.gib_per_rank, mesh, device=args.device, fill=False)
+    state, _ = build_state(args, mesh, fill=False)
     dist.barrier()
     t0 = time.time()
     info = None
@@ -99,7 +102,7 @@ def worker(args: argparse.Namespace) -> None:
     t_loaded = time.time()
     first = next(iter(state.values())).to_local()
     w = torch.randn(first.shape[1], 256, device=first.device)
-    torch.tanh(first @ w).sum().item()  # the first step: reads the restored weights
+    torch.tanh(first[:16384] @ w).sum().item()  # the first step: reads restored weights
     dist.barrier()
     t_step = time.time()
     with open(f"{base}/sums-{rank}.json") as f:
@@ -115,6 +118,33 @@ def worker(args: argparse.Namespace) -> None:
             "load_start": t0, "loaded": t_loaded, "first_step": t_step, "values_ok": ok,
             "phase_s": info.phase_s if info else None}), flush=True)
     dist.destroy_process_group()
+
+
+def build_state(args: argparse.Namespace, mesh, fill: bool) -> tuple[dict, object]:
+    """The state of ``--state``, and for "embedding" the function that changes it."""
+    import torch
+    from torch.distributed.tensor import DTensor, Shard
+
+    from common import make_state
+    if args.state == "dense":
+        return make_state(args.gib_per_rank, mesh, device=args.device, fill=fill), None
+    from bench_dedup import make_workload
+    local, change = make_workload("embedding", int(args.gib_per_rank * (1 << 30)),
+                                  mesh.get_rank())
+    world = mesh.size()
+    state = {k: DTensor.from_local(t.to(args.device) if fill else
+                                   torch.empty_like(t, device=args.device), mesh, [Shard(0)],
+                                   shape=torch.Size([t.shape[0] * world, *t.shape[1:]]),
+                                   stride=t.stride())
+             for k, t in local.items()}
+    if args.device != "cpu":  # the changes go to the host copy; keep the device one in step
+        host, base_change = local, change
+
+        def change(i: int) -> None:
+            base_change(i)
+            for k, v in state.items():
+                v.to_local().copy_(host[k])
+    return state, change
 
 
 def raw_read_to_device(path: str, tensors: dict) -> None:
@@ -150,7 +180,7 @@ def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
            "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
-           "--device", args.device, "--methods", args.methods,
+           "--device", args.device, "--methods", args.methods, "--state", args.state,
            *(["--read-config", config] if config else [])]
     t_launch = time.time()
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -206,6 +236,11 @@ def main() -> None:
                    help="more dckpt methods with other read settings: THREADSxMIB,... "
                         "(reader threads x request MiB), e.g. 8x64,4x32")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--state", choices=("dense", "embedding"), default="dense",
+                   help="embedding: one row-sharded table (512-byte rows) that dckpt saves "
+                        f"once and then {DIFF_SAVES} times after 1%% of its rows change, so "
+                        "that its newest checkpoint's blocks lie in short runs across the "
+                        "segments of 4 saves (DCP and raw: the last state, written once)")
     p.add_argument("--cache", choices=("cold", "warm"), default="cold",
                    help="warm: each method's files are read into the page cache before its "
                         "job (a restart on the node that wrote them, with memory to spare)")
@@ -227,7 +262,9 @@ def main() -> None:
         os.makedirs(args.dir)
         print(f"writing {args.ranks} x {args.gib_per_rank} GiB three ways ...", flush=True)
         launch(args, "prepare")
-    nbytes = int(args.gib_per_rank * (1 << 30)) // (64 << 20) * (64 << 20) * args.ranks
+    nbytes = (int(args.gib_per_rank * (1 << 30)) // (64 << 20) * (64 << 20) * args.ranks
+              if args.state == "dense" else int(args.gib_per_rank * (1 << 30)) // 512 * 512
+              * args.ranks)
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     seq = []
@@ -250,6 +287,7 @@ def main() -> None:
             with open(args.out, "a") as f:
                 f.write(json.dumps({"bench": "restore", "method": method, "repeat": i,
                                     "device": args.device, "cache": args.cache,
+                                    "state": args.state,
                                     "bytes": nbytes, "ranks": args.ranks, **row}) + "\n")
             print(method, {k: round(v, 2) if isinstance(v, float) else v
                            for k, v in row.items() if k != "phase_s"}, flush=True)
@@ -257,7 +295,7 @@ def main() -> None:
                ("read_s", "launch_to_first_step_s", "launch_to_python_s", "imports_s")}
            for m, rows in runs.items()}
     summary = {
-        "bytes": nbytes, "device": args.device, "cache": args.cache,
+        "bytes": nbytes, "device": args.device, "cache": args.cache, "state": args.state,
         "raw_sequential_read_gbps": nbytes / statistics.median(seq) / 1e9,
         **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods},
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
