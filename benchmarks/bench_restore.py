@@ -175,15 +175,23 @@ def raw_read_to_device(path: str, tensors: dict) -> None:
 
 
 def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
-    """Run one torchrun job; ``mode`` is a method, or "dckpt THREADSxMIB"."""
+    """Run one torchrun job; ``mode`` is a method, "dckpt THREADSxMIB", or "dckpt prefetch"
+    (``python -m dckpt.prefetch`` started beside torchrun, in the launch-to-first-step time)."""
     method, _, config = mode.partition(" ")
+    prefetch = config == "prefetch"
+    config = "" if prefetch else config
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
            "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
            "--device", args.device, "--methods", args.methods, "--state", args.state,
            *(["--read-config", config] if config else [])]
     t_launch = time.time()
+    helper = (subprocess.Popen([sys.executable, "-m", "dckpt.prefetch",
+                                os.path.join(args.dir, "dckpt")], stderr=subprocess.PIPE,
+                               text=True) if prefetch else None)
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if helper is not None:
+        print("  " + helper.communicate()[1].strip(), flush=True)
     if out.returncode != 0:
         raise RuntimeError(f"{mode} job failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -241,6 +249,8 @@ def main() -> None:
                         f"once and then {DIFF_SAVES} times after 1%% of its rows change, so "
                         "that its newest checkpoint's blocks lie in short runs across the "
                         "segments of 4 saves (DCP and raw: the last state, written once)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="also dckpt with `python -m dckpt.prefetch` started beside torchrun")
     p.add_argument("--cache", choices=("cold", "warm"), default="cold",
                    help="warm: each method's files are read into the page cache before its "
                         "job (a restart on the node that wrote them, with memory to spare)")
@@ -266,6 +276,7 @@ def main() -> None:
               if args.state == "dense" else int(args.gib_per_rank * (1 << 30)) // 512 * 512
               * args.ranks)
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
+    methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     seq = []
     for i in range(args.repeats):
@@ -301,8 +312,8 @@ def main() -> None:
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
         **{f"dckpt_read_vs_{m}": med[m]["read_s"] / med["dckpt"]["read_s"]
            for m in ("raw", "DCP") if m in med},
-        "launch_to_first_step_s": {m: med[m]["launch_to_first_step_s"] for m in chosen},
-        "start_up_s": {m: med[m]["launch_to_python_s"] + med[m]["imports_s"] for m in chosen},
+        "launch_to_first_step_s": {m: med[m]["launch_to_first_step_s"] for m in methods},
+        "start_up_s": {m: med[m]["launch_to_python_s"] + med[m]["imports_s"] for m in methods},
         "all_values_ok": all(r["values_ok"] for rows in runs.values() for r in rows),
     }
     with open(args.out, "a") as f:

@@ -2,27 +2,32 @@
 
 from __future__ import annotations
 
-from dckpt.api import (async_save, delete, diff, export, gc, health, inspect, list_checkpoints,
-                       load, save, status, verify)
-from dckpt.config import LoadConfig, SaveConfig
-from dckpt.sweep import GcReport
-from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
-                          DckptError, FormatError, IntegrityError, StateDictError,
-                          UnsafeValueError)
-from dckpt.info import CheckpointInfo
-from dckpt.logs import configure_logging
-from dckpt.manager import CheckpointManager, RetentionReport
-from dckpt.manifest import Manifest, TensorEntry, ValueEntry
-from dckpt.reader import Reader
-from dckpt.saver import AsyncSaver, SaveHandle
-from dckpt.metrics import Metrics
-from dckpt.pipeline import Pipeline
-from dckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast
-from dckpt.staging import Stager
-from dckpt.status import Status
-from dckpt.train_state import TrainState
-from dckpt.verify import Problem, VerifyReport
-from dckpt.writer import Writer
+import sys
+
+# `python -m dckpt.prefetch` runs while the training processes start, to hide their start-up:
+# it must not wait for torch's import (2-10 s) itself, so it gets the bare package
+if getattr(sys, "orig_argv", [])[1:3] != ["-m", "dckpt.prefetch"]:
+    from dckpt.api import (async_save, delete, diff, export, gc, health, inspect, list_checkpoints,
+                           load, save, status, verify)
+    from dckpt.config import LoadConfig, SaveConfig
+    from dckpt.sweep import GcReport
+    from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
+                              DckptError, FormatError, IntegrityError, StateDictError,
+                              UnsafeValueError)
+    from dckpt.info import CheckpointInfo
+    from dckpt.logs import configure_logging
+    from dckpt.manager import CheckpointManager, RetentionReport
+    from dckpt.manifest import Manifest, TensorEntry, ValueEntry
+    from dckpt.reader import Reader
+    from dckpt.saver import AsyncSaver, SaveHandle
+    from dckpt.metrics import Metrics
+    from dckpt.pipeline import Pipeline
+    from dckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast
+    from dckpt.staging import Stager
+    from dckpt.status import Status
+    from dckpt.train_state import TrainState
+    from dckpt.verify import Problem, VerifyReport
+    from dckpt.writer import Writer
 
 __version__ = "0.1.0"
 

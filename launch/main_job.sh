@@ -42,7 +42,10 @@ echo "   killed the whole job with SIGKILL: pids $(echo $victims)"
 .venv/bin/dckpt ls "$RUN/ckpt"
 
 echo "== 3/3 relaunch: resumes from the newest committed checkpoint"
+# the checkpoint's bytes go into the page cache while torchrun and torch's imports start
+"$PY" -m dckpt.prefetch "$RUN/ckpt" &
 train --ckpt "$RUN/ckpt" --out "$RUN/final.pt" 2>"$RUN/second.log"
+wait
 
 "$PY" - "$RUN/reference.pt" "$RUN/final.pt" <<'PYEOF'
 import sys, torch
