@@ -16,7 +16,7 @@ It imports neither torch nor the rest of dckpt when run with ``python -m`` (see
 ``dckpt/__init__.py``), and it never fails a launch: a repository that is missing, empty,
 damaged or not on a local disk is reported and skipped (exit 0). Local disks only: an object
 store has no page cache to warm. Memory: at most ``--max-bytes`` (default half of the
-available memory) is asked for; the kernel may still evict pages under pressure.
+available memory) is read; the kernel may still evict pages under pressure.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ CHUNK = 16 << 20
 
 @dataclass
 class Prefetch:
-    """What was asked of the page cache: the step, its byte ranges, and what was left out."""
+    """What was read into the page cache: the step, its byte ranges, what was left out."""
 
     step: int | None = None
     ranges: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
@@ -189,6 +189,8 @@ def _warm(job: tuple[str, list[tuple[int, int]]]) -> str:
                 if not n:
                     break
                 offset += n
+    except OSError as e:  # a read error: the restore will meet it and say more
+        return f"{path}: {e.strerror}"
     finally:
         os.close(sink)
         os.close(fd)

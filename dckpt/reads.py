@@ -148,8 +148,9 @@ class Fetcher:
         each; returns the bytes read.
 
         Local files: vectored reads straight into the destinations, one per run of adjacent
-        requests; the gaps are not read (a differential checkpoint's restore read 1.4x the
-        bytes with gaps of up to 1 MiB read, and took 1.4x as long: docs/benchmarks.md).
+        requests; the gaps are not read (with gaps of up to 1 MiB read, a differential
+        checkpoint's restore read 1.45x the bytes and its read phase took 1.1-1.3x as long:
+        docs/benchmarks.md).
         Elsewhere (and for compressed blocks): the whole span, gaps and all, into a buffer of
         its own, then copied: one request to an object store costs more than the gap."""
         if self.store.vectored and all(p.blocks[0][0].codec == "raw" for p in span.parts):
