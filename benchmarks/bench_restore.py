@@ -18,7 +18,8 @@ into the tensors: the disk's limit. Ratios against DCP and the raw read in the l
 With ``--device cuda`` the state lives on the GPU (one per rank, NCCL): the raw method reads
 into two pinned host buffers in turn and copies each to the device while the next one is
 read. ``--methods`` picks a subset (a state as big as the GPU may not fit on the disk three
-times); without the raw method, the raw sequential figure reads dckpt's own files.
+times); without the raw method, the raw sequential figure reads the objects of dckpt's
+newest checkpoint.
 
     python benchmarks/bench_restore.py --device cuda --ranks 1 --gib-per-rank 40 --methods dckpt
 """
@@ -216,9 +217,12 @@ def warm_tree(path: str) -> None:
 def raw_cold_read_sequential(args: argparse.Namespace) -> float:
     """A single sequential stream per file, all ranks' files at once: cat-like."""
     paths = [os.path.join(args.dir, f"raw-{r}.bin") for r in range(args.ranks)]
-    if not os.path.exists(paths[0]):  # dckpt's own files, as many streams as ranks
-        files = sorted((os.path.join(d, f) for d, _, fs in os.walk(os.path.join(args.dir, "dckpt"))
-                        for f in fs), key=os.path.getsize, reverse=True)
+    if not os.path.exists(paths[0]):  # the newest checkpoint's objects, a stream per rank
+        from dckpt.prefetch import plan
+
+        root = os.path.join(args.dir, "dckpt")
+        files = sorted((os.path.join(root, name) for name in plan(root).ranges),
+                       key=os.path.getsize, reverse=True)
         paths = [files[r::args.ranks] for r in range(args.ranks)]
     else:
         paths = [[p] for p in paths]
