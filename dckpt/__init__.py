@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import sys
 
+
+def _running_prefetch(argv: list[str]) -> bool:
+    """Whether the interpreter was started as ``python [options] -m dckpt.prefetch``."""
+    i = 1
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-c":
+        if argv[i] == "-m":
+            return argv[i + 1: i + 2] == ["dckpt.prefetch"]
+        i += 2 if argv[i] in ("-X", "-W") else 1
+    return False
+
+
 # `python -m dckpt.prefetch` runs while the training processes start, to hide their start-up:
 # it must not wait for torch's import (2-10 s) itself, so it gets the bare package
-if getattr(sys, "orig_argv", [])[1:3] != ["-m", "dckpt.prefetch"]:
+if not _running_prefetch(getattr(sys, "orig_argv", [])):
     from dckpt.api import (async_save, delete, diff, export, gc, health, inspect, list_checkpoints,
                            load, save, status, verify)
     from dckpt.config import LoadConfig, SaveConfig

@@ -97,9 +97,8 @@ def _save_two_ranks(rank, world, url):
 
 def test_the_command_runs_without_importing_torch(tmp_path):
     url = _repo(tmp_path)
-    env = {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"}
-    out = subprocess.run([sys.executable, "-m", "dckpt.prefetch", url], capture_output=True,
-                         text=True, env=env, timeout=60)
+    out = subprocess.run([sys.executable, "-u", "-X", "importtime", "-m", "dckpt.prefetch", url],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     imported = [ln.rsplit("|", 1)[-1].strip() for ln in out.stderr.splitlines()
                 if ln.startswith("import time:")]
@@ -109,3 +108,15 @@ def test_the_command_runs_without_importing_torch(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "dckpt.prefetch", str(tmp_path / "no")],
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 0 and "nothing to prefetch" in missing.stderr
+
+
+def test_only_that_command_gets_the_bare_package():
+    from dckpt import _running_prefetch
+
+    assert _running_prefetch(["python", "-m", "dckpt.prefetch", "x"])
+    assert _running_prefetch(["python", "-u", "-X", "importtime", "-W", "ignore", "-m",
+                              "dckpt.prefetch"])
+    assert not _running_prefetch(["python", "-m", "dckpt.cli", "ls"])
+    assert not _running_prefetch(["python", "train.py", "-m", "dckpt.prefetch"])
+    assert not _running_prefetch(["python", "-c", "import dckpt", "-m", "dckpt.prefetch"])
+    assert not _running_prefetch([])
