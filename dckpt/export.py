@@ -4,6 +4,7 @@ one torch.save file or one safetensors file. Every byte is verified on the way."
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -17,7 +18,8 @@ from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
 from dckpt.errors import CheckpointExistsError, IntegrityError, StateDictError
-from dckpt.manifest import (BlockRef, Manifest, StoredData, TensorEntry, dtype_from_name,
+from dckpt.dtypes import dtype_from_name
+from dckpt.manifest import (BlockRef, Manifest, StoredData, TensorEntry,
                             encode, stored_datas)
 from dckpt.planner import safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce
@@ -128,7 +130,7 @@ def _full_item(fetcher: Fetcher, m: Manifest, fqn: str, step: Callable[[int], No
     if not isinstance(e, TensorEntry):
         raw = _read_stored(fetcher, e.data, what)
         step(len(raw))
-        return safe_load(raw, what)
+        return io.BytesIO(bytes(raw)) if e.encoding == "bytes" else safe_load(raw, what)
     dtype = dtype_from_name(e.dtype)
     full = torch.empty(e.size, dtype=dtype)
     for c in e.chunks:

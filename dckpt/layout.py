@@ -21,6 +21,9 @@ import time
 
 from dckpt.errors import FormatError
 
+MAX_STEP = (1 << 63) - 1
+"""The largest step (a signed 64-bit integer, as torch and every logger hold it)."""
+
 MARKER = "dckpt.json"
 MANIFEST_DIR = "manifests"
 DATA_DIR = "data"

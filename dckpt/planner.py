@@ -1,21 +1,28 @@
-"""DCP load planner: checks the state dict against the checkpoint before any byte is read,
-and loads non-tensor values without running code from the checkpoint."""
+"""DCP planners: the save planner refuses, before any byte is written, a state dict that a
+load could not restore; the load planner checks the state dict against the checkpoint before
+any byte is read, and loads non-tensor values without running code from the checkpoint."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import pickle
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
                                                    TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
-from dckpt.errors import StateDictError, UnsafeValueError
+from dckpt.dtypes import dtype_name
+from dckpt.errors import DckptError, StateDictError, UnsafeValueError
+from dckpt.manifest import MAX_VALUE_BYTES
 
-__all__ = ["SafeLoadPlanner", "state_dict_problems", "safe_load", "RANK_LOCAL"]
+__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "RawBytes", "state_dict_problems",
+           "unasked_keys", "safe_load", "serialize", "refuse", "RANK_LOCAL"]
 
 RANK_LOCAL = "__rank"
 """A key component ``__rank<r>`` marks a value only rank r saved and loads (random states):
@@ -23,20 +30,24 @@ a checkpoint's rank-local keys that a state dict does not ask for are no problem
 ``partial`` says (the world size changed, or the value is optional)."""
 
 
+@dataclass(frozen=True)
+class _Asked:
+    """(each rank -> coordinator) The keys one rank's state dict asks for."""
+
+    keys: tuple[str, ...]
+    problems: tuple[str, ...]
+
+
 def _rank_local(key: str) -> bool:
     return any(part.startswith(RANK_LOCAL) for part in key.split("."))
 
 
-def state_dict_problems(flat: dict[str, object], metadata: Metadata, *,
-                        partial: bool = False) -> list[str]:
-    """Every way the (flattened) destination state dict does not fit the checkpoint;
-    ``partial``: the checkpoint may hold keys the state dict does not ask for."""
+def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str]:
+    """Every way the (flattened) destination state dict of one rank does not fit the
+    checkpoint. Keys of the checkpoint that no rank asks for are ``unasked_keys``'s question:
+    it needs every rank's keys."""
     stored = metadata.state_dict_metadata
     problems = [f"{k}: in the state dict but not in the checkpoint" for k in flat if k not in stored]
-    if not partial:
-        problems += [f"{k}: in the checkpoint but not in the state dict (pass partial=True "
-                     "to load only the state dict's keys)" for k in stored
-                     if k not in flat and not _rank_local(k)]
     for key, value in flat.items():
         md = stored.get(key)
         if md is None:
@@ -58,15 +69,130 @@ def state_dict_problems(flat: dict[str, object], metadata: Metadata, *,
     return problems
 
 
+def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str]:
+    """The checkpoint's keys that no rank's state dict asks for (``asked``: each rank's
+    keys), rank-local ones aside: ranks may hold keys of their own (a data loader's
+    position, ``rank3.x``), so the question is about the union of every rank's keys."""
+    union = set().union(*map(set, asked))
+    return sorted(k for k in metadata.state_dict_metadata
+                  if k not in union and not _rank_local(k))
+
+
+class RawBytes(io.BytesIO):
+    """The contents of a state dict's io.BytesIO, stored as they are (encoding ``"bytes"``)
+    and handed back as an io.BytesIO: never pickled, never unpickled (DCP hands such a value
+    back too)."""
+
+
+def _refusal(e: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the type and how to allow it."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "add_safe_globals" in ln]
+    return (named or lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
+
+
 def safe_load(raw: bytes | memoryview, what: str) -> object:
     """Load a stored non-tensor value with ``weights_only=True``; refuse anything else."""
     try:
         return torch.load(io.BytesIO(raw), weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
+    except Exception as e:  # noqa: BLE001 - the unpickler raises many types for bad input
         raise UnsafeValueError(
-            f"{what}: refused to load a value that needs code to run "
-            f"(torch.load(weights_only=True) said: {str(e).splitlines()[0]}). If you saved this "
+            f"{what}: refused to load a value that needs code to run or is damaged "
+            f"(torch.load(weights_only=True) said: {_refusal(e)}). If you saved this "
             "type yourself, allow it with torch.serialization.add_safe_globals") from None
+
+
+def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
+    """A non-tensor value's stored bytes, checked to load back with ``weights_only=True``;
+    StateDictError naming ``key`` when a load could not restore it."""
+    if isinstance(value, io.BytesIO):
+        raw: io.BytesIO = RawBytes(value.getvalue())
+    else:
+        raw = io.BytesIO()
+        try:
+            torch.save(value, raw)
+        except Exception as e:  # noqa: BLE001 - pickling raises whatever the object raises
+            raise StateDictError(f"{key}: a {type(value).__name__} cannot be saved "
+                                 f"({type(e).__name__}: {str(e)[:200]}); store its state as "
+                                 "tensors, numbers, strings, lists and dicts") from None
+        try:
+            torch.load(io.BytesIO(raw.getbuffer()), weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise StateDictError(
+                f"{key}: a {type(value).__name__} would be refused by the load "
+                f"(torch.load(weights_only=True): {_refusal(e)}); store it as tensors, "
+                "numbers, strings, lists and dicts, or allow its type on every process "
+                "that saves or loads with torch.serialization.add_safe_globals") from None
+    if raw.getbuffer().nbytes > MAX_VALUE_BYTES:
+        raise StateDictError(f"{key}: a {type(value).__name__} of {raw.getbuffer().nbytes} "
+                             f"bytes is larger than a non-tensor value may be "
+                             f"({MAX_VALUE_BYTES}); store large data as a tensor")
+    return raw
+
+
+def tensor_problem(key: str, t: torch.Tensor) -> str | None:
+    """Why a tensor cannot be saved, or None."""
+    local = getattr(t, "_local_tensor", t)  # a DTensor's shard
+    if t.layout != torch.strided or local.layout != torch.strided:
+        return (f"{key}: layout {t.layout} is not supported; convert to a dense (strided) "
+                "tensor before saving")
+    if local.device.type == "meta":
+        return f"{key}: a meta tensor holds no data; materialize it before saving"
+    try:
+        dtype_name(t.dtype)
+    except DckptError as e:
+        return f"{key}: {e}"
+    return None
+
+
+def refuse(problems: list[str]) -> None:
+    """Raise StateDictError listing ``problems`` of a state dict to save, if any."""
+    if problems:
+        raise StateDictError(
+            f"the state dict cannot be saved ({len(problems)} problems):\n"
+            + "\n".join(f"  - {p}" for p in problems) + "\nNothing was written")
+
+
+class SafeSavePlanner(DefaultSavePlanner):
+    """DefaultSavePlanner that refuses, on every rank and before any byte is written, what a
+    load could not restore (listing every problem), and serializes each non-tensor value
+    once: ``check`` (or ``create_local_plan``) first, then ``resolve_data``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._values: dict[str, io.BytesIO] = {}
+        self._problems: list[str] | None = None
+
+    def check(self) -> list[str]:
+        """(all ranks, after set_up_planner) Every problem of the state dict."""
+        if self._problems is not None:
+            return self._problems
+        problems: list[str] = []
+        self._values = {}
+        for key, value in self.state_dict.items():
+            if isinstance(value, torch.Tensor):
+                problem = tensor_problem(key, value)
+                if problem:
+                    problems.append(problem)
+                continue
+            try:
+                self._values[key] = serialize(key, value)
+            except StateDictError as e:
+                problems.append(e.message)
+        self._problems = problems
+        return problems
+
+    def create_local_plan(self) -> SavePlan:
+        refuse(self.check())
+        return super().create_local_plan()
+
+    def transform_object(self, write_item: WriteItem, object: object) -> object:
+        if write_item.type == WriteItemType.BYTE_IO:
+            done = self._values.get(write_item.index.fqn)
+            if done is not None:
+                return type(done)(done.getbuffer())
+            return serialize(write_item.index.fqn, object)
+        return object
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):
@@ -79,16 +205,39 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         self.partial = partial
 
     def create_local_plan(self) -> LoadPlan:
-        problems = state_dict_problems(self.state_dict, self.metadata, partial=self.partial)
+        """(all ranks) Check this rank's state dict, and hand its keys and problems on to the
+        coordinator, which refuses them all at once (see ``create_global_plan``)."""
+        problems = state_dict_problems(self.state_dict, self.metadata)
+        plan = LoadPlan([]) if problems else super().create_local_plan()
+        return dataclasses.replace(plan, planner_data=_Asked(tuple(self.state_dict),
+                                                             tuple(problems)))
+
+    def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
+        """(coordinator) Refuse every rank's problems, and the checkpoint keys that no rank
+        asks for unless ``partial``, in one error."""
+        asked = [p.planner_data if isinstance(p.planner_data, _Asked) else _Asked((), ())
+                 for p in global_plan]
+        problems = list(dict.fromkeys(
+            (f"rank {r}: {p}" if len(asked) > 1 else p)
+            for r, a in enumerate(asked) for p in a.problems))
+        unasked = [] if self.partial else unasked_keys([a.keys for a in asked], self.metadata)
+        problems += [f"{k}: in the checkpoint but no rank's state dict asks for it"
+                     for k in unasked]
         if problems:
+            fix = "Pass a state dict with the checkpoint's keys, shapes and dtypes"
+            if unasked:
+                fix += (", or partial=True to load only the keys the state dicts ask for (for "
+                        "example after a change of world size, where the missing ranks' own "
+                        "keys have no owner)")
             raise StateDictError(
                 f"the state dict does not fit the checkpoint ({len(problems)} problems):\n"
-                + "\n".join(f"  - {p}" for p in problems)
-                + "\nPass a state dict with the checkpoint's keys, shapes and dtypes")
-        return super().create_local_plan()
+                + "\n".join(f"  - {p}" for p in problems) + f"\n{fix}")
+        return [dataclasses.replace(p, planner_data=None)
+                for p in super().create_global_plan(global_plan)]
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        obj = safe_load(value.getbuffer(), f"value {read_item.dest_index.fqn!r}")
+        obj = (io.BytesIO(value.getvalue()) if isinstance(value, RawBytes)
+               else safe_load(value.getbuffer(), f"value {read_item.dest_index.fqn!r}"))
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:

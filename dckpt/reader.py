@@ -32,8 +32,9 @@ from torch.futures import Future
 
 from dckpt import dist
 from dckpt.config import LoadConfig
-from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry, dtype_from_name
-from dckpt.planner import safe_load
+from dckpt.dtypes import dtype_from_name
+from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
+from dckpt.planner import RawBytes, SafeLoadPlanner, safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
@@ -58,7 +59,7 @@ def to_dcp_metadata(m: Manifest) -> Metadata:
                 storage[MetadataIndex(fqn, c.offsets)] = (e.dtype, c)
         else:
             state[fqn] = BytesStorageMetadata()
-            storage[MetadataIndex(fqn)] = ("value", e.data)
+            storage[MetadataIndex(fqn)] = (e.encoding, e.data)
     planner_data = ({k: tuple(v) for k, v in m.planner_data.items()}
                     if m.planner_data is not None else None)
     return Metadata(state_dict_metadata=state, planner_data=planner_data, storage_data=storage,
@@ -141,6 +142,18 @@ def share_replicated(plans: list[LoadPlan], storage: dict) -> list[LoadPlan]:
                  if it.storage_index not in owners or owners[it.storage_index] == rank]
         shared = [Shared(i, owners[i], per_rank[rank][i][0]) for i in replicated]
         out.append(dataclasses.replace(plan, items=items, storage_data=shared))
+    return out
+
+
+def _raw_value(buf: bytearray, planner: LoadPlanner) -> io.BytesIO:
+    """A stored io.BytesIO's contents as ``planner.load_bytes`` takes them: dckpt's planner
+    takes them as they are; DCP's own unpickles what it is given, so it gets the BytesIO
+    pickled here, from these bytes (nothing from the checkpoint is unpickled)."""
+    if isinstance(planner, SafeLoadPlanner):
+        return RawBytes(buf)
+    out = io.BytesIO()
+    torch.save(io.BytesIO(bytes(buf)), out)
+    out.seek(0)
     return out
 
 
@@ -258,7 +271,7 @@ class Reader(StorageReader):
             for index, items in groups.items():
                 kind, stored = self._storage[index]
                 if isinstance(stored, StoredData):
-                    self._read_value(fetcher, index.fqn, stored, items, planner)
+                    self._read_value(fetcher, index.fqn, stored, kind, items, planner)
                     continue
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
                 size = 0 if job.direct else job.buffer.numel()
@@ -277,13 +290,17 @@ class Reader(StorageReader):
         step = self.manifest.step if self.manifest else self.step
         return f"{kind} {fqn!r} of checkpoint step {step} in {self.store.url}"
 
-    def _read_value(self, fetcher: Fetcher, fqn: str, data: StoredData, items: list[ReadItem],
-                    planner: LoadPlanner) -> None:
+    def _read_value(self, fetcher: Fetcher, fqn: str, data: StoredData, encoding: str,
+                    items: list[ReadItem], planner: LoadPlanner) -> None:
         buf = bytearray(data.nbytes)
         what = self._what("value", fqn)
         _, picked = blocks_in_range(data, 0, data.nbytes)
         for req in coalesce(picked, self.config.read_request_bytes):
             self.bytes_read += fetcher.fetch(req, memoryview(buf), what)
+        if encoding == "bytes":  # an io.BytesIO's contents, never unpickled
+            for item in items:
+                planner.load_bytes(item, _raw_value(buf, planner))
+            return
         safe_load(buf, what)  # refuses before any planner unpickles it
         for item in items:
             planner.load_bytes(item, io.BytesIO(buf))

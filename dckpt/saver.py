@@ -45,6 +45,7 @@ from dckpt.config import SaveConfig
 from dckpt.errors import CommitError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
+from dckpt.planner import SafeSavePlanner, refuse
 from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
 from dckpt.writer import Metrics, SegmentOut, Writer, byte_planes, tensor_bytes
@@ -71,7 +72,7 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
     what = f"save of step {writer.step} to {writer.store.url}"
     try:
         with quiet_single_process():
-            dcp.save(state_dict, storage_writer=writer, planner=planner,
+            dcp.save(state_dict, storage_writer=writer, planner=planner or SafeSavePlanner(),
                      process_group=group)  # type: ignore[arg-type]
     except CheckpointException as e:
         raise dist.translate(e, what=what, saving=True) from None
@@ -98,17 +99,19 @@ class StagedPlanner(DefaultSavePlanner):
     """
 
     def __init__(self, plan: SavePlan, staged: dict[MetadataIndex, object],
-                 prewritten: dict[MetadataIndex, StoredData]) -> None:
+                 prewritten: dict[MetadataIndex, StoredData], problems: list[str]) -> None:
         super().__init__()
         self._local_plan = plan
         self._staged = staged
         self.prewritten = prewritten
+        self._problems = problems
 
     def set_up_planner(self, state_dict: StateDict, storage_meta: object = None,
                        is_coordinator: bool = False) -> None:
         self.is_coordinator = is_coordinator
 
     def create_local_plan(self) -> SavePlan:
+        refuse(self._problems)
         self.plan = self._local_plan
         return self.plan
 
@@ -189,6 +192,7 @@ class _Staging:
         self.plan = SavePlan([])
         self.overflow_bytes = 0
         self.staged_bytes = 0
+        self.problems: list[str] = []  # the state dict cannot be saved: nothing staged
         self._lock = threading.Lock()
         self._waited_on_device = False
 
@@ -240,6 +244,7 @@ class _Planned:
         self.key: object = None
         self.sizes: list[int] = []
         self.pinned = False
+        self.problems: list[str] = []
 
 
 def _nbytes(item: WriteItem) -> int:
@@ -309,7 +314,7 @@ class AsyncSaver:
         t_end = time.perf_counter()
         local = {"wait_previous": t_stage - t_wait, "stage": t_end - t_stage,
                  "pause": t_end - t0}
-        planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten)
+        planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten, staging.problems)
         future = self._persist.submit(self._persist_one, writer, planner, group, staging, local,
                                       failures)
         handle = SaveHandle(step, future, staged=staging.wait_caller, pause_s=local["pause"])
@@ -365,13 +370,20 @@ class AsyncSaver:
         Returns the seconds it took; nothing is copied or written."""
         t0 = time.perf_counter()
         planned = self._plan(state_dict, config or SaveConfig())
-        self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
+        if not planned.problems:
+            self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         return time.perf_counter() - t0
 
     def _plan(self, state_dict: StateDict, config: SaveConfig) -> _Planned:
         """(caller's thread) DCP's local plan, its data, and where each tensor is staged."""
-        planner = DefaultSavePlanner()
+        planner = SafeSavePlanner()
         planner.set_up_planner(stateful_to_state_dict(state_dict), None, dist.rank() == 0)
+        problems = planner.check()
+        if problems:  # refused in the persist thread's collective: the same on every rank
+            planned = _Planned(SavePlan([]))
+            planned.problems = problems
+            planned.key, planned.sizes = ((), 0), [0]
+            return planned
         shape = _plan_key(planner.state_dict)  # type: ignore[attr-defined]
         if shape is None or shape != self._last_plan_key:
             self._last_plan, self._last_plan_key = planner.create_local_plan(), shape
@@ -396,9 +408,12 @@ class AsyncSaver:
     def _stage(self, state_dict: StateDict, writer: Writer, config: SaveConfig) -> _Staging:
         """(caller's thread) Plan locally and copy the state aside; see the module docstring."""
         planned = self._plan(state_dict, config)
-        slots = self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         staging = _Staging()
         staging.plan = planned.plan
+        staging.problems = planned.problems
+        if planned.problems:
+            return staging
+        slots = self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         staging.staged.update(planned.values)
         staging.staged_bytes = sum(_nbytes(i) for i, _ in planned.fit)
 

@@ -39,8 +39,10 @@ from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember
 from dckpt.errors import CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
+from dckpt.dtypes import dtype_name
 from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, TensorEntry,
-                            ValueEntry, dtype_name, encode, stored_datas)
+                            ValueEntry, encode, stored_datas)
+from dckpt.planner import RawBytes
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.storage import DIRECT_ALIGN, Store
 
@@ -66,6 +68,7 @@ class _Stored:
 
     data: StoredData
     written: int = 0  # stored bytes this save wrote for it (the rest it references)
+    encoding: str = "torch"  # a value's: torch.save bytes, or an io.BytesIO's ("bytes")
 
 
 def check_metrics(metrics: object) -> Metrics:
@@ -265,9 +268,11 @@ class Writer(StorageWriter):
             out = self.segment_out(f, name, direct)
             for item in items:
                 data = planner.resolve_data(item)
+                encoding = "torch"
                 if item.type == WriteItemType.BYTE_IO:
                     assert isinstance(data, io.BytesIO)
                     buf, planes = data.getbuffer(), 1
+                    encoding = "bytes" if isinstance(data, RawBytes) else "torch"
                 else:
                     buf = tensor_bytes(data)  # type: ignore[arg-type]
                     planes = byte_planes(data.dtype)  # type: ignore[union-attr]
@@ -285,7 +290,8 @@ class Writer(StorageWriter):
                                           (out.new_blocks - new_before) / len(blocks))
                 stored = StoredData(len(buf), tuple(blocks))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
-                                           storage_data=_Stored(stored, out.written - before)))
+                                           storage_data=_Stored(stored, out.written - before,
+                                                                encoding)))
                 del buf
         return results
 
@@ -391,7 +397,8 @@ def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[s
     items: dict[str, Entry] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
-            items[fqn] = ValueEntry(stored[MetadataIndex(fqn)].data)
+            value = stored[MetadataIndex(fqn)]
+            items[fqn] = ValueEntry(value.data, value.encoding)
         elif isinstance(md, TensorStorageMetadata):
             chunks = tuple(ChunkEntry(tuple(c.offsets), tuple(c.sizes),
                                       stored[MetadataIndex(fqn, c.offsets)].data)

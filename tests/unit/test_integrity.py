@@ -12,7 +12,7 @@ import torch
 
 import dckpt
 from dckpt import layout
-from dckpt_testing import arm, disarm, faulty_s3_class
+from dckpt_testing import arm, disarm, faulty_s3_class, reseal
 
 
 def _segment_paths(root: str, step: int) -> list[str]:
@@ -58,7 +58,7 @@ def test_flipped_byte_is_reported_refused_and_skipped(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "version", "dotdot", "absolute",
-                                    "unknown_field"])
+                                    "unknown_field", "unsealed"])
 def test_bad_manifest_is_a_clear_error_and_skipped(tmp_path, damage):
     url = str(tmp_path)
     dckpt.save({"w": torch.ones(10)}, url, step=1)
@@ -77,15 +77,19 @@ def test_bad_manifest_is_a_clear_error_and_skipped(tmp_path, damage):
             doc["segments"][0] = "data/../../etc/passwd"
         elif damage == "absolute":
             doc["segments"][0] = "/etc/passwd"
-        else:
+        elif damage == "unknown_field":
             doc["surprise"] = 1
-        raw = json.dumps(doc).encode()
+        if damage == "unsealed":  # a changed digit, the checksum left as it was
+            raw = raw.replace(b'"world_size":1', b'"world_size":2')
+        else:
+            raw = reseal(doc)
     open(path, "wb").write(raw)
     expected = {"truncate": "not valid JSON", "garbage": "not valid JSON",
                 "version": "version 99 is not supported", "dotdot": "relative name",
-                "absolute": "relative name", "unknown_field": "unknown fields"}[damage]
+                "absolute": "relative name", "unknown_field": "unknown fields",
+                "unsealed": "its checksum says"}[damage]
     out = {"w": torch.zeros(10)}
-    with pytest.raises(dckpt.FormatError, match=expected):
+    with pytest.raises(dckpt.IntegrityError, match=expected):
         dckpt.load(out, url, step=2)
     info = dckpt.load(out, url)
     assert info.step == 1 and info.skipped[0][0] == 2 and expected in info.skipped[0][1]
@@ -114,10 +118,12 @@ def test_pickle_payload_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     open(os.path.join(url, seg), "wb").write(raw)
     m["segments"].append(seg)
     from dckpt.blocks import digest
-    m["items"]["cfg.lr"] = {"kind": "value", "nbytes": len(raw),
+    old = m["items"]["cfg.lr"]["nbytes"]
+    m["items"]["cfg.lr"] = {"kind": "value", "encoding": "torch", "nbytes": len(raw),
                             "blocks": [[len(m["segments"]) - 1, 0, len(raw), len(raw),
                                         digest(raw), "raw"]]}
-    open(os.path.join(url, layout.manifest_name(1)), "w").write(json.dumps(m))
+    m["bytes_logical"] += len(raw) - old
+    open(os.path.join(url, layout.manifest_name(1)), "wb").write(reseal(m))
     out = {"w": torch.zeros(4), "cfg": {"lr": 0.0}}
     with pytest.raises(dckpt.UnsafeValueError, match="refused to load"):
         dckpt.load(out, url, step=1)
@@ -137,7 +143,8 @@ def test_mismatched_state_dict_lists_every_problem(tmp_path):
     assert "a: shape [3, 2] in the state dict, [2, 3] in the checkpoint" in text
     assert "b: dtype torch.float64 in the state dict, torch.float32 in the checkpoint" in text
     assert "d: in the state dict but not in the checkpoint" in text
-    assert "c: in the checkpoint but not in the state dict" in text
+    assert "c: in the checkpoint but no rank's state dict asks for it" in text
+    assert "or partial=True" in text
     assert torch.equal(out["a"], torch.zeros(3, 2))  # nothing was read
 
 

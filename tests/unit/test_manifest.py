@@ -12,8 +12,10 @@ import dckpt
 from dckpt import layout
 from dckpt.blocks import check, cut, digest
 from dckpt.errors import FormatError, IntegrityError
+from dckpt.dtypes import dtype_from_name, dtype_name
 from dckpt.manifest import (BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, ValueEntry,
-                            decode, dtype_from_name, dtype_name, encode)
+                            decode, encode)
+from dckpt_testing import reseal
 from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
 
@@ -79,7 +81,7 @@ def _block(doc: dict, i: int) -> list:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=2), "version 2 is not supported"),
+    (lambda d: d.update(version=3), "version 3 is not supported"),
     (lambda d: d.pop("items"), "missing fields \\['items'\\]"),
     (lambda d: d["items"]["w"]["chunks"][0].update(nbytes=4), "blocks hold 4100 bytes"),
     (lambda d: d["items"]["w"].update(dtype="float128"), "unknown dtype 'float128'"),
@@ -87,7 +89,7 @@ def _block(doc: dict, i: int) -> list:
     (lambda d: d["items"]["w"]["chunks"][0]["blocks"][0].__setitem__(5, "lz4"), "unknown codec"),
     (lambda d: d["items"]["w"]["chunks"][0].update(sizes=[2000]), "does not fit"),
     # each block field: the column-wise check refuses it, the block-wise one names it
-    (lambda d: _block(d, 1).__setitem__(0, -1), "blocks\\[1\\]: expected an integer >= 0"),
+    (lambda d: _block(d, 1).__setitem__(0, -1), "blocks\\[1\\]: expected an integer in \\[0, "),
     (lambda d: _block(d, 1).__setitem__(1, True), "blocks\\[1\\]: expected an integer"),
     (lambda d: _block(d, 1).__setitem__(2, 4.0), "blocks\\[1\\]: expected an integer"),
     (lambda d: _block(d, 1).__setitem__(3, "4"), "blocks\\[1\\]: expected an integer"),
@@ -107,7 +109,7 @@ def test_decode_refuses_what_the_spec_does_not_allow(edit, message):
     doc = json.loads(encode(_manifest()))
     edit(doc)
     with pytest.raises(FormatError, match=message):
-        decode(json.dumps(doc).encode())
+        decode(reseal(doc))
 
 
 @pytest.mark.parametrize("name, ok", [
