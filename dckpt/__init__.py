@@ -18,24 +18,45 @@ def _running_prefetch(argv: list[str]) -> bool:
 # `python -m dckpt.prefetch` runs while the training processes start, to hide their start-up:
 # it must not wait for torch's import (2-10 s) itself, so it gets the bare package
 if not _running_prefetch(getattr(sys, "orig_argv", [])):
-    from dckpt.api import (async_save, delete, diff, export, gc, health, inspect, list_checkpoints,
-                           load, save, status, verify)
+    from dckpt.api import (
+        async_save,
+        delete,
+        diff,
+        export,
+        gc,
+        health,
+        inspect,
+        list_checkpoints,
+        load,
+        save,
+        status,
+        verify,
+    )
     from dckpt.config import LoadConfig, SaveConfig
-    from dckpt.sweep import GcReport
-    from dckpt.errors import (CheckpointExistsError, CheckpointNotFoundError, CommitError,
-                              DckptError, FormatError, IntegrityError, StateDictError,
-                              UnsafeValueError)
+    from dckpt.errors import (
+        ArgumentError,
+        CheckpointExistsError,
+        CheckpointNotFoundError,
+        CommitError,
+        DckptError,
+        FormatError,
+        IntegrityError,
+        StateDictError,
+        StorageError,
+        UnsafeValueError,
+    )
     from dckpt.info import CheckpointInfo
     from dckpt.logs import configure_logging
     from dckpt.manager import CheckpointManager, RetentionReport
     from dckpt.manifest import Manifest, TensorEntry, ValueEntry
-    from dckpt.reader import Reader
-    from dckpt.saver import AsyncSaver, SaveHandle
     from dckpt.metrics import Metrics
     from dckpt.pipeline import Pipeline
+    from dckpt.reader import Reader
     from dckpt.retention import KeepAll, KeepBest, KeepEvery, KeepLast
+    from dckpt.saver import AsyncSaver, SaveHandle
     from dckpt.staging import Stager
     from dckpt.status import Status
+    from dckpt.sweep import GcReport
     from dckpt.train_state import TrainState
     from dckpt.verify import Problem, VerifyReport
     from dckpt.writer import Writer
@@ -48,7 +69,8 @@ __all__ = [
     "ValueEntry",
     "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",
-    "CommitError", "CheckpointExistsError", "StateDictError", "TrainState", "KeepLast",
+    "CommitError", "CheckpointExistsError", "StateDictError", "ArgumentError", "StorageError",
+    "TrainState", "KeepLast",
     "KeepBest", "KeepEvery", "KeepAll", "CheckpointManager", "RetentionReport",
     "Pipeline", "status", "Status", "Metrics", "configure_logging",
     "health", "diff",

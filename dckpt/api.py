@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,21 +12,29 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt import dist, layout
+from dckpt.arguments import (check_seconds, check_state_dict, check_step, public,
+                             storage_error)
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.diff import Diff, diff_manifests
+from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.health import Health, check_health
-from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, decode
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
+from dckpt.repository import (
+    committed_steps,
+    quarantined,
+    read_manifest,
+    read_manifest_raw,
+    require_repository,
+    set_quarantine,
+)
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
-from dckpt.repository import (committed_steps, quarantined, read_manifest, read_manifest_raw,
-                              require_repository, set_quarantine)
 from dckpt.status import Status, repository_status
 from dckpt.storage import Store
+from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.train_state import loading
 from dckpt.verify import Progress, VerifyReport, verify_steps
 from dckpt.writer import Metrics
@@ -39,6 +47,7 @@ log = logging.getLogger(__name__)
 StateDict = dict[str, Any]
 
 
+@public
 def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
          storage_options: dict | None = None, config: SaveConfig | None = None) -> CheckpointInfo:
     """(collective) Save ``state_dict`` as checkpoint ``step`` and commit it.
@@ -47,10 +56,13 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
     CommitError on every rank; nothing is committed and earlier checkpoints stand. Waits
     first for an async save in flight.
     """
+    check_state_dict(state_dict)
+    check_step(step)
     return default_saver().save(state_dict, url, step=step, metrics=metrics,
                                 storage_options=storage_options, config=config)
 
 
+@public
 def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
                storage_options: dict | None = None, config: SaveConfig | None = None
                ) -> SaveHandle:
@@ -63,6 +75,8 @@ def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics |
     in the background never raises here: ``handle.wait()`` raises it, and the next save's
     info lists it.
     """
+    check_state_dict(state_dict)
+    check_step(step)
     return default_saver().async_save(state_dict, url, step=step, metrics=metrics,
                                       storage_options=storage_options, config=config)
 
@@ -104,19 +118,22 @@ def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
                 break
             except (IntegrityError, CheckpointNotFoundError) as e:
                 found.skipped.append((s, str(e)))
+            except OSError as e:  # one manifest unreadable: the older ones may be fine
+                found.skipped.append((s, str(storage_error(e, f"reading step {s}"))))
         newest = steps[-1]
         try:
             created = (found.manifest.created_at if found.manifest is not None
                        and found.manifest.step == newest
                        else read_manifest(store, newest).created_at)
-        except DckptError:
+        except Exception:  # noqa: BLE001 - only the data lost's time depends on it
             created = None
         found.newest = (newest, created)
-    except DckptError as e:
-        found.error = e
+    except Exception as e:  # noqa: BLE001 - handed to every rank, never raised here alone
+        found.error = storage_error(e, f"finding a checkpoint in {store.url}")
     return found
 
 
+@public
 def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: bool = False,
          storage_options: dict | None = None, config: LoadConfig | None = None) -> CheckpointInfo:
     """(collective) Load a checkpoint into ``state_dict`` in place.
@@ -128,6 +145,10 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
     the optimizer); the checkpoint's other keys are not read. The info is a recovery report:
     ``tried``, ``bytes_read``, ``phase_s`` and the data lost against the newest checkpoint.
     """
+    check_state_dict(state_dict)
+    check_step(step, optional=True)
+    if not isinstance(partial, bool):
+        raise ArgumentError(f"partial must be a bool, got {partial!r}")
     config = config or LoadConfig()
     store = Store(url, storage_options)
     wait_idle()  # the checkpoint group carries one thing at a time
@@ -191,12 +212,12 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
                                   data_lost_steps=lost_steps, data_lost_s=lost_s)
 
 
+@public
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
     ``problem`` set. Not collective."""
     store = Store(url, storage_options)
-    require_repository(store)
-    infos = []
+    infos = []  # an empty or absent repository is a valid, empty one
     marked = quarantined(store)
     for step in committed_steps(store):
         try:
@@ -209,6 +230,7 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
     return infos
 
 
+@public
 def verify(url: str, *, step: int | None = None, all_steps: bool = False,
            quarantine: bool = False, storage_options: dict | None = None,
            progress: Progress | None = None) -> VerifyReport:
@@ -217,6 +239,7 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     that restores skip it at once (nothing is deleted), and clear the mark of each one that
     verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
     exist). Not collective."""
+    check_step(step, optional=True)
     store = Store(url, storage_options)
     require_repository(store)
     steps = committed_steps(store)
@@ -239,12 +262,14 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     return report
 
 
+@public
 def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     """Drop checkpoint ``step``: its manifest, the commit point, is removed, so it is no longer
     listed or loaded. Its data stays until ``gc`` finds nothing references it (other
     checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
     gc's grace period, so that a save in flight that references its blocks keeps them.
     Not collective."""
+    check_step(step)
     store = Store(url, storage_options)
     require_repository(store)
     steps = committed_steps(store)
@@ -263,6 +288,7 @@ def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     log.info("deleted the checkpoint of step %d from %s", step, url)
 
 
+@public
 def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
        deleted_min_age_s: float | None = None, storage_options: dict | None = None,
        progress: Progress | None = None) -> GcReport:
@@ -270,15 +296,15 @@ def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
     spared: saves younger than ``min_age_s`` may be in flight; a checkpoint deleted less than
     ``deleted_min_age_s`` ago, default ``min_age_s``, may be a save's base). ``dry_run``:
     report, remove nothing. Not collective."""
-    for name, value in (("min_age_s", min_age_s), ("deleted_min_age_s", deleted_min_age_s)):
-        if value is not None and value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value!r}")
+    check_seconds(min_age_s, "min_age_s")
+    check_seconds(deleted_min_age_s, "deleted_min_age_s", optional=True)
     store = Store(url, storage_options)
     require_repository(store)
     return collect(store, dry_run=dry_run, min_age_s=min_age_s,
                    deleted_min_age_s=deleted_min_age_s, progress=progress)
 
 
+@public
 def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
            storage_options: dict | None = None, to_storage_options: dict | None = None,
            progress: Progress | None = None) -> int:
@@ -286,10 +312,11 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
     holding only it; ``"torch"`` the full unsharded state dict as one ``torch.save`` file;
     ``"safetensors"`` its tensors as one safetensors file. Returns the bytes written. Every
     byte read is verified. Not collective."""
+    check_step(step, optional=True)
     store = Store(url, storage_options)
     require_repository(store)
     if format not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
+        raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     m = read_manifest(store, step)
     n = export_checkpoint(store, m, to, format, storage_options=to_storage_options,
                           progress=progress)
@@ -297,37 +324,43 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
     return n
 
 
+@public
 def status(url: str, *, storage_options: dict | None = None) -> Status:
     """The repository at a glance: the newest usable checkpoint and its age, the count,
     damaged and quarantined steps, and a pipeline's progress. Not collective."""
     store = Store(url, storage_options)
-    require_repository(store)
     return repository_status(store, list_checkpoints(url, storage_options=storage_options))
 
 
+@public
 def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | None = None,
            verify: bool = False, sample_bytes: int = 64 << 20,
            storage_options: dict | None = None) -> Health:
     """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
     read time from a measured sample, free space (see dckpt.health). Not collective."""
+    check_seconds(max_age_s, "max_age_s", optional=True)
     store = Store(url, storage_options)
-    require_repository(store)
     return check_health(store, list_checkpoints(url, storage_options=storage_options),
                         max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
                         sample_bytes=sample_bytes)
 
 
+@public
 def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = None) -> Diff:
     """Which items differ between checkpoints ``step_a`` and ``step_b``, and the stored bytes
     they share; from the manifests alone. Not collective."""
+    check_step(step_a, "step_a")
+    check_step(step_b, "step_b")
     store = Store(url, storage_options)
     require_repository(store)
     return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
 
 
+@public
 def inspect(url: str, *, step: int | None = None,
             storage_options: dict | None = None) -> Manifest:
     """The manifest of ``step`` (default: the newest committed). Not collective."""
+    check_step(step, optional=True)
     store = Store(url, storage_options)
     require_repository(store)
     return read_manifest(store, step)

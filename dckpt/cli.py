@@ -7,6 +7,8 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import math
+import os
 import sys
 import time
 
@@ -29,7 +31,25 @@ def _options(pairs: list[str]) -> dict | None:
 
 
 def _when(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):
+        return f"unix time {ts!r}"
+
+
+def _json_safe(value: object) -> object:
+    """``value`` with every non-finite float as a string: JSON has no NaN or Infinity."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _print_json(value: object) -> None:
+    print(json.dumps(_json_safe(value), indent=2, allow_nan=False, default=str))
 
 
 def _size(n: int) -> str:
@@ -61,7 +81,7 @@ class _Progress:
 def cmd_ls(args: argparse.Namespace) -> int:
     infos = dckpt.list_checkpoints(args.url, storage_options=_options(args.option))
     if args.json:
-        print(json.dumps([dataclasses.asdict(i) for i in infos], indent=2))
+        _print_json([dataclasses.asdict(i) for i in infos])
         return 0
     print(f"{'step':>10}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  metrics")
     for i in infos:
@@ -82,7 +102,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     m = dckpt.inspect(args.url, step=args.step, storage_options=_options(args.option))
     if args.json:
-        print(json.dumps(dataclasses.asdict(m), indent=2, default=str))
+        _print_json(dataclasses.asdict(m))
         return 0
     print(f"step {m.step}  attempt {m.attempt}  created {_when(m.created_at)}")
     print(f"ranks {m.world_size}  logical {_size(m.bytes_logical)}  written "
@@ -114,9 +134,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if metrics is not None:
         metrics.observe_verify(report)
     if args.json:
-        print(json.dumps({"ok": report.ok, "steps": list(report.steps),
+        _print_json({"ok": report.ok, "steps": list(report.steps),
                           "bytes_checked": report.bytes_checked,
-                          "problems": [dataclasses.asdict(p) for p in report.problems]}, indent=2))
+                          "problems": [dataclasses.asdict(p) for p in report.problems]})
     else:
         for p in report.problems:
             print(f"PROBLEM step {p.step}: {p.message}")
@@ -129,7 +149,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     dckpt.delete(args.url, step=args.step, storage_options=_options(args.option))
     if args.json:
-        print(json.dumps({"deleted": args.step}))
+        _print_json({"deleted": args.step})
     else:
         print(f"deleted step {args.step}; its data goes at the next gc that finds it unreferenced")
     return 0
@@ -140,8 +160,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
                       storage_options=_options(args.option),
                       progress=_Progress("sweeping", not args.json and sys.stderr.isatty()))
     if args.json:
-        print(json.dumps({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes},
-                         indent=2))
+        _print_json({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes})
         return 0
     verb = "would remove" if report.dry_run else "removed"
     print(f"{verb} {len(report.deleted)} objects, {_size(report.bytes_freed)}; "
@@ -160,7 +179,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                      storage_options=_options(args.option),
                      progress=_Progress("exporting", not args.json and sys.stderr.isatty()))
     if args.json:
-        print(json.dumps({"to": args.to, "format": args.format, "bytes": n}))
+        _print_json({"to": args.to, "format": args.format, "bytes": n})
     else:
         print(f"exported to {args.to} ({args.format}, {_size(n)})")
     return 0
@@ -177,7 +196,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     st = dckpt.status(args.url, storage_options=_options(args.option))
     healthy = st.newest is not None and not st.problems
     if args.json:
-        print(json.dumps({**dataclasses.asdict(st), "healthy": healthy}, indent=2))
+        _print_json({**dataclasses.asdict(st), "healthy": healthy})
         return 0 if healthy else 1
     print(f"repository  {st.url}")
     print(f"checkpoints {st.checkpoints}" + (f", damaged: steps {list(st.damaged)}"
@@ -215,8 +234,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.observe_unknown()
         if args.json:
-            print(json.dumps({"url": args.url, "code": 3, "status": "UNKNOWN",
-                              "reasons": [str(e)]}))
+            _print_json({"url": args.url, "code": 3, "status": "UNKNOWN", "reasons": [str(e)]})
         else:
             print(f"UNKNOWN: {args.url}: {e}")
         return 3
@@ -224,7 +242,7 @@ def cmd_health(args: argparse.Namespace) -> int:
     if metrics is not None:
         metrics.observe_health(h)
     if args.json:
-        print(json.dumps({**dataclasses.asdict(h), "status": h.status}, indent=2))
+        _print_json({**dataclasses.asdict(h), "status": h.status})
         return h.code
     print(f"{h.status}: {h.url}" + (f": {'; '.join(h.reasons)}" if h.reasons else ""))
     if h.newest_step is not None:
@@ -245,7 +263,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     d = dckpt.diff(args.url, args.step_a, args.step_b, storage_options=_options(args.option))
     if args.json:
-        print(json.dumps({**dataclasses.asdict(d), "changed_bytes": d.changed_bytes}, indent=2))
+        _print_json({**dataclasses.asdict(d), "changed_bytes": d.changed_bytes})
         return 0
     print(f"step {d.step_a} -> step {d.step_b}: {len(d.items)} items differ, {d.same} equal; "
           f"{_size(d.changed_bytes)} changed; {_size(d.bytes_shared)} of step {d.step_b}'s "
@@ -328,9 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
-    except (dckpt.DckptError, ValueError) as e:
-        print(f"dckpt {args.command}: {e}", file=sys.stderr)
+        code = args.fn(args)
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # the reader went away (``dckpt ls URL | head``): exit quietly, as a pipe's writer does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except dckpt.DckptError as e:
+        print(f"dckpt {args.command}: {str(e).splitlines()[0] if e.failures else e}",
+              file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+        print(f"dckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from dckpt.errors import ArgumentError
+from dckpt.manifest import MAX_BLOCK_BYTES
+
 __all__ = ["SaveConfig", "LoadConfig"]
 
 MiB = 1 << 20
@@ -14,7 +17,7 @@ GiB = 1 << 30
 def _positive(owner: object, **fields: float) -> None:
     for name, value in fields.items():
         if not value > 0:
-            raise ValueError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
+            raise ArgumentError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,23 +72,26 @@ class SaveConfig:
                   writer_threads=self.writer_threads,
                   collective_timeout_s=self.collective_timeout_s)
         if not 0 <= self.persist_nice <= 19:
-            raise ValueError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
+            raise ArgumentError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
         if self.compression not in ("auto", "on", "off"):
-            raise ValueError("SaveConfig.compression must be 'auto', 'on' or 'off', got "
+            raise ArgumentError("SaveConfig.compression must be 'auto', 'on' or 'off', got "
                              f"{self.compression!r}")
         if self.if_busy not in ("wait", "skip"):
-            raise ValueError(f"SaveConfig.if_busy must be 'wait' or 'skip', got {self.if_busy!r}")
+            raise ArgumentError(f"SaveConfig.if_busy must be 'wait' or 'skip', got {self.if_busy!r}")
         if self.staging_bytes is not None and self.staging_bytes < 2 * self.block_size_bytes:
-            raise ValueError(
+            raise ArgumentError(
                 f"SaveConfig.staging_bytes must be None or at least two blocks "
                 f"({2 * self.block_size_bytes} bytes), got {self.staging_bytes!r}")
         if self.sparse_block_size_bytes is not None and (
                 self.sparse_block_size_bytes % 4096 or self.sparse_block_size_bytes <= 0):
-            raise ValueError(
+            raise ArgumentError(
                 "SaveConfig.sparse_block_size_bytes must be None or a positive multiple of "
                 f"4096, got {self.sparse_block_size_bytes!r}")
+        if self.block_size_bytes > MAX_BLOCK_BYTES:
+            raise ArgumentError(f"SaveConfig.block_size_bytes must be at most {MAX_BLOCK_BYTES}, "
+                                f"got {self.block_size_bytes}")
         if self.block_size_bytes % 4096:
-            raise ValueError(
+            raise ArgumentError(
                 f"SaveConfig.block_size_bytes must be a multiple of 4096, got {self.block_size_bytes}")
 
 
@@ -109,7 +115,7 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         if self.replicated not in ("read", "broadcast", "auto"):
-            raise ValueError("LoadConfig.replicated must be 'read', 'broadcast' or 'auto', got "
+            raise ArgumentError("LoadConfig.replicated must be 'read', 'broadcast' or 'auto', got "
                              f"{self.replicated!r}")
         _positive(self, reader_threads=self.reader_threads,
                   read_request_bytes=self.read_request_bytes,

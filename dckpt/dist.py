@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dckpt.errors import (CheckpointExistsError, CommitError, DckptError, IntegrityError)
+from dckpt.errors import CheckpointExistsError, CommitError, DckptError, IntegrityError
 
 __all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "broadcast_tensor",
            "any_true",

@@ -11,6 +11,8 @@ __all__ = [
     "CommitError",
     "CheckpointExistsError",
     "StateDictError",
+    "ArgumentError",
+    "StorageError",
 ]
 
 
@@ -68,3 +70,13 @@ class CheckpointExistsError(CommitError):
 
 class StateDictError(DckptError, ValueError):
     """The state dict does not fit the checkpoint (or cannot be saved); lists every problem."""
+
+
+class ArgumentError(DckptError, ValueError):
+    """An argument of a public function or config is of the wrong type or out of range;
+    raised before anything is read or written."""
+
+
+class StorageError(DckptError):
+    """The storage refused a request or did not answer in time (wrong credentials, a
+    missing bucket, a server that stopped answering); the builtin OSError is chained."""

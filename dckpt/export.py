@@ -17,10 +17,9 @@ import torch
 from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
-from dckpt.errors import CheckpointExistsError, IntegrityError, StateDictError
 from dckpt.dtypes import dtype_from_name
-from dckpt.manifest import (BlockRef, Manifest, StoredData, TensorEntry,
-                            encode, stored_datas)
+from dckpt.errors import ArgumentError, CheckpointExistsError, IntegrityError, StateDictError
+from dckpt.manifest import BlockRef, Manifest, StoredData, TensorEntry, encode, stored_datas
 from dckpt.planner import safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce
 from dckpt.repository import mark_repository
@@ -50,7 +49,7 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
                       progress: Progress | None = None) -> int:
     """Write checkpoint ``m`` of ``store`` to ``to`` in format ``fmt``; returns bytes written."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     total = sum(e.nbytes for e in m.items.values())
     done = [0]
 

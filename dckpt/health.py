@@ -114,8 +114,8 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
     code, reasons = OK, []
     if recoverable is None:
         code = CRITICAL
-        reasons.append("no recoverable checkpoint: a restart would start from scratch"
-                       if not committed else
+        reasons.append("the repository holds no committed checkpoint: a restart would start "
+                       "from scratch" if not committed else
                        f"none of the {len(committed)} checkpoints is recoverable")
     else:
         if unrecoverable:

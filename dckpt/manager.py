@@ -43,7 +43,7 @@ import torch.distributed as tdist
 
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import CheckpointNotFoundError, DckptError
+from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
 from dckpt.manifest import stored_datas
@@ -170,16 +170,16 @@ class CheckpointManager:
                  metrics: Metrics | None = None) -> None:
         if save_every_steps is not None and (not isinstance(save_every_steps, int)
                                              or save_every_steps < 1):
-            raise ValueError(f"save_every_steps must be an int >= 1 or None, got "
+            raise ArgumentError(f"save_every_steps must be an int >= 1 or None, got "
                              f"{save_every_steps!r}")
         if save_every_seconds is not None and not (save_every_seconds > 0
                                                    and math.isfinite(save_every_seconds)):
-            raise ValueError(f"save_every_seconds must be > 0 or None, got "
+            raise ArgumentError(f"save_every_seconds must be > 0 or None, got "
                              f"{save_every_seconds!r}")
         if save_on_improve is not None:
             if (not isinstance(save_on_improve, tuple) or len(save_on_improve) != 2
                     or save_on_improve[1] not in ("min", "max")):
-                raise ValueError("save_on_improve must be (metric, 'min' | 'max'), got "
+                raise ArgumentError("save_on_improve must be (metric, 'min' | 'max'), got "
                                  f"{save_on_improve!r}")
         if retention is not None and not callable(retention):
             raise TypeError(f"retention must be a policy (callable), got {type(retention)}")
@@ -257,7 +257,7 @@ class CheckpointManager:
         all ranks agreeing), the chosen ``step``, or the best by ``best_metric=(name,
         mode)``. None when the repository holds no checkpoint: a fresh start."""
         if step is not None and best_metric is not None:
-            raise ValueError("restore: pass step or best_metric, not both")
+            raise ArgumentError("restore: pass step or best_metric, not both")
         if best_metric is not None:
             chosen = self.best(*best_metric)
             if chosen is None:

@@ -21,7 +21,7 @@ from dckpt.layout import MAX_STEP, check_object_name
 __all__ = [
     "FORMAT", "VERSION", "BlockRef", "StoredData", "ChunkEntry", "TensorEntry", "ValueEntry",
     "Manifest", "encode", "decode", "stored_datas", "DTYPE_SIZES", "MAX_BLOCK_BYTES",
-    "MAX_VALUE_BYTES", "seal", "unseal",
+    "MAX_VALUE_BYTES", "seal", "unseal", "metric_ok",
 ]
 
 FORMAT = "dckpt.manifest"
@@ -392,13 +392,19 @@ def _entry(fqn: str, doc: object, segments: list[str], version: int) -> Entry:
     return TensorEntry(dtype, size, doc["requires_grad"], tuple(chunks))
 
 
+def metric_ok(value: object, *, stored: bool = True) -> bool:
+    """Whether ``value`` is a metric the format holds: a number (an int within 64 bits; a
+    float finite once stored, where inf and nan are strings), a string, a bool or None."""
+    return (value is None or isinstance(value, (bool, str))
+            or (type(value) is int and abs(value) <= MAX_STEP)
+            or (type(value) is float and (math.isfinite(value) or not stored)))
+
+
 def _metrics(doc: object) -> dict[str, float | int | str | bool | None]:
     if not isinstance(doc, dict):
         raise FormatError("metrics: expected a JSON object")
     for k, v in doc.items():
-        if not (v is None or isinstance(v, (bool, str))
-                or (type(v) is int and abs(v) <= MAX_STEP)
-                or (type(v) is float and math.isfinite(v))):
+        if not metric_ok(v):
             raise FormatError(f"metrics[{k!r}]: expected a number, string, bool or null, "
                               f"found {_short(v)}")
     return dict(doc)

@@ -21,8 +21,15 @@ import threading
 import time
 from typing import Any
 
-from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
-                               push_to_gateway, start_http_server, write_to_textfile)
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    push_to_gateway,
+    start_http_server,
+    write_to_textfile,
+)
 
 from dckpt import dist
 from dckpt.info import CheckpointInfo

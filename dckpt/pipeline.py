@@ -24,6 +24,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
+from dckpt.errors import ArgumentError
+
 __all__ = ["Pipeline", "PROGRESS_KEY"]
 
 PROGRESS_KEY = "dckpt_pipeline"
@@ -35,9 +37,9 @@ class Pipeline(Stateful):
     def __init__(self, stages: Sequence[str]) -> None:
         stages = list(stages)
         if not stages or not all(isinstance(s, str) and s for s in stages):
-            raise ValueError(f"Pipeline stages must be non-empty names, got {stages!r}")
+            raise ArgumentError(f"Pipeline stages must be non-empty names, got {stages!r}")
         if len(set(stages)) != len(stages):
-            raise ValueError(f"Pipeline stage names must be unique, got {stages!r}")
+            raise ArgumentError(f"Pipeline stage names must be unique, got {stages!r}")
         self.stages = stages
         self.done: list[str] = []
         self.results: dict[str, dict[str, Any]] = {}
@@ -62,7 +64,7 @@ class Pipeline(Stateful):
     def finish(self, stage: str, **results: Any) -> None:
         """Mark ``stage`` done, with its results (JSON values)."""
         if stage not in self.stages:
-            raise ValueError(f"unknown stage {stage!r}; the stages are {self.stages}")
+            raise ArgumentError(f"unknown stage {stage!r}; the stages are {self.stages}")
         json.dumps(results)  # refuse what could not be saved, now rather than at the save
         if stage not in self.done:
             self.done.append(stage)
@@ -80,7 +82,7 @@ class Pipeline(Stateful):
         p = json.loads(state_dict[PROGRESS_KEY])
         unknown = [s for s in p["done"] if s not in self.stages]
         if unknown:
-            raise ValueError(f"the checkpoint's pipeline finished stages {unknown} that this "
+            raise ArgumentError(f"the checkpoint's pipeline finished stages {unknown} that this "
                              f"pipeline ({self.stages}) does not have")
         self.done = list(p["done"])
         self.results = dict(p["results"])

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import pickle
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
 from dckpt.dtypes import dtype_name

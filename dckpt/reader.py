@@ -23,14 +23,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
-                                                   Metadata, MetadataIndex, TensorProperties,
-                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dckpt import dist
+from dckpt.arguments import check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
@@ -164,7 +170,7 @@ class Reader(StorageReader):
                  config: LoadConfig | None = None, manifest: Manifest | None = None) -> None:
         super().__init__()
         self.store = Store(url, storage_options)
-        self.step = step
+        self.step = check_step(step, optional=True)
         self.config = config or LoadConfig()
         self.manifest = manifest
         self.bytes_read = 0

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from dckpt.errors import ArgumentError
 from dckpt.info import CheckpointInfo
 
 __all__ = ["Policy", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "plan"]
@@ -50,7 +51,7 @@ class KeepLast(_Composable):
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"KeepLast(n): n must be an int >= 1, got {self.n!r}")
+            raise ArgumentError(f"KeepLast(n): n must be an int >= 1, got {self.n!r}")
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
         return {c.step for c in sorted(checkpoints, key=lambda c: c.step)[-self.n:]}
@@ -67,9 +68,9 @@ class KeepBest(_Composable):
 
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"KeepBest(n, ...): n must be an int >= 1, got {self.n!r}")
+            raise ArgumentError(f"KeepBest(n, ...): n must be an int >= 1, got {self.n!r}")
         if self.mode not in ("min", "max"):
-            raise ValueError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
+            raise ArgumentError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
         return {c.step for c in best(checkpoints, self.metric, self.mode)[:self.n]}
@@ -83,7 +84,7 @@ class KeepEvery(_Composable):
 
     def __post_init__(self) -> None:
         if not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"KeepEvery(steps): steps must be an int >= 1, got {self.steps!r}")
+            raise ArgumentError(f"KeepEvery(steps): steps must be an int >= 1, got {self.steps!r}")
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
         return {c.step for c in checkpoints if c.step % self.steps == 0}
@@ -108,7 +109,7 @@ def best(checkpoints: Sequence[CheckpointInfo], metric: str,
          mode: Literal["min", "max"] = "min") -> list[CheckpointInfo]:
     """The checkpoints that carry ``metric``, best first (ties: the newer first)."""
     if mode not in ("min", "max"):
-        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        raise ArgumentError(f"mode must be 'min' or 'max', got {mode!r}")
     scored = [(v, c) for c in checkpoints if (v := metric_value(c, metric)) is not None]
     sign = 1.0 if mode == "min" else -1.0
     return [c for _, c in sorted(scored, key=lambda vc: (sign * vc[0], -vc[1].step))]

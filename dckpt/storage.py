@@ -11,6 +11,9 @@ file in the same folder, fsync, link, fsync the folder; S3: one PUT with ``If-No
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import mmap
 import os
 import posixpath
 import threading
@@ -19,13 +22,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import BinaryIO
 
-import errno
-import fcntl
-import mmap
-
 import fsspec
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
+
+from dckpt.arguments import check_options, check_url
+from dckpt.errors import ArgumentError
 
 __all__ = ["Store", "DirectFile", "DIRECT_ALIGN"]
 
@@ -37,10 +39,13 @@ class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
-        if not isinstance(url, (str, os.PathLike)) or not str(url):
-            raise ValueError(f"expected a repository URL or path, got {url!r}")
-        self.url = str(url)
-        self.fs, root = fsspec.core.url_to_fs(self.url, **(storage_options or {}))
+        self.url = check_url(url)
+        options = check_options(storage_options) or {}
+        try:
+            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+        except (ImportError, ValueError, TypeError) as e:
+            raise ArgumentError(f"{self.url}: fsspec cannot open it with storage_options "
+                                f"{sorted(options)} ({type(e).__name__}: {e})") from e
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
         self._fds: dict[str, int] = {}

@@ -25,23 +25,36 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import torch
-from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, Metadata,
-                                                   MetadataIndex, TensorStorageMetadata)
-from torch.distributed.checkpoint.planner import (SavePlan, SavePlanner, WriteItem,
-                                                  WriteItemType)
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dckpt import layout
+from dckpt import codec, layout
+from dckpt.arguments import check_step
 from dckpt.blocks import cut, digest
-from dckpt import codec
 from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember
-from dckpt.errors import CheckpointExistsError, CommitError, StateDictError
-from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.dtypes import dtype_name
-from dckpt.manifest import (BlockRef, ChunkEntry, Entry, Manifest, StoredData, TensorEntry,
-                            ValueEntry, encode, stored_datas)
+from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
+from dckpt.info import CheckpointInfo, info_from_manifest
+from dckpt.manifest import (
+    BlockRef,
+    ChunkEntry,
+    Entry,
+    Manifest,
+    StoredData,
+    TensorEntry,
+    ValueEntry,
+    encode,
+    metric_ok,
+    stored_datas,
+)
 from dckpt.planner import RawBytes
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.storage import DIRECT_ALIGN, Store
@@ -75,10 +88,10 @@ def check_metrics(metrics: object) -> Metrics:
     if metrics is None:
         return {}
     if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and (v is None or isinstance(v, (bool, int, float, str)))
-            for k, v in metrics.items()):
-        raise StateDictError(
-            f"metrics must map str to int, float, str, bool or None, got {metrics!r}")
+            isinstance(k, str) and metric_ok(v, stored=False) for k, v in metrics.items()):
+        raise ArgumentError(
+            "metrics must map str to int (64-bit), float, str, bool or None, got "
+            f"{str(metrics)[:200]}")
     return dict(metrics)
 
 
@@ -114,8 +127,7 @@ class Writer(StorageWriter):
     def __init__(self, url: str, *, step: int, metrics: Metrics | None = None,
                  storage_options: dict | None = None, config: SaveConfig | None = None) -> None:
         super().__init__()
-        if type(step) is not int or step < 0:
-            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        check_step(step)
         self.store = Store(url, storage_options)
         self.step = step
         self.metrics = check_metrics(metrics)

@@ -241,7 +241,7 @@ def test_async_save_refuses_bad_arguments_before_anything_runs(tmp_path):
         dckpt.SaveConfig(if_busy="later")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="staging_bytes"):
         dckpt.SaveConfig(staging_bytes=4096)
-    with pytest.raises(dckpt.StateDictError, match="metrics"):
+    with pytest.raises(dckpt.ArgumentError, match="metrics"):
         dckpt.async_save({"w": torch.ones(1)}, str(tmp_path), step=1, metrics={"x": [1]})
 
 

@@ -56,7 +56,9 @@ def test_ls_inspect_verify(tmp_path):
 
 
 def test_errors_say_what_is_wrong(tmp_path):
-    missing = _dckpt("ls", str(tmp_path / "nothing"))
+    missing = _dckpt("inspect", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "holds no dckpt repository" in missing.stderr
+    empty = _dckpt("ls", str(tmp_path / "nothing"))  # an absent repository is an empty one
+    assert empty.returncode == 0 and "(no committed checkpoint)" in empty.stdout
     usage = _dckpt("verify", str(tmp_path), "--step", "1", "--all")
     assert usage.returncode == 2 and "not allowed with" in usage.stderr

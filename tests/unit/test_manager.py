@@ -279,7 +279,8 @@ def test_status_exit_code_without_a_usable_checkpoint(tmp_path, capsys):
     dckpt.delete(url, step=1)
     assert cli(["status", url, "--json"]) == 1
     assert '"healthy": false' in capsys.readouterr().out
-    assert cli(["status", str(tmp_path / "nothing")]) == 2
+    assert cli(["status", str(tmp_path / "nothing")]) == 1  # empty: nothing to restart from
+    assert "checkpoints 0" in capsys.readouterr().out
 
 
 def test_pipeline_refuses_bad_stages():

@@ -81,7 +81,9 @@ def test_health_codes(tmp_path, capsys):
     os.remove(own_segment(repo, 1))
     assert cli(["health", str(repo)]) == 2
     assert "CRITICAL" in capsys.readouterr().out
-    assert cli(["health", str(tmp_path / "nowhere")]) == 3
+    assert cli(["health", str(tmp_path / "nowhere")]) == 2  # holds no checkpoint
+    assert "holds no committed checkpoint" in capsys.readouterr().out
+    assert cli(["health", "nosuchproto://bucket/x"]) == 3
 
 
 def test_health_and_verify_leave_metrics_for_cron(tmp_path):
@@ -110,6 +112,6 @@ def test_health_and_verify_leave_metrics_for_cron(tmp_path):
     v = values(vprom)
     assert v["dckpt_damaged_checkpoints"] == 1
     assert v["dckpt_corrupt_checkpoints_detected_total"] == 1
-    assert cli(["health", str(tmp_path / "nowhere"), "--metrics-textfile", str(prom),
-                "--job", "cron"]) == 3
+    assert cli(["health", "nosuchproto://bucket/x", "--metrics-textfile",
+                str(prom), "--job", "cron"]) == 3
     assert values(prom)["dckpt_health_status"] == 3

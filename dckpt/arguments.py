@@ -1,0 +1,102 @@
+"""The public functions' arguments, checked before anything is read or written, and the rule
+that only DckptError subclasses leave those functions (``public``)."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+from dckpt.errors import ArgumentError, DckptError, StorageError
+from dckpt.layout import MAX_STEP
+
+__all__ = ["check_step", "check_state_dict", "check_seconds", "check_options", "check_url",
+           "public", "storage_error"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def check_step(step: object, name: str = "step", *, optional: bool = False) -> int | None:
+    if step is None and optional:
+        return None
+    if type(step) is not int or not 0 <= step <= MAX_STEP:
+        raise ArgumentError(f"{name} must be an int in [0, {MAX_STEP}]"
+                            f"{' or None' if optional else ''}, got {_show(step)}")
+    return step
+
+
+def check_state_dict(state_dict: object) -> None:
+    if not isinstance(state_dict, Mapping):
+        raise ArgumentError(f"state_dict must be a dict of str keys, got {_show(state_dict)}; "
+                            "wrap it, for example {'model': model.state_dict()}")
+    bad = [k for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise ArgumentError(f"state_dict keys must be str, found {_show(bad[0])}")
+
+
+def check_seconds(value: object, name: str, *, optional: bool = False) -> float | None:
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+        raise ArgumentError(f"{name} must be a finite number of seconds >= 0, got {_show(value)}")
+    return float(value)  # type: ignore[arg-type]
+
+
+def check_options(options: object, name: str = "storage_options") -> dict | None:
+    if options is None:
+        return None
+    if not isinstance(options, Mapping) or not all(isinstance(k, str) for k in options):
+        raise ArgumentError(f"{name} must be a dict of fsspec options (str keys) or None, "
+                            f"got {_show(options)}")
+    return dict(options)
+
+
+def check_url(url: object) -> str:
+    if not isinstance(url, (str, os.PathLike)) or not str(url):
+        raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
+    text = os.fspath(url)
+    if not isinstance(text, str):
+        raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
+    local = text[len("file://"):] if text.startswith("file://") else (
+        None if "://" in text else text)
+    if local is not None and os.path.exists(local) and not os.path.isdir(local):
+        raise ArgumentError(f"{text} is a file, not a repository folder; pass the folder that "
+                            "holds (or will hold) the checkpoints")
+    return text
+
+
+def _show(value: object) -> str:
+    text = f"{type(value).__name__} {value!r}"
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def storage_error(e: BaseException, what: str) -> DckptError:
+    """A DckptError for an exception of the storage or of a bug on the way, once."""
+    if isinstance(e, DckptError):
+        return e
+    if isinstance(e, PermissionError):
+        return StorageError(f"{what}: the storage refused access ({e}); check the credentials "
+                            "(storage_options key/secret/profile, or the environment's) and "
+                            "their rights on that bucket or folder")
+    if isinstance(e, (OSError, TimeoutError)):
+        return StorageError(f"{what}: the storage failed ({type(e).__name__}: {e}); earlier "
+                            "checkpoints are intact")
+    if isinstance(e, RecursionError | MemoryError | OverflowError):
+        return DckptError(f"{what}: {type(e).__name__}: {str(e)[:200]}; a manifest or an "
+                          "argument holds a value far out of range")
+    return DckptError(f"{what}: unexpected {type(e).__name__}: {e}")
+
+
+def public(fn: F) -> F:
+    """Only DckptError subclasses leave ``fn``: anything else is translated, and chained."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except DckptError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the one translation point
+            raise storage_error(e, f"dckpt.{fn.__name__}") from e
+    return wrapper  # type: ignore[return-value]
