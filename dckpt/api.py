@@ -12,8 +12,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt import dist, layout
-from dckpt.arguments import (check_seconds, check_state_dict, check_step, public,
-                             storage_error)
+from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
@@ -125,10 +124,10 @@ def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
             created = (found.manifest.created_at if found.manifest is not None
                        and found.manifest.step == newest
                        else read_manifest(store, newest).created_at)
-        except Exception:  # noqa: BLE001 - only the data lost's time depends on it
+        except Exception:
             created = None
         found.newest = (newest, created)
-    except Exception as e:  # noqa: BLE001 - handed to every rank, never raised here alone
+    except Exception as e:
         found.error = storage_error(e, f"finding a checkpoint in {store.url}")
     return found
 
@@ -252,7 +251,7 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
         steps = steps[-1:]
     report = verify_steps(store, steps, progress=progress)
     if quarantine:
-        bad = {}
+        bad: dict[int, str] = {}
         for p in report.problems:
             bad.setdefault(p.step, p.message.splitlines()[0])
         for s in steps:

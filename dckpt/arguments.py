@@ -39,7 +39,7 @@ def check_state_dict(state_dict: object) -> None:
 def check_seconds(value: object, name: str, *, optional: bool = False) -> float | None:
     if value is None and optional:
         return None
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type]
+    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type, operator]
         raise ArgumentError(f"{name} must be a finite number of seconds >= 0, got {_show(value)}")
     return float(value)  # type: ignore[arg-type]
 
@@ -97,6 +97,6 @@ def public(fn: F) -> F:
             return fn(*args, **kwargs)
         except DckptError:
             raise
-        except Exception as e:  # noqa: BLE001 - the one translation point
+        except Exception as e:
             raise storage_error(e, f"dckpt.{fn.__name__}") from e
     return wrapper  # type: ignore[return-value]

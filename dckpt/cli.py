@@ -52,7 +52,7 @@ def _print_json(value: object) -> None:
     print(json.dumps(_json_safe(value), indent=2, allow_nan=False, default=str))
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -113,7 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"{'item':<48} {'kind':<6} {'dtype':<9} {'shape':<18} {'shards':>6} {'bytes':>10}")
     for fqn, e in m.items.items():
         if isinstance(e, dckpt.TensorEntry):
-            print(f"{fqn:<48} tensor {e.dtype:<9} {str(list(e.size)):<18} {len(e.chunks):>6} "
+            print(f"{fqn:<48} tensor {e.dtype:<9} {list(e.size)!s:<18} {len(e.chunks):>6} "
                   f"{_size(e.nbytes):>10}")
         else:
             print(f"{fqn:<48} value  {'':<9} {'':<18} {'':>6} {_size(e.nbytes):>10}")
@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dckpt {args.command}: {str(e).splitlines()[0] if e.failures else e}",
               file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - one line, never a traceback
+    except Exception as e:
         print(f"dckpt {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
 

@@ -60,7 +60,8 @@ def encode(buf: memoryview, planes: int) -> tuple[str, bytes] | None:
     return codec_name(planes), payload
 
 
-def decode(codec: str, payload: memoryview | bytes, out: memoryview, *, what: str) -> None:
+def decode(codec: str, payload: memoryview | bytes | bytearray, out: memoryview, *,
+           what: str) -> None:
     """Decode ``payload`` into ``out`` (exactly its length) or raise IntegrityError."""
     try:
         raw = _decompressor().decompress(payload, max_output_size=len(out))

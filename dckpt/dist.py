@@ -12,6 +12,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt.errors import CheckpointExistsError, CommitError, DckptError, IntegrityError
 
+ProcessGroup = dist.ProcessGroup
+
 __all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "broadcast_tensor",
            "any_true",
            "translate", "peer_failure"]
@@ -95,7 +97,7 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
         cls: type[DckptError] = (CheckpointExistsError if kinds == {CheckpointExistsError}
                                  else CommitError)
     elif len(kinds) == 1 and issubclass(next(iter(kinds)), DckptError):
-        cls = next(iter(kinds))
+        cls = next(iter(kinds))  # type: ignore[assignment]  # a DckptError subclass, checked above
     elif all(isinstance(e, IntegrityError) for e in errors.values()):
         cls = IntegrityError
     else:

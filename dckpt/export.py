@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ from dckpt.blocks import check
 from dckpt.codec import decode
 from dckpt.dtypes import dtype_from_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, IntegrityError, StateDictError
-from dckpt.manifest import BlockRef, Manifest, StoredData, TensorEntry, encode, stored_datas
+from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode, stored_datas
 from dckpt.planner import safe_load
 from dckpt.reads import Fetcher, blocks_in_range, coalesce
 from dckpt.repository import mark_repository
@@ -152,7 +153,7 @@ def _unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | 
     for key, value in flat.items():
         path = planner_data.get(key, [key])
         node: Any = out
-        for part, nxt in zip(path[:-1], path[1:]):
+        for part, nxt in itertools.pairwise(path):
             if isinstance(node, list):
                 while len(node) <= part:  # type: ignore[operator]
                     node.append(None)
@@ -202,7 +203,8 @@ def _write_safetensors(flat: dict[str, Any], m: Manifest, to: str) -> int:
         f.write(raw)
         for t in tensors:
             if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+                f.write(memoryview(data))  # type: ignore[arg-type]
         f.flush()
         os.fsync(f.fileno())
     return 8 + len(raw) + offset
@@ -240,14 +242,14 @@ def _export_dckpt(store: Store, m: Manifest, dest: Store, step: Callable[[int], 
                 step(ref.raw_length)
             return StoredData(data.nbytes, tuple(blocks))
 
-        items = {}
+        items: dict[str, Entry] = {}
         for fqn, e in m.items.items():
             what = f"item {fqn!r} of checkpoint step {m.step} in {store.url}"
             if isinstance(e, TensorEntry):
-                items[fqn] = dataclasses.replace(e, chunks=tuple(
+                items[fqn] = dataclasses.replace(e, chunks=tuple(  # type: ignore[assignment]
                     dataclasses.replace(c, data=copy(c.data, what)) for c in e.chunks))
             else:
-                items[fqn] = dataclasses.replace(e, data=copy(e.data, what))
+                items[fqn] = dataclasses.replace(e, data=copy(e.data, what))  # type: ignore[assignment]
     dest.sync_folder(f"{layout.DATA_DIR}/{attempt}")
     exported = dataclasses.replace(m, attempt=attempt, items=items, bytes_written=written)
     dest.create_exclusive(layout.manifest_name(m.step), encode(exported))

@@ -81,7 +81,8 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
     rate = estimate = None
     for info in reversed(committed):
         if info.problem is not None or info.quarantined is not None:
-            why = info.problem or f"quarantined: {info.quarantined}"
+            why: str | None = info.problem or f"quarantined: {info.quarantined}"
+            assert why is not None
             unrecoverable.append((info.step, why.splitlines()[0]))
             continue
         try:

@@ -176,11 +176,11 @@ class CheckpointManager:
                                                    and math.isfinite(save_every_seconds)):
             raise ArgumentError(f"save_every_seconds must be > 0 or None, got "
                              f"{save_every_seconds!r}")
-        if save_on_improve is not None:
-            if (not isinstance(save_on_improve, tuple) or len(save_on_improve) != 2
-                    or save_on_improve[1] not in ("min", "max")):
-                raise ArgumentError("save_on_improve must be (metric, 'min' | 'max'), got "
-                                 f"{save_on_improve!r}")
+        if save_on_improve is not None and (
+                not isinstance(save_on_improve, tuple) or len(save_on_improve) != 2
+                or save_on_improve[1] not in ("min", "max")):
+            raise ArgumentError("save_on_improve must be (metric, 'min' | 'max'), got "
+                                f"{save_on_improve!r}")
         if retention is not None and not callable(retention):
             raise TypeError(f"retention must be a policy (callable), got {type(retention)}")
         self.url = url
@@ -352,7 +352,7 @@ class CheckpointManager:
         return self._save(step, state_dict, metrics, "asked")
 
     def _improved(self, value: float) -> bool:
-        metric, mode = self.save_on_improve  # type: ignore[misc]
+        _, mode = self.save_on_improve  # type: ignore[misc]
         group = self._agreement.group if self._agreement is not None else \
             dist.checkpoint_group(self.save_config.collective_timeout_s, purpose="trigger")
         value = float(dist.broadcast(value, group))  # type: ignore[arg-type]
@@ -404,7 +404,7 @@ class CheckpointManager:
             if wait:
                 try:
                     h.wait()
-                except BaseException:  # noqa: BLE001 - reported below
+                except BaseException:
                     pass
             if not h.done():
                 still.append(h)
@@ -542,7 +542,7 @@ class CheckpointManager:
         for job in self._retention_jobs:
             try:
                 job.result()
-            except Exception as e:  # noqa: BLE001 - retention never stops training
+            except Exception as e:
                 log.error("retention failed: %s", e)
         self._retention_jobs = []
 

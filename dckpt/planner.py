@@ -89,11 +89,11 @@ def _refusal(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
 
 
-def safe_load(raw: bytes | memoryview, what: str) -> object:
+def safe_load(raw: bytes | bytearray | memoryview, what: str) -> object:
     """Load a stored non-tensor value with ``weights_only=True``; refuse anything else."""
     try:
         return torch.load(io.BytesIO(raw), weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the unpickler raises many types for bad input
+    except Exception as e:
         raise UnsafeValueError(
             f"{what}: refused to load a value that needs code to run or is damaged "
             f"(torch.load(weights_only=True) said: {_refusal(e)}). If you saved this "
@@ -109,13 +109,13 @@ def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
         raw = io.BytesIO()
         try:
             torch.save(value, raw)
-        except Exception as e:  # noqa: BLE001 - pickling raises whatever the object raises
+        except Exception as e:
             raise StateDictError(f"{key}: a {type(value).__name__} cannot be saved "
                                  f"({type(e).__name__}: {str(e)[:200]}); store its state as "
                                  "tensors, numbers, strings, lists and dicts") from None
         try:
             torch.load(io.BytesIO(raw.getbuffer()), weights_only=True)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             raise StateDictError(
                 f"{key}: a {type(value).__name__} would be refused by the load "
                 f"(torch.load(weights_only=True): {_refusal(e)}); store it as tensors, "
@@ -205,6 +205,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def create_local_plan(self) -> LoadPlan:
         """(all ranks) Check this rank's state dict, and hand its keys and problems on to the
         coordinator, which refuses them all at once (see ``create_global_plan``)."""
+        assert self.metadata is not None  # set_up_planner ran
         problems = state_dict_problems(self.state_dict, self.metadata)
         plan = LoadPlan([]) if problems else super().create_local_plan()
         return dataclasses.replace(plan, planner_data=_Asked(tuple(self.state_dict),
@@ -218,6 +219,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         problems = list(dict.fromkeys(
             (f"rank {r}: {p}" if len(asked) > 1 else p)
             for r, a in enumerate(asked) for p in a.problems))
+        assert self.metadata is not None
         unasked = [] if self.partial else unasked_keys([a.keys for a in asked], self.metadata)
         problems += [f"{k}: in the checkpoint but no rank's state dict asks for it"
                      for k in unasked]

@@ -239,7 +239,7 @@ class Reader(StorageReader):
         future.set_result(None)
         return future
 
-    def _group(self) -> object:
+    def _group(self) -> dist.ProcessGroup | None:
         return dist.checkpoint_group(self.config.collective_timeout_s)
 
     def _broadcast(self, shared: list[Shared], planner: LoadPlanner) -> None:
@@ -338,7 +338,7 @@ class Reader(StorageReader):
     def _start(self, fetcher: Fetcher, job: _Job) -> None:
         _, picked = blocks_in_range(job.chunk.data, job.first,
                                     job.first + job.buffer.numel())
-        dest = memoryview(job.buffer.numpy())
+        dest = memoryview(job.buffer.numpy())  # type: ignore[arg-type]
         what = self._what("tensor", job.fqn)
         requests = coalesce(picked, self.config.read_request_bytes)
         job.futures = [fetcher.submit_span(span, dest, what) for span in

@@ -217,15 +217,16 @@ def _plan_key(flat: dict[str, Any]) -> tuple | None:
     """What DCP's local save plan depends on, for a flattened state dict: the same key gives
     the same plan, which is reused (planning 64 DTensors costs several ms of the pause).
     None when something in it is not understood (then the plan is always made afresh)."""
-    key = []
+    key: list[tuple] = []
     for fqn, v in flat.items():
         if not isinstance(v, torch.Tensor):
             key.append((fqn,))
         elif type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
             key.append((fqn, v.shape, v.dtype, v.device, v.layout, v.requires_grad))
         elif type(v).__name__ == "DTensor":
-            key.append((fqn, v.shape, v._local_tensor.shape, v.dtype, v.device, v.requires_grad,
-                        tuple(v.placements), id(v.device_mesh)))
+            key.append((fqn, v.shape, v._local_tensor.shape, v.dtype,  # type: ignore[attr-defined]
+                        v.device, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
+                        id(v.device_mesh)))  # type: ignore[attr-defined]
         else:
             return None
     return tuple(key)
@@ -295,11 +296,11 @@ class AsyncSaver:
         group = dist.checkpoint_group(config.collective_timeout_s)
         control = dist.checkpoint_group(config.collective_timeout_s, purpose="control")
         previous = self._in_flight
-        if previous is not None and config.if_busy == "skip":
-            if dist.any_true(not previous.done(), control):
-                log.warning("rank %d: skipping the save of step %d: the save of step %d is "
-                            "still in flight (if_busy='skip')", dist.rank(), step, previous.step)
-                return SaveHandle(step, None, skipped_for=previous.step)
+        if (previous is not None and config.if_busy == "skip"
+                and dist.any_true(not previous.done(), control)):
+            log.warning("rank %d: skipping the save of step %d: the save of step %d is "
+                        "still in flight (if_busy='skip')", dist.rank(), step, previous.step)
+            return SaveHandle(step, None, skipped_for=previous.step)
         if previous is not None and not previous.done():
             log.info("rank %d: the save of step %d waits for the save of step %d still in "
                      "flight (if_busy='wait')", dist.rank(), step, previous.step)
@@ -329,7 +330,7 @@ class AsyncSaver:
         if handle is not None:
             try:
                 handle.wait()
-            except BaseException:  # noqa: BLE001 - reported by the handle and the next save
+            except BaseException:
                 pass
 
     def install_hook(self, optimizer: torch.optim.Optimizer) -> Any:
@@ -397,6 +398,7 @@ class AsyncSaver:
                 assert isinstance(data, io.BytesIO)
                 planned.values[item.index] = data  # serialized just now: already a copy
             else:
+                assert isinstance(data, torch.Tensor)
                 tensors.append((item, data))
         planned.fit, planned.overflow, planned.window = self._fit(tensors, config)
         planned.key = (tuple((i.index, t.dtype, tuple(t.shape), t.device)
@@ -472,7 +474,8 @@ class AsyncSaver:
                     for start in range(0, n, window.numel()):
                         piece = window[: min(window.numel(), n - start)]
                         piece.copy_(flat[start: start + piece.numel()])
-                        blocks += out.append(memoryview(piece.numpy()), planes=planes)
+                        view = memoryview(piece.numpy())  # type: ignore[arg-type]
+                        blocks += out.append(view, planes=planes)
                 staging.prewritten[item.index] = StoredData(n, tuple(blocks))
                 staging.staged[item.index] = None
                 staging.overflow_bytes += n
@@ -488,7 +491,7 @@ class AsyncSaver:
         except DckptError as e:
             self._record_failure(writer.step, e)
             raise
-        except Exception as e:  # noqa: BLE001 - never let a bug pass as a commit
+        except Exception as e:
             error = CommitError(f"save of step {writer.step} failed on rank {dist.rank()}: "
                                 f"{type(e).__name__}: {e}")
             self._record_failure(writer.step, error)

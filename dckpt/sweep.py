@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from dckpt import layout
 from dckpt.errors import DckptError, FormatError
-from dckpt.manifest import Manifest, decode, stored_datas
+from dckpt.manifest import Manifest, decode
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store
 
@@ -52,7 +52,7 @@ class GcReport:
 Progress = Callable[[int, int], None]
 
 
-def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
+def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,  # noqa: C901 - mark and sweep read as one sequence
             deleted_min_age_s: float | None = None, now_s: float | None = None,
             progress: Progress | None = None) -> GcReport:
     """``deleted_min_age_s`` (default ``min_age_s``): how long a deleted checkpoint's blocks
@@ -81,12 +81,10 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     referenced: dict[str, int] = {}
     seen = set()  # blocks shared by checkpoints (or within one) count once
     for m in live:
-        for e in m.items.values():
-            for d in stored_datas(e):
-                for b in d.blocks:
-                    if (b.segment, b.offset) not in seen:  # a block shared within a checkpoint
-                        seen.add((b.segment, b.offset))
-                        referenced[b.segment] = referenced.get(b.segment, 0) + b.length
+        for _, _, b in m.blocks():
+            if (b.segment, b.offset) not in seen:  # a block shared within a checkpoint
+                seen.add((b.segment, b.offset))
+                referenced[b.segment] = referenced.get(b.segment, 0) + b.length
     deleted, young, partly = [], [], []
     freed = 0
     attempts = store.list_names(layout.DATA_DIR)

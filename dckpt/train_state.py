@@ -123,7 +123,7 @@ class TrainState(Stateful):
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self._optimizers())
+        model_sd, optim_sd = get_state_dict(self.model, self._optimizers())  # type: ignore[arg-type]
         sd: dict[str, Any] = {"model": model_sd}
         if self.optimizer is not None:
             sd["optim"] = optim_sd
@@ -151,7 +151,8 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self._optimizers(), model_state_dict=state_dict["model"],
+        set_state_dict(self.model, self._optimizers(),  # type: ignore[arg-type]
+                       model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict.get("optim", {}))
         for name in ("scheduler", "scaler", "dataloader"):
             obj = getattr(self, name)

@@ -101,7 +101,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy())
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
 def _item_nbytes(item: WriteItem) -> int:
@@ -165,7 +165,7 @@ class Writer(StorageWriter):
             props = item.tensor_data.properties
             try:
                 dtype_name(props.dtype)
-            except Exception as e:  # noqa: BLE001 - collected, raised together below
+            except Exception as e:
                 problems.append(f"{item.index.fqn}: {e}")
             if props.layout != torch.strided:
                 problems.append(f"{item.index.fqn}: layout {props.layout} is not supported; "

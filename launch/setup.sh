@@ -11,6 +11,7 @@ fi
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     .venv/bin/pip install -q "torch==2.13.0"
 fi
-if ! .venv/bin/python -c "import dckpt, pytest, xdist, moto, s3fs, zstandard, matplotlib" 2>/dev/null; then
+if ! .venv/bin/python -c "import dckpt, pytest, xdist, moto, s3fs, zstandard, matplotlib, hypothesis" 2>/dev/null \
+        || [ ! -x .venv/bin/ruff ] || [ ! -x .venv/bin/mypy ]; then
     .venv/bin/pip install -q -e ".[test,bench]"
 fi

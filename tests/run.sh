@@ -3,6 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
+# lint first: ruff (rules in pyproject.toml) and mypy (with torch's types) over the package
+.venv/bin/ruff check dckpt
+.venv/bin/mypy
 set +e
 .venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"
 rc=$?
