@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dist, layout
 from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
 from dckpt.config import LoadConfig, SaveConfig
+from dckpt.dedup import trust
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
@@ -197,6 +198,8 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
         except Exception as e:
             raise dist.peer_failure(e, what=what, saving=False) from e
         bytes_read = dist.total(reader.bytes_read, group)
+        if not partial:  # every byte of it was read and verified, by one rank or another
+            trust(store, manifest.step)
         now = time.perf_counter()
         phase_s = {"find": t_read - t_find, **reader.phase_s, "total": now - t0}
         lost_steps = lost_s = None

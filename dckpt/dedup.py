@@ -1,10 +1,13 @@
 """Which blocks a save need not write: the repository already holds their bytes.
 
 The index maps a block's digest (xxh3-128 of its raw bytes) and length to where a committed
-checkpoint stores it. It comes from the newest committed manifest (the coordinator lists the
-committed steps at the start of every save anyway); no listing of the data objects, which
-would cost a request per thousand objects on S3. Within one process the
-index of the save just committed is kept, so the next save does not read its manifest back.
+checkpoint stores it. It comes only from a checkpoint this process knows good (``trusted``):
+one it committed itself, or one it loaded whole (every byte verified), and only while that
+checkpoint is still committed and every object its blocks lie in is there and long enough
+(``usable_base``). A checkpoint damaged since, or one nobody here verified, is never a base:
+the save writes in full instead, so damage does not spread into new checkpoints and never
+stops training from saving. Within one process the index of the save just committed is
+kept, so the next save does not read its manifest back.
 A save adds its own new blocks as it goes (identical blocks in one save are written once).
 
 Only blocks of committed checkpoints are referenced. A checkpoint deleted while a save that
@@ -18,12 +21,13 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from dckpt.errors import DckptError
+from dckpt.errors import DckptError, IntegrityError
 from dckpt.manifest import BlockRef, Manifest, TensorEntry, stored_datas
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
-__all__ = ["BlockIndex", "index_for", "remember", "block_size_for", "item_key"]
+__all__ = ["BlockIndex", "index_for", "remember", "trust", "usable_base", "block_size_for",
+           "item_key"]
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +120,40 @@ def remember(store: Store, step: int, refs: Iterable[BlockRef], history: History
     the next save's index."""
     with _last_lock:
         _last[store.url] = BlockIndex(step, refs, history)
+        _trusted[store.url] = step
+
+
+_trusted: dict[str, int] = {}  # store URL -> the checkpoint this process knows good there
+
+
+def trust(store: Store, step: int) -> None:
+    """(after a load that read and verified every byte of ``step``) A base for the next save."""
+    with _last_lock:
+        _trusted[store.url] = step
+
+
+def usable_base(store: Store, committed: list[int]) -> int | None:
+    """(coordinator, before a save writes) The trusted checkpoint, if it is still committed,
+    its manifest sound, and every block inside an object that is there; else None (a
+    warning says why): the save then writes every block."""
+    with _last_lock:
+        step = _trusted.get(store.url)
+    if step is None or step not in committed:
+        return None
+    try:
+        m = read_manifest(store, step)
+        sizes: dict[str, dict[str, int]] = {}
+        for _, _, b in m.blocks():
+            folder, _, base = b.segment.rpartition("/")
+            if folder not in sizes:
+                sizes[folder] = store.list_sizes(folder)
+            if b.offset + b.length > sizes[folder].get(base, -1):
+                raise IntegrityError(f"block at {b.segment}@{b.offset} lies past the end of "
+                                     "its object, or the object is missing")
+    except (DckptError, OSError) as e:
+        log.warning("no dedup against step %d of %s: %s; this save writes every block",
+                    step, store.url, e)
+        with _last_lock:
+            _trusted.pop(store.url, None)
+        return None
+    return step

@@ -35,12 +35,30 @@ DIRECT_ALIGN = 4096
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
+S3_CONFIG = {"connect_timeout": 10, "read_timeout": 30,
+             "retries": {"max_attempts": 2, "mode": "standard"}}
+"""botocore settings an S3 store gets unless ``storage_options["config_kwargs"]`` sets them:
+a request that gets no answer fails after 30 s and is tried twice by botocore, and s3fs
+tries those twice more (``S3_RETRIES``), so one request takes at most about 2 minutes
+(s3fs's own defaults allow 375 s and more: a black-holed save hung past 7 minutes)."""
+S3_RETRIES = 2
+
+
+def s3_options(options: dict) -> dict:
+    """``options`` with dckpt's bounded timeouts and retries where the caller set none."""
+    config = dict(S3_CONFIG)
+    config.update(options.get("config_kwargs") or {})
+    return {**options, "config_kwargs": config}
+
+
 class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = check_url(url)
         options = check_options(storage_options) or {}
+        if self.url.split("://", 1)[0] in ("s3", "s3a"):
+            options = s3_options(options)
         try:
             self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as e:
@@ -48,6 +66,8 @@ class Store:
                                 f"{sorted(options)} ({type(e).__name__}: {e})") from e
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
+        if self.url.split("://", 1)[0] in ("s3", "s3a") and hasattr(self.fs, "retries"):
+            self.fs.retries = min(self.fs.retries, S3_RETRIES)
         self._fds: dict[str, int] = {}
         self._fds_lock = threading.Lock()
         if not self.local:

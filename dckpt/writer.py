@@ -39,7 +39,7 @@ from dckpt import codec, layout
 from dckpt.arguments import check_step
 from dckpt.blocks import cut, digest
 from dckpt.config import SaveConfig
-from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember
+from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember, usable_base
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
@@ -185,7 +185,7 @@ class Writer(StorageWriter):
                 "checkpoint is never overwritten. Save under another step, or delete it first")
         mark_repository(self.store)
         self._attempt = layout.new_attempt(self.step)
-        base = committed[-1] if committed and self.config.dedup else None
+        base = usable_base(self.store, committed) if self.config.dedup else None
         return [dataclasses.replace(p, storage_data=_Assignment(self._attempt, i, base))
                 for i, p in enumerate(plans)]
 

@@ -216,7 +216,7 @@ def test_a_save_whose_referenced_objects_vanished_does_not_commit(tmp_path):
     arm("slow", delay_s=0.5)
     try:
         t = _slow_save_in_thread(url, changed, 2, out)
-        time.sleep(0.3)
+        time.sleep(1.0)  # past the plan (the base was sound then), into the writes
         os.remove(tmp_path / "repo" / segment)  # what a gc with too short a grace would do
         t.join(60)
     finally:

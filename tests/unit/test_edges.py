@@ -1,0 +1,417 @@
+"""The promises at the edges: damaged and forged manifests (property-based), bad arguments
+for every public function and CLI command, damage that must not spread into new saves."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+import dckpt
+from dckpt import dedup, layout
+from dckpt_testing import reseal
+
+EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES", "500"))
+"""Mutations per CI run; DCKPT_HYPOTHESIS_EXAMPLES=20000 for a long run."""
+
+
+def forget() -> None:
+    """What a restarted process knows: no checkpoint it wrote or verified itself."""
+    dedup._last.clear()
+    dedup._trusted.clear()
+
+
+def _state(step: int) -> dict:
+    g = torch.Generator().manual_seed(step)
+    return {"w": torch.randn(64, 8, generator=g), "b": torch.arange(8.0) + step,
+            "meta": {"epoch": step, "name": f"s{step}"}, "blob": torch.randn(3000, generator=g)}
+
+
+def _empty() -> dict:
+    return {"w": torch.zeros(64, 8), "b": torch.zeros(8), "meta": {"epoch": -1, "name": ""},
+            "blob": torch.zeros(3000)}
+
+
+def _equal(a: dict, b: dict) -> bool:
+    return (all(torch.equal(a[k], b[k]) for k in ("w", "b", "blob"))
+            and a["meta"] == b["meta"])
+
+
+# ------------------------------------------------------------------ mutations
+
+ODD = [None, -1, 0, 1, 2**31, 2**63, 2**64, 10**30, 1e308, -0.5, 0.5, True, False, "", "x",
+       "data/../x", "/etc/passwd", "float32", "raw", "zstd", [], [0], [[]], {}, {"a": 1},
+       "0" * 32, [-1, 0], [2**62, 2**62]]
+
+
+def _paths(node: object, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _set(doc: object, path: tuple, value: object) -> None:
+    for p in path[:-1]:
+        doc = doc[p]  # type: ignore[index]
+    doc[path[-1]] = value  # type: ignore[index]
+
+
+def _deep(n: int) -> object:
+    v: object = 1
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+@st.composite
+def mutation(draw, doc: dict):
+    """(description, the manifest's new bytes): a structural change (resealed or not) or
+    byte damage of the stored manifest."""
+    kind = draw(st.sampled_from(["replace", "delete", "swap", "empty", "nest", "bytes"]))
+    raw = json.dumps(doc).encode()
+    if kind == "bytes":
+        stored = draw(st.sampled_from(["flip", "cut", "insert"]))
+        pos = draw(st.integers(0, len(RAW_STEP2) - 1))
+        b = bytearray(RAW_STEP2)
+        if stored == "flip":
+            b[pos] ^= draw(st.integers(1, 255))
+        elif stored == "cut":
+            b = b[:pos]
+        else:
+            b[pos:pos] = draw(st.binary(min_size=1, max_size=8))
+        return f"bytes {stored} at {pos}", bytes(b)
+    d = copy.deepcopy(doc)
+    paths = [p for p in _paths(d) if p and p[-1] != "checksum"]
+    path = draw(st.sampled_from(paths))
+    if kind == "replace":
+        _set(d, path, draw(st.sampled_from(ODD)))
+    elif kind == "delete":
+        parent = d
+        for p in path[:-1]:
+            parent = parent[p]
+        del parent[path[-1]]
+    elif kind == "swap":
+        a, b = "w", draw(st.sampled_from(["b", "blob", "meta.epoch"]))
+        ia, ib = d["items"][a], d["items"][b]
+        key_a = ia["chunks"][0] if "chunks" in ia else ia
+        key_b = ib["chunks"][0] if "chunks" in ib else ib
+        key_a["blocks"], key_b["blocks"] = key_b["blocks"], key_a["blocks"]
+    elif kind == "empty":
+        lists = [p for p in paths if isinstance(_get(d, p), (list, dict))]
+        path = draw(st.sampled_from(lists))
+        _set(d, path, type(_get(d, path))())
+    else:
+        _set(d, path, _deep(draw(st.sampled_from([50, 5000, 100_000]))))
+    sealed = draw(st.booleans())
+    try:
+        raw = reseal(d) if sealed else json.dumps(d).encode()
+    except RecursionError:
+        raw = ("{" + '"a":[' * 100_000).encode()
+    return f"{kind} {path} {'resealed' if sealed else 'unsealed'}", raw
+
+
+def _get(doc: object, path: tuple) -> object:
+    for p in path:
+        doc = doc[p]  # type: ignore[index]
+    return doc
+
+
+REPO: str = ""
+RAW_STEP2 = b""
+
+
+@pytest.fixture(scope="module")
+def damaged_repo(tmp_path_factory):
+    global REPO, RAW_STEP2
+    REPO = str(tmp_path_factory.mktemp("edges") / "repo")
+    dckpt.save(_state(1), REPO, step=1)
+    dckpt.save(_state(2), REPO, step=2)
+    RAW_STEP2 = open(os.path.join(REPO, layout.manifest_name(2)), "rb").read()
+    return REPO
+
+
+def test_damaged_and_forged_manifests_load_right_values_or_fall_back(damaged_repo):
+    doc = json.loads(RAW_STEP2)
+    path = os.path.join(REPO, layout.manifest_name(2))
+    tried = {"n": 0, "fallback": 0, "loaded": 0}
+
+    @seed(20261201)
+    @settings(max_examples=EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(mutation(doc))
+    def check(change):
+        what, raw = change
+        tried["n"] += 1
+        with open(path, "wb") as f:
+            f.write(raw)
+        try:
+            out = _empty()
+            try:
+                info = dckpt.load(out, REPO)
+            except dckpt.DckptError as e:
+                raise AssertionError(f"{what}: load(step=None) raised {e!r}") from e
+            if info.step == 2:
+                tried["loaded"] += 1
+                # a forged manifest that still describes the same bytes is no damage; one
+                # that describes other bytes must not load
+                assert _equal(out, _state(2)) or "swap" in what and "resealed" in what, what
+            else:
+                tried["fallback"] += 1
+                assert info.step == 1 and _equal(out, _state(1)), what
+                report = dckpt.verify(REPO, step=2)  # verify fails wherever load does
+                assert not report.ok, what
+            listed = dckpt.list_checkpoints(REPO)
+            assert [i.step for i in listed] == [1, 2], what
+            from dckpt.cli import main as cli
+            assert cli(["ls", REPO]) == 0
+            assert cli(["inspect", REPO, "--json"]) in (0, 2)
+        finally:
+            with open(path, "wb") as f:
+                f.write(RAW_STEP2)
+
+    check()
+    assert tried["n"] >= min(EXAMPLES, 500) * 0.9
+    assert tried["fallback"] > tried["n"] // 2  # most mutations are damage that is caught
+
+
+def test_a_swap_of_block_lists_is_caught_by_the_checksum(damaged_repo):
+    doc = json.loads(RAW_STEP2)
+    a, b = doc["items"]["w"]["chunks"][0], doc["items"]["blob"]["chunks"][0]
+    a["blocks"], b["blocks"] = b["blocks"], a["blocks"]
+    path = os.path.join(REPO, layout.manifest_name(2))
+    open(path, "wb").write(json.dumps(doc).encode())
+    try:
+        with pytest.raises(dckpt.IntegrityError, match="checksum"):
+            dckpt.load(_empty(), REPO, step=2)
+    finally:
+        open(path, "wb").write(RAW_STEP2)
+
+
+# ------------------------------------------------------------------ damage must not spread
+
+
+@pytest.mark.parametrize("damage", ["flip data", "reverse segments", "shift offset",
+                                    "delete object"])
+def test_a_save_after_damage_commits_a_loadable_checkpoint(tmp_path, damage):
+    url = str(tmp_path / "repo")
+    dckpt.save(_state(1), url, step=1)
+    dckpt.save(_state(2), url, step=2)
+    m = dckpt.inspect(url, step=2)
+    seg = os.path.join(url, m.items["w"].chunks[0].data.blocks[0].segment)
+    path = os.path.join(url, layout.manifest_name(2))
+    doc = json.loads(open(path, "rb").read())
+    if damage == "flip data":
+        forget()  # a restarted job: nothing here verified step 2
+        data = bytearray(open(seg, "rb").read())
+        data[10] ^= 0xFF
+        open(seg, "wb").write(bytes(data))
+    elif damage == "reverse segments":
+        doc["segments"].reverse()
+        open(path, "wb").write(json.dumps(doc).encode())
+    elif damage == "shift offset":
+        doc["items"]["w"]["chunks"][0]["blocks"][0][1] += 4
+        open(path, "wb").write(json.dumps(doc).encode())
+    else:
+        os.remove(seg)
+    state3 = _state(2)
+    state3["b"] = state3["b"] + 1  # most blocks equal step 2's
+    info = dckpt.save(state3, url, step=3)  # never refused for the damage of another step
+    assert info.step == 3
+    forget()
+    out = _empty()
+    assert dckpt.load(out, url, step=3).step == 3
+    assert _equal(out, state3)
+    assert dckpt.verify(url, step=3).ok
+
+
+def test_a_restored_checkpoint_is_a_base_a_damaged_one_is_skipped(tmp_path):
+    url = str(tmp_path / "repo")
+    dckpt.save(_state(1), url, step=1)
+    dckpt.save(_state(2), url, step=2)
+    m = dckpt.inspect(url, step=2)
+    seg = os.path.join(url, m.items["w"].chunks[0].data.blocks[0].segment)
+    data = bytearray(open(seg, "rb").read())
+    data[10] ^= 0xFF
+    open(seg, "wb").write(bytes(data))
+    forget()
+    out = _empty()
+    assert dckpt.load(out, url).step == 1  # falls back; step 1 is now known good
+    info = dckpt.save(_state(1), url, step=3)
+    assert info.bytes_written == 0  # every block found in the restored step 1
+    forget()
+    out = _empty()
+    dckpt.load(out, url, step=3)
+    assert _equal(out, _state(1))
+
+
+# ------------------------------------------------------------------ bad arguments
+
+
+def _bad_calls(url: str) -> list[tuple[str, object]]:
+    sd = {"w": torch.ones(2)}
+    return [
+        ("save list", lambda: dckpt.save([1], url, step=1)),
+        ("save None", lambda: dckpt.save(None, url, step=1)),
+        ("save tensor", lambda: dckpt.save(torch.ones(2), url, step=1)),
+        ("save str", lambda: dckpt.save("x", url, step=1)),
+        ("save int key", lambda: dckpt.save({1: torch.ones(1)}, url, step=1)),
+        ("save step str", lambda: dckpt.save(sd, url, step="3")),
+        ("save step bool", lambda: dckpt.save(sd, url, step=True)),
+        ("save step float", lambda: dckpt.save(sd, url, step=1.0)),
+        ("save step -1", lambda: dckpt.save(sd, url, step=-1)),
+        ("save step 10**20", lambda: dckpt.save(sd, url, step=10**20)),
+        ("save options list", lambda: dckpt.save(sd, url, step=1, storage_options=[1])),
+        ("save url None", lambda: dckpt.save(sd, None, step=1)),
+        ("save url ''", lambda: dckpt.save(sd, "", step=1)),
+        ("save url protocol", lambda: dckpt.save(sd, "nosuch://x", step=1)),
+        ("save metrics nested", lambda: dckpt.save(sd, url, step=1, metrics={"a": {"b": 1}})),
+        ("save metrics int", lambda: dckpt.save(sd, url, step=1, metrics={"a": 10**30})),
+        ("save metrics list", lambda: dckpt.save(sd, url, step=1, metrics=[1])),
+        ("async list", lambda: dckpt.async_save([1], url, step=1)),
+        ("async step str", lambda: dckpt.async_save(sd, url, step="1")),
+        ("load list", lambda: dckpt.load([1], url)),
+        ("load step str", lambda: dckpt.load(sd, url, step="3")),
+        ("load step bool", lambda: dckpt.load(sd, url, step=True)),
+        ("load partial str", lambda: dckpt.load(sd, url, partial="yes")),
+        ("load options list", lambda: dckpt.load(sd, url, storage_options=[1])),
+        ("verify step str", lambda: dckpt.verify(url, step="x")),
+        ("delete step None", lambda: dckpt.delete(url, step=None)),
+        ("gc min_age str", lambda: dckpt.gc(url, min_age_s="x")),
+        ("gc min_age -1", lambda: dckpt.gc(url, min_age_s=-1)),
+        ("gc min_age nan", lambda: dckpt.gc(url, min_age_s=float("nan"))),
+        ("export step str", lambda: dckpt.export(url, url + "-x", step="x")),
+        ("export format", lambda: dckpt.export(url, url + "-x", format="zip")),
+        ("inspect step -1", lambda: dckpt.inspect(url, step=-1)),
+        ("diff step str", lambda: dckpt.diff(url, "a", 1)),
+        ("health max_age str", lambda: dckpt.health(url, max_age_s="x")),
+        ("list options list", lambda: dckpt.list_checkpoints(url, storage_options=[1])),
+        ("Reader step str", lambda: dckpt.Reader(url, step="x")),
+        ("Writer step bool", lambda: dckpt.Writer(url, step=True)),
+        ("SaveConfig block", lambda: dckpt.SaveConfig(block_size_bytes=3)),
+        ("LoadConfig threads", lambda: dckpt.LoadConfig(reader_threads=0)),
+        ("KeepLast 0", lambda: dckpt.KeepLast(0)),
+    ]
+
+
+def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
+    url = str(tmp_path / "repo")
+    file_url = tmp_path / "a-file"
+    file_url.write_bytes(b"x")
+    calls = _bad_calls(url) + [
+        ("save url is a file", lambda: dckpt.save({"w": torch.ones(1)}, str(file_url), step=1)),
+        ("list url is a file", lambda: dckpt.list_checkpoints(str(file_url))),
+    ]
+    for name, call in calls:
+        with pytest.raises(dckpt.DckptError) as e:
+            call()
+        assert isinstance(e.value, dckpt.ArgumentError | dckpt.CheckpointNotFoundError), name
+        assert len(str(e.value)) < 600 and "Traceback" not in str(e.value), name
+        assert not os.path.exists(url), f"{name} wrote {os.listdir(url)}"
+    assert file_url.read_bytes() == b"x"
+
+
+def test_empty_and_absent_repositories(tmp_path):
+    for url in (str(tmp_path / "absent"), str(tmp_path)):
+        assert dckpt.list_checkpoints(url) == []
+        assert dckpt.status(url).checkpoints == 0
+        h = dckpt.health(url)
+        assert h.code == 2 and "holds no committed checkpoint" in h.reasons[0]
+        with pytest.raises(dckpt.CheckpointNotFoundError):
+            dckpt.load({"w": torch.zeros(1)}, url)
+
+
+@pytest.mark.parametrize("argv", [
+    ["ls", "nosuch://x"], ["inspect", "{tmp}", "--step", "-1"], ["verify", "{tmp}/absent"],
+    ["delete", "{tmp}/absent", "--step", "1"], ["gc", "{tmp}", "--min-age", "-5"],
+    ["export", "{tmp}/absent", "--to", "{tmp}/out"], ["diff", "{tmp}/absent", "1", "2"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, argv, capsys):
+    from dckpt.cli import main as cli
+
+    code = cli([a.replace("{tmp}", str(tmp_path)) for a in argv])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_json_is_json_for_odd_floats_and_times(tmp_path, capsys):
+    from dckpt.cli import main as cli
+
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(1)}, url, step=1, metrics={"loss": float("nan"),
+                                                          "best": float("inf")})
+    assert cli(["ls", url, "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed[0]["metrics"] == {"loss": "nan", "best": "inf"}
+
+
+def test_cli_piped_into_head_exits_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    url = str(tmp_path)
+    for s in range(3):
+        dckpt.save({"w": torch.ones(1)}, url, step=s)
+    p = subprocess.run(f"{sys.executable} -m dckpt.cli inspect {url} --json | head -c 10",
+                       shell=True, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr
+
+
+# ------------------------------------------------------------------ a storage that stops answering
+
+
+@pytest.fixture
+def black_hole():
+    """An S3 endpoint on 127.0.0.1 that accepts connections and never answers."""
+    import socket
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+    held = []
+
+    def accept() -> None:
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield {"endpoint_url": f"http://127.0.0.1:{srv.getsockname()[1]}", "key": "k",
+           "secret": "s", "config_kwargs": {"read_timeout": 1, "connect_timeout": 1}}
+    srv.close()
+    for c in held:
+        c.close()
+
+
+def test_s3_that_stops_answering_is_an_error_in_bounded_time(black_hole):
+    import time
+
+    from dckpt.storage import S3_CONFIG, s3_options
+
+    assert s3_options({})["config_kwargs"] == S3_CONFIG  # bounded by default
+    assert s3_options({"config_kwargs": {"read_timeout": 5}})["config_kwargs"]["read_timeout"] == 5
+    for name, call, error in [
+        ("save", lambda: dckpt.save({"w": torch.ones(4)}, "s3://b/r", step=1,
+                                    storage_options=black_hole), dckpt.CommitError),
+        ("load", lambda: dckpt.load({"w": torch.ones(4)}, "s3://b/r",
+                                    storage_options=black_hole), dckpt.StorageError),
+        ("list", lambda: dckpt.list_checkpoints("s3://b/r", storage_options=black_hole),
+         dckpt.StorageError),
+    ]:
+        t0 = time.monotonic()
+        with pytest.raises(error, match="(?i)timeout"):
+            call()
+        assert time.monotonic() - t0 < 60, name
