@@ -1,0 +1,66 @@
+"""What the manifest's checks cost a restore's find phase: decoding a manifest of 100,000
+block references with the checksum, tiling and bound checks (format 2) against the same
+manifest without them (format 1), beside the JSON parse alone and a load of the state.
+
+    .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
+
+JSON lines on stdout: seconds per decode (median), and the checks' share of a load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+import dckpt
+from dckpt import layout
+from dckpt.manifest import decode
+
+
+def _median(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--blocks", type=int, default=100_000)
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args()
+    block = 4096
+    # one tensor per 1,000 blocks, so that items, chunks and blocks are all many
+    n_items = max(1, args.blocks // 1000)
+    state = {f"layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
+    url = tempfile.mkdtemp()
+    dckpt.save(state, url, step=1, config=dckpt.SaveConfig(block_size_bytes=block,
+                                                           sparse_block_size_bytes=None))
+    raw = open(f"{url}/{layout.manifest_name(1)}", "rb").read()
+    m = decode(raw)
+    blocks = sum(1 for _ in m.blocks())
+    doc = json.loads(raw)
+    doc.pop("checksum")
+    doc["version"] = 1
+    for e in doc["items"].values():
+        e.pop("encoding", None)
+    raw_v1 = json.dumps(doc, separators=(",", ":")).encode()
+    v2 = _median(lambda: decode(raw), args.repeat)
+    v1 = _median(lambda: decode(raw_v1), args.repeat)
+    parse = _median(lambda: json.loads(raw), args.repeat)
+    out = {k: torch.empty_like(v) for k, v in state.items()}
+    load = _median(lambda: dckpt.load(out, url), args.repeat)
+    print(json.dumps({"blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
+                      "decode_v1_s": v1, "decode_v2_s": v2, "checks_s": v2 - v1,
+                      "load_s": load, "checks_share_of_load": (v2 - v1) / load}))
+
+
+if __name__ == "__main__":
+    main()

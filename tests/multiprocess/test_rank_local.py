@@ -1,0 +1,75 @@
+"""Rank-local keys (a per-rank data loader's position, ``rank{r}.x``): saved by each rank,
+loaded back by each rank; unasked keys are judged over every rank's state dict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dckpt
+from dckpt_testing import run_ranks
+
+
+def _state(rank: int) -> dict:
+    return {"w": torch.arange(6.0), f"rank{rank}.x": torch.full((3,), float(rank)),
+            f"rank{rank}.loader": {"pos": 100 + rank}}
+
+
+def _empty(rank: int) -> dict:
+    return {"w": torch.zeros(6), f"rank{rank}.x": torch.zeros(3),
+            f"rank{rank}.loader": {"pos": -1}}
+
+
+def _save_and_load(rank, world, url, mode, options):
+    if mode == "async":
+        dckpt.async_save(_state(rank), url, step=1, storage_options=options).wait()
+    else:
+        dckpt.save(_state(rank), url, step=1, storage_options=options)
+    out = _empty(rank)
+    info = dckpt.load(out, url, storage_options=options)
+    import torch.distributed.checkpoint as dcp
+
+    again = _empty(rank)
+    dcp.load(again, storage_reader=dckpt.Reader(url, step=1, storage_options=options))
+    return (info.step, out[f"rank{rank}.x"].tolist(), out[f"rank{rank}.loader"],
+            again[f"rank{rank}.x"].tolist(), again[f"rank{rank}.loader"])
+
+
+@pytest.mark.parametrize("world, mode", [(2, "sync"), (2, "async"), (4, "sync")])
+def test_rank_local_keys_round_trip(tmp_path, world, mode):
+    outcomes = run_ranks(_save_and_load, world, str(tmp_path / "repo"), mode, None)
+    for o in outcomes:
+        r = o.rank
+        assert o.value == (1, [float(r)] * 3, {"pos": 100 + r}, [float(r)] * 3, {"pos": 100 + r})
+
+
+@pytest.mark.s3
+def test_rank_local_keys_round_trip_on_s3(s3_repo):
+    url, options = s3_repo
+    outcomes = run_ranks(_save_and_load, 2, url, "sync", options)
+    assert [o.value[1] for o in outcomes] == [[0.0] * 3, [1.0] * 3]
+
+
+def _save4(rank, world, url):
+    dckpt.save(_state(rank), url, step=1)
+
+
+def _load2(rank, world, url, partial):
+    out = _empty(rank)
+    try:
+        dckpt.load(out, url, partial=partial)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    return out[f"rank{rank}.x"].tolist(), out[f"rank{rank}.loader"]
+
+
+def test_resharded_4_to_2_needs_partial_and_says_so(tmp_path):
+    url = str(tmp_path / "repo")
+    run_ranks(_save4, 4, url)
+    refused = run_ranks(_load2, 2, url, False)
+    assert refused[0].value == refused[1].value  # the same error on every rank
+    kind, text = refused[0].value
+    assert kind == "StateDictError" and "partial=True" in text
+    assert "rank2.x" in text and "rank3.loader.pos" in text and "rank0.x" not in text
+    loaded = run_ranks(_load2, 2, url, True)
+    assert [o.value for o in loaded] == [([0.0] * 3, {"pos": 100}), ([1.0] * 3, {"pos": 101})]
