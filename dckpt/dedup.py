@@ -26,8 +26,8 @@ from dckpt.manifest import BlockRef, Manifest, TensorEntry, stored_datas
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 
-__all__ = ["BlockIndex", "index_for", "remember", "trust", "usable_base", "block_size_for",
-           "item_key"]
+__all__ = ["BlockIndex", "index_for", "remember", "trust", "usable_base", "record_extents",
+           "block_size_for", "item_key"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,22 @@ def trust(store: Store, step: int) -> None:
         _trusted[store.url] = step
 
 
+_extents: dict[str, tuple[int, dict[str, int]]] = {}
+"""store URL -> the trusted step and, per object its blocks lie in, the bytes they need."""
+
+
+def record_extents(store: Store, step: int, refs: Iterable[BlockRef]) -> dict[str, int]:
+    """(coordinator, after a commit or a restore) The bytes each object must hold for the
+    blocks of ``step``: what ``usable_base`` checks before later saves, without reading the
+    manifest again."""
+    ends: dict[str, int] = {}
+    for b in refs:
+        ends[b.segment] = max(ends.get(b.segment, 0), b.offset + b.length)
+    with _last_lock:
+        _extents[store.url] = (step, ends)
+    return ends
+
+
 def usable_base(store: Store, committed: list[int]) -> int | None:
     """(coordinator, before a save writes) The trusted checkpoint, if it is still committed,
     its manifest sound, and every block inside an object that is there; else None (a
@@ -141,15 +157,19 @@ def usable_base(store: Store, committed: list[int]) -> int | None:
     if step is None or step not in committed:
         return None
     try:
-        m = read_manifest(store, step)
+        with _last_lock:
+            known = _extents.get(store.url)
+        ends = known[1] if known is not None and known[0] == step else None
+        if ends is None:  # a restored base: its manifest once, then kept
+            ends = record_extents(store, step, (b for _, _, b in read_manifest(store, step).blocks()))
         sizes: dict[str, dict[str, int]] = {}
-        for _, _, b in m.blocks():
-            folder, _, base = b.segment.rpartition("/")
+        for segment, end in ends.items():
+            folder, _, base = segment.rpartition("/")
             if folder not in sizes:
                 sizes[folder] = store.list_sizes(folder)
-            if b.offset + b.length > sizes[folder].get(base, -1):
-                raise IntegrityError(f"block at {b.segment}@{b.offset} lies past the end of "
-                                     "its object, or the object is missing")
+            if end > sizes[folder].get(base, -1):
+                raise IntegrityError(f"object {segment} is missing or shorter than the "
+                                     f"{end} bytes its blocks need")
     except (DckptError, OSError) as e:
         log.warning("no dedup against step %d of %s: %s; this save writes every block",
                     step, store.url, e)

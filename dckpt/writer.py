@@ -39,7 +39,16 @@ from dckpt import codec, layout
 from dckpt.arguments import check_step
 from dckpt.blocks import cut, digest
 from dckpt.config import SaveConfig
-from dckpt.dedup import BlockIndex, History, block_size_for, index_for, item_key, remember, usable_base
+from dckpt.dedup import (
+    BlockIndex,
+    History,
+    block_size_for,
+    index_for,
+    item_key,
+    record_extents,
+    remember,
+    usable_base,
+)
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
@@ -245,6 +254,8 @@ class Writer(StorageWriter):
             raise CheckpointExistsError(
                 f"step {self.step} was committed in {self.store.url} by another save while this "
                 "one was writing; this save's data is left for gc") from None
+        if self.config.dedup:  # the next save's base check needs no read of this manifest
+            record_extents(self.store, self.step, (b for _, _, b in manifest.blocks()))
         commit_s = time.perf_counter() - t_finish
         self.info = info_from_manifest(manifest, self.store.url, phase_s={
             **phase_s, "commit": commit_s, "total": time.perf_counter() - self._t["start"]})

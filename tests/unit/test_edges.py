@@ -25,6 +25,7 @@ def forget() -> None:
     """What a restarted process knows: no checkpoint it wrote or verified itself."""
     dedup._last.clear()
     dedup._trusted.clear()
+    dedup._extents.clear()
 
 
 def _state(step: int) -> dict:
