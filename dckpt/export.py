@@ -8,10 +8,9 @@ import io
 import itertools
 import json
 import logging
-import os
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
@@ -66,12 +65,16 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
             flat = {fqn: _full_item(fetcher, m, fqn, step) for fqn in m.items}
     finally:
         store.close_files()
-    if fmt == "torch":
-        state = _unflatten(flat, m.planner_data)
-        with open(to, "wb") as f:
-            torch.save(state, f)
-        return os.path.getsize(to)
-    return _write_safetensors(flat, m, to)
+    parent, _, base = to.rstrip("/").rpartition("/")
+    if not base:
+        raise ArgumentError(f"export destination {to!r} names no file")
+    dest = Store(parent or ".", storage_options)
+    with dest.open_replace(base) as f:
+        if fmt == "torch":
+            torch.save(_unflatten(flat, m.planner_data), f)
+        else:
+            _write_safetensors(flat, m, f)
+    return dest.size(base)
 
 
 def read_value(store: Store, m: Manifest, fqn: str) -> Any:
@@ -170,7 +173,7 @@ def _unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | 
     return out
 
 
-def _write_safetensors(flat: dict[str, Any], m: Manifest, to: str) -> int:
+def _write_safetensors(flat: dict[str, Any], m: Manifest, f: BinaryIO) -> None:
     """Tensors as safetensors; non-tensor values that JSON holds go to ``__metadata__``
     (as JSON strings, the format's rule), and any other value is refused."""
     header: dict[str, Any] = {}
@@ -198,16 +201,12 @@ def _write_safetensors(flat: dict[str, Any], m: Manifest, to: str) -> int:
     header["__metadata__"] = metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the data begins 8-aligned
-    with open(to, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for t in tensors:
-            if t.numel():
-                data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-                f.write(memoryview(data))  # type: ignore[arg-type]
-        f.flush()
-        os.fsync(f.fileno())
-    return 8 + len(raw) + offset
+    f.write(struct.pack("<Q", len(raw)))
+    f.write(raw)
+    for t in tensors:
+        if t.numel():
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))  # type: ignore[arg-type]
 
 
 def _export_dckpt(store: Store, m: Manifest, dest: Store, step: Callable[[int], None]) -> int:

@@ -123,6 +123,29 @@ class Store:
             raise
         f.close()  # object stores: completes the upload
 
+    @contextmanager
+    def open_replace(self, name: str) -> Iterator[BinaryIO]:
+        """A file that appears under ``name`` only complete and durable, replacing what was
+        there (an export's destination); on failure nothing is left under ``name``.
+
+        Local: a temp file in the same folder, fsync, rename over ``name``, fsync the folder.
+        Object stores: the upload completes (or is discarded) as one object.
+        """
+        if not self.local:
+            with self.open_write(name) as f:
+                yield f
+            return
+        folder, _, base = name.rpartition("/")
+        tmp = f"{folder + '/' if folder else ''}.tmp-{uuid.uuid4().hex}-{base}"
+        try:
+            with self.open_write(tmp) as f:
+                yield f
+            os.replace(self.path(tmp), self.path(name))
+        except BaseException:
+            self.delete(tmp)
+            raise
+        self.sync_folder(folder or ".")
+
     def sync_folder(self, name: str) -> None:
         """Make the entries of a local folder durable (no-op on object stores)."""
         if self.local:

@@ -416,3 +416,52 @@ def test_s3_that_stops_answering_is_an_error_in_bounded_time(black_hole):
         with pytest.raises(error, match="(?i)timeout"):
             call()
         assert time.monotonic() - t0 < 60, name
+
+
+# ------------------------------------------------------------------ export
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_export_to_s3(tmp_path, s3_repo, fmt):
+    import io
+
+    import fsspec
+
+    url = str(tmp_path / "repo")
+    dckpt.save(_state(1), url, step=1)
+    bucket_url, options = s3_repo
+    dest = f"{bucket_url}/export/state.{fmt}"
+    n = dckpt.export(url, dest, format=fmt, to_storage_options=options)
+    fs, path = fsspec.core.url_to_fs(dest, **options)
+    raw = fs.cat_file(path)
+    assert len(raw) == n
+    if fmt == "torch":
+        back = torch.load(io.BytesIO(raw), weights_only=True)
+        assert _equal(back, _state(1))
+    else:
+        import struct
+
+        header = json.loads(raw[8: 8 + struct.unpack("<Q", raw[:8])[0]])
+        assert header["w"]["shape"] == [64, 8] and header["__metadata__"]["dckpt.step"] == "1"
+
+
+def test_a_failed_export_leaves_no_file_under_the_final_name(tmp_path, monkeypatch):
+    url = str(tmp_path / "repo")
+    dckpt.save(_state(1), url, step=1)
+    out = tmp_path / "out" / "state.pt"
+    out.parent.mkdir()
+    out.write_bytes(b"the previous export")
+
+    def half_then_crash(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)
+        raise OSError(28, "No space left on device (injected)")
+
+    monkeypatch.setattr(torch, "save", half_then_crash)
+    with pytest.raises(dckpt.StorageError, match="No space left"):
+        dckpt.export(url, str(out), format="torch")
+    assert out.read_bytes() == b"the previous export"  # never a truncated file
+    assert os.listdir(out.parent) == ["state.pt"]  # and no temp file left behind
+    monkeypatch.undo()
+    n = dckpt.export(url, str(out), format="torch")
+    assert n == out.stat().st_size and _equal(torch.load(out, weights_only=True), _state(1))
