@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
+from dckpt.arguments import storage_error
 from dckpt.errors import CheckpointExistsError, CommitError, DckptError, IntegrityError
 
 ProcessGroup = dist.ProcessGroup
@@ -80,6 +81,8 @@ def any_true(flag: bool, group: dist.ProcessGroup | None) -> bool:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, PermissionError):  # say which credentials to check
+        return str(storage_error(exc, "writing"))
     return str(exc) if isinstance(exc, DckptError) else f"{type(exc).__name__}: {exc}"
 
 

@@ -211,9 +211,11 @@ def free_port() -> int:
 class MotoServer:
     """moto in server mode, a separate process speaking S3 on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, check_credentials: bool = False) -> None:
         self.port = free_port()
         env = dict(os.environ, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing")
+        if check_credentials:  # moto then refuses keys its IAM does not hold
+            env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -465,3 +465,27 @@ def test_a_failed_export_leaves_no_file_under_the_final_name(tmp_path, monkeypat
     monkeypatch.undo()
     n = dckpt.export(url, str(out), format="torch")
     assert n == out.stat().st_size and _equal(torch.load(out, weights_only=True), _state(1))
+
+
+@pytest.mark.s3
+def test_wrong_credentials_are_a_storage_error_that_says_so():
+    from dckpt_testing import MotoServer
+
+    server = MotoServer(check_credentials=True)
+    try:
+        options = {**server.options(), "key": "wrong", "secret": "wrong"}
+        for name, call, error in [
+            ("list", lambda: dckpt.list_checkpoints("s3://b/r", storage_options=options),
+             dckpt.StorageError),
+            ("load", lambda: dckpt.load({"w": torch.ones(1)}, "s3://b/r",
+                                        storage_options=options), dckpt.StorageError),
+            ("verify", lambda: dckpt.verify("s3://b/r", storage_options=options),
+             dckpt.StorageError),
+            ("save", lambda: dckpt.save({"w": torch.ones(1)}, "s3://b/r", step=1,
+                                        storage_options=options), dckpt.CommitError),
+        ]:
+            with pytest.raises(error, match="check the credentials") as e:
+                call()
+            assert "refused access" in str(e.value), name
+    finally:
+        server.stop()
