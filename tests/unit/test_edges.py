@@ -154,6 +154,7 @@ def test_damaged_and_forged_manifests_load_right_values_or_fall_back(damaged_rep
     def check(change):
         what, raw = change
         tried["n"] += 1
+        forget()
         with open(path, "wb") as f:
             f.write(raw)
         try:
@@ -177,11 +178,26 @@ def test_damaged_and_forged_manifests_load_right_values_or_fall_back(damaged_rep
             from dckpt.cli import main as cli
             assert cli(["ls", REPO]) == 0
             assert cli(["inspect", REPO, "--json"]) in (0, 2)
+            # the next save (deduplicating against what the load restored) loads back exactly
+            forgery = "swap" in what and "resealed" in what
+            after = dict(_state(info.step), b=_state(info.step)["b"] + 0.5)
+            dckpt.save(after, REPO, step=3)
+            forget()
+            back = _empty()
+            assert dckpt.load(back, REPO, step=3).step == 3, what
+            assert _equal(back, after) or forgery, what
         finally:
+            if os.path.exists(os.path.join(REPO, layout.manifest_name(3))):
+                dckpt.delete(REPO, step=3)
             with open(path, "wb") as f:
                 f.write(RAW_STEP2)
 
+    import resource
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     check()
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert grown_mib < 512, f"peak memory grew {grown_mib:.0f} MiB: a forged size was allocated"
     assert tried["n"] >= min(EXAMPLES, 500) * 0.9
     assert tried["fallback"] > tried["n"] // 2  # most mutations are damage that is caught
 
