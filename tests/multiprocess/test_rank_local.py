@@ -73,3 +73,31 @@ def test_resharded_4_to_2_needs_partial_and_says_so(tmp_path):
     assert "rank2.x" in text and "rank3.loader.pos" in text and "rank0.x" not in text
     loaded = run_ranks(_load2, 2, url, True)
     assert [o.value for o in loaded] == [([0.0] * 3, {"pos": 100}), ([1.0] * 3, {"pos": 101})]
+
+
+def _save_unloadable_on_one_rank(rank, world, url, mode):
+    import datetime
+    import os
+
+    state = _state(rank)
+    if rank == 1:
+        state["rank1.when"] = datetime.datetime(2026, 1, 1)  # a load would refuse it
+    try:
+        if mode == "async":
+            dckpt.async_save(state, url, step=1).wait()
+        else:
+            dckpt.save(state, url, step=1)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e).splitlines()[0], os.path.exists(url) and sorted(
+            os.listdir(url))
+    return "saved", "", None
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_value_one_rank_cannot_load_back_refuses_the_save_on_every_rank(tmp_path, mode):
+    url = str(tmp_path / "repo")
+    outcomes = run_ranks(_save_unloadable_on_one_rank, 2, url, mode)
+    kinds = {o.value[0] for o in outcomes}
+    assert kinds == {"CommitError"}
+    assert outcomes[0].value[1] == outcomes[1].value[1] and "rank 1" in outcomes[0].value[1]
+    assert all(o.value[2] in (False, []) for o in outcomes)  # nothing written
