@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
+from dckpt.arguments import check_options
 from dckpt.errors import ArgumentError
 from dckpt.manifest import MAX_BLOCK_BYTES
+from dckpt.retention import Policy
+from dckpt.triggers import AtEpochEnd, EverySeconds, EverySteps, OnImprove, Trigger
 
-__all__ = ["SaveConfig", "LoadConfig"]
+__all__ = ["SaveConfig", "LoadConfig", "ManagerConfig"]
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -121,3 +124,69 @@ class LoadConfig:
                   read_request_bytes=self.read_request_bytes,
                   read_buffer_bytes=self.read_buffer_bytes,
                   collective_timeout_s=self.collective_timeout_s)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManagerConfig:
+    """What a CheckpointManager does: when to save, what to keep, how to save and load.
+    ``ManagerConfig.of(...)`` builds one from the manager's keyword arguments."""
+
+    trigger: Trigger | None = None
+    """When to save (dckpt.triggers; compose with ``|``); None: only on ``save()`` and
+    preemption."""
+    retention: Policy | None = None
+    """Which checkpoints to keep (dckpt.retention); None keeps everything."""
+    gc: bool = True
+    """After each commit, sweep what no checkpoint references (after retention)."""
+    async_save: bool = True
+    """Saves return once staged; write and commit run in the background."""
+    handle_signals: bool = True
+    """SIGTERM and SIGUSR1 trigger an emergency checkpoint (main thread only)."""
+    exit_on_preemption: bool = True
+    """After the emergency checkpoint, end the job (False: return, ``preempted`` set)."""
+    storage_options: dict | None = None
+    """fsspec options of the repository (credentials, endpoint)."""
+    save: SaveConfig = field(default_factory=SaveConfig)
+    load: LoadConfig = field(default_factory=LoadConfig)
+
+    def __post_init__(self) -> None:
+        if self.trigger is not None and not isinstance(self.trigger, Trigger):
+            raise ArgumentError(f"ManagerConfig.trigger must be a dckpt trigger (EverySteps, "
+                                f"..., composed with |) or None, got {self.trigger!r}")
+        if self.retention is not None and not callable(self.retention):
+            raise ArgumentError(f"retention must be a policy (callable), got "
+                                f"{type(self.retention).__name__}")
+        for name in ("gc", "async_save", "handle_signals", "exit_on_preemption"):
+            if not isinstance(getattr(self, name), bool):
+                raise ArgumentError(f"ManagerConfig.{name} must be a bool, got "
+                                    f"{getattr(self, name)!r}")
+        check_options(self.storage_options)
+        if not isinstance(self.save, SaveConfig) or not isinstance(self.load, LoadConfig):
+            raise ArgumentError("ManagerConfig.save and .load must be a SaveConfig and a "
+                                f"LoadConfig, got {self.save!r}, {self.load!r}")
+
+    @classmethod
+    def of(cls, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,
+           save_at_epoch_end: bool = False,
+           save_on_improve: tuple[str, Literal["min", "max"]] | None = None,
+           save_config: SaveConfig | None = None, load_config: LoadConfig | None = None,
+           **fields: object) -> ManagerConfig:
+        """The config the manager's keyword arguments spell: each trigger argument becomes
+        its policy, in this order (the first reason wins)."""
+        triggers: list[Trigger] = []
+        if save_every_steps is not None:
+            triggers.append(EverySteps(save_every_steps))
+        if save_at_epoch_end:
+            triggers.append(AtEpochEnd())
+        if save_every_seconds is not None:
+            triggers.append(EverySeconds(save_every_seconds))
+        if save_on_improve is not None:
+            if not isinstance(save_on_improve, tuple) or len(save_on_improve) != 2:
+                raise ArgumentError("save_on_improve must be (metric, 'min' | 'max'), got "
+                                    f"{save_on_improve!r}")
+            triggers.append(OnImprove(*save_on_improve))
+        trigger = None
+        for t in triggers:
+            trigger = t if trigger is None else trigger | t
+        return cls(trigger=trigger, save=save_config or SaveConfig(),
+                   load=load_config or LoadConfig(), **fields)  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ whose failures become the same DckptError on every rank."""
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,8 +19,8 @@ from dckpt.errors import CheckpointExistsError, CommitError, DckptError, Integri
 ProcessGroup = dist.ProcessGroup
 
 __all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "broadcast_tensor",
-           "any_true",
-           "translate", "peer_failure"]
+           "any_true", "total", "translate", "peer_failure", "Agreed", "Agreement",
+           "calls_between"]
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +129,75 @@ def total(value: int, group: dist.ProcessGroup | None) -> int:
     t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
     return int(t.item())
+
+
+@dataclass(frozen=True)
+class Agreed:
+    """What the ranks agreed at one exchange of ``Agreement``."""
+
+    signalled: bool
+    """A preemption signal reached some rank."""
+    elapsed_s: float
+    """The most seconds since the last save over the ranks, when the exchange started."""
+    saves: int
+    """Saves started before the exchange (all ranks save at the same calls): a time figure
+    from before the latest save is stale."""
+
+
+MAX_CALLS_BETWEEN = 10_000
+
+
+def calls_between(interval_s: float, per_call_s: float) -> int:
+    """Calls from one exchange to the next, for exchanges about every ``interval_s`` at the
+    agreed ``per_call_s`` (every call when calls are slower, or not timed yet)."""
+    gap = interval_s / per_call_s if per_call_s > 0 else 1.0
+    return max(1, min(MAX_CALLS_BETWEEN, int(gap)))
+
+
+class Agreement:
+    """The ranks' shared view of rank-local facts (signals, clocks), without a collective
+    that blocks: an all-reduce (MAX) is started at one call and read at a later one, when it
+    has long finished. The calls between exchanges come from the agreed time per call
+    (``calls_between``), so every rank computes the same schedule."""
+
+    def __init__(self, timeout_s: float, interval_s: float) -> None:
+        self.group = checkpoint_group(timeout_s, purpose="trigger")
+        self.interval_s = interval_s
+        self.exchanges = 0
+        self._work: Any = None
+        self._buf = torch.zeros(4, dtype=torch.float64)
+        self._calls = 0
+        self._next = 0  # the call of the next exchange
+        self._launched_at = (0, time.monotonic())  # (call, time) of the last exchange
+
+    def exchange(self, signalled: bool, elapsed_s: float, saves: int) -> Agreed | None:
+        """(all ranks, every call) What the ranks agreed at the previous exchange, when this
+        call is an exchange point and one came before; None otherwise."""
+        if self.group is None:
+            return Agreed(signalled, elapsed_s, saves)
+        self._calls += 1
+        if self._calls < self._next:
+            return None
+        now = time.monotonic()
+        calls, then = self._launched_at
+        per_call = (now - then) / max(1, self._calls - calls) if self._work is not None else 0.0
+        agreed = None
+        if self._work is not None:
+            self._work.wait()
+            b = self._buf.tolist()
+            agreed = Agreed(b[0] > 0, b[1], int(b[2]))
+            self._next = self._calls + calls_between(self.interval_s, b[3])
+        else:
+            self._next = self._calls + 1
+        self._buf = torch.tensor([1.0 if signalled else 0.0, elapsed_s, float(saves), per_call],
+                                 dtype=torch.float64)
+        self._work = dist.all_reduce(self._buf, op=dist.ReduceOp.MAX, group=self.group,
+                                     async_op=True)
+        self._launched_at = (self._calls, now)
+        self.exchanges += 1
+        return agreed
+
+    def close(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None

@@ -27,6 +27,9 @@ class CheckpointInfo:
     """Size of the state (every stored tensor box and value once, all ranks)."""
     bytes_written: int
     """Bytes this save stored, all ranks."""
+    bytes_written_raw: int = 0
+    """Save only: what ``bytes_written`` held before compression, all ranks (their ratio is
+    the compression of the blocks this save wrote)."""
     phase_s: dict[str, float] = field(default_factory=dict)
     """Seconds per phase: save (plan, write, commit, total); load (find, plan, read, total,
     and this rank's io_thread, verify_thread and copy: see Reader.phase_s)."""

@@ -124,12 +124,11 @@ class Metrics:
             self.bytes_written.labels(self.job).inc(info.bytes_written)
             self.dedup_ratio.labels(self.job).set(
                 info.bytes_logical / info.bytes_written if info.bytes_written else 0.0)
+            if info.bytes_written and info.bytes_written_raw:
+                self.compression_ratio.labels(self.job).set(
+                    info.bytes_written_raw / info.bytes_written)
             self.saves.labels(self.job).inc()
         self._flush()
-
-    def observe_compression(self, raw: int, stored: int) -> None:
-        if self._on() and stored:
-            self.compression_ratio.labels(self.job).set(raw / stored)
 
     def observe_pause(self, seconds: float) -> None:
         """The training's pause for one save (recorded when the save is staged)."""

@@ -16,7 +16,7 @@ from typing import Literal
 from dckpt.errors import ArgumentError
 from dckpt.info import CheckpointInfo
 
-__all__ = ["Policy", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "plan"]
+__all__ = ["Policy", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "plan", "gc_min_age_s"]
 
 Policy = Callable[[Sequence[CheckpointInfo]], Iterable[int]]
 
@@ -124,3 +124,15 @@ def plan(policy: Policy, checkpoints: Sequence[CheckpointInfo], *,
     if steps:
         keep.add(steps[-1])
     return [s for s in steps if s in keep], [s for s in steps if s not in keep]
+
+
+def gc_min_age_s(now_s: float, started: Iterable[float], margin_s: float) -> float:
+    """How old an attempt must be for the gc after retention to take it: ``margin_s`` (clock
+    skew between hosts) beyond the start of the oldest save that may still be writing
+    (``started``: their wall-clock start times; none: the margin alone). Attempt names carry
+    whole milliseconds, rounded down, hence the rounding."""
+    starts = list(started)
+    if not starts:
+        return margin_s
+    since = math.floor(min(starts) * 1000) / 1000 - 0.002
+    return margin_s + now_s - since

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt import manager as manager_module
+from dckpt import upkeep as upkeep_module
 
 
 def make_train(seed: int = 0):
@@ -112,7 +112,7 @@ def test_time_trigger(tmp_path):
 
 
 def test_async_saves_retention_and_gc(tmp_path, monkeypatch):
-    monkeypatch.setattr(manager_module, "GC_MARGIN_S", 0.0)
+    monkeypatch.setattr(upkeep_module, "GC_MARGIN_S", 0.0)
     url = str(tmp_path)
     model, opt, sched, _, state = make_train()
     written = []
@@ -203,7 +203,7 @@ def test_preemption_signal_without_exit(tmp_path):
     finally:
         mgr.close()
     assert step == 13 and steps_of(url) == [0, 10, 13]
-    assert signal.getsignal(signal.SIGUSR1) is not mgr._on_signal  # handlers put back
+    assert signal.getsignal(signal.SIGUSR1) is not mgr._signals.on_signal  # handlers put back
 
 
 def test_preemption_saves_then_chains_to_the_previous_handler(tmp_path):
@@ -231,9 +231,9 @@ def test_preemption_saves_then_chains_to_the_previous_handler(tmp_path):
                                     {"save_on_improve": ("loss", "lowest")},
                                     {"save_on_improve": "loss"}])
 def test_bad_arguments_are_refused(tmp_path, kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(dckpt.ArgumentError):
         dckpt.CheckpointManager(str(tmp_path), **kwargs)
-    with pytest.raises(TypeError):
+    with pytest.raises(dckpt.ArgumentError, match="retention must be a policy"):
         dckpt.CheckpointManager(str(tmp_path), retention=3)
 
 
@@ -295,7 +295,7 @@ def test_pipeline_refuses_bad_stages():
 def test_gc_after_retention_spares_every_save_that_may_still_be_writing(tmp_path, monkeypatch):
     from dckpt import layout
 
-    monkeypatch.setattr(manager_module, "GC_MARGIN_S", 0.0)
+    monkeypatch.setattr(upkeep_module, "GC_MARGIN_S", 0.0)
     url = str(tmp_path)
     _, _, _, _, state = make_train()
     mgr = dckpt.CheckpointManager(url, retention=dckpt.KeepLast(1), handle_signals=False)

@@ -1,0 +1,117 @@
+"""The CheckpointManager's upkeep: the retention policy, then gc, in a background thread.
+
+The decisions are pure (``retention.plan``, ``retention.gc_min_age_s``); this module applies
+them to the repository (rank 0 only, after each commit, not collective).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from dckpt import api
+from dckpt.errors import CheckpointNotFoundError
+from dckpt.info import CheckpointInfo
+from dckpt.logs import event
+from dckpt.metrics import Metrics
+from dckpt.retention import Policy, gc_min_age_s, plan
+from dckpt.storage import Store
+from dckpt.sweep import GcReport, collect
+
+__all__ = ["RetentionReport", "Upkeep", "GC_MARGIN_S"]
+
+log = logging.getLogger(__name__)
+
+GC_MARGIN_S = 60.0
+"""Garbage collection after retention spares what started this long before the oldest save
+this manager may still have in flight (clock skew between hosts)."""
+
+
+@dataclass(frozen=True)
+class RetentionReport:
+    kept: tuple[int, ...]
+    deleted: tuple[int, ...]
+    dry_run: bool
+    gc: GcReport | None = None
+
+
+class Upkeep:
+    """Applies ``retention`` and, with ``gc``, collects garbage, sparing the saves that may
+    still be writing: ``in_flight()`` gives their (steps, wall-clock start times)."""
+
+    def __init__(self, url: str, storage_options: dict | None, retention: Policy | None,
+                 gc: bool, in_flight: Callable[[], tuple[Iterable[int], Iterable[float]]],
+                 metrics: Metrics | None = None) -> None:
+        self.url = url
+        self.storage_options = storage_options
+        self.retention = retention
+        self.gc = gc
+        self.in_flight = in_flight
+        self.metrics = metrics
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dckpt-retention")
+        self._jobs: list[Future[RetentionReport]] = []
+        self._lock = threading.Lock()
+
+    @property
+    def active(self) -> bool:
+        return self.retention is not None or self.gc
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        """Committed checkpoints whose manifest reads, oldest first."""
+        return [c for c in api.list_checkpoints(self.url, storage_options=self.storage_options)
+                if c.problem is None]
+
+    def submit(self) -> None:
+        """Run ``apply`` in the background (after a commit)."""
+        self._jobs.append(self._pool.submit(self.apply))
+
+    def apply(self, dry_run: bool = False) -> RetentionReport:
+        """Delete the checkpoints the policy does not keep (never the newest, nor one being
+        written), then collect garbage."""
+        with self._lock:
+            infos = self.checkpoints()
+            kept, deleted = [c.step for c in infos], list[int]()
+            protect, started = self.in_flight()
+            if self.retention is not None:
+                kept, deleted = plan(self.retention, infos, protect=protect)
+                for s in [] if dry_run else deleted:
+                    try:
+                        api.delete(self.url, step=s, storage_options=self.storage_options)
+                    except CheckpointNotFoundError:
+                        pass  # deleted meanwhile
+            report = None
+            if self.gc:
+                # IMPORTANT: spare every save of this manager that may still be writing (one
+                # waiting in async_save for the one before included); deleted checkpoints
+                # need the margin only: this job's saves take the newest committed checkpoint
+                # as their base, and retention never deletes it
+                now = time.time()
+                report = collect(Store(self.url, self.storage_options), dry_run=dry_run,
+                                 min_age_s=gc_min_age_s(now, started, GC_MARGIN_S),
+                                 deleted_min_age_s=GC_MARGIN_S, now_s=now)
+            freed = report.bytes_freed if report is not None else 0
+            if deleted or freed:
+                log.info("retention%s: kept steps %s, deleted %s; gc freed %d bytes",
+                         " (dry run)" if dry_run else "", kept, deleted, freed,
+                         extra=event("retention", bytes=freed,
+                                     reason=f"deleted steps {deleted}"))
+            if self.metrics is not None and not dry_run:
+                self.metrics.observe_repository(self.url, len(kept))
+            return RetentionReport(tuple(kept), tuple(deleted), dry_run, report)
+
+    def wait(self) -> None:
+        """Wait for the runs submitted; a failure is logged, never raised."""
+        for job in self._jobs:
+            try:
+                job.result()
+            except Exception as e:
+                log.error("retention failed: %s", e)
+        self._jobs = []
+
+    def close(self) -> None:
+        self.wait()
+        self._pool.shutdown(wait=True)
