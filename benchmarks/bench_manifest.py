@@ -19,7 +19,7 @@ import torch
 
 import dckpt
 from dckpt import layout
-from dckpt.manifest import decode
+from dckpt.decoder import decode
 
 
 def _median(fn, repeat: int) -> float:

@@ -1,23 +1,89 @@
-"""dckpt: a distributed sharded checkpoint engine for PyTorch, built on DCP and fsspec."""
+"""dckpt: a distributed sharded checkpoint engine for PyTorch, built on DCP and fsspec.
+
+The public names are imported on first use (PEP 562): ``import dckpt`` costs nothing until
+one is touched, so ``python -m dckpt.prefetch``, which runs while the training processes
+start, never waits for torch's import (2-10 s).
+"""
 
 from __future__ import annotations
 
+import importlib
 import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "dckpt.api": ("save", "async_save", "load", "list_checkpoints", "verify", "inspect",
+                  "delete", "gc", "export", "status", "health", "diff"),
+    "dckpt.config": ("SaveConfig", "LoadConfig", "ManagerConfig"),
+    "dckpt.errors": ("DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError",
+                     "UnsafeValueError", "CommitError", "CheckpointExistsError",
+                     "StateDictError", "ArgumentError", "StorageError"),
+    "dckpt.info": ("CheckpointInfo",),
+    "dckpt.logs": ("configure_logging",),
+    "dckpt.manager": ("CheckpointManager",),
+    "dckpt.manifest": ("Manifest", "TensorEntry", "ValueEntry"),
+    "dckpt.metrics": ("Metrics",),
+    "dckpt.pipeline": ("Pipeline",),
+    "dckpt.reader": ("Reader",),
+    "dckpt.retention": ("KeepLast", "KeepBest", "KeepEvery", "KeepAll"),
+    "dckpt.saver": ("SaveHandle", "AsyncSaver"),
+    "dckpt.staging": ("Stager",),
+    "dckpt.status": ("Status",),
+    "dckpt.sweep": ("GcReport",),
+    "dckpt.train_state": ("TrainState",),
+    "dckpt.triggers": ("Trigger", "EverySteps", "EverySeconds", "AtEpochEnd", "OnImprove",
+                       "OnPreemption"),
+    "dckpt.upkeep": ("RetentionReport",),
+    "dckpt.verify": ("VerifyReport", "Problem"),
+    "dckpt.writer": ("Writer",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = [  # the same names as _EXPORTS (a test checks)
+    "save", "async_save", "load", "list_checkpoints", "verify", "inspect", "delete", "gc",
+    "export", "status", "health", "diff", "SaveConfig", "LoadConfig", "ManagerConfig",
+    "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError",
+    "UnsafeValueError", "CommitError", "CheckpointExistsError", "StateDictError",
+    "ArgumentError", "StorageError", "CheckpointInfo", "configure_logging",
+    "CheckpointManager", "Manifest", "TensorEntry", "ValueEntry", "Metrics", "Pipeline",
+    "Reader", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "SaveHandle", "AsyncSaver",
+    "Stager", "Status", "GcReport", "TrainState", "Trigger", "EverySteps", "EverySeconds",
+    "AtEpochEnd", "OnImprove", "OnPreemption", "RetentionReport", "VerifyReport", "Problem",
+    "Writer",
+]
 
 
-def _running_prefetch(argv: list[str]) -> bool:
-    """Whether the interpreter was started as ``python [options] -m dckpt.prefetch``."""
-    i = 1
-    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-c":
-        if argv[i] == "-m":
-            return argv[i + 1: i + 2] == ["dckpt.prefetch"]
-        i += 2 if argv[i] in ("-X", "-W") else 1
-    return False
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'dckpt' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
 
 
-# `python -m dckpt.prefetch` runs while the training processes start, to hide their start-up:
-# it must not wait for torch's import (2-10 s) itself, so it gets the bare package
-if not _running_prefetch(getattr(sys, "orig_argv", [])):
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule sets it as an attribute of its package: ``dckpt.verify`` (and
+    ``status``, ``diff``, ``export``, ``health``) must stay the public function, never become
+    the module of the same name."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in _MODULE_OF and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+
+if TYPE_CHECKING:  # what the names are, for type checkers and editors
     from dckpt.api import (
         async_save,
         delete,
@@ -32,7 +98,7 @@ if not _running_prefetch(getattr(sys, "orig_argv", [])):
         status,
         verify,
     )
-    from dckpt.config import LoadConfig, SaveConfig
+    from dckpt.config import LoadConfig, ManagerConfig, SaveConfig
     from dckpt.errors import (
         ArgumentError,
         CheckpointExistsError,
@@ -47,7 +113,7 @@ if not _running_prefetch(getattr(sys, "orig_argv", [])):
     )
     from dckpt.info import CheckpointInfo
     from dckpt.logs import configure_logging
-    from dckpt.manager import CheckpointManager, RetentionReport
+    from dckpt.manager import CheckpointManager
     from dckpt.manifest import Manifest, TensorEntry, ValueEntry
     from dckpt.metrics import Metrics
     from dckpt.pipeline import Pipeline
@@ -58,20 +124,7 @@ if not _running_prefetch(getattr(sys, "orig_argv", [])):
     from dckpt.status import Status
     from dckpt.sweep import GcReport
     from dckpt.train_state import TrainState
+    from dckpt.triggers import AtEpochEnd, EverySeconds, EverySteps, OnImprove, OnPreemption, Trigger
+    from dckpt.upkeep import RetentionReport
     from dckpt.verify import Problem, VerifyReport
     from dckpt.writer import Writer
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "save", "async_save", "SaveHandle", "AsyncSaver", "Stager", "load", "list_checkpoints",
-    "verify", "inspect", "delete", "gc", "export", "GcReport", "Manifest", "TensorEntry",
-    "ValueEntry",
-    "Writer", "Reader", "SaveConfig", "LoadConfig", "CheckpointInfo", "VerifyReport", "Problem",
-    "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError", "UnsafeValueError",
-    "CommitError", "CheckpointExistsError", "StateDictError", "ArgumentError", "StorageError",
-    "TrainState", "KeepLast",
-    "KeepBest", "KeepEvery", "KeepAll", "CheckpointManager", "RetentionReport",
-    "Pipeline", "status", "Status", "Metrics", "configure_logging",
-    "health", "diff",
-]

@@ -11,20 +11,21 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dckpt import dist, layout
+from dckpt import dedup, dist, layout
 from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.dedup import trust
+from dckpt.decoder import decode
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.health import Health, check_health
 from dckpt.info import CheckpointInfo, info_from_manifest
-from dckpt.manifest import Manifest, decode
+from dckpt.manifest import Manifest
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.repository import (
     committed_steps,
+    open_repository,
     quarantined,
     read_manifest,
     read_manifest_raw,
@@ -150,7 +151,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
     if not isinstance(partial, bool):
         raise ArgumentError(f"partial must be a bool, got {partial!r}")
     config = config or LoadConfig()
-    store = Store(url, storage_options)
+    store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)
     t0 = time.perf_counter()
@@ -199,7 +200,8 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
             raise dist.peer_failure(e, what=what, saving=False) from e
         bytes_read = dist.total(reader.bytes_read, group)
         if not partial:  # every byte of it was read and verified, by one rank or another
-            trust(store, manifest.step)
+            dedup.committed(store, (manifest.step, manifest.attempt),
+                            (b for _, _, b in manifest.blocks()))
         now = time.perf_counter()
         phase_s = {"find": t_read - t_find, **reader.phase_s, "total": now - t0}
         lost_steps = lost_s = None
@@ -218,7 +220,7 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
     ``problem`` set. Not collective."""
-    store = Store(url, storage_options)
+    store = open_repository(url, storage_options, required=False)
     infos = []  # an empty or absent repository is a valid, empty one
     marked = quarantined(store)
     for step in committed_steps(store):
@@ -242,8 +244,7 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
     exist). Not collective."""
     check_step(step, optional=True)
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     steps = committed_steps(store)
     if step is not None:
         if step not in steps:
@@ -272,8 +273,7 @@ def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     gc's grace period, so that a save in flight that references its blocks keeps them.
     Not collective."""
     check_step(step)
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     steps = committed_steps(store)
     if step not in steps:
         raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
@@ -300,8 +300,7 @@ def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
     report, remove nothing. Not collective."""
     check_seconds(min_age_s, "min_age_s")
     check_seconds(deleted_min_age_s, "deleted_min_age_s", optional=True)
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     return collect(store, dry_run=dry_run, min_age_s=min_age_s,
                    deleted_min_age_s=deleted_min_age_s, progress=progress)
 
@@ -315,8 +314,7 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
     ``"safetensors"`` its tensors as one safetensors file. Returns the bytes written. Every
     byte read is verified. Not collective."""
     check_step(step, optional=True)
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     if format not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     m = read_manifest(store, step)
@@ -330,7 +328,7 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
 def status(url: str, *, storage_options: dict | None = None) -> Status:
     """The repository at a glance: the newest usable checkpoint and its age, the count,
     damaged and quarantined steps, and a pipeline's progress. Not collective."""
-    store = Store(url, storage_options)
+    store = open_repository(url, storage_options, required=False)
     return repository_status(store, list_checkpoints(url, storage_options=storage_options))
 
 
@@ -341,7 +339,7 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
     read time from a measured sample, free space (see dckpt.health). Not collective."""
     check_seconds(max_age_s, "max_age_s", optional=True)
-    store = Store(url, storage_options)
+    store = open_repository(url, storage_options, required=False)
     return check_health(store, list_checkpoints(url, storage_options=storage_options),
                         max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
                         sample_bytes=sample_bytes)
@@ -353,8 +351,7 @@ def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = N
     they share; from the manifests alone. Not collective."""
     check_step(step_a, "step_a")
     check_step(step_b, "step_b")
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
 
 
@@ -363,6 +360,5 @@ def inspect(url: str, *, step: int | None = None,
             storage_options: dict | None = None) -> Manifest:
     """The manifest of ``step`` (default: the newest committed). Not collective."""
     check_step(step, optional=True)
-    store = Store(url, storage_options)
-    require_repository(store)
+    store = open_repository(url, storage_options)
     return read_manifest(store, step)

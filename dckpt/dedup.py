@@ -6,8 +6,10 @@ one it committed itself, or one it loaded whole (every byte verified), and only 
 checkpoint is still committed and every object its blocks lie in is there and long enough
 (``usable_base``). A checkpoint damaged since, or one nobody here verified, is never a base:
 the save writes in full instead, so damage does not spread into new checkpoints and never
-stops training from saving. Within one process the index of the save just committed is
-kept, so the next save does not read its manifest back.
+stops training from saving. Each rank keeps the blocks of its own last save: when the
+coordinator names that attempt as the next save's base, the rank does not read its manifest
+back (``written``, ``index_for``); nothing needs calling after a commit, so ``dcp.save``
+with a ``dckpt.Writer`` deduplicates as ``dckpt.save`` does.
 A save adds its own new blocks as it goes (identical blocks in one save are written once).
 
 Only blocks of committed checkpoints are referenced. A checkpoint deleted while a save that
@@ -22,11 +24,11 @@ import threading
 from collections.abc import Iterable
 
 from dckpt.errors import DckptError, IntegrityError
-from dckpt.manifest import BlockRef, Manifest, TensorEntry, stored_datas
-from dckpt.repository import read_manifest
+from dckpt.manifest import BlockRef, Manifest, TensorEntry, extents
+from dckpt.repository import missing_object, read_manifest
 from dckpt.storage import Store
 
-__all__ = ["BlockIndex", "index_for", "remember", "trust", "usable_base", "record_extents",
+__all__ = ["BlockIndex", "index_for", "written", "committed", "usable_base", "forget",
            "block_size_for", "item_key"]
 
 log = logging.getLogger(__name__)
@@ -66,15 +68,21 @@ class BlockIndex:
     """digest and raw length -> a stored block; safe to share between writer threads. Also
     the items' block-size history (see ``block_size_for``)."""
 
-    def __init__(self, base_step: int | None, refs: Iterable[BlockRef] = (),
+    def __init__(self, base: tuple[int, str] | None, refs: Iterable[BlockRef] = (),
                  history: History | None = None) -> None:
-        self.base_step = base_step
+        self.base = base
+        """The checkpoint (step, attempt) whose blocks these are; None for an empty index."""
         self._refs = {(r.digest, r.raw_length): r for r in refs}
         self.history: History = dict(history or {})
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._refs)
+
+    def copy(self) -> BlockIndex:
+        """An index of the same blocks and history that grows on its own."""
+        with self._lock:
+            return BlockIndex(self.base, self._refs.values(), self.history)
 
     @classmethod
     def of_manifest(cls, m: Manifest) -> BlockIndex:
@@ -85,8 +93,7 @@ class BlockIndex:
             for offsets, d in chunks:
                 if len(d.blocks) > 1:
                     history[item_key(fqn, offsets)] = (d.blocks[0].raw_length, None)
-        return cls(m.step, (b for e in m.items.values() for d in stored_datas(e)
-                            for b in d.blocks), history)
+        return cls((m.step, m.attempt), (b for _, _, b in m.blocks()), history)
 
     def get(self, digest: str, raw_length: int) -> BlockRef | None:
         return self._refs.get((digest, raw_length))
@@ -96,84 +103,91 @@ class BlockIndex:
             self._refs.setdefault((ref.digest, ref.raw_length), ref)
 
 
-_last: dict[str, BlockIndex] = {}  # store URL -> blocks of this process's last commit there
-_last_lock = threading.Lock()
+class _State:
+    """What this process knows of one repository (guarded by ``_lock``)."""
+
+    def __init__(self) -> None:
+        self.written: BlockIndex | None = None
+        """This rank's blocks of its last save there (``written``): the next save's index
+        when the coordinator names that attempt as the base."""
+        self.trusted: tuple[int, str] | None = None
+        """(coordinator) The (step, attempt) known good: committed here, or loaded whole."""
+        self.extents: dict[str, int] | None = None
+        """(coordinator) Per object the trusted step's blocks lie in, the bytes they need."""
 
 
-def index_for(store: Store, base_step: int | None) -> BlockIndex:
-    """A fresh index of the blocks of committed checkpoint ``base_step`` (None: empty)."""
-    if base_step is None:
+_state: dict[str, _State] = {}  # store URL -> what this process knows of it
+_lock = threading.Lock()
+
+
+def _of(store: Store) -> _State:
+    return _state.setdefault(store.url, _State())
+
+
+def forget() -> None:
+    """Forget every repository: what a restarted process knows."""
+    with _lock:
+        _state.clear()
+
+
+def index_for(store: Store, base: tuple[int, str] | None) -> BlockIndex:
+    """(all ranks, before writing) A fresh index of the blocks of the base checkpoint
+    ``(step, attempt)`` the coordinator chose (None: empty): this rank's own blocks when its
+    last save was that attempt, else the base's manifest."""
+    if base is None:
         return BlockIndex(None)
-    with _last_lock:
-        last = _last.get(store.url)
-    if last is not None and last.base_step == base_step:
-        return BlockIndex(base_step, last._refs.values(), last.history)
+    with _lock:
+        written = _of(store).written
+    if written is not None and written.base == base:
+        return written.copy()
     try:
-        return BlockIndex.of_manifest(read_manifest(store, base_step))
+        m = read_manifest(store, base[0])
     except DckptError as e:  # deleted or damaged since the listing: write everything
-        log.warning("no dedup against step %d of %s: %s", base_step, store.url, e)
+        log.warning("no dedup against step %d of %s: %s", base[0], store.url, e)
         return BlockIndex(None)
+    if m.attempt != base[1]:
+        log.warning("no dedup against step %d of %s: it was committed again meanwhile",
+                    base[0], store.url)
+        return BlockIndex(None)
+    return BlockIndex.of_manifest(m)
 
 
-def remember(store: Store, step: int, refs: Iterable[BlockRef], history: History) -> None:
-    """(after a commit) This rank's blocks of committed ``step`` and its items' history:
-    the next save's index."""
-    with _last_lock:
-        _last[store.url] = BlockIndex(step, refs, history)
-        _trusted[store.url] = step
+def written(store: Store, base: tuple[int, str], refs: Iterable[BlockRef],
+            history: History) -> None:
+    """(all ranks, after writing attempt ``base = (step, attempt)``) This rank's blocks and
+    items' history: the next save's index, if the coordinator commits the attempt and names
+    it as the next save's base (``index_for``); nothing to call after the commit."""
+    with _lock:
+        _of(store).written = BlockIndex(base, refs, history)
 
 
-_trusted: dict[str, int] = {}  # store URL -> the checkpoint this process knows good there
+def committed(store: Store, base: tuple[int, str], refs: Iterable[BlockRef]) -> None:
+    """(coordinator, after a commit or a load that read and verified every byte) The
+    checkpoint ``(step, attempt)`` and all its blocks are known good: the next save's base,
+    checked by ``usable_base`` without reading its manifest again."""
+    ends = extents(refs)
+    with _lock:
+        state = _of(store)
+        state.trusted, state.extents = base, ends
 
 
-def trust(store: Store, step: int) -> None:
-    """(after a load that read and verified every byte of ``step``) A base for the next save."""
-    with _last_lock:
-        _trusted[store.url] = step
-
-
-_extents: dict[str, tuple[int, dict[str, int]]] = {}
-"""store URL -> the trusted step and, per object its blocks lie in, the bytes they need."""
-
-
-def record_extents(store: Store, step: int, refs: Iterable[BlockRef]) -> dict[str, int]:
-    """(coordinator, after a commit or a restore) The bytes each object must hold for the
-    blocks of ``step``: what ``usable_base`` checks before later saves, without reading the
-    manifest again."""
-    ends: dict[str, int] = {}
-    for b in refs:
-        ends[b.segment] = max(ends.get(b.segment, 0), b.offset + b.length)
-    with _last_lock:
-        _extents[store.url] = (step, ends)
-    return ends
-
-
-def usable_base(store: Store, committed: list[int]) -> int | None:
+def usable_base(store: Store, committed_steps: list[int]) -> tuple[int, str] | None:
     """(coordinator, before a save writes) The trusted checkpoint, if it is still committed,
-    its manifest sound, and every block inside an object that is there; else None (a
-    warning says why): the save then writes every block."""
-    with _last_lock:
-        step = _trusted.get(store.url)
-    if step is None or step not in committed:
+    and every block inside an object that is there; else None (a warning says why): the
+    save then writes every block."""
+    with _lock:
+        state = _of(store)
+        base, ends = state.trusted, state.extents
+    if base is None or base[0] not in committed_steps or ends is None:
         return None
     try:
-        with _last_lock:
-            known = _extents.get(store.url)
-        ends = known[1] if known is not None and known[0] == step else None
-        if ends is None:  # a restored base: its manifest once, then kept
-            ends = record_extents(store, step, (b for _, _, b in read_manifest(store, step).blocks()))
-        sizes: dict[str, dict[str, int]] = {}
-        for segment, end in ends.items():
-            folder, _, base = segment.rpartition("/")
-            if folder not in sizes:
-                sizes[folder] = store.list_sizes(folder)
-            if end > sizes[folder].get(base, -1):
-                raise IntegrityError(f"object {segment} is missing or shorter than the "
-                                     f"{end} bytes its blocks need")
+        why = missing_object(store, ends)
+        if why is not None:
+            raise IntegrityError(why)
     except (DckptError, OSError) as e:
         log.warning("no dedup against step %d of %s: %s; this save writes every block",
-                    step, store.url, e)
-        with _last_lock:
-            _trusted.pop(store.url, None)
+                    base[0], store.url, e)
+        with _lock:
+            _of(store).trusted = None
         return None
-    return step
+    return base

@@ -89,17 +89,14 @@ def diff_manifests(a: Manifest, b: Manifest) -> Diff:
                 items.append(ItemDiff(fqn, "changed", b.items[fqn].nbytes, changed))
             else:
                 same += 1
-    in_a = {(x.segment, x.offset) for e in a.items.values() for d in stored_datas(e)
-            for x in d.blocks}
+    in_a = {(x.segment, x.offset) for _, _, x in a.blocks()}
     seen: set[tuple[str, int]] = set()
     total = shared = 0
-    for e in b.items.values():
-        for d in stored_datas(e):
-            for x in d.blocks:
-                if (x.segment, x.offset) in seen:
-                    continue
-                seen.add((x.segment, x.offset))
-                total += x.length
-                if (x.segment, x.offset) in in_a:
-                    shared += x.length
+    for _, _, x in b.blocks():
+        if (x.segment, x.offset) in seen:
+            continue
+        seen.add((x.segment, x.offset))
+        total += x.length
+        if (x.segment, x.offset) in in_a:
+            shared += x.length
     return Diff(a.step, b.step, tuple(items), same, total, shared)

@@ -4,7 +4,6 @@ one torch.save file or one safetensors file. Every byte is verified on the way."
 from __future__ import annotations
 
 import dataclasses
-import io
 import itertools
 import json
 import logging
@@ -17,21 +16,17 @@ import torch
 from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
-from dckpt.dtypes import dtype_from_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, IntegrityError, StateDictError
-from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode, stored_datas
-from dckpt.planner import safe_load
-from dckpt.reads import Fetcher, blocks_in_range, coalesce
+from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode
+from dckpt.reads import READ_THREADS, Fetcher, read_item
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
-__all__ = ["export_checkpoint", "read_value", "read_stored_sample", "FORMATS"]
+__all__ = ["export_checkpoint", "FORMATS"]
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("dckpt", "torch", "safetensors")
-READ_THREADS = 8
-READ_REQUEST_BYTES = 16 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -62,7 +57,7 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
         if fmt == "dckpt":
             return _export_dckpt(store, m, Store(to, storage_options), step)
         with Fetcher(store, READ_THREADS) as fetcher:
-            flat = {fqn: _full_item(fetcher, m, fqn, step) for fqn in m.items}
+            flat = {fqn: read_item(fetcher, m, fqn, step) for fqn in m.items}
     finally:
         store.close_files()
     parent, _, base = to.rstrip("/").rpartition("/")
@@ -77,44 +72,6 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
     return dest.size(base)
 
 
-def read_value(store: Store, m: Manifest, fqn: str) -> Any:
-    """One item of checkpoint ``m``, whole (a tensor, or a value loaded with
-    weights_only=True), every byte verified."""
-    if fqn not in m.items:
-        raise KeyError(f"checkpoint step {m.step} has no item {fqn!r}")
-    try:
-        with Fetcher(store, READ_THREADS) as fetcher:
-            return _full_item(fetcher, m, fqn, lambda n: None)
-    finally:
-        store.close_files()
-
-
-def read_stored_sample(store: Store, m: Manifest, nbytes: int) -> int:
-    """Read (and verify) stored data of ``m`` until ``nbytes`` are read: the bytes read."""
-    done = 0
-    try:
-        with Fetcher(store, READ_THREADS) as fetcher:
-            for fqn, e in m.items.items():
-                for d in stored_datas(e):
-                    if done >= nbytes:
-                        return done
-                    done += len(_read_stored(fetcher, d, f"item {fqn!r} of step {m.step}"))
-    finally:
-        store.close_files()
-    return done
-
-
-def _read_stored(fetcher: Fetcher, data: StoredData, what: str) -> bytearray:
-    """The raw bytes of one stored item, every block verified (coalesced parallel reads)."""
-    out = bytearray(data.nbytes)
-    _, picked = blocks_in_range(data, 0, data.nbytes)
-    futures = [fetcher.submit(req, memoryview(out), what)
-               for req in coalesce(picked, READ_REQUEST_BYTES)]
-    for f in futures:
-        f.result()
-    return out
-
-
 def _read_block(store: Store, ref: BlockRef, what: str) -> bytearray:
     """One block's stored bytes (not decoded: the dckpt export copies them as they are)."""
     buf = bytearray(ref.length)
@@ -125,26 +82,6 @@ def _read_block(store: Store, ref: BlockRef, what: str) -> bytearray:
     if n != ref.length:
         raise IntegrityError(f"{what}: object {ref.segment} is truncated at {ref.offset}")
     return buf
-
-
-def _full_item(fetcher: Fetcher, m: Manifest, fqn: str, step: Callable[[int], None]) -> Any:
-    e = m.items[fqn]
-    what = f"item {fqn!r} of checkpoint step {m.step} in {fetcher.store.url}"
-    if not isinstance(e, TensorEntry):
-        raw = _read_stored(fetcher, e.data, what)
-        step(len(raw))
-        return io.BytesIO(bytes(raw)) if e.encoding == "bytes" else safe_load(raw, what)
-    dtype = dtype_from_name(e.dtype)
-    full = torch.empty(e.size, dtype=dtype)
-    for c in e.chunks:
-        raw = _read_stored(fetcher, c.data, what)
-        shard = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        box = full
-        for dim, (o, n) in enumerate(zip(c.offsets, c.sizes)):
-            box = box.narrow(dim, o, n)
-        box.copy_(shard.reshape(c.sizes))
-        step(len(raw))
-    return full
 
 
 def _unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | None

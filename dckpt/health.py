@@ -14,10 +14,10 @@ import time
 from dataclasses import dataclass
 
 from dckpt.errors import DckptError
-from dckpt.export import read_stored_sample
 from dckpt.info import CheckpointInfo
-from dckpt.manifest import Manifest, stored_datas
-from dckpt.repository import read_manifest
+from dckpt.manifest import Manifest, extents
+from dckpt.reads import read_stored_sample
+from dckpt.repository import missing_object, read_manifest
 from dckpt.storage import Store
 from dckpt.verify import verify_steps
 
@@ -54,22 +54,7 @@ class Health:
 
 def _objects_present(store: Store, m: Manifest) -> str | None:
     """Why ``m`` cannot load from what the listing shows, or None."""
-    needed: dict[str, int] = {}
-    for e in m.items.values():
-        for d in stored_datas(e):
-            for b in d.blocks:
-                needed[b.segment] = max(needed.get(b.segment, 0), b.offset + b.length)
-    folders: dict[str, dict[str, int]] = {}
-    for name, end in sorted(needed.items()):
-        folder, _, base = name.rpartition("/")
-        if folder not in folders:
-            folders[folder] = store.list_sizes(folder)
-        size = folders[folder].get(base)
-        if size is None:
-            return f"object {name} is missing"
-        if size < end:
-            return f"object {name} holds {size} bytes, the checkpoint needs {end}"
-    return None
+    return missing_object(store, extents(b for _, _, b in m.blocks()))
 
 
 def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float | None = None,

@@ -1,6 +1,7 @@
 """DCP planners: the save planner refuses, before any byte is written, a state dict that a
-load could not restore; the load planner checks the state dict against the checkpoint before
-any byte is read, and loads non-tensor values without running code from the checkpoint."""
+load could not restore; the staged planner answers an async save's persist thread from the
+staged copy; the load planner checks the state dict against the checkpoint before any byte
+is read, and loads non-tensor values without running code from the checkpoint."""
 
 from __future__ import annotations
 
@@ -8,19 +9,26 @@ import dataclasses
 import io
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
 from dckpt.dtypes import dtype_name
-from dckpt.errors import DckptError, StateDictError, UnsafeValueError
-from dckpt.manifest import MAX_VALUE_BYTES
+from dckpt.errors import DckptError, StateDictError
+from dckpt.manifest import StoredData
+from dckpt.values import RawBytes, safe_load, serialize
 
-__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "RawBytes", "state_dict_problems",
-           "unasked_keys", "safe_load", "serialize", "refuse", "RANK_LOCAL"]
+__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "state_dict_problems",
+           "unasked_keys", "tensor_problem", "refuse", "RANK_LOCAL"]
 
 RANK_LOCAL = "__rank"
 """A key component ``__rank<r>`` marks a value only rank r saved and loads (random states):
@@ -76,58 +84,6 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
                   if k not in union and not _rank_local(k))
 
 
-class RawBytes(io.BytesIO):
-    """The contents of a state dict's io.BytesIO, stored as they are (encoding ``"bytes"``)
-    and handed back as an io.BytesIO: never pickled, never unpickled (DCP hands such a value
-    back too)."""
-
-
-def _refusal(e: BaseException) -> str:
-    """The line of torch's weights-only refusal that names the type and how to allow it."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    named = [ln for ln in lines if "WeightsUnpickler error" in ln or "add_safe_globals" in ln]
-    return (named or lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
-
-
-def safe_load(raw: bytes | bytearray | memoryview, what: str) -> object:
-    """Load a stored non-tensor value with ``weights_only=True``; refuse anything else."""
-    try:
-        return torch.load(io.BytesIO(raw), weights_only=True)
-    except Exception as e:
-        raise UnsafeValueError(
-            f"{what}: refused to load a value that needs code to run or is damaged "
-            f"(torch.load(weights_only=True) said: {_refusal(e)}). If you saved this "
-            "type yourself, allow it with torch.serialization.add_safe_globals") from None
-
-
-def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
-    """A non-tensor value's stored bytes, checked to load back with ``weights_only=True``;
-    StateDictError naming ``key`` when a load could not restore it."""
-    if isinstance(value, io.BytesIO):
-        raw: io.BytesIO = RawBytes(value.getvalue())
-    else:
-        raw = io.BytesIO()
-        try:
-            torch.save(value, raw)
-        except Exception as e:
-            raise StateDictError(f"{key}: a {type(value).__name__} cannot be saved "
-                                 f"({type(e).__name__}: {str(e)[:200]}); store its state as "
-                                 "tensors, numbers, strings, lists and dicts") from None
-        try:
-            torch.load(io.BytesIO(raw.getbuffer()), weights_only=True)
-        except Exception as e:
-            raise StateDictError(
-                f"{key}: a {type(value).__name__} would be refused by the load "
-                f"(torch.load(weights_only=True): {_refusal(e)}); store it as tensors, "
-                "numbers, strings, lists and dicts, or allow its type on every process "
-                "that saves or loads with torch.serialization.add_safe_globals") from None
-    if raw.getbuffer().nbytes > MAX_VALUE_BYTES:
-        raise StateDictError(f"{key}: a {type(value).__name__} of {raw.getbuffer().nbytes} "
-                             f"bytes is larger than a non-tensor value may be "
-                             f"({MAX_VALUE_BYTES}); store large data as a tensor")
-    return raw
-
-
 def tensor_problem(key: str, t: torch.Tensor) -> str | None:
     """Why a tensor cannot be saved, or None."""
     local = getattr(t, "_local_tensor", t)  # a DTensor's shard
@@ -156,10 +112,15 @@ class SafeSavePlanner(DefaultSavePlanner):
     load could not restore (listing every problem), and serializes each non-tensor value
     once: ``check`` (or ``create_local_plan``) first, then ``resolve_data``."""
 
+    prewritten: dict[MetadataIndex, StoredData]
+    """Items already written (an async save's, past its staging budget): the Writer reports
+    where their blocks are and writes nothing for them. Empty here; see StagedPlanner."""
+
     def __init__(self) -> None:
         super().__init__()
         self._values: dict[str, io.BytesIO] = {}
         self._problems: list[str] | None = None
+        self.prewritten = {}
 
     def check(self) -> list[str]:
         """(all ranks, after set_up_planner) Every problem of the state dict."""
@@ -191,6 +152,33 @@ class SafeSavePlanner(DefaultSavePlanner):
                 return type(done)(done.getbuffer())
             return serialize(write_item.index.fqn, object)
         return object
+
+
+class StagedPlanner(SafeSavePlanner):
+    """The save planner of an async save's persist thread, over a local plan made and staged
+    in the caller's thread (dckpt.saver). Its ``dcp.save`` gets an empty state dict: every
+    item comes from the staged copy, or was written already (``prewritten``). The problems
+    the caller's check found are refused here, in the collective, the same on every rank."""
+
+    def __init__(self, plan: SavePlan, staged: dict[MetadataIndex, object],
+                 prewritten: dict[MetadataIndex, StoredData], problems: list[str]) -> None:
+        super().__init__()
+        self._local_plan = plan
+        self._staged = staged
+        self.prewritten = prewritten
+        self._staged_problems = problems
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: object = None,
+                       is_coordinator: bool = False) -> None:
+        self.is_coordinator = is_coordinator
+
+    def create_local_plan(self) -> SavePlan:
+        refuse(self._staged_problems)
+        self.plan = self._local_plan
+        return self.plan
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        return self._staged[write_item.index]
 
 
 class SafeLoadPlanner(DefaultLoadPlanner):

@@ -29,7 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from dckpt import layout
-from dckpt.manifest import Manifest, decode
+from dckpt.decoder import decode
+from dckpt.manifest import Manifest
 
 __all__ = ["Prefetch", "plan", "prefetch", "main"]
 

@@ -40,10 +40,11 @@ from dckpt.arguments import check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
-from dckpt.planner import RawBytes, SafeLoadPlanner, safe_load
+from dckpt.planner import SafeLoadPlanner
 from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
+from dckpt.values import RawBytes, safe_load
 
 __all__ = ["Reader", "to_dcp_metadata", "box_range", "share_replicated", "Shared"]
 

@@ -6,11 +6,12 @@ import json
 import time
 
 from dckpt import layout
+from dckpt.decoder import decode
 from dckpt.errors import CheckpointNotFoundError, FormatError
-from dckpt.manifest import Manifest, decode
+from dckpt.manifest import Manifest
 from dckpt.storage import Store
 
-__all__ = ["committed_steps", "read_manifest", "read_manifest_raw", "require_repository",
+__all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw", "require_repository",
            "mark_repository",
            "quarantined", "set_quarantine"]
 
@@ -22,11 +23,37 @@ def mark_repository(store: Store) -> None:
     store.write_if_absent(layout.MARKER, _MARKER)
 
 
+def open_repository(url: str, storage_options: dict | None = None, *,
+                    required: bool = True) -> Store:
+    """The repository at ``url``. ``required``: CheckpointNotFoundError when it holds none
+    (else an empty or absent repository is a valid, empty one)."""
+    store = Store(url, storage_options)
+    if required:
+        require_repository(store)
+    return store
+
+
 def require_repository(store: Store) -> None:
     if not store.exists(layout.MARKER) and not committed_steps(store):
         raise CheckpointNotFoundError(
             f"{store.url} holds no dckpt repository (no {layout.MARKER} and no "
             f"{layout.MANIFEST_DIR}/); check the URL and storage_options")
+
+
+def missing_object(store: Store, ends: dict[str, int]) -> str | None:
+    """Why the objects do not hold the bytes ``ends`` says they must (``manifest.extents``),
+    from one listing per folder; None when they all do."""
+    folders: dict[str, dict[str, int]] = {}
+    for name, end in sorted(ends.items()):
+        folder, _, base = name.rpartition("/")
+        if folder not in folders:
+            folders[folder] = store.list_sizes(folder)
+        size = folders[folder].get(base)
+        if size is None:
+            return f"object {name} is missing"
+        if size < end:
+            return f"object {name} holds {size} bytes, the checkpoint needs {end}"
+    return None
 
 
 def committed_steps(store: Store) -> list[int]:

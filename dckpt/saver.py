@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
@@ -45,10 +44,11 @@ from dckpt.config import SaveConfig
 from dckpt.errors import CommitError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
-from dckpt.planner import SafeSavePlanner, refuse
+from dckpt.planner import SafeSavePlanner, StagedPlanner
+from dckpt.segments import SegmentOut, byte_planes, item_nbytes, tensor_bytes
 from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
-from dckpt.writer import Metrics, SegmentOut, Writer, byte_planes, tensor_bytes
+from dckpt.writer import Metrics, Writer
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
 
@@ -82,41 +82,12 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
         raise dist.peer_failure(e, what=what, saving=True) from e
     info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
     assert isinstance(info, CheckpointInfo)
-    writer.committed()
     return info
 
 
 def stateful_to_state_dict(state_dict: StateDict) -> StateDict:
     """DCP's rule: a top-level Stateful value saves as its ``state_dict()``."""
     return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
-
-
-class StagedPlanner(DefaultSavePlanner):
-    """DCP's default planner, over a local plan made and staged in the caller's thread.
-
-    The persist thread's ``dcp.save`` gets an empty state dict: the planner answers every
-    item from the staged copy (or from what was already written past the staging budget).
-    """
-
-    def __init__(self, plan: SavePlan, staged: dict[MetadataIndex, object],
-                 prewritten: dict[MetadataIndex, StoredData], problems: list[str]) -> None:
-        super().__init__()
-        self._local_plan = plan
-        self._staged = staged
-        self.prewritten = prewritten
-        self._problems = problems
-
-    def set_up_planner(self, state_dict: StateDict, storage_meta: object = None,
-                       is_coordinator: bool = False) -> None:
-        self.is_coordinator = is_coordinator
-
-    def create_local_plan(self) -> SavePlan:
-        refuse(self._problems)
-        self.plan = self._local_plan
-        return self.plan
-
-    def resolve_data(self, write_item: WriteItem) -> Any:
-        return self._staged[write_item.index]
 
 
 class SaveHandle:
@@ -246,12 +217,6 @@ class _Planned:
         self.sizes: list[int] = []
         self.pinned = False
         self.problems: list[str] = []
-
-
-def _nbytes(item: WriteItem) -> int:
-    assert item.tensor_data is not None
-    return (torch.Size(item.tensor_data.chunk.sizes).numel()
-            * item.tensor_data.properties.dtype.itemsize)
 
 
 class AsyncSaver:
@@ -403,7 +368,7 @@ class AsyncSaver:
         planned.fit, planned.overflow, planned.window = self._fit(tensors, config)
         planned.key = (tuple((i.index, t.dtype, tuple(t.shape), t.device)
                              for i, t in planned.fit), planned.window)
-        planned.sizes = [_nbytes(i) for i, _ in planned.fit] + [planned.window]
+        planned.sizes = [item_nbytes(i) for i, _ in planned.fit] + [planned.window]
         planned.pinned = any(t.device.type == "cuda" for _, t in tensors)
         return planned
 
@@ -417,7 +382,7 @@ class AsyncSaver:
             return staging
         slots = self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         staging.staged.update(planned.values)
-        staging.staged_bytes = sum(_nbytes(i) for i, _ in planned.fit)
+        staging.staged_bytes = sum(item_nbytes(i) for i, _ in planned.fit)
 
         def copy_all() -> None:
             for slot, (item, t) in zip(slots, planned.fit):
@@ -436,7 +401,7 @@ class AsyncSaver:
     def _fit(tensors: list[tuple[WriteItem, torch.Tensor]], config: SaveConfig
              ) -> tuple[list[tuple[WriteItem, torch.Tensor]], list[tuple[WriteItem, torch.Tensor]], int]:
         """Which tensors the staging budget holds; the rest go through a window, in the pause."""
-        total = sum(aligned(_nbytes(i)) for i, _ in tensors)
+        total = sum(aligned(item_nbytes(i)) for i, _ in tensors)
         budget = config.staging_bytes
         if budget is None or total <= budget:
             return tensors, [], 0
@@ -445,7 +410,7 @@ class AsyncSaver:
         room = budget - window
         fit, overflow = [], []
         for item, t in tensors:
-            need = aligned(_nbytes(item))
+            need = aligned(item_nbytes(item))
             if need <= room:
                 fit.append((item, t))
                 room -= need
@@ -464,7 +429,7 @@ class AsyncSaver:
             out = SegmentOut(f, name, writer.config.block_size_bytes,
                              align=DIRECT_ALIGN if direct else 0, compress=writer.compresses)
             for item, t in overflow:
-                n = _nbytes(item)
+                n = item_nbytes(item)
                 planes = byte_planes(t.dtype)
                 if t.device.type == "cpu":
                     blocks = out.append(tensor_bytes(t), planes=planes)

@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dckpt.errors import DckptError
-from dckpt.export import read_value
 from dckpt.info import CheckpointInfo
 from dckpt.pipeline import PROGRESS_KEY
+from dckpt.reads import read_value
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 

@@ -19,8 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dckpt import layout
+from dckpt.decoder import decode
 from dckpt.errors import DckptError, FormatError
-from dckpt.manifest import Manifest, decode
+from dckpt.manifest import Manifest
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store
 

@@ -7,7 +7,6 @@ from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 
 from dckpt.errors import DckptError
-from dckpt.manifest import stored_datas
 from dckpt.reads import Fetcher, coalesce
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
@@ -48,7 +47,7 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
         except DckptError as e:
             problems.append(Problem(step, str(e)))
             continue
-        datas = [(fqn, d) for fqn, e in m.items.items() for d in stored_datas(e)]
+        datas = list(m.datas())
         total = sum(d.nbytes for _, d in datas)
         done = 0
         with Fetcher(store, threads) as fetcher:

@@ -4,8 +4,13 @@ Call order (DCP's ``save`` drives it)::
 
     (all ranks)   set_up_storage_writer -> prepare_local_plan   checks the state, no I/O
     (coordinator) prepare_global_plan    refuses a committed step, names the attempt
-    (all ranks)   write_data             blocks -> segments, durable before it returns
-    (coordinator) finish                 only when every rank succeeded: the manifest
+    (all ranks)   write_data             blocks -> segments, durable before it returns;
+                                         this rank's blocks kept as the next index
+    (coordinator) finish                 only when every rank succeeded: the manifest,
+                                         and the checkpoint becomes the next save's base
+
+Nothing is called after the commit: ``dcp.save(storage_writer=dckpt.Writer(...))``
+deduplicates its next save as ``dckpt.save`` does (dckpt.dedup).
 
 DCP gathers every rank's write result (or exception) to the coordinator before ``finish``
 and broadcasts the outcome, which is the two-phase commit: no manifest unless all ranks
@@ -18,7 +23,6 @@ import dataclasses
 import io
 import json
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,20 +39,10 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dckpt import codec, layout
+from dckpt import dedup, layout
 from dckpt.arguments import check_step
-from dckpt.blocks import cut, digest
 from dckpt.config import SaveConfig
-from dckpt.dedup import (
-    BlockIndex,
-    History,
-    block_size_for,
-    index_for,
-    item_key,
-    record_extents,
-    remember,
-    usable_base,
-)
+from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
@@ -62,13 +56,14 @@ from dckpt.manifest import (
     ValueEntry,
     encode,
     metric_ok,
-    stored_datas,
 )
-from dckpt.planner import RawBytes
+from dckpt.planner import SafeSavePlanner
 from dckpt.repository import committed_steps, mark_repository
+from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
 from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.values import RawBytes
 
-__all__ = ["Writer", "SegmentOut", "tensor_bytes", "byte_planes"]
+__all__ = ["Writer", "check_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +76,7 @@ class _Assignment:
 
     attempt: str
     rank: int
-    base_step: int | None = None  # the newest committed step: dedup against its blocks
+    base: tuple[int, str] | None = None  # the (step, attempt) to dedup against
 
 
 @dataclass(frozen=True)
@@ -90,6 +85,7 @@ class _Stored:
 
     data: StoredData
     written: int = 0  # stored bytes this save wrote for it (the rest it references)
+    raw_written: int = 0  # what they held before compression
     encoding: str = "torch"  # a value's: torch.save bytes, or an io.BytesIO's ("bytes")
 
 
@@ -102,32 +98,6 @@ def check_metrics(metrics: object) -> Metrics:
             "metrics must map str to int (64-bit), float, str, bool or None, got "
             f"{str(metrics)[:200]}")
     return dict(metrics)
-
-
-def tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
-    return memoryview(flat.numpy())  # type: ignore[arg-type]
-
-
-def _item_nbytes(item: WriteItem) -> int:
-    if item.tensor_data is None:
-        return 0
-    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
-
-
-def _balance(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Greedy: largest item first into the lightest bin; each bin becomes one segment."""
-    loads = [0] * bins
-    out: list[list[WriteItem]] = [[] for _ in range(bins)]
-    for item in sorted(items, key=_item_nbytes, reverse=True):
-        i = loads.index(min(loads))
-        out[i].append(item)
-        loads[i] += _item_nbytes(item)
-    return [b for b in out if b]
 
 
 class Writer(StorageWriter):
@@ -146,7 +116,6 @@ class Writer(StorageWriter):
         self._attempt = ""
         self._t: dict[str, float] = {}
         self._index: BlockIndex | None = None
-        self._results: list[WriteResult] | None = None
         self._history: History = {}  # this save's items: block size, fraction written
 
     # -- DCP protocol ----------------------------------------------------------------
@@ -154,7 +123,6 @@ class Writer(StorageWriter):
     def reset(self, checkpoint_id: object = None) -> None:
         self.info = None
         self._t = {}
-        self._results = None
         self._history = {}
 
     @classmethod
@@ -194,7 +162,7 @@ class Writer(StorageWriter):
                 "checkpoint is never overwritten. Save under another step, or delete it first")
         mark_repository(self.store)
         self._attempt = layout.new_attempt(self.step)
-        base = usable_base(self.store, committed) if self.config.dedup else None
+        base = dedup.usable_base(self.store, committed) if self.config.dedup else None
         return [dataclasses.replace(p, storage_data=_Assignment(self._attempt, i, base))
                 for i, p in enumerate(plans)]
 
@@ -203,17 +171,17 @@ class Writer(StorageWriter):
         self._t["write"] = time.perf_counter()
         assignment: _Assignment = plan.storage_data
         # items an async save already wrote during its pause (over its staging budget)
-        prewritten: dict[MetadataIndex, StoredData] = getattr(planner, "prewritten", {})
+        prewritten = planner.prewritten if isinstance(planner, SafeSavePlanner) else {}
         results = [WriteResult(index=i.index, size_in_bytes=prewritten[i.index].nbytes,
-                               storage_data=_Stored(prewritten[i.index], sum(
-                                   b.length for b in prewritten[i.index].blocks)))
+                               storage_data=_Stored(prewritten[i.index], *_sums(
+                                   prewritten[i.index].blocks)))
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
-        self._index = index_for(self.store, assignment.base_step) if self.config.dedup else None
-        total = sum(_item_nbytes(i) for i in items)
-        # IMPORTANT: few large objects (S3 pays per request): a segment per 64 MiB at least
-        bins = _balance(items, max(1, min(self.config.writer_threads,
-                                          math.ceil(total / (64 << 20)))))
+        self._index = (dedup.index_for(self.store, assignment.base) if self.config.dedup
+                       else None)
+        sizes = [item_nbytes(i) for i in items]
+        bins = [[items[k] for k in b] for b in balance(
+            sizes, segments_for(sum(sizes), self.config.writer_threads))]
         if bins:
             with ThreadPoolExecutor(len(bins), thread_name_prefix="dckpt-write") as pool:
                 futures = [pool.submit(self._write_segment,
@@ -223,7 +191,10 @@ class Writer(StorageWriter):
                 for f in futures:
                     results.extend(f.result())
             self.store.sync_folder(f"{layout.DATA_DIR}/{assignment.attempt}")
-        self._results = results
+        if self.config.dedup:  # the next save's index, if the coordinator commits this one
+            dedup.written(self.store, (self.step, assignment.attempt),
+                          (b for r in results for b in r.storage_data.data.blocks),
+                          self._history)
         nbytes = sum(r.size_in_bytes for r in results)
         written = sum(r.storage_data.written for r in results)
         seconds = time.perf_counter() - self._t["write"]
@@ -239,7 +210,6 @@ class Writer(StorageWriter):
         t_finish = time.perf_counter()
         stored = {r.index: r.storage_data for rank_results in results for r in rank_results}
         items = _entries(metadata, stored)
-        self._check_references(items)
         phase_s = {"plan": self._t["write"] - self._t["start"], "write": t_finish - self._t["write"]}
         manifest = Manifest(
             step=self.step, attempt=self._attempt, created_at=time.time(), world_size=len(results),
@@ -248,28 +218,43 @@ class Writer(StorageWriter):
             bytes_written=sum(st.written for st in stored.values()),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
+        self._check_references(manifest)
         try:
             self.store.create_exclusive(layout.manifest_name(self.step), encode(manifest))
         except FileExistsError:
             raise CheckpointExistsError(
                 f"step {self.step} was committed in {self.store.url} by another save while this "
                 "one was writing; this save's data is left for gc") from None
-        if self.config.dedup:  # the next save's base check needs no read of this manifest
-            record_extents(self.store, self.step, (b for _, _, b in manifest.blocks()))
+        if self.config.dedup:  # the next save's base, checked without reading this manifest
+            dedup.committed(self.store, (self.step, self._attempt),
+                            (b for _, _, b in manifest.blocks()))
         commit_s = time.perf_counter() - t_finish
-        self.info = info_from_manifest(manifest, self.store.url, phase_s={
-            **phase_s, "commit": commit_s, "total": time.perf_counter() - self._t["start"]})
+        self.info = info_from_manifest(
+            manifest, self.store.url,
+            bytes_written_raw=sum(st.raw_written for st in stored.values()),
+            phase_s={**phase_s, "commit": commit_s,
+                     "total": time.perf_counter() - self._t["start"]})
         log.info("committed step %d: %d bytes logical, %d written, %.3f s total", self.step,
                  manifest.bytes_logical, manifest.bytes_written, self.info.phase_s["total"])
 
-    def committed(self) -> None:
-        """(every rank, after the commit) Keep this rank's blocks as the next save's index."""
-        if self.config.dedup and self._results is not None:
-            remember(self.store, self.step, (b for r in self._results
-                                             for b in r.storage_data.data.blocks),
-                     self._history)
-
     # -- internals ---------------------------------------------------------------------
+
+    def _check_references(self, manifest: Manifest) -> None:
+        """(coordinator) Every object of another attempt that this save references still
+        exists: a ``gc`` with a grace period shorter than this save may have taken it."""
+        mine = f"{layout.DATA_DIR}/{self._attempt}/"
+        folders: dict[str, set[str]] = {}
+        for _, _, b in manifest.blocks():
+            if not b.segment.startswith(mine):
+                folder, _, base = b.segment.rpartition("/")
+                folders.setdefault(folder, set()).add(base)
+        for folder, names in folders.items():
+            missing = names - set(self.store.list_names(folder))
+            if missing:
+                raise CommitError(
+                    f"step {self.step} references blocks in {len(missing)} objects of {folder} "
+                    f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
+                    "than this save took them); nothing was committed, save again")
 
     def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
         return SegmentOut(f, name, self.config.block_size_bytes,
@@ -304,7 +289,7 @@ class Writer(StorageWriter):
                 if self._index is not None:
                     size = block_size_for(self._index.history, key, len(buf), size,
                                           self.config.sparse_block_size_bytes)
-                before, new_before = out.written, out.new_blocks
+                before, raw_before, new_before = out.written, out.raw_written, out.new_blocks
                 blocks = out.append(buf, planes=planes, block_size=size)
                 if blocks:  # a save that changed the size matched nothing: no evidence
                     last = self._index.history.get(key) if self._index is not None else None
@@ -314,106 +299,15 @@ class Writer(StorageWriter):
                 stored = StoredData(len(buf), tuple(blocks))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
                                            storage_data=_Stored(stored, out.written - before,
+                                                                out.raw_written - raw_before,
                                                                 encoding)))
                 del buf
         return results
 
-    def _check_references(self, items: dict[str, Entry]) -> None:
-        """(coordinator) Every object of another attempt that this save references still
-        exists: a ``gc`` with a grace period shorter than this save may have taken it."""
-        mine = f"{layout.DATA_DIR}/{self._attempt}/"
-        folders: dict[str, set[str]] = {}
-        for e in items.values():
-            for d in stored_datas(e):
-                for b in d.blocks:
-                    if not b.segment.startswith(mine):
-                        folder, _, base = b.segment.rpartition("/")
-                        folders.setdefault(folder, set()).add(base)
-        for folder, names in folders.items():
-            missing = names - set(self.store.list_names(folder))
-            if missing:
-                raise CommitError(
-                    f"step {self.step} references blocks in {len(missing)} objects of {folder} "
-                    f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
-                    "than this save took them); nothing was committed, save again")
 
-
-class SegmentOut:
-    """Appends the bytes of items to one open segment, cut into blocks and hashed.
-
-    An item may come in pieces (``append`` once per piece); every piece but the last must
-    be a multiple of the block size, so that blocks fall where one ``append`` would cut.
-
-    ``align``: large items start at a multiple of it (zeros fill the gap, which no block
-    references), so that a ``DirectFile`` writes them from the caller's memory.
-    """
-
-    ALIGN_FROM_BYTES = 1 << 20  # smaller items are packed: the padding would cost more
-
-    def __init__(self, f: BinaryIO, name: str, block_size: int, *, align: int = 0,
-                 index: BlockIndex | None = None, compress: bool = False) -> None:
-        self.f = f
-        self.name = name
-        self.block_size = block_size
-        self.align = align
-        self.index = index
-        self.compress = compress
-        self.offset = 0
-        self.written = 0  # stored bytes written (padding aside)
-        self.new_blocks = 0  # blocks written (the others the index held)
-
-    def append(self, buf: memoryview, *, planes: int = 1,
-               block_size: int | None = None) -> list[BlockRef]:
-        """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
-        planes its elements split into before compression (see dckpt.codec);
-        ``block_size``: this item's, instead of the segment's."""
-        # a large item starts aligned, padded just before its first write: an item whose
-        # blocks are all known writes nothing, not even the padding
-        pad = (-self.offset % self.align
-               if self.align and len(buf) >= self.ALIGN_FROM_BYTES else 0)
-        blocks = []
-        pending = [0, 0]  # raw blocks not yet written: one write for a run of them
-
-        def flush() -> None:
-            if pending[1] > pending[0]:
-                self.f.write(buf[pending[0]: pending[1]])
-
-        for start, length in cut(len(buf), block_size or self.block_size):
-            piece = buf[start: start + length]
-            d = digest(piece)
-            ref = self.index.get(d, length) if self.index is not None else None
-            if ref is None:
-                if pad:
-                    self.f.write(bytes(pad))
-                    self.offset += pad
-                    pad = 0
-                encoded = codec.encode(piece, planes) if self.compress else None
-                if encoded is None:
-                    ref = BlockRef(self.name, self.offset, length, length, d)
-                    if pending[1] != start:
-                        flush()
-                        pending[0] = start
-                    pending[1] = start + length
-                else:
-                    ref = BlockRef(self.name, self.offset, len(encoded[1]), length, d, encoded[0])
-                    flush()
-                    pending[0] = pending[1] = start
-                    self.f.write(encoded[1])
-                self.offset += ref.length
-                self.written += ref.length
-                self.new_blocks += 1
-                if self.index is not None:
-                    self.index.add(ref)
-            blocks.append(ref)
-        flush()
-        return blocks
-
-
-def byte_planes(dtype: torch.dtype) -> int:
-    """Byte planes worth splitting a tensor of ``dtype`` into: one per byte of a float."""
-    if dtype.is_complex:
-        return dtype.itemsize // 2
-    return dtype.itemsize if dtype.is_floating_point and dtype.itemsize in (2, 4, 8) else 1
+def _sums(blocks: tuple[BlockRef, ...]) -> tuple[int, int]:
+    """(stored, raw) bytes of ``blocks``."""
+    return sum(b.length for b in blocks), sum(b.raw_length for b in blocks)
 
 
 def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[str, Entry]:

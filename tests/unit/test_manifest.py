@@ -13,8 +13,9 @@ from dckpt import layout
 from dckpt.blocks import check, cut, digest
 from dckpt.errors import FormatError, IntegrityError
 from dckpt.dtypes import dtype_from_name, dtype_name
+from dckpt.decoder import decode
 from dckpt.manifest import (BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, ValueEntry,
-                            decode, encode)
+                            encode)
 from dckpt_testing import reseal
 from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
@@ -63,7 +64,7 @@ def test_encode_decode_round_trip():
 
 
 def test_compressed_blocks_decode_column_wise_as_block_wise():
-    from dckpt.manifest import _blocks_checked, _blocks_fast
+    from dckpt.decoder import _blocks_checked, _blocks_fast
 
     segs = ["data/a/r0.seg", "data/b/r1.seg"]
     rows = [[i % 2, i * 100, 100 - i % 3, 100, f"{i:032x}", ("raw", "zstd")[i % 3 > 0]]

@@ -1,0 +1,138 @@
+"""Segments: the objects a rank writes, its items' bytes cut into blocks, hashed, and the
+blocks the dedup index does not hold appended (compressed where the policy says so).
+
+The Writer fills one segment per writer thread; an async save's pause writes what its
+staging budget does not hold into one of its own (dckpt.saver). Both go through
+``SegmentOut``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import BinaryIO
+
+import torch
+from torch.distributed.checkpoint.planner import WriteItem
+
+from dckpt import codec
+from dckpt.blocks import cut, digest
+from dckpt.dedup import BlockIndex
+from dckpt.manifest import BlockRef
+
+__all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance",
+           "segments_for"]
+
+
+def tensor_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
+
+
+def item_nbytes(item: WriteItem) -> int:
+    """A tensor item's bytes (0 for a non-tensor value)."""
+    if item.tensor_data is None:
+        return 0
+    return math.prod(item.tensor_data.chunk.sizes) * item.tensor_data.properties.dtype.itemsize
+
+
+def balance(sizes: list[int], bins: int) -> list[list[int]]:
+    """Greedy: the largest first into the lightest bin; each bin (indices into ``sizes``, in
+    the order placed) becomes one segment, written by one thread. Empty bins are dropped."""
+    loads = [0] * bins
+    out: list[list[int]] = [[] for _ in range(bins)]
+    for k in sorted(range(len(sizes)), key=lambda k: sizes[k], reverse=True):
+        i = loads.index(min(loads))
+        out[i].append(k)
+        loads[i] += sizes[k]
+    return [b for b in out if b]
+
+
+def segments_for(total_bytes: int, threads: int) -> int:
+    """How many segments a rank writes: one per writer thread, but no more than one per 64
+    MiB, so that small states make one object (S3 pays per request)."""
+    return max(1, min(threads, math.ceil(total_bytes / (64 << 20))))
+
+
+
+class SegmentOut:
+    """Appends the bytes of items to one open segment, cut into blocks and hashed.
+
+    An item may come in pieces (``append`` once per piece); every piece but the last must
+    be a multiple of the block size, so that blocks fall where one ``append`` would cut.
+
+    ``align``: large items start at a multiple of it (zeros fill the gap, which no block
+    references), so that a ``DirectFile`` writes them from the caller's memory.
+    """
+
+    ALIGN_FROM_BYTES = 1 << 20  # smaller items are packed: the padding would cost more
+
+    def __init__(self, f: BinaryIO, name: str, block_size: int, *, align: int = 0,
+                 index: BlockIndex | None = None, compress: bool = False) -> None:
+        self.f = f
+        self.name = name
+        self.block_size = block_size
+        self.align = align
+        self.index = index
+        self.compress = compress
+        self.offset = 0
+        self.written = 0  # stored bytes written (padding aside)
+        self.raw_written = 0  # what they held before compression
+        self.new_blocks = 0  # blocks written (the others the index held)
+
+    def append(self, buf: memoryview, *, planes: int = 1,
+               block_size: int | None = None) -> list[BlockRef]:
+        """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
+        planes its elements split into before compression (see dckpt.codec);
+        ``block_size``: this item's, instead of the segment's."""
+        # a large item starts aligned, padded just before its first write: an item whose
+        # blocks are all known writes nothing, not even the padding
+        pad = (-self.offset % self.align
+               if self.align and len(buf) >= self.ALIGN_FROM_BYTES else 0)
+        blocks = []
+        pending = [0, 0]  # raw blocks not yet written: one write for a run of them
+
+        def flush() -> None:
+            if pending[1] > pending[0]:
+                self.f.write(buf[pending[0]: pending[1]])
+
+        for start, length in cut(len(buf), block_size or self.block_size):
+            piece = buf[start: start + length]
+            d = digest(piece)
+            ref = self.index.get(d, length) if self.index is not None else None
+            if ref is None:
+                if pad:
+                    self.f.write(bytes(pad))
+                    self.offset += pad
+                    pad = 0
+                encoded = codec.encode(piece, planes) if self.compress else None
+                if encoded is None:
+                    ref = BlockRef(self.name, self.offset, length, length, d)
+                    if pending[1] != start:
+                        flush()
+                        pending[0] = start
+                    pending[1] = start + length
+                else:
+                    ref = BlockRef(self.name, self.offset, len(encoded[1]), length, d, encoded[0])
+                    flush()
+                    pending[0] = pending[1] = start
+                    self.f.write(encoded[1])
+                self.offset += ref.length
+                self.written += ref.length
+                self.raw_written += length
+                self.new_blocks += 1
+                if self.index is not None:
+                    self.index.add(ref)
+            blocks.append(ref)
+        flush()
+        return blocks
+
+
+def byte_planes(dtype: torch.dtype) -> int:
+    """Byte planes worth splitting a tensor of ``dtype`` into: one per byte of a float."""
+    if dtype.is_complex:
+        return dtype.itemsize // 2
+    return dtype.itemsize if dtype.is_floating_point and dtype.itemsize in (2, 4, 8) else 1
