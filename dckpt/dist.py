@@ -24,7 +24,10 @@ __all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "bro
 
 log = logging.getLogger(__name__)
 
-_groups: dict[tuple[int, float, str], dist.ProcessGroup] = {}
+_groups: dict[tuple[float, str], tuple[object, dist.ProcessGroup]] = {}
+"""(timeout, purpose) -> (the default group it was derived from, the group). The entry holds
+the default group itself, not its id: a destroyed and re-created default group (a new id, or
+the old one reused) never gets a group of the old one back."""
 
 
 def active() -> bool:
@@ -51,12 +54,13 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     """
     if not active():
         return None
-    key = (id(dist.group.WORLD), float(timeout_s), purpose)
-    group = _groups.get(key)
-    if group is None:
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        _groups[key] = group
-    return group
+    key = (float(timeout_s), purpose)
+    world = dist.group.WORLD
+    entry = _groups.get(key)
+    if entry is None or entry[0] is not world:
+        entry = (world, dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+        _groups[key] = entry
+    return entry[1]
 
 
 def broadcast(obj: object, group: dist.ProcessGroup | None) -> object:

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -25,6 +24,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError
 from dckpt.manifest import StoredData
+from dckpt.torch_internals import is_dtensor, local_shard, set_element
 from dckpt.values import RawBytes, safe_load, serialize
 
 __all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "state_dict_problems",
@@ -86,7 +86,7 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
 
 def tensor_problem(key: str, t: torch.Tensor) -> str | None:
     """Why a tensor cannot be saved, or None."""
-    local = getattr(t, "_local_tensor", t)  # a DTensor's shard
+    local = local_shard(t) if is_dtensor(t) else t  # type: ignore[arg-type]
     if t.layout != torch.strided or local.layout != torch.strided:
         return (f"{key}: layout {t.layout} is not supported; convert to a dense (strided) "
                 "tensor before saving")

@@ -22,7 +22,6 @@ from concurrent.futures import Future as PoolFuture
 from dataclasses import dataclass, field
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
     ChunkStorageMetadata,
@@ -44,6 +43,7 @@ from dckpt.planner import SafeLoadPlanner
 from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
+from dckpt.torch_internals import narrow_tensor_by_index
 from dckpt.values import RawBytes, safe_load
 
 __all__ = ["Reader", "to_dcp_metadata", "box_range", "share_replicated", "Shared"]

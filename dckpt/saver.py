@@ -48,6 +48,7 @@ from dckpt.planner import SafeSavePlanner, StagedPlanner
 from dckpt.segments import SegmentOut, byte_planes, item_nbytes, tensor_bytes
 from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.torch_internals import is_dtensor, local_shard
 from dckpt.writer import Metrics, Writer
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
@@ -194,8 +195,8 @@ def _plan_key(flat: dict[str, Any]) -> tuple | None:
             key.append((fqn,))
         elif type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
             key.append((fqn, v.shape, v.dtype, v.device, v.layout, v.requires_grad))
-        elif type(v).__name__ == "DTensor":
-            key.append((fqn, v.shape, v._local_tensor.shape, v.dtype,  # type: ignore[attr-defined]
+        elif is_dtensor(v):
+            key.append((fqn, v.shape, local_shard(v).shape, v.dtype,  # type: ignore[arg-type]
                         v.device, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
                         id(v.device_mesh)))  # type: ignore[attr-defined]
         else:

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from dckpt.torch_internals import is_dtensor, local_shard, with_local_shard
+
 __all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager"]
 
 log = logging.getLogger(__name__)
@@ -176,15 +178,10 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
     elif isinstance(obj, (list, tuple)):
         for v in obj:
             yield from _tensors(v)
-    elif _is_dtensor(obj):
-        yield obj._local_tensor
+    elif is_dtensor(obj):
+        yield local_shard(obj)
     elif isinstance(obj, torch.Tensor):
         yield obj
-
-
-def _is_dtensor(obj: Any) -> bool:
-    return isinstance(obj, torch.Tensor) and type(obj).__name__ == "DTensor" and hasattr(
-        obj, "__tensor_flatten__")
 
 
 def _rebuild(obj: Any, staged: Iterator[torch.Tensor]) -> Any:
@@ -195,10 +192,8 @@ def _rebuild(obj: Any, staged: Iterator[torch.Tensor]) -> Any:
         return [_rebuild(v, staged) for v in obj]
     if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
         return tuple(_rebuild(v, staged) for v in obj)
-    if _is_dtensor(obj):
-        names, ctx = obj.__tensor_flatten__()
-        return type(obj).__tensor_unflatten__({names[0]: next(staged)}, ctx, obj.shape,
-                                              obj.stride())
+    if is_dtensor(obj):
+        return with_local_shard(obj, next(staged))
     if isinstance(obj, torch.Tensor):
         return next(staged)
     return copy.deepcopy(obj)

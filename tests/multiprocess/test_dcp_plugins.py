@@ -1,0 +1,58 @@
+"""dckpt's DCP plug-ins used through DCP's own entry points, on real gloo ranks: the
+Stager staging DTensors for dcp.async_save, and dcp.save with a dckpt.Writer deduplicating
+its next save as dckpt.save does (nothing to call after a commit)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dckpt
+from dckpt_testing import run_ranks
+
+
+def _stager_dtensor(rank, world, url):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = distribute_tensor(torch.arange(64.0).reshape(8, 8), mesh, [Shard(0)])
+    stager = dckpt.Stager()
+    wants = {}
+    for step in (1, 2):
+        wants[step] = w.full_tensor().clone()
+        future = dcp.async_save({"w": w}, storage_writer=dckpt.Writer(url, step=step),
+                                async_stager=stager)
+        w.to_local().add_(100.0)  # changes after staging are not in the checkpoint
+        future.result(timeout=60)
+    stager.close()
+    got = {}
+    for step in (1, 2):
+        out = {"w": distribute_tensor(torch.zeros(8, 8), mesh, [Shard(0)])}
+        dckpt.load(out, url, step=step)
+        got[step] = torch.equal(out["w"].full_tensor(), wants[step])
+    return got
+
+
+def test_stager_stages_dtensors_for_dcp_async_save(tmp_path):
+    url = str(tmp_path / "ckpt")
+    assert [o.value for o in run_ranks(_stager_dtensor, 2, url)] == [{1: True, 2: True}] * 2
+
+
+def _dcp_save_twice(rank, world, url):
+    state = {f"w{rank}": torch.randn(256, 1024), "shared": torch.ones(1024)}
+    dcp.save(state, storage_writer=dckpt.Writer(url, step=1))
+    state[f"w{rank}"][0] += 1  # one row of one block changes on each rank
+    dcp.save(state, storage_writer=dckpt.Writer(url, step=2))
+    out = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(out, storage_reader=dckpt.Reader(url, step=2))
+    return all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_dcp_save_with_the_writer_deduplicates_the_next_save(tmp_path):
+    url = str(tmp_path / "ckpt")
+    assert [o.value for o in run_ranks(_dcp_save_twice, 2, url)] == [True, True]
+    first, second = dckpt.list_checkpoints(url)
+    assert first.bytes_written >= 2 * 256 * 1024 * 4
+    assert second.bytes_written <= 2 * 256 * 1024  # one 256 KiB block per rank
+    assert dckpt.verify(url, all_steps=True).ok

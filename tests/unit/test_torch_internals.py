@@ -1,0 +1,47 @@
+"""The private torch parts dckpt relies on (dckpt/torch_internals.py) still exist and behave
+as dckpt uses them, on the torch this suite runs against."""
+
+from __future__ import annotations
+
+import torch
+
+from dckpt import torch_internals as ti
+from dckpt_testing import run_ranks
+
+
+def test_narrow_tensor_by_index_takes_a_box():
+    t = torch.arange(24).reshape(4, 6)
+    box = ti.narrow_tensor_by_index(t, [1, 2], [2, 3])
+    assert torch.equal(box, t[1:3, 2:5])
+    box.fill_(-1)  # a view: the reader copies into it
+    assert int((t == -1).sum()) == 6
+
+
+def test_set_element_puts_a_value_at_its_path():
+    root = {"a": {"b": [0, 1]}}
+    ti.set_element(root, ("a", "b", 1), "x")
+    ti.set_element(root, ("a", "c"), 3)
+    assert root == {"a": {"b": [0, "x"], "c": 3}}
+
+
+def _dtensor(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(8.0).reshape(4, 2)
+    d = distribute_tensor(full, mesh, [Shard(0)])
+    local = ti.local_shard(d)
+    again = ti.with_local_shard(d, local * 10)
+    return (ti.is_dtensor(d), ti.is_dtensor(full), local.tolist(),
+            ti.is_dtensor(again), list(again.shape), again.placements == d.placements,
+            again.full_tensor().tolist())
+
+
+def test_dtensors_are_recognised_and_rebuilt_over_a_new_shard():
+    out = [o.value for o in run_ranks(_dtensor, 2)]
+    full = torch.arange(8.0).reshape(4, 2)
+    for rank, (is_d, is_plain, local, again, shape, same, gathered) in enumerate(out):
+        assert is_d and not is_plain and again and same
+        assert local == full[2 * rank: 2 * rank + 2].tolist()
+        assert shape == [4, 2] and gathered == (full * 10).tolist()
