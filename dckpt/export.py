@@ -22,7 +22,7 @@ from dckpt.reads import READ_THREADS, Fetcher, read_item
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 
-__all__ = ["export_checkpoint", "FORMATS"]
+__all__ = ["export_checkpoint", "unflatten", "FORMATS"]
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
     dest = Store(parent or ".", storage_options)
     with dest.open_replace(base) as f:
         if fmt == "torch":
-            torch.save(_unflatten(flat, m.planner_data), f)
+            torch.save(unflatten(flat, m.planner_data), f)
         else:
             _write_safetensors(flat, m, f)
     return dest.size(base)
@@ -84,7 +84,7 @@ def _read_block(store: Store, ref: BlockRef, what: str) -> bytearray:
     return buf
 
 
-def _unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | None
+def unflatten(flat: dict[str, Any], planner_data: dict[str, list[str | int]] | None
                ) -> dict[str, Any]:
     """The nested state dict: DCP's planner data maps each flat key to its path."""
     if not planner_data:

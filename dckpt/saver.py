@@ -26,9 +26,8 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from typing import Any
 
@@ -42,13 +41,13 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import dist, layout
 from dckpt.config import SaveConfig
 from dckpt.errors import CommitError, DckptError
+from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
-from dckpt.planner import SafeSavePlanner, StagedPlanner
-from dckpt.segments import SegmentOut, byte_planes, item_nbytes, tensor_bytes
-from dckpt.staging import CopyEngine, HostArea, aligned, wait_device, wait_host
+from dckpt.planner import SafeSavePlanner, StagedPlanner, plan_key
+from dckpt.segments import SegmentOut, item_nbytes
+from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
-from dckpt.torch_internals import is_dtensor, local_shard
 from dckpt.writer import Metrics, Writer
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
@@ -91,68 +90,6 @@ def stateful_to_state_dict(state_dict: StateDict) -> StateDict:
     return {k: v.state_dict() if isinstance(v, Stateful) else v for k, v in state_dict.items()}
 
 
-class SaveHandle:
-    """One asynchronous save: staged when returned, written and committed in the background.
-
-    ``wait()`` returns the CheckpointInfo or raises the save's error (the same error on
-    every rank); ``done()`` does not block. A skipped save (``if_busy="skip"``) is done at
-    once and ``wait()`` returns None.
-    """
-
-    def __init__(self, step: int, future: Future[CheckpointInfo] | None, *,
-                 staged: Callable[[], None] = lambda: None, skipped_for: int | None = None,
-                 pause_s: float = 0.0) -> None:
-        self.step = step
-        self._future = future
-        self._staged = staged
-        self.skipped = future is None
-        """True when the save was skipped because another was in flight."""
-        self.skipped_for = skipped_for
-        """The step whose save was in flight when this one was skipped."""
-        self.pause_s = pause_s
-        """Seconds the caller was held in ``async_save`` on this rank."""
-
-    def __repr__(self) -> str:
-        state = ("skipped" if self.skipped else "running" if not self.done()
-                 else "failed" if self.error else "committed")
-        return f"SaveHandle(step={self.step}, {state})"
-
-    def done(self) -> bool:
-        return self._future is None or self._future.done()
-
-    def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until committed (the info) or failed (raises); TimeoutError past ``timeout``."""
-        if self._future is None:
-            return None
-        try:
-            return self._future.result(timeout)
-        except FutureTimeout:
-            raise TimeoutError(f"the save of step {self.step} is still running after "
-                               f"{timeout} s") from None
-
-    @property
-    def error(self) -> BaseException | None:
-        """The save's failure once done, else None."""
-        if self._future is None or not self._future.done():
-            return None
-        return self._future.exception()
-
-    @property
-    def info(self) -> CheckpointInfo | None:
-        """The committed checkpoint's info once done and successful, else None."""
-        if self._future is None or not self._future.done() or self._future.exception():
-            return None
-        return self._future.result()
-
-    def wait_staged(self) -> None:
-        """Overlap mode: return when the staged copy is complete (so the state may change).
-
-        On CUDA the training's stream waits for the copies and the host goes on at once.
-        A no-op when staging already finished inside ``async_save``.
-        """
-        self._staged()
-
-
 class _Staging:
     """What the caller's thread hands the persist thread."""
 
@@ -183,25 +120,6 @@ class _Staging:
         if self.copies is not None:
             self.copies.result()
         wait_host(self.events)
-
-
-def _plan_key(flat: dict[str, Any]) -> tuple | None:
-    """What DCP's local save plan depends on, for a flattened state dict: the same key gives
-    the same plan, which is reused (planning 64 DTensors costs several ms of the pause).
-    None when something in it is not understood (then the plan is always made afresh)."""
-    key: list[tuple] = []
-    for fqn, v in flat.items():
-        if not isinstance(v, torch.Tensor):
-            key.append((fqn,))
-        elif type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
-            key.append((fqn, v.shape, v.dtype, v.device, v.layout, v.requires_grad))
-        elif is_dtensor(v):
-            key.append((fqn, v.shape, local_shard(v).shape, v.dtype,  # type: ignore[arg-type]
-                        v.device, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
-                        id(v.device_mesh)))  # type: ignore[attr-defined]
-        else:
-            return None
-    return tuple(key)
 
 
 class _Planned:
@@ -351,7 +269,7 @@ class AsyncSaver:
             planned.problems = problems
             planned.key, planned.sizes = ((), 0), [0]
             return planned
-        shape = _plan_key(planner.state_dict)  # type: ignore[attr-defined]
+        shape = plan_key(planner.state_dict)  # type: ignore[attr-defined]
         if shape is None or shape != self._last_plan_key:
             self._last_plan, self._last_plan_key = planner.create_local_plan(), shape
         assert self._last_plan is not None
@@ -366,7 +284,12 @@ class AsyncSaver:
             else:
                 assert isinstance(data, torch.Tensor)
                 tensors.append((item, data))
-        planned.fit, planned.overflow, planned.window = self._fit(tensors, config)
+        fits, window = fit([item_nbytes(i) for i, _ in tensors], config.staging_bytes,
+                           config.block_size_bytes)
+        chosen = set(fits)
+        planned.fit = [tensors[k] for k in fits]
+        planned.overflow = [t for k, t in enumerate(tensors) if k not in chosen]
+        planned.window = window
         planned.key = (tuple((i.index, t.dtype, tuple(t.shape), t.device)
                              for i, t in planned.fit), planned.window)
         planned.sizes = [item_nbytes(i) for i, _ in planned.fit] + [planned.window]
@@ -398,27 +321,6 @@ class AsyncSaver:
             self._write_overflow(planned.overflow, slots[-1], writer, staging)
         return staging
 
-    @staticmethod
-    def _fit(tensors: list[tuple[WriteItem, torch.Tensor]], config: SaveConfig
-             ) -> tuple[list[tuple[WriteItem, torch.Tensor]], list[tuple[WriteItem, torch.Tensor]], int]:
-        """Which tensors the staging budget holds; the rest go through a window, in the pause."""
-        total = sum(aligned(item_nbytes(i)) for i, _ in tensors)
-        budget = config.staging_bytes
-        if budget is None or total <= budget:
-            return tensors, [], 0
-        block = config.block_size_bytes
-        window = max(block, min(64 << 20, budget // 4) // block * block)
-        room = budget - window
-        fit, overflow = [], []
-        for item, t in tensors:
-            need = aligned(item_nbytes(item))
-            if need <= room:
-                fit.append((item, t))
-                room -= need
-            else:
-                overflow.append((item, t))
-        return fit, overflow, window
-
     def _write_overflow(self, overflow: list[tuple[WriteItem, torch.Tensor]],
                         window: torch.Tensor, writer: Writer, staging: _Staging) -> None:
         """(caller's thread) Write what the budget does not hold, now, in a segment of its own."""
@@ -431,17 +333,7 @@ class AsyncSaver:
                              align=DIRECT_ALIGN if direct else 0, compress=writer.compresses)
             for item, t in overflow:
                 n = item_nbytes(item)
-                planes = byte_planes(t.dtype)
-                if t.device.type == "cpu":
-                    blocks = out.append(tensor_bytes(t), planes=planes)
-                else:
-                    flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    blocks = []
-                    for start in range(0, n, window.numel()):
-                        piece = window[: min(window.numel(), n - start)]
-                        piece.copy_(flat[start: start + piece.numel()])
-                        view = memoryview(piece.numpy())  # type: ignore[arg-type]
-                        blocks += out.append(view, planes=planes)
+                blocks = out.append_tensor(t, window)
                 staging.prewritten[item.index] = StoredData(n, tuple(blocks))
                 staging.staged[item.index] = None
                 staging.overflow_bytes += n

@@ -130,6 +130,21 @@ class SegmentOut:
         flush()
         return blocks
 
+    def append_tensor(self, t: torch.Tensor, window: torch.Tensor) -> list[BlockRef]:
+        """A whole tensor's blocks: a CPU tensor's straight from its memory, a device
+        tensor's through ``window`` (host uint8 memory, a whole number of blocks), one
+        window at a time."""
+        planes = byte_planes(t.dtype)
+        if t.device.type == "cpu":
+            return self.append(tensor_bytes(t), planes=planes)
+        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        blocks: list[BlockRef] = []
+        for start in range(0, flat.numel(), window.numel()):
+            piece = window[: min(window.numel(), flat.numel() - start)]
+            piece.copy_(flat[start: start + piece.numel()])
+            blocks += self.append(memoryview(piece.numpy()), planes=planes)  # type: ignore[arg-type]
+        return blocks
+
 
 def byte_planes(dtype: torch.dtype) -> int:
     """Byte planes worth splitting a tensor of ``dtype`` into: one per byte of a float."""

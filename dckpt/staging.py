@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from dckpt.torch_internals import is_dtensor, local_shard, with_local_shard
 
-__all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager"]
+__all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager", "fit"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,23 @@ def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, object]:
     buf = torch.empty(nbytes, dtype=torch.uint8)
     buf.zero_()
     return buf, None
+
+
+def fit(sizes: list[int], budget: int | None, block: int) -> tuple[list[int], int]:
+    """Which tensors (indices into their byte ``sizes``) the staging ``budget`` holds, and
+    the window (bytes, a whole number of blocks, 0 when all fit) through which the others
+    are written in the pause. The window takes a quarter of the budget, at most 64 MiB and
+    at least one block; tensors are taken in order while their aligned slots fit the rest."""
+    if budget is None or sum(aligned(n) for n in sizes) <= budget:
+        return list(range(len(sizes))), 0
+    window = max(block, min(64 << 20, budget // 4) // block * block)
+    room = budget - window
+    fits = []
+    for k, n in enumerate(sizes):
+        if aligned(n) <= room:
+            fits.append(k)
+            room -= aligned(n)
+    return fits, window
 
 
 class HostArea:

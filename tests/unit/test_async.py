@@ -255,7 +255,7 @@ def test_saving_a_committed_step_again_fails_in_the_background(tmp_path):
 
 
 def test_the_local_plan_is_reused_only_while_its_key_holds(tmp_path):
-    from dckpt.saver import _plan_key
+    from dckpt.planner import plan_key as _plan_key
 
     base = {"a": torch.zeros(4, 2), "v": 3}
     assert _plan_key(base) == _plan_key({"a": torch.ones(4, 2), "v": 9})  # values do not count

@@ -1,0 +1,210 @@
+"""The pure decisions of the edge and plug-in modules, each tested with a table: error
+translation (dist), the agreement's schedule (dist), block size choice (dedup), write
+balancing (segments), the staging budget (staging), read-once replicated state (reader),
+export unflattening (export) and the gc grace period (retention)."""
+
+from __future__ import annotations
+
+import traceback
+
+import pytest
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+import dckpt
+from dckpt import dist
+from dckpt.dedup import block_size_for
+from dckpt.export import unflatten
+from dckpt.manifest import ChunkEntry, StoredData
+from dckpt.reader import Shared, share_replicated
+from dckpt.retention import gc_min_age_s
+from dckpt.segments import balance, segments_for
+from dckpt.staging import aligned, fit
+
+# ---------------------------------------------------------------- dist.translate
+
+
+def _failures(**errors: BaseException) -> CheckpointException:
+    wrapped = {int(r[1:]): (e, traceback.StackSummary()) for r, e in errors.items()}
+    return CheckpointException("boom", wrapped)
+
+
+@pytest.mark.parametrize("errors, saving, cls", [
+    # saves: always CommitError, unless every rank found the step committed
+    ({"r0": OSError("disk full")}, True, dckpt.CommitError),
+    ({"r1": dckpt.IntegrityError("bad")}, True, dckpt.CommitError),
+    ({"r0": dckpt.CheckpointExistsError("x"), "r1": dckpt.CheckpointExistsError("x")}, True,
+     dckpt.CheckpointExistsError),
+    ({"r0": dckpt.CheckpointExistsError("x"), "r1": OSError("y")}, True, dckpt.CommitError),
+    # loads: the failing ranks' class when they agree; IntegrityError for integrity kinds
+    ({"r0": dckpt.StateDictError("keys")}, False, dckpt.StateDictError),
+    ({"r0": dckpt.FormatError("f"), "r1": dckpt.FormatError("f")}, False, dckpt.FormatError),
+    ({"r0": dckpt.FormatError("f"), "r1": dckpt.IntegrityError("i")}, False,
+     dckpt.IntegrityError),
+    ({"r0": OSError("net"), "r1": dckpt.IntegrityError("i")}, False, dckpt.DckptError),
+    ({"r2": RuntimeError("x")}, False, dckpt.DckptError),
+])
+def test_one_error_for_a_collective_failure(errors, saving, cls):
+    err = dist.translate(_failures(**errors), what="the thing", saving=saving)
+    assert type(err) is cls
+    ranks = sorted(int(r[1:]) for r in errors)
+    assert list(err.failures) == ranks  # every failing rank's message, in rank order
+    assert err.message.startswith(f"the thing failed on rank {', '.join(map(str, ranks))}: ")
+
+
+def test_a_permission_error_names_the_credentials():
+    err = dist.translate(_failures(r0=PermissionError("Forbidden")), what="save",
+                         saving=True)
+    assert "credentials" in err.failures[0]
+
+
+@pytest.mark.parametrize("interval_s, per_call_s, calls", [
+    (0.5, 0.0, 1),          # not timed yet: every call
+    (0.5, 1.0, 1),          # slower calls than the interval: every call
+    (0.5, 0.01, 50),
+    (0.5, 0.002, 250),
+    (0.5, 1e-9, 10_000),    # capped
+    (0.0, 0.01, 1),
+])
+def test_the_agreement_exchanges_about_every_interval(interval_s, per_call_s, calls):
+    assert dist.calls_between(interval_s, per_call_s) == calls
+
+# ---------------------------------------------------------------- dedup.block_size_for
+
+
+KiB = 1 << 10
+
+
+@pytest.mark.parametrize("history, nbytes, sparse, size", [
+    ({}, 100 << 20, 32 * KiB, 256 * KiB),                       # never saved: the default
+    ({"k": (256 * KiB, 0.05)}, 100 << 20, 32 * KiB, 32 * KiB),  # sparse updates: small blocks
+    ({"k": (256 * KiB, 0.95)}, 100 << 20, 32 * KiB, 256 * KiB),  # dense: stays large
+    ({"k": (32 * KiB, 0.95)}, 100 << 20, 32 * KiB, 256 * KiB),  # turned dense: back to large
+    ({"k": (32 * KiB, 0.0)}, 100 << 20, 32 * KiB, 32 * KiB),    # unchanged: keeps its size
+    ({"k": (32 * KiB, None)}, 100 << 20, 32 * KiB, 32 * KiB),   # size only (a manifest)
+    ({"k": (256 * KiB, 0.05)}, 1 << 20, 32 * KiB, 256 * KiB),   # under 16 blocks: default
+    ({"k": (256 * KiB, 0.05)}, 100 << 20, None, 256 * KiB),     # no sparse size configured
+    ({"k": (256 * KiB, 0.05)}, 100 << 20, 256 * KiB, 256 * KiB),  # "sparse" not smaller
+])
+def test_block_size_follows_how_the_item_changed(history, nbytes, sparse, size):
+    assert block_size_for(history, "k", nbytes, 256 * KiB, sparse) == size
+
+# ---------------------------------------------------------------- segments
+
+
+@pytest.mark.parametrize("sizes, bins, want", [
+    ([], 4, []),
+    ([10], 4, [[0]]),
+    ([1, 5, 3, 4], 2, [[1, 0], [3, 2]]),   # 5+1 against 4+3
+    ([8, 1, 1, 1, 1], 2, [[0], [1, 2, 3, 4]]),
+    ([2, 2, 2], 5, [[0], [1], [2]]),       # empty bins dropped
+])
+def test_writes_are_balanced_largest_first_into_the_lightest_segment(sizes, bins, want):
+    assert balance(sizes, bins) == want
+
+
+@pytest.mark.parametrize("total, threads, segments", [
+    (0, 4, 1), (1, 4, 1), (64 << 20, 4, 1), ((64 << 20) + 1, 4, 2), (10 << 30, 4, 4),
+    (10 << 30, 1, 1),
+])
+def test_one_segment_per_thread_but_not_under_64_mib_each(total, threads, segments):
+    assert segments_for(total, threads) == segments
+
+# ---------------------------------------------------------------- staging.fit
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize("sizes, budget, fits, window", [
+    ([MiB, MiB], None, [0, 1], 0),                 # no budget: everything is staged
+    ([MiB, MiB], 2 * MiB, [0, 1], 0),              # fits exactly
+    ([MiB, 100], 2 * MiB, [0, 1], 0),
+    ([4 * MiB, MiB, MiB], 4 * MiB, [1, 2], MiB),   # a quarter of the budget is the window
+    ([10 * MiB], 2 * MiB, [], 512 * 1024),
+    ([MiB] * 10, 1024 * MiB, list(range(10)), 0),
+    ([300 * MiB, 600 * MiB], 800 * MiB, [0], 64 * MiB),  # window capped at 64 MiB; in order
+    ([100, 100], 8192, [0, 1], 0),                 # slots are 4096-aligned: 8192 holds two
+    ([100, 100, 100], 8192, [0], 4096),            # one block of window leaves one slot
+])
+def test_the_staging_budget_holds_what_fits_and_windows_the_rest(sizes, budget, fits, window):
+    block = 4096 if budget is not None and budget < MiB else 256 * 1024
+    got_fits, got_window = fit(sizes, budget, block)
+    assert (got_fits, got_window) == (fits, window)
+    if budget is not None:
+        assert sum(aligned(sizes[k]) for k in got_fits) + got_window <= budget
+
+# ---------------------------------------------------------------- reader.share_replicated
+
+
+def _item(fqn: str, lengths: list[int], offsets: list[int] | None = None) -> ReadItem:
+    offsets = offsets or [0] * len(lengths)
+    return ReadItem(LoadItemType.TENSOR, MetadataIndex(fqn, [0] * len(lengths)), offsets,
+                    MetadataIndex(fqn, [0] * len(lengths)), [0] * len(lengths), lengths)
+
+
+def _chunk(sizes: tuple[int, ...], nbytes: int) -> tuple[str, ChunkEntry]:
+    return "tensor", ChunkEntry((0,) * len(sizes), sizes, StoredData(nbytes, ()))
+
+
+def test_replicated_boxes_are_read_once_and_spread_by_bytes():
+    storage = {MetadataIndex(k, [0]): _chunk((n,), n * 4)
+               for k, n in (("big", 1000), ("mid", 600), ("small", 300), ("own", 10))}
+    plans = [LoadPlan([_item("big", [1000]), _item("mid", [600]), _item("small", [300]),
+                       _item("own", [5], [r * 5])]) for r in range(2)]
+    out = share_replicated(plans, storage)
+    owners = {s.index.fqn: s.owner for s in out[0].storage_data}
+    assert owners == {"big": 0, "mid": 1, "small": 1}  # largest first, to the lightest rank
+    assert [s.index.fqn for s in out[0].storage_data] == ["big", "mid", "small"]
+    assert all(isinstance(s, Shared) for p in out for s in p.storage_data)
+    read = [{i.storage_index.fqn for i in p.items} for p in out]
+    assert read == [{"big", "own"}, {"mid", "small", "own"}]  # partial boxes stay per rank
+
+
+def test_nothing_is_shared_when_a_rank_reads_part_of_a_box():
+    storage = {MetadataIndex("w", [0]): _chunk((100,), 400)}
+    plans = [LoadPlan([_item("w", [100])]), LoadPlan([_item("w", [50])])]
+    assert share_replicated(plans, storage) == plans
+
+# ---------------------------------------------------------------- export.unflatten
+
+
+@pytest.mark.parametrize("flat, planner_data, nested", [
+    ({"a": 1}, None, {"a": 1}),
+    ({"a.b": 1, "a.c": 2}, {"a.b": ["a", "b"], "a.c": ["a", "c"]}, {"a": {"b": 1, "c": 2}}),
+    ({"o.s.0": 5, "o.s.1": 6}, {"o.s.0": ["o", "s", 0], "o.s.1": ["o", "s", 1]},
+     {"o": {"s": [5, 6]}}),
+    ({"l.1.x": 7}, {"l.1.x": ["l", 1, "x"]}, {"l": [None, {"x": 7}]}),
+    ({"k": 1, "p.q": 2}, {"p.q": ["p", "q"]}, {"k": 1, "p": {"q": 2}}),  # keys without a path
+])
+def test_export_rebuilds_the_nested_state_dict(flat, planner_data, nested):
+    assert unflatten(flat, planner_data) == nested
+
+
+def test_export_unflattens_a_real_optimizer_state(tmp_path):
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    url = str(tmp_path / "r")
+    dckpt.save({"optim": opt.state_dict()}, url, step=1)
+    dckpt.export(url, str(tmp_path / "out.pt"), step=1, format="torch")
+    back = torch.load(tmp_path / "out.pt", weights_only=True)["optim"]
+    assert back["param_groups"] == opt.state_dict()["param_groups"]
+    # DCP's flattening records dict keys as strings: the parameter ids come back as "0"
+    assert torch.equal(back["state"]["0"]["momentum_buffer"],
+                       opt.state_dict()["state"][0]["momentum_buffer"])
+
+# ---------------------------------------------------------------- retention.gc_min_age_s
+
+
+@pytest.mark.parametrize("now, started, margin, age", [
+    (1000.0, [], 60.0, 60.0),                       # nothing in flight: the margin
+    (1000.0, [990.0], 60.0, 60.0 + 10.002),         # since the start, rounded to the ms, + 2 ms
+    (1000.0, [995.5, 990.0], 60.0, 60.0 + 10.002),  # the oldest in flight counts
+    (1000.0, [990.0004], 0.0, 10.002),              # attempt names hold whole ms, rounded down
+])
+def test_gc_after_retention_spares_every_save_still_writing(now, started, margin, age):
+    assert gc_min_age_s(now, started, margin) == pytest.approx(age, abs=1e-9)

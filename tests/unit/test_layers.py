@@ -1,0 +1,90 @@
+"""The package's import graph follows the layers of docs/design.md: a module imports only
+modules of its own layer or lower ones, the edges own their libraries (fsspec, the
+torch.distributed collectives, torch's private parts), and the format and prefetch stay
+free of torch. Fails when an import crosses the layers, or a module is missing from the map
+(and from docs/design.md)."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "dckpt"
+DESIGN = PACKAGE.parent / "docs" / "design.md"
+
+LAYERS = [
+    # pure: the format, names, configs and decisions over lists
+    {"errors", "layout", "dtypes", "manifest", "decoder", "blocks", "codec", "info",
+     "arguments", "triggers", "retention", "config"},
+    # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
+    {"storage", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
+    # the repository: manifests found, blocks indexed, segments written, blocks read
+    {"repository", "dedup", "segments", "reads"},
+    # the DCP plug-ins
+    {"planner", "writer", "reader"},
+    # the save pipeline
+    {"handle", "saver"},
+    # operations over a repository, and the public functions
+    {"verify", "sweep", "export", "status", "health", "diff", "api", "train_state",
+     "pipeline"},
+    # orchestration
+    {"preemption", "upkeep", "manager"},
+    # the command line, and the launcher-side prefetch
+    {"cli", "prefetch"},
+]
+LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
+
+OWNERS = {  # a library (prefix) -> the only modules that import it
+    "fsspec": {"storage"},
+    "s3fs": {"storage"},
+    "torch.distributed.checkpoint._": {"torch_internals"},
+    "torch.distributed._": {"torch_internals"},
+}
+COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
+TORCH_FREE = {"errors", "layout", "manifest", "decoder", "blocks", "codec", "info",
+              "triggers", "retention", "arguments", "prefetch"}
+PREFETCH_NEEDS = {"layout", "decoder", "manifest", "errors"}
+"""All ``python -m dckpt.prefetch`` loads of dckpt: the stdlib and xxhash beside them."""
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+    tree = ast.parse(path.read_text())
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+            if node.module == "dckpt":
+                names += [f"dckpt.{a.name}" for a in node.names]
+    return names
+
+
+MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+
+
+def test_every_module_has_a_layer_and_a_line_in_the_design():
+    assert sorted(LAYER) == MODULES
+    design = DESIGN.read_text()
+    assert not [m for m in MODULES if f"`{m}`" not in design]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_imports_follow_the_layers(module):
+    imports = _imports(PACKAGE / f"{module}.py")
+    upward = [i for i in imports if i.startswith("dckpt.") and i.split(".")[1] in LAYER
+              and LAYER[i.split(".")[1]] > LAYER[module]]
+    assert upward == [], f"{module} (layer {LAYER[module]}) imports from above: {upward}"
+    for prefix, owners in OWNERS.items():
+        found = [i for i in imports if i.startswith(prefix)]
+        assert not found or module in owners, f"{module} imports {found}: only {owners} may"
+    collective = [i for i in imports if i == "torch.distributed"]
+    assert not collective or module in COLLECTIVES, f"{module} imports torch.distributed"
+    if module in TORCH_FREE:
+        assert not [i for i in imports if i.split(".")[0] == "torch"], module
+    if module in PREFETCH_NEEDS | {"prefetch"}:
+        mine = {i.split(".")[1] for i in imports if i.startswith("dckpt.")}
+        assert mine <= PREFETCH_NEEDS, f"{module} pulls {mine - PREFETCH_NEEDS} into prefetch"
+        assert not [i for i in imports if i.split(".")[0] in ("numpy", "fsspec")], module
