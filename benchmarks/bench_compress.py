@@ -26,7 +26,7 @@ from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, Fsspec
 
 import dckpt
 from dckpt.codec import encode
-from dckpt.writer import byte_planes
+from dckpt.segments import byte_planes
 
 from common import emit, evict
 

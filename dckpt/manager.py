@@ -228,11 +228,9 @@ class CheckpointManager:
         kwargs = dict(step=step, metrics=metrics, storage_options=self.storage_options,
                       config=self.config.save)
         try:
-            if not self.config.async_save:
-                try:
-                    info = api.save(state_dict, self.url, **kwargs)  # type: ignore[arg-type]
-                finally:
-                    self._started.pop(step, None)
+            if not self.config.async_save:  # only DckptError leaves api.save
+                info = api.save(state_dict, self.url, **kwargs)  # type: ignore[arg-type]
+                self._started.pop(step, None)
                 self._committed.add(step)
                 self._saved(info)
                 return info
