@@ -325,11 +325,14 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
 
 
 @public
-def status(url: str, *, storage_options: dict | None = None) -> Status:
+def status(url: str, *, storage_options: dict | None = None,
+           memory_dir: str | None = None) -> Status:
     """The repository at a glance: the newest usable checkpoint and its age, the count,
-    damaged and quarantined steps, and a pipeline's progress. Not collective."""
+    damaged and quarantined steps, a pipeline's progress, and what this node's memory tier
+    holds. Not collective."""
     store = open_repository(url, storage_options, required=False)
-    return repository_status(store, list_checkpoints(url, storage_options=storage_options))
+    return repository_status(store, list_checkpoints(url, storage_options=storage_options),
+                             memory_dir)
 
 
 @public

@@ -193,7 +193,8 @@ def _age(seconds: float) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = dckpt.status(args.url, storage_options=_options(args.option))
+    st = dckpt.status(args.url, storage_options=_options(args.option),
+                      memory_dir=args.memory_dir)
     healthy = st.newest is not None and not st.problems
     if args.json:
         _print_json({**dataclasses.asdict(st), "healthy": healthy})
@@ -219,6 +220,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  running   {stage}  at step {p['step']}")
             else:
                 print(f"  pending   {stage}")
+    if st.memory is not None:
+        folder, nbytes, step = st.memory
+        print(f"memory      {_size(nbytes)} held in {folder} (this node)"
+              + (f", newest step {step}" if step is not None else ""))
     for problem in st.problems:
         print(f"problem     {problem}")
     return 0 if healthy else 1
@@ -338,8 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
                 "stored bytes they share (from the manifests; no data read)")
     p.add_argument("step_a", type=int)
     p.add_argument("step_b", type=int)
-    command("status", cmd_status, "the newest checkpoint, its age and a pipeline's progress; "
-            "exit 0 when a restart would find a checkpoint, 1 when not")
+    p = command("status", cmd_status, "the newest checkpoint, its age, a pipeline's progress "
+                "and this node's memory tier; exit 0 when a restart would find a checkpoint, "
+                "1 when not")
+    p.add_argument("--memory-dir", help="the memory tier's parent folder (default: "
+                   "DCKPT_MEMORY_DIR, else /dev/shm)")
     return parser
 
 

@@ -148,6 +148,14 @@ class ManagerConfig:
     """fsspec options of the repository (credentials, endpoint)."""
     save: SaveConfig = field(default_factory=SaveConfig)
     load: LoadConfig = field(default_factory=LoadConfig)
+    memory_trigger: Trigger | None = None
+    """When to checkpoint into node memory (the memory tier: dckpt.tiers); None: no memory
+    tier. Its saves are independent of the storage tier's."""
+    memory_dir: str | None = None
+    """The memory tier's parent folder; None: ``DCKPT_MEMORY_DIR``, else ``/dev/shm``."""
+    memory_replicas: int = 0
+    """Copies of each rank's memory shard on other nodes. Only 0 for now: peer replicas
+    are not built yet, and a node's loss restores from storage."""
 
     def __post_init__(self) -> None:
         if self.trigger is not None and not isinstance(self.trigger, Trigger):
@@ -161,6 +169,19 @@ class ManagerConfig:
                 raise ArgumentError(f"ManagerConfig.{name} must be a bool, got "
                                     f"{getattr(self, name)!r}")
         check_options(self.storage_options)
+        if self.memory_trigger is not None and not isinstance(self.memory_trigger, Trigger):
+            raise ArgumentError(f"ManagerConfig.memory_trigger must be a dckpt trigger or "
+                                f"None, got {self.memory_trigger!r}")
+        if self.memory_trigger is not None and (self.memory_trigger.watches
+                                                or self.memory_trigger.agreed):
+            raise ArgumentError("ManagerConfig.memory_trigger must decide from steps and "
+                                "epoch ends alone (EverySteps, AtEpochEnd)")
+        if self.memory_dir is not None and not isinstance(self.memory_dir, str):
+            raise ArgumentError(f"memory_dir must be a folder path or None, got "
+                                f"{self.memory_dir!r}")
+        if self.memory_replicas != 0 or type(self.memory_replicas) is not int:
+            raise ArgumentError(f"memory_replicas must be 0 (peer replicas are not available "
+                                f"yet), got {self.memory_replicas!r}")
         if not isinstance(self.save, SaveConfig) or not isinstance(self.load, LoadConfig):
             raise ArgumentError("ManagerConfig.save and .load must be a SaveConfig and a "
                                 f"LoadConfig, got {self.save!r}, {self.load!r}")
@@ -170,7 +191,7 @@ class ManagerConfig:
            save_at_epoch_end: bool = False,
            save_on_improve: tuple[str, Literal["min", "max"]] | None = None,
            save_config: SaveConfig | None = None, load_config: LoadConfig | None = None,
-           **fields: object) -> ManagerConfig:
+           memory_every_steps: int | None = None, **fields: object) -> ManagerConfig:
         """The config the manager's keyword arguments spell: each trigger argument becomes
         its policy, in this order (the first reason wins)."""
         triggers: list[Trigger] = []
@@ -188,5 +209,11 @@ class ManagerConfig:
         trigger = None
         for t in triggers:
             trigger = t if trigger is None else trigger | t
-        return cls(trigger=trigger, save=save_config or SaveConfig(),
+        memory = None
+        if memory_every_steps is not None:
+            if (type(memory_every_steps) is not int or memory_every_steps < 1):
+                raise ArgumentError(f"memory_every_steps must be an int >= 1 or None, got "
+                                    f"{memory_every_steps!r}")
+            memory = EverySteps(memory_every_steps)
+        return cls(trigger=trigger, memory_trigger=memory, save=save_config or SaveConfig(),
                    load=load_config or LoadConfig(), **fields)  # type: ignore[arg-type]

@@ -4,6 +4,7 @@ whose failures become the same DckptError on every rank."""
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -18,7 +19,8 @@ from dckpt.errors import CheckpointExistsError, CommitError, DckptError, Integri
 
 ProcessGroup = dist.ProcessGroup
 
-__all__ = ["active", "rank", "world_size", "checkpoint_group", "broadcast", "broadcast_tensor",
+__all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
+           "checkpoint_group", "broadcast", "broadcast_tensor",
            "any_true", "total", "translate", "peer_failure", "Agreed", "Agreement",
            "calls_between"]
 
@@ -42,6 +44,25 @@ def world_size() -> int:
     return dist.get_world_size() if active() else 1
 
 
+def local_rank() -> int:
+    """This rank's index on its node (torchrun's ``LOCAL_RANK``; the rank without it)."""
+    return int(os.environ.get("LOCAL_RANK", rank()))
+
+
+def local_world_size() -> int:
+    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``; the world without it)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+
+
+def gather(obj: object, group: dist.ProcessGroup | None) -> list[object]:
+    """(all ranks) Every rank's ``obj``, in rank order; ``[obj]`` alone."""
+    if group is None:
+        return [obj]
+    out: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
 def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessGroup | None:
     """(all ranks) A gloo group over every rank for checkpoint collectives, or None alone.
 
@@ -50,7 +71,9 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     behind the training's own NCCL or gloo collectives, and a dead peer fails within
     ``timeout_s``. Created once per default group, timeout and purpose, collectively:
     ``"commit"`` carries saves and loads (an async save's from its persist thread),
-    ``"control"`` the caller-thread agreements made while a save may be in flight.
+    ``"commit-control"`` the caller-thread agreements made while a save may be in flight,
+    ``"trigger"`` the manager's agreements, ``"memory"`` (and ``"memory-control"``) the
+    memory tier's saves, which may run beside a storage save.
     """
     if not active():
         return None

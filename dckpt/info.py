@@ -55,6 +55,9 @@ class CheckpointInfo:
     data_lost_steps: int | None = None
     """Load only: steps between this checkpoint and the newest committed one (0 when it is
     the newest): the training to redo."""
+    tier: str | None = None
+    """Load through a CheckpointManager only: where this rank read from, ``"memory"`` (the
+    node's memory tier) or ``"storage"``."""
     data_lost_s: float | None = None
     """Load only: seconds between this checkpoint's commit and the newest one's, where the
     newest's manifest could be read."""

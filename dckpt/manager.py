@@ -9,6 +9,7 @@ staging copy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -26,6 +27,7 @@ from dckpt.metrics import Metrics
 from dckpt.preemption import SignalWatch
 from dckpt.retention import Policy, best
 from dckpt.saver import SaveHandle
+from dckpt.tiers import MemorySaves
 from dckpt.triggers import Moment, OnPreemption, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
 
@@ -61,7 +63,8 @@ class CheckpointManager:
                  async_save: bool = True, handle_signals: bool = True,
                  exit_on_preemption: bool = True, storage_options: dict | None = None,
                  save_config: SaveConfig | None = None, load_config: LoadConfig | None = None,
-                 on_save: Callable[[CheckpointInfo], None] | None = None,
+                 memory_every_steps: int | None = None, memory_dir: str | None = None,
+                 memory_replicas: int = 0, on_save: Callable[[CheckpointInfo], None] | None = None,
                  on_restore: Callable[[CheckpointInfo], None] | None = None,
                  on_failure: Callable[[int, BaseException], None] | None = None,
                  metrics: Metrics | None = None) -> None:
@@ -70,7 +73,9 @@ class CheckpointManager:
             save_at_epoch_end=save_at_epoch_end, save_on_improve=save_on_improve,
             retention=retention, gc=gc, async_save=async_save, handle_signals=handle_signals,
             exit_on_preemption=exit_on_preemption, storage_options=storage_options,
-            save_config=save_config, load_config=load_config)
+            save_config=save_config, load_config=load_config,
+            memory_every_steps=memory_every_steps, memory_dir=memory_dir,
+            memory_replicas=memory_replicas)
         if config is not None and (spelled != ManagerConfig()
                                    or not isinstance(config, ManagerConfig)):
             raise ArgumentError("CheckpointManager: pass a ManagerConfig or its keyword "
@@ -110,6 +115,11 @@ class CheckpointManager:
                            if trigger is not None and trigger.agreed else None)
         self._broadcasts = (dist.checkpoint_group(timeout_s, purpose="trigger")
                             if trigger is not None and trigger.watches else None)
+        self.memory = (MemorySaves(self.url, self.config.memory_dir,
+                                   self.config.memory_trigger, self.config.save,
+                                   self.config.load)
+                       if self.config.memory_trigger is not None else None)
+        """The memory tier (dckpt.tiers), or None."""
         self._signals = SignalWatch(dist.rank())
         if self.config.handle_signals:
             self._signals.install()
@@ -132,8 +142,15 @@ class CheckpointManager:
             step = chosen.step
         t0 = time.perf_counter()
         try:
-            info = api.load(state_dict, self.url, step=step, partial=partial,
-                            storage_options=self.storage_options, config=self.config.load)
+            info = None
+            if self.memory is not None and step is None:
+                self.memory.check_room(state_dict)
+                info = self.memory.restore(state_dict, self.url, self.storage_options, partial)
+            if info is None:
+                info = dataclasses.replace(api.load(
+                    state_dict, self.url, step=step, partial=partial,
+                    storage_options=self.storage_options, config=self.config.load),
+                    tier="storage")
         except CheckpointNotFoundError:
             if step is not None:
                 raise
@@ -147,9 +164,9 @@ class CheckpointManager:
         if dist.rank() == 0:
             skipped = "; ".join(f"step {s}: {r.splitlines()[0]}" for s, r in info.skipped)
             log.log(logging.INFO if again else logging.WARNING,
-                    "recovery %d: restored step %d from %s in %.2f s (%d bytes read; tried %s); "
+                    "recovery %d: restored step %d from %s (%s) in %.2f s (%d bytes read; tried %s); "
                     "training since that checkpoint is redone: %d newer step(s) skipped, "
-                    "checkpoint taken %.0f s ago", self.recoveries, info.step, self.url,
+                    "checkpoint taken %.0f s ago", self.recoveries, info.step, self.url, info.tier,
                     time.perf_counter() - t0, info.bytes_read, list(info.tried),
                     info.data_lost_steps or 0, time.time() - info.created_at,
                     extra=event("restore", step=info.step, seconds=info.phase_s.get("total"),
@@ -181,9 +198,11 @@ class CheckpointManager:
                              "close() (or after a preemption checkpoint): this manager saves "
                              "no more; make a new one to save again")
         self._poll()
+        moment = self._moment(step, metrics, epoch_end)
+        if self.memory is not None and self.memory.trigger(moment) and step != self.memory.step:
+            self.memory.save(step, state_dict, metrics)
         if self.trigger is None:
             return None
-        moment = self._moment(step, metrics, epoch_end)
         reason = self.trigger(moment)
         if reason == "preemption":
             return self._emergency(step, state_dict, metrics, moment.metrics)
@@ -267,6 +286,11 @@ class CheckpointManager:
             elif h.info is not None:
                 self._saved(h.info)
         self._pending = still
+        failed = self.memory.poll(wait) if self.memory is not None else None
+        if failed is not None:
+            self._failed(*failed)
+        if self.memory is not None and self.memory.leader and self.metrics is not None:
+            self.metrics.observe_memory(self.memory.held_bytes)
 
     def _saved(self, info: CheckpointInfo) -> None:
         if self.metrics is not None:
@@ -307,8 +331,8 @@ class CheckpointManager:
         if dist.rank() == 0:
             log.warning("preemption checkpoint of step %d %s", step,
                         "committed" if self.preempted else "FAILED")
-        if self.config.exit_on_preemption:
-            self.close()
+        if self.config.exit_on_preemption:  # memory is kept unless storage has this step
+            self._close(remove_memory=self.preempted)
             self._signals.exit(signum)
         self._signals.signum = None
         return result
@@ -332,11 +356,17 @@ class CheckpointManager:
         self._upkeep.wait()
 
     def close(self) -> None:
-        """(collective) Wait for the save in flight and its retention; saves nothing else."""
+        """(collective) Wait for the saves in flight and their retention; saves nothing
+        else. A clean end: the memory tier's folder is removed."""
+        self._close(remove_memory=True)
+
+    def _close(self, remove_memory: bool) -> None:
         if self._closed:
             return
         self._poll(wait=True)
         self._upkeep.close()
+        if self.memory is not None:
+            self.memory.close(remove=remove_memory)
         if self._agreement is not None:
             self._agreement.close()
         self._signals.restore()
@@ -346,4 +376,4 @@ class CheckpointManager:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        self._close(remove_memory=exc[0] is None)  # after a crash the restart may need it

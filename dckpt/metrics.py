@@ -94,6 +94,9 @@ class Metrics:
                                 registry=r)
         self.checkpoints = Gauge("dckpt_checkpoints", "Committed checkpoints in the repository",
                                  j, registry=r)
+        self.memory_bytes = Gauge("dckpt_memory_bytes",
+                                  "Bytes the memory tier holds in this node's shared memory",
+                                  j, registry=r)
         self.health = Gauge("dckpt_health_status",
                             "Last health check: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN", j,
                             registry=r)
@@ -155,6 +158,11 @@ class Metrics:
     def observe_corrupt(self, n: int = 1) -> None:
         if self._on():
             self.corrupt.labels(self.job).inc(n)
+
+    def observe_memory(self, held_bytes: int) -> None:
+        """What the memory tier holds on this node (after each memory commit)."""
+        if self._on():
+            self.memory_bytes.labels(self.job).set(held_bytes)
 
     def observe_repository(self, url: str, checkpoints: int) -> None:
         """The count of checkpoints, and free space where the repository is a local path."""

@@ -145,7 +145,10 @@ class AsyncSaver:
     only to keep several independent staging areas.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, purpose: str = "commit") -> None:
+        self.purpose = purpose
+        """The gloo group its saves run on (``dist.checkpoint_group``): savers that may have
+        saves in flight at once (the memory tier's and the storage tier's) need their own."""
         self._area = HostArea()
         self._engine = CopyEngine()
         self._persist = ThreadPoolExecutor(1, thread_name_prefix="dckpt-persist")
@@ -166,7 +169,7 @@ class AsyncSaver:
         writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
                         config=config)
         self.wait_idle()
-        group = dist.checkpoint_group(config.collective_timeout_s)
+        group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         return run_save(state_dict, writer, None, group)
 
     def async_save(self, state_dict: StateDict, url: str, *, step: int,
@@ -177,8 +180,9 @@ class AsyncSaver:
         config = config or SaveConfig()
         writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
                         config=config)  # checks the arguments before anything happens
-        group = dist.checkpoint_group(config.collective_timeout_s)
-        control = dist.checkpoint_group(config.collective_timeout_s, purpose="control")
+        group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
+        control = dist.checkpoint_group(config.collective_timeout_s,
+                                        purpose=f"{self.purpose}-control")
         previous = self._in_flight
         if (previous is not None and config.if_busy == "skip"
                 and dist.any_true(not previous.done(), control)):

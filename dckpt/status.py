@@ -10,6 +10,7 @@ from typing import Any
 
 from dckpt.errors import DckptError
 from dckpt.info import CheckpointInfo
+from dckpt.memory import held
 from dckpt.pipeline import PROGRESS_KEY
 from dckpt.reads import read_value
 from dckpt.repository import read_manifest
@@ -31,9 +32,13 @@ class Status:
     pipeline: dict[str, Any] | None = None
     """The newest checkpoint's pipeline progress (dckpt.Pipeline), when it holds one."""
     problems: tuple[str, ...] = field(default_factory=tuple)
+    memory: tuple[str, int, int | None] | None = None
+    """This node's memory tier of the repository: (folder, bytes held, newest step), or
+    None where it has none."""
 
 
-def repository_status(store: Store, infos: list[CheckpointInfo]) -> Status:
+def repository_status(store: Store, infos: list[CheckpointInfo],
+                      memory_dir: str | None = None) -> Status:
     usable = [i for i in infos if i.problem is None and i.quarantined is None]
     newest = usable[-1] if usable else None
     pipeline, problems = None, []
@@ -51,4 +56,4 @@ def repository_status(store: Store, infos: list[CheckpointInfo]) -> Status:
         newest_age_s=time.time() - newest.created_at if newest is not None else None,
         damaged=tuple(i.step for i in infos if i.problem is not None),
         quarantined=tuple(i.step for i in infos if i.quarantined is not None),
-        pipeline=pipeline, problems=tuple(problems))
+        pipeline=pipeline, problems=tuple(problems), memory=held(store.url, memory_dir))

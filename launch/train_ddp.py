@@ -44,6 +44,9 @@ def main() -> None:
     p.add_argument("--out", help="rank 0 writes the final weights here (torch.save)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sync", action="store_true", help="synchronous saves")
+    p.add_argument("--memory-every", type=int, default=None,
+                   help="memory tier: checkpoint into node memory (/dev/shm) every N steps")
+    p.add_argument("--memory-dir", default=None, help="the memory tier's parent folder")
     p.add_argument("--crash-at", type=int, default=None,
                    help="fault drill: in the first attempt, rank 1 SIGKILLs itself at this step")
     args = p.parse_args()
@@ -66,7 +69,9 @@ def main() -> None:
 
     mgr = dckpt.CheckpointManager(args.ckpt, save_every_steps=args.save_every,
                                   retention=dckpt.KeepLast(args.keep_last),
-                                  async_save=not args.sync, on_save=on_save)
+                                  async_save=not args.sync, on_save=on_save,
+                                  memory_every_steps=args.memory_every,
+                                  memory_dir=args.memory_dir)
     info = mgr.restore(state)
     start = progress["step"] + 1 if info else 0
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -74,7 +79,7 @@ def main() -> None:
         if info:
             skipped = f", skipped {[s for s, _ in info.skipped]}" if info.skipped else ""
             print(f"[train] resumed from step {info.step} (torchrun restart {restarts}) in "
-                  f"{info.phase_s['total']:.2f} s{skipped}", flush=True)
+                  f"{info.phase_s['total']:.2f} s from {info.tier}{skipped}", flush=True)
         else:
             print("[train] no checkpoint: starting from step 0", flush=True)
 

@@ -54,6 +54,27 @@ def test_max_restarts_resumes_after_sigkill_bit_exact(tmp_path):
     assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
 
 
+def test_max_restarts_resumes_from_the_memory_tier_bit_exact(tmp_path):
+    """Memory every 2 steps, storage every 10: a worker SIGKILLed at step 13 restarts from
+    the newest memory step, and the final weights equal an uninterrupted run's."""
+    common = ("--steps", "20", "--save-every", "10", "--memory-every", "2")
+    run(torchrun(*train(tmp_path / "ref", *common, "--out", str(tmp_path / "ref.pt"))))
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *common,
+               "--memory-dir", str(shm), "--step-seconds", "0.02", "--crash-at", "13",
+               "--out", str(tmp_path / "got.pt")])
+    assert "rank 1: SIGKILL at step 13" in out
+    # step 12's memory save may still have been writing at the kill: then 10 (in both
+    # tiers, memory preferred) or 8
+    found = re.search(r"resumed from step (\d+) \(torchrun restart 1\) in [\d.]+ s from (\w+)",
+                      out)
+    assert found and int(found[1]) in (8, 10, 12) and found[2] == "memory", out
+    assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
+    assert list(shm.iterdir()) == []  # the clean end removed the memory tier
+    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "ckpt"))][-1] == 19
+
+
 def test_sigterm_to_the_agent_takes_an_emergency_checkpoint(tmp_path):
     ckpt = tmp_path / "ckpt"
     env = dict(os.environ, OMP_NUM_THREADS="1")

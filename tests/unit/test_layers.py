@@ -21,7 +21,7 @@ LAYERS = [
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
-    {"repository", "dedup", "segments", "reads"},
+    {"repository", "dedup", "segments", "reads", "memory"},
     # the DCP plug-ins
     {"planner", "writer", "reader"},
     # the save pipeline
@@ -30,7 +30,7 @@ LAYERS = [
     {"verify", "sweep", "export", "status", "health", "diff", "api", "train_state",
      "pipeline"},
     # orchestration
-    {"preemption", "upkeep", "manager"},
+    {"preemption", "upkeep", "tiers", "manager"},
     # the command line, and the launcher-side prefetch
     {"cli", "prefetch"},
 ]

@@ -1,0 +1,153 @@
+"""The CheckpointManager's memory tier beside its storage tier: memory saves on a schedule of
+their own, and restores from whichever tier holds the newest checkpoint.
+
+Memory saves go through an AsyncSaver of their own (its own staging memory, persist thread
+and gloo group, ``purpose="memory"``), so that a memory save never waits behind a storage
+save still writing. Each is self-contained (no dedup, no compression, buffered writes into
+``/dev/shm``); after its commit the node's local rank 0 prunes the older one, so the tier
+holds the newest committed checkpoint and at most the one being written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.stateful import Stateful
+
+from dckpt import api, dist, layout
+from dckpt.config import LoadConfig, SaveConfig
+from dckpt.errors import DckptError, StorageError
+from dckpt.handle import SaveHandle
+from dckpt.info import CheckpointInfo
+from dckpt.memory import MemoryTier, room_problem
+from dckpt.repository import committed_steps, open_repository
+from dckpt.saver import AsyncSaver
+from dckpt.torch_internals import is_dtensor, local_shard
+from dckpt.triggers import Trigger
+
+__all__ = ["MemorySaves", "state_bytes"]
+
+log = logging.getLogger(__name__)
+
+
+def state_bytes(obj: Any) -> int:
+    """This rank's tensor bytes in a state dict (DTensors: the local shard; a Stateful:
+    its state_dict())."""
+    if isinstance(obj, Stateful) and not isinstance(obj, torch.Tensor):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    if is_dtensor(obj):
+        obj = local_shard(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return 0
+
+
+class MemorySaves:
+    """(all ranks) The memory tier of one manager: constructed, called and closed on every
+    rank, in the same calls."""
+
+    def __init__(self, url: str, memory_dir: str | None, trigger: Trigger, save: SaveConfig,
+                 load: LoadConfig) -> None:
+        self.tier = MemoryTier(url, memory_dir)
+        self.trigger = trigger
+        self.config = dataclasses.replace(save, dedup=False, compression="off",
+                                          direct_io=False, staging_bytes=None, overlap=False,
+                                          if_busy="wait")
+        self.load_config = load
+        self.leader = dist.local_rank() == 0  # prunes and removes the node's folder
+        self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
+        self.saver = AsyncSaver(purpose="memory")
+        self.step: int | None = None
+        """The newest memory checkpoint this job committed or restored."""
+        self.held_bytes = 0
+        """(the node's leader) What the tier held after the last prune."""
+        self._pending: SaveHandle | None = None
+        self._room_checked = False
+
+    def check_room(self, state_dict: dict) -> None:
+        """(all ranks) Refuse, the same on every rank, a tier without room for two
+        checkpoints of this node's ranks (each rank's state taken as this one's)."""
+        need = 2 * state_bytes(state_dict) * dist.local_world_size()
+        problem = room_problem(self.tier.folder, self.tier.free_bytes(),
+                               self.tier.held_bytes(), need)
+        problems = [p for p in dist.gather(problem, self.group) if p]
+        if problems:
+            raise StorageError(str(problems[0]))
+        self._room_checked = True
+
+    def save(self, step: int, state_dict: dict, metrics: dict | None) -> None:
+        """(all ranks) Stage ``state_dict`` and write it into memory in the background."""
+        if not self._room_checked:
+            self.check_room(state_dict)
+        self.poll(wait=True)
+        self._pending = self.saver.async_save(state_dict, self.tier.url, step=step,
+                                              metrics=metrics, config=self.config)
+
+    def poll(self, wait: bool = False) -> tuple[int, BaseException] | None:
+        """Report the memory save that ended: (step, error) when it failed. After a commit
+        the node's leader prunes the older checkpoint."""
+        h = self._pending
+        if h is None or not (wait or h.done()):
+            return None
+        try:
+            h.wait()
+        except BaseException:
+            pass
+        self._pending = None
+        if h.error is not None:
+            log.warning("rank %d: the memory checkpoint of step %d failed: %s", dist.rank(),
+                        h.step, h.error)
+            return h.step, h.error
+        self.step = h.step
+        if self.leader:
+            self.tier.prune()
+            self.held_bytes = self.tier.held_bytes()
+        return None
+
+    def newest(self) -> int | None:
+        """(all ranks) The newest committed step in memory, as rank 0 sees it."""
+        return dist.broadcast(self.tier.newest(), self.group)  # type: ignore[return-value]
+
+    def restore(self, state_dict: dict, storage_url: str, storage_options: dict | None,
+                partial: bool) -> CheckpointInfo | None:
+        """(all ranks) Load the newest memory checkpoint when no storage checkpoint is newer;
+        None when memory holds none, is older, or fails to load (every rank agreeing: the
+        caller then restores from storage)."""
+        mem = self.newest()
+        store = open_repository(storage_url, storage_options, required=False)
+        stored = dist.broadcast(committed_steps(store)[-1:] if dist.rank() == 0 else None,
+                                self.group)
+        if mem is None or (stored and stored[0] > mem):  # type: ignore[index]
+            return None
+        try:
+            info = api.load(state_dict, self.tier.url, step=mem, partial=partial,
+                            config=self.load_config)
+        except DckptError as e:
+            log.warning("rank %d: memory checkpoint of step %d unusable, restoring from "
+                        "storage: %s", dist.rank(), mem, str(e).splitlines()[0])
+            if self.leader:
+                self.tier.store.delete(layout.manifest_name(mem))
+            return None
+        finally:
+            if self.leader:  # a crashed save's attempt, or the unusable checkpoint, goes
+                self.tier.prune()
+        self.step = mem
+        return dataclasses.replace(info, tier="memory")
+
+    def close(self, remove: bool) -> None:
+        """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),
+        the node's leader removes the folder once every rank is done with it."""
+        self.poll(wait=True)
+        self.saver.close()
+        if remove:
+            dist.gather(None, self.group)  # every rank is past its last read and write
+            if self.leader:
+                self.tier.remove()

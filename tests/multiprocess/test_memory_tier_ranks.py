@@ -1,0 +1,76 @@
+"""The memory tier on real gloo ranks: every rank restores from the same tier; a damaged
+shard of one rank sends all of them to storage; a refusal is the same on every rank."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+import dckpt
+from dckpt import memory
+from dckpt_testing import run_ranks
+
+
+def _state(rank: int, step: int) -> dict:
+    return {"w": torch.full((256,), float(step)), f"rank{rank}.x": torch.full((8,), float(rank))}
+
+
+def _save(rank, world, url, shm, steps):
+    mgr = dckpt.CheckpointManager(url, save_every_steps=4, memory_every_steps=3,
+                                  handle_signals=False, memory_dir=shm)
+    for step in range(steps):
+        mgr.maybe_save(step, _state(rank, step))
+    mgr._poll(wait=True)
+    mgr._close(remove_memory=False)  # as a crash would leave it
+    return mgr.memory.step
+
+
+def _restore(rank, world, url, shm):
+    mgr = dckpt.CheckpointManager(url, memory_every_steps=3, handle_signals=False,
+                                  memory_dir=shm)
+    out = {"w": torch.zeros(256), f"rank{rank}.x": torch.zeros(8)}
+    info = mgr.restore(out)
+    mgr.close()
+    return info.step, info.tier, out["w"][0].item(), out[f"rank{rank}.x"][0].item()
+
+
+def test_ranks_restore_from_memory_and_all_fall_back_past_one_damaged_shard(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    os.mkdir(shm)
+    assert [o.value for o in run_ranks(_save, 2, url, shm, 10)] == [9, 9]
+    assert [o.value for o in run_ranks(_restore, 2, url, shm)] == [
+        (9, "memory", 9.0, 0.0), (9, "memory", 9.0, 1.0)]
+    assert not os.listdir(shm)  # the clean end removed it
+    run_ranks(_save, 2, url, shm, 10)
+    folder = memory.memory_folder(url, shm)
+    m = dckpt.inspect(folder, step=9)
+    ref = m.items["rank1.x"].chunks[0].data.blocks[0]  # only rank 1 reads it
+    path = os.path.join(folder, ref.segment)
+    raw = bytearray(open(path, "rb").read())
+    raw[ref.offset] ^= 0x40
+    open(path, "wb").write(bytes(raw))
+    assert [o.value for o in run_ranks(_restore, 2, url, shm)] == [
+        (8, "storage", 8.0, 0.0), (8, "storage", 8.0, 1.0)]
+
+
+def _too_small(rank, world, url, shm):
+    if rank == 1:  # only one rank finds too little room: both refuse alike
+        memory.MemoryTier.free_bytes = lambda self: 10  # type: ignore[method-assign]
+    mgr = dckpt.CheckpointManager(url, memory_every_steps=1, handle_signals=False,
+                                  memory_dir=shm)
+    try:
+        mgr.maybe_save(0, _state(rank, 0))
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    finally:
+        mgr.close()
+    return None
+
+
+def test_a_refusal_for_room_is_the_same_on_every_rank(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    os.mkdir(shm)
+    out = [o.value for o in run_ranks(_too_small, 2, url, shm)]
+    assert out[0] == out[1] and out[0][0] == "StorageError" and "has 10;" in out[0][1]
+    assert dckpt.list_checkpoints(url) == [] and not os.listdir(shm)

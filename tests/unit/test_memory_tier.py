@@ -1,0 +1,150 @@
+"""The memory tier (dckpt.memory, dckpt.tiers) in one process: restores from the newest
+tier, falls back to storage past a damaged memory checkpoint, holds one checkpoint, leaves
+nothing after a clean end, reuses a crashed run's memory, refuses a folder without room."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+import dckpt
+from dckpt import memory
+
+
+def _train(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(16, 16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, opt, {"app": dckpt.TrainState(model, opt)}
+
+
+def _step(model, opt, step):
+    torch.manual_seed(1000 + step)
+    model(torch.randn(4, 16)).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _run(url, shm, steps, **kw):
+    """Train ``steps`` steps with a manager and return it open (a crash leaves it so)."""
+    model, opt, state = _train()
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm), **kw)
+    weights = {}
+    for step in range(steps):
+        _step(model, opt, step)
+        mgr.maybe_save(step, state)
+        weights[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    mgr._poll(wait=True)
+    return mgr, weights
+
+
+def _restore(url, shm, **kw):
+    model, _, state = _train(seed=99)
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm), **kw)
+    return mgr, mgr.restore(state), model.state_dict()
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_restore_takes_the_newest_tier_and_holds_one_checkpoint(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    crashed, weights = _run(url, shm, 15, save_every_steps=10, memory_every_steps=2)
+    folder = memory.memory_folder(url, str(shm))
+    assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+    assert os.listdir(os.path.join(folder, "manifests")) == ["000000000014.json"]
+    assert len(os.listdir(os.path.join(folder, "data"))) == 1  # the older ones pruned
+    mgr, info, restored = _restore(url, shm, save_every_steps=10, memory_every_steps=2)
+    assert (info.step, info.tier) == (14, "memory") and _same(restored, weights[14])
+    status = dckpt.status(url, memory_dir=str(shm))
+    assert status.memory[0] == folder and status.memory[1] > 16 * 16 * 4 and status.memory[2] == 14
+    mgr.close()
+    assert not os.path.exists(folder) and dckpt.status(url, memory_dir=str(shm)).memory is None
+    crashed.close()  # the abandoned manager of the "crashed" run
+
+
+def test_storage_newer_than_memory_restores_from_storage(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    crashed, weights = _run(url, shm, 13, save_every_steps=12, memory_every_steps=5)
+    mgr, info, restored = _restore(url, shm, memory_every_steps=5)
+    assert (info.step, info.tier) == (12, "storage") and _same(restored, weights[12])
+    mgr.close()
+    crashed.close()
+
+
+def test_a_damaged_memory_checkpoint_falls_back_to_storage(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    crashed, weights = _run(url, shm, 13, save_every_steps=5, memory_every_steps=3)
+    folder = memory.memory_folder(url, str(shm))
+    m = dckpt.inspect(folder, step=12)
+    ref = m.items["app.model.weight"].chunks[0].data.blocks[0]
+    path = os.path.join(folder, ref.segment)
+    raw = bytearray(open(path, "rb").read())
+    raw[ref.offset + 5] ^= 0x01
+    open(path, "wb").write(bytes(raw))
+    mgr, info, restored = _restore(url, shm, memory_every_steps=3)
+    assert (info.step, info.tier) == (10, "storage") and _same(restored, weights[10])
+    assert memory.held(url, str(shm))[2] is None  # the damaged one is gone from memory
+    mgr.close()
+    crashed.close()
+
+
+def test_a_crashed_runs_memory_is_reused_then_removed_by_a_clean_end(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    crashed, _ = _run(url, shm, 5, memory_every_steps=2)
+    folder = memory.memory_folder(url, str(shm))
+    stray = os.path.join(folder, "data", "s6-t1-0badc0de")  # a save the crash cut short
+    os.makedirs(stray)
+    open(os.path.join(stray, "r00000-000.seg"), "wb").write(b"x" * 100)
+    mgr, info, _ = _restore(url, shm, memory_every_steps=2)
+    assert (info.step, info.tier) == (4, "memory") and not os.path.exists(stray)
+    with mgr:  # a with-block that ends cleanly removes it too
+        pass
+    assert not os.path.exists(folder)
+    with pytest.raises(RuntimeError):  # one that ends in an exception keeps it for a restart
+        with dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                     memory_every_steps=1) as kept:
+            kept.maybe_save(0, _train()[2])
+            raise RuntimeError("crash")
+    assert memory.held(url, str(shm))[2] == 0
+    crashed.close()
+
+
+def test_a_memory_folder_without_room_is_refused(tmp_path, monkeypatch):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    monkeypatch.setattr(memory.MemoryTier, "free_bytes", lambda self: 1000)
+    model, opt, state = _train()
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                  memory_every_steps=1)
+    with pytest.raises(dckpt.StorageError, match=r"needs \d+ bytes \(two checkpoints .* has 1000;"):
+        mgr.restore(state)
+    with pytest.raises(dckpt.StorageError, match="memory_dir= or DCKPT_MEMORY_DIR"):
+        mgr.maybe_save(0, state)
+    assert memory.held(url, str(shm))[1] == 0  # nothing written
+    mgr.close()
+
+
+@pytest.mark.parametrize("kwargs", [{"memory_every_steps": 0}, {"memory_every_steps": 1.5},
+                                    {"memory_replicas": 1}, {"memory_dir": 3},
+                                    {"memory_every_steps": 2, "memory_dir": "/no/such/dir"}])
+def test_bad_memory_arguments_are_refused(tmp_path, kwargs):
+    with pytest.raises(dckpt.ArgumentError):
+        dckpt.CheckpointManager(str(tmp_path), handle_signals=False, **kwargs)
+
+
+def test_the_default_folder_is_under_dev_shm_or_the_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("DCKPT_MEMORY_DIR", raising=False)
+    a = memory.memory_folder(str(tmp_path / "x"))
+    assert a.startswith("/dev/shm/dckpt-") and a == memory.memory_folder(f"file://{tmp_path}/x")
+    assert a != memory.memory_folder(str(tmp_path / "y"))
+    monkeypatch.setenv("DCKPT_MEMORY_DIR", str(tmp_path))
+    assert memory.memory_folder("s3://b/run").startswith(f"{tmp_path}/dckpt-")
