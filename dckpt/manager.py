@@ -30,6 +30,7 @@ from dckpt.saver import SaveHandle
 from dckpt.tiers import MemorySaves
 from dckpt.triggers import Moment, OnPreemption, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
+from dckpt.writer import Writer
 
 __all__ = ["CheckpointManager", "RetentionReport"]
 
@@ -117,7 +118,7 @@ class CheckpointManager:
                             if trigger is not None and trigger.watches else None)
         self.memory = (MemorySaves(self.url, self.config.memory_dir,
                                    self.config.memory_trigger, self.config.save,
-                                   self.config.load)
+                                   self.config.load, drains=self.config.trigger is not None)
                        if self.config.memory_trigger is not None else None)
         """The memory tier (dckpt.tiers), or None."""
         self._signals = SignalWatch(dist.rank())
@@ -247,13 +248,20 @@ class CheckpointManager:
         kwargs = dict(step=step, metrics=metrics, storage_options=self.storage_options,
                       config=self.config.save)
         try:
-            if not self.config.async_save:  # only DckptError leaves api.save
+            if self.memory is not None:  # a copy of the memory checkpoint: one device copy
+                handle = self.memory.to_storage(step, state_dict, metrics,
+                                                Writer(self.url, **kwargs))  # type: ignore[arg-type]
+                info = handle.wait() if not self.config.async_save else None
+            elif not self.config.async_save:  # only DckptError leaves api.save
                 info = api.save(state_dict, self.url, **kwargs)  # type: ignore[arg-type]
+            else:
+                handle = api.async_save(state_dict, self.url, **kwargs)  # type: ignore[arg-type]
+            if not self.config.async_save:
+                assert info is not None
                 self._started.pop(step, None)
                 self._committed.add(step)
                 self._saved(info)
                 return info
-            handle = api.async_save(state_dict, self.url, **kwargs)  # type: ignore[arg-type]
         except DckptError as e:
             self._started.pop(step, None)
             self._failed(step, e)

@@ -14,14 +14,24 @@ launcher's choice, as the interface in DESIGN.md fixes it), else ``/dev/shm``.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
+import mmap
 import os
 import shutil
+from collections.abc import Callable
+
+import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import SavePlan
 
 from dckpt import layout
-from dckpt.errors import ArgumentError, StorageError
+from dckpt.blocks import check
+from dckpt.errors import ArgumentError, IntegrityError, StorageError
+from dckpt.manifest import StoredData, TensorEntry, ValueEntry
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store
+from dckpt.values import RawBytes
 
 __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held"]
 
@@ -40,13 +50,13 @@ def memory_folder(url: str, memory_dir: str | None = None) -> str:
 
 
 def room_problem(folder: str, free_bytes: int, held_bytes: int, need_bytes: int) -> str | None:
-    """Why the memory tier cannot hold ``need_bytes`` (the newest checkpoint and the one
-    being written, for this node's ranks) where ``free_bytes`` are free and it already holds
+    """Why the memory tier cannot hold ``need_bytes`` (its checkpoints at once, for this
+    node's ranks) where ``free_bytes`` are free and it already holds
     ``held_bytes`` (a crashed run's, which the next save replaces); None when it can."""
     if free_bytes + held_bytes >= need_bytes:
         return None
-    return (f"the memory tier at {folder} needs {need_bytes} bytes (two checkpoints of this "
-            f"node's ranks) and has {free_bytes + held_bytes}; give it more room (a larger "
+    return (f"the memory tier at {folder} needs {need_bytes} bytes (the checkpoints of this "
+            f"node's ranks it holds at once) and has {free_bytes + held_bytes}; give it more room (a larger "
             "/dev/shm), another folder (memory_dir= or DCKPT_MEMORY_DIR), or turn it off "
             "(memory_every_steps=None)")
 
@@ -105,26 +115,85 @@ class MemoryTier:
         steps = committed_steps(self.store)
         return steps[-1] if steps else None
 
-    def prune(self) -> None:
-        """Keep only the newest committed checkpoint: older manifests and every data folder
-        it does not use go (a crashed attempt's included). Call it with no save in flight."""
+    def prune(self, also: frozenset[int] = frozenset()) -> None:
+        """Keep only the newest committed checkpoint, and those of ``also`` (being copied to
+        storage): older manifests and every data folder they do not use go (a crashed
+        attempt's included). Call it with no save in flight."""
         steps = committed_steps(self.store)
-        if not steps:
-            keep: set[str] = set()
-        else:
+        kept = [s for s in steps if s in also or s == steps[-1]]
+        folders: set[str] = set()
+        for step in kept:
             try:
-                m = read_manifest(self.store, steps[-1])
-                keep = {b.segment.rpartition("/")[0] for _, _, b in m.blocks()}
-            except Exception as e:  # damaged: nothing in memory is worth keeping
-                log.warning("memory tier %s: step %d unreadable (%s); clearing it",
-                            self.folder, steps[-1], e)
-                steps, keep = [*steps, -1], set()
-        for s in steps[:-1]:
-            self.store.delete(layout.manifest_name(s))
+                m = read_manifest(self.store, step)
+                folders |= {b.segment.rpartition("/")[0] for _, _, b in m.blocks()}
+            except Exception as e:  # damaged: not worth keeping
+                log.warning("memory tier %s: step %d unreadable (%s); dropping it",
+                            self.folder, step, e)
+                self.store.delete(layout.manifest_name(step))
+        for s in steps:
+            if s not in kept:
+                self.store.delete(layout.manifest_name(s))
         for name in self.store.list_names(layout.DATA_DIR):
-            if f"{layout.DATA_DIR}/{name}" not in keep:
+            if f"{layout.DATA_DIR}/{name}" not in folders:
                 shutil.rmtree(os.path.join(self.folder, layout.DATA_DIR, name),
                               ignore_errors=True)
+
+    def staged(self, step: int, plan: SavePlan) -> tuple[dict[MetadataIndex, object],
+                                                        Callable[[], None]]:
+        """This rank's items of memory checkpoint ``step``, by ``plan`` (the local plan it
+        was saved by), as a save planner hands them to the Writer: tensors over the memory
+        files themselves (mapped, no copy) and values as their stored bytes. Every block is
+        checked against its digest first. Returns them and a function that unmaps."""
+        m = read_manifest(self.store, step)
+        maps: dict[str, mmap.mmap] = {}
+
+        def mapped(segment: str) -> mmap.mmap:
+            if segment not in maps:
+                with open(os.path.join(self.folder, segment), "rb") as f:
+                    maps[segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+            return maps[segment]
+
+        def raw(data: StoredData, what: str) -> tuple[mmap.mmap | None, int]:
+            """Where the item's bytes lie, contiguous (memory saves write them so)."""
+            if not data.blocks:
+                return None, 0
+            first, at = data.blocks[0], data.blocks[0].offset
+            mm = mapped(first.segment)
+            for b in data.blocks:
+                if b.segment != first.segment or b.offset != at or b.codec != "raw":
+                    raise IntegrityError(f"{what}: not stored contiguous and raw")
+                check(memoryview(mm)[b.offset: b.offset + b.length], b, what=what)
+                at += b.length
+            return mm, first.offset
+
+        staged: dict[MetadataIndex, object] = {}
+        for item in plan.items:
+            entry = m.items[item.index.fqn]
+            what = f"memory checkpoint of step {step}, item {item.index.fqn!r}"
+            if isinstance(entry, ValueEntry):
+                mm, at = raw(entry.data, what)
+                body = bytes(mm[at: at + entry.data.nbytes]) if mm is not None else b""
+                staged[item.index] = (RawBytes(body) if entry.encoding == "bytes"
+                                      else io.BytesIO(body))
+                continue
+            assert item.tensor_data is not None and isinstance(entry, TensorEntry)
+            offsets = tuple(item.index.offset or ())
+            data = next(c.data for c in entry.chunks if c.offsets == offsets)
+            dtype, sizes = item.tensor_data.properties.dtype, item.tensor_data.chunk.sizes
+            mm, at = raw(data, what)
+            flat = (torch.frombuffer(mm, dtype=torch.uint8, count=data.nbytes, offset=at)
+                    if mm is not None and data.nbytes else torch.empty(0, dtype=torch.uint8))
+            staged[item.index] = flat.view(dtype).reshape(sizes)
+
+        def close() -> None:
+            staged.clear()
+            for mm in maps.values():
+                try:
+                    mm.close()
+                except BufferError:  # a tensor still maps it: freed with the tensor
+                    pass
+
+        return staged, close
 
     def remove(self) -> None:
         """Remove the folder and all it holds (a job's clean end)."""

@@ -50,7 +50,8 @@ from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
 from dckpt.writer import Metrics, Writer
 
-__all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process"]
+__all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process", "run_save",
+           "lower_priority"]
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,11 @@ class AsyncSaver:
                  dist.rank(), step, local["stage"], staging.staged_bytes, staging.overflow_bytes)
         return handle
 
+    @property
+    def last_plan(self) -> SavePlan | None:
+        """The local plan of the latest staged save (the memory tier copies by it)."""
+        return self._last_plan
+
     def wait_idle(self) -> None:
         """Wait for the save in flight, if any; its failure stays on its handle."""
         handle = self._in_flight
@@ -346,7 +352,7 @@ class AsyncSaver:
                      staging: _Staging, local: dict[str, float],
                      failures: list[tuple[int, BaseException]]) -> CheckpointInfo:
         """(persist thread) Write the staged bytes and commit."""
-        _lower_priority(writer.config.persist_nice)
+        lower_priority(writer.config.persist_nice)
         try:
             staging.wait_persist()
             info = run_save({}, writer, planner, group)
@@ -364,7 +370,7 @@ class AsyncSaver:
             previous_failures=tuple((s, str(e)) for s, e in failures))
 
 
-def _lower_priority(nice: int) -> None:
+def lower_priority(nice: int) -> None:
     """Give this thread (and the writer threads it starts, which inherit it) a lower CPU
     priority than the training's threads: Linux schedules threads as tasks of their own."""
     if nice <= 0 or not hasattr(os, "setpriority"):

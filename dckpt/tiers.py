@@ -5,14 +5,22 @@ Memory saves go through an AsyncSaver of their own (its own staging memory, pers
 and gloo group, ``purpose="memory"``), so that a memory save never waits behind a storage
 save still writing. Each is self-contained (no dedup, no compression, buffered writes into
 ``/dev/shm``); after its commit the node's local rank 0 prunes the older one, so the tier
-holds the newest committed checkpoint and at most the one being written.
+holds the newest committed checkpoint, the one being written, and the one being copied to
+storage.
+
+A storage save is a copy of a memory checkpoint (``drain``): the step is saved into memory,
+and once that commits each rank hands its items, mapped from the memory files and checked
+against their digests, to a storage Writer (deduplicating against storage's own base) on a
+gloo group of its own (``purpose="drain"``). The device is copied from once per step,
+whichever tiers save it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -20,14 +28,16 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import DckptError, StorageError
+from dckpt.errors import CommitError, DckptError, StorageError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.memory import MemoryTier, room_problem
+from dckpt.planner import StagedPlanner
 from dckpt.repository import committed_steps, open_repository
-from dckpt.saver import AsyncSaver
+from dckpt.saver import AsyncSaver, lower_priority, run_save
 from dckpt.torch_internals import is_dtensor, local_shard
 from dckpt.triggers import Trigger
+from dckpt.writer import Writer
 
 __all__ = ["MemorySaves", "state_bytes"]
 
@@ -55,16 +65,24 @@ class MemorySaves:
     rank, in the same calls."""
 
     def __init__(self, url: str, memory_dir: str | None, trigger: Trigger, save: SaveConfig,
-                 load: LoadConfig) -> None:
+                 load: LoadConfig, *, drains: bool) -> None:
         self.tier = MemoryTier(url, memory_dir)
         self.trigger = trigger
         self.config = dataclasses.replace(save, dedup=False, compression="off",
                                           direct_io=False, staging_bytes=None, overlap=False,
                                           if_busy="wait")
         self.load_config = load
+        self.copies = 3 if drains else 2
+        """Checkpoints the tier may hold at once: the newest, the one being written and,
+        where storage saves copy from memory (``drains``), the one being copied."""
         self.leader = dist.local_rank() == 0  # prunes and removes the node's folder
         self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
         self.saver = AsyncSaver(purpose="memory")
+        self.drain_group = dist.checkpoint_group(save.collective_timeout_s, purpose="drain")
+        self._drainer = ThreadPoolExecutor(1, thread_name_prefix="dckpt-drain")
+        self._draining: dict[int, SaveHandle] = {}  # step -> its storage copy in flight
+        self._latest: SaveHandle | None = None  # the newest memory save started
+        self._plan: Any = None  # the local plan it staged
         self.step: int | None = None
         """The newest memory checkpoint this job committed or restored."""
         self.held_bytes = 0
@@ -73,9 +91,9 @@ class MemorySaves:
         self._room_checked = False
 
     def check_room(self, state_dict: dict) -> None:
-        """(all ranks) Refuse, the same on every rank, a tier without room for two
+        """(all ranks) Refuse, the same on every rank, a tier without room for ``copies``
         checkpoints of this node's ranks (each rank's state taken as this one's)."""
-        need = 2 * state_bytes(state_dict) * dist.local_world_size()
+        need = self.copies * state_bytes(state_dict) * dist.local_world_size()
         problem = room_problem(self.tier.folder, self.tier.free_bytes(),
                                self.tier.held_bytes(), need)
         problems = [p for p in dist.gather(problem, self.group) if p]
@@ -88,8 +106,9 @@ class MemorySaves:
         if not self._room_checked:
             self.check_room(state_dict)
         self.poll(wait=True)
-        self._pending = self.saver.async_save(state_dict, self.tier.url, step=step,
-                                              metrics=metrics, config=self.config)
+        self._pending = self._latest = self.saver.async_save(
+            state_dict, self.tier.url, step=step, metrics=metrics, config=self.config)
+        self._plan = self.saver.last_plan
 
     def poll(self, wait: bool = False) -> tuple[int, BaseException] | None:
         """Report the memory save that ended: (step, error) when it failed. After a commit
@@ -108,9 +127,61 @@ class MemorySaves:
             return h.step, h.error
         self.step = h.step
         if self.leader:
-            self.tier.prune()
+            self.tier.prune(frozenset(self._draining))
             self.held_bytes = self.tier.held_bytes()
         return None
+
+    def to_storage(self, step: int, state_dict: dict, metrics: dict | None,
+                   writer: Writer) -> SaveHandle:
+        """(all ranks) The storage save of ``step``: into memory first (unless this call
+        already saved it there), then a copy (``drain``)."""
+        if self._latest is None or self._latest.step != step:
+            self.save(step, state_dict, metrics)
+        return self.drain(step, writer)
+
+    def drain(self, step: int, writer: Writer) -> SaveHandle:
+        """(all ranks, right after ``save(step, ...)``) Copy memory checkpoint ``step`` into
+        storage with ``writer`` in the background, once it commits; the handle reports the
+        storage commit. A storage copy still running is waited for first."""
+        for h in list(self._draining.values()):
+            try:
+                h.wait()
+            except BaseException:
+                pass
+        memory_save, plan = self._latest, self._plan
+        assert memory_save is not None and memory_save.step == step and plan is not None
+        future = self._drainer.submit(self._drain_one, memory_save, plan, writer)
+        handle = SaveHandle(step, future, pause_s=memory_save.pause_s)
+        self._draining[step] = handle
+        future.add_done_callback(lambda _: self._draining.pop(step, None))
+        return handle
+
+    def _drain_one(self, memory_save: SaveHandle, plan: Any, writer: Writer) -> CheckpointInfo:
+        """(drain thread, all ranks) The storage save of a memory checkpoint."""
+        lower_priority(writer.config.persist_nice)
+        step = memory_save.step
+        try:
+            memory_save.wait()  # the same outcome on every rank
+        except BaseException as e:
+            raise CommitError(f"the storage save of step {step} copies its memory checkpoint, "
+                              f"which failed: {str(e).splitlines()[0]}") from e
+        problems: list[str] = []
+        staged: dict[Any, object] = {}
+        close: Callable[[], None] = lambda: None  # noqa: E731
+        try:
+            staged, close = self.tier.staged(step, plan)
+        except Exception as e:  # refused in the collective: the same error on every rank
+            problems = [f"rank {dist.rank()}: memory checkpoint of step {step}: {e}"]
+        try:
+            return run_save({}, writer, StagedPlanner(plan, staged, {}, problems),
+                            self.drain_group)
+        except DckptError:
+            raise
+        except Exception as e:
+            raise CommitError(f"the storage save of step {step} failed on rank "
+                              f"{dist.rank()}: {type(e).__name__}: {e}") from e
+        finally:
+            close()
 
     def newest(self) -> int | None:
         """(all ranks) The newest committed step in memory, as rank 0 sees it."""
@@ -146,6 +217,12 @@ class MemorySaves:
         """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),
         the node's leader removes the folder once every rank is done with it."""
         self.poll(wait=True)
+        for h in list(self._draining.values()):
+            try:
+                h.wait()
+            except BaseException:
+                pass
+        self._drainer.shutdown(wait=True)
         self.saver.close()
         if remove:
             dist.gather(None, self.group)  # every rank is past its last read and write

@@ -72,10 +72,33 @@ def test_storage_newer_than_memory_restores_from_storage(tmp_path):
     url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
     shm.mkdir()
     crashed, weights = _run(url, shm, 13, save_every_steps=12, memory_every_steps=5)
+    # the storage save of step 12 was a copy of the memory checkpoint of step 12
+    assert memory.held(url, str(shm))[2] == 12 and crashed.memory.step == 12
+    model, opt, state = _train(seed=5)  # another job's save, storage only, newer
+    with dckpt.CheckpointManager(url, handle_signals=False) as other:
+        other.save(20, state)
     mgr, info, restored = _restore(url, shm, memory_every_steps=5)
-    assert (info.step, info.tier) == (12, "storage") and _same(restored, weights[12])
+    assert (info.step, info.tier) == (20, "storage") and _same(restored, model.state_dict())
     mgr.close()
     crashed.close()
+
+
+def test_a_storage_save_is_a_copy_of_the_memory_checkpoint(tmp_path):
+    """With the memory tier, storage saves copy the memory checkpoint (no second device
+    copy): both hold the same bytes, storage's own dedup still applies, and the storage
+    copy loads bit-equal after the memory tier is gone."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    mgr, weights = _run(url, shm, 21, save_every_steps=10, memory_every_steps=4)
+    infos = dckpt.list_checkpoints(url)
+    assert [c.step for c in infos] == [0, 10, 20]
+    assert infos[2].bytes_written < infos[0].bytes_written  # dedup against step 10
+    mgr.close()
+    assert memory.held(url, str(shm)) is None
+    for step in (0, 10, 20):
+        model, _, state = _train(seed=7)
+        dckpt.load(state, url, step=step)
+        assert _same(model.state_dict(), weights[step])
 
 
 def test_a_damaged_memory_checkpoint_falls_back_to_storage(tmp_path):
@@ -125,7 +148,7 @@ def test_a_memory_folder_without_room_is_refused(tmp_path, monkeypatch):
     model, opt, state = _train()
     mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
                                   memory_every_steps=1)
-    with pytest.raises(dckpt.StorageError, match=r"needs \d+ bytes \(two checkpoints .* has 1000;"):
+    with pytest.raises(dckpt.StorageError, match=r"needs \d+ bytes \(the checkpoints .* has 1000;"):
         mgr.restore(state)
     with pytest.raises(dckpt.StorageError, match="memory_dir= or DCKPT_MEMORY_DIR"):
         mgr.maybe_save(0, state)
@@ -148,3 +171,28 @@ def test_the_default_folder_is_under_dev_shm_or_the_environment(tmp_path, monkey
     assert a != memory.memory_folder(str(tmp_path / "y"))
     monkeypatch.setenv("DCKPT_MEMORY_DIR", str(tmp_path))
     assert memory.memory_folder("s3://b/run").startswith(f"{tmp_path}/dckpt-")
+
+
+def test_a_copy_to_storage_checks_every_memory_block_first(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    mgr, _ = _run(url, shm, 5, memory_every_steps=2)
+    folder, step = memory.memory_folder(url, str(shm)), mgr.memory.step
+    staged, close = mgr.memory.tier.staged(step, mgr.memory._plan)
+    bias = staged[next(i for i in staged if i.fqn == "app.model.bias")]
+    assert torch.equal(bias, _bias(url, shm, step))  # mapped from the memory file
+    close()
+    ref = dckpt.inspect(folder, step=step).items["app.model.bias"].chunks[0].data.blocks[0]
+    path = os.path.join(folder, ref.segment)
+    raw = bytearray(open(path, "rb").read())
+    raw[ref.offset] ^= 0x08
+    open(path, "wb").write(bytes(raw))
+    with pytest.raises(dckpt.IntegrityError, match="app.model.bias"):
+        mgr.memory.tier.staged(step, mgr.memory._plan)
+    mgr.close()
+
+
+def _bias(url, shm, step):
+    model, _, state = _train(seed=3)
+    dckpt.load(state, memory.memory_folder(url, str(shm)), step=step)
+    return model.bias.detach()
