@@ -38,8 +38,8 @@ import time
 T_PYTHON = time.time()  # as early as possible: the worker's start, before the heavy imports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("raw", "dckpt", "DCP")
-METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp"}
+METHODS = ("raw", "dckpt", "DCP", "memory")
+METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp", "memory": "memory"}
 DIFF_SAVES = 5
 
 
@@ -73,6 +73,13 @@ def worker(args: argparse.Namespace) -> None:
                 dckpt.save(state, f"{base}/dckpt", step=step)
         if "DCP" in methods:
             dcp.save(state, storage_writer=dcp.FileSystemWriter(f"{base}/dcp", sync_files=True))
+        if "memory" in methods:  # the memory tier's checkpoint of the newest step, as a save
+            from dckpt.memory import MemoryTier  # of CheckpointManager(memory_every_steps=)
+
+            newest = dckpt.list_checkpoints(f"{base}/dckpt")[-1].step
+            dckpt.save(state, MemoryTier(f"{base}/dckpt", args.memory_dir).url, step=newest,
+                       config=dckpt.SaveConfig(dedup=False, compression="off",
+                                               direct_io=False))
         if "raw" in methods:
             raw_write(f"{base}/raw-{rank}.bin",
                       {k: v.cpu() for k, v in local_tensors(state).items()})
@@ -93,6 +100,12 @@ def worker(args: argparse.Namespace) -> None:
         info = dckpt.load(state, f"{base}/dckpt", config=config)
     elif args.worker == "DCP":
         dcp.load(state, storage_reader=dcp.FileSystemReader(f"{base}/dcp"))
+    elif args.worker == "memory":
+        mgr = dckpt.CheckpointManager(f"{base}/dckpt", memory_every_steps=1, gc=False,
+                                      memory_dir=args.memory_dir, handle_signals=False)
+        info = mgr.restore(state)
+        assert info is not None and info.tier == "memory", info
+        mgr._close(remove_memory=False)  # kept for the next repeat
     elif cuda:
         raw_read_to_device(f"{base}/raw-{rank}.bin", local_tensors(state))
     else:
@@ -185,6 +198,7 @@ def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
            f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
            "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
            "--device", args.device, "--methods", args.methods, "--state", args.state,
+           "--memory-dir", args.memory_dir,
            *(["--read-config", config] if config else [])]
     t_launch = time.time()
     helper = (subprocess.Popen([sys.executable, "-m", "dckpt.prefetch",
@@ -212,6 +226,24 @@ def warm_tree(path: str) -> None:
         if f.startswith(os.path.basename(path))]
     subprocess.run(["sh", "-c", 'find "$@" -type f -exec cat {} + >/dev/null', "sh", *names],
                    check=True)
+
+
+def memcpy_s(nbytes: int, ranks: int) -> float:
+    """Seconds for ``ranks`` threads to each copy ``nbytes`` between present host buffers:
+    the memory tier's floor (each rank copies its shard out of shared memory)."""
+    import threading
+
+    import torch
+
+    pairs = [(torch.empty(nbytes, dtype=torch.uint8).fill_(1),
+              torch.empty(nbytes, dtype=torch.uint8).fill_(0)) for _ in range(ranks)]
+    threads = [threading.Thread(target=dst.copy_, args=(src,)) for src, dst in pairs]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - t0
 
 
 def raw_cold_read_sequential(args: argparse.Namespace) -> float:
@@ -260,6 +292,8 @@ def main() -> None:
                         "job (a restart on the node that wrote them, with memory to spare)")
     p.add_argument("--methods", default=",".join(METHODS),
                    help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--memory-dir", default="/dev/shm",
+                   help="the memory tier's parent folder (method memory)")
     p.add_argument("--worker", choices=("prepare",) + METHODS, help=argparse.SUPPRESS)
     p.add_argument("--read-config", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -282,12 +316,13 @@ def main() -> None:
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
     methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    seq = []
+    seq, copies = [], []
     for i in range(args.repeats):
+        copies.append(memcpy_s(nbytes // args.ranks, args.ranks))
         seq.append(raw_cold_read_sequential(args))
         for method in methods:
             evict_tree(args.dir)
-            if args.cache == "warm":
+            if args.cache == "warm" and method != "memory":
                 warm_tree(os.path.join(args.dir, METHOD_DIRS[method.split()[0]]))
             t_launch, r = launch(args, method)
             row = {"launch_to_python_s": r["python_start"] - t_launch,
@@ -316,6 +351,11 @@ def main() -> None:
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
         **{f"dckpt_read_vs_{m}": med[m]["read_s"] / med["dckpt"]["read_s"]
            for m in ("raw", "DCP") if m in med},
+        "memcpy_s": statistics.median(copies),
+        **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),
+            "memory_first_step_above_bare_start_s": statistics.median(
+                r["launch_to_first_step_s"] - r["launch_to_python_s"] - r["imports_s"]
+                - r["group_s"] for r in runs["memory"])} if "memory" in med else {}),
         "launch_to_first_step_s": {m: med[m]["launch_to_first_step_s"] for m in methods},
         "start_up_s": {m: med[m]["launch_to_python_s"] + med[m]["imports_s"] for m in methods},
         "all_values_ok": all(r["values_ok"] for rows in runs.values() for r in rows),
@@ -324,6 +364,10 @@ def main() -> None:
         f.write(json.dumps({"bench": "restore", "summary": summary}) + "\n")
     print(json.dumps(summary, indent=1))
     if not args.keep:
+        from dckpt.memory import memory_folder
+
+        shutil.rmtree(memory_folder(os.path.join(args.dir, "dckpt"), args.memory_dir),
+                      ignore_errors=True)
         shutil.rmtree(args.dir, ignore_errors=True)
 
 

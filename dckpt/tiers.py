@@ -78,7 +78,8 @@ class MemorySaves:
         self.leader = dist.local_rank() == 0  # prunes and removes the node's folder
         self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
         self.saver = AsyncSaver(purpose="memory")
-        self.drain_group = dist.checkpoint_group(save.collective_timeout_s, purpose="drain")
+        self.drain_group: Any = None  # made at the first copy to storage (collective)
+        self._timeout_s = save.collective_timeout_s
         self._drainer = ThreadPoolExecutor(1, thread_name_prefix="dckpt-drain")
         self._draining: dict[int, SaveHandle] = {}  # step -> its storage copy in flight
         self._latest: SaveHandle | None = None  # the newest memory save started
@@ -148,6 +149,8 @@ class MemorySaves:
                 h.wait()
             except BaseException:
                 pass
+        if self.drain_group is None:
+            self.drain_group = dist.checkpoint_group(self._timeout_s, purpose="drain")
         memory_save, plan = self._latest, self._plan
         assert memory_save is not None and memory_save.step == step and plan is not None
         future = self._drainer.submit(self._drain_one, memory_save, plan, writer)
