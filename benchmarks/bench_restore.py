@@ -228,15 +228,19 @@ def warm_tree(path: str) -> None:
                    check=True)
 
 
-def memcpy_s(nbytes: int, ranks: int) -> float:
-    """Seconds for ``ranks`` threads to each copy ``nbytes`` between present host buffers:
-    the memory tier's floor (each rank copies its shard out of shared memory)."""
+def memcpy_s(nbytes: int, ranks: int, fresh: bool) -> float:
+    """Seconds for ``ranks`` threads to each copy ``nbytes`` into host memory: present
+    pages, or ``fresh`` ones (as a restarted process's tensors are: the page faults count).
+    The memory tier's floor (each rank copies its shard out of shared memory)."""
     import threading
 
     import torch
 
     pairs = [(torch.empty(nbytes, dtype=torch.uint8).fill_(1),
-              torch.empty(nbytes, dtype=torch.uint8).fill_(0)) for _ in range(ranks)]
+              torch.empty(nbytes, dtype=torch.uint8)) for _ in range(ranks)]
+    if not fresh:
+        for _, dst in pairs:
+            dst.fill_(0)
     threads = [threading.Thread(target=dst.copy_, args=(src,)) for src, dst in pairs]
     t0 = time.perf_counter()
     for t in threads:
@@ -316,9 +320,10 @@ def main() -> None:
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
     methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    seq, copies = [], []
+    seq, copies, fresh = [], [], []
     for i in range(args.repeats):
-        copies.append(memcpy_s(nbytes // args.ranks, args.ranks))
+        copies.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=False))
+        fresh.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=True))
         seq.append(raw_cold_read_sequential(args))
         for method in methods:
             evict_tree(args.dir)
@@ -352,7 +357,9 @@ def main() -> None:
         **{f"dckpt_read_vs_{m}": med[m]["read_s"] / med["dckpt"]["read_s"]
            for m in ("raw", "DCP") if m in med},
         "memcpy_s": statistics.median(copies),
+        "memcpy_fresh_s": statistics.median(fresh),
         **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),
+            "memory_read_vs_memcpy_fresh": med["memory"]["read_s"] / statistics.median(fresh),
             "memory_first_step_above_bare_start_s": statistics.median(
                 r["launch_to_first_step_s"] - r["launch_to_python_s"] - r["imports_s"]
                 - r["group_s"] for r in runs["memory"])} if "memory" in med else {}),

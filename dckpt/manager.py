@@ -294,8 +294,7 @@ class CheckpointManager:
             elif h.info is not None:
                 self._saved(h.info)
         self._pending = still
-        failed = self.memory.poll(wait) if self.memory is not None else None
-        if failed is not None:
+        for failed in self.memory.poll(wait) if self.memory is not None else []:
             self._failed(*failed)
         if self.memory is not None and self.memory.leader and self.metrics is not None:
             self.metrics.observe_memory(self.memory.held_bytes)

@@ -115,10 +115,12 @@ class MemoryTier:
         steps = committed_steps(self.store)
         return steps[-1] if steps else None
 
-    def prune(self, also: frozenset[int] = frozenset()) -> None:
+    def prune(self, also: frozenset[int] = frozenset(), *,
+              spare_since_s: float | None = None) -> None:
         """Keep only the newest committed checkpoint, and those of ``also`` (being copied to
         storage): older manifests and every data folder they do not use go (a crashed
-        attempt's included). Call it with no save in flight."""
+        attempt's included), except attempts started since ``spare_since_s`` (wall time:
+        a save may be writing them); None, with no save in flight, spares none."""
         steps = committed_steps(self.store)
         kept = [s for s in steps if s in also or s == steps[-1]]
         folders: set[str] = set()
@@ -134,7 +136,10 @@ class MemoryTier:
             if s not in kept:
                 self.store.delete(layout.manifest_name(s))
         for name in self.store.list_names(layout.DATA_DIR):
-            if f"{layout.DATA_DIR}/{name}" not in folders:
+            started = layout.attempt_started_s(name)
+            young = (spare_since_s is not None and started is not None
+                     and started >= spare_since_s)
+            if f"{layout.DATA_DIR}/{name}" not in folders and not young:
                 shutil.rmtree(os.path.join(self.folder, layout.DATA_DIR, name),
                               ignore_errors=True)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -71,6 +72,7 @@ class MemorySaves:
         self.config = dataclasses.replace(save, dedup=False, compression="off",
                                           direct_io=False, staging_bytes=None, overlap=False,
                                           if_busy="wait")
+        self.skippable = dataclasses.replace(self.config, if_busy=save.if_busy)
         self.load_config = load
         self.copies = 3 if drains else 2
         """Checkpoints the tier may hold at once: the newest, the one being written and,
@@ -89,6 +91,7 @@ class MemorySaves:
         self.held_bytes = 0
         """(the node's leader) What the tier held after the last prune."""
         self._pending: SaveHandle | None = None
+        self._failed: list[tuple[int, BaseException]] = []
         self._room_checked = False
 
     def check_room(self, state_dict: dict) -> None:
@@ -102,21 +105,39 @@ class MemorySaves:
             raise StorageError(str(problems[0]))
         self._room_checked = True
 
-    def save(self, step: int, state_dict: dict, metrics: dict | None) -> None:
-        """(all ranks) Stage ``state_dict`` and write it into memory in the background."""
+    def save(self, step: int, state_dict: dict, metrics: dict | None, *,
+             may_skip: bool = True) -> None:
+        """(all ranks) Stage ``state_dict`` and write it into memory in the background. A
+        memory save still writing is waited for inside (the pause counts the wait) or, with
+        ``SaveConfig.if_busy="skip"`` and ``may_skip``, this one is skipped (all ranks
+        agreeing, logged)."""
         if not self._room_checked:
             self.check_room(state_dict)
-        self.poll(wait=True)
-        self._pending = self._latest = self.saver.async_save(
-            state_dict, self.tier.url, step=step, metrics=metrics, config=self.config)
+        self._reap(wait=False)  # the one before, if it ended: pruned with nothing in flight
+        previous = self._pending
+        handle = self.saver.async_save(state_dict, self.tier.url, step=step, metrics=metrics,
+                                       config=self.skippable if may_skip else self.config)
+        if handle.skipped:
+            return
+        if previous is not None:  # it ended inside async_save; this one may be writing
+            self._reap(wait=True, writing=True)
+        self._pending = self._latest = handle
         self._plan = self.saver.last_plan
 
-    def poll(self, wait: bool = False) -> tuple[int, BaseException] | None:
-        """Report the memory save that ended: (step, error) when it failed. After a commit
-        the node's leader prunes the older checkpoint."""
+    def poll(self, wait: bool = False) -> list[tuple[int, BaseException]]:
+        """The memory saves that failed since the last call, as (step, error). After a
+        commit the node's leader prunes the older checkpoint."""
+        self._reap(wait)
+        failed, self._failed = self._failed, []
+        return failed
+
+    def _reap(self, wait: bool, writing: bool = False) -> None:
+        """Take the memory save in flight once it ended (``wait``: wait for it); after a
+        commit the node's leader prunes (sparing the attempts of the last minute when a
+        save is ``writing``)."""
         h = self._pending
         if h is None or not (wait or h.done()):
-            return None
+            return
         try:
             h.wait()
         except BaseException:
@@ -125,19 +146,20 @@ class MemorySaves:
         if h.error is not None:
             log.warning("rank %d: the memory checkpoint of step %d failed: %s", dist.rank(),
                         h.step, h.error)
-            return h.step, h.error
+            self._failed.append((h.step, h.error))
+            return
         self.step = h.step
         if self.leader:
-            self.tier.prune(frozenset(self._draining))
+            self.tier.prune(frozenset(self._draining),
+                            spare_since_s=time.time() - 60.0 if writing else None)
             self.held_bytes = self.tier.held_bytes()
-        return None
 
     def to_storage(self, step: int, state_dict: dict, metrics: dict | None,
                    writer: Writer) -> SaveHandle:
         """(all ranks) The storage save of ``step``: into memory first (unless this call
         already saved it there), then a copy (``drain``)."""
         if self._latest is None or self._latest.step != step:
-            self.save(step, state_dict, metrics)
+            self.save(step, state_dict, metrics, may_skip=False)
         return self.drain(step, writer)
 
     def drain(self, step: int, writer: Writer) -> SaveHandle:
@@ -219,7 +241,7 @@ class MemorySaves:
     def close(self, remove: bool) -> None:
         """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),
         the node's leader removes the folder once every rank is done with it."""
-        self.poll(wait=True)
+        self._reap(wait=True)
         for h in list(self._draining.values()):
             try:
                 h.wait()
