@@ -90,7 +90,8 @@ class MemoryTier:
         self.folder = memory_folder(url, memory_dir)
         parent = os.path.dirname(self.folder)
         if not os.path.isdir(parent):
-            raise ArgumentError(f"memory_dir {parent} is not a folder")
+            raise ArgumentError(f"the memory tier's folder {parent} (memory_dir, or "
+                                "DCKPT_MEMORY_DIR) does not exist; create it or name another")
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             os.chmod(self.folder, 0o700)

@@ -208,20 +208,31 @@ class MemorySaves:
         finally:
             close()
 
-    def newest(self) -> int | None:
-        """(all ranks) The newest committed step in memory, as rank 0 sees it."""
-        return dist.broadcast(self.tier.newest(), self.group)  # type: ignore[return-value]
+    def _newest(self, storage_url: str, storage_options: dict | None
+                ) -> tuple[int | None, int | None]:
+        """(all ranks) The newest committed step in memory and in storage, as rank 0 sees
+        them; a failure to list is the same StorageError on every rank."""
+        found: object = None
+        if dist.rank() == 0:
+            try:
+                store = open_repository(storage_url, storage_options, required=False)
+                steps = committed_steps(store)
+                found = (self.tier.newest(), steps[-1] if steps else None)
+            except Exception as e:
+                found = f"{type(e).__name__}: {e}"
+        found = dist.broadcast(found, self.group)
+        if isinstance(found, str):
+            raise StorageError(f"cannot list the checkpoints of {storage_url} and its memory "
+                               f"tier {self.tier.folder}: {found}")
+        return found  # type: ignore[return-value]
 
     def restore(self, state_dict: dict, storage_url: str, storage_options: dict | None,
                 partial: bool) -> CheckpointInfo | None:
         """(all ranks) Load the newest memory checkpoint when no storage checkpoint is newer;
         None when memory holds none, is older, or fails to load (every rank agreeing: the
         caller then restores from storage)."""
-        mem = self.newest()
-        store = open_repository(storage_url, storage_options, required=False)
-        stored = dist.broadcast(committed_steps(store)[-1:] if dist.rank() == 0 else None,
-                                self.group)
-        if mem is None or (stored and stored[0] > mem):  # type: ignore[index]
+        mem, stored = self._newest(storage_url, storage_options)
+        if mem is None or (stored is not None and stored > mem):
             return None
         try:
             info = api.load(state_dict, self.tier.url, step=mem, partial=partial,

@@ -74,3 +74,29 @@ def test_a_refusal_for_room_is_the_same_on_every_rank(tmp_path):
     out = [o.value for o in run_ranks(_too_small, 2, url, shm)]
     assert out[0] == out[1] and out[0][0] == "StorageError" and "has 10;" in out[0][1]
     assert dckpt.list_checkpoints(url) == [] and not os.listdir(shm)
+
+
+def _listing_fails_on_rank0(rank, world, url, shm):
+    from dckpt import tiers
+
+    if rank == 0:  # the storage stops answering where rank 0 lists it
+        def broken(store):
+            raise OSError("connection reset")
+        tiers.committed_steps = broken
+    mgr = dckpt.CheckpointManager(url, memory_every_steps=1, handle_signals=False,
+                                  memory_dir=shm)
+    try:
+        mgr.restore(_state(rank, 0))
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    finally:
+        mgr.close()
+    return None
+
+
+def test_a_storage_that_fails_at_restore_is_the_same_error_on_every_rank(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    os.mkdir(shm)
+    out = [o.value for o in run_ranks(_listing_fails_on_rank0, 2, url, shm, timeout_s=60)]
+    assert out[0] == out[1] and out[0][0] == "StorageError"
+    assert "connection reset" in out[0][1] and "cannot list" in out[0][1]
