@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -215,5 +216,9 @@ class ManagerConfig:
                 raise ArgumentError(f"memory_every_steps must be an int >= 1 or None, got "
                                     f"{memory_every_steps!r}")
             memory = EverySteps(memory_every_steps)
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ArgumentError(f"unknown manager options {sorted(unknown)}; see "
+                                "dckpt.ManagerConfig for the fields")
         return cls(trigger=trigger, memory_trigger=memory, save=save_config or SaveConfig(),
                    load=load_config or LoadConfig(), **fields)  # type: ignore[arg-type]

@@ -82,6 +82,7 @@ def test_a_custom_trigger_composes_and_declares_what_it_reads():
     lambda: dckpt.ManagerConfig(save=dckpt.LoadConfig()),
     lambda: dckpt.ManagerConfig(storage_options=[1]),
     lambda: dckpt.ManagerConfig.of(save_on_improve="loss"),
+    lambda: dckpt.ManagerConfig.of(retention_policy=dckpt.KeepLast(1)),
 ])
 def test_bad_triggers_and_configs_are_refused(make):
     with pytest.raises(dckpt.ArgumentError):
