@@ -40,6 +40,14 @@ class SaveHandle:
     def done(self) -> bool:
         return self._future is None or self._future.done()
 
+    def settle(self) -> None:
+        """Wait until the save ended, either way; its outcome stays on the handle."""
+        if self._future is not None:
+            try:
+                self._future.result()
+            except BaseException:
+                pass
+
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until committed (the info) or failed (raises); TimeoutError past ``timeout``."""
         if self._future is None:

@@ -280,10 +280,7 @@ class CheckpointManager:
         still = []
         for h in self._pending:
             if wait:
-                try:
-                    h.wait()
-                except BaseException:
-                    pass
+                h.settle()
             if not h.done():
                 still.append(h)
                 continue

@@ -220,12 +220,8 @@ class AsyncSaver:
 
     def wait_idle(self) -> None:
         """Wait for the save in flight, if any; its failure stays on its handle."""
-        handle = self._in_flight
-        if handle is not None:
-            try:
-                handle.wait()
-            except BaseException:
-                pass
+        if self._in_flight is not None:
+            self._in_flight.settle()
 
     def install_hook(self, optimizer: torch.optim.Optimizer) -> Any:
         """Overlap mode: the optimizer waits for the staged copy before it changes anything.

@@ -138,10 +138,7 @@ class MemorySaves:
         h = self._pending
         if h is None or not (wait or h.done()):
             return
-        try:
-            h.wait()
-        except BaseException:
-            pass
+        h.settle()
         self._pending = None
         if h.error is not None:
             log.warning("rank %d: the memory checkpoint of step %d failed: %s", dist.rank(),
@@ -167,10 +164,7 @@ class MemorySaves:
         storage with ``writer`` in the background, once it commits; the handle reports the
         storage commit. A storage copy still running is waited for first."""
         for h in list(self._draining.values()):
-            try:
-                h.wait()
-            except BaseException:
-                pass
+            h.settle()
         if self.drain_group is None:
             self.drain_group = dist.checkpoint_group(self._timeout_s, purpose="drain")
         memory_save, plan = self._latest, self._plan
@@ -254,10 +248,7 @@ class MemorySaves:
         the node's leader removes the folder once every rank is done with it."""
         self._reap(wait=True)
         for h in list(self._draining.values()):
-            try:
-                h.wait()
-            except BaseException:
-                pass
+            h.settle()
         self._drainer.shutdown(wait=True)
         self.saver.close()
         if remove:
