@@ -124,8 +124,11 @@ def _skip_agreement(rank, world, url):
             return info
 
         AsyncSaver._persist_one = lingering
-    dckpt.async_save(_state(1.0), url, step=1)
-    time.sleep(0.5)
+    first = dckpt.async_save(_state(1.0), url, step=1)
+    if rank == 1:
+        first.wait()  # done here, whatever the load on the machine
+    else:
+        time.sleep(0.5)  # within its 1.5 s linger after the commit
     busy = not dckpt.saver.default_saver()._in_flight.done()
     second = dckpt.async_save(_state(2.0), url, step=2,
                               config=dckpt.SaveConfig(if_busy="skip", collective_timeout_s=10))
