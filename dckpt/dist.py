@@ -3,6 +3,7 @@ whose failures become the same DckptError on every rank."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
@@ -29,7 +30,10 @@ log = logging.getLogger(__name__)
 _groups: dict[tuple[float, str], tuple[object, dist.ProcessGroup]] = {}
 """(timeout, purpose) -> (the default group it was derived from, the group). The entry holds
 the default group itself, not its id: a destroyed and re-created default group (a new id, or
-the old one reused) never gets a group of the old one back."""
+the old one reused) never gets a group of the old one back. Cleared at exit, while the
+interpreter still runs: a gloo group left for the interpreter's teardown to free can abort the
+process."""
+atexit.register(_groups.clear)
 
 
 def active() -> bool:
