@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +147,16 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
     the optimizer); the checkpoint's other keys are not read. The info is a recovery report:
     ``tried``, ``bytes_read``, ``phase_s`` and the data lost against the newest checkpoint.
     """
+    return load_with(Reader, state_dict, url, step=step, partial=partial,
+                     storage_options=storage_options, config=config)
+
+
+def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: str, *,
+              step: int | None = None, partial: bool = False,
+              storage_options: dict | None = None,
+              config: LoadConfig | None = None) -> CheckpointInfo:
+    """``load``, reading through ``make_reader`` (takes Reader's arguments): the memory
+    tier's reader fetches what its node lacks from the nodes that hold it."""
     check_state_dict(state_dict)
     check_step(step, optional=True)
     if not isinstance(partial, bool):
@@ -179,8 +190,8 @@ def load(state_dict: StateDict, url: str, *, step: int | None = None, partial: b
                 + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped)
                 + "\nRun `dckpt verify --all` to see every problem")
         tried.append(manifest.step)
-        reader = Reader(url, step=manifest.step, storage_options=storage_options,
-                        config=config, manifest=manifest)
+        reader = make_reader(url, step=manifest.step, storage_options=storage_options,
+                             config=config, manifest=manifest)
         t_read = time.perf_counter()
         what = f"load of step {manifest.step} from {url}"
         try:

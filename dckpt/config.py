@@ -155,8 +155,9 @@ class ManagerConfig:
     memory_dir: str | None = None
     """The memory tier's parent folder; None: ``DCKPT_MEMORY_DIR``, else ``/dev/shm``."""
     memory_replicas: int = 0
-    """Copies of each rank's memory shard on other nodes. Only 0 for now: peer replicas
-    are not built yet, and a node's loss restores from storage."""
+    """Copies of each rank's memory checkpoint in the memory of other nodes (the next ones
+    on a ring over torchrun's nodes), so that the loss of a node still restores from
+    memory; fewer than the job's nodes. 0: a node's loss restores from storage."""
 
     def __post_init__(self) -> None:
         if self.trigger is not None and not isinstance(self.trigger, Trigger):
@@ -180,9 +181,9 @@ class ManagerConfig:
         if self.memory_dir is not None and not isinstance(self.memory_dir, str):
             raise ArgumentError(f"memory_dir must be a folder path or None, got "
                                 f"{self.memory_dir!r}")
-        if self.memory_replicas != 0 or type(self.memory_replicas) is not int:
-            raise ArgumentError(f"memory_replicas must be 0 (peer replicas are not available "
-                                f"yet), got {self.memory_replicas!r}")
+        if type(self.memory_replicas) is not int or self.memory_replicas < 0:
+            raise ArgumentError(f"memory_replicas must be an int >= 0, got "
+                                f"{self.memory_replicas!r}")
         if not isinstance(self.save, SaveConfig) or not isinstance(self.load, LoadConfig):
             raise ArgumentError("ManagerConfig.save and .load must be a SaveConfig and a "
                                 f"LoadConfig, got {self.save!r}, {self.load!r}")

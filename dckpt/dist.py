@@ -21,7 +21,8 @@ from dckpt.errors import CheckpointExistsError, CommitError, DckptError, Integri
 ProcessGroup = dist.ProcessGroup
 
 __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
-           "checkpoint_group", "broadcast", "broadcast_tensor",
+           "checkpoint_group", "broadcast", "broadcast_tensor", "broadcast_from", "node",
+           "exchange",
            "any_true", "total", "translate", "peer_failure", "Agreed", "Agreement",
            "calls_between"]
 
@@ -103,6 +104,44 @@ def broadcast_tensor(t: torch.Tensor, src: int, group: dist.ProcessGroup | None)
     """(all ranks) ``t`` from rank ``src`` of ``group`` (in place); nothing alone."""
     if group is not None:
         dist.broadcast(t, src=dist.get_global_rank(group, src), group=group)
+
+
+def broadcast_from(obj: object, src: int, group: dist.ProcessGroup | None) -> object:
+    """(all ranks) ``obj`` from global rank ``src``; the value itself when alone."""
+    if group is None:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+
+
+def node() -> int:
+    """This rank's node: torchrun's ``GROUP_RANK`` (the agent's rank), else the rank over
+    ``LOCAL_WORLD_SIZE``."""
+    group_rank = os.environ.get("GROUP_RANK")
+    return int(group_rank) if group_rank is not None else rank() // max(1, local_world_size())
+
+
+CHUNK_BYTES = 256 << 20
+"""Point-to-point transfers go in pieces of at most this many bytes."""
+
+
+def _pieces(t: torch.Tensor) -> list[torch.Tensor]:
+    return [t[i: i + CHUNK_BYTES] for i in range(0, t.numel(), CHUNK_BYTES)]
+
+
+def exchange(sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]],
+             group: dist.ProcessGroup | None) -> None:
+    """(the ranks named) Send each flat uint8 tensor of ``sends`` to its global rank and
+    receive into each of ``recvs`` from its global rank, all at once; pairs of ranks must
+    list their tensors in the same order."""
+    if group is None:
+        return
+    works = [dist.isend(p, dst=to, group=group) for to, t in sends for p in _pieces(t)]
+    works += [dist.irecv(p, src=frm, group=group) for frm, t in recvs for p in _pieces(t)]
+    for w in works:
+        if w is not None:
+            w.wait()
 
 
 def any_true(flag: bool, group: dist.ProcessGroup | None) -> bool:

@@ -118,7 +118,8 @@ class CheckpointManager:
                             if trigger is not None and trigger.watches else None)
         self.memory = (MemorySaves(self.url, self.config.memory_dir,
                                    self.config.memory_trigger, self.config.save,
-                                   self.config.load, drains=self.config.trigger is not None)
+                                   self.config.load, drains=self.config.trigger is not None,
+                                   replicas=self.config.memory_replicas)
                        if self.config.memory_trigger is not None else None)
         """The memory tier (dckpt.tiers), or None."""
         self._signals = SignalWatch(dist.rank())

@@ -19,7 +19,9 @@ import logging
 import mmap
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -33,7 +35,8 @@ from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store
 from dckpt.values import RawBytes
 
-__all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held"]
+__all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held",
+           "mapped_segments", "bytes_tensor", "receiving"]
 
 log = logging.getLogger(__name__)
 
@@ -172,11 +175,19 @@ class MemoryTier:
                 at += b.length
             return mm, first.offset
 
+        def elsewhere(data: StoredData) -> bool:
+            """Replicated state another rank wrote on another node: that rank copies it
+            (the save's plan is the same, so is the choice of the rank that writes it)."""
+            return bool(data.blocks) and not os.path.exists(
+                os.path.join(self.folder, data.blocks[0].segment))
+
         staged: dict[MetadataIndex, object] = {}
         for item in plan.items:
             entry = m.items[item.index.fqn]
             what = f"memory checkpoint of step {step}, item {item.index.fqn!r}"
             if isinstance(entry, ValueEntry):
+                if elsewhere(entry.data):
+                    continue
                 mm, at = raw(entry.data, what)
                 body = bytes(mm[at: at + entry.data.nbytes]) if mm is not None else b""
                 staged[item.index] = (RawBytes(body) if entry.encoding == "bytes"
@@ -185,6 +196,8 @@ class MemoryTier:
             assert item.tensor_data is not None and isinstance(entry, TensorEntry)
             offsets = tuple(item.index.offset or ())
             data = next(c.data for c in entry.chunks if c.offsets == offsets)
+            if elsewhere(data):
+                continue
             dtype, sizes = item.tensor_data.properties.dtype, item.tensor_data.chunk.sizes
             mm, at = raw(data, what)
             flat = (torch.frombuffer(mm, dtype=torch.uint8, count=data.nbytes, offset=at)
@@ -204,3 +217,67 @@ class MemoryTier:
     def remove(self) -> None:
         """Remove the folder and all it holds (a job's clean end)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def mapped_segments(root: str) -> Iterator[Any]:
+    """A function from a segment name to its file mapped (None where absent)."""
+    maps: dict[str, mmap.mmap | None] = {}
+
+    def mapped(segment: str) -> mmap.mmap | None:
+        if segment not in maps:
+            try:
+                with open(os.path.join(root, layout.check_object_name(segment)), "rb") as f:
+                    maps[segment] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+                                     if os.fstat(f.fileno()).st_size else None)
+            except FileNotFoundError:
+                maps[segment] = None
+        return maps[segment]
+
+    try:
+        yield mapped
+    finally:
+        for mm in maps.values():
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:  # a tensor still maps it: freed with the tensor
+                    pass
+
+
+def bytes_tensor(mm: mmap.mmap | None, size: int) -> torch.Tensor:
+    if mm is None or size == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.frombuffer(mm, dtype=torch.uint8, count=size)
+
+
+@contextmanager
+def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Tensor]]:
+    """Files of these (name, size) under ``root``, mapped for writing; each is renamed to
+    its name only once everything arrived (a crash leaves ``.part`` files, never a segment
+    that looks whole)."""
+    maps: list[tuple[str, mmap.mmap | None]] = []
+    tensors = []
+    try:
+        for name, size in names:
+            path = os.path.join(root, layout.check_object_name(name))
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            with open(path + ".part", "w+b") as f:
+                f.truncate(size)
+                mm = mmap.mmap(f.fileno(), size) if size else None
+            maps.append((path, mm))
+            tensors.append(bytes_tensor(mm, size))
+        yield tensors
+        tensors.clear()
+        for path, mm in maps:
+            if mm is not None:
+                mm.flush()
+            os.replace(path + ".part", path)
+    finally:
+        tensors.clear()
+        for _, mm in maps:
+            if mm is not None:
+                try:
+                    mm.close()
+                except BufferError:
+                    pass

@@ -18,6 +18,7 @@ import dataclasses
 import io
 import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future as PoolFuture
 from dataclasses import dataclass, field
 
@@ -119,9 +120,11 @@ def _whole(item: ReadItem, stored: object) -> bool:
             and not any(item.storage_offsets) and not any(item.dest_offsets))
 
 
-def share_replicated(plans: list[LoadPlan], storage: dict) -> list[LoadPlan]:
+def share_replicated(plans: list[LoadPlan], storage: dict,
+                     near: Callable[[int, MetadataIndex], bool] | None = None) -> list[LoadPlan]:
     """Plans where every box that all ranks read whole, each into one tensor, is read by
-    one rank only (owners chosen by least bytes so far) and broadcast in a fixed order."""
+    one rank only (owners chosen by least bytes so far, among the ranks ``near`` its bytes
+    where any is) and broadcast in a fixed order."""
     per_rank: list[dict[MetadataIndex, list[ReadItem]]] = []
     for plan in plans:
         boxes: dict[MetadataIndex, list[ReadItem]] = {}
@@ -140,7 +143,8 @@ def share_replicated(plans: list[LoadPlan], storage: dict) -> list[LoadPlan]:
     load = [0] * len(plans)
     owners: dict[MetadataIndex, int] = {}
     for index in sorted(replicated, key=lambda i: -storage[i][1].data.nbytes):
-        owner = min(range(len(plans)), key=lambda r: load[r])
+        owner = min(range(len(plans)),
+                    key=lambda r: (near is not None and not near(r, index), load[r]))
         owners[index] = owner
         load[owner] += storage[index][1].data.nbytes
     out = []
@@ -304,6 +308,12 @@ class Reader(StorageReader):
         _, picked = blocks_in_range(data, 0, data.nbytes)
         for req in coalesce(picked, self.config.read_request_bytes):
             self.bytes_read += fetcher.fetch(req, memoryview(buf), what)
+        self.deliver_value(buf, fqn, encoding, items, planner)
+
+    def deliver_value(self, buf: bytearray, fqn: str, encoding: str, items: list[ReadItem],
+                      planner: LoadPlanner) -> None:
+        """A value's checked bytes into the state dict."""
+        what = self._what("value", fqn)
         if encoding == "bytes":  # an io.BytesIO's contents, never unpickled
             for item in items:
                 planner.load_bytes(item, _raw_value(buf, planner))

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -83,6 +83,7 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
         raise dist.peer_failure(e, what=what, saving=True) from e
     info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
     assert isinstance(info, CheckpointInfo)
+    writer.after_commit(group)
     return info
 
 
@@ -146,8 +147,10 @@ class AsyncSaver:
     only to keep several independent staging areas.
     """
 
-    def __init__(self, purpose: str = "commit") -> None:
+    def __init__(self, purpose: str = "commit", writer: Callable[..., Writer] = Writer) -> None:
         self.purpose = purpose
+        self.writer = writer
+        """Makes its saves' Writers (the memory tier's replicates)."""
         """The gloo group its saves run on (``dist.checkpoint_group``): savers that may have
         saves in flight at once (the memory tier's and the storage tier's) need their own."""
         self._area = HostArea()
@@ -167,8 +170,8 @@ class AsyncSaver:
              ) -> CheckpointInfo:
         """(collective) Synchronous save; first waits for a save in flight."""
         config = config or SaveConfig()
-        writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
-                        config=config)
+        writer = self.writer(url, step=step, metrics=metrics,
+                             storage_options=storage_options, config=config)
         self.wait_idle()
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         return run_save(state_dict, writer, None, group)
@@ -179,8 +182,8 @@ class AsyncSaver:
         """(collective) Stage ``state_dict`` and return; write and commit in the background."""
         t0 = time.perf_counter()
         config = config or SaveConfig()
-        writer = Writer(url, step=step, metrics=metrics, storage_options=storage_options,
-                        config=config)  # checks the arguments before anything happens
+        writer = self.writer(url, step=step, metrics=metrics,  # checks the arguments first
+                             storage_options=storage_options, config=config)
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         control = dist.checkpoint_group(config.collective_timeout_s,
                                         purpose=f"{self.purpose}-control")

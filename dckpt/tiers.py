@@ -18,23 +18,25 @@ whichever tiers save it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import CommitError, DckptError, StorageError
+from dckpt.errors import ArgumentError, CommitError, DckptError, StorageError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.memory import MemoryTier, room_problem
 from dckpt.planner import StagedPlanner
-from dckpt.repository import committed_steps, open_repository
+from dckpt.replicas import Choice, Inventory, MemoryReader, MemoryWriter, Nodes, choose, inventory
+from dckpt.repository import committed_steps, open_repository, read_manifest_raw
 from dckpt.saver import AsyncSaver, lower_priority, run_save
 from dckpt.torch_internals import is_dtensor, local_shard
 from dckpt.triggers import Trigger
@@ -66,7 +68,7 @@ class MemorySaves:
     rank, in the same calls."""
 
     def __init__(self, url: str, memory_dir: str | None, trigger: Trigger, save: SaveConfig,
-                 load: LoadConfig, *, drains: bool) -> None:
+                 load: LoadConfig, *, drains: bool, replicas: int = 0) -> None:
         self.tier = MemoryTier(url, memory_dir)
         self.trigger = trigger
         self.config = dataclasses.replace(save, dedup=False, compression="off",
@@ -77,9 +79,16 @@ class MemorySaves:
         self.copies = 3 if drains else 2
         """Checkpoints the tier may hold at once: the newest, the one being written and,
         where storage saves copy from memory (``drains``), the one being copied."""
-        self.leader = dist.local_rank() == 0  # prunes and removes the node's folder
         self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
-        self.saver = AsyncSaver(purpose="memory")
+        self.nodes = Nodes.gather(self.group)
+        if replicas >= len(self.nodes.names):
+            raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes; "
+                                f"this job runs on {len(self.nodes.names)}")
+        self.replicas = replicas
+        self.leader = self.nodes.leader(self.nodes.of[dist.rank()]) == dist.rank()
+        """Lists, prunes and removes the node's folder."""
+        self.saver = AsyncSaver(purpose="memory", writer=functools.partial(
+            MemoryWriter, nodes=self.nodes, replicas=replicas))
         self.drain_group: Any = None  # made at the first copy to storage (collective)
         self._timeout_s = save.collective_timeout_s
         self._drainer = ThreadPoolExecutor(1, thread_name_prefix="dckpt-drain")
@@ -97,7 +106,8 @@ class MemorySaves:
     def check_room(self, state_dict: dict) -> None:
         """(all ranks) Refuse, the same on every rank, a tier without room for ``copies``
         checkpoints of this node's ranks (each rank's state taken as this one's)."""
-        need = self.copies * state_bytes(state_dict) * dist.local_world_size()
+        need = (self.copies * (1 + self.replicas) * state_bytes(state_dict)
+                * len(self.nodes.ranks(self.nodes.of[dist.rank()])))
         problem = room_problem(self.tier.folder, self.tier.free_bytes(),
                                self.tier.held_bytes(), need)
         problems = [p for p in dist.gather(problem, self.group) if p]
@@ -202,46 +212,83 @@ class MemorySaves:
         finally:
             close()
 
-    def _newest(self, storage_url: str, storage_options: dict | None
-                ) -> tuple[int | None, int | None]:
-        """(all ranks) The newest committed step in memory and in storage, as rank 0 sees
-        them; a failure to list is the same StorageError on every rank."""
+    def _choose(self, storage_url: str, storage_options: dict | None, *,
+                check_blocks: bool) -> Choice | None:
+        """(all ranks) The memory checkpoint to restore, from every node's inventory and the
+        newest storage step as rank 0 sees it (the same on every rank); its manifest is
+        then in every node's folder. A failure to list is the same StorageError everywhere."""
         found: object = None
-        if dist.rank() == 0:
+        if self.leader:
             try:
-                store = open_repository(storage_url, storage_options, required=False)
-                steps = committed_steps(store)
-                found = (self.tier.newest(), steps[-1] if steps else None)
+                found = inventory(self.tier.store, self.nodes.of[dist.rank()],
+                                  check_blocks=check_blocks)
             except Exception as e:
                 found = f"{type(e).__name__}: {e}"
-        found = dist.broadcast(found, self.group)
-        if isinstance(found, str):
+        stored: object = None
+        if dist.rank() == 0:
+            try:
+                steps = committed_steps(open_repository(storage_url, storage_options,
+                                                        required=False))
+                stored = steps[-1] if steps else None
+            except Exception as e:
+                stored = f"{type(e).__name__}: {e}"
+        everyone = cast(list[tuple[object, object]], dist.gather((found, stored), self.group))
+        problems = [p for pair in everyone for p in pair if isinstance(p, str)]
+        if problems:
             raise StorageError(f"cannot list the checkpoints of {storage_url} and its memory "
-                               f"tier {self.tier.folder}: {found}")
-        return found  # type: ignore[return-value]
+                               f"tier {self.tier.folder}: {problems[0]}")
+        inventories = [f for f, _ in everyone if isinstance(f, Inventory)]
+        newest = everyone[0][1]
+        choice = choose(inventories, newest if isinstance(newest, int) else None)
+        if choice is not None and len(self.nodes.names) > 1:
+            src = self.nodes.leader(choice.manifest_node)
+            raw = dist.broadcast_from(
+                read_manifest_raw(self.tier.store, choice.step)[1]
+                if dist.rank() == src else None, src, self.group)
+            mine = next(i for i in inventories if i.node == self.nodes.of[dist.rank()])
+            if self.leader and choice.step not in mine.manifests:
+                assert isinstance(raw, bytes)
+                self.tier.store.create_exclusive(layout.manifest_name(choice.step), raw)
+        return choice
 
     def restore(self, state_dict: dict, storage_url: str, storage_options: dict | None,
                 partial: bool) -> CheckpointInfo | None:
-        """(all ranks) Load the newest memory checkpoint when no storage checkpoint is newer;
-        None when memory holds none, is older, or fails to load (every rank agreeing: the
-        caller then restores from storage)."""
-        mem, stored = self._newest(storage_url, storage_options)
-        if mem is None or (stored is not None and stored > mem):
-            return None
-        try:
-            info = api.load(state_dict, self.tier.url, step=mem, partial=partial,
-                            config=self.load_config)
-        except DckptError as e:
-            log.warning("rank %d: memory checkpoint of step %d unusable, restoring from "
-                        "storage: %s", dist.rank(), mem, str(e).splitlines()[0])
-            if self.leader:
-                self.tier.store.delete(layout.manifest_name(mem))
-            return None
-        finally:
-            if self.leader:  # a crashed save's attempt, or the unusable checkpoint, goes
-                self.tier.prune()
-        self.step = mem
-        return dataclasses.replace(info, tier="memory")
+        """(all ranks) Load the newest memory checkpoint when no storage checkpoint is newer,
+        from this node's memory and what the other nodes send (``dckpt.replicas``); where a
+        block fails its check, again after every node dropped its damaged segments. None
+        when memory holds none, is older, or fails to load (every rank agreeing: the caller
+        then restores from storage)."""
+        failed: list[int] = []
+        restored: CheckpointInfo | None = None
+        for check_blocks in (False, True):
+            choice = self._choose(storage_url, storage_options, check_blocks=check_blocks)
+            if choice is None:
+                break
+            readers: list[MemoryReader] = []
+
+            def reader(url: str, _choice: Choice = choice, **kwargs: Any) -> MemoryReader:
+                readers.append(MemoryReader(url, nodes=self.nodes, choice=_choice, **kwargs))
+                return readers[-1]
+
+            try:
+                info = api.load_with(reader, state_dict, self.tier.url, step=choice.step,
+                                     partial=partial, config=self.load_config)
+            except DckptError as e:
+                log.warning("rank %d: memory checkpoint of step %d unusable%s: %s",
+                            dist.rank(), choice.step,
+                            "" if check_blocks else "; checking every block in memory",
+                            str(e).splitlines()[0])
+                failed.append(choice.step)
+                continue
+            self.step = choice.step
+            restored = dataclasses.replace(info, tier=readers[-1].tier)
+            break
+        if self.leader:  # what failed goes (pruning would keep it as the newest), and
+            for step in failed:  # a crashed save's attempt
+                if restored is None or restored.step != step:
+                    self.tier.store.delete(layout.manifest_name(step))
+            self.tier.prune()
+        return restored
 
     def close(self, remove: bool) -> None:
         """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),

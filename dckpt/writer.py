@@ -117,6 +117,8 @@ class Writer(StorageWriter):
         self._t: dict[str, float] = {}
         self._index: BlockIndex | None = None
         self._history: History = {}  # this save's items: block size, fraction written
+        self.committed_raw = b""
+        """(coordinator, after the commit) The manifest as stored."""
 
     # -- DCP protocol ----------------------------------------------------------------
 
@@ -219,8 +221,9 @@ class Writer(StorageWriter):
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
         self._check_references(manifest)
+        self.committed_raw = encode(manifest)
         try:
-            self.store.create_exclusive(layout.manifest_name(self.step), encode(manifest))
+            self.store.create_exclusive(layout.manifest_name(self.step), self.committed_raw)
         except FileExistsError:
             raise CheckpointExistsError(
                 f"step {self.step} was committed in {self.store.url} by another save while this "
@@ -236,6 +239,10 @@ class Writer(StorageWriter):
                      "total": time.perf_counter() - self._t["start"]})
         log.info("committed step %d: %d bytes logical, %d written, %.3f s total", self.step,
                  manifest.bytes_logical, manifest.bytes_written, self.info.phase_s["total"])
+
+    def after_commit(self, group: object) -> None:
+        """(all ranks, right after the commit) Nothing here; the memory tier's writer
+        copies the manifest to every node."""
 
     # -- internals ---------------------------------------------------------------------
 

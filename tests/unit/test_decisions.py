@@ -208,3 +208,33 @@ def test_export_unflattens_a_real_optimizer_state(tmp_path):
 ])
 def test_gc_after_retention_spares_every_save_still_writing(now, started, margin, age):
     assert gc_min_age_s(now, started, margin) == pytest.approx(age, abs=1e-9)
+
+
+# ------------------------------------------------------------------ the memory tier's nodes
+
+
+def test_replicas_go_round_a_ring_of_nodes_at_the_same_place():
+    from dckpt.replicas import Nodes
+
+    nodes = Nodes((0, 0, 1, 1, 2, 2))
+    assert [nodes.peer(r, 1) for r in range(6)] == [2, 3, 4, 5, 0, 1]
+    assert [nodes.peer(r, 2) for r in range(6)] == [4, 5, 0, 1, 2, 3]
+    assert [nodes.leader(n) for n in nodes.names] == [0, 2, 4]
+    uneven = Nodes((5, 5, 5, 9))  # node names as torchrun gives them; one node smaller
+    assert [uneven.peer(r, 1) for r in range(4)] == [3, 3, 3, 0]
+
+
+def test_the_memory_step_chosen_is_the_newest_whole_somewhere_and_not_older_than_storage():
+    from dckpt.replicas import Inventory, choose
+
+    need = {"data/a/r0.seg": 100, "data/a/r1.seg": 50}
+    older = {"data/o/r0.seg": 10}
+    node0 = Inventory(0, {"data/a/r0.seg": 100, "data/o/r0.seg": 10}, {9: need, 6: older})
+    node1 = Inventory(1, {"data/a/r1.seg": 50, "data/a/r0.seg": 99}, {9: need})
+    c = choose([node0, node1], storage_newest=8)
+    assert (c.step, c.manifest_node) == (9, 0)
+    assert c.holders == {"data/a/r0.seg": (0,), "data/a/r1.seg": (1,)}  # 99 bytes: cut short
+    assert choose([node0, node1], storage_newest=10) is None  # storage is newer
+    lost = Inventory(1, {}, {})  # node 1 replaced: step 9 is not whole; step 6 is
+    assert choose([node0, lost], storage_newest=None).step == 6
+    assert choose([node0, lost], storage_newest=7) is None

@@ -23,7 +23,7 @@ LAYERS = [
     # the repository: manifests found, blocks indexed, segments written, blocks read
     {"repository", "dedup", "segments", "reads", "memory"},
     # the DCP plug-ins
-    {"planner", "writer", "reader"},
+    {"planner", "writer", "reader", "replicas"},
     # the save pipeline
     {"handle", "saver"},
     # operations over a repository, and the public functions

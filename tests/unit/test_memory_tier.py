@@ -157,7 +157,9 @@ def test_a_memory_folder_without_room_is_refused(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs", [{"memory_every_steps": 0}, {"memory_every_steps": 1.5},
-                                    {"memory_replicas": 1}, {"memory_dir": 3},
+                                    {"memory_replicas": -1}, {"memory_replicas": 1.0},
+                                    {"memory_every_steps": 2, "memory_replicas": 1},
+                                    {"memory_dir": 3},
                                     {"memory_every_steps": 2, "memory_dir": "/no/such/dir"}])
 def test_bad_memory_arguments_are_refused(tmp_path, kwargs):
     with pytest.raises(dckpt.ArgumentError):

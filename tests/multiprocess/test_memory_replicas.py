@@ -1,0 +1,131 @@
+"""The memory tier across nodes, on real gloo ranks: each rank plays one node (torchrun's
+GROUP_RANK, one rank per node) with a memory folder of its own. A restart on the same
+nodes restores from memory; a node whose memory is gone, or ranks that moved to other
+nodes, restore from the peers that hold the segments; a damaged segment falls back to its
+replica, and with none to storage; every rank agrees."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+import dckpt
+from dckpt import memory
+from dckpt_testing import run_ranks
+
+
+def _as_node(node: int) -> None:
+    os.environ.update(GROUP_RANK=str(node), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+
+
+def _state(rank: int, step: int) -> dict:
+    return {"w": torch.arange(4096, dtype=torch.float32) + step,
+            f"rank{rank}.x": torch.full((1000,), float(rank * 100 + step)),
+            "opt": {"lr": 0.1 * step}}
+
+
+def _empty(rank: int) -> dict:
+    return {"w": torch.zeros(4096), f"rank{rank}.x": torch.zeros(1000), "opt": {"lr": -1.0}}
+
+
+def _manager(url, shm, node, replicas):
+    return dckpt.CheckpointManager(url, save_every_steps=4, memory_every_steps=3,
+                                   memory_replicas=replicas, handle_signals=False,
+                                   memory_dir=os.path.join(shm, f"node{node}"))
+
+
+def _save(rank, world, url, shm, replicas):
+    _as_node(rank)
+    mgr = _manager(url, shm, rank, replicas)
+    for step in range(10):
+        mgr.maybe_save(step, _state(rank, step))
+    mgr._poll(wait=True)
+    mgr._close(remove_memory=False)  # as a crash would leave it
+    return mgr.memory.step
+
+
+def _restore(rank, world, url, shm, replicas, node):
+    _as_node(node)
+    mgr = _manager(url, shm, node, replicas)
+    out = _empty(rank)
+    info = mgr.restore(out)
+    mgr._close(remove_memory=False)
+    want = _state(rank, info.step)
+    same = all(torch.equal(out[k], want[k]) for k in ("w", f"rank{rank}.x"))
+    return info.step, info.tier, same and out["opt"] == want["opt"]
+
+
+def _folder(url, shm, node):
+    return memory.memory_folder(url, os.path.join(shm, f"node{node}"))
+
+
+def _setup(tmp_path, replicas):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    for node in (0, 1):
+        os.makedirs(os.path.join(shm, f"node{node}"))
+    assert [o.value for o in run_ranks(_save, 2, url, shm, replicas)] == [9, 9]
+    return url, shm
+
+
+def _segments(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder)
+                  for d, _, files in os.walk(os.path.join(folder, "data")) for f in files)
+
+
+@pytest.mark.parametrize("replicas", [0, 1])
+def test_a_restart_on_the_same_nodes_restores_from_each_nodes_memory(tmp_path, replicas):
+    url, shm = _setup(tmp_path, replicas)
+    a, b = _segments(_folder(url, shm, 0)), _segments(_folder(url, shm, 1))
+    both = set(a) & set(b)
+    assert both == (set(a) if replicas else set())  # a replica holds the other node's
+    for node in (0, 1):  # every node has the manifest
+        assert dckpt.list_checkpoints(_folder(url, shm, node))[-1].step == 9
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, replicas)]
+    assert values == [(9, "memory", True), (9, "memory", True)]
+
+
+def _restore_same(rank, world, url, shm, replicas):
+    return _restore(rank, world, url, shm, replicas, rank)
+
+
+def _restore_swapped(rank, world, url, shm, replicas):
+    return _restore(rank, world, url, shm, replicas, 1 - rank)
+
+
+def test_a_lost_nodes_memory_comes_back_from_its_replica(tmp_path):
+    url, shm = _setup(tmp_path, 1)
+    shutil.rmtree(os.path.join(shm, "node1"))  # the machine was replaced
+    os.makedirs(os.path.join(shm, "node1"))
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
+    assert values == [(9, "memory", True), (9, "peer", True)]
+
+
+def test_without_replicas_a_lost_nodes_memory_means_storage(tmp_path):
+    url, shm = _setup(tmp_path, 0)
+    shutil.rmtree(_folder(url, shm, 1))
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 0)]
+    assert values == [(8, "storage", True), (8, "storage", True)]
+
+
+@pytest.mark.parametrize("replicas, tier", [(0, "peer"), (1, "memory")])
+def test_ranks_that_moved_to_other_nodes_find_their_shards(tmp_path, replicas, tier):
+    url, shm = _setup(tmp_path, replicas)
+    values = [o.value for o in run_ranks(_restore_swapped, 2, url, shm, replicas)]
+    assert values == [(9, tier, True), (9, tier, True)]
+
+
+def test_a_damaged_segment_falls_back_to_its_replica(tmp_path):
+    url, shm = _setup(tmp_path, 1)
+    folder = _folder(url, shm, 1)
+    m = dckpt.inspect(folder, step=9)
+    ref = m.items["rank1.x"].chunks[0].data.blocks[0]
+    path = os.path.join(folder, ref.segment)
+    raw = bytearray(open(path, "rb").read())
+    raw[ref.offset + 3] ^= 0x10
+    open(path, "wb").write(bytes(raw))
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
+    assert values == [(9, "memory", True), (9, "peer", True)]
+    assert not os.path.exists(path) or open(path, "rb").read() != bytes(raw)
