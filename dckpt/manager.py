@@ -146,7 +146,6 @@ class CheckpointManager:
         try:
             info = None
             if self.memory is not None and step is None:
-                self.memory.check_room(state_dict)
                 info = self.memory.restore(state_dict, self.url, self.storage_options, partial)
             if info is None:
                 info = dataclasses.replace(api.load(
@@ -158,6 +157,11 @@ class CheckpointManager:
                 raise
             log.info("rank %d: no checkpoint in %s: starting fresh", dist.rank(), self.url)
             return None
+        if self.memory is not None:  # IMPORTANT: only now: on a state never stepped,
+            # state_dict() (DCP's get_state_dict) steps the optimizer once with lr 0 to create
+            # its state, and its step count would change the run; a fresh start checks the
+            # room at its first memory save
+            self.memory.check_room(state_dict)
         again = self.restored is not None  # a second restore of this run (a pipeline's stage)
         self.recoveries = max(self.recoveries, 1)
         self.restored = info

@@ -47,6 +47,11 @@ def main() -> None:
     p.add_argument("--memory-every", type=int, default=None,
                    help="memory tier: checkpoint into node memory (/dev/shm) every N steps")
     p.add_argument("--memory-dir", default=None, help="the memory tier's parent folder")
+    p.add_argument("--memory-replicas", type=int, default=0,
+                   help="memory tier: copies of each rank's memory checkpoint on other nodes")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="fault drill: at this step every rank waits for its saves, says so "
+                        "and stops answering (for a test to kill a node)")
     p.add_argument("--crash-at", type=int, default=None,
                    help="fault drill: in the first attempt, rank 1 SIGKILLs itself at this step")
     args = p.parse_args()
@@ -71,15 +76,19 @@ def main() -> None:
                                   retention=dckpt.KeepLast(args.keep_last),
                                   async_save=not args.sync, on_save=on_save,
                                   memory_every_steps=args.memory_every,
-                                  memory_dir=args.memory_dir)
+                                  memory_dir=args.memory_dir,
+                                  memory_replicas=args.memory_replicas)
     info = mgr.restore(state)
     start = progress["step"] + 1 if info else 0
     restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    tiers: list[object] = [None] * dist.get_world_size()
+    dist.all_gather_object(tiers, info.tier if info else None)
     if rank == 0:
         if info:
             skipped = f", skipped {[s for s, _ in info.skipped]}" if info.skipped else ""
             print(f"[train] resumed from step {info.step} (torchrun restart {restarts}) in "
-                  f"{info.phase_s['total']:.2f} s from {info.tier}{skipped}", flush=True)
+                  f"{info.phase_s['total']:.2f} s from {info.tier}{skipped}; ranks read from "
+                  f"{','.join(map(str, tiers))}", flush=True)
         else:
             print("[train] no checkpoint: starting from step 0", flush=True)
 
@@ -101,6 +110,11 @@ def main() -> None:
         else:
             mgr.maybe_save(step, state, metrics={"loss": loss.item()})
         time.sleep(args.step_seconds)
+        if step == args.stop_at:
+            mgr.wait()
+            print(f"[train] rank {rank}: stopped at step {step}", flush=True)
+            while True:
+                time.sleep(60)
     mgr.close()
     if rank == 0 and args.out:
         torch.save(model.module.state_dict(), args.out)

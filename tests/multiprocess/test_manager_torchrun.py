@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,3 +146,66 @@ def test_pipeline_restart_skips_finished_stages(tmp_path):
     st = dckpt.status(str(tmp_path / "ckpt"))
     assert st.pipeline["done"] == ["pretrain", "finetune", "distill"]
     assert st.pipeline["results"] == ref
+
+
+def _agent(ckpt, port: int, memory_dir, log, *args: str) -> subprocess.Popen:
+    """One torchrun agent ("node") of a two-node job on 127.0.0.1, with its own memory."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+           f"--rdzv-id=dckpt-{port}", "--local-addr=127.0.0.1",
+           *train(ckpt, "--memory-every", "2", "--memory-replicas", "1", "--save-every", "10",
+                  *args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", DCKPT_MEMORY_DIR=str(memory_dir))
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+                            start_new_session=True)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path):
+    """Two nodes, memory every 2 steps with one replica, storage every 10: one node's agent
+    and worker are SIGKILLed and its memory deleted (the machine was replaced); the
+    relaunched job restores the newest memory step, the new node's rank from its peer's
+    replica, and ends with an uninterrupted run's weights bit for bit."""
+    ckpt, mem = tmp_path / "ckpt", {n: tmp_path / f"mem-{n}" for n in "ab"}
+    for d in mem.values():
+        d.mkdir()
+    logs = {n: open(tmp_path / f"first-{n}.log", "w") for n in "ab"}
+    port = _free_port()
+    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "30", "--stop-at", "15")
+              for n in "ab"}
+    deadline = time.monotonic() + 180
+    text = ""
+    while time.monotonic() < deadline:
+        text = "".join((tmp_path / f"first-{n}.log").read_text() for n in "ab")
+        if text.count("stopped at step 15") == 2:
+            break
+        assert all(a.poll() is None for a in agents.values()), text[-3000:]
+        time.sleep(0.5)
+    assert text.count("stopped at step 15") == 2, text[-3000:]
+    os.killpg(agents["b"].pid, signal.SIGKILL)  # node b dies with its memory
+    shutil.rmtree(mem["b"])
+    mem["b"].mkdir()
+    os.killpg(agents["a"].pid, signal.SIGKILL)  # the job is lost; node a's memory stays
+    for a in agents.values():
+        a.wait()
+    port = _free_port()
+    logs = {n: open(tmp_path / f"second-{n}.log", "w") for n in "ab"}
+    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "30", "--out",
+                        str(tmp_path / "two.pt")) for n in "ab"}
+    for a in agents.values():
+        a.wait(timeout=240)
+    text = "".join((tmp_path / f"second-{n}.log").read_text() for n in "ab")
+    assert all(a.returncode == 0 for a in agents.values()), text[-4000:]
+    found = re.search(r"resumed from step (\d+) .* ranks read from (\w+),(\w+)", text)
+    assert found and int(found[1]) in (13, 14, 15), text[-4000:]
+    assert sorted(found.groups()[1:]) == ["memory", "peer"], text[-4000:]
+    run(torchrun(*train(tmp_path / "ref", "--steps", "30", "--save-every", "10",
+                        "--out", str(tmp_path / "ref.pt"))))
+    assert same_weights(tmp_path / "two.pt", tmp_path / "ref.pt")

@@ -148,11 +148,25 @@ def test_a_memory_folder_without_room_is_refused(tmp_path, monkeypatch):
     model, opt, state = _train()
     mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
                                   memory_every_steps=1)
-    with pytest.raises(dckpt.StorageError, match=r"needs \d+ bytes \(the checkpoints .* has 1000;"):
-        mgr.restore(state)
-    with pytest.raises(dckpt.StorageError, match="memory_dir= or DCKPT_MEMORY_DIR"):
+    assert mgr.restore(state) is None  # a fresh start: checked at the first memory save
+    with pytest.raises(dckpt.StorageError,
+                       match=r"needs \d+ bytes \(the checkpoints .* has 1000;.*memory_dir= or DCKPT"):
         mgr.maybe_save(0, state)
     assert memory.held(url, str(shm))[1] == 0  # nothing written
+    mgr.close()
+
+
+def test_a_fresh_start_leaves_the_optimizer_as_it_was(tmp_path):
+    """DCP's get_state_dict steps an optimizer without state once (lr 0) to create it, and
+    its step count then changes every later update: a restore that finds nothing must not
+    call it, memory tier or not."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mgr = dckpt.CheckpointManager(str(tmp_path / "ckpt"), handle_signals=False,
+                                  memory_dir=str(tmp_path), memory_every_steps=1)
+    assert mgr.restore({"app": dckpt.TrainState(model, opt)}) is None
+    assert len(opt.state) == 0
     mgr.close()
 
 
