@@ -3,6 +3,12 @@ same bytes, the training step's slowdown at ``memory_every_steps``, and how long
 checkpoint takes to commit, against a storage-only manager in the same run.
 
     torchrun --standalone --nproc-per-node=2 benchmarks/bench_memory.py --gib-per-rank 1
+    torchrun --standalone --nproc-per-node=2 benchmarks/bench_memory.py --nodes 2
+
+With ``--nodes 2`` the two ranks play two nodes (torchrun's GROUP_RANK), each with a memory
+folder of its own, and the method ``memory every N, 1 replica`` adds the replication: each
+rank's memory checkpoint also goes to the other node over gloo (``commit_s``: one memory
+save from the call to its commit, beside the one without replicas).
 
 Every rank holds ``--gib-per-rank`` GiB of float32 DTensor shards. Each method runs
 ``--steps`` stand-in training steps (matrix products, bench_async's Trainer) and calls
@@ -55,15 +61,24 @@ def run(name: str, state: dict, trainer: Trainer, steps: int, every: int, url: s
                 pauses.append(time.perf_counter() - t)
             saves += int((mgr.memory is not None and mgr.memory.saver._in_flight is not mem)
                          or bool(mgr._pending and mgr._pending[-1].step == step))
+    dist.barrier()
+    total = time.perf_counter() - t0
+    commit_s = None
+    if mgr is not None and mgr.memory is not None:  # one memory save, call to commit
+        mgr.wait()
+        dist.barrier()
+        t = time.perf_counter()
+        mgr.memory.save(steps, state, None, may_skip=False)
+        mgr.memory.poll(wait=True)
+        commit_s = time.perf_counter() - t
     if mgr is not None:
         mgr.close()
     dist.barrier()
-    total = time.perf_counter() - t0
     return {"method": name, "steps": steps, "total_s": total,
             "step_ms": statistics.median(step_s) * 1e3,
             "mean_step_ms": statistics.mean(step_s) * 1e3,
             "pause_s": statistics.median(pauses) if pauses else 0.0,
-            "max_pause_s": max(pauses, default=0.0), "saves": saves}
+            "max_pause_s": max(pauses, default=0.0), "saves": saves, "commit_s": commit_s}
 
 
 def main() -> None:
@@ -74,9 +89,18 @@ def main() -> None:
     p.add_argument("--dir", default="bench-out/memory")
     p.add_argument("--memory-dir", default="/dev/shm")
     p.add_argument("--out", default="bench-out/memory.jsonl")
+    p.add_argument("--nodes", type=int, default=1,
+                   help="the ranks play this many nodes (GROUP_RANK), each with a memory "
+                        "folder of its own; with 2 or more the replication is measured")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank = dist.get_rank()
+    if args.nodes > 1:  # as torchrun would set them on that many hosts
+        per_node = dist.get_world_size() // args.nodes
+        os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
+                          LOCAL_WORLD_SIZE=str(per_node))
+        args.memory_dir = os.path.join(args.memory_dir, f"dckpt-bench-node{rank // per_node}")
+        os.makedirs(args.memory_dir, exist_ok=True)
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     base = fresh_folders(args.dir, args.out)
     torch.manual_seed(rank)
@@ -94,6 +118,10 @@ def main() -> None:
                 {"memory_every_steps": n, "save_every_steps": 5 * n,
                  "memory_dir": args.memory_dir}),
                (f"storage every {n}", "s", {"save_every_steps": n})]
+    if args.nodes > 1:
+        methods.insert(2, (f"memory every {n}, 1 replica", "mr",
+                           {"memory_every_steps": n, "memory_dir": args.memory_dir,
+                            "memory_replicas": 1}))
     rows = []
     for name, folder, kw in methods:
         url = os.path.join(base, folder) if folder else None
@@ -112,6 +140,7 @@ def main() -> None:
             "memcpy_s": memcpy_s, "bytes_per_rank": nbytes,
             **{r["method"]: {"pause_vs_memcpy": r["pause_vs_memcpy"],
                              "mean_step_vs_bare": r["mean_step_ms"] / bare,
+                             "commit_s": r["commit_s"],
                              "total_s": r["total_s"]} for r in rows[1:]}}})
     dist.destroy_process_group()
 

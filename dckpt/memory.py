@@ -119,19 +119,22 @@ class MemoryTier:
         steps = committed_steps(self.store)
         return steps[-1] if steps else None
 
-    def prune(self, also: frozenset[int] = frozenset(), *,
-              spare_since_s: float | None = None) -> None:
+    def prune(self, also: frozenset[int] = frozenset(), *, writing: bool = False) -> None:
         """Keep only the newest committed checkpoint, and those of ``also`` (being copied to
         storage): older manifests and every data folder they do not use go (a crashed
-        attempt's included), except attempts started since ``spare_since_s`` (wall time:
-        a save may be writing them); None, with no save in flight, spares none."""
+        attempt's included). With ``writing`` (a save in flight) the attempts started after
+        the newest committed one's are spared: the one being written is among them, and at
+        most it and a crashed one are (attempt names carry the coordinator's start time)."""
         steps = committed_steps(self.store)
         kept = [s for s in steps if s in also or s == steps[-1]]
         folders: set[str] = set()
+        spare_after: float | None = None if steps else float("-inf")
         for step in kept:
             try:
                 m = read_manifest(self.store, step)
                 folders |= {b.segment.rpartition("/")[0] for _, _, b in m.blocks()}
+                if step == steps[-1]:
+                    spare_after = layout.attempt_started_s(m.attempt)
             except Exception as e:  # damaged: not worth keeping
                 log.warning("memory tier %s: step %d unreadable (%s); dropping it",
                             self.folder, step, e)
@@ -141,8 +144,8 @@ class MemoryTier:
                 self.store.delete(layout.manifest_name(s))
         for name in self.store.list_names(layout.DATA_DIR):
             started = layout.attempt_started_s(name)
-            young = (spare_since_s is not None and started is not None
-                     and started >= spare_since_s)
+            young = (writing and started is not None
+                     and (spare_after is None or started > spare_after))
             if f"{layout.DATA_DIR}/{name}" not in folders and not young:
                 shutil.rmtree(os.path.join(self.folder, layout.DATA_DIR, name),
                               ignore_errors=True)

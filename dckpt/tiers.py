@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -69,7 +68,22 @@ class MemorySaves:
 
     def __init__(self, url: str, memory_dir: str | None, trigger: Trigger, save: SaveConfig,
                  load: LoadConfig, *, drains: bool, replicas: int = 0) -> None:
-        self.tier = MemoryTier(url, memory_dir)
+        self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
+        self.nodes = Nodes.gather(self.group)
+        if replicas >= len(self.nodes.names):  # before anything is made
+            raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes; "
+                                f"this job runs on {len(self.nodes.names)}")
+        made: MemoryTier | DckptError
+        try:
+            made = MemoryTier(url, memory_dir)
+        except DckptError as e:  # on one node only, maybe: every rank raises it
+            made = e
+        refused = [e for e in dist.gather(made if isinstance(made, DckptError) else None,
+                                          self.group) if e is not None]
+        if refused:
+            raise refused[0]  # type: ignore[misc]
+        assert isinstance(made, MemoryTier)
+        self.tier = made
         self.trigger = trigger
         self.config = dataclasses.replace(save, dedup=False, compression="off",
                                           direct_io=False, staging_bytes=None, overlap=False,
@@ -79,11 +93,6 @@ class MemorySaves:
         self.copies = 3 if drains else 2
         """Checkpoints the tier may hold at once: the newest, the one being written and,
         where storage saves copy from memory (``drains``), the one being copied."""
-        self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
-        self.nodes = Nodes.gather(self.group)
-        if replicas >= len(self.nodes.names):
-            raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes; "
-                                f"this job runs on {len(self.nodes.names)}")
         self.replicas = replicas
         self.leader = self.nodes.leader(self.nodes.of[dist.rank()]) == dist.rank()
         """Lists, prunes and removes the node's folder."""
@@ -143,8 +152,7 @@ class MemorySaves:
 
     def _reap(self, wait: bool, writing: bool = False) -> None:
         """Take the memory save in flight once it ended (``wait``: wait for it); after a
-        commit the node's leader prunes (sparing the attempts of the last minute when a
-        save is ``writing``)."""
+        commit the node's leader prunes (sparing the attempt of a save still ``writing``)."""
         h = self._pending
         if h is None or not (wait or h.done()):
             return
@@ -157,8 +165,7 @@ class MemorySaves:
             return
         self.step = h.step
         if self.leader:
-            self.tier.prune(frozenset(self._draining),
-                            spare_since_s=time.time() - 60.0 if writing else None)
+            self.tier.prune(frozenset(self._draining), writing=writing)
             self.held_bytes = self.tier.held_bytes()
 
     def to_storage(self, step: int, state_dict: dict, metrics: dict | None,

@@ -175,9 +175,12 @@ def test_a_fresh_start_leaves_the_optimizer_as_it_was(tmp_path):
                                     {"memory_every_steps": 2, "memory_replicas": 1},
                                     {"memory_dir": 3},
                                     {"memory_every_steps": 2, "memory_dir": "/no/such/dir"}])
-def test_bad_memory_arguments_are_refused(tmp_path, kwargs):
+def test_bad_memory_arguments_are_refused(tmp_path, kwargs, monkeypatch):
+    monkeypatch.setenv("DCKPT_MEMORY_DIR", str(tmp_path / "shm"))
+    (tmp_path / "shm").mkdir()
     with pytest.raises(dckpt.ArgumentError):
-        dckpt.CheckpointManager(str(tmp_path), handle_signals=False, **kwargs)
+        dckpt.CheckpointManager(str(tmp_path / "ckpt"), handle_signals=False, **kwargs)
+    assert not os.listdir(tmp_path / "shm")  # nothing made on refusal
 
 
 def test_the_default_folder_is_under_dev_shm_or_the_environment(tmp_path, monkeypatch):
@@ -212,3 +215,22 @@ def _bias(url, shm, step):
     model, _, state = _train(seed=3)
     dckpt.load(state, memory.memory_folder(url, str(shm)), step=step)
     return model.bias.detach()
+
+
+def test_back_to_back_memory_saves_hold_at_most_two_checkpoints(tmp_path):
+    """Each save finds the one before still writing or just done: the prune after each
+    spares only the attempt in flight, however fast the saves come."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    model, opt, state = _train()
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                  memory_every_steps=1)
+    data = os.path.join(memory.memory_folder(url, str(shm)), "data")
+    held = []
+    for step in range(12):
+        _step(model, opt, step)
+        mgr.maybe_save(step, state)
+        held.append(len(os.listdir(data)) if os.path.isdir(data) else 0)
+    mgr.wait()
+    assert max(held) <= 2 and len(os.listdir(data)) == 1, held
+    mgr.close()
