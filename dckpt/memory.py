@@ -13,6 +13,7 @@ launcher's choice, as the interface in DESIGN.md fixes it), else ``/dev/shm``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -36,11 +37,13 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes
 
 __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held",
-           "mapped_segments", "bytes_tensor", "receiving"]
+           "mapped_segments", "bytes_tensor", "receiving", "recycled_write", "take_spare"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_DIR = "/dev/shm"
+SPARE_DIR = "spare"
+"""In the tier's folder: files of pruned checkpoints, whose memory the next writes reuse."""
 
 
 def memory_folder(url: str, memory_dir: str | None = None) -> str:
@@ -147,8 +150,24 @@ class MemoryTier:
             young = (writing and started is not None
                      and (spare_after is None or started > spare_after))
             if f"{layout.DATA_DIR}/{name}" not in folders and not young:
-                shutil.rmtree(os.path.join(self.folder, layout.DATA_DIR, name),
-                              ignore_errors=True)
+                self._recycle(os.path.join(self.folder, layout.DATA_DIR, name), folders)
+
+    def _recycle(self, attempt: str, kept: set[str]) -> None:
+        """Remove an attempt's folder, keeping its segment files as spares for the next
+        writes (up to the bytes of the checkpoints kept): writing over memory the tier
+        already holds skips the allocation and zeroing of new pages, which on a busy node
+        is slower than the copy itself (docs/benchmarks.md, Memory tier)."""
+        spare = os.path.join(self.folder, SPARE_DIR)
+        os.makedirs(spare, mode=0o700, exist_ok=True)
+        budget = sum(_bytes_under(os.path.join(self.folder, f)) for f in kept)
+        budget -= _bytes_under(spare)
+        for name in sorted(os.listdir(attempt)) if os.path.isdir(attempt) else []:
+            path = os.path.join(attempt, name)
+            size = os.path.getsize(path)
+            if name.endswith((".seg", ".part")) and size <= budget:
+                os.replace(path, os.path.join(spare, f"{os.path.basename(attempt)}-{name}"))
+                budget -= size
+        shutil.rmtree(attempt, ignore_errors=True)
 
     def staged(self, step: int, plan: SavePlan) -> tuple[dict[MetadataIndex, object],
                                                         Callable[[], None]]:
@@ -265,7 +284,9 @@ def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Te
         for name, size in names:
             path = os.path.join(root, layout.check_object_name(name))
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            with open(path + ".part", "w+b") as f:
+            if not take_spare(root, path + ".part", size):
+                open(path + ".part", "wb").close()
+            with open(path + ".part", "r+b") as f:
                 f.truncate(size)
                 mm = mmap.mmap(f.fileno(), size) if size else None
             maps.append((path, mm))
@@ -284,3 +305,44 @@ def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Te
                     mm.close()
                 except BufferError:
                     pass
+
+
+def take_spare(folder: str, path: str, nbytes: int) -> bool:
+    """Move a spare file of the tier at ``folder`` to ``path``: the smallest of at least
+    ``nbytes``, else the largest; False where there is none."""
+    spare = os.path.join(folder, SPARE_DIR)
+    try:
+        names = os.listdir(spare)
+    except FileNotFoundError:
+        return False
+    sized = []
+    for name in names:
+        try:
+            sized.append((os.path.getsize(os.path.join(spare, name)), name))
+        except OSError:
+            pass  # taken meanwhile
+    fitting = sorted(x for x in sized if x[0] >= nbytes) or sorted(sized, reverse=True)
+    for _, name in fitting:
+        try:
+            os.replace(os.path.join(spare, name), path)
+            return True
+        except FileNotFoundError:  # another writer took it first
+            continue
+    return False
+
+
+@contextmanager
+def recycled_write(folder: str, path: str, nbytes: int) -> Iterator[Any]:
+    """A new file at ``path`` (of about ``nbytes``) in the tier at ``folder``, written over a
+    spare file's memory where there is one; removed when the block raises."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    if not take_spare(folder, path, nbytes):
+        open(path, "wb").close()
+    try:
+        with open(path, "r+b") as f:
+            yield f
+            f.truncate(f.tell())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +35,7 @@ from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import IntegrityError
 from dckpt.manifest import ChunkEntry, StoredData
-from dckpt.memory import bytes_tensor, mapped_segments, receiving
+from dckpt.memory import bytes_tensor, mapped_segments, receiving, recycled_write
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
 from dckpt.repository import committed_steps, read_manifest
@@ -179,6 +180,9 @@ class MemoryWriter(Writer):
     def _group(self) -> Any:
         return dist.checkpoint_group(self.config.collective_timeout_s, purpose="memory")
 
+    def open_segment(self, name: str, direct: bool, nbytes: int) -> Any:
+        return recycled_write(self.store.url, os.path.join(self.store.url, name), nbytes)
+
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         future = super().write_data(plan, planner)
         if self.replicas:
@@ -189,6 +193,7 @@ class MemoryWriter(Writer):
 
     def _replicate(self, written: list[str]) -> None:
         """(all ranks) Send this rank's segments to its peers and take theirs."""
+        t0 = time.perf_counter()
         me, group = dist.rank(), self._group()
         mine = [(name, os.path.getsize(os.path.join(self.store.url, name))) for name in written]
         everyone: list[list[tuple[str, int]]] = dist.gather(mine, group)  # type: ignore[assignment]
@@ -201,8 +206,10 @@ class MemoryWriter(Writer):
                      for k in range(1, self.replicas + 1) for name, size in mine]
             dist.exchange(sends, [(r, t) for (r, _, _), t in zip(incoming, into, strict=True)],
                           group)
-        log.info("rank %d: %d segments replicated to %s, %d received", me, len(mine),
-                 [self.nodes.peer(me, k) for k in range(1, self.replicas + 1)], len(incoming))
+        log.info("rank %d: %d segments (%d bytes) replicated to %s, %d received, in %.3f s",
+                 me, len(mine), sum(size for _, size in mine),
+                 [self.nodes.peer(me, k) for k in range(1, self.replicas + 1)], len(incoming),
+                 time.perf_counter() - t0)
 
     def after_commit(self, group: Any) -> None:
         """(all ranks) The manifest, into every other node's folder."""

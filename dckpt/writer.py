@@ -25,6 +25,7 @@ import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -263,6 +264,11 @@ class Writer(StorageWriter):
                     f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
                     "than this save took them); nothing was committed, save again")
 
+    def open_segment(self, name: str, direct: bool, nbytes: int) -> AbstractContextManager[BinaryIO]:
+        """A new segment object, of about ``nbytes`` (the memory tier's writer reuses the
+        memory of a pruned checkpoint's)."""
+        return self.store.open_write(name, direct=direct)
+
     def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
         return SegmentOut(f, name, self.config.block_size_bytes,
                           align=DIRECT_ALIGN if direct else 0, index=self._index,
@@ -279,7 +285,7 @@ class Writer(StorageWriter):
                        planner: SavePlanner) -> list[WriteResult]:
         results = []
         direct = self.config.direct_io and self.store.direct_capable
-        with self.store.open_write(name, direct=direct) as f:
+        with self.open_segment(name, direct, sum(item_nbytes(i) for i in items)) as f:
             out = self.segment_out(f, name, direct)
             for item in items:
                 data = planner.resolve_data(item)
