@@ -234,3 +234,33 @@ def test_back_to_back_memory_saves_hold_at_most_two_checkpoints(tmp_path):
     mgr.wait()
     assert max(held) <= 2 and len(os.listdir(data)) == 1, held
     mgr.close()
+
+
+def test_a_pruned_checkpoints_memory_is_written_over_by_the_next(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    folder = memory.memory_folder(url, str(shm))
+
+    def segments():
+        return {os.stat(os.path.join(d, f)).st_ino: os.path.join(d, f)
+                for d, _, files in os.walk(os.path.join(folder, "data")) for f in files}
+
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                  memory_every_steps=1)
+    seen = set()
+    for step, n in enumerate((5000, 3000, 3000, 4000)):  # sizes change: spares are cut to fit
+        mgr.maybe_save(step, {"w": torch.arange(n, dtype=torch.float32) * step})
+        mgr.wait()
+        now = set(segments())
+        if step >= 2:
+            assert now <= seen, "the newest checkpoint's segments are a pruned one's files"
+        seen |= now
+    out = {"w": torch.zeros(4000)}
+    mgr2 = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                   memory_every_steps=1)
+    info = mgr2.restore(out)
+    assert (info.step, info.tier) == (3, "memory")
+    assert torch.equal(out["w"], torch.arange(4000, dtype=torch.float32) * 3)
+    mgr2.close()
+    mgr.close()
+    assert not os.path.exists(folder)
