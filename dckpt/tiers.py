@@ -17,9 +17,12 @@ whichever tiers save it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
+import os
+import socket
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
@@ -73,17 +76,7 @@ class MemorySaves:
         if replicas >= len(self.nodes.names):  # before anything is made
             raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes; "
                                 f"this job runs on {len(self.nodes.names)}")
-        made: MemoryTier | DckptError
-        try:
-            made = MemoryTier(url, memory_dir)
-        except DckptError as e:  # on one node only, maybe: every rank raises it
-            made = e
-        refused = [e for e in dist.gather(made if isinstance(made, DckptError) else None,
-                                          self.group) if e is not None]
-        if refused:
-            raise refused[0]  # type: ignore[misc]
-        assert isinstance(made, MemoryTier)
-        self.tier = made
+        self.tier = self._open_tier(url, memory_dir)
         self.trigger = trigger
         self.config = dataclasses.replace(save, dedup=False, compression="off",
                                           direct_io=False, staging_bytes=None, overlap=False,
@@ -111,6 +104,38 @@ class MemorySaves:
         self._pending: SaveHandle | None = None
         self._failed: list[tuple[int, BaseException]] = []
         self._room_checked = False
+
+    def _open_tier(self, url: str, memory_dir: str | None) -> MemoryTier:
+        """(all ranks) This node's tier; a refusal on any rank, or two nodes that share one
+        folder (agents on one machine without a memory_dir each), is the same error on
+        every rank."""
+        made: MemoryTier | DckptError
+        try:
+            made = MemoryTier(url, memory_dir)
+            st = os.stat(made.folder)
+            mine: object = (self.nodes.of[dist.rank()], made.folder,
+                            (socket.gethostname(), st.st_dev, st.st_ino))
+        except DckptError as e:  # on one node only, maybe
+            made = mine = e
+        everyone = dist.gather(mine, self.group)
+        refused = [e for e in everyone if isinstance(e, DckptError)]
+        nodes: dict[object, tuple[str, set[int]]] = {}
+        for entry in everyone:
+            if isinstance(entry, tuple):
+                nodes.setdefault(entry[2], (entry[1], set()))[1].add(entry[0])
+        shared = [(folder, sorted(n)) for folder, n in nodes.values() if len(n) > 1]
+        if shared:
+            if isinstance(made, MemoryTier):
+                with contextlib.suppress(OSError):
+                    os.rmdir(made.folder)  # made here, and empty: nothing made on refusal
+            refused.append(ArgumentError(
+                f"nodes {shared[0][1]} share the memory tier's folder {shared[0][0]}; give "
+                "each node a folder of its own (memory_dir=, or DCKPT_MEMORY_DIR per "
+                "torchrun agent)"))
+        if refused:
+            raise refused[0]
+        assert isinstance(made, MemoryTier)
+        return made
 
     def check_room(self, state_dict: dict) -> None:
         """(all ranks) Refuse, the same on every rank, a tier without room for ``copies``

@@ -129,3 +129,22 @@ def test_a_damaged_segment_falls_back_to_its_replica(tmp_path):
     values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
     assert values == [(9, "memory", True), (9, "peer", True)]
     assert not os.path.exists(path) or open(path, "rb").read() != bytes(raw)
+
+
+def _sharing(rank, world, url, shm):
+    _as_node(rank)
+    try:
+        dckpt.CheckpointManager(url, memory_every_steps=2, handle_signals=False,
+                                memory_dir=shm)  # one folder for both nodes
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    return None
+
+
+def test_nodes_that_share_one_memory_folder_are_refused_alike(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    os.mkdir(shm)
+    out = [o.value for o in run_ranks(_sharing, 2, url, shm)]
+    assert out[0] == out[1] and out[0][0] == "ArgumentError", out
+    assert "nodes [0, 1] share the memory tier's folder" in out[0][1]
+    assert not os.listdir(shm)  # nothing left made
