@@ -148,3 +148,18 @@ def test_nodes_that_share_one_memory_folder_are_refused_alike(tmp_path):
     assert out[0] == out[1] and out[0][0] == "ArgumentError", out
     assert "nodes [0, 1] share the memory tier's folder" in out[0][1]
     assert not os.listdir(shm)  # nothing left made
+
+
+def test_a_segment_damaged_on_both_nodes_means_storage(tmp_path):
+    url, shm = _setup(tmp_path, 1)
+    for node in (0, 1):  # the segment and its replica
+        folder = _folder(url, shm, node)
+        ref = dckpt.inspect(folder, step=9).items["rank1.x"].chunks[0].data.blocks[0]
+        path = os.path.join(folder, ref.segment)
+        raw = bytearray(open(path, "rb").read())
+        raw[ref.offset + 7] ^= 0x01
+        open(path, "wb").write(bytes(raw))
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
+    assert values == [(8, "storage", True), (8, "storage", True)]
+    for node in (0, 1):  # the unusable memory checkpoint is gone from both nodes
+        assert memory.held(url, os.path.join(shm, f"node{node}"))[2] is None
