@@ -4,9 +4,11 @@ their own, and restores from whichever tier holds the newest checkpoint.
 Memory saves go through an AsyncSaver of their own (its own staging memory, persist thread
 and gloo group, ``purpose="memory"``), so that a memory save never waits behind a storage
 save still writing. Each is self-contained (no dedup, no compression, buffered writes into
-``/dev/shm``); after its commit the node's local rank 0 prunes the older one, so the tier
-holds the newest committed checkpoint, the one being written, and the one being copied to
-storage.
+``/dev/shm``, by ``replicas.MemoryWriter``: replicas to the next nodes, the manifest to
+every node); after its commit the node's leader (its lowest rank) prunes the older one, so
+the tier holds the newest committed checkpoint, the one being written, and the one being
+copied to storage. A restore chooses from every node's inventory (``replicas.choose``) and
+reads through ``replicas.MemoryReader``, which fetches what a node lacks.
 
 A storage save is a copy of a memory checkpoint (``drain``): the step is saved into memory,
 and once that commits each rank hands its items, mapped from the memory files and checked
