@@ -119,6 +119,21 @@ def faulty_s3_class():
     return FaultyS3FileSystem
 
 
+def flip_stored_byte(folder: str, step: int, fqn: str, at: int = 0, mask: int = 0x01) -> str:
+    """Flip the bits ``mask`` of byte ``at`` of ``fqn``'s first stored block in checkpoint
+    ``step`` of the repository at ``folder``, in place; returns the object's path."""
+    import dckpt
+
+    ref = dckpt.inspect(folder, step=step).items[fqn].chunks[0].data.blocks[0]
+    path = os.path.join(folder, ref.segment)
+    with open(path, "r+b") as f:
+        f.seek(ref.offset + at)
+        byte = f.read(1)[0]
+        f.seek(ref.offset + at)
+        f.write(bytes([byte ^ mask]))
+    return path
+
+
 # ------------------------------------------------------------------ real gloo ranks
 
 

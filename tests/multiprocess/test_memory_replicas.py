@@ -14,7 +14,7 @@ import torch
 
 import dckpt
 from dckpt import memory
-from dckpt_testing import run_ranks
+from dckpt_testing import flip_stored_byte, run_ranks
 
 
 def _as_node(node: int) -> None:
@@ -119,16 +119,11 @@ def test_ranks_that_moved_to_other_nodes_find_their_shards(tmp_path, replicas, t
 
 def test_a_damaged_segment_falls_back_to_its_replica(tmp_path):
     url, shm = _setup(tmp_path, 1)
-    folder = _folder(url, shm, 1)
-    m = dckpt.inspect(folder, step=9)
-    ref = m.items["rank1.x"].chunks[0].data.blocks[0]
-    path = os.path.join(folder, ref.segment)
-    raw = bytearray(open(path, "rb").read())
-    raw[ref.offset + 3] ^= 0x10
-    open(path, "wb").write(bytes(raw))
+    path = flip_stored_byte(_folder(url, shm, 1), 9, "rank1.x", at=3, mask=0x10)
+    damaged = open(path, "rb").read()
     values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
     assert values == [(9, "memory", True), (9, "peer", True)]
-    assert not os.path.exists(path) or open(path, "rb").read() != bytes(raw)
+    assert not os.path.exists(path) or open(path, "rb").read() != damaged
 
 
 def _sharing(rank, world, url, shm):
@@ -153,12 +148,7 @@ def test_nodes_that_share_one_memory_folder_are_refused_alike(tmp_path):
 def test_a_segment_damaged_on_both_nodes_means_storage(tmp_path):
     url, shm = _setup(tmp_path, 1)
     for node in (0, 1):  # the segment and its replica
-        folder = _folder(url, shm, node)
-        ref = dckpt.inspect(folder, step=9).items["rank1.x"].chunks[0].data.blocks[0]
-        path = os.path.join(folder, ref.segment)
-        raw = bytearray(open(path, "rb").read())
-        raw[ref.offset + 7] ^= 0x01
-        open(path, "wb").write(bytes(raw))
+        flip_stored_byte(_folder(url, shm, node), 9, "rank1.x", at=7)
     values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
     assert values == [(8, "storage", True), (8, "storage", True)]
     for node in (0, 1):  # the unusable memory checkpoint is gone from both nodes

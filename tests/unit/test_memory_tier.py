@@ -12,6 +12,7 @@ import torch
 
 import dckpt
 from dckpt import memory
+from dckpt_testing import flip_stored_byte
 
 
 def _train(seed: int = 0):
@@ -106,12 +107,7 @@ def test_a_damaged_memory_checkpoint_falls_back_to_storage(tmp_path):
     shm.mkdir()
     crashed, weights = _run(url, shm, 13, save_every_steps=5, memory_every_steps=3)
     folder = memory.memory_folder(url, str(shm))
-    m = dckpt.inspect(folder, step=12)
-    ref = m.items["app.model.weight"].chunks[0].data.blocks[0]
-    path = os.path.join(folder, ref.segment)
-    raw = bytearray(open(path, "rb").read())
-    raw[ref.offset + 5] ^= 0x01
-    open(path, "wb").write(bytes(raw))
+    flip_stored_byte(folder, 12, "app.model.weight", at=5)
     mgr, info, restored = _restore(url, shm, memory_every_steps=3)
     assert (info.step, info.tier) == (10, "storage") and _same(restored, weights[10])
     assert memory.held(url, str(shm))[2] is None  # the damaged one is gone from memory
@@ -201,11 +197,7 @@ def test_a_copy_to_storage_checks_every_memory_block_first(tmp_path):
     bias = staged[next(i for i in staged if i.fqn == "app.model.bias")]
     assert torch.equal(bias, _bias(url, shm, step))  # mapped from the memory file
     close()
-    ref = dckpt.inspect(folder, step=step).items["app.model.bias"].chunks[0].data.blocks[0]
-    path = os.path.join(folder, ref.segment)
-    raw = bytearray(open(path, "rb").read())
-    raw[ref.offset] ^= 0x08
-    open(path, "wb").write(bytes(raw))
+    flip_stored_byte(folder, step, "app.model.bias", mask=0x08)
     with pytest.raises(dckpt.IntegrityError, match="app.model.bias"):
         mgr.memory.tier.staged(step, mgr.memory._plan)
     mgr.close()
