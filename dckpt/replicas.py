@@ -19,6 +19,7 @@ replica), and failing that the manager restores from storage.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -59,12 +60,19 @@ class Nodes:
         """(all ranks) Every rank's node (``dist.node()``)."""
         return cls(tuple(int(n) for n in dist.gather(dist.node(), group)))  # type: ignore[call-overload]
 
-    @property
+    @functools.cached_property
     def names(self) -> list[int]:
         return sorted(set(self.of))
 
+    @functools.cached_property
+    def _ranks(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for rank, node in enumerate(self.of):
+            out.setdefault(node, []).append(rank)
+        return out
+
     def ranks(self, node: int) -> list[int]:
-        return [r for r, n in enumerate(self.of) if n == node]
+        return self._ranks.get(node, [])
 
     def leader(self, node: int) -> int:
         """The rank that keeps the node's folder (lists, prunes and removes it)."""
@@ -236,16 +244,20 @@ class MemoryReader(Reader):
         self.choice = choice
         self.tier = "memory"
         """After the load: "peer" where this rank read segments fetched from another node."""
+        self._segments_memo: dict[MetadataIndex, frozenset[str]] = {}
 
     @property
     def broadcasts(self) -> bool:  # replicated state crosses nodes once, not per rank
         return len(self.nodes.names) > 1 or super().broadcasts
 
-    def _segments_of(self, index: MetadataIndex) -> set[str]:
-        stored = self._storage[index][1]
-        data = stored.data if isinstance(stored, ChunkEntry) else stored
-        assert isinstance(data, StoredData)
-        return {b.segment for b in data.blocks}
+    def _segments_of(self, index: MetadataIndex) -> frozenset[str]:
+        found = self._segments_memo.get(index)
+        if found is None:
+            stored = self._storage[index][1]
+            data = stored.data if isinstance(stored, ChunkEntry) else stored
+            assert isinstance(data, StoredData)
+            found = self._segments_memo[index] = frozenset(b.segment for b in data.blocks)
+        return found
 
     def _segments(self, plan: LoadPlan) -> set[str]:
         return {s for item in plan.items for s in self._segments_of(item.storage_index)}
