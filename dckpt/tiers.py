@@ -280,9 +280,15 @@ class MemorySaves:
                 read_manifest_raw(self.tier.store, choice.step)[1]
                 if dist.rank() == src else None, src, self.group)
             mine = next(i for i in inventories if i.node == self.nodes.of[dist.rank()])
-            if self.leader and choice.step not in mine.manifests:
+            if self.leader and choice.step not in mine.manifests:  # absent, or unreadable
                 assert isinstance(raw, bytes)
-                self.tier.store.create_exclusive(layout.manifest_name(choice.step), raw)
+                name = layout.manifest_name(choice.step)
+                try:
+                    self.tier.store.delete(name)
+                    self.tier.store.create_exclusive(name, raw)
+                except OSError as e:  # rank 0's node: its load then fails on every rank
+                    log.warning("memory tier %s: cannot write the manifest of step %d: %s",
+                                self.tier.folder, choice.step, e)
         return choice
 
     def restore(self, state_dict: dict, storage_url: str, storage_options: dict | None,

@@ -153,3 +153,15 @@ def test_a_segment_damaged_on_both_nodes_means_storage(tmp_path):
     assert values == [(8, "storage", True), (8, "storage", True)]
     for node in (0, 1):  # the unusable memory checkpoint is gone from both nodes
         assert memory.held(url, os.path.join(shm, f"node{node}"))[2] is None
+
+
+@pytest.mark.parametrize("node", [0, 1])
+def test_a_damaged_manifest_on_one_node_is_replaced_by_another_nodes(tmp_path, node):
+    url, shm = _setup(tmp_path, 0)
+    path = os.path.join(_folder(url, shm, node), "manifests", f"{9:012d}.json")
+    raw = bytearray(open(path, "rb").read())
+    raw[len(raw) // 2] ^= 0x20
+    open(path, "wb").write(bytes(raw))
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 0)]
+    assert values == [(9, "memory", True), (9, "memory", True)]
+    assert open(path, "rb").read() != bytes(raw)  # the node's copy is whole again
