@@ -165,3 +165,47 @@ def test_a_damaged_manifest_on_one_node_is_replaced_by_another_nodes(tmp_path, n
     values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 0)]
     assert values == [(9, "memory", True), (9, "memory", True)]
     assert open(path, "rb").read() != bytes(raw)  # the node's copy is whole again
+
+
+def _dies_while_replicating(rank, world, url, shm):
+    import signal
+    import time
+
+    from dckpt import replicas
+
+    _as_node(rank)
+    if rank == 1:  # its node dies while the memory save of step 6 sends its replica
+        real = replicas.MemoryWriter._replicate
+
+        def replicate(self, written):
+            if self.step == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, written)
+
+        replicas.MemoryWriter._replicate = replicate
+    failures = []
+    mgr = dckpt.CheckpointManager(
+        url, memory_every_steps=3, memory_replicas=1, handle_signals=False,
+        memory_dir=os.path.join(shm, f"node{rank}"),
+        save_config=dckpt.SaveConfig(collective_timeout_s=20),
+        on_failure=lambda step, e: failures.append((step, type(e).__name__)))
+    t0 = time.monotonic()
+    for step in range(7):
+        mgr.maybe_save(step, _state(rank, step))
+    mgr._poll(wait=True)
+    seconds = time.monotonic() - t0
+    return failures, mgr.memory.step, seconds
+
+
+def test_a_node_that_dies_while_replicating_fails_the_save_and_the_last_one_restores(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    for node in (0, 1):
+        os.makedirs(os.path.join(shm, f"node{node}"))
+    survivor, victim = run_ranks(_dies_while_replicating, 2, url, shm, timeout_s=120,
+                                 allow_failures=True)
+    assert victim.killed and survivor.error is None, survivor
+    failures, newest, seconds = survivor.value
+    assert failures == [(6, "CommitError")] and newest == 3 and seconds < 60
+    # the job comes back on the same nodes: step 3, from memory, on both
+    values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
+    assert values == [(3, "memory", True), (3, "memory", True)]
