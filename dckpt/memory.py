@@ -176,13 +176,8 @@ class MemoryTier:
         files themselves (mapped, no copy) and values as their stored bytes. Every block is
         checked against its digest first. Returns them and a function that unmaps."""
         m = read_manifest(self.store, step)
-        maps: dict[str, mmap.mmap] = {}
-
-        def mapped(segment: str) -> mmap.mmap:
-            if segment not in maps:
-                with open(os.path.join(self.folder, segment), "rb") as f:
-                    maps[segment] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-            return maps[segment]
+        maps = contextlib.ExitStack()
+        mapped = maps.enter_context(mapped_segments(self.folder))
 
         def raw(data: StoredData, what: str) -> tuple[mmap.mmap | None, int]:
             """Where the item's bytes lie, contiguous (memory saves write them so)."""
@@ -190,6 +185,9 @@ class MemoryTier:
                 return None, 0
             first, at = data.blocks[0], data.blocks[0].offset
             mm = mapped(first.segment)
+            if mm is None:
+                raise IntegrityError(f"{what}: {first.segment} is empty; the object is "
+                                     "truncated or damaged")
             for b in data.blocks:
                 if b.segment != first.segment or b.offset != at or b.codec != "raw":
                     raise IntegrityError(f"{what}: not stored contiguous and raw")
@@ -204,36 +202,36 @@ class MemoryTier:
                 os.path.join(self.folder, data.blocks[0].segment))
 
         staged: dict[MetadataIndex, object] = {}
-        for item in plan.items:
-            entry = m.items[item.index.fqn]
-            what = f"memory checkpoint of step {step}, item {item.index.fqn!r}"
-            if isinstance(entry, ValueEntry):
-                if elsewhere(entry.data):
-                    continue
-                mm, at = raw(entry.data, what)
-                body = bytes(mm[at: at + entry.data.nbytes]) if mm is not None else b""
-                staged[item.index] = (RawBytes(body) if entry.encoding == "bytes"
-                                      else io.BytesIO(body))
-                continue
-            assert item.tensor_data is not None and isinstance(entry, TensorEntry)
-            offsets = tuple(item.index.offset or ())
-            data = next(c.data for c in entry.chunks if c.offsets == offsets)
-            if elsewhere(data):
-                continue
-            dtype, sizes = item.tensor_data.properties.dtype, item.tensor_data.chunk.sizes
-            mm, at = raw(data, what)
-            flat = (torch.frombuffer(mm, dtype=torch.uint8, count=data.nbytes, offset=at)
-                    if mm is not None and data.nbytes else torch.empty(0, dtype=torch.uint8))
-            staged[item.index] = flat.view(dtype).reshape(sizes)
 
         def close() -> None:
             staged.clear()
-            for mm in maps.values():
-                try:
-                    mm.close()
-                except BufferError:  # a tensor still maps it: freed with the tensor
-                    pass
+            maps.close()  # a tensor still mapping a file frees it with the tensor
 
+        try:
+            for item in plan.items:
+                entry = m.items[item.index.fqn]
+                what = f"memory checkpoint of step {step}, item {item.index.fqn!r}"
+                if isinstance(entry, ValueEntry):
+                    if elsewhere(entry.data):
+                        continue
+                    mm, at = raw(entry.data, what)
+                    body = bytes(mm[at: at + entry.data.nbytes]) if mm is not None else b""
+                    staged[item.index] = (RawBytes(body) if entry.encoding == "bytes"
+                                          else io.BytesIO(body))
+                    continue
+                assert item.tensor_data is not None and isinstance(entry, TensorEntry)
+                offsets = tuple(item.index.offset or ())
+                data = next(c.data for c in entry.chunks if c.offsets == offsets)
+                if elsewhere(data):
+                    continue
+                dtype, sizes = item.tensor_data.properties.dtype, item.tensor_data.chunk.sizes
+                mm, at = raw(data, what)
+                flat = (torch.frombuffer(mm, dtype=torch.uint8, count=data.nbytes, offset=at)
+                        if mm is not None and data.nbytes else torch.empty(0, dtype=torch.uint8))
+                staged[item.index] = flat.view(dtype).reshape(sizes)
+        except BaseException:
+            close()
+            raise
         return staged, close
 
     def remove(self) -> None:
@@ -243,7 +241,7 @@ class MemoryTier:
 
 @contextmanager
 def mapped_segments(root: str) -> Iterator[Any]:
-    """A function from a segment name to its file mapped (None where absent)."""
+    """A function from a segment name to its file mapped (None where absent or empty)."""
     maps: dict[str, mmap.mmap | None] = {}
 
     def mapped(segment: str) -> mmap.mmap | None:
