@@ -76,8 +76,10 @@ class MemorySaves:
         self.group = dist.checkpoint_group(save.collective_timeout_s, purpose="memory-control")
         self.nodes = Nodes.gather(self.group)
         if replicas >= len(self.nodes.names):  # before anything is made
-            raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes; "
-                                f"this job runs on {len(self.nodes.names)}")
+            raise ArgumentError(f"memory_replicas={replicas} needs more than {replicas} nodes "
+                                "(each replica lives on another node); this job runs on "
+                                f"{len(self.nodes.names)}: lower memory_replicas, or run on "
+                                "more nodes")
         self.tier = self._open_tier(url, memory_dir)
         self.trigger = trigger
         self.config = dataclasses.replace(save, dedup=False, compression="off",
