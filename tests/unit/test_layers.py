@@ -88,3 +88,25 @@ def test_imports_follow_the_layers(module):
         mine = {i.split(".")[1] for i in imports if i.startswith("dckpt.")}
         assert mine <= PREFETCH_NEEDS, f"{module} pulls {mine - PREFETCH_NEEDS} into prefetch"
         assert not [i for i in imports if i.split(".")[0] in ("numpy", "fsspec")], module
+
+
+INTEGRATIONS = sorted(p.stem for p in (PACKAGE / "integrations").glob("*.py")
+                      if p.stem != "__init__")
+FRAMEWORK_OF = {"lightning": "lightning"}
+"""A framework's package -> the only integration module that imports it."""
+
+
+def test_the_integrations_stand_above_the_package():
+    assert not [m for m in MODULES
+                if any(i.startswith("dckpt.integrations") for i in _imports(PACKAGE / f"{m}.py"))]
+    assert set(FRAMEWORK_OF.values()) <= set(INTEGRATIONS)
+    assert not [m for m in INTEGRATIONS if f"`integrations.{m}`" not in DESIGN.read_text()]
+
+
+@pytest.mark.parametrize("module", INTEGRATIONS)
+def test_a_framework_is_imported_by_its_own_integration_only(module):
+    imports = _imports(PACKAGE / "integrations" / f"{module}.py")
+    strays = [i for i in imports if i.split(".")[0] in FRAMEWORK_OF
+              and FRAMEWORK_OF[i.split(".")[0]] != module]
+    assert strays == [], f"integrations.{module} imports {strays}"
+    assert not [i for i in imports if i.split(".")[0] in ("fsspec", "s3fs")], module

@@ -1,0 +1,114 @@
+"""A small Lightning run under torchrun (CPU, gloo): an MLP with dropout, Adam and a step
+scheduler, checkpoints at each epoch end (top 2 by loss, and last.ckpt).
+
+    torchrun --nproc-per-node 2 lightning_train.py --dir D --strategy dckpt-ddp \
+        [--resume last] [--kill-at-step N] --out final.pt
+
+``--strategy``: dckpt-ddp, dckpt-fsdp2 (dckpt's strategies) or ddp, fsdp2 (Lightning's own).
+``--kill-at-step N``: rank 1 SIGKILLs itself when the global step reaches N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+class Net(L.LightningModule):
+    def __init__(self, width: int = 32, fsdp: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Dropout(0.1),
+                                 nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 1))
+
+    def configure_model(self) -> None:
+        if self.hparams.fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):
+                    fully_shard(layer, mesh=self.device_mesh)
+            fully_shard(self.net, mesh=self.device_mesh)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.net(x), y)
+        self.log("loss", loss, on_step=False, on_epoch=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)]
+
+
+class Kill(Callback):
+    def __init__(self, at: int | None) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.at is not None and trainer.global_step == self.at and trainer.global_rank == 1:
+            print(f"rank 1: SIGKILL at step {self.at}", flush=True)
+            time.sleep(0.5)  # rank 0 past the last save's staging
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def strategy(name: str, url: str | None):
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    from dckpt.integrations import lightning as dl
+
+    return {"ddp": lambda: DDPStrategy(),
+            "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            "dckpt-ddp": lambda: dl.DDPStrategy(url=url),
+            "dckpt-fsdp2": lambda: dl.ModelParallelStrategy(
+                data_parallel_size=2, tensor_parallel_size=1, url=url),
+            }[name]()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--dir", required=True)
+    p.add_argument("--strategy", default="dckpt-ddp")
+    p.add_argument("--url", default=None)
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--kill-at-step", type=int, default=None)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    L.seed_everything(0, workers=True)
+    data = TensorDataset(torch.randn(64, 16), torch.randn(64, 1))
+    fsdp = args.strategy.endswith("fsdp2")
+    model = Net(fsdp=fsdp)
+    ckpt = ModelCheckpoint(dirpath=args.dir, monitor="loss", save_top_k=2, save_last=True,
+                           every_n_epochs=1)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy(args.strategy, args.url),
+                        max_epochs=args.epochs, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        deterministic=True, callbacks=[ckpt, Kill(args.kill_at_step)])
+    trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True), ckpt_path=args.resume)
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                       cpu_offload=True))
+    else:
+        weights = model.state_dict()
+    if trainer.global_rank == 0:
+        if args.out:
+            torch.save(weights, args.out)
+        kept = sorted(os.path.basename(p) for p in os.listdir(args.dir) if p.endswith(".ckpt"))
+        print("KEPT " + json.dumps(kept), flush=True)
+        print(f"GLOBAL_STEP {trainer.global_step}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""dckpt's Lightning strategies with the real Lightning: resumes bit-exact after a SIGKILL
+under torchrun (DDP and FSDP2 on 2 gloo ranks), top-k removal deletes checkpoints, a
+checkpoint that never committed or is damaged falls back, Lightning's own files still load,
+and what cannot load back is refused before anything is written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="Lightning is not installed: pip install dckpt[lightning]")
+
+import lightning as L  # noqa: E402
+from dckpt_testing import flip_stored_byte  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.strategies import SingleDeviceStrategy as LightningSingleDevice  # noqa: E402
+from lightning_train import Net  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import dckpt  # noqa: E402
+from dckpt.integrations.lightning import SingleDeviceStrategy, load_weights  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def fit(folder, epochs: int, *, resume: str | None = None, strategy=None, callbacks=(),
+        model: L.LightningModule | None = None) -> tuple[L.LightningModule, L.Trainer]:
+    L.seed_everything(0)
+    data = TensorDataset(torch.randn(32, 16), torch.randn(32, 1))
+    model = model or Net()
+    ckpt = ModelCheckpoint(dirpath=str(folder), monitor="loss", save_top_k=2, save_last=True)
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
+                        strategy=strategy or SingleDeviceStrategy(device="cpu"),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, deterministic=True, callbacks=[ckpt, *callbacks])
+    trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True), ckpt_path=resume)
+    return model, trainer
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def pointers(folder) -> dict[str, int]:
+    return {name: json.loads((folder / name).read_text())["step"]
+            for name in sorted(os.listdir(folder)) if name.endswith(".ckpt")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """4 epochs uninterrupted, with Lightning's own strategy and checkpoints."""
+    model, _ = fit(tmp_path_factory.mktemp("ref"), 4, strategy=LightningSingleDevice("cpu"))
+    return model.state_dict()
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_and_removals_delete(tmp_path, reference):
+    fit(tmp_path, 2)
+    model, trainer = fit(tmp_path, 4, resume="last")
+    assert trainer.global_step == 32
+    assert equal(model.state_dict(), reference)
+    # top 2 and last.ckpt: every checkpoint Lightning removed is gone from the repository
+    held = pointers(tmp_path)
+    assert len(held) == 3 and "last.ckpt" in held
+    steps = [c.step for c in dckpt.list_checkpoints(str(tmp_path / "dckpt"))]
+    assert sorted(set(held.values())) == steps
+    assert dckpt.verify(str(tmp_path / "dckpt"), all_steps=True).ok
+
+
+def test_a_save_killed_in_flight_falls_back_to_the_one_before(tmp_path, reference, caplog):
+    fit(tmp_path, 3)
+    newest = pointers(tmp_path)["last.ckpt"]
+    dckpt.delete(str(tmp_path / "dckpt"), step=newest)  # as if the commit never came
+    with caplog.at_level(logging.WARNING):
+        model, trainer = fit(tmp_path, 4, resume=str(tmp_path / "last.ckpt"))
+    assert re.search(rf"checkpoint step {newest} of .* does not load", caplog.text)
+    assert trainer.global_step == 32
+    assert equal(model.state_dict(), reference)
+
+
+def test_a_damaged_checkpoint_falls_back_and_bit_equal_still(tmp_path, reference, caplog):
+    fit(tmp_path, 3)
+    repo = str(tmp_path / "dckpt")
+    newest = pointers(tmp_path)["last.ckpt"]
+    flip_stored_byte(repo, newest, "app.model.net.0.weight", at=5)
+    with caplog.at_level(logging.WARNING):
+        model, _ = fit(tmp_path, 4, resume=str(tmp_path / "last.ckpt"))
+    assert "does not load" in caplog.text
+    assert equal(model.state_dict(), reference)
+
+
+def test_without_fallback_a_damaged_checkpoint_raises(tmp_path):
+    fit(tmp_path, 2)
+    newest = pointers(tmp_path)["last.ckpt"]
+    flip_stored_byte(str(tmp_path / "dckpt"), newest, "app.model.net.0.weight", at=5)
+    with pytest.raises(dckpt.IntegrityError, match="app.model.net.0.weight"):
+        fit(tmp_path, 3, resume=str(tmp_path / "last.ckpt"),
+            strategy=SingleDeviceStrategy(device="cpu", fallback=False))
+
+
+def test_lightning_own_checkpoint_resumes_and_is_removed_as_a_file(tmp_path):
+    fit(tmp_path, 2, strategy=LightningSingleDevice("cpu"))
+    own = sorted(os.listdir(tmp_path))
+    assert not (tmp_path / "dckpt").exists()
+    model, trainer = fit(tmp_path, 5, resume=str(tmp_path / "last.ckpt"))
+    assert trainer.global_step == 40
+    held = pointers(tmp_path)  # every file now a pointer: Lightning's own were removed
+    assert len(held) == 3 and set(own) != set(held)
+    assert sorted(set(held.values())) == [c.step for c in dckpt.list_checkpoints(
+        str(tmp_path / "dckpt"))]
+
+
+class Unsafe(L.Callback):
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        checkpoint["mine"] = {"ok": 1, "bad": logging.getLogger("x")}
+
+
+def test_a_value_no_load_could_read_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(dckpt.UnsafeValueError, match=r"\['mine'\]\['bad'\] holds a Logger"):
+        fit(tmp_path, 1, callbacks=[Unsafe()])
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".ckpt")] == []
+    assert dckpt.list_checkpoints(str(tmp_path / "dckpt")) == []
+
+
+def test_load_weights_reads_a_pointer_and_refuses_other_files(tmp_path):
+    model, _ = fit(tmp_path, 2)
+    fresh = Net()
+    load_weights(str(tmp_path / "last.ckpt"), fresh)
+    assert equal(fresh.state_dict(), model.state_dict())
+    (tmp_path / "other.ckpt").write_bytes(b"PK\x03\x04 not a pointer")
+    with pytest.raises(dckpt.FormatError, match="not a dckpt pointer"):
+        load_weights(str(tmp_path / "other.ckpt"), fresh)
+    (tmp_path / "bad.ckpt").write_text('{"format": "dckpt-pointer", "version": 1, "url": 3}')
+    with pytest.raises(dckpt.FormatError, match="damaged dckpt pointer"):
+        load_weights(str(tmp_path / "bad.ckpt"), fresh)
+
+
+# ------------------------------------------------------------ 2 ranks under torchrun
+
+
+def torchrun(*args: str, check: bool = True) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(HERE, "lightning_train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_two_ranks_killed_with_sigkill_resume_bit_exact(tmp_path, kind):
+    """Lightning's own strategy uninterrupted against dckpt's, rank 1 SIGKILLed mid-epoch
+    4 and resumed from last.ckpt: the final weights are bit-equal (dropout included: dckpt
+    restores each rank's random state)."""
+    torchrun("--dir", str(tmp_path / "ref"), "--strategy", kind, "--out", str(tmp_path / "ref.pt"))
+    out = torchrun("--dir", str(tmp_path / "ckpt"), "--strategy", f"dckpt-{kind}",
+                   "--kill-at-step", "29", check=False)
+    assert "rank 1: SIGKILL at step 29" in out
+    assert not (tmp_path / "got.pt").exists()
+    out = torchrun("--dir", str(tmp_path / "ckpt"), "--strategy", f"dckpt-{kind}",
+                   "--resume", "last", "--out", str(tmp_path / "got.pt"))
+    assert "GLOBAL_STEP 48" in out
+    ref, got = (torch.load(tmp_path / n, weights_only=True) for n in ("ref.pt", "got.pt"))
+    assert equal(ref, got)
+    held = pointers(tmp_path / "ckpt")
+    assert sorted(set(held.values())) == [c.step for c in dckpt.list_checkpoints(
+        str(tmp_path / "ckpt" / "dckpt"))]
