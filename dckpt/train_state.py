@@ -120,10 +120,17 @@ class TrainState(Stateful):
     def _optimizers(self) -> Any:
         return () if self.optimizer is None else self.optimizer
 
+    def _module(self) -> torch.nn.Module:
+        """The model as one module: a list of them under a ModuleList (keys ``0.``, ``1.``...),
+        as DCP's state-dict functions take one module."""
+        if isinstance(self.model, torch.nn.Module):
+            return self.model
+        return torch.nn.ModuleList(self.model)
+
     def state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_sd, optim_sd = get_state_dict(self.model, self._optimizers())  # type: ignore[arg-type]
+        model_sd, optim_sd = get_state_dict(self._module(), self._optimizers())
         sd: dict[str, Any] = {"model": model_sd}
         if self.optimizer is not None:
             sd["optim"] = optim_sd
@@ -151,7 +158,7 @@ class TrainState(Stateful):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self.model, self._optimizers(),  # type: ignore[arg-type]
+        set_state_dict(self._module(), self._optimizers(),
                        model_state_dict=state_dict["model"],
                        optim_state_dict=state_dict.get("optim", {}))
         for name in ("scheduler", "scaler", "dataloader"):

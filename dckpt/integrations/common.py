@@ -66,6 +66,13 @@ def _split(path: str) -> tuple[Store, str]:
     return Store(folder or "."), name
 
 
+def _same(a: str, b: str) -> bool:
+    if _is_local(a) and _is_local(b):
+        return (os.path.normpath(os.path.abspath(a.removeprefix("file://")))
+                == os.path.normpath(os.path.abspath(b.removeprefix("file://"))))
+    return a.rstrip("/") == b.rstrip("/")
+
+
 def repository_beside(path: str, name: str = "dckpt") -> str:
     """The default repository for pointers written at ``path``: a folder ``name`` beside it."""
     path = str(path)
@@ -236,6 +243,26 @@ class Saves:
             self._after_commit.append((url, step))
         else:
             self.drop(url, step)
+
+    def sweep(self, url: str, pointers: list[str]) -> list[int]:
+        """(rank 0) Delete the checkpoints of ``url`` that no pointer among ``pointers`` (file
+        paths) names: a crash between replacing or removing a pointer and the delete that
+        waited for the next commit leaves them. Only for a repository all of whose pointers
+        are in ``pointers``; call it with no save in flight."""
+        named: set[int] = set()
+        for path in pointers:
+            try:
+                pointer = read_pointer(path)
+            except (OSError, DckptError):
+                continue
+            if pointer is not None and _same(pointer.url, url):
+                named.add(pointer.step)
+        orphans = [c.step for c in dckpt.list_checkpoints(
+            url, storage_options=self.storage_options) if c.step not in named]
+        if orphans:
+            log.info("deleting checkpoints %s of %s: no pointer names them", orphans, url)
+        self._drop_all([(url, s) for s in orphans])
+        return orphans
 
     def _drop_all(self, checkpoints: list[tuple[str, int]]) -> None:
         for url, step in checkpoints:

@@ -21,6 +21,7 @@ value of it. A checkpoint Lightning wrote itself still loads, through Lightning.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -73,6 +74,7 @@ class DckptCheckpointing:
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
                             config=save_config)
         self._dckpt_loaded = False
+        self._swept: set[str] = set()
 
     # what Lightning gathers for its own file: dckpt reads the live modules instead
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -108,6 +110,14 @@ class DckptCheckpointing:
                  "global_step": int(checkpoint.get("global_step", 0)),
                  "epoch": int(checkpoint.get("epoch", 0))}
         replaced = []
+        if me == 0 and self.dckpt_url is None and url not in self._swept:
+            # the folder's own repository: what a crash left unnamed goes, once per run
+            self._saves.settle()
+            folder = os.path.dirname(path)
+            names = os.listdir(folder) if os.path.isdir(folder) else []
+            self._saves.sweep(url, [os.path.join(folder, n) for n in names
+                                    if os.path.isfile(os.path.join(folder, n))])
+            self._swept.add(url)
         if me == 0:
             try:
                 old = read_pointer(path)

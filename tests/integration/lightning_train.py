@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 
 import lightning as L
@@ -110,5 +111,17 @@ def main() -> None:
         print(f"GLOBAL_STEP {trainer.global_step}", flush=True)
 
 
+def leave() -> None:
+    """End the process without gloo's C++ teardown, which can abort a finished rank at exit
+    ("terminate called without an active exception")."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     main()
+    leave()

@@ -76,6 +76,19 @@ def test_a_resumed_run_equals_an_uninterrupted_one_and_removals_delete(tmp_path,
     assert dckpt.verify(str(tmp_path / "dckpt"), all_steps=True).ok
 
 
+def test_a_checkpoint_no_pointer_names_is_deleted_at_the_first_save_of_a_run(tmp_path):
+    """A crash between replacing last.ckpt and the delete that waited for the next commit
+    leaves a checkpoint no pointer names: the next run's first save deletes it."""
+    fit(tmp_path, 2)
+    repo = str(tmp_path / "dckpt")
+    newest = max(c.step for c in dckpt.list_checkpoints(repo))
+    dckpt.save({"x": torch.ones(3)}, repo, step=newest + 1)  # named by no pointer
+    fit(tmp_path, 3, resume="last")
+    held = pointers(tmp_path)
+    assert sorted(set(held.values())) == [c.step for c in dckpt.list_checkpoints(repo)]
+    assert newest + 1 not in held.values()
+
+
 def test_a_save_killed_in_flight_falls_back_to_the_one_before(tmp_path, reference, caplog):
     fit(tmp_path, 3)
     newest = pointers(tmp_path)["last.ckpt"]

@@ -63,6 +63,30 @@ def test_train_state_round_trip_with_random_states(tmp_path):
     assert extra2 == {"epoch": 3, "tag": "warm", "seen": [1.5, 2.5]}
 
 
+def test_train_state_with_a_list_of_models_and_optimizers(tmp_path):
+    """A GAN's two models and two optimizers: one TrainState, keys 0. and 1., all restored."""
+    def pair(seed: int):
+        torch.manual_seed(seed)
+        models = [torch.nn.Linear(4, 3), torch.nn.Linear(3, 4)]
+        return models, [torch.optim.Adam(m.parameters(), lr=1e-2) for m in models]
+
+    models, opts = pair(0)
+    for m, o in zip(models, opts):
+        m(torch.randn(2, m.in_features)).sum().backward()
+        o.step()
+    dckpt.save({"app": dckpt.TrainState(models, opts, rng=False)}, str(tmp_path), step=1)
+    assert {k.split(".")[2] for k in dckpt.inspect(str(tmp_path)).items
+            if k.startswith("app.model.")} == {"0", "1"}
+    models2, opts2 = pair(1)
+    dckpt.load({"app": dckpt.TrainState(models2, opts2, rng=False)}, str(tmp_path))
+    for a, b in zip(models + opts, models2 + opts2):
+        sa, sb = a.state_dict(), b.state_dict()
+        if isinstance(a, torch.nn.Module):
+            assert all(torch.equal(sa[k], sb[k]) for k in sa)
+        else:
+            assert all(torch.equal(sa["state"][0][k], sb["state"][0][k]) for k in sa["state"][0])
+
+
 def test_train_state_without_rng_and_bad_parts():
     model, opt, *_ = make_train()
     sd = dckpt.TrainState(model, opt, rng=False).state_dict()

@@ -1,0 +1,122 @@
+"""dckpt's Hugging Face integration with the real transformers and Accelerate: a Trainer run
+and an Accelerate loop on 2 gloo ranks, rank 1 SIGKILLed, resume bit-exact;
+``save_total_limit`` / ``total_limit`` delete checkpoints; a damaged newest checkpoint
+gives way to the folder before it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed: pip install dckpt[hf]")
+pytest.importorskip("accelerate", reason="accelerate is not installed: pip install dckpt[hf]")
+
+import transformers  # noqa: E402
+from dckpt_testing import flip_stored_byte  # noqa: E402
+from hf_train import model_and_data  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
+
+import dckpt  # noqa: E402
+from dckpt.integrations.common import read_pointer  # noqa: E402
+from dckpt.integrations.hf import POINTER_NAME, Trainer  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+
+
+def torchrun(*args: str, check: bool = True) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           os.path.join(HERE, "hf_train.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    return proc.stdout + proc.stderr
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def held(folders: list[str]) -> list[int]:
+    steps = [read_pointer(os.path.join(f, POINTER_NAME)) for f in folders]
+    return sorted(p.step for p in steps if p is not None)
+
+
+def kill_and_resume(tmp_path, *mode: str) -> dict:
+    out = torchrun("--dir", str(tmp_path / "ckpt"), *mode, "--kill-at-step", "14", check=False)
+    assert "rank 1: SIGKILL at step 14" in out
+    torchrun("--dir", str(tmp_path / "ckpt"), *mode, "--resume", "--out", str(tmp_path / "got.pt"))
+    return torch.load(tmp_path / "got.pt", weights_only=True)
+
+
+def test_trainer_killed_with_sigkill_resumes_bit_exact(tmp_path):
+    """The Trainer with its own checkpoints uninterrupted against dckpt's Trainer killed at
+    step 14 and resumed from checkpoint-12 (dropout on)."""
+    torchrun("--dir", str(tmp_path / "ref"), "--own", "--out", str(tmp_path / "ref.pt"))
+    got = kill_and_resume(tmp_path, "--mode", "trainer")
+    assert equal(torch.load(tmp_path / "ref.pt", weights_only=True), got)
+    folders = sorted(os.path.join(tmp_path / "ckpt", n) for n in os.listdir(tmp_path / "ckpt")
+                     if n.startswith("checkpoint-"))
+    assert [os.path.basename(f) for f in folders] == ["checkpoint-20", "checkpoint-24"]
+    assert held(folders) == [c.step for c in dckpt.list_checkpoints(str(tmp_path / "ckpt/dckpt"))]
+
+
+def test_accelerate_killed_with_sigkill_resumes_as_accelerate_does(tmp_path):
+    """accelerator.save_state / load_state against dckpt's AcceleratorCheckpoints, both
+    killed at step 14 and resumed: bit-equal (a hand-written loop makes its random stream
+    after load_state what it makes of it, with either)."""
+    own = kill_and_resume(tmp_path / "own", "--mode", "accelerate", "--own")
+    got = kill_and_resume(tmp_path, "--mode", "accelerate")
+    assert equal(own, got)
+    root = tmp_path / "ckpt" / "checkpoints"
+    assert sorted(os.listdir(root)) == ["checkpoint_4", "checkpoint_5"]  # total_limit 2
+    assert held([str(root / n) for n in os.listdir(root)]) == [
+        c.step for c in dckpt.list_checkpoints(str(tmp_path / "ckpt" / "dckpt"))]
+
+
+def trained(folder, steps: int, *, resume: bool = False, cls=Trainer, **kw) -> dict:
+    model, data = model_and_data()
+    args = TrainingArguments(output_dir=str(folder), per_device_train_batch_size=8,
+                             max_steps=steps, save_strategy="steps", save_steps=4,
+                             learning_rate=1e-3, report_to=[], seed=0, data_seed=0,
+                             use_cpu=True, disable_tqdm=True, logging_steps=1000)
+    cls(model=model, args=args, train_dataset=data, **kw).train(
+        resume_from_checkpoint=True if resume else None)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_a_checkpoint_that_never_committed_gives_way_to_the_folder_before(tmp_path, caplog):
+    """checkpoint-8's save never committed: the run resumes from checkpoint-4 and ends
+    bit-equal to the Trainer's own resume from its checkpoint-4 (in one process, the
+    Trainer's own mid-epoch resume is not bit-equal to an uninterrupted run: compare what
+    it restores, from the same checkpoint-4 of an 8-step run, whose schedule it holds)."""
+    trained(tmp_path / "ref", 8, cls=transformers.Trainer)
+    shutil.rmtree(tmp_path / "ref" / "checkpoint-8")
+    reference = trained(tmp_path / "ref", 12, resume=True, cls=transformers.Trainer)
+    trained(tmp_path / "run", 8)
+    newest = read_pointer(str(tmp_path / "run" / "checkpoint-8" / POINTER_NAME))
+    dckpt.delete(newest.url, step=newest.step)  # as if the commit never came
+    with pytest.raises(dckpt.CheckpointNotFoundError):
+        trained(tmp_path / "run", 12, resume=True, fallback=False)
+    with caplog.at_level(logging.WARNING):
+        got = trained(tmp_path / "run", 12, resume=True)
+    assert f"resuming from {tmp_path / 'run' / 'checkpoint-4'}" in caplog.text
+    assert equal(reference, got)
+
+
+def test_a_damaged_checkpoint_raises_naming_the_folder_to_resume_from(tmp_path):
+    trained(tmp_path / "run", 8)
+    newest = read_pointer(str(tmp_path / "run" / "checkpoint-8" / POINTER_NAME))
+    flip_stored_byte(newest.url, newest.step, "app.model.transformer.wte.weight", at=3)
+    with pytest.raises(dckpt.IntegrityError, match=r"(?s)transformer.wte.weight.*"
+                       r"resume_from_checkpoint='[^']*checkpoint-4'"):
+        trained(tmp_path / "run", 12, resume=True)
