@@ -14,10 +14,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import time
 
 import torch
+from frameworks import leave
 from transformers import GPT2Config, GPT2LMHeadModel, TrainerCallback, TrainingArguments
 
 STEPS, EVERY, KEEP = 24, 4, 2
@@ -138,17 +138,6 @@ def main() -> None:
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, args.out)
         print("DONE", flush=True)
-
-
-def leave() -> None:
-    """End the process without gloo's C++ teardown, which can abort a finished rank at exit
-    ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,11 @@ import argparse
 import json
 import os
 import signal
-import sys
 import time
 
 import lightning as L
 import torch
+from frameworks import leave
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -109,17 +109,6 @@ def main() -> None:
         kept = sorted(os.path.basename(p) for p in os.listdir(args.dir) if p.endswith(".ckpt"))
         print("KEPT " + json.dumps(kept), flush=True)
         print(f"GLOBAL_STEP {trainer.global_step}", flush=True)
-
-
-def leave() -> None:
-    """End the process without gloo's C++ teardown, which can abort a finished rank at exit
-    ("terminate called without an active exception")."""
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -8,38 +8,28 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
+import frameworks
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="transformers is not installed: pip install dckpt[hf]")
 pytest.importorskip("accelerate", reason="accelerate is not installed: pip install dckpt[hf]")
 
-import transformers  # noqa: E402
-from dckpt_testing import flip_stored_byte  # noqa: E402
-from hf_train import model_and_data  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+import transformers
+from dckpt_testing import flip_stored_byte
+from hf_train import model_and_data
+from transformers import TrainingArguments
 
-import dckpt  # noqa: E402
-from dckpt.integrations.common import read_pointer  # noqa: E402
-from dckpt.integrations.hf import POINTER_NAME, Trainer  # noqa: E402
+import dckpt
+from dckpt.integrations.common import read_pointer
+from dckpt.integrations.hf import POINTER_NAME, Trainer
 
 pytestmark = pytest.mark.integration
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
-
 
 def torchrun(*args: str, check: bool = True) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(HERE, "hf_train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return frameworks.torchrun("hf_train.py", *args, check=check)
 
 
 def equal(a: dict, b: dict) -> bool:

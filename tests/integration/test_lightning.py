@@ -9,28 +9,24 @@ import json
 import logging
 import os
 import re
-import subprocess
-import sys
 
+import frameworks
 import pytest
 import torch
 
 pytest.importorskip("lightning", reason="Lightning is not installed: pip install dckpt[lightning]")
 
-import lightning as L  # noqa: E402
-from dckpt_testing import flip_stored_byte  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.strategies import SingleDeviceStrategy as LightningSingleDevice  # noqa: E402
-from lightning_train import Net  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+import lightning as L
+from dckpt_testing import flip_stored_byte
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.strategies import SingleDeviceStrategy as LightningSingleDevice
+from lightning_train import Net
+from torch.utils.data import DataLoader, TensorDataset
 
-import dckpt  # noqa: E402
-from dckpt.integrations.lightning import SingleDeviceStrategy, load_weights  # noqa: E402
+import dckpt
+from dckpt.integrations.lightning import SingleDeviceStrategy, load_weights
 
 pytestmark = pytest.mark.integration
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(HERE))
 
 
 def fit(folder, epochs: int, *, resume: str | None = None, strategy=None, callbacks=(),
@@ -124,7 +120,7 @@ def test_lightning_own_checkpoint_resumes_and_is_removed_as_a_file(tmp_path):
     fit(tmp_path, 2, strategy=LightningSingleDevice("cpu"))
     own = sorted(os.listdir(tmp_path))
     assert not (tmp_path / "dckpt").exists()
-    model, trainer = fit(tmp_path, 5, resume=str(tmp_path / "last.ckpt"))
+    _model, trainer = fit(tmp_path, 5, resume=str(tmp_path / "last.ckpt"))
     assert trainer.global_step == 40
     held = pointers(tmp_path)  # every file now a pointer: Lightning's own were removed
     assert len(held) == 3 and set(own) != set(held)
@@ -161,13 +157,7 @@ def test_load_weights_reads_a_pointer_and_refuses_other_files(tmp_path):
 
 
 def torchrun(*args: str, check: bool = True) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           os.path.join(HERE, "lightning_train.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
-    if check:
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
-    return proc.stdout + proc.stderr
+    return frameworks.torchrun("lightning_train.py", *args, check=check)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
