@@ -1,4 +1,5 @@
-"""Save pause and restore time inside Lightning, the transformers Trainer and Accelerate:
+"""Save pause and restore time inside Lightning, the transformers Trainer, Accelerate and
+torchtitan (its checkpoint manager, FSDP2, own: DCP with async_mode="async"):
 each framework's own checkpointing against dckpt's integration, same model, same run.
 
     torchrun --nproc-per-node 2 benchmarks/bench_frameworks.py --framework lightning \
@@ -34,7 +35,9 @@ def mlp(mparams: int) -> nn.Module:
 
 
 def state_bytes(model: nn.Module) -> int:
-    return 3 * sum(p.numel() * p.element_size() for p in model.parameters())
+    """The model and Adam's two moments, on this rank (its shards under FSDP2)."""
+    return 3 * sum(getattr(p, "_local_tensor", p).numel() * p.element_size()
+                   for p in model.parameters())
 
 
 def memcpy_s(nbytes: int) -> float:
@@ -47,10 +50,11 @@ def memcpy_s(nbytes: int) -> float:
 
 def touch(model: nn.Module, optimizers: list) -> float:
     """Read every byte of the model and the optimizer states."""
-    total = sum(float(p.detach().sum()) for p in model.parameters())
+    total = sum(float(getattr(p, "_local_tensor", p).detach().sum()) for p in model.parameters())
     for opt in optimizers:
         for state in opt.state.values():
-            total += sum(float(v.sum()) for v in state.values() if torch.is_tensor(v))
+            total += sum(float(getattr(v, "_local_tensor", v).sum()) for v in state.values()
+                         if torch.is_tensor(v))
     return total
 
 
@@ -155,16 +159,58 @@ def accelerate_runs(args, folder: str):
                 (lambda: ckpt.load_state(path))
 
 
+def torchtitan_runs(args, folder: str):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torchtitan.components.checkpointer.dcp import CheckpointManager
+    from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
+    from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
+
+    from dckpt.integrations.torchtitan import DckptCheckpointManager
+
+    class Progress:
+        step = 0
+
+        def state_dict(self):
+            return {"step": self.step}
+
+        def load_state_dict(self, state):
+            self.step = state["step"]
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for name, manager, extra in (("own", CheckpointManager, {"async_mode": "async"}),
+                                 ("dckpt", DckptCheckpointManager, {})):
+        model = mlp(args.mparams)
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = OptimizersContainer.Config(
+            param_groups=[ParamGroupConfig(pattern=".*", optimizer_name="Adam",
+                                           optimizer_kwargs={"lr": 1e-4})],
+            implementation="foreach").build(model_parts=[model])
+        sched = LRSchedulersContainer.Config(warmup_steps=2).build(optimizers=opt,
+                                                                    training_steps=100)
+        model(torch.randn(4, 2048)).pow(2).mean().backward()
+        opt.step()
+        ckpt = manager.Config(enable=True, folder=f"{name}-{args.rep}", interval=1,
+                              keep_latest_k=0, **extra).build(
+            dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=sched,
+            states={"train_state": Progress()}, sd_adapter=None, base_folder=folder)
+        yield name, (model, opt.optimizers), (lambda ckpt=ckpt: ckpt.save(1)), \
+            (lambda ckpt=ckpt: ckpt.maybe_wait_for_saving()), (lambda ckpt=ckpt: ckpt.load(1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--framework", choices=["lightning", "trainer", "accelerate"], required=True)
+    p.add_argument("--framework", choices=["lightning", "trainer", "accelerate", "torchtitan"],
+                   required=True)
     p.add_argument("--mparams", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--data-dir", default="bench-data/frameworks")
     p.add_argument("--out", default="bench-out/frameworks.jsonl")
     args = p.parse_args()
     runs = {"lightning": lightning_runs, "trainer": trainer_runs,
-            "accelerate": accelerate_runs}[args.framework]
+            "accelerate": accelerate_runs, "torchtitan": torchtitan_runs}[args.framework]
     if not dist.is_initialized() and args.framework != "lightning":
         dist.init_process_group("gloo")
     folder = os.path.abspath(args.data_dir)

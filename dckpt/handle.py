@@ -37,6 +37,12 @@ class SaveHandle:
                  else "failed" if self.error else "committed")
         return f"SaveHandle(step={self.step}, {state})"
 
+    @property
+    def future(self) -> Future[CheckpointInfo] | None:
+        """The background save as a ``concurrent.futures.Future`` (None when skipped), for
+        frameworks that track saves that way."""
+        return self._future
+
     def done(self) -> bool:
         return self._future is None or self._future.done()
 

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import dist
 from dckpt.planner import RANK_LOCAL
 
-__all__ = ["TrainState", "rng_state", "set_rng_state"]
+__all__ = ["TrainState", "RandomStates", "rng_state", "set_rng_state"]
 
 log = logging.getLogger(__name__)
 
@@ -141,18 +141,9 @@ class TrainState(Stateful):
         if self.extra:
             sd["extra"] = dict(self.extra)
         if self.rng:
-            mine = f"{RANK_LOCAL}{dist.rank()}"
-            rng = rng_state()
-            stored = _loading_keys.get()
-            if stored is not None:
-                held = {k for k in rng if any(s.endswith(f".rng.{mine}.{k}") for s in stored)}
-                if held != set(rng):
-                    log.warning("rank %d: the checkpoint holds no %s random state for this "
-                                "rank (saved by fewer ranks, or without CUDA); keeping the "
-                                "current one", dist.rank(), ", ".join(sorted(set(rng) - held)))
-                rng = {k: v for k, v in rng.items() if k in held}
+            rng = RandomStates().state_dict()
             if rng:
-                sd["rng"] = {mine: rng}
+                sd["rng"] = rng
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -166,6 +157,30 @@ class TrainState(Stateful):
             if obj is not None:
                 obj.load_state_dict(state_dict[name])
         self.extra.update(state_dict.get("extra", {}))
-        mine = state_dict.get("rng", {}).get(f"{RANK_LOCAL}{dist.rank()}")
+        if self.rng:
+            RandomStates().load_state_dict(state_dict.get("rng", {}))
+
+
+class RandomStates(Stateful):
+    """This rank's random states as a DCP ``Stateful``, under its rank-local key
+    (``__rank<r>``), for any key of a state dict. A load restores the parts the checkpoint
+    holds for this rank (none after the world grew; no CUDA state from a CPU run) and keeps
+    the others, saying so."""
+
+    def state_dict(self) -> dict[str, Any]:
+        mine = f"{RANK_LOCAL}{dist.rank()}"
+        rng = rng_state()
+        stored = _loading_keys.get()
+        if stored is not None:
+            held = {k for k in rng if any(f".{s}".endswith(f".{mine}.{k}") for s in stored)}
+            if held != set(rng):
+                log.warning("rank %d: the checkpoint holds no %s random state for this "
+                            "rank (saved by fewer ranks, or without CUDA); keeping the "
+                            "current one", dist.rank(), ", ".join(sorted(set(rng) - held)))
+            rng = {k: v for k, v in rng.items() if k in held}
+        return {mine: rng} if rng else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        mine = state_dict.get(f"{RANK_LOCAL}{dist.rank()}")
         if mine:
             set_rng_state(mine)

@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 # the frameworks of dckpt.integrations are optional extras of the package; the test suite
 # runs their integration tests, so the set-up installs them
-if ! .venv/bin/python -c "import dckpt, pytest, xdist, moto, s3fs, zstandard, matplotlib, hypothesis, lightning, transformers, accelerate" 2>/dev/null \
+if ! .venv/bin/python -c "import dckpt, pytest, xdist, moto, s3fs, zstandard, matplotlib, hypothesis, lightning, transformers, accelerate, torchtitan" 2>/dev/null \
         || [ ! -x .venv/bin/ruff ] || [ ! -x .venv/bin/mypy ]; then
     .venv/bin/pip install -q -e ".[test,bench,integrations]"
 fi

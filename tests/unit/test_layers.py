@@ -92,7 +92,8 @@ def test_imports_follow_the_layers(module):
 
 INTEGRATIONS = sorted(p.stem for p in (PACKAGE / "integrations").glob("*.py")
                       if p.stem != "__init__")
-FRAMEWORK_OF = {"lightning": "lightning", "transformers": "hf", "accelerate": "hf"}
+FRAMEWORK_OF = {"lightning": "lightning", "transformers": "hf", "accelerate": "hf",
+                "torchtitan": "torchtitan"}
 """A framework's package -> the only integration module that imports it."""
 
 

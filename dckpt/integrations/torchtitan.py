@@ -1,0 +1,269 @@
+"""torchtitan: a checkpoint manager that torchtitan builds from its configuration, as it
+builds its own DCP and torch_checkpointing managers.
+
+    from dckpt.integrations.torchtitan import DckptCheckpointManager
+    config.checkpoint = DckptCheckpointManager.Config(
+        enable=True, folder="checkpoint", interval=500, keep_latest_k=3)
+
+The trainer hands it the model parts, optimizers, LR schedulers, data loader and its own
+train state, and calls ``load`` / ``save`` / ``maybe_wait_for_staging`` / ``close``
+(``BaseCheckpointManager``). The checkpoint folder (under the dump folder, or ``url``) is a
+dckpt repository whose steps are torchtitan's steps. dckpt adds: async saves from reused
+staging, blocks already stored not written again, every byte verified on load, fallback
+past a checkpoint that fails, each rank's random states, S3 through fsspec URLs, and
+``keep_latest_k`` as ``KeepLast`` retention with garbage collection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torchtitan.components.checkpointer.base import (
+    DATALOADER,
+    LR_SCHEDULER,
+    MODEL,
+    OPTIMIZER,
+    BaseCheckpointManager,
+    ModelWrapper,
+)
+from torchtitan.config import TORCH_DTYPE_MAP
+from torchtitan.tools import filesystem
+
+import dckpt
+from dckpt import dist
+from dckpt.errors import DckptError
+from dckpt.retention import KeepLast
+from dckpt.train_state import RandomStates
+from dckpt.upkeep import Upkeep
+from dckpt.writer import Metrics
+
+__all__ = ["DckptCheckpointManager"]
+
+log = logging.getLogger(__name__)
+
+RNG = "rng"
+"""The key of each rank's random states (torchtitan's own managers save none)."""
+
+
+class DckptCheckpointManager(BaseCheckpointManager):
+    """torchtitan's checkpoint contract through dckpt (see the module docstring)."""
+
+    @dataclass(kw_only=True, slots=True)
+    class Config(BaseCheckpointManager.Config):
+        url: str | None = None
+        """The dckpt repository; None: ``folder`` under the trainer's dump folder."""
+
+        storage_options: dict[str, Any] | None = None
+        """fsspec options for ``url`` (S3 ``endpoint_url``, ``key``, ``secret``)."""
+
+        async_save: bool = True
+        """Training resumes once the state is staged; the write and the commit run in the
+        background (the next save and ``close`` wait for them)."""
+
+        fallback: bool = True
+        """With ``load_step=-1``, a checkpoint that fails verification is passed over for
+        the newest older one that loads (dckpt.load's fallback)."""
+
+        save_rng: bool = True
+        """Save and restore each rank's random states."""
+
+        def __post_init__(self) -> None:
+            BaseCheckpointManager.Config.__post_init__(self)
+            if self.initial_load_in_hf or self.last_save_in_hf:
+                raise ValueError(
+                    "DckptCheckpointManager does not read or write Hugging Face safetensors: "
+                    "set initial_load_in_hf and last_save_in_hf to False; `dckpt export URL "
+                    "--step N --to model.safetensors --format safetensors` writes one")
+
+    def __init__(self, config: Config, *, dataloader: Any, model_parts: list[nn.Module],
+                 optimizers: Any, lr_schedulers: Any, states: dict[str, Any],
+                 sd_adapter: Any, base_folder: str = "") -> None:
+        self.enable = config.enable
+        if not self.enable:
+            return
+        self.save_future: Future[dckpt.CheckpointInfo] | None = None
+        self.config = config
+        self.url = config.url or filesystem.join(base_folder, config.folder)
+        self.states = states
+        self.states.update({MODEL: ModelWrapper(model_parts), OPTIMIZER: optimizers,
+                            DATALOADER: dataloader, LR_SCHEDULER: lr_schedulers})
+        self.export_dtype = TORCH_DTYPE_MAP[config.export_dtype]
+        self._handle: dckpt.SaveHandle | None = None
+        self._started = 0.0
+        self._upkeep = Upkeep(self.url, config.storage_options,
+                              KeepLast(config.keep_latest_k) if config.keep_latest_k else None,
+                              True, self._writing)
+
+    def __del__(self) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ what is saved
+
+    def _flattened(self, states: dict[str, Any]) -> dict[str, Any]:
+        """torchtitan's layout: the model's keys at the top, the other states beside them."""
+        sd = {k: v for k, v in states.items() if k != MODEL and v is not None}
+        if MODEL in states:
+            sd.update(states[MODEL].state_dict())
+        if self.config.save_rng:
+            sd[RNG] = RandomStates()
+        return sd
+
+    def _model_only(self) -> dict[str, Any]:
+        return {k: v.to(self.export_dtype)
+                if isinstance(v, torch.Tensor) and v.is_floating_point()
+                and v.dtype != self.export_dtype else v
+                for k, v in self.states[MODEL].state_dict().items()}
+
+    # ------------------------------------------------------------ save
+
+    def _should_save(self, step: int, last_step: bool) -> bool:
+        if self.config.load_only:
+            return False
+        return ((step == 1 and self.config.enable_first_step_checkpoint) or last_step
+                or step % self.config.interval == 0)
+
+    def _save(self, curr_step: int, last_step: bool = False) -> bool:
+        if not self._should_save(curr_step, last_step):
+            return False
+        self._wait_for_saving()
+        begin = time.monotonic()
+        so = self.config.storage_options
+        metrics: Metrics = {"model_only": float(last_step and self.config.last_save_model_only)}
+        self._started = time.time()
+        if last_step and self.config.last_save_model_only:
+            # the final weights, in the export dtype; nothing to resume from
+            dckpt.save(self._model_only(), self.url, step=curr_step, metrics=metrics,
+                       storage_options=so)
+            self._retain()
+        elif self.config.async_save and not last_step:
+            self._handle = dckpt.async_save(self._flattened(self.states), self.url,
+                                            step=curr_step, metrics=metrics, storage_options=so)
+            self.save_future = self._handle.future
+        else:
+            dckpt.save(self._flattened(self.states), self.url, step=curr_step,
+                       metrics=metrics, storage_options=so)
+            self._retain()
+        log.info("rank %d: checkpoint of step %d %s in %.2f s", dist.rank(), curr_step,
+                 "staged" if self._handle is not None else "committed",
+                 time.monotonic() - begin)
+        return True
+
+    def _retain(self) -> None:
+        """(rank 0, after a commit) keep_latest_k and garbage collection, in the background."""
+        if dist.rank() == 0 and self._upkeep.active:
+            self._upkeep.submit()
+
+    def _writing(self) -> tuple[list[int], list[float]]:
+        if self._handle is None or self._handle.done():
+            return [], []
+        return [self._handle.step], [self._started]
+
+    def _wait_for_saving(self) -> None:
+        handle, self._handle = self._handle, None
+        self.save_future = None
+        if handle is not None:
+            handle.wait()  # a failed save raises here, on every rank, as DCP's would
+            self._retain()
+
+    def _maybe_wait_for_staging(self) -> None:
+        pass  # dckpt.async_save returns once staged
+
+    def _close(self) -> None:
+        if not hasattr(self, "_upkeep"):
+            return  # __init__ did not finish
+        try:
+            self._wait_for_saving()
+        finally:
+            self._upkeep.close()
+
+    # ------------------------------------------------------------ load
+
+    def _load(self, step: int = -1) -> bool:
+        """The checkpoint of ``step``, or with -1 the newest that loads cleanly; else the
+        initial load path (a DCP checkpoint of torchtitan's own, model only by default);
+        else a fresh start (False). Steps newer than the one loaded are deleted: the run
+        makes them again."""
+        self._wait_for_saving()
+        group = dist.checkpoint_group(dckpt.LoadConfig().collective_timeout_s)
+        found: Any = self._survey(None if step == -1 else step) if dist.rank() == 0 else None
+        survey: tuple[list[int], bool, DckptError | None] = dist.broadcast(  # type: ignore[assignment]
+            found, group)
+        steps, model_only, error = survey
+        if error is not None:
+            raise error
+        if step != -1 and step not in steps:
+            raise FileNotFoundError(f"--checkpoint.load_step={step} not found in {self.url} "
+                                    f"(it holds steps {steps})")
+        if not steps:
+            return self._initial_load()
+        wanted = None if step == -1 and self.config.fallback else (
+            steps[-1] if step == -1 else step)
+        states = (self.states[MODEL].state_dict() if model_only
+                  else self._flattened({k: v for k, v in self.states.items()
+                                        if k not in self.config.exclude_from_loading}))
+        begin = time.monotonic()
+        loaded = dckpt.load(states, self.url, step=wanted,
+                            partial=bool(model_only or self.config.exclude_from_loading),
+                            storage_options=self.config.storage_options)
+        if model_only:
+            self.states[MODEL].load_state_dict(states)
+        if loaded.skipped:
+            log.warning("rank %d: loaded step %d; passed over %s", dist.rank(), loaded.step,
+                        [s for s, _ in loaded.skipped])
+        self._drop_newer(loaded.step, steps)
+        log.info("rank %d: loaded step %d of %s in %.2f s", dist.rank(), loaded.step,
+                 self.url, time.monotonic() - begin)
+        return True
+
+    def _survey(self, step: int | None) -> tuple[list[int], bool, DckptError | None]:
+        """(rank 0) The committed steps, whether ``step`` (None: the newest) holds the model
+        alone (step 0, or a final model-only save), and the error that stops the load."""
+        opts = {"storage_options": self.config.storage_options}
+        try:
+            steps = [c.step for c in dckpt.list_checkpoints(self.url, **opts)]
+            if not steps or (step is not None and step not in steps):
+                return steps, False, None
+            try:
+                manifest = dckpt.inspect(self.url, step=step, **opts)
+            except DckptError:
+                return steps, False, None  # damaged: the load says so, or falls back
+            model_only = manifest.step == 0 or manifest.metrics.get("model_only") == 1.0
+            return steps, model_only, None
+        except DckptError as e:
+            return [], False, e
+
+    def _drop_newer(self, loaded: int, steps: list[int]) -> None:
+        """(rank 0) Delete the steps newer than the one loaded (damaged, or of a timeline
+        the run left): the run saves them again, and a committed step is never
+        overwritten."""
+        newer = [s for s in steps if s > loaded]
+        if dist.rank() != 0 or not newer:
+            return
+        log.warning("deleting checkpoints %s of %s, newer than step %d the run resumes from",
+                    newer, self.url, loaded)
+        for s in newer:
+            dckpt.delete(self.url, step=s, storage_options=self.config.storage_options)
+
+    def _initial_load(self) -> bool:
+        path = self.config.initial_load_path
+        if not path:
+            log.info("no checkpoint in %s: a fresh start", self.url)
+            return False
+        import torch.distributed.checkpoint as dcp
+
+        model_only = self.config.initial_load_model_only
+        states = (self.states[MODEL].state_dict() if model_only
+                  else self._flattened(self.states))
+        states.pop(RNG, None)
+        dcp.load(states, checkpoint_id=path)
+        if model_only:
+            self.states[MODEL].load_state_dict(states)
+        log.info("rank %d: loaded the initial checkpoint %s", dist.rank(), path)
+        return True
+
