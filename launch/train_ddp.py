@@ -113,8 +113,10 @@ def main() -> None:
         if step == args.stop_at:
             mgr.wait()
             print(f"[train] rank {rank}: stopped at step {step}", flush=True)
-            while True:
-                time.sleep(60)
+            agent = os.getppid()
+            while os.getppid() == agent:  # until the agent is killed: then leave with it
+                time.sleep(0.5)
+            os._exit(1)
     mgr.close()
     if rank == 0 and args.out:
         torch.save(model.module.state_dict(), args.out)

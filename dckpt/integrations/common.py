@@ -180,10 +180,11 @@ class Saves:
     background after deletes. (all ranks) ``save``, ``settle``; (rank 0) ``drop``."""
 
     def __init__(self, *, storage_options: dict | None, async_save: bool,
-                 config: dckpt.SaveConfig | None) -> None:
+                 config: dckpt.SaveConfig | None, metrics: dckpt.Metrics | None = None) -> None:
         self.storage_options = storage_options
         self.async_save = async_save
         self.config = config
+        self.metrics = metrics
         self._handle: dckpt.SaveHandle | None = None
         self._started = 0.0
         self._after_commit: list[tuple[str, int]] = []  # (url, step) to drop once committed
@@ -215,10 +216,20 @@ class Saves:
                                             storage_options=self.storage_options,
                                             config=self.config)
             self._after_commit = replaces
-        else:
-            dckpt.save(state, url, step=step, metrics=metrics,
-                       storage_options=self.storage_options, config=self.config)
-            self._drop_all(replaces)
+            if self.metrics is not None:
+                self.metrics.observe_pause(self._handle.pause_s)
+            return
+        try:
+            info = dckpt.save(state, url, step=step, metrics=metrics,
+                              storage_options=self.storage_options, config=self.config)
+        except DckptError as e:
+            if self.metrics is not None:
+                self.metrics.observe_failure(type(e).__name__)
+            raise
+        if self.metrics is not None:
+            self.metrics.observe_pause(time.time() - self._started)
+            self.metrics.observe_save(info)
+        self._drop_all(replaces)
 
     def settle(self) -> None:
         """(all ranks) Wait for the save in flight. Its failure is logged, not raised: its
@@ -227,12 +238,16 @@ class Saves:
         if handle is None:
             return
         try:
-            handle.wait()
+            info = handle.wait()
         except DckptError as e:
             log.error("the checkpoint save of step %d failed; its pointer names a step a "
                       "load will fall back past: %s", handle.step, e)
             self._after_commit = []
+            if self.metrics is not None:
+                self.metrics.observe_failure(type(e).__name__)
             return
+        if self.metrics is not None and info is not None:
+            self.metrics.observe_save(info)
         replaced, self._after_commit = self._after_commit, []
         self._drop_all(replaced)
 
@@ -294,18 +309,24 @@ class Saves:
 
 def load_pointed(state: dict[str, Any], pointer: Pointer, *, broadcast: Broadcast, rank: int,
                  storage_options: dict | None, fallback: bool = True,
-                 partial: bool = False) -> dckpt.CheckpointInfo:
+                 partial: bool = False,
+                 metrics: dckpt.Metrics | None = None) -> dckpt.CheckpointInfo:
     """(all ranks) Load ``pointer``'s checkpoint into ``state``. With ``fallback``, where it
     never committed (a save killed in flight) or fails verification, the newest older
     committed checkpoint of the repository that loads cleanly instead, said in a warning.
-    ``partial``: load only the keys ``state`` has (the model alone, say)."""
+    ``partial``: load only the keys ``state`` has (the model alone, say); ``metrics``
+    records the restore (and the checkpoints passed over as corrupt)."""
     try:
-        return dckpt.load(state, pointer.url, step=pointer.step, partial=partial,
+        info = dckpt.load(state, pointer.url, step=pointer.step, partial=partial,
                           storage_options=storage_options)
     except (IntegrityError, CheckpointNotFoundError) as e:
         if not fallback:
             raise
         first: DckptError = e
+    else:
+        if metrics is not None:
+            metrics.observe_restore(info, 1)
+        return info
     older: list[int] = []
     if rank == 0:
         older = sorted((c.step for c in dckpt.list_checkpoints(
@@ -321,5 +342,8 @@ def load_pointed(state: dict[str, Any], pointer: Pointer, *, broadcast: Broadcas
         log.warning("rank %d: checkpoint step %d of %s does not load (%s); loaded step %d, "
                     "the newest older one that does", rank, pointer.step, pointer.url,
                     str(first).splitlines()[0], step)
+        if metrics is not None:
+            metrics.observe_corrupt()
+            metrics.observe_restore(info, 1)
         return info
     raise first

@@ -94,7 +94,8 @@ class DckptTrainerMixin:
     """Mixin for ``transformers.Trainer`` (and its subclasses: ``class MySFT(DckptTrainerMixin,
     SFTTrainer)``): its checkpoints go through dckpt.
 
-    ``url``, ``storage_options``, ``async_save``, ``fallback``, ``save_config``: as in
+    ``url``, ``storage_options``, ``async_save``, ``fallback``, ``save_config``, ``metrics``:
+    as in
     dckpt.integrations.lightning.DckptCheckpointing. ``fallback`` here passes over a
     checkpoint folder whose checkpoint never committed or fails verification for the
     newest older folder whose checkpoint loads, with a warning.
@@ -103,13 +104,14 @@ class DckptTrainerMixin:
     def __init__(self, *args: Any, url: str | None = None,
                  storage_options: dict | None = None, async_save: bool = True,
                  fallback: bool = True, save_config: dckpt.SaveConfig | None = None,
-                 **kwargs: Any) -> None:
+                 metrics: dckpt.Metrics | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.dckpt_metrics = metrics
         self.dckpt_url = url
         self.dckpt_fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config)
+                            config=save_config, metrics=metrics)
         self._dckpt_rng: dict[str, Any] | None = None
         self._dckpt_loading = False
         self._swept = False
@@ -275,7 +277,7 @@ class DckptTrainerMixin:
         # fallback to an older folder happens in train(), with that folder's trainer state
         load_pointed(self._dckpt_state(training), pointer, broadcast=_broadcast,
                      rank=self._rank, storage_options=self._storage_options, fallback=False,
-                     partial=not training)
+                     partial=not training, metrics=self.dckpt_metrics)
         self._dckpt_loading = False
         self._dckpt_rng = rng_state() if training else None  # set again where the Trainer does
 
@@ -332,13 +334,15 @@ class AcceleratorCheckpoints:
 
     def __init__(self, accelerator: Any, *, url: str | None = None,
                  storage_options: dict | None = None, async_save: bool = True,
-                 fallback: bool = True, save_config: dckpt.SaveConfig | None = None) -> None:
+                 fallback: bool = True, save_config: dckpt.SaveConfig | None = None,
+                 metrics: dckpt.Metrics | None = None) -> None:
         self.accelerator = accelerator
+        self.metrics = metrics
         self.url = url
         self.fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config)
+                            config=save_config, metrics=metrics)
 
     @property
     def _rank(self) -> int:
@@ -403,7 +407,8 @@ class AcceleratorCheckpoints:
         self._saves.settle()
         state = self._state()
         info = load_pointed(state, pointer, broadcast=_broadcast, rank=self._rank,
-                            storage_options=self._storage_options, fallback=self.fallback)
+                            storage_options=self._storage_options, fallback=self.fallback,
+                            metrics=self.metrics)
         a.step = int(state["accelerate"]["step"])
         if config.automatic_checkpoint_naming:
             found = re.search(r"_(\d+)$", input_dir.rstrip("/"))

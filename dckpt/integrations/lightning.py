@@ -61,18 +61,20 @@ class DckptCheckpointing:
     save, a removal and the end of ``fit`` wait for it). ``fallback``: a checkpoint that
     never committed (a save killed in flight) or fails verification is passed over for the
     newest older one that loads, with a warning. ``save_config``: dckpt's SaveConfig.
+    ``metrics``: a ``dckpt.Metrics`` that records pauses, saves, failures and restores.
     """
 
     def __init__(self, *args: Any, url: str | None = None,
                  storage_options: dict | None = None, async_save: bool = True,
                  fallback: bool = True, save_config: dckpt.SaveConfig | None = None,
-                 **kwargs: Any) -> None:
+                 metrics: dckpt.Metrics | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.dckpt_metrics = metrics
         self.dckpt_url = url
         self.dckpt_fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config)
+                            config=save_config, metrics=metrics)
         self._dckpt_loaded = False
         self._swept: set[str] = set()
 
@@ -167,7 +169,8 @@ class DckptCheckpointing:
         state = self._state(bool(saved and here))
         info = load_pointed(state, found, broadcast=self.broadcast, rank=me,  # type: ignore[attr-defined]
                             storage_options=self._storage_options,
-                            fallback=self.dckpt_fallback, partial=not (saved and here))
+                            fallback=self.dckpt_fallback, partial=not (saved and here),
+                            metrics=self.dckpt_metrics)
         checkpoint: dict[str, Any] = unpack(state["lightning"])
         checkpoint["state_dict"] = self.lightning_module.state_dict()  # type: ignore[attr-defined]
         if saved:

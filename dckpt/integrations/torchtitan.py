@@ -73,6 +73,11 @@ class DckptCheckpointManager(BaseCheckpointManager):
         save_rng: bool = True
         """Save and restore each rank's random states."""
 
+        metrics_textfile: str | None = None
+        """Write dckpt's Prometheus metrics (pauses, saves, failures, restores; job label
+        ``torchtitan``) to this file after each event, for node_exporter's textfile
+        collector; None: no metrics."""
+
         def __post_init__(self) -> None:
             BaseCheckpointManager.Config.__post_init__(self)
             if self.initial_load_in_hf or self.last_save_in_hf:
@@ -96,6 +101,8 @@ class DckptCheckpointManager(BaseCheckpointManager):
         self.export_dtype = TORCH_DTYPE_MAP[config.export_dtype]
         self._handle: dckpt.SaveHandle | None = None
         self._started = 0.0
+        self.metrics = (dckpt.Metrics("torchtitan", textfile=config.metrics_textfile)
+                        if config.metrics_textfile else None)
         self._upkeep = Upkeep(self.url, config.storage_options,
                               KeepLast(config.keep_latest_k) if config.keep_latest_k else None,
                               True, self._writing)
@@ -138,24 +145,27 @@ class DckptCheckpointManager(BaseCheckpointManager):
         self._started = time.time()
         if last_step and self.config.last_save_model_only:
             # the final weights, in the export dtype; nothing to resume from
-            dckpt.save(self._model_only(), self.url, step=curr_step, metrics=metrics,
-                       storage_options=so)
-            self._retain()
+            self._committed(dckpt.save(self._model_only(), self.url, step=curr_step,
+                                       metrics=metrics, storage_options=so))
         elif self.config.async_save and not last_step:
             self._handle = dckpt.async_save(self._flattened(self.states), self.url,
                                             step=curr_step, metrics=metrics, storage_options=so)
             self.save_future = self._handle.future
         else:
-            dckpt.save(self._flattened(self.states), self.url, step=curr_step,
-                       metrics=metrics, storage_options=so)
-            self._retain()
+            self._committed(dckpt.save(self._flattened(self.states), self.url, step=curr_step,
+                                       metrics=metrics, storage_options=so))
+        held = time.monotonic() - begin
         log.info("rank %d: checkpoint of step %d %s in %.2f s", dist.rank(), curr_step,
-                 "staged" if self._handle is not None else "committed",
-                 time.monotonic() - begin)
+                 "staged" if self._handle is not None else "committed", held)
+        if self.metrics is not None:
+            self.metrics.observe_pause(held)
         return True
 
-    def _retain(self) -> None:
-        """(rank 0, after a commit) keep_latest_k and garbage collection, in the background."""
+    def _committed(self, info: dckpt.CheckpointInfo | None) -> None:
+        """(after a commit) Metrics; keep_latest_k and garbage collection, in the background
+        on rank 0."""
+        if self.metrics is not None and info is not None:
+            self.metrics.observe_save(info)
         if dist.rank() == 0 and self._upkeep.active:
             self._upkeep.submit()
 
@@ -167,9 +177,15 @@ class DckptCheckpointManager(BaseCheckpointManager):
     def _wait_for_saving(self) -> None:
         handle, self._handle = self._handle, None
         self.save_future = None
-        if handle is not None:
-            handle.wait()  # a failed save raises here, on every rank, as DCP's would
-            self._retain()
+        if handle is None:
+            return
+        try:
+            info = handle.wait()  # a failed save raises here, on every rank, as DCP's would
+        except dckpt.DckptError as e:
+            if self.metrics is not None:
+                self.metrics.observe_failure(type(e).__name__)
+            raise
+        self._committed(info)
 
     def _maybe_wait_for_staging(self) -> None:
         pass  # dckpt.async_save returns once staged
@@ -213,6 +229,8 @@ class DckptCheckpointManager(BaseCheckpointManager):
                             storage_options=self.config.storage_options)
         if model_only:
             self.states[MODEL].load_state_dict(states)
+        if self.metrics is not None:
+            self.metrics.observe_restore(loaded, 1)
         if loaded.skipped:
             log.warning("rank %d: loaded step %d; passed over %s", dist.rank(), loaded.step,
                         [s for s, _ in loaded.skipped])

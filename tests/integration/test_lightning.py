@@ -178,3 +178,15 @@ def test_two_ranks_killed_with_sigkill_resume_bit_exact(tmp_path, kind):
     held = pointers(tmp_path / "ckpt")
     assert sorted(set(held.values())) == [c.step for c in dckpt.list_checkpoints(
         str(tmp_path / "ckpt" / "dckpt"))]
+
+
+def test_metrics_record_pauses_saves_and_restores(tmp_path):
+    prom = tmp_path / "dckpt.prom"
+    metrics = dckpt.Metrics("lightning", textfile=str(prom))
+    fit(tmp_path / "ckpt", 2, strategy=SingleDeviceStrategy(device="cpu", metrics=metrics))
+    text = prom.read_text()
+    assert 'dckpt_saves_total{job_name="lightning"} 4.0' in text  # top-k and last, 2 epochs
+    assert 'dckpt_training_pause_seconds_count{job_name="lightning"} 4.0' in text
+    fit(tmp_path / "ckpt", 3, resume="last",
+        strategy=SingleDeviceStrategy(device="cpu", metrics=metrics))
+    assert 'dckpt_restore_seconds{job_name="lightning"}' in prom.read_text()

@@ -116,3 +116,16 @@ def test_an_initial_load_from_torchtitans_own_checkpoint(tmp_path):
 def test_hugging_face_formats_are_refused_with_the_way_out():
     with pytest.raises(ValueError, match="dckpt export"):
         DckptCheckpointManager.Config(enable=True, last_save_in_hf=True)
+
+
+def test_metrics_go_to_the_textfile(tmp_path):
+    prom = tmp_path / "dckpt.prom"
+    Run(tmp_path / "run", metrics_textfile=str(prom)).train(8)
+    text = prom.read_text()
+    assert 'dckpt_saves_total{job_name="torchtitan"} 2.0' in text
+    assert 'dckpt_training_pause_seconds_count{job_name="torchtitan"} 2.0' in text
+    flip_stored_byte(str(tmp_path / "run" / "checkpoint"), 8, "0.weight", at=5)
+    Run(tmp_path / "run", metrics_textfile=str(prom)).train(8)  # falls back to step 4
+    text = prom.read_text()
+    assert 'dckpt_corrupt_checkpoints_detected_total{job_name="torchtitan"} 1.0' in text
+    assert 'dckpt_restore_seconds{job_name="torchtitan"}' in text
