@@ -128,6 +128,15 @@ def test_pickle_payload_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     with pytest.raises(dckpt.UnsafeValueError, match="refused to load"):
         dckpt.load(out, url, step=1)
     assert not marker.exists()
+    # DCP's own planner unpickles with weights_only=False: the reader refuses first
+    import torch.distributed.checkpoint as dcp
+
+    with pytest.raises(dcp.api.CheckpointException) as caught:
+        dcp.load(out, storage_reader=dckpt.Reader(url, step=1))
+    failure = caught.value.failures[0]
+    assert isinstance(failure[0] if isinstance(failure, tuple) else failure,
+                      dckpt.UnsafeValueError), failure
+    assert not marker.exists()
 
 
 def test_mismatched_state_dict_lists_every_problem(tmp_path):
