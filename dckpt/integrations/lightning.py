@@ -165,7 +165,8 @@ class DckptCheckpointing:
         here = len(self.optimizers)  # type: ignore[attr-defined]
         if saved and here and saved != here:
             raise StateDictError(f"{path} holds the state of {saved} optimizers; this run "
-                                 f"has {here}")
+                                 f"has {here}: configure_optimizers must return as many, or "
+                                 "load the weights alone with load_weights(path, module)")
         state = self._state(bool(saved and here))
         info = load_pointed(state, found, broadcast=self.broadcast, rank=me,  # type: ignore[attr-defined]
                             storage_options=self._storage_options,

@@ -190,3 +190,28 @@ def test_metrics_record_pauses_saves_and_restores(tmp_path):
     fit(tmp_path / "ckpt", 3, resume="last",
         strategy=SingleDeviceStrategy(device="cpu", metrics=metrics))
     assert 'dckpt_restore_seconds{job_name="lightning"}' in prom.read_text()
+
+
+class TwoOptimizers(Net):
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(loss)
+        for opt in self.optimizers():
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.Adam(self.net[0].parameters()),
+                torch.optim.Adam(self.net[3].parameters())]
+
+
+def test_a_checkpoint_of_other_optimizers_is_refused_saying_what_to_do(tmp_path):
+    fit(tmp_path, 1)
+    with pytest.raises(dckpt.StateDictError, match="holds the state of 1 optimizers; this run "
+                                                   "has 2.*load_weights"):
+        fit(tmp_path, 2, resume="last", model=TwoOptimizers())
