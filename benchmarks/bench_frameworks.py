@@ -8,7 +8,8 @@ each framework's own checkpointing against dckpt's integration, same model, same
 A DDP MLP of ``--mparams`` million float32 parameters with Adam (state: 3x the weights) on
 2 gloo ranks. ``pause``: the framework's save call, from entry to return (dckpt: async,
 staged); ``commit``: dckpt's save until committed; ``restore``: the framework's load calls
-into the live model and optimizer, from the page cache (both), and a read of every byte
+into the live model and optimizer from a cold page cache (both evicted: dckpt writes with
+O_DIRECT, so its files are not cached, while the frameworks' are), and a read of every byte
 after (a framework that maps its files reads them only then). ``memcpy``: one copy of the
 state in memory, the hardware reference. One JSON line per (framework, saver), medians.
 """
@@ -24,6 +25,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from common import evict
 from torch import nn
 
 
@@ -224,6 +226,7 @@ def main() -> None:
             commit = pause + timed(settle)
             # until every byte is in memory: a framework that maps its files reads them at
             # first use (safetensors, torch.load(mmap=True)); dckpt has read and verified them
+            evict(folder)  # cold, both: dckpt writes with O_DIRECT, past the page cache
             restore_s = timed(restore) + timed(lambda: touch(model, optimizers))
             got = results.setdefault(name, {"pause_s": [], "commit_s": [], "restore_s": []})
             got["pause_s"].append(pause)

@@ -90,6 +90,17 @@ def box_range(sizes: tuple[int, ...], offsets: tuple[int, ...],
 
 
 @dataclass
+class _Value:
+    """One stored non-tensor value being read: its buffer and the reads filling it."""
+
+    fqn: str
+    encoding: str
+    items: list[ReadItem]
+    buf: bytearray
+    futures: list[PoolFuture[int]]
+
+
+@dataclass
 class _Job:
     """One stored tensor box and the read items (destinations) that need bytes from it."""
 
@@ -279,10 +290,11 @@ class Reader(StorageReader):
         with Fetcher(self.store, self.config.reader_threads) as fetcher:
             window: list[_Job] = []
             window_bytes = 0
+            values: list[_Value] = []  # small: read beside the tensors, delivered last
             for index, items in groups.items():
                 kind, stored = self._storage[index]
                 if isinstance(stored, StoredData):
-                    self._read_value(fetcher, index.fqn, stored, kind, items, planner)
+                    values.append(self._start_value(fetcher, index.fqn, stored, kind, items))
                     continue
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
                 size = 0 if job.direct else job.buffer.numel()
@@ -293,6 +305,10 @@ class Reader(StorageReader):
                 window.append(job)
                 window_bytes += size
             self._finish(window, planner)
+            for value in values:
+                for f in value.futures:
+                    self.bytes_read += f.result()
+                self.deliver_value(value.buf, value.fqn, value.encoding, value.items, planner)
         self._io_s, self._verify_s = fetcher.io_s, fetcher.verify_s
 
     # -- internals ---------------------------------------------------------------------
@@ -301,14 +317,16 @@ class Reader(StorageReader):
         step = self.manifest.step if self.manifest else self.step
         return f"{kind} {fqn!r} of checkpoint step {step} in {self.store.url}"
 
-    def _read_value(self, fetcher: Fetcher, fqn: str, data: StoredData, encoding: str,
-                    items: list[ReadItem], planner: LoadPlanner) -> None:
+    def _start_value(self, fetcher: Fetcher, fqn: str, data: StoredData, encoding: str,
+                     items: list[ReadItem]) -> _Value:
+        """A stored value's reads, submitted: the reader threads fetch the many small values
+        of a state dict (optimizer hyper-parameters, scheduler state) in parallel."""
         buf = bytearray(data.nbytes)
-        what = self._what("value", fqn)
         _, picked = blocks_in_range(data, 0, data.nbytes)
-        for req in coalesce(picked, self.config.read_request_bytes):
-            self.bytes_read += fetcher.fetch(req, memoryview(buf), what)
-        self.deliver_value(buf, fqn, encoding, items, planner)
+        what = self._what("value", fqn)
+        futures = [fetcher.submit(req, memoryview(buf), what)
+                   for req in coalesce(picked, self.config.read_request_bytes)]
+        return _Value(fqn, encoding, items, buf, futures)
 
     def deliver_value(self, buf: bytearray, fqn: str, encoding: str, items: list[ReadItem],
                       planner: LoadPlanner) -> None:
