@@ -1,5 +1,5 @@
-"""The dckpt command: ls, inspect, verify, delete, gc, export, status, health, diff. Calls
-only public functions."""
+"""The dckpt command: ls, inspect, verify, delete, gc, export, status, health, diff, and
+bench (its own package, ``dckpt.bench``). Calls only public functions."""
 
 from __future__ import annotations
 
@@ -280,6 +280,12 @@ def cmd_diff(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dckpt.bench.run import main as bench
+
+    return bench(args, _options(args.option))
+
+
 def _metrics_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-textfile", metavar="PATH",
                    help="also write the result as Prometheus metrics to PATH, for "
@@ -348,6 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "1 when not")
     p.add_argument("--memory-dir", help="the memory tier's parent folder (default: "
                    "DCKPT_MEMORY_DIR, else /dev/shm)")
+    p = sub.add_parser("bench", help="measure save and restore on this storage against "
+                       "DCP, torch-checkpointing and the storage's own limit (run it with "
+                       "torchrun -m dckpt bench for many ranks)")
+    from dckpt.bench.options import add_arguments
+
+    add_arguments(p)
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 

@@ -32,7 +32,7 @@ LAYERS = [
     # orchestration
     {"preemption", "upkeep", "tiers", "manager"},
     # the command line, and the launcher-side prefetch
-    {"cli", "prefetch"},
+    {"cli", "__main__", "prefetch"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
@@ -63,6 +63,7 @@ def _imports(path: pathlib.Path) -> list[str]:
 
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
+BENCH = sorted(p.stem for p in (PACKAGE / "bench").glob("*.py") if p.stem != "__init__")
 
 
 def test_every_module_has_a_layer_and_a_line_in_the_design():
@@ -111,3 +112,12 @@ def test_a_framework_is_imported_by_its_own_integration_only(module):
               and FRAMEWORK_OF[i.split(".")[0]] != module]
     assert strays == [], f"integrations.{module} imports {strays}"
     assert not [i for i in imports if i.split(".")[0] in ("fsspec", "s3fs")], module
+
+
+def test_the_bench_stands_above_the_package():
+    """Only the command line reaches ``dckpt bench``; its modules are in the design's map."""
+    assert not [m for m in MODULES if m != "cli"
+                and any(i.startswith("dckpt.bench") for i in _imports(PACKAGE / f"{m}.py"))]
+    assert not [m for m in BENCH if f"`bench.{m}`" not in DESIGN.read_text()]
+    options = _imports(PACKAGE / "bench" / "options.py")
+    assert not [i for i in options if i.split(".")[0] == "torch"]  # dckpt --help stays fast

@@ -1,0 +1,169 @@
+"""``dckpt bench`` end to end, as a user runs it: one process and 2 gloo ranks under torchrun,
+on local files and on the moto S3 server. The table has every method with numbers, the JSON
+lines parse, the restores gave back the saved values, and nothing is left under the URL:
+after a full run, after a refused one, and after a Ctrl-C (SIGINT) in the middle."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ("--gib-per-rank", "0.004", "--tensor-mib", "1", "--repeats", "1")
+ALL_LOCAL = ("raw", "memcpy", "dckpt", "DCP", "torch-checkpointing")
+
+
+def bench_cmd(url: str, *args: str, ranks: int = 0) -> list[str]:
+    if ranks:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={ranks}", "-m", "dckpt", "bench", url, *args]
+    return [sys.executable, "-m", "dckpt", "bench", url, *args]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+
+
+def options_args(options: dict | None) -> list[str]:
+    return [a for k, v in (options or {}).items()
+            for a in ("-o", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
+
+
+def left_under(url: str, options: dict | None) -> list[str]:
+    if "://" not in url:
+        return sorted(os.listdir(url)) if os.path.exists(url) else []
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url, **(options or {}))
+    fs.invalidate_cache()
+    return fs.find(root.split("/", 1)[0])  # the whole bucket
+
+
+def parse_table(stdout: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in stdout.split("\n\n")[0].splitlines():  # the table, above the ratios
+        parts = line.split()
+        if parts and parts[0] in ALL_LOCAL:
+            rows[parts[0]] = parts[1:]
+    return rows
+
+
+def check_outputs(out_dir, stdout: str, methods: tuple[str, ...], world: int) -> list[dict]:
+    rows = parse_table(stdout)
+    assert set(rows) == set(methods), stdout
+    for name, cells in rows.items():
+        numbers = [float(c) for c in cells if c != "-"]
+        assert numbers and all(n > 0 for n in numbers), (name, cells)
+        assert "WRONG" not in cells
+    records = [json.loads(line) for line in (out_dir / "results.jsonl").read_text().splitlines()]
+    run = records[0]
+    assert run["record"] == "run" and run["world_size"] == world
+    results = [r for r in records if r["record"] == "result"]
+    assert {r["method"] for r in results} == set(methods)
+    assert all(r["seconds"] > 0 for r in results)
+    restores = [r for r in results if r["phase"] == "restore"]
+    assert restores and all(r["equal"] is True for r in restores)
+    assert not [r for r in records if r["record"] == "error"]
+    ratios = records[-1]
+    assert ratios["record"] == "ratios" and ratios["save / raw write"] > 0
+    assert (out_dir / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return records
+
+
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_bench_on_local_files(tmp_path, ranks):
+    target = tmp_path / "target"
+    target.mkdir()
+    proc = subprocess.run(bench_cmd(str(target), *TINY, "--out", str(tmp_path / "out"),
+                                    ranks=ranks), capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env=env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    check_outputs(tmp_path / "out", proc.stdout, ALL_LOCAL, max(ranks, 1))
+    assert re.search(r"\[\s*\d+/\d+\] dckpt save 1/1", proc.stderr)  # progress is shown
+    assert os.listdir(target) == []
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("ranks", [0, 2])
+def test_bench_on_s3(tmp_path, s3_repo, ranks):
+    url, options = s3_repo
+    proc = subprocess.run(bench_cmd(url, *TINY, "--layout", "dense", "--dtype", "bf16",
+                                    *options_args(options), "--out", str(tmp_path),
+                                    ranks=ranks), capture_output=True, text=True, timeout=300,
+                          env=env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    records = check_outputs(tmp_path, proc.stdout, ("raw", "memcpy", "dckpt", "DCP"),
+                            max(ranks, 1))
+    notes = {r["method"]: r["note"] for r in records if r["record"] == "note"}
+    assert "local files only" in notes["torch-checkpointing"]
+    assert "no local cache" in records[0]["cold_reads"]
+    assert "testing" not in json.dumps(records[0])  # option keys, never their values
+    assert left_under(url, options) == []
+
+
+def test_a_workload_of_differential_saves_restores_bit_exact(tmp_path):
+    proc = subprocess.run(bench_cmd(str(tmp_path / "t"), *TINY, "--workload", "sparse-rows",
+                                    "--methods", "dckpt,raw", "--out", str(tmp_path / "o")),
+                          capture_output=True, text=True, timeout=300, env=env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    check_outputs(tmp_path / "o", proc.stdout, ("raw", "dckpt"), 1)
+    assert not (tmp_path / "t").exists() or os.listdir(tmp_path / "t") == []
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--methods", "dckpt,nccl"), "--methods"),
+    (("--repeats", "0"), "--repeats"),
+    (("--gib-per-rank", "-1"), "--gib-per-rank"),
+    (("-o", "no_such_option=1"), "storage options ['no_such_option']"),
+])
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, says):
+    target = tmp_path / "target"
+    target.mkdir()
+    url = str(target) if args[0] != "-o" else "s3://bucket/x"
+    proc = subprocess.run(bench_cmd(url, *args, "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert os.listdir(target) == [] and not (tmp_path / "out").exists()
+
+
+def _interrupt(cmd: list[str], target, when: str) -> tuple[int, str]:
+    """Start ``cmd`` in its own process group, wait for ``when`` in its progress, and send
+    SIGINT to the group, as a terminal's Ctrl-C does."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env(), start_new_session=True)
+    seen = []
+    deadline = time.monotonic() + 240
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if when in line:
+            break
+        assert time.monotonic() < deadline, "".join(seen)
+    else:
+        raise AssertionError(f"the run ended before {when!r}: " + "".join(seen)[-3000:])
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + rest
+
+
+@pytest.mark.parametrize("ranks, when", [(0, "DCP save 1/2"), (2, "dckpt cold restore 1/2"),
+                                         (0, "torch-checkpointing async set-up")])
+def test_ctrl_c_mid_run_leaves_nothing(tmp_path, ranks, when):
+    target = tmp_path / "target"
+    target.mkdir()
+    code, out = _interrupt(bench_cmd(str(target), "--gib-per-rank", "0.03", "--tensor-mib", "2",
+                                     "--repeats", "2", "--out", str(tmp_path / "out"),
+                                     ranks=ranks), target, when)
+    assert code != 0, out
+    assert "removing what the run wrote" in out, out[-3000:]
+    time.sleep(1)  # a writer that outlived the removal would show now
+    assert os.listdir(target) == [], out[-3000:]
+    assert not (tmp_path / "out" / "results.jsonl").exists()
