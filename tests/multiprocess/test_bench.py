@@ -87,6 +87,7 @@ def test_bench_on_local_files(tmp_path, ranks):
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     check_outputs(tmp_path / "out", proc.stdout, ALL_LOCAL, max(ranks, 1))
     assert re.search(r"\[\s*\d+/\d+\] dckpt save 1/1", proc.stderr)  # progress is shown
+    assert "dropped from the page cache" in proc.stdout  # how the restores were made cold
     assert os.listdir(target) == []
 
 
