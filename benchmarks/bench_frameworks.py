@@ -239,7 +239,7 @@ def main() -> None:
         with open(args.out, "a") as f:
             for name, got in results.items():
                 med = {k: statistics.median(v) for k, v in got.items()}
-                line = {"framework": args.framework, "saver": name, "ranks": 2,
+                line = {"bench": "frameworks", "framework": args.framework, "saver": name, "ranks": 2,
                         "state_bytes_per_rank": nbytes, "memcpy_s": copy, **med,
                         "pause_vs_own": med["pause_s"] / own["pause_s"],
                         "restore_vs_own": med["restore_s"] / own["restore_s"],

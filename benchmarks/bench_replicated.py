@@ -30,6 +30,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
 import dckpt
+import dckpt.dist
 
 from common import emit, evict, fresh_folders, timed
 

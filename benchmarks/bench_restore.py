@@ -5,8 +5,9 @@ read of the same bytes.
     python benchmarks/bench_restore.py --ranks 2 --gib-per-rank 4
 
 The driver (this script without --worker) first launches one torchrun job that writes the
-state (``--gib-per-rank`` GiB of float32 DTensor shards per rank) three ways: a dckpt
-checkpoint, a DCP checkpoint (FileSystemWriter) and one raw file per rank. Then, for each
+state (``--gib-per-rank`` GiB of float32 DTensor shards per rank) each method's way: a dckpt
+checkpoint, a DCP checkpoint (FileSystemWriter), a torch-checkpointing one (its sync saver,
+each rank its shards; when installed) and one raw file per rank. Then, for each
 method and ``--repeats`` times, in an order that interleaves the methods, it drops the
 files from the page cache and times a fresh torchrun job that restores them and runs one
 training step. Each worker reports, from rank 0 after barriers: when its Python started
@@ -27,6 +28,7 @@ newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shutil
@@ -38,8 +40,9 @@ import time
 T_PYTHON = time.time()  # as early as possible: the worker's start, before the heavy imports
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-METHODS = ("raw", "dckpt", "DCP", "memory")
-METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp", "memory": "memory"}
+METHODS = ("raw", "dckpt", "DCP", "torch-checkpointing", "memory")
+METHOD_DIRS = {"raw": "raw-", "dckpt": "dckpt", "DCP": "dcp", "torch-checkpointing": "tc",
+               "memory": "memory"}
 DIFF_SAVES = 5
 
 
@@ -51,7 +54,7 @@ def worker(args: argparse.Namespace) -> None:
 
     sys.path.insert(0, HERE)
     import dckpt
-    from bench_save_load import local_tensors, raw_read, raw_write
+    from bench_save_load import local_tensors, raw_read, raw_write, torch_checkpointing
 
     t_imports = time.time()
     cuda = args.device == "cuda"
@@ -80,6 +83,10 @@ def worker(args: argparse.Namespace) -> None:
             dckpt.save(state, MemoryTier(f"{base}/dckpt", args.memory_dir).url, step=newest,
                        config=dckpt.SaveConfig(dedup=False, compression="off",
                                                direct_io=False))
+        if "torch-checkpointing" in methods:  # its sync saver, each rank its shards
+            tc = torch_checkpointing()
+            tc.save(f"{base}/tc", {"model": local_tensors(state)})
+            tc.close()
         if "raw" in methods:
             raw_write(f"{base}/raw-{rank}.bin",
                       {k: v.cpu() for k, v in local_tensors(state).items()})
@@ -100,6 +107,10 @@ def worker(args: argparse.Namespace) -> None:
         info = dckpt.load(state, f"{base}/dckpt", config=config)
     elif args.worker == "DCP":
         dcp.load(state, storage_reader=dcp.FileSystemReader(f"{base}/dcp"))
+    elif args.worker == "torch-checkpointing":
+        tc = torch_checkpointing()
+        tc.load(f"{base}/tc", into={"model": local_tensors(state)})
+        tc.close()
     elif args.worker == "memory":
         mgr = dckpt.CheckpointManager(f"{base}/dckpt", memory_every_steps=1, gc=False,
                                       memory_dir=args.memory_dir, handle_signals=False)
@@ -294,7 +305,8 @@ def main() -> None:
     p.add_argument("--cache", choices=("cold", "warm"), default="cold",
                    help="warm: each method's files are read into the page cache before its "
                         "job (a restart on the node that wrote them, with memory to spare)")
-    p.add_argument("--methods", default=",".join(METHODS),
+    p.add_argument("--methods", default=",".join(m for m in METHODS if m != "torch-checkpointing"
+                                                 or importlib.util.find_spec("torch_checkpointing")),
                    help="comma-separated subset of " + ",".join(METHODS))
     p.add_argument("--memory-dir", default="/dev/shm",
                    help="the memory tier's parent folder (method memory)")
@@ -312,7 +324,7 @@ def main() -> None:
     if not os.path.exists(os.path.join(args.dir, "sums-0.json")):
         shutil.rmtree(args.dir, ignore_errors=True)
         os.makedirs(args.dir)
-        print(f"writing {args.ranks} x {args.gib_per_rank} GiB three ways ...", flush=True)
+        print(f"writing {args.ranks} x {args.gib_per_rank} GiB each method's way ...", flush=True)
         launch(args, "prepare")
     nbytes = (int(args.gib_per_rank * (1 << 30)) // (64 << 20) * (64 << 20) * args.ranks
               if args.state == "dense" else int(args.gib_per_rank * (1 << 30)) // 512 * 512
@@ -355,7 +367,7 @@ def main() -> None:
         **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods},
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
         **{f"dckpt_read_vs_{m}": med[m]["read_s"] / med["dckpt"]["read_s"]
-           for m in ("raw", "DCP") if m in med},
+           for m in ("raw", "DCP", "torch-checkpointing") if m in med},
         "memcpy_s": statistics.median(copies),
         "memcpy_fresh_s": statistics.median(fresh),
         **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),

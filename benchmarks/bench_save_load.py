@@ -6,14 +6,19 @@ Every rank holds ``--gib-per-rank`` GiB of float32 DTensor shards (an FSDP-like 
 method saves the same state durably (fsync) to a fresh folder; each load starts cold (the
 files' pages are dropped from the page cache first). The raw disk is each rank writing
 (sequentially, then fsync) and reading back (positional reads, 8 in flight) the same byte
-count with plain file I/O, all ranks at once as in a checkpoint. Figures are GB/s over all
-ranks, the median of ``--repeats``; ratios compare dckpt with the peers. JSON lines go to
---out, a chart beside.
+count with plain file I/O, all ranks at once as in a checkpoint; ``raw O_DIRECT`` writes the
+same bytes from page-aligned memory with ``O_DIRECT`` (no page cache, no copy: the disk's own
+limit). torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards with
+its sync saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize
+callback that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
+Figures are GB/s over all ranks, the median of ``--repeats``; ratios compare dckpt with the
+peers. JSON lines go to --out, a chart beside.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +62,43 @@ def raw_read(path: str, tensors: dict, threads: int = 8, chunk: int = 16 << 20,
         os.close(fd)
 
 
+def direct_write(path: str, aligned: list[memoryview]) -> None:
+    """The bytes from page-aligned memory to one file with ``O_DIRECT``, then fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        for mv in aligned:
+            for off in range(0, len(mv), 4 << 20):
+                os.write(fd, mv[off: off + (4 << 20)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def aligned_copies(tensors: dict) -> list[memoryview]:
+    out = []
+    for t in tensors.values():
+        nbytes = t.numel() * t.element_size()
+        buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        torch.frombuffer(buf, dtype=torch.uint8).copy_(t.view(-1).view(torch.uint8))
+        out.append(memoryview(buf))
+    return out
+
+
+def torch_checkpointing():
+    """torch-checkpointing's sync manager, made durable; None when it is not installed."""
+    try:
+        import torch_checkpointing as tc
+        from torch_checkpointing.config import SyncCheckpointSaverConfig
+        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+    except ImportError:
+        return None
+    from dckpt.bench.methods import fsync_files
+
+    return tc.CheckpointManager(tc.CheckpointManager.Config(
+        save=SyncCheckpointSaverConfig(), finalize_callback=fsync_files,
+        storage_config=LocalFileSystemStorageConfig(use_direct_io=False)))
+
+
 def torch_save(path: str, tensors: dict) -> None:
     with open(path, "wb") as f:
         torch.save(tensors, f)
@@ -97,9 +139,13 @@ def main() -> None:
             evict(path)
         dist.barrier()
 
+    aligned = aligned_copies(local_tensors(src))
     methods = {
         "raw disk": (
             lambda d: raw_write(f"{d}/rank{rank}.bin", local_tensors(src)),
+            lambda d: raw_read(f"{d}/rank{rank}.bin", local_tensors(dst))),
+        "raw O_DIRECT": (
+            lambda d: direct_write(f"{d}/rank{rank}.bin", aligned),
             lambda d: raw_read(f"{d}/rank{rank}.bin", local_tensors(dst))),
         "dckpt": (
             lambda d: dckpt.save(src, d, step=1),
@@ -111,6 +157,11 @@ def main() -> None:
             lambda d: torch_save(f"{d}/rank{rank}.pt", local_tensors(src)),
             lambda d: torch.load(f"{d}/rank{rank}.pt", weights_only=True)),
     }
+    tc = torch_checkpointing()
+    if tc is not None:
+        methods["torch-checkpointing"] = (
+            lambda d: tc.save(f"{d}/tc", {"model": local_tensors(src)}),
+            lambda d: tc.load(f"{d}/tc", into={"model": local_tensors(dst)}))
     results: dict[str, dict[str, float]] = {}
     for name, (save, load) in methods.items():
         saves, loads = [], []
@@ -119,8 +170,10 @@ def main() -> None:
             saves.append(timed(lambda: save(d)))
             evict_all(d)
             loads.append(timed(lambda: load(d)))
-            if name == "dckpt":  # the loaded values must be the saved ones
+            if name in ("dckpt", "torch-checkpointing"):  # the loaded values are the saved ones
                 assert all(torch.equal(src[k].to_local(), dst[k].to_local()) for k in src)
+                for t in local_tensors(dst).values():
+                    t.zero_()
             cleanup(d)
         results[name] = {"save_gbps": nbytes / median(saves) / 1e9,
                          "load_gbps": nbytes / median(loads) / 1e9,
@@ -133,18 +186,25 @@ def main() -> None:
         d, raw, ref = results["dckpt"], results["raw disk"], results["DCP"]
         ratios = {
             "save_vs_raw_write": d["save_gbps"] / raw["save_gbps"],
+            "save_vs_raw_direct_write": d["save_gbps"] / results["raw O_DIRECT"]["save_gbps"],
             "save_vs_dcp": d["save_gbps"] / ref["save_gbps"],
             "save_vs_torch_save": d["save_gbps"] / results["torch.save"]["save_gbps"],
             "load_vs_raw_cold_read": d["load_gbps"] / raw["load_gbps"],
             "load_vs_dcp": d["load_gbps"] / ref["load_gbps"],
             "load_vs_torch_load": d["load_gbps"] / results["torch.save"]["load_gbps"],
         }
+        if "torch-checkpointing" in results:
+            tcr = results["torch-checkpointing"]
+            ratios["save_vs_torch_checkpointing"] = d["save_gbps"] / tcr["save_gbps"]
+            ratios["load_vs_torch_checkpointing"] = d["load_gbps"] / tcr["load_gbps"]
         emit(args.out, {"bench": "save_load", "ratios": ratios, "bytes": nbytes})
         labels = [f"{m} {op}" for m in results for op in ("save", "load")]
         values = [results[m][f"{op}_gbps"] for m in results for op in ("save", "load")]
         bar_chart(args.out.replace(".jsonl", ".png"),
                   f"save / cold load, {world} ranks x {args.gib_per_rank} GiB", labels, values,
                   "GB/s (all ranks)")
+    if tc is not None:
+        tc.close()
     dist.barrier()
     dist.destroy_process_group()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
 import json
 import os
 import subprocess
@@ -47,8 +48,15 @@ SIZES = {
     "compress": {"tiny": ["--mib", "32", "--repeat", "1"],
                  "small": ["--mib", "128", "--repeat", "1"],
                  "full": ["--mib", "512", "--repeat", "2"]},
+    "frameworks": {"tiny": ["--mparams", "4", "--repeat", "1"],
+                   "small": ["--mparams", "32", "--repeat", "3"],
+                   "full": ["--mparams", "32", "--repeat", "5"]},
 }
-NEEDS_RANKS = {"save_load", "async", "dedup", "manager", "replicated"}
+FRAMEWORKS = {"lightning": "lightning", "trainer": "transformers", "accelerate": "accelerate",
+              "torchtitan": "torchtitan"}
+"""bench_frameworks.py's frameworks and the package each needs: one torchrun job each, for
+those installed."""
+NEEDS_RANKS = {"save_load", "async", "dedup", "manager", "replicated", "frameworks"}
 """Run under torchrun with 2 ranks; restore launches its own torchrun jobs, compress is one
 process."""
 
@@ -59,22 +67,30 @@ def run_one(name: str, size: str, out_dir: str, device: str) -> tuple[str, int, 
         os.remove(out)
     script = os.path.join(HERE, f"bench_{name}.py")
     args = [*SIZES[name][size], "--out", out]
-    if name != "manager":
-        args += ["--dir", os.path.join(out_dir, "data", name)]
-    if name == "async" and device == "cuda":
-        args += ["--device", "cuda"]
-    if name in NEEDS_RANKS:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc-per-node=2", script, *args]
+    data = os.path.join(out_dir, "data", name)
+    if name == "frameworks":
+        jobs = [[*args, "--framework", f, "--data-dir", data] for f, package in FRAMEWORKS.items()
+                if importlib.util.find_spec(package)]
     else:
-        cmd = [sys.executable, script, *args]
+        jobs = [args + (["--dir", data] if name != "manager" else [])
+                + (["--device", "cuda"] if name == "async" and device == "cuda" else [])]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
                PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    os.sync()  # the previous benchmark's dirty pages go now, not during this one
-    time.sleep(2)
     t0 = time.perf_counter()
+    rc = 0
     with open(os.path.join(out_dir, f"{name}.log"), "w") as log:
-        rc = subprocess.run(cmd, cwd=HERE, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+        for job in jobs:
+            if name in NEEDS_RANKS:
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node=2", script, *job]
+            else:
+                cmd = [sys.executable, script, *job]
+            os.sync()  # the previous benchmark's dirty pages go now, not during this one
+            time.sleep(2)
+            log.flush()
+            rc = rc or subprocess.run(cmd, cwd=HERE, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT).returncode
     return out, rc, time.perf_counter() - t0
 
 
@@ -125,6 +141,14 @@ def _panels(results: list[dict]) -> list[tuple[str, str, list[str], list[float]]
     if rows:
         panels.append(("Compression: save time by store", "s",
                        [f"{r['store']} {r['method']}" for r in rows], [r["save_s"] for r in rows]))
+    rows = [r for r in by.get("frameworks", []) if "restore_s" in r]
+    if rows:
+        panels.append(("Frameworks: save pause (2 ranks)", "s",
+                       [f"{r['framework']} {r['saver']}" for r in rows],
+                       [r["pause_s"] for r in rows]))
+        panels.append(("Frameworks: cold restore (2 ranks)", "s",
+                       [f"{r['framework']} {r['saver']}" for r in rows],
+                       [r["restore_s"] for r in rows]))
     rows = [r for r in by.get("manager", []) if "step_us" in r]
     if rows:
         panels.append(("Manager: time per training step", "us", [r["method"] for r in rows],
