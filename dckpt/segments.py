@@ -18,6 +18,7 @@ from dckpt import codec
 from dckpt.blocks import cut, digest
 from dckpt.dedup import BlockIndex
 from dckpt.manifest import BlockRef
+from dckpt.storage import direct_pad
 
 __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance",
            "segments_for"]
@@ -64,8 +65,9 @@ class SegmentOut:
     An item may come in pieces (``append`` once per piece); every piece but the last must
     be a multiple of the block size, so that blocks fall where one ``append`` would cut.
 
-    ``align``: large items start at a multiple of it (zeros fill the gap, which no block
-    references), so that a ``DirectFile`` writes them from the caller's memory.
+    ``align`` (nonzero for a ``DirectFile``): a large item starts where its memory's pages
+    fall on the file's pages (``direct_pad``; zeros fill the gap, which no block references),
+    so that the file writes them from the caller's memory.
     """
 
     ALIGN_FROM_BYTES = 1 << 20  # smaller items are packed: the padding would cost more
@@ -88,9 +90,10 @@ class SegmentOut:
         """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
         planes its elements split into before compression (see dckpt.codec);
         ``block_size``: this item's, instead of the segment's."""
-        # a large item starts aligned, padded just before its first write: an item whose
+        # a large item starts where its memory's pages fall on the file's pages (DirectFile
+        # writes them without a copy), padded just before its first write: an item whose
         # blocks are all known writes nothing, not even the padding
-        pad = (-self.offset % self.align
+        pad = (direct_pad(self.offset, buf)
                if self.align and len(buf) >= self.ALIGN_FROM_BYTES else 0)
         blocks = []
         pending = [0, 0]  # raw blocks not yet written: one write for a run of them

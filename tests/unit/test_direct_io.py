@@ -12,7 +12,7 @@ import torch
 
 import dckpt
 from dckpt.config import SaveConfig
-from dckpt.storage import DIRECT_ALIGN, DirectFile, Store
+from dckpt.storage import DIRECT_ALIGN, DirectFile, Store, address, direct_pad
 from dckpt.writer import SegmentOut
 
 
@@ -51,6 +51,60 @@ def test_aligned_buffer_goes_straight_to_disk_and_the_tail_is_cut(tmp_path):
     f.close()
     assert os.path.getsize(tmp_path / "seg") == 2 * DIRECT_ALIGN + 100
     assert (tmp_path / "seg").read_bytes() == bytes(buf)
+
+
+class CountingFile(DirectFile):
+    """Counts the bytes that pass through the bounce buffer (copied) and those written
+    straight from the caller's memory."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.copied = self.straight = 0
+
+    def _flush_bounce(self) -> None:
+        self.copied += self._fill
+        super()._flush_bounce()
+
+    def _write_all(self, mv: memoryview) -> None:
+        if address(mv) != address(memoryview(self._bounce)):
+            self.straight += len(mv)
+        super()._write_all(mv)
+
+
+@pytest.mark.parametrize("shift", [16, 64, 512, 4000])
+def test_unaligned_memory_placed_by_direct_pad_is_written_without_a_copy(tmp_path, shift):
+    """A tensor's memory is 64-byte aligned, not page-aligned: an item placed at the file
+    offset ``direct_pad`` gives has every whole page written from its memory; only its first
+    and last partial pages pass through the bounce buffer, and the bytes land exactly."""
+    backing = _aligned_buffer(3 * (1 << 20) + 2 * DIRECT_ALIGN, shift)
+    item = backing[shift: shift + 3 * (1 << 20) + 123]  # starts `shift` bytes past a page
+    f = CountingFile(str(tmp_path / "seg"))
+    f.write(b"header!")  # the file's offset is not page-aligned either
+    pad = direct_pad(f.tell(), item)
+    assert 0 <= pad < DIRECT_ALIGN and (f.tell() + pad + (-shift % DIRECT_ALIGN)) % DIRECT_ALIGN == 0
+    f.write(bytes(pad))
+    f.write(item)
+    f.write(b"after")
+    f.close()
+    assert f.copied < 3 * DIRECT_ALIGN and f.straight >= len(item) - 2 * DIRECT_ALIGN
+    data = (tmp_path / "seg").read_bytes()
+    assert data == b"header!" + bytes(pad) + bytes(item) + b"after"
+
+
+def test_segment_out_places_an_unaligned_tensor_for_direct_writes(tmp_path):
+    t = torch.arange(600_000, dtype=torch.float32)[5:]  # 20 bytes past the allocation
+    mv = memoryview(t.numpy()).cast("B")
+    assert address(mv) % DIRECT_ALIGN != 0
+    f = CountingFile(str(tmp_path / "seg"))
+    out = SegmentOut(f, "seg", 256 << 10, align=DIRECT_ALIGN)
+    out.append(memoryview(b"small value"))
+    blocks = out.append(mv)
+    f.close()
+    assert f.copied < 3 * DIRECT_ALIGN  # the pages of the tensor went straight to the disk
+    data = (tmp_path / "seg").read_bytes()
+    first = blocks[0].offset
+    assert data[first: first + len(mv)] == bytes(mv)
+    assert (first + (-address(mv) % DIRECT_ALIGN)) % DIRECT_ALIGN == 0
 
 
 def test_store_writes_direct_only_on_plain_local_files(tmp_path):
