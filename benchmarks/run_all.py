@@ -48,6 +48,9 @@ SIZES = {
     "compress": {"tiny": ["--mib", "32", "--repeat", "1"],
                  "small": ["--mib", "128", "--repeat", "1"],
                  "full": ["--mib", "512", "--repeat", "2"]},
+    "profile": {"tiny": ["--gib-per-rank", "0.0625", "--saves", "1"],
+                "small": ["--gib-per-rank", "0.25", "--saves", "3"],
+                "full": ["--gib-per-rank", "1", "--saves", "5"]},
     "frameworks": {"tiny": ["--mparams", "4", "--repeat", "1"],
                    "small": ["--mparams", "32", "--repeat", "3"],
                    "full": ["--mparams", "32", "--repeat", "5"]},
@@ -57,8 +60,8 @@ FRAMEWORKS = {"lightning": "lightning", "trainer": "transformers", "accelerate":
 """bench_frameworks.py's frameworks and the package each needs: one torchrun job each, for
 those installed."""
 NEEDS_RANKS = {"save_load", "async", "dedup", "manager", "replicated", "frameworks"}
-"""Run under torchrun with 2 ranks; restore launches its own torchrun jobs, compress is one
-process."""
+"""Run under torchrun with 2 ranks; restore and profile launch their own torchrun jobs,
+compress is one process."""
 
 
 def run_one(name: str, size: str, out_dir: str, device: str) -> tuple[str, int, float]:
@@ -141,6 +144,11 @@ def _panels(results: list[dict]) -> list[tuple[str, str, list[str], list[float]]
     if rows:
         panels.append(("Compression: save time by store", "s",
                        [f"{r['store']} {r['method']}" for r in rows], [r["save_s"] for r in rows]))
+    rows = [r for r in by.get("profile", []) if r.get("rank") == 0]
+    if rows:
+        panels.append(("Save vs raw O_DIRECT write (profile)", "ratio",
+                       [f"{r['ranks']} rank(s) {r['mode']}" for r in rows],
+                       [r["vs_raw_direct_write"] for r in rows]))
     rows = [r for r in by.get("frameworks", []) if "restore_s" in r]
     if rows:
         panels.append(("Frameworks: save pause (2 ranks)", "s",

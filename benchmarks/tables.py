@@ -28,6 +28,12 @@ COLUMNS = {  # benchmark -> (header, key) of its per-method records; keys missin
                  ("load s", "load_s"), ("bytes written", "bytes_written")],
     "manager": [("method", "method"), ("step us", "step_us"), ("overhead us", "overhead_us"),
                 ("vs bare step", "vs_bare")],
+    "profile": [("ranks", "ranks"), ("mode", "mode"), ("rank", "rank"), ("GB/s", "gbps"),
+                ("vs raw O_DIRECT", "vs_raw_direct_write"), ("pause", "pause"),
+                ("plan", "rank_plan"), ("write", "rank_write"), ("io*", "rank_io"),
+                ("hash*", "rank_hash"), ("lookup*", "rank_lookup"), ("close*", "rank_close"),
+                ("wait", "rank_wait"), ("commit", "commit"), ("total", "total"),
+                ("call", "barrier_to_barrier")],
     "frameworks": [("framework", "framework"), ("saver", "saver"), ("pause s", "pause_s"),
                    ("commit s", "commit_s"), ("cold restore s", "restore_s"),
                    ("pause / own", "pause_vs_own"), ("restore / own", "restore_vs_own"),
@@ -100,7 +106,7 @@ def main(path: str) -> None:
         else:
             labels = {"method", "store", "workload", "framework", "saver"}
             figures = [k for _, k in COLUMNS.get(bench, []) if k not in labels]
-            rows = [r for r in rs if ("method" in r or "saver" in r)
+            rows = [r for r in rs if ("method" in r or "saver" in r or "mode" in r)
                     and any(k in r for k in figures)]
         print("\n".join(table(rows, COLUMNS.get(bench, [("method", "method")]))))
         lines = summaries(rs) if bench != "async" else []  # its summary repeats its rows

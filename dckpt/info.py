@@ -31,8 +31,10 @@ class CheckpointInfo:
     """Save only: what ``bytes_written`` held before compression, all ranks (their ratio is
     the compression of the blocks this save wrote)."""
     phase_s: dict[str, float] = field(default_factory=dict)
-    """Seconds per phase: save (plan, write, commit, total); load (find, plan, read, total,
-    and this rank's io_thread, verify_thread and copy: see Reader.phase_s)."""
+    """Seconds per phase: save (plan, write, commit, total, and this rank's ``rank_*``
+    phases: see Writer.rank_s; an async save adds this rank's wait_previous, stage, pause);
+    load (find, plan, read, total, and this rank's io_thread, verify_thread and copy: see
+    Reader.phase_s)."""
     skipped: tuple[tuple[int, str], ...] = ()
     """Load only: newer checkpoints that failed to load, with the reason, newest first."""
     problem: str | None = None

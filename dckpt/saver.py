@@ -84,7 +84,10 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
     info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
     assert isinstance(info, CheckpointInfo)
     writer.after_commit(group)
-    return info
+    mine = dict(writer.rank_s)
+    if writer.written_at is not None:
+        mine["rank_wait"] = time.perf_counter() - writer.written_at
+    return dataclasses.replace(info, phase_s={**info.phase_s, **mine})
 
 
 def stateful_to_state_dict(state_dict: StateDict) -> StateDict:

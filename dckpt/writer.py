@@ -23,6 +23,7 @@ import dataclasses
 import io
 import json
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
@@ -101,6 +102,10 @@ def check_metrics(metrics: object) -> Metrics:
     return dict(metrics)
 
 
+RANK_PHASES = ("rank_plan", "rank_index", "rank_write", "rank_copy", "rank_hash", "rank_lookup",
+               "rank_compress", "rank_io", "rank_close", "rank_sync_folder")
+
+
 class Writer(StorageWriter):
     """Writes one step into the dckpt repository at ``url`` (see the module docstring)."""
 
@@ -118,6 +123,17 @@ class Writer(StorageWriter):
         self._t: dict[str, float] = {}
         self._index: BlockIndex | None = None
         self._history: History = {}  # this save's items: block size, fraction written
+        self.rank_s: dict[str, float] = {}
+        self.written_at: float | None = None
+        """(all ranks) When this rank's writes were done (``time.perf_counter``)."""
+        self._lock = threading.Lock()
+        """This rank's part of the save, in seconds: ``rank_plan`` (DCP's planning, its
+        collectives included), ``rank_write`` (wall time of this rank's writes) and, summed
+        over the writer threads (thread-seconds), ``rank_index`` (loading the dedup index),
+        ``rank_copy`` (device to host), ``rank_hash``, ``rank_lookup`` (dedup),
+        ``rank_compress``, ``rank_io`` (the writes), ``rank_close`` (the segments' fsync);
+        ``rank_sync_folder``. ``run_save`` adds ``rank_wait``: from the end of this rank's
+        writes to the commit's news (the slowest rank, the commit, the collectives)."""
         self.committed_raw = b""
         """(coordinator, after the commit) The manifest as stored."""
 
@@ -127,6 +143,8 @@ class Writer(StorageWriter):
         self.info = None
         self._t = {}
         self._history = {}
+        self.rank_s = {}
+        self.written_at = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: object) -> bool:
@@ -180,8 +198,11 @@ class Writer(StorageWriter):
                                    prewritten[i.index].blocks)))
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
+        self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
+        self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
         self._index = (dedup.index_for(self.store, assignment.base) if self.config.dedup
                        else None)
+        self.rank_s["rank_index"] = time.perf_counter() - self._t["write"]
         sizes = [item_nbytes(i) for i in items]
         bins = [[items[k] for k in b] for b in balance(
             sizes, segments_for(sum(sizes), self.config.writer_threads))]
@@ -193,14 +214,17 @@ class Writer(StorageWriter):
                            for k, items in enumerate(bins)]
                 for f in futures:
                     results.extend(f.result())
+            t = time.perf_counter()
             self.store.sync_folder(f"{layout.DATA_DIR}/{assignment.attempt}")
+            self.rank_s["rank_sync_folder"] = time.perf_counter() - t
         if self.config.dedup:  # the next save's index, if the coordinator commits this one
             dedup.written(self.store, (self.step, assignment.attempt),
                           (b for r in results for b in r.storage_data.data.blocks),
                           self._history)
         nbytes = sum(r.size_in_bytes for r in results)
         written = sum(r.storage_data.written for r in results)
-        seconds = time.perf_counter() - self._t["write"]
+        self.written_at = time.perf_counter()
+        seconds = self.rank_s["rank_write"] = self.written_at - self._t["write"]
         log.info("rank %d stored %d bytes (%d written) in %d segments in %.3f s (%.2f GB/s)",
                  assignment.rank, nbytes, written, len(bins), seconds,
                  nbytes / max(seconds, 1e-9) / 1e9)
@@ -315,6 +339,12 @@ class Writer(StorageWriter):
                                                                 out.raw_written - raw_before,
                                                                 encoding)))
                 del buf
+            t_close = time.perf_counter()
+        close_s = time.perf_counter() - t_close
+        with self._lock:
+            for k, v in out.seconds.items():
+                self.rank_s[f"rank_{k}"] = self.rank_s.get(f"rank_{k}", 0.0) + v
+            self.rank_s["rank_close"] = self.rank_s.get("rank_close", 0.0) + close_s
         return results
 
 

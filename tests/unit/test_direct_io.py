@@ -177,3 +177,24 @@ def test_a_large_item_whose_blocks_are_all_known_writes_not_even_padding(tmp_pat
         refs = out.append(big)
     assert all(r.segment == "a" for r in refs)
     assert (tmp_path / "b").read_bytes() == b"xyz"
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_saves_info_says_where_this_ranks_time_went(tmp_path, mode):
+    from dckpt.writer import RANK_PHASES
+
+    state = {"w": torch.randn(4 << 20), "v": torch.randn(3 << 20), "n": 3}  # 28 MiB
+    if mode == "sync":
+        info = dckpt.save(state, str(tmp_path), step=1)
+    else:
+        saver = dckpt.AsyncSaver()
+        info = saver.async_save(state, str(tmp_path), step=1).wait()
+        saver.close()
+        assert info.phase_s["stage"] > 0
+    phases = info.phase_s
+    assert set(RANK_PHASES) | {"rank_wait"} <= set(phases)
+    assert phases["rank_io"] > 0 and phases["rank_hash"] > 0 and phases["rank_close"] > 0
+    assert phases["rank_compress"] < 0.05 and phases["rank_copy"] == 0  # off locally; on CPU
+    # wall time of the writes bounds each thread's share of it
+    assert phases["rank_write"] >= phases["rank_io"] / dckpt.SaveConfig().writer_threads * 0.5
+    assert phases["total"] >= phases["rank_write"] >= 0 and phases["rank_wait"] >= 0

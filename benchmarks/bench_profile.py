@@ -1,0 +1,134 @@
+"""Where a save's time goes: the phases of a sync save and of an async save's background
+write, per rank, at 1 and 2 ranks, beside the raw O_DIRECT write of the same bytes.
+
+    .venv/bin/python benchmarks/bench_profile.py --gib-per-rank 1 --saves 5
+
+The driver launches one torchrun job per rank count (``--ranks 1,2``). Every rank holds
+``--gib-per-rank`` GiB of float32 DTensor shards (64 MiB tensors, from torch's allocator:
+not page-aligned, as a model's are) and saves them ``--saves`` times with ``dckpt.save``,
+then as many times with ``AsyncSaver.async_save`` (staging reserved first), every value
+changed before each save. Each save's ``CheckpointInfo.phase_s`` holds the coordinator's
+phases (plan, write, commit, total) and this rank's (``rank_*``, see ``Writer.rank_s``:
+wall seconds for plan, write and wait; thread-seconds summed over the writer threads for
+index, copy, hash, lookup, compress, io, close). One JSON line per (ranks, mode, rank) with
+the medians, and the raw limit measured in the same job: each rank writing the same bytes
+from page-aligned memory with ``O_DIRECT``, one file per writer thread, then fsync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import dckpt
+    from dckpt.bench.methods import Raw
+    from dckpt.bench.workload import Workload
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh("cpu", (world,))
+    w = Workload.build(gib_per_rank=args.gib_per_rank, tensor_mib=64, layout="sharded",
+                       dtype="fp32", kind="full", device="cpu", mesh=mesh)
+    base = os.path.join(os.path.abspath(args.dir), f"ranks{world}")
+    if rank == 0:
+        shutil.rmtree(base, ignore_errors=True)
+    dist.barrier()
+    threads = dckpt.SaveConfig().writer_threads
+    raw = Raw(w, f"{base}/raw", None, threads)
+    raw_s = []
+    for i in range(args.saves):
+        raw.before_save()
+        dist.barrier()
+        t0 = time.perf_counter()
+        raw.save(i)
+        dist.barrier()
+        raw_s.append(time.perf_counter() - t0)
+        if rank == 0:
+            raw.drop(i)
+    saver = dckpt.AsyncSaver()
+    saver.reserve(w.state)
+    url = f"{base}/dckpt"
+    runs: dict[str, list[dict]] = {"sync": [], "async": []}
+    step = 0
+    for mode in ("sync", "async"):
+        for _ in range(args.saves):
+            step += 1
+            w.change(step)
+            dist.barrier()
+            t0 = time.perf_counter()
+            if mode == "sync":
+                info = dckpt.save(w.state, url, step=step)
+            else:
+                info = saver.async_save(w.state, url, step=step).wait()
+            dist.barrier()
+            runs[mode].append({**info.phase_s, "barrier_to_barrier": time.perf_counter() - t0})
+            if rank == 0 and step > 1:
+                dckpt.delete(url, step=step - 1)
+                dckpt.gc(url, min_age_s=0)
+            dist.barrier()
+    saver.close()
+    gathered: list = [None] * world
+    dist.all_gather_object(gathered, runs)
+    if rank == 0:
+        nbytes = w.checkpoint_bytes
+        for r, got in enumerate(gathered):
+            for mode, rows in got.items():
+                med = {k: statistics.median(row[k] for row in rows if k in row)
+                       for k in rows[0]}
+                line = {"bench": "profile", "ranks": world, "mode": mode, "rank": r,
+                        "bytes": nbytes, "saves": len(rows), **med,
+                        "gbps": nbytes / med["barrier_to_barrier"] / 1e9,
+                        "raw_direct_write_s": statistics.median(raw_s),
+                        "raw_direct_write_gbps": nbytes / statistics.median(raw_s) / 1e9}
+                line["vs_raw_direct_write"] = line["gbps"] / line["raw_direct_write_gbps"]
+                print("RESULT " + json.dumps(line), flush=True)
+        shutil.rmtree(base, ignore_errors=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gib-per-rank", type=float, default=1.0)
+    p.add_argument("--saves", type=int, default=5)
+    p.add_argument("--ranks", default="1,2")
+    p.add_argument("--dir", default="bench-out/profile")
+    p.add_argument("--out", default="bench-out/profile.jsonl")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    for n in (int(x) for x in args.ranks.split(",")):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={n}", os.path.abspath(__file__), "--worker",
+               "--gib-per-rank", str(args.gib_per_rank), "--saves", str(args.saves),
+               "--dir", args.dir]
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        with open(args.out, "a") as f:
+            for line in proc.stdout.splitlines():
+                if line.startswith("RESULT "):
+                    f.write(line[len("RESULT "):] + "\n")
+                    print(line[len("RESULT "):], flush=True)
+
+
+if __name__ == "__main__":
+    main()
