@@ -17,7 +17,10 @@ shards). Workloads, each saved once in full and then
 Methods: dckpt (dedup on, the default), dckpt with ``dedup=False``, and DCP's FileSystemWriter.
 Per save: bytes written over all ranks and seconds (barrier to barrier); restore: a cold load
 of the last checkpoint. ``--block-sizes`` adds a sweep of dckpt's block size on the sparse
-workloads (bytes written against metadata and requests). JSON lines to --out.
+workloads (bytes written against metadata and requests); ``--fragmentation`` a sweep of
+``SaveConfig.max_fragmentation`` on the embedding table (bytes written against the restore
+of the last checkpoint, whose blocks scatter over the segments of earlier saves). JSON lines
+to --out.
 """
 
 from __future__ import annotations
@@ -106,6 +109,9 @@ def main() -> None:
     p.add_argument("--saves", type=int, default=3)
     p.add_argument("--workloads", default="dense,finetune,finetune_adamw,embedding")
     p.add_argument("--block-sizes", default="", help="comma-separated KiB, e.g. 256,1024,4096,16384")
+    p.add_argument("--fragmentation", default="",
+                   help="comma-separated SaveConfig.max_fragmentation values to sweep on the "
+                        "sparse workloads (none: never rewrite), e.g. none,2,4,8")
     p.add_argument("--dir", default="bench-out/dedup")
     p.add_argument("--out", default="bench-out/dedup.jsonl")
     args = p.parse_args()
@@ -152,6 +158,7 @@ def main() -> None:
                   "written_vs_full_each": [w / logical for w in written]}
         if config is not None:
             result["block_size_bytes"] = config.block_size_bytes
+            result["max_fragmentation"] = config.max_fragmentation
         if restore:
             out = {k: torch.zeros_like(v) for k, v in state.items()}
             if rank == 0:
@@ -190,6 +197,14 @@ def main() -> None:
                         dckpt.SaveConfig(block_size_bytes=int(kib) * 1024), False)
                 summary[workload][f"written_vs_full_block_{kib}KiB"] = r["written_vs_full"]
                 summary[workload][f"save_s_block_{kib}KiB"] = r["save_s_median"]
+        if args.fragmentation and workload == "embedding":
+            for limit in args.fragmentation.split(","):
+                value = None if limit == "none" else float(limit)
+                r = run(workload, f"dckpt max_fragmentation {limit}",
+                        dckpt.SaveConfig(max_fragmentation=value), True)
+                summary[workload][f"written_vs_full_frag_{limit}"] = r["written_vs_full"]
+                summary[workload][f"restore_vs_DCP_frag_{limit}"] = (
+                    r["restore_s"] / res["DCP"]["restore_s"])
     if rank == 0:
         emit(args.out, {"bench": "dedup", "summary": summary})
     dist.barrier()

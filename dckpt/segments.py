@@ -8,6 +8,7 @@ staging budget does not hold into one of its own (dckpt.saver). Both go through
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from typing import BinaryIO
@@ -85,24 +86,41 @@ class SegmentOut:
         self.written = 0  # stored bytes written (padding aside)
         self.raw_written = 0  # what they held before compression
         self.new_blocks = 0  # blocks written (the others the index held)
+        self.rewritten = 0  # items written whole for their fragmentation
         self.seconds = dict.fromkeys(("copy", "hash", "lookup", "compress", "io"), 0.0)
         """Where this segment's time went (a few clock reads per block: cheap)."""
 
-    def append(self, buf: memoryview, *, planes: int = 1,
-               block_size: int | None = None) -> list[BlockRef]:
+    def append(self, buf: memoryview, *, planes: int = 1, block_size: int | None = None,
+               max_fragmentation: float | None = None) -> list[BlockRef]:
         """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
         planes its elements split into before compression (see dckpt.codec);
-        ``block_size``: this item's, instead of the segment's."""
+        ``block_size``: this item's, instead of the segment's; ``max_fragmentation``: write
+        every block anew when reusing the index's would make the item more than this many
+        times as fragmented as reusing a contiguous base (``fragmentation``)."""
         # a large item starts where its memory's pages fall on the file's pages (DirectFile
         # writes them without a copy), padded just before its first write: an item whose
         # blocks are all known writes nothing, not even the padding
         pad = (direct_pad(self.offset, buf)
                if self.align and len(buf) >= self.ALIGN_FROM_BYTES else 0)
-        blocks = []
-        pending = [0, 0]  # raw blocks not yet written: one write for a run of them
-
         seconds = self.seconds
         clock = time.perf_counter
+        cuts = list(cut(len(buf), block_size or self.block_size))
+        found: list[tuple[str, BlockRef | None]] = []
+        for start, length in cuts:
+            t0 = clock()
+            d = digest(buf[start: start + length])
+            t1 = clock()
+            found.append((d, self.index.get(d, length) if self.index is not None else None))
+            seconds["hash"] += t1 - t0
+            seconds["lookup"] += clock() - t1
+        index = self.index
+        if (index is not None and max_fragmentation is not None
+                and fragmentation([ref for _, ref in found]) > max_fragmentation):
+            found = [(d, None) for d, _ in found]  # written whole: contiguous again
+            index = None
+            self.rewritten += 1
+        blocks = []
+        pending = [0, 0]  # raw blocks not yet written: one write for a run of them
 
         def flush() -> None:
             if pending[1] > pending[0]:
@@ -110,21 +128,17 @@ class SegmentOut:
                 self.f.write(buf[pending[0]: pending[1]])
                 seconds["io"] += clock() - t
 
-        for start, length in cut(len(buf), block_size or self.block_size):
-            piece = buf[start: start + length]
-            t0 = clock()
-            d = digest(piece)
-            t1 = clock()
-            ref = self.index.get(d, length) if self.index is not None else None
-            seconds["hash"] += t1 - t0
-            seconds["lookup"] += clock() - t1
+        for (start, length), (d, ref) in zip(cuts, found):
+            if ref is None and index is not None:
+                ref = index.get(d, length)  # a block this item wrote already (zeros, repeats)
             if ref is None:
                 if pad:
                     self.f.write(bytes(pad))
                     self.offset += pad
                     pad = 0
                 t = clock()
-                encoded = codec.encode(piece, planes) if self.compress else None
+                encoded = (codec.encode(buf[start: start + length], planes) if self.compress
+                           else None)
                 seconds["compress"] += clock() - t
                 if encoded is None:
                     ref = BlockRef(self.name, self.offset, length, length, d)
@@ -167,6 +181,34 @@ class SegmentOut:
             self.seconds["copy"] += time.perf_counter() - t0
             blocks += self.append(memoryview(piece.numpy()), planes=planes)  # type: ignore[arg-type]
         return blocks
+
+
+def read_runs(refs: list[BlockRef | None]) -> int:
+    """Separate reads an item's blocks take: a run ends where the next block is not stored
+    right after it in the same object. ``None`` stands for a block about to be written,
+    after the one before it (new blocks of an item are written in one run)."""
+    runs, end = 0, None
+    for ref in refs:
+        here = ("", -1) if ref is None else (ref.segment, ref.offset)
+        if ref is None:
+            runs += end != here
+            end = here
+        else:
+            runs += end != here
+            end = (ref.segment, ref.offset + ref.length)
+    return runs
+
+
+def fragmentation(refs: list[BlockRef | None]) -> float:
+    """How many times more reads an item's blocks take than they would if every reused
+    block came from one contiguous earlier copy: 1.0 after one differential save over a
+    full one, about k after k saves that each changed other blocks (the reused blocks then
+    come in pieces from k segments). The policy ``SaveConfig.max_fragmentation`` bounds it."""
+    if not refs:
+        return 1.0
+    kinds = [ref is None for ref in refs]
+    least = 1 + sum(a != b for a, b in itertools.pairwise(kinds))
+    return read_runs(refs) / least
 
 
 def byte_planes(dtype: torch.dtype) -> int:

@@ -124,6 +124,8 @@ class Writer(StorageWriter):
         self._index: BlockIndex | None = None
         self._history: History = {}  # this save's items: block size, fraction written
         self.rank_s: dict[str, float] = {}
+        self.rewritten = 0
+        """Items this rank wrote whole for their fragmentation (``max_fragmentation``)."""
         self.written_at: float | None = None
         """(all ranks) When this rank's writes were done (``time.perf_counter``)."""
         self._lock = threading.Lock()
@@ -144,6 +146,7 @@ class Writer(StorageWriter):
         self._t = {}
         self._history = {}
         self.rank_s = {}
+        self.rewritten = 0
         self.written_at = None
 
     @classmethod
@@ -225,9 +228,9 @@ class Writer(StorageWriter):
         written = sum(r.storage_data.written for r in results)
         self.written_at = time.perf_counter()
         seconds = self.rank_s["rank_write"] = self.written_at - self._t["write"]
-        log.info("rank %d stored %d bytes (%d written) in %d segments in %.3f s (%.2f GB/s)",
-                 assignment.rank, nbytes, written, len(bins), seconds,
-                 nbytes / max(seconds, 1e-9) / 1e9)
+        log.info("rank %d stored %d bytes (%d written, %d fragmented items rewritten whole) "
+                 "in %d segments in %.3f s (%.2f GB/s)", assignment.rank, nbytes, written,
+                 self.rewritten, len(bins), seconds, nbytes / max(seconds, 1e-9) / 1e9)
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -327,7 +330,8 @@ class Writer(StorageWriter):
                     size = block_size_for(self._index.history, key, len(buf), size,
                                           self.config.sparse_block_size_bytes)
                 before, raw_before, new_before = out.written, out.raw_written, out.new_blocks
-                blocks = out.append(buf, planes=planes, block_size=size)
+                blocks = out.append(buf, planes=planes, block_size=size,
+                                    max_fragmentation=self.config.max_fragmentation)
                 if blocks:  # a save that changed the size matched nothing: no evidence
                     last = self._index.history.get(key) if self._index is not None else None
                     fresh = last is not None and last[0] != size
@@ -342,6 +346,7 @@ class Writer(StorageWriter):
             t_close = time.perf_counter()
         close_s = time.perf_counter() - t_close
         with self._lock:
+            self.rewritten += out.rewritten
             for k, v in out.seconds.items():
                 self.rank_s[f"rank_{k}"] = self.rank_s.get(f"rank_{k}", 0.0) + v
             self.rank_s["rank_close"] = self.rank_s.get("rank_close", 0.0) + close_s

@@ -8,6 +8,7 @@ import os
 import torch
 
 import dckpt
+from dckpt_testing import flip_stored_byte
 from dckpt.cli import main as cli
 
 
@@ -67,11 +68,7 @@ def test_health_codes(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["status"] == "WARNING"
 
     # a flipped byte passes the listing check; the sample read or --verify finds it
-    with open(own_segment(repo, 2), "r+b") as f:
-        f.seek(10)
-        b = f.read(1)
-        f.seek(10)
-        f.write(bytes([b[0] ^ 1]))
+    assert flip_stored_byte(str(repo), 2, "w", at=10) == str(own_segment(repo, 2))
     listing_only = dckpt.health(str(repo), sample_bytes=0)
     assert listing_only.recoverable_step == 2 and listing_only.read_bytes_per_s is None
     assert dckpt.health(str(repo)).recoverable_step == 1
