@@ -267,14 +267,27 @@ def check(args: argparse.Namespace) -> list[str]:
 
 def reach(url: str, options: dict | None) -> None:
     """Refuse a URL, storage options or credentials the storage does not take, before any
-    rank set-up: one listing of the URL's folder."""
+    rank set-up: a listing of the URL's folder, and a small object written and removed."""
     store = Store(url, options)
     try:
-        store.fs.exists(store.root)
+        exists = store.fs.exists(store.root)
     except Exception as e:
         raise ArgumentError(f"{url}: the storage does not answer a listing with storage "
                             f"options {sorted(options or {})}: {type(e).__name__}: "
                             f"{str(e)[:300]}") from e
+    if exists and store.local and not store.fs.isdir(store.root):
+        raise ArgumentError(f"{url} is a file; dckpt bench needs a folder to write under "
+                            "(it creates one, and removes it at the end)")
+    probe = f".dckpt-bench-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        with store.open_write(probe) as f:
+            f.write(b"probe")
+        store.delete(probe)
+        if not exists:
+            store.remove_folder("")  # leave no folder behind that the run did not need
+    except Exception as e:
+        raise ArgumentError(f"{url}: cannot write there ({type(e).__name__}: {str(e)[:300]}); "
+                            "point dckpt bench at a folder or prefix it may write under") from e
 
 
 def main(args: argparse.Namespace, options: dict | None) -> int:

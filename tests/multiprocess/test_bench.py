@@ -135,6 +135,19 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, sa
     assert os.listdir(target) == [] and not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_a_url_it_cannot_write_under_is_refused(tmp_path, where):
+    target = tmp_path / "afile"
+    target.write_text("keep me")
+    url = str(target) if where == "a file" else str(target / "sub")
+    proc = subprocess.run(bench_cmd(url, *TINY, "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, timeout=120, env=env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert ("is a file" if where == "a file" else "cannot write there") in proc.stderr
+    assert "Traceback" not in proc.stderr and target.read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path)) == ["afile"]
+
+
 def _interrupt(cmd: list[str], target, when: str) -> tuple[int, str]:
     """Start ``cmd`` in its own process group, wait for ``when`` in its progress, and send
     SIGINT to the group, as a terminal's Ctrl-C does."""
