@@ -319,8 +319,10 @@ def main(args: argparse.Namespace, options: dict | None) -> int:
         for m in methods.values():
             m.close()
         dist.barrier()
-    except KeyboardInterrupt:
-        run.say("interrupted: removing what the run wrote")
+    except BaseException as e:  # Ctrl-C, SIGTERM, or a failure outside any one method
+        interrupted = isinstance(e, KeyboardInterrupt)
+        run.say("interrupted: removing what the run wrote" if interrupted else
+                f"failed ({type(e).__name__}): removing what the run wrote")
         stop_children()
         for m in methods.values():
             try:
@@ -328,7 +330,9 @@ def main(args: argparse.Namespace, options: dict | None) -> int:
             except Exception:  # closing after an interruption is best effort
                 pass
         run.remove_all()
-        return 130
+        if interrupted:
+            return 130
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

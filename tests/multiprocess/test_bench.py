@@ -148,6 +148,32 @@ def test_a_url_it_cannot_write_under_is_refused(tmp_path, where):
     assert sorted(os.listdir(tmp_path)) == ["afile"]
 
 
+FAIL_MID_RUN = """
+import os, sys
+import dckpt.bench.run as run
+from dckpt.cli import main
+
+def boom(self, methods, w, report):
+    path = self.base[len("file://"):] if self.base.startswith("file://") else self.base
+    os.makedirs(path, exist_ok=True)
+    open(os.path.join(path, "half-written"), "wb").write(b"x" * 100)
+    raise RuntimeError("the storage went away")
+
+run.Run.measure = boom
+sys.exit(main(["bench", sys.argv[1], "--gib-per-rank", "0.004", "--tensor-mib", "1"]))
+"""
+
+
+def test_a_failure_outside_any_method_still_removes_what_the_run_wrote(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    proc = subprocess.run([sys.executable, "-c", FAIL_MID_RUN, str(target)], capture_output=True,
+                          text=True, timeout=120, env=env(), cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "failed (RuntimeError): removing what the run wrote" in proc.stderr
+    assert "the storage went away" in proc.stderr and os.listdir(target) == []
+
+
 def _interrupt(cmd: list[str], target, when: str) -> tuple[int, str]:
     """Start ``cmd`` in its own process group, wait for ``when`` in its progress, and send
     SIGINT to the group, as a terminal's Ctrl-C does."""
