@@ -137,7 +137,7 @@ class Raw(Method):
             for name, keys in self._objects(rank):
                 offset = 0
                 for k in keys:
-                    out = _local(self.w.target[k])
+                    out = self.w.local(self.w.target, [k])[0]
                     buf = out if out.device.type == "cpu" else torch.empty_like(out, device="cpu")
                     mv = memoryview(buf.view(-1).view(torch.uint8).numpy())  # type: ignore[arg-type]
                     for s in range(0, len(mv), READ_CHUNK):
@@ -192,7 +192,7 @@ class DCP(Method):
         super().__init__(*args)  # type: ignore[arg-type]
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
-        cuda = any(t.is_cuda for t in self.w.local(self.w.state))
+        cuda = self.w.on_gpu
         self.stager = DefaultStager(StagingOptions(
             use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
             use_non_blocking_copy=cuda))
@@ -256,7 +256,7 @@ class TorchCheckpointing(Method):
         from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
 
         self.keys = self.w.share
-        cuda = any(t.is_cuda for t in self.w.local(self.w.state))
+        cuda = self.w.on_gpu
         staging = CheckpointStagerConfig(use_pinned_memory=cuda, use_shared_memory=True,
                                          use_async_staging=True, use_non_blocking_copy=cuda)
         storage = LocalFileSystemStorageConfig(use_direct_io=False)
@@ -270,7 +270,7 @@ class TorchCheckpointing(Method):
 
     def _payload(self, tensors: dict) -> dict:
         return {"model": {"step": tensors["step"],
-                          **{k: _local(tensors[k]) for k in self.w.share}}}
+                          **dict(zip(self.w.share, self.w.local(tensors, self.w.share)))}}
 
     def save(self, step: int) -> None:
         self.sync.save(_path(self.where(step)), self._payload(self.w.state))
@@ -368,11 +368,6 @@ def _aligned(nbytes: int) -> memoryview:
     buf = mmap.mmap(-1, max(1, nbytes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
                     | getattr(mmap, "MAP_POPULATE", 0))
     return memoryview(buf)[:nbytes]
-
-
-def _local(value: object) -> torch.Tensor:
-    to_local = getattr(value, "to_local", None)
-    return to_local() if to_local is not None else value  # type: ignore[return-value]
 
 
 def _path(url: str) -> str:

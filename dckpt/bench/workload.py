@@ -83,6 +83,10 @@ class Workload:
         names = keys if keys is not None else [k for k in tensors if k != "step"]
         return [_local(tensors[k]) for k in names]
 
+    @property
+    def on_gpu(self) -> bool:
+        return any(t.is_cuda for t in self.local(self.state))
+
     def change(self, step: int) -> None:
         """Change the state as the workload does before a save of ``step``."""
         self.state["step"] = step
