@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -15,7 +14,6 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dedup, dist, layout
 from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.decoder import decode
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
@@ -26,10 +24,11 @@ from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.repository import (
     committed_steps,
+    decode_manifest,
     open_repository,
     quarantined,
     read_manifest,
-    read_manifest_raw,
+    read_manifest_bytes,
     require_repository,
     set_quarantine,
 )
@@ -85,23 +84,24 @@ def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics |
 
 @dataclass
 class _Found:
-    """(coordinator -> all ranks) The manifest to try next, the steps skipped on the way, the
-    error that ends the search, and the newest committed step (for the data lost)."""
+    """(coordinator -> all ranks) The manifest to try next, as stored (every rank decodes
+    it), the steps skipped on the way, the error that ends the search, and the newest
+    committed step (for the data lost)."""
 
-    manifest: Manifest | None = None
-    raw: bytes | None = None  # the manifest as stored: what goes to the other ranks
+    step: int | None = None
+    raw: bytes | None = None
     skipped: list[tuple[int, str]] = field(default_factory=list)
     error: DckptError | None = None
     newest: tuple[int, float | None] | None = None
 
 
-def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
-    """(coordinator) The asked step, or the newest readable one not yet tried and not
-    quarantined."""
+def _find(store: Store, step: int | None, passed: set[int]) -> _Found:
+    """(coordinator) The bytes of the asked step's manifest, or of the newest readable one
+    not yet tried or skipped, and not quarantined."""
     found = _Found()
     try:
         if step is not None:
-            found.manifest, found.raw = read_manifest_raw(store, step)
+            found.step, found.raw = read_manifest_bytes(store, step)
             return found
         require_repository(store)
         steps = committed_steps(store)
@@ -110,29 +110,46 @@ def _find(store: Store, step: int | None, tried: set[int]) -> _Found:
             return found
         marked = quarantined(store)
         for s in reversed(steps):
-            if s in tried:
+            if s in passed:
                 continue
             if s in marked:
                 found.skipped.append((s, f"quarantined by verify: {marked[s]}"))
                 continue
             try:
-                found.manifest, found.raw = read_manifest_raw(store, s)
+                found.step, found.raw = read_manifest_bytes(store, s)
                 break
-            except (IntegrityError, CheckpointNotFoundError) as e:
+            except CheckpointNotFoundError as e:
                 found.skipped.append((s, str(e)))
             except OSError as e:  # one manifest unreadable: the older ones may be fine
                 found.skipped.append((s, str(storage_error(e, f"reading step {s}"))))
         newest = steps[-1]
-        try:
-            created = (found.manifest.created_at if found.manifest is not None
-                       and found.manifest.step == newest
-                       else read_manifest(store, newest).created_at)
+        try:  # the newest's time, unless it is the one found (its decoding tells)
+            created = None if found.step == newest else read_manifest(store, newest).created_at
         except Exception:
             created = None
         found.newest = (newest, created)
     except Exception as e:
         found.error = storage_error(e, f"finding a checkpoint in {store.url}")
     return found
+
+
+def _decode_found(found: _Found, url: str, group: dist.ProcessGroup | None
+                  ) -> tuple[Manifest | None, IntegrityError | None]:
+    """(all ranks) The found manifest, decoded by every rank at once, or the error that
+    makes it unusable: the same on every rank (one rank's decoding may fail where the
+    others' did not, for want of memory)."""
+    assert found.step is not None and found.raw is not None
+    try:
+        manifest: Manifest | None = decode_manifest(found.raw, found.step, url)
+        problem: IntegrityError | None = None
+    except IntegrityError as e:
+        manifest, problem = None, e
+    except MemoryError as e:
+        manifest, problem = None, IntegrityError(
+            f"{url}: step {found.step}'s manifest does not fit in memory on rank "
+            f"{dist.rank()}: {e}")
+    problems = [p for p in dist.gather(problem, group) if p is not None]
+    return (manifest, None) if not problems else (None, problems[0])  # type: ignore[return-value]
 
 
 @public
@@ -171,24 +188,32 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     newest: tuple[int, float | None] | None = None
     while True:
         t_find = time.perf_counter()
-        found = _find(store, step, set(tried)) if dist.rank() == 0 else None
-        mine = found.manifest if found is not None else None
-        # IMPORTANT: the bytes, not the decoded object: pickling 10^5 block references to
-        # every rank took longer than each rank decoding them
-        shared = dataclasses.replace(found, manifest=None) if found is not None else None
-        found = dist.broadcast(shared, group)  # type: ignore[assignment]
+        passed = set(tried) | {s for s, _ in skipped}
+        found = _find(store, step, passed) if dist.rank() == 0 else None
+        # IMPORTANT: the bytes, decoded by every rank at once: pickling 10^5 block references
+        # to every rank took longer than each rank decoding them, and decoding them on the
+        # coordinator first put a second decoding on the way to the first read
+        found = dist.broadcast(found, group)  # type: ignore[assignment]
         assert isinstance(found, _Found)
         skipped += found.skipped
         newest = newest or found.newest
         if found.error is not None:
             raise found.error
-        manifest = mine if dist.rank() == 0 else (
-            decode(found.raw, name=f"{url} (step broadcast by rank 0)") if found.raw else None)
-        if manifest is None:
+        if found.raw is None:
             raise IntegrityError(
                 f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"
                 + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped)
                 + "\nRun `dckpt verify --all` to see every problem")
+        assert found.step is not None
+        manifest, problem = _decode_found(found, url, group)
+        if problem is not None or manifest is None:
+            if step is not None:
+                raise problem or IntegrityError(f"{url}: step {found.step} does not decode")
+            log.warning("rank %d: skipping step %d: %s", dist.rank(), found.step, problem)
+            skipped.append((found.step, str(problem)))
+            continue
+        if newest is not None and newest[0] == manifest.step:
+            newest = (newest[0], manifest.created_at)
         tried.append(manifest.step)
         reader = make_reader(url, step=manifest.step, storage_options=storage_options,
                              config=config, manifest=manifest)

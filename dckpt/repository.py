@@ -11,8 +11,8 @@ from dckpt.errors import CheckpointNotFoundError, FormatError
 from dckpt.manifest import Manifest
 from dckpt.storage import Store
 
-__all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw", "require_repository",
-           "mark_repository",
+__all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
+           "read_manifest_bytes", "decode_manifest", "require_repository", "mark_repository",
            "quarantined", "set_quarantine"]
 
 _MARKER = json.dumps({"format": "dckpt.repository", "version": 1}).encode()
@@ -69,6 +69,12 @@ def read_manifest(store: Store, step: int | None) -> Manifest:
 
 def read_manifest_raw(store: Store, step: int | None) -> tuple[Manifest, bytes]:
     """The manifest of ``step`` (None: the newest), and its bytes as stored."""
+    step, raw = read_manifest_bytes(store, step)
+    return decode_manifest(raw, step, store.url), raw
+
+
+def read_manifest_bytes(store: Store, step: int | None) -> tuple[int, bytes]:
+    """The step (None: the newest) and the bytes of its manifest, not yet decoded."""
     if step is None:
         steps = committed_steps(store)
         if not steps:
@@ -76,15 +82,20 @@ def read_manifest_raw(store: Store, step: int | None) -> tuple[Manifest, bytes]:
         step = steps[-1]
     name = layout.manifest_name(step)
     try:
-        raw = store.read_bytes(name)
+        return step, store.read_bytes(name)
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"{store.url} has no committed checkpoint for step {step} (no {name}); "
             f"committed steps: {committed_steps(store) or 'none'}") from None
-    m = decode(raw, name=f"{store.url}/{name}")
+
+
+def decode_manifest(raw: bytes, step: int, url: str) -> Manifest:
+    """Manifest bytes read as those of ``step`` from ``url``, decoded and checked."""
+    name = layout.manifest_name(step)
+    m = decode(raw, name=f"{url}/{name}")
     if m.step != step:
-        raise FormatError(f"{store.url}/{name}: holds step {m.step}, its name says {step}")
-    return m, raw
+        raise FormatError(f"{url}/{name}: holds step {m.step}, its name says {step}")
+    return m
 
 
 def quarantined(store: Store) -> dict[int, str]:

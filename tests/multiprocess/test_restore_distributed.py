@@ -81,3 +81,35 @@ def test_replicated_state_read_once_and_broadcast(tmp_path):
     damage(tmp_path, 2, "flipped_byte", rank=0)  # rank 0 wrote the replicated tensors
     assert [o.value[:3] for o in run_ranks(_load_replicated, 3, url, "broadcast")] == \
         [(1, [2], True)] * 3
+
+
+def _load_where_rank1_runs_out_of_memory(rank, world, url, step):
+    import dckpt.api
+
+    real = dckpt.api.decode_manifest
+
+    def decode(raw, at, where):
+        if rank == 1 and at == 2:  # every rank decodes the manifest; here only one fails
+            raise MemoryError("no room for the block references")
+        return real(raw, at, where)
+
+    dckpt.api.decode_manifest = decode
+    state = {"w": _sharded(torch.zeros(16, 4096)), "step": 0}
+    try:
+        info = dckpt.load(state, url, step=step)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    return (info.step, [(s, r) for s, r in info.skipped], info.tried,
+            bool(torch.equal(state["w"].full_tensor(), _full(info.step))))
+
+
+def test_a_manifest_one_rank_cannot_decode_is_skipped_by_all_or_refused_on_all(tmp_path):
+    url = str(tmp_path)
+    run_ranks(_save_steps, 3, url)
+    newest = [o.value for o in run_ranks(_load_where_rank1_runs_out_of_memory, 3, url, None)]
+    assert newest[0][0] == 1 and newest[0][2] == (1,) and newest[0][3], newest
+    assert [s for s, _ in newest[0][1]] == [2] and "rank 1" in newest[0][1][0][1], newest
+    assert newest == [newest[0]] * 3  # the same fallback, and the same reason, on every rank
+    asked = [o.value for o in run_ranks(_load_where_rank1_runs_out_of_memory, 3, url, 2)]
+    assert asked[0][0] == "IntegrityError" and "does not fit in memory" in asked[0][1], asked
+    assert asked == [asked[0]] * 3
