@@ -18,7 +18,7 @@ Methods: dckpt (dedup on, the default), dckpt with ``dedup=False``, and DCP's Fi
 Per save: bytes written over all ranks and seconds (barrier to barrier); restore: a cold load
 of the last checkpoint. ``--block-sizes`` adds a sweep of dckpt's block size on the sparse
 workloads (bytes written against metadata and requests); ``--fragmentation`` a sweep of
-``SaveConfig.max_fragmentation`` on the embedding table (bytes written against the restore
+``SaveConfig.min_read_run_bytes`` on the embedding table (bytes written against the restore
 of the last checkpoint, whose blocks scatter over the segments of earlier saves). JSON lines
 to --out.
 """
@@ -99,6 +99,18 @@ def make_workload(name: str, nbytes: int, rank: int) -> tuple[dict, callable]:
     return state, change
 
 
+def read_runs_per_rank(path: str, world: int) -> float:
+    """The reads a restore of the newest checkpoint takes (``segments.read_runs``), per rank."""
+    from dckpt.manifest import TensorEntry
+    from dckpt.repository import read_manifest
+    from dckpt.segments import read_runs
+    from dckpt.storage import Store
+
+    m = read_manifest(Store(path), None)
+    return sum(read_runs(list(c.data.blocks)) for e in m.items.values()
+               if isinstance(e, TensorEntry) for c in e.chunks) / world
+
+
 def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
@@ -110,8 +122,10 @@ def main() -> None:
     p.add_argument("--workloads", default="dense,finetune,finetune_adamw,embedding")
     p.add_argument("--block-sizes", default="", help="comma-separated KiB, e.g. 256,1024,4096,16384")
     p.add_argument("--fragmentation", default="",
-                   help="comma-separated SaveConfig.max_fragmentation values to sweep on the "
-                        "sparse workloads (none: never rewrite), e.g. none,2,4,8")
+                   help="comma-separated SaveConfig.min_read_run_bytes values in KiB to sweep "
+                        "on the embedding table (none: never rewrite), e.g. none,64,128,256")
+    p.add_argument("--restores", type=int, default=1,
+                   help="cold restores of the last checkpoint per method (the median counts)")
     p.add_argument("--dir", default="bench-out/dedup")
     p.add_argument("--out", default="bench-out/dedup.jsonl")
     args = p.parse_args()
@@ -158,19 +172,28 @@ def main() -> None:
                   "written_vs_full_each": [w / logical for w in written]}
         if config is not None:
             result["block_size_bytes"] = config.block_size_bytes
-            result["max_fragmentation"] = config.max_fragmentation
+            result["min_read_run_bytes"] = config.min_read_run_bytes
         if restore:
             out = {k: torch.zeros_like(v) for k, v in state.items()}
             if rank == 0:
                 evict(path)
             dist.barrier()
             last = args.saves
-            if method == "DCP":
-                result["restore_s"] = timed(lambda: dcp.load(
-                    out, storage_reader=dcp.FileSystemReader(f"{path}/{last}")))
-            else:
-                result["restore_s"] = timed(lambda: dckpt.load(out, path, step=last))
-            assert all(torch.equal(out[k].to_local(), local[k]) for k in local), "restore differs"
+            times = []
+            for _ in range(args.restores):
+                if rank == 0:
+                    evict(path)
+                dist.barrier()
+                if method == "DCP":
+                    times.append(timed(lambda: dcp.load(
+                        out, storage_reader=dcp.FileSystemReader(f"{path}/{last}"))))
+                else:
+                    times.append(timed(lambda: dckpt.load(out, path, step=last)))
+                assert all(torch.equal(out[k].to_local(), local[k]) for k in local), "restore differs"
+            result["restore_s"] = statistics.median(times)
+            result["restore_s_all"] = times
+            if method != "DCP":
+                result["read_runs_per_rank"] = read_runs_per_rank(path, world)
         dist.barrier()
         if rank == 0:
             shutil.rmtree(path, ignore_errors=True)
@@ -199,9 +222,9 @@ def main() -> None:
                 summary[workload][f"save_s_block_{kib}KiB"] = r["save_s_median"]
         if args.fragmentation and workload == "embedding":
             for limit in args.fragmentation.split(","):
-                value = None if limit == "none" else float(limit)
-                r = run(workload, f"dckpt max_fragmentation {limit}",
-                        dckpt.SaveConfig(max_fragmentation=value), True)
+                value = None if limit == "none" else int(limit) * 1024
+                r = run(workload, f"dckpt min_read_run {limit} KiB",
+                        dckpt.SaveConfig(min_read_run_bytes=value), True)
                 summary[workload][f"written_vs_full_frag_{limit}"] = r["written_vs_full"]
                 summary[workload][f"restore_vs_DCP_frag_{limit}"] = (
                     r["restore_s"] / res["DCP"]["restore_s"])

@@ -57,12 +57,11 @@ class SaveConfig:
     dedup: bool = True
     """Write only blocks the newest committed checkpoint does not already hold; reference
     the others (differential saves). Blocks are compared by xxh3-128 digest and length."""
-    max_fragmentation: float | None = 4.0
-    """Differential saves: a tensor whose reused blocks have scattered over the segments of
-    so many earlier saves that a restore would read it in more than this many times the
-    runs of one contiguous earlier copy is written whole instead, contiguous again
-    (``segments.fragmentation``): bytes written traded for restore speed, measured in
-    docs/benchmarks.md. None: always reuse."""
+    min_read_run_bytes: int | None = 128 * 1024
+    """Differential saves: a tensor whose blocks, reusing the unchanged ones where earlier
+    saves left them, a restore would read in runs shorter than this on average is written
+    whole instead, contiguous again (``segments.too_fragmented``): bytes written traded for
+    restore speed, measured in docs/benchmarks.md. None: always reuse."""
     compression: Literal["auto", "on", "off"] = "auto"
     """Per-block zstd (floats split into byte planes first); a block that does not shrink
     is stored raw. ``"auto"``: on for object stores, off for local disks, where compressing
@@ -97,10 +96,10 @@ class SaveConfig:
             raise ArgumentError(
                 "SaveConfig.sparse_block_size_bytes must be None or a positive multiple of "
                 f"4096, got {self.sparse_block_size_bytes!r}")
-        if self.max_fragmentation is not None and not (
-                isinstance(self.max_fragmentation, (int, float)) and self.max_fragmentation >= 1):
-            raise ArgumentError("SaveConfig.max_fragmentation must be None or a number >= 1, "
-                                f"got {self.max_fragmentation!r}")
+        if self.min_read_run_bytes is not None and (
+                type(self.min_read_run_bytes) is not int or self.min_read_run_bytes <= 0):
+            raise ArgumentError("SaveConfig.min_read_run_bytes must be None or a positive int, "
+                                f"got {self.min_read_run_bytes!r}")
         if self.block_size_bytes > MAX_BLOCK_BYTES:
             raise ArgumentError(f"SaveConfig.block_size_bytes must be at most {MAX_BLOCK_BYTES}, "
                                 f"got {self.block_size_bytes}")

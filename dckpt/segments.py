@@ -8,7 +8,6 @@ staging budget does not hold into one of its own (dckpt.saver). Both go through
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from typing import BinaryIO
@@ -87,16 +86,19 @@ class SegmentOut:
         self.raw_written = 0  # what they held before compression
         self.new_blocks = 0  # blocks written (the others the index held)
         self.rewritten = 0  # items written whole for their fragmentation
+        self.changed = 0.0
+        """The last ``append``'s fraction of blocks written, or where it rewrote the item for
+        its fragmentation, the fraction it would have written: how much the item changed."""
         self.seconds = dict.fromkeys(("copy", "hash", "lookup", "compress", "io"), 0.0)
         """Where this segment's time went (a few clock reads per block: cheap)."""
 
     def append(self, buf: memoryview, *, planes: int = 1, block_size: int | None = None,
-               max_fragmentation: float | None = None) -> list[BlockRef]:
+               min_run_bytes: int | None = None) -> list[BlockRef]:
         """Store ``buf``'s blocks (those the index does not hold); ``planes``: the byte
         planes its elements split into before compression (see dckpt.codec);
-        ``block_size``: this item's, instead of the segment's; ``max_fragmentation``: write
-        every block anew when reusing the index's would make the item more than this many
-        times as fragmented as reusing a contiguous base (``fragmentation``)."""
+        ``block_size``: this item's, instead of the segment's; ``min_run_bytes``: write
+        every block anew when reusing the index's would leave the item to be read in runs
+        shorter than this on average (``too_fragmented``)."""
         # a large item starts where its memory's pages fall on the file's pages (DirectFile
         # writes them without a copy), padded just before its first write: an item whose
         # blocks are all known writes nothing, not even the padding
@@ -114,8 +116,11 @@ class SegmentOut:
             seconds["hash"] += t1 - t0
             seconds["lookup"] += clock() - t1
         index = self.index
-        if (index is not None and max_fragmentation is not None
-                and fragmentation([ref for _, ref in found]) > max_fragmentation):
+        new_before, rewrite = self.new_blocks, False
+        if (index is not None and min_run_bytes is not None
+                and too_fragmented([ref for _, ref in found], len(buf), min_run_bytes)):
+            rewrite = True
+            self.changed = sum(ref is None for _, ref in found) / len(found)
             found = [(d, None) for d, _ in found]  # written whole: contiguous again
             index = None
             self.rewritten += 1
@@ -163,6 +168,8 @@ class SegmentOut:
                     seconds["lookup"] += clock() - t
             blocks.append(ref)
         flush()
+        if not rewrite:
+            self.changed = (self.new_blocks - new_before) / max(1, len(blocks))
         return blocks
 
     def append_tensor(self, t: torch.Tensor, window: torch.Tensor) -> list[BlockRef]:
@@ -184,31 +191,24 @@ class SegmentOut:
 
 
 def read_runs(refs: list[BlockRef | None]) -> int:
-    """Separate reads an item's blocks take: a run ends where the next block is not stored
-    right after it in the same object. ``None`` stands for a block about to be written,
-    after the one before it (new blocks of an item are written in one run)."""
-    runs, end = 0, None
-    for ref in refs:
-        here = ("", -1) if ref is None else (ref.segment, ref.offset)
-        if ref is None:
-            runs += end != here
-            end = here
-        else:
-            runs += end != here
-            end = (ref.segment, ref.offset + ref.length)
+    """Reads a restore of these blocks takes: the ranges of consecutive stored bytes they
+    cover, each object's blocks in storage order (a restore reads them so: see
+    ``reads.spans``). ``None`` stands for a block about to be written: an item's new blocks
+    are written in one run, so together they are one more."""
+    stored = sorted({(ref.segment, ref.offset, ref.length) for ref in refs if ref is not None})
+    runs = int(any(ref is None for ref in refs))
+    end: tuple[str, int] | None = None
+    for segment, offset, length in stored:
+        runs += end != (segment, offset)
+        end = (segment, offset + length)
     return runs
 
 
-def fragmentation(refs: list[BlockRef | None]) -> float:
-    """How many times more reads an item's blocks take than they would if every reused
-    block came from one contiguous earlier copy: 1.0 after one differential save over a
-    full one, about k after k saves that each changed other blocks (the reused blocks then
-    come in pieces from k segments). The policy ``SaveConfig.max_fragmentation`` bounds it."""
-    if not refs:
-        return 1.0
-    kinds = [ref is None for ref in refs]
-    least = 1 + sum(a != b for a, b in itertools.pairwise(kinds))
-    return read_runs(refs) / least
+def too_fragmented(refs: list[BlockRef | None], nbytes: int, min_run_bytes: int) -> bool:
+    """Whether a restore would read these blocks (``nbytes`` in all) in runs of fewer than
+    ``min_run_bytes`` on average: the policy ``SaveConfig.min_read_run_bytes``."""
+    runs = read_runs(refs)
+    return runs > 1 and nbytes < runs * min_run_bytes
 
 
 def byte_planes(dtype: torch.dtype) -> int:

@@ -125,7 +125,7 @@ class Writer(StorageWriter):
         self._history: History = {}  # this save's items: block size, fraction written
         self.rank_s: dict[str, float] = {}
         self.rewritten = 0
-        """Items this rank wrote whole for their fragmentation (``max_fragmentation``)."""
+        """Items this rank wrote whole for their fragmentation (``min_read_run_bytes``)."""
         self.written_at: float | None = None
         """(all ranks) When this rank's writes were done (``time.perf_counter``)."""
         self._lock = threading.Lock()
@@ -329,14 +329,15 @@ class Writer(StorageWriter):
                 if self._index is not None:
                     size = block_size_for(self._index.history, key, len(buf), size,
                                           self.config.sparse_block_size_bytes)
-                before, raw_before, new_before = out.written, out.raw_written, out.new_blocks
+                before, raw_before = out.written, out.raw_written
                 blocks = out.append(buf, planes=planes, block_size=size,
-                                    max_fragmentation=self.config.max_fragmentation)
+                                    min_run_bytes=self.config.min_read_run_bytes)
                 if blocks:  # a save that changed the size matched nothing: no evidence
                     last = self._index.history.get(key) if self._index is not None else None
                     fresh = last is not None and last[0] != size
-                    self._history[key] = (size, None if fresh else
-                                          (out.new_blocks - new_before) / len(blocks))
+                    # how much changed, even where a rewrite wrote it all: a rewritten
+                    # sparse table stays sparse (its block size holds)
+                    self._history[key] = (size, None if fresh else out.changed)
                 stored = StoredData(len(buf), tuple(blocks))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
                                            storage_data=_Stored(stored, out.written - before,
