@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dedup, dist, layout
 from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
 from dckpt.config import LoadConfig, SaveConfig
+from dckpt.decoder import paused_gc
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
@@ -220,7 +221,8 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
         t_read = time.perf_counter()
         what = f"load of step {manifest.step} from {url}"
         try:
-            with quiet_single_process(), loading(frozenset(manifest.items)):
+            # the plan and the reads build a few objects per block: no collector passes
+            with quiet_single_process(), loading(frozenset(manifest.items)), paused_gc():
                 dcp.load(state_dict, storage_reader=reader,
                          planner=SafeLoadPlanner(partial=partial), process_group=group)
         except CheckpointException as e:
