@@ -15,8 +15,9 @@ shards). Workloads, each saved once in full and then
   are; the heavy tail still touches rows all over the table).
 
 Methods: dckpt (dedup on, the default), dckpt with ``dedup=False``, and DCP's FileSystemWriter.
-Per save: bytes written over all ranks and seconds (barrier to barrier); restore: a cold load
-of the last checkpoint. ``--block-sizes`` adds a sweep of dckpt's block size on the sparse
+Per save: bytes written over all ranks and seconds (barrier to barrier); restore: cold loads
+of the last checkpoint (the older ones pruned), ``--restores`` rounds that take the methods'
+checkpoints in turns, the median counting. ``--block-sizes`` adds a sweep of dckpt's block size on the sparse
 workloads (bytes written against metadata and requests); ``--fragmentation`` a sweep of
 ``SaveConfig.min_read_run_bytes`` on the embedding table (bytes written against the restore
 of the last checkpoint, whose blocks scatter over the segments of earlier saves). JSON lines
@@ -136,7 +137,8 @@ def main() -> None:
 
     mesh = init_device_mesh("cpu", (world,))
 
-    def run(workload: str, method: str, config: dckpt.SaveConfig | None, restore: bool) -> dict:
+    def run(workload: str, method: str, config: dckpt.SaveConfig | None,
+            restore: bool) -> tuple[dict, dict]:
         local, change = make_workload(workload, nbytes, rank)
         logical = sum(t.numel() * t.element_size() for t in local.values()) * world
         state = {k: DTensor.from_local(t, mesh, [Shard(0)],
@@ -173,61 +175,90 @@ def main() -> None:
         if config is not None:
             result["block_size_bytes"] = config.block_size_bytes
             result["min_read_run_bytes"] = config.min_read_run_bytes
-        if restore:
-            out = {k: torch.zeros_like(v) for k, v in state.items()}
+        if restore:  # the last checkpoint stays (the older ones pruned) for restore_all
             if rank == 0:
-                evict(path)
+                if method == "DCP":
+                    for i in range(args.saves):
+                        shutil.rmtree(f"{path}/{i}")
+                else:
+                    for i in range(args.saves):
+                        dckpt.delete(path, step=i)
+                    dckpt.gc(path, min_age_s=0)
+                result["stored_bytes"] = du(path)
+            result["path"] = path
+        else:
             dist.barrier()
-            last = args.saves
-            times = []
-            for _ in range(args.restores):
+            if rank == 0:
+                shutil.rmtree(path, ignore_errors=True)
+                emit(args.out, result)
+        dist.barrier()
+        return result, local
+
+    def restore_all(results: dict[str, dict], local: dict) -> None:
+        """Cold restores of every method's last checkpoint, taken in turns (``--restores``
+        rounds: this disk's speed drifts over minutes), checked against ``local``."""
+        out = {k: DTensor.from_local(torch.zeros_like(t), mesh, [Shard(0)],
+                                     shape=torch.Size([t.shape[0] * world, *t.shape[1:]]),
+                                     stride=t.stride())
+               for k, t in local.items()}
+        last = args.saves
+        times: dict[str, list[float]] = {m: [] for m in results}
+        for _ in range(args.restores):
+            for method, result in results.items():
+                path = result["path"]
+                for t in out.values():
+                    t.to_local().zero_()
                 if rank == 0:
                     evict(path)
                 dist.barrier()
                 if method == "DCP":
-                    times.append(timed(lambda: dcp.load(
+                    times[method].append(timed(lambda: dcp.load(
                         out, storage_reader=dcp.FileSystemReader(f"{path}/{last}"))))
                 else:
-                    times.append(timed(lambda: dckpt.load(out, path, step=last)))
-                assert all(torch.equal(out[k].to_local(), local[k]) for k in local), "restore differs"
-            result["restore_s"] = statistics.median(times)
-            result["restore_s_all"] = times
+                    times[method].append(timed(lambda: dckpt.load(out, path, step=last)))
+                assert all(torch.equal(out[k].to_local(), local[k]) for k in local), method
+        for method, result in results.items():
+            result["restore_s"] = statistics.median(times[method])
+            result["restore_s_all"] = times[method]
             if method != "DCP":
-                result["read_runs_per_rank"] = read_runs_per_rank(path, world)
-        dist.barrier()
-        if rank == 0:
-            shutil.rmtree(path, ignore_errors=True)
-            emit(args.out, result)
-        dist.barrier()
-        return result
+                result["read_runs_per_rank"] = read_runs_per_rank(result["path"], world)
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(result.pop("path"), ignore_errors=True)
+                emit(args.out, result)
+            dist.barrier()
 
     summary: dict[str, dict] = {}
     for workload in args.workloads.split(","):
-        res = {
-            "dckpt": run(workload, "dckpt", dckpt.SaveConfig(), True),
-            "dckpt no dedup": run(workload, "dckpt no dedup", dckpt.SaveConfig(dedup=False), True),
-            "DCP": run(workload, "DCP", None, True),
-        }
-        summary[workload] = {
+        res: dict[str, dict] = {}
+        for method, config in (("dckpt", dckpt.SaveConfig()),
+                               ("dckpt no dedup", dckpt.SaveConfig(dedup=False)),
+                               ("DCP", None)):
+            res[method], local = run(workload, method, config, True)
+        if args.block_sizes and workload != "dense":
+            for kib in args.block_sizes.split(","):
+                r, _ = run(workload, f"dckpt block {kib} KiB",
+                           dckpt.SaveConfig(block_size_bytes=int(kib) * 1024), False)
+                summary.setdefault(workload, {})[f"written_vs_full_block_{kib}KiB"] = (
+                    r["written_vs_full"])
+                summary[workload][f"save_s_block_{kib}KiB"] = r["save_s_median"]
+        sweep = args.fragmentation.split(",") if args.fragmentation and workload == "embedding" else []
+        for limit in sweep:
+            value = None if limit == "none" else int(limit) * 1024
+            res[f"frag_{limit}"], _ = run(workload, f"dckpt min_read_run {limit} KiB",
+                                          dckpt.SaveConfig(min_read_run_bytes=value), True)
+        restore_all(res, local)
+        summary.setdefault(workload, {}).update({
             "written_vs_full": res["dckpt"]["written_vs_full"],
             "save_vs_no_dedup": res["dckpt"]["save_s_median"] / res["dckpt no dedup"]["save_s_median"],
             "DCP_save_vs_dckpt": res["DCP"]["save_s_median"] / res["dckpt"]["save_s_median"],
             "restore_vs_DCP": res["dckpt"]["restore_s"] / res["DCP"]["restore_s"],
-        }
-        if args.block_sizes and workload != "dense":
-            for kib in args.block_sizes.split(","):
-                r = run(workload, f"dckpt block {kib} KiB",
-                        dckpt.SaveConfig(block_size_bytes=int(kib) * 1024), False)
-                summary[workload][f"written_vs_full_block_{kib}KiB"] = r["written_vs_full"]
-                summary[workload][f"save_s_block_{kib}KiB"] = r["save_s_median"]
-        if args.fragmentation and workload == "embedding":
-            for limit in args.fragmentation.split(","):
-                value = None if limit == "none" else int(limit) * 1024
-                r = run(workload, f"dckpt min_read_run {limit} KiB",
-                        dckpt.SaveConfig(min_read_run_bytes=value), True)
-                summary[workload][f"written_vs_full_frag_{limit}"] = r["written_vs_full"]
-                summary[workload][f"restore_vs_DCP_frag_{limit}"] = (
-                    r["restore_s"] / res["DCP"]["restore_s"])
+        })
+        for limit in sweep:
+            r = res[f"frag_{limit}"]
+            summary[workload][f"written_vs_full_frag_{limit}"] = r["written_vs_full"]
+            summary[workload][f"restore_vs_DCP_frag_{limit}"] = (
+                r["restore_s"] / res["DCP"]["restore_s"])
     if rank == 0:
         emit(args.out, {"bench": "dedup", "summary": summary})
     dist.barrier()
