@@ -48,6 +48,9 @@ SIZES = {
     "compress": {"tiny": ["--mib", "32", "--repeat", "1"],
                  "small": ["--mib", "128", "--repeat", "1"],
                  "full": ["--mib", "512", "--repeat", "2"]},
+    "reads": {"tiny": ["--gib", "0.0625", "--repeats", "1"],
+              "small": ["--gib", "0.5", "--repeats", "3"],
+              "full": ["--gib", "1", "--repeats", "5"]},
     "profile": {"tiny": ["--gib-per-rank", "0.0625", "--saves", "1"],
                 "small": ["--gib-per-rank", "0.25", "--saves", "3"],
                 "full": ["--gib-per-rank", "1", "--saves", "5"]},
@@ -61,7 +64,7 @@ FRAMEWORKS = {"lightning": "lightning", "trainer": "transformers", "accelerate":
 those installed."""
 NEEDS_RANKS = {"save_load", "async", "dedup", "manager", "replicated", "frameworks"}
 """Run under torchrun with 2 ranks; restore and profile launch their own torchrun jobs,
-compress is one process."""
+compress and reads are one process."""
 
 
 def run_one(name: str, size: str, out_dir: str, device: str) -> tuple[str, int, float]:
@@ -144,6 +147,10 @@ def _panels(results: list[dict]) -> list[tuple[str, str, list[str], list[float]]
     if rows:
         panels.append(("Compression: save time by store", "s",
                        [f"{r['store']} {r['method']}" for r in rows], [r["save_s"] for r in rows]))
+    rows = [r for r in by.get("reads", []) if "us_per_read" in r]
+    if rows:
+        panels.append(("Cold reads: cost of a read beyond its bytes", "us",
+                       [r["method"] for r in rows], [r["us_per_read"] for r in rows]))
     rows = [r for r in by.get("profile", []) if r.get("rank") == 0]
     if rows:
         panels.append(("Save vs raw O_DIRECT write (profile)", "ratio",
