@@ -30,6 +30,7 @@ import argparse
 import os
 import shutil
 import statistics
+import time
 
 import numpy as np
 import torch
@@ -125,6 +126,8 @@ def main() -> None:
     p.add_argument("--fragmentation", default="",
                    help="comma-separated SaveConfig.min_read_run_bytes values in KiB to sweep "
                         "on the embedding table (none: never rewrite), e.g. none,64,128,256")
+    p.add_argument("--settle-s", type=float, default=0.0,
+                   help="seconds to wait between the saves and the restores")
     p.add_argument("--restores", type=int, default=1,
                    help="cold restores of the last checkpoint per method (the median counts)")
     p.add_argument("--dir", default="bench-out/dedup")
@@ -203,6 +206,10 @@ def main() -> None:
                for k, t in local.items()}
         last = args.saves
         times: dict[str, list[float]] = {m: [] for m in results}
+        if rank == 0:  # the saves' writes drain first: reads right after them stalled for
+            os.sync()  # seconds (a restore of 1.3 s took 18 s)
+            time.sleep(args.settle_s)
+        dist.barrier()
         for _ in range(args.restores):
             for method, result in results.items():
                 path = result["path"]
