@@ -11,8 +11,8 @@ same bytes from page-aligned memory with ``O_DIRECT`` (no page cache, no copy: t
 limit). torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards with
 its sync saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize
 callback that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
-Figures are GB/s over all ranks, the median of ``--repeats``; ratios compare dckpt with the
-peers. JSON lines go to --out, a chart beside.
+Figures are GB/s over all ranks, the median of ``--repeats`` rounds that take the methods
+in turns; ratios compare dckpt with the peers. JSON lines go to --out, a chart beside.
 """
 
 from __future__ import annotations
@@ -163,25 +163,27 @@ def main() -> None:
             lambda d: tc.save(f"{d}/tc", {"model": local_tensors(src)}),
             lambda d: tc.load(f"{d}/tc", into={"model": local_tensors(dst)}))
     results: dict[str, dict[str, float]] = {}
-    for name, (save, load) in methods.items():
-        saves, loads = [], []
-        for i in range(args.repeats):
+    saves: dict[str, list[float]] = {name: [] for name in methods}
+    loads: dict[str, list[float]] = {name: [] for name in methods}
+    for i in range(args.repeats):  # the methods in turns: this disk's speed drifts over minutes
+        for name, (save, load) in methods.items():
             d = fresh(name.replace(" ", "_").replace(".", "_"), i)
-            saves.append(timed(lambda: save(d)))
+            saves[name].append(timed(lambda: save(d)))
             evict_all(d)
-            loads.append(timed(lambda: load(d)))
+            loads[name].append(timed(lambda: load(d)))
             if name in ("dckpt", "torch-checkpointing"):  # the loaded values are the saved ones
                 assert all(torch.equal(src[k].to_local(), dst[k].to_local()) for k in src)
                 for t in local_tensors(dst).values():
                     t.zero_()
             cleanup(d)
-        results[name] = {"save_gbps": nbytes / median(saves) / 1e9,
-                         "load_gbps": nbytes / median(loads) / 1e9,
-                         "save_s": median(saves), "load_s": median(loads)}
+    for name in methods:
+        results[name] = {"save_gbps": nbytes / median(saves[name]) / 1e9,
+                         "load_gbps": nbytes / median(loads[name]) / 1e9,
+                         "save_s": median(saves[name]), "load_s": median(loads[name])}
         if rank == 0:
             emit(args.out, {"bench": "save_load", "method": name, "bytes": nbytes,
                             "world_size": world, **results[name],
-                            "save_s_all": saves, "load_s_all": loads})
+                            "save_s_all": saves[name], "load_s_all": loads[name]})
     if rank == 0:
         d, raw, ref = results["dckpt"], results["raw disk"], results["DCP"]
         ratios = {
