@@ -147,8 +147,9 @@ def _decode_found(found: _Found, url: str, group: dist.ProcessGroup | None
         manifest, problem = None, e
     except MemoryError as e:
         manifest, problem = None, IntegrityError(
-            f"{url}: step {found.step}'s manifest does not fit in memory on rank "
-            f"{dist.rank()}: {e}")
+            f"{url}: step {found.step}'s manifest ({len(found.raw)} bytes) does not fit in "
+            f"memory on rank {dist.rank()} ({e}); free host memory there, or load an older "
+            "step")
     problems = [p for p in dist.gather(problem, group) if p is not None]
     return (manifest, None) if not problems else (None, problems[0])  # type: ignore[return-value]
 
