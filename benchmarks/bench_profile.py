@@ -13,6 +13,8 @@ wall seconds for plan, write and wait; thread-seconds summed over the writer thr
 index, copy, hash, lookup, compress, io, close). One JSON line per (ranks, mode, rank) with
 the medians, and the raw limit measured in the same job: each rank writing the same bytes
 from page-aligned memory with ``O_DIRECT``, one file per writer thread, then fsync.
+``--thp off,on`` runs each job twice, the second with ``THP_MEM_ALLOC_ENABLE=1`` (torch's
+CPU allocator on transparent huge pages: the sync save writes from the state's own memory).
 """
 
 from __future__ import annotations
@@ -108,27 +110,32 @@ def main() -> None:
     p.add_argument("--ranks", default="1,2")
     p.add_argument("--dir", default="bench-out/profile")
     p.add_argument("--out", default="bench-out/profile.jsonl")
+    p.add_argument("--thp", default="off",
+                   help="off, on or off,on: torch's CPU allocator on transparent huge pages "
+                        "(THP_MEM_ALLOC_ENABLE=1) for the state the sync save writes from")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
         return
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    for n in (int(x) for x in args.ranks.split(",")):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={n}", os.path.abspath(__file__), "--worker",
-               "--gib-per-rank", str(args.gib_per_rank), "--saves", str(args.saves),
-               "--dir", args.dir]
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            sys.exit(f"{n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-        with open(args.out, "a") as f:
-            for line in proc.stdout.splitlines():
-                if line.startswith("RESULT "):
-                    f.write(line[len("RESULT "):] + "\n")
-                    print(line[len("RESULT "):], flush=True)
-
+    for thp in args.thp.split(","):
+        for n in (int(x) for x in args.ranks.split(",")):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc-per-node={n}", os.path.abspath(__file__), "--worker",
+                   "--gib-per-rank", str(args.gib_per_rank), "--saves", str(args.saves),
+                   "--dir", args.dir]
+            env = dict(os.environ, OMP_NUM_THREADS="1",
+                       THP_MEM_ALLOC_ENABLE="1" if thp == "on" else "0")
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                sys.exit(f"{n} ranks failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+            with open(args.out, "a") as f:
+                for line in proc.stdout.splitlines():
+                    if line.startswith("RESULT "):
+                        record = dict(json.loads(line[len("RESULT "):]), thp=thp == "on")
+                        f.write(json.dumps(record) + "\n")
+                        print(json.dumps(record), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -30,7 +30,7 @@ COLUMNS = {  # benchmark -> (header, key) of its per-method records; keys missin
                 ("vs bare step", "vs_bare")],
     "reads": [("method", "method"), ("s", "s"), ("reads", "runs"), ("mean run bytes", "mean_run_bytes"),
               ("GB/s wanted", "gbps_wanted"), ("us per read", "us_per_read"), ("CPU s", "cpu_s")],
-    "profile": [("ranks", "ranks"), ("mode", "mode"), ("rank", "rank"), ("GB/s", "gbps"),
+    "profile": [("ranks", "ranks"), ("mode", "mode"), ("THP", "thp"), ("rank", "rank"), ("GB/s", "gbps"),
                 ("vs raw O_DIRECT", "vs_raw_direct_write"), ("pause", "pause"),
                 ("plan", "rank_plan"), ("write", "rank_write"), ("io*", "rank_io"),
                 ("hash*", "rank_hash"), ("lookup*", "rank_lookup"), ("close*", "rank_close"),
