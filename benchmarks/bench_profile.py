@@ -11,8 +11,11 @@ changed before each save. Each save's ``CheckpointInfo.phase_s`` holds the coord
 phases (plan, write, commit, total) and this rank's (``rank_*``, see ``Writer.rank_s``:
 wall seconds for plan, write and wait; thread-seconds summed over the writer threads for
 index, copy, hash, lookup, compress, io, close). One JSON line per (ranks, mode, rank) with
-the medians, and the raw limit measured in the same job: each rank writing the same bytes
-from page-aligned memory with ``O_DIRECT``, one file per writer thread, then fsync.
+the medians, and the raw limits measured in the same job, in turns with the saves: each
+rank writing the same bytes with ``O_DIRECT``, one file per writer thread, then fsync, from
+page-aligned memory on 4 KiB pages (``raw_direct_write``) and on transparent huge pages
+(``raw_direct_write_huge``: the kernel pins 2 MiB pages, the disk's limit from the best
+memory).
 ``--thp off,on`` runs each job twice, the second with ``THP_MEM_ALLOC_ENABLE=1`` (torch's
 CPU allocator on transparent huge pages: the sync save writes from the state's own memory).
 """
@@ -50,24 +53,26 @@ def worker(args: argparse.Namespace) -> None:
         shutil.rmtree(base, ignore_errors=True)
     dist.barrier()
     threads = dckpt.SaveConfig().writer_threads
-    raw = Raw(w, f"{base}/raw", None, threads)
-    raw_s = []
-    for i in range(args.saves):
-        raw.before_save()
-        dist.barrier()
-        t0 = time.perf_counter()
-        raw.save(i)
-        dist.barrier()
-        raw_s.append(time.perf_counter() - t0)
-        if rank == 0:
-            raw.drop(i)
+    raws = {"raw_direct_write": Raw(w, f"{base}/raw", None, threads),
+            "raw_direct_write_huge": Raw(w, f"{base}/raw_huge", None, threads,
+                                         huge_pages=True)}
+    raw_s: dict[str, list[float]] = {name: [] for name in raws}
     saver = dckpt.AsyncSaver()
     saver.reserve(w.state)
     url = f"{base}/dckpt"
     runs: dict[str, list[dict]] = {"sync": [], "async": []}
     step = 0
-    for mode in ("sync", "async"):
-        for _ in range(args.saves):
+    for i in range(args.saves):  # in turns: the disk's speed drifts
+        for name, raw in raws.items():
+            raw.before_save()
+            dist.barrier()
+            t0 = time.perf_counter()
+            raw.save(i)
+            dist.barrier()
+            raw_s[name].append(time.perf_counter() - t0)
+            if rank == 0:
+                raw.drop(i)
+        for mode in ("sync", "async"):
             step += 1
             w.change(step)
             dist.barrier()
@@ -93,10 +98,11 @@ def worker(args: argparse.Namespace) -> None:
                        for k in rows[0]}
                 line = {"bench": "profile", "ranks": world, "mode": mode, "rank": r,
                         "bytes": nbytes, "saves": len(rows), **med,
-                        "gbps": nbytes / med["barrier_to_barrier"] / 1e9,
-                        "raw_direct_write_s": statistics.median(raw_s),
-                        "raw_direct_write_gbps": nbytes / statistics.median(raw_s) / 1e9}
-                line["vs_raw_direct_write"] = line["gbps"] / line["raw_direct_write_gbps"]
+                        "gbps": nbytes / med["barrier_to_barrier"] / 1e9}
+                for name, seconds in raw_s.items():
+                    line[f"{name}_s"] = statistics.median(seconds)
+                    line[f"{name}_gbps"] = nbytes / statistics.median(seconds) / 1e9
+                    line[f"vs_{name}"] = line["gbps"] / line[f"{name}_gbps"]
                 print("RESULT " + json.dumps(line), flush=True)
         shutil.rmtree(base, ignore_errors=True)
     dist.barrier()

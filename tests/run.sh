@@ -7,7 +7,7 @@ bash launch/setup.sh
 .venv/bin/ruff check dckpt
 .venv/bin/mypy
 set +e
-.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider "$@"
+.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -198,3 +198,24 @@ def test_a_saves_info_says_where_this_ranks_time_went(tmp_path, mode):
     # wall time of the writes bounds each thread's share of it
     assert phases["rank_write"] >= phases["rank_io"] / dckpt.SaveConfig().writer_threads * 0.5
     assert phases["total"] >= phases["rank_write"] >= 0 and phases["rank_wait"] >= 0
+
+
+@pytest.mark.parametrize("huge", [False, True])
+@pytest.mark.parametrize("nbytes", [0, 1, DIRECT_ALIGN + 3, (2 << 20) + 5])
+def test_the_benchmarks_raw_host_memory_is_aligned_zeroed_and_written_straight(tmp_path, huge,
+                                                                                nbytes):
+    from dckpt.bench.methods import _aligned
+
+    buf = _aligned(nbytes, huge)
+    assert len(buf) == nbytes and not buf.readonly
+    if not nbytes:
+        return
+    assert address(buf) % (2 << 20 if huge else DIRECT_ALIGN) == 0
+    assert bytes(buf) == bytes(nbytes)  # touched: every page present, zeros
+    data = np.random.default_rng(nbytes).integers(0, 256, nbytes, dtype=np.uint8)
+    np.frombuffer(buf, dtype=np.uint8)[:] = data
+    f = CountingFile(str(tmp_path / "raw"))
+    f.write(buf)
+    f.close()
+    assert f.straight == nbytes // DIRECT_ALIGN * DIRECT_ALIGN  # no copy but the tail
+    assert (tmp_path / "raw").read_bytes() == data.tobytes()
