@@ -264,7 +264,7 @@ class Reader(StorageReader):
         group = self._group()
         for s in shared:
             target = planner.resolve_tensor(s.item)
-            if target.device.type == "cpu" and target.is_contiguous():
+            if plain_cpu(target):
                 staging = target
             elif me == s.owner:  # through the host: gloo carries CPU tensors
                 staging = target.detach().to("cpu", copy=True).contiguous()
@@ -347,8 +347,7 @@ class Reader(StorageReader):
         t = targets[0]
         whole = (len(items) == 1 and tuple(items[0].lengths) == chunk.sizes
                  and not any(items[0].storage_offsets))
-        if (whole and t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous()
-                and chunk.data.nbytes > 0):
+        if whole and plain_cpu(t) and t.dtype == dtype and chunk.data.nbytes > 0:
             dest = t.reshape(-1).view(torch.uint8)
             return _Job(fqn, dtype, chunk, items, targets, dest, 0, True)
         ranges = [box_range(chunk.sizes, tuple(i.storage_offsets), tuple(i.lengths)) for i in items]
@@ -411,3 +410,9 @@ class Reader(StorageReader):
             return job.buffer[a:b].view(job.dtype).reshape(tuple(item.lengths))
         whole = job.buffer.view(job.dtype).reshape(sizes)
         return narrow_tensor_by_index(whole, item.storage_offsets, item.lengths)
+
+
+def plain_cpu(t: torch.Tensor) -> bool:
+    """Whether ``t``'s memory holds its values as they read, in order: a contiguous CPU tensor
+    that is no lazy conjugate or negation (those read as the conjugate of their memory)."""
+    return t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg()

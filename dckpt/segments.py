@@ -27,7 +27,7 @@ __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance"
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # a lazy conjugate's values, not its bits
     if t.device.type != "cpu":
         t = t.cpu()
     flat = t.contiguous().reshape(-1).view(torch.uint8)
@@ -179,7 +179,7 @@ class SegmentOut:
         planes = byte_planes(t.dtype)
         if t.device.type == "cpu":
             return self.append(tensor_bytes(t), planes=planes)
-        flat = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
         blocks: list[BlockRef] = []
         for start in range(0, flat.numel(), window.numel()):
             piece = window[: min(window.numel(), flat.numel() - start)]

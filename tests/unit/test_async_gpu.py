@@ -118,6 +118,21 @@ def test_cuda_state_over_the_staging_budget_goes_through_the_window(tmp_path):
     saver.close()
 
 
+@pytest.mark.parametrize("budget", [None, 8 << 10])
+def test_cuda_conjugate_views_are_saved_by_value(tmp_path, budget):
+    url = str(tmp_path / "repo")
+    z = torch.randn(5000, dtype=torch.complex64, device="cuda")
+    state = {"conj": z.conj(), "neg": z.conj().imag}
+    want = {k: v.resolve_conj().resolve_neg().cpu() for k, v in state.items()}
+    config = dckpt.SaveConfig(block_size_bytes=4 << 10, staging_bytes=budget)
+    saver = AsyncSaver()
+    saver.async_save(state, url, step=1, config=config).wait(timeout=120)
+    dckpt.save(state, url, step=2)
+    for step in (1, 2):
+        _assert_equal(_load_cpu(url, step, want), want)
+    saver.close()
+
+
 def test_stager_with_cuda_state_serves_dcp_async_save(tmp_path):
     url = str(tmp_path / "repo")
     stager = dckpt.Stager()

@@ -119,6 +119,32 @@ def test_load_into_non_contiguous_destination_and_small_buffer(tmp_path):
     assert torch.equal(dest, src)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async", "async over the staging budget"])
+def test_lazy_conjugate_and_negative_views_round_trip_by_value(tmp_path, mode):
+    """A conjugate (``.conj()``) or negative view reads as the conjugate of its memory: the
+    checkpoint holds the values it reads as, and a load into such a view sets what it reads."""
+    url = str(tmp_path)
+    z = torch.randn(3000, dtype=torch.complex64, generator=torch.Generator().manual_seed(7))
+    state = {"conj": z.conj(), "neg": z.conj().imag, "plain": z}
+    want = {k: v.resolve_conj().resolve_neg().clone() for k, v in state.items()}
+    if mode == "sync":
+        dckpt.save(state, url, step=1)
+    else:
+        budget = 2 * 4096 if "budget" in mode else None
+        config = dckpt.SaveConfig(block_size_bytes=4096, staging_bytes=budget)
+        dckpt.async_save(state, url, step=1, config=config).wait(timeout=60)
+    plain = {k: torch.zeros_like(v) for k, v in want.items()}
+    views = {"conj": torch.zeros(3000, dtype=torch.complex64).conj(),
+             "neg": torch.zeros(3000, dtype=torch.complex64).conj().imag,
+             "plain": torch.zeros(3000, dtype=torch.complex64).conj()}
+    for out in (plain, views):
+        dckpt.load(out, url)
+        for k, v in want.items():
+            got = out[k].resolve_conj().resolve_neg()
+            assert torch.equal(got.view(torch.uint8) if got.is_complex() else got, v.view(
+                torch.uint8) if v.is_complex() else v), k
+
+
 def test_list_checkpoints_oldest_first(repo):
     url, opts = repo
     for step in (10, 2, 30):
