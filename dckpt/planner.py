@@ -69,10 +69,26 @@ def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str
             if value.dtype != md.properties.dtype:
                 problems.append(f"{key}: dtype {value.dtype} in the state dict, "
                                 f"{md.properties.dtype} in the checkpoint")
+            problem = tensor_problem(key, value, into=True)
+            if problem:
+                problems.append(problem)
         elif isinstance(md, BytesStorageMetadata) and isinstance(value, torch.Tensor):
             problems.append(f"{key}: the checkpoint holds a non-tensor value, the state dict a "
                             "tensor")
     return problems
+
+
+def materialize_meta(obj: Any) -> Any:
+    """Replace, in the dicts and lists of ``obj``, every plain meta tensor by an empty CPU
+    tensor of its shape and dtype (what DCP's load does with a gloo group)."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            obj[k] = materialize_meta(v)
+    elif isinstance(obj, list):
+        obj[:] = [materialize_meta(v) for v in obj]
+    elif isinstance(obj, torch.Tensor) and obj.device.type == "meta" and not is_dtensor(obj):
+        return torch.empty_like(obj, device="cpu")
+    return obj
 
 
 def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str]:
@@ -84,14 +100,21 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
                   if k not in union and not _rank_local(k))
 
 
-def tensor_problem(key: str, t: torch.Tensor) -> str | None:
-    """Why a tensor cannot be saved, or None."""
+def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | None:
+    """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
+    place; None when it can."""
     local = local_shard(t) if is_dtensor(t) else t  # type: ignore[arg-type]
     if t.layout != torch.strided or local.layout != torch.strided:
-        return (f"{key}: layout {t.layout} is not supported; convert to a dense (strided) "
-                "tensor before saving")
+        return (f"{key}: layout {t.layout} is not supported; "
+                + ("load into" if into else "convert it to") + " a dense (strided) tensor")
     if local.device.type == "meta":
-        return f"{key}: a meta tensor holds no data; materialize it before saving"
+        return (f"{key}: a meta tensor has no memory; materialize it first (for example "
+                "module.to_empty(device=...))")
+    if into:
+        if any(stride == 0 and size > 1 for size, stride in zip(local.shape, local.stride())):
+            return (f"{key}: its elements share memory (an expanded view, stride 0); load "
+                    "into a tensor that owns its elements (.clone() it)")
+        return None
     try:
         dtype_name(t.dtype)
     except DckptError as e:
@@ -208,6 +231,14 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def __init__(self, *, partial: bool = False) -> None:
         super().__init__()
         self.partial = partial
+
+    def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
+                       is_coordinator: bool = False) -> None:
+        # DCP replaces meta tensors with empty ones on the process group's device before it
+        # loads them; without a group it fails, so one process gets them on the CPU here
+        if not torch.distributed.is_initialized():
+            materialize_meta(state_dict)
+        super().set_up_planner(state_dict, metadata, is_coordinator)
 
     def create_local_plan(self) -> LoadPlan:
         """(all ranks) Check this rank's state dict, and hand its keys and problems on to the

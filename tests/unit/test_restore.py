@@ -220,3 +220,29 @@ def test_read_vectored_batches_past_iov_max_and_stops_at_the_end(tmp_path, monke
     assert store.read_vectored("o", 980, [memoryview(b) for b in tail]) == 20
     assert b"".join(tail)[:20] == (bytes(range(250)) * 4)[980:]
     store.close_files()
+
+
+@pytest.mark.parametrize("bad, says", [
+    (torch.zeros(1, 200).expand(300, 200), "share memory"),
+    (torch.zeros(300, 200).to_sparse(), "layout torch.sparse_coo"),
+])
+def test_a_destination_that_cannot_hold_the_values_is_refused_before_any_read(tmp_path, bad,
+                                                                              says):
+    url = str(tmp_path)
+    dckpt.save({"w": torch.randn(300, 200), "b": torch.randn(200)}, url, step=1)
+    b = torch.zeros(200)
+    with pytest.raises(dckpt.StateDictError, match=says) as e:
+        dckpt.load({"w": bad, "b": b}, url)
+    assert "w:" in str(e.value) and not b.any()  # refused whole: nothing loaded
+
+
+def test_meta_tensors_are_materialized_in_one_process_as_with_a_process_group(tmp_path):
+    url = str(tmp_path)
+    state = {"w": torch.randn(30, 20), "nested": {"b": torch.randn(20)}, "list": [torch.ones(3)]}
+    dckpt.save(state, url, step=1)
+    out = {"w": torch.empty(30, 20, device="meta"),
+           "nested": {"b": torch.empty(20, device="meta")}, "list": [torch.empty(3, device="meta")]}
+    dckpt.load(out, url)
+    assert out["w"].device.type == "cpu" and torch.equal(out["w"], state["w"])
+    assert torch.equal(out["nested"]["b"], state["nested"]["b"])
+    assert torch.equal(out["list"][0], state["list"][0])
