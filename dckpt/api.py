@@ -12,7 +12,14 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt import dedup, dist, layout
-from dckpt.arguments import check_seconds, check_state_dict, check_step, public, storage_error
+from dckpt.arguments import (
+    check_bool,
+    check_seconds,
+    check_state_dict,
+    check_step,
+    public,
+    storage_error,
+)
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.diff import Diff, diff_manifests
@@ -178,8 +185,7 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     tier's reader fetches what its node lacks from the nodes that hold it."""
     check_state_dict(state_dict)
     check_step(step, optional=True)
-    if not isinstance(partial, bool):
-        raise ArgumentError(f"partial must be a bool, got {partial!r}")
+    check_bool(partial, "partial")
     config = config or LoadConfig()
     store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time
@@ -283,6 +289,8 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
     exist). Not collective."""
     check_step(step, optional=True)
+    check_bool(all_steps, "all_steps")
+    check_bool(quarantine, "quarantine")
     store = open_repository(url, storage_options)
     steps = committed_steps(store)
     if step is not None:
@@ -337,6 +345,7 @@ def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
     spared: saves younger than ``min_age_s`` may be in flight; a checkpoint deleted less than
     ``deleted_min_age_s`` ago, default ``min_age_s``, may be a save's base). ``dry_run``:
     report, remove nothing. Not collective."""
+    check_bool(dry_run, "dry_run")
     check_seconds(min_age_s, "min_age_s")
     check_seconds(deleted_min_age_s, "deleted_min_age_s", optional=True)
     store = open_repository(url, storage_options)
@@ -381,6 +390,7 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
     read time from a measured sample, free space (see dckpt.health). Not collective."""
     check_seconds(max_age_s, "max_age_s", optional=True)
+    check_bool(verify, "verify")
     store = open_repository(url, storage_options, required=False)
     return check_health(store, list_checkpoints(url, storage_options=storage_options),
                         max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,

@@ -4,6 +4,7 @@ that only DckptError subclasses leave those functions (``public``)."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -12,8 +13,8 @@ from typing import Any, TypeVar
 from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.layout import MAX_STEP
 
-__all__ = ["check_step", "check_state_dict", "check_seconds", "check_options", "check_url",
-           "public", "storage_error"]
+__all__ = ["check_step", "check_bool", "check_state_dict", "check_seconds", "check_options",
+           "check_url", "public", "storage_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,6 +26,12 @@ def check_step(step: object, name: str = "step", *, optional: bool = False) -> i
         raise ArgumentError(f"{name} must be an int in [0, {MAX_STEP}]"
                             f"{' or None' if optional else ''}, got {_show(step)}")
     return step
+
+
+def check_bool(value: object, name: str) -> bool:
+    if type(value) is not bool:
+        raise ArgumentError(f"{name} must be True or False, got {_show(value)}")
+    return value
 
 
 def check_state_dict(state_dict: object) -> None:
@@ -90,13 +97,21 @@ def storage_error(e: BaseException, what: str) -> DckptError:
 
 
 def public(fn: F) -> F:
-    """Only DckptError subclasses leave ``fn``: anything else is translated, and chained."""
+    """Only DckptError subclasses leave ``fn``: anything else is translated, and chained; a
+    call that does not fit its signature (a missing or unknown argument) is an
+    ArgumentError."""
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise ArgumentError(f"{fn.__qualname__}: {e}") from None
         try:
             return fn(*args, **kwargs)
         except DckptError:
             raise
         except Exception as e:
-            raise storage_error(e, f"dckpt.{fn.__name__}") from e
+            raise storage_error(e, f"dckpt.{fn.__qualname__}") from e
     return wrapper  # type: ignore[return-value]

@@ -72,9 +72,15 @@ class StateDictError(DckptError, ValueError):
     """The state dict does not fit the checkpoint (or cannot be saved); lists every problem."""
 
 
-class ArgumentError(DckptError, ValueError):
-    """An argument of a public function or config is of the wrong type or out of range;
+class ArgumentError(DckptError, ValueError, TypeError):
+    """An argument of a public function or config is of the wrong type or out of range (or
+    missing, or unknown: a TypeError too, as Python's own call errors are);
     raised before anything is read or written."""
+
+
+class SaveTimeoutError(DckptError, TimeoutError):
+    """``SaveHandle.wait(timeout)`` returned before the save ended; the save goes on in the
+    background (wait again, or see ``handle.done()``)."""
 
 
 class StorageError(DckptError):

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from dckpt.arguments import check_seconds
+from dckpt.errors import SaveTimeoutError
 from dckpt.info import CheckpointInfo
 
 __all__ = ["SaveHandle"]
@@ -55,14 +57,16 @@ class SaveHandle:
                 pass
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
-        """Block until committed (the info) or failed (raises); TimeoutError past ``timeout``."""
+        """Block until committed (the info) or failed (raises); SaveTimeoutError (a
+        TimeoutError) past ``timeout`` seconds, the save going on."""
+        timeout = check_seconds(timeout, "timeout", optional=True)
         if self._future is None:
             return None
         try:
             return self._future.result(timeout)
         except FutureTimeout:
-            raise TimeoutError(f"the save of step {self.step} is still running after "
-                               f"{timeout} s") from None
+            raise SaveTimeoutError(f"the save of step {self.step} is still running after "
+                                   f"{timeout} s; it goes on in the background") from None
 
     @property
     def error(self) -> BaseException | None:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 from dckpt import api, dist
-from dckpt.arguments import check_url
+from dckpt.arguments import check_bool, check_state_dict, check_step, check_url, public
 from dckpt.config import LoadConfig, ManagerConfig, SaveConfig
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
@@ -30,7 +30,7 @@ from dckpt.saver import SaveHandle
 from dckpt.tiers import MemorySaves
 from dckpt.triggers import Moment, OnPreemption, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
-from dckpt.writer import Writer
+from dckpt.writer import Writer, check_metrics
 
 __all__ = ["CheckpointManager", "RetentionReport"]
 
@@ -56,6 +56,7 @@ class CheckpointManager:
     dckpt.Metrics, records every save, failure, restore and retention run.
     """
 
+    @public
     def __init__(self, url: str, config: ManagerConfig | None = None, *,
                  save_every_steps: int | None = None, save_every_seconds: float | None = None,
                  save_at_epoch_end: bool = False,
@@ -128,12 +129,20 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- restore
 
+    @public
     def restore(self, state_dict: dict, *, step: int | None = None,
                 best_metric: tuple[str, Literal["min", "max"]] | None = None,
                 partial: bool = False) -> CheckpointInfo | None:
         """(collective) Load the newest checkpoint that loads cleanly (damaged ones skipped,
         all ranks agreeing), the chosen ``step``, or the best by ``best_metric=(name,
         mode)``. None when the repository holds no checkpoint: a fresh start."""
+        check_state_dict(state_dict)
+        check_step(step, optional=True)
+        check_bool(partial, "partial")
+        if best_metric is not None and not (isinstance(best_metric, tuple | list)
+                                            and len(best_metric) == 2):
+            raise ArgumentError("restore: best_metric must be a (name, 'min' or 'max') pair, "
+                                f"got {best_metric!r}")
         if step is not None and best_metric is not None:
             raise ArgumentError("restore: pass step or best_metric, not both")
         if best_metric is not None:
@@ -187,18 +196,25 @@ class CheckpointManager:
         """Committed checkpoints, oldest first (not collective)."""
         return self._upkeep.checkpoints()
 
+    @public
     def best(self, metric: str, mode: Literal["min", "max"] = "min") -> CheckpointInfo | None:
         """The committed checkpoint with the best ``metric`` (not collective)."""
+        if not isinstance(metric, str) or mode not in ("min", "max"):
+            raise ArgumentError(f"best(metric, mode): a metric name and 'min' or 'max', got "
+                                f"{metric!r}, {mode!r}")
         ranked = best(self.checkpoints(), metric, mode)
         return ranked[0] if ranked else None
 
     # ----------------------------------------------------------------- saving
 
+    @public
     def maybe_save(self, step: int, state_dict: dict, metrics: dict | None = None, *,
                    epoch_end: bool = False) -> Result:
         """(collective, every step) Save if a trigger fires at ``step``: the handle of the
         async save (or the info of a sync one), else None. After a preemption signal: the
         emergency checkpoint, then the job exits (see the class)."""
+        _check_save_call(step, state_dict, metrics)
+        check_bool(epoch_end, "epoch_end")
         if self._closed:
             raise DckptError(f"CheckpointManager({self.url!r}).maybe_save at step {step} after "
                              "close() (or after a preemption checkpoint): this manager saves "
@@ -237,8 +253,10 @@ class CheckpointManager:
             watched = dist.broadcast(watched, self._broadcasts)  # type: ignore[assignment]
         return watched
 
+    @public
     def save(self, step: int, state_dict: dict, metrics: dict | None = None) -> Result:
         """(collective) Save now, whatever the triggers say."""
+        _check_save_call(step, state_dict, metrics)
         self._poll()
         return self._save(step, state_dict, metrics, "asked", self._watched(metrics))
 
@@ -364,6 +382,7 @@ class CheckpointManager:
         self._poll(wait=True)
         self._upkeep.wait()
 
+    @public
     def close(self) -> None:
         """(collective) Wait for the saves in flight and their retention; saves nothing
         else. A clean end: the memory tier's folder is removed."""
@@ -386,3 +405,11 @@ class CheckpointManager:
 
     def __exit__(self, *exc: object) -> None:
         self._close(remove_memory=exc[0] is None)  # after a crash the restart may need it
+
+
+def _check_save_call(step: object, state_dict: object, metrics: object) -> None:
+    """A save's arguments, refused at once (a failed save lets training go on; a wrong
+    argument would fail every save)."""
+    check_step(step)
+    check_state_dict(state_dict)
+    check_metrics(metrics)

@@ -23,10 +23,17 @@ Policy = Callable[[Sequence[CheckpointInfo]], Iterable[int]]
 
 class _Composable:
     def __or__(self, other: Policy) -> _Union:
-        return _Union((self, other))  # type: ignore[arg-type]
+        return _Union((self, _policy(other)))  # type: ignore[arg-type]
 
     def __ror__(self, other: Policy) -> _Union:
-        return _Union((other, self))  # type: ignore[arg-type]
+        return _Union((_policy(other), self))  # type: ignore[arg-type]
+
+
+def _policy(other: object) -> Policy:
+    if not callable(other):
+        raise ArgumentError(f"a retention policy composes with policies (callables), not "
+                            f"{type(other).__name__} {other!r}")
+    return other  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -37,7 +44,7 @@ class _Union(_Composable):
         return {s for p in self.policies for s in p(checkpoints)}
 
     def __or__(self, other: Policy) -> _Union:
-        return _Union((*self.policies, other))
+        return _Union((*self.policies, _policy(other)))
 
     def __repr__(self) -> str:
         return " | ".join(map(repr, self.policies))
@@ -69,6 +76,8 @@ class KeepBest(_Composable):
     def __post_init__(self) -> None:
         if not isinstance(self.n, int) or self.n < 1:
             raise ArgumentError(f"KeepBest(n, ...): n must be an int >= 1, got {self.n!r}")
+        if not isinstance(self.metric, str) or not self.metric:
+            raise ArgumentError(f"KeepBest metric must be a metric's name, got {self.metric!r}")
         if self.mode not in ("min", "max"):
             raise ArgumentError(f"KeepBest mode must be 'min' or 'max', got {self.mode!r}")
 

@@ -26,6 +26,8 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import dist
+from dckpt.arguments import check_bool
+from dckpt.errors import ArgumentError
 from dckpt.planner import RANK_LOCAL
 
 __all__ = ["TrainState", "RandomStates", "rng_state", "set_rng_state"]
@@ -108,14 +110,20 @@ class TrainState(Stateful):
         self.dataloader = dataloader
         self.extra = extra if extra is not None else {}
         self.rng = rng
-        for name, obj in (("scheduler", scheduler), ("scaler", scaler),
-                          ("dataloader", dataloader)):
+        models = model if isinstance(model, list) else [model]
+        if not models or not all(isinstance(m, torch.nn.Module) for m in models):
+            raise ArgumentError(f"TrainState model must be a torch.nn.Module or a non-empty "
+                                f"list of them, got {type(model).__name__}")
+        optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
+        for name, obj in (*(("optimizer", o) for o in optimizers), ("scheduler", scheduler),
+                          ("scaler", scaler), ("dataloader", dataloader)):
             if obj is not None and not (hasattr(obj, "state_dict")
                                         and hasattr(obj, "load_state_dict")):
-                raise TypeError(f"TrainState {name}: {type(obj).__name__} has no "
-                                "state_dict() / load_state_dict()")
+                raise ArgumentError(f"TrainState {name}: {type(obj).__name__} has no "
+                                    "state_dict() / load_state_dict()")
         if not isinstance(self.extra, dict):
-            raise TypeError(f"TrainState extra must be a dict, got {type(extra).__name__}")
+            raise ArgumentError(f"TrainState extra must be a dict, got {type(extra).__name__}")
+        check_bool(rng, "TrainState rng")
 
     def _optimizers(self) -> Any:
         return () if self.optimizer is None else self.optimizer

@@ -7,6 +7,7 @@ import collections
 import copy
 import json
 import os
+import threading
 import shutil
 
 import pytest
@@ -317,6 +318,18 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("SaveConfig block", lambda: dckpt.SaveConfig(block_size_bytes=3)),
         ("LoadConfig threads", lambda: dckpt.LoadConfig(reader_threads=0)),
         ("KeepLast 0", lambda: dckpt.KeepLast(0)),
+        ("KeepBest metric int", lambda: dckpt.KeepBest(2, 5)),
+        ("policy | int", lambda: dckpt.KeepLast(1) | 5),
+        ("int | policy", lambda: 5 | dckpt.KeepLast(1)),
+        ("save no step", lambda: dckpt.save(sd, url)),  # type: ignore[call-arg]
+        ("load unknown keyword", lambda: dckpt.load(sd, url, stepp=1)),
+        ("verify all_steps str", lambda: dckpt.verify(url, all_steps="yes")),
+        ("gc dry_run str", lambda: dckpt.gc(url, dry_run="yes")),
+        ("health verify int", lambda: dckpt.health(url, verify=1)),
+        ("manager unknown keyword", lambda: dckpt.CheckpointManager(url, save_every=5)),
+        ("TrainState model int", lambda: dckpt.TrainState(5)),
+        ("TrainState optimizer int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), 5)),
+        ("TrainState extra int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), extra=5)),
     ]
 
 
@@ -335,6 +348,47 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
         assert len(str(e.value)) < 600 and "Traceback" not in str(e.value), name
         assert not os.path.exists(url), f"{name} wrote {os.listdir(url)}"
     assert file_url.read_bytes() == b"x"
+
+
+def test_a_managers_bad_arguments_raise_at_once_not_as_failed_saves(tmp_path):
+    url = str(tmp_path / "repo")
+    mgr = dckpt.CheckpointManager(url, save_every_steps=1, async_save=False)
+    sd = {"w": torch.ones(2)}
+    calls = [
+        ("maybe_save step str", lambda: mgr.maybe_save("3", sd)),  # "3" % 1 was a TypeError
+        ("maybe_save step -1", lambda: mgr.maybe_save(-1, sd)),
+        ("maybe_save list", lambda: mgr.maybe_save(1, [1])),
+        ("maybe_save metrics", lambda: mgr.maybe_save(1, sd, metrics={"a": object()})),
+        ("maybe_save epoch_end", lambda: mgr.maybe_save(1, sd, epoch_end="yes")),
+        ("save metrics keys", lambda: mgr.save(1, sd, metrics={1: 2.0})),
+        ("restore best str", lambda: mgr.restore(sd, best_metric="loss")),
+        ("restore partial", lambda: mgr.restore(sd, partial=1)),
+        ("restore step", lambda: mgr.restore(sd, step=-1)),
+        ("best mode", lambda: mgr.best("loss", "up")),
+    ]
+    for name, call in calls:
+        with pytest.raises(dckpt.ArgumentError):
+            call()
+    assert mgr.failures == [] and dckpt.list_checkpoints(url) == []
+    mgr.close()
+
+
+def test_a_wait_past_its_timeout_is_a_dckpt_error_and_the_save_goes_on(tmp_path):
+    url = str(tmp_path / "repo")
+    gate = threading.Event()
+    saver = dckpt.AsyncSaver()
+    original = saver._persist.submit
+    saver._persist.submit = lambda fn, *a, **k: original(lambda: (gate.wait(30), fn(*a, **k))[1])
+    handle = saver.async_save({"w": torch.ones(2)}, url, step=1)
+    for bad in (-1, float("nan"), "1"):
+        with pytest.raises(dckpt.ArgumentError):
+            handle.wait(timeout=bad)
+    with pytest.raises(dckpt.SaveTimeoutError) as e:
+        handle.wait(timeout=0.05)
+    assert isinstance(e.value, TimeoutError) and "goes on" in str(e.value)
+    gate.set()
+    assert handle.wait(timeout=30).step == 1
+    saver.close()
 
 
 def test_empty_and_absent_repositories(tmp_path):
