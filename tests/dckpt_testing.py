@@ -41,8 +41,9 @@ delay_s. Set by arm()."""
 
 def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0) -> None:
     """Arm a fault for this process's faultyfile:// and faultys3:// writes: past
-    ``after_bytes`` the write fails ('enospc', 'eio') or the process dies ('kill'); 'slow'
-    makes every write sleep ``delay_s`` first and fail nothing."""
+    ``after_bytes`` the write fails ('enospc', 'eio'), the process dies ('kill') or stops
+    until a SIGCONT ('stop'); 'slow' makes every write sleep ``delay_s`` first and fail
+    nothing."""
     FAULT.clear()
     FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s)
 
@@ -67,6 +68,10 @@ class _FaultyFile:
             FAULT["written"] = FAULT["after_bytes"]
             if FAULT["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if FAULT["kind"] == "stop":  # frozen, alive, its sockets open; goes on at SIGCONT
+                FAULT.clear()
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return self._f.write(data)
             if FAULT["kind"] == "enospc":
                 raise OSError(errno.ENOSPC, "No space left on device (injected)")
             raise OSError(errno.EIO, "SlowDown: service unavailable (injected)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import pytest
@@ -79,20 +80,25 @@ def test_a_background_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path,
 TIMEOUT_S = 8.0
 
 
-def _killed_during_background_write(rank, world, url, victim):
+def _killed_during_background_write(rank, world, url, victim, fault="kill"):
+    pids = [None] * world
+    torch.distributed.all_gather_object(pids, os.getpid())
     config = dckpt.SaveConfig(collective_timeout_s=TIMEOUT_S)
     dckpt.async_save(_state(1.0), url, step=1, config=config).wait(timeout=60)
     if rank == victim:
-        arm("kill", after_bytes=100_000)  # SIGKILL this rank inside its background write
+        arm(fault, after_bytes=100_000)  # SIGKILL / SIGSTOP this rank in its background write
     handle = dckpt.async_save(_state(2.0), url, step=2, config=config)
     t0 = time.monotonic()
     for _ in range(20):  # the training loop goes on meanwhile
         torch.mm(torch.ones(64, 64), torch.ones(64, 64))
     try:
         handle.wait(timeout=TIMEOUT_S * 4)
-        return "committed", time.monotonic() - t0
+        outcome = ("committed", time.monotonic() - t0)
     except dckpt.CommitError as e:
-        return "CommitError", time.monotonic() - t0, str(e)
+        outcome = ("CommitError", time.monotonic() - t0, str(e))
+    if fault == "stop" and rank != victim:  # the frozen rank goes on once the others gave up
+        os.kill(pids[victim], signal.SIGCONT)
+    return outcome
 
 
 @pytest.mark.parametrize("victim", [0, 1])
@@ -110,6 +116,23 @@ def test_sigkill_during_the_background_write_fails_the_survivor_within_the_timeo
     state = {"w": torch.zeros(ROWS, COLS), "bias": torch.zeros(8), "step": 0}
     dckpt.load(state, str(tmp_path))  # one process reads the two ranks' checkpoint
     assert torch.equal(state["w"], torch.full((ROWS, COLS), 1.0)) and state["step"] == 1
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_frozen_in_the_background_write_fails_every_rank_and_commits_nothing(
+        tmp_path, victim):
+    """SIGSTOP instead of SIGKILL: the frozen rank's sockets stay open and answer nothing;
+    the survivor's wait fails within the collective timeout, and the frozen rank, resumed
+    after that, fails too."""
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_killed_during_background_write, 2, url, victim, "stop",
+                         allow_failures=True, timeout_s=120)
+    survivor, frozen = outcomes[1 - victim], outcomes[victim]
+    assert survivor.exitcode == 0 and survivor.value[0] == "CommitError", survivor
+    assert survivor.value[1] < TIMEOUT_S + 5, survivor.value
+    assert frozen.exitcode == 0 and frozen.value[0] == "CommitError", frozen
+    assert not os.path.exists(tmp_path / "manifests" / "000000000002.json")
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
 
 
 def _skip_agreement(rank, world, url):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import time
 
 import pytest
 import torch
@@ -131,6 +133,45 @@ def test_sigkill_of_one_rank_mid_save_leaves_the_previous_checkpoint(tmp_path, v
     assert outcomes[victim].killed
     survivor = outcomes[1 - victim]
     assert survivor.exitcode == 0 and survivor.value[0] == "CommitError", survivor
+    assert not os.path.exists(tmp_path / "manifests" / "000000000002.json")
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    assert [o.value for o in run_ranks(_load_full, 2, str(tmp_path))] == [(1, True)] * 2
+
+
+def _save_then_stop(rank, world, url, victim):
+    from dckpt_testing import arm
+
+    pids = [None] * world
+    torch.distributed.all_gather_object(pids, os.getpid())
+    config = dckpt.SaveConfig(collective_timeout_s=8)
+    dckpt.save({"w": _sharded(torch.full((4, 1 << 18), 1.0))}, url, step=1, config=config)
+    if rank == victim:
+        arm("stop", after_bytes=1 << 20)  # SIGSTOP: frozen mid-write, sockets open
+    changed = torch.randn(4, 1 << 18, generator=torch.Generator().manual_seed(2))
+    t0 = time.monotonic()
+    try:
+        dckpt.save({"w": _sharded(changed)}, url, step=2, config=config)
+        outcome = "committed"
+    except dckpt.DckptError as e:
+        outcome = type(e).__name__
+    seconds = time.monotonic() - t0
+    if rank != victim:  # the frozen rank goes on only after the others gave up
+        os.kill(pids[victim], signal.SIGCONT)
+    return outcome, seconds
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_rank_frozen_mid_save_is_an_error_in_bounded_time_and_commits_nothing(tmp_path,
+                                                                                victim):
+    """A rank stopped (SIGSTOP: alive, its sockets open, answering nothing) in its writes:
+    the others raise CommitError once the collective timeout passes; resumed afterwards, the
+    frozen rank fails too, and nothing is committed."""
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_save_then_stop, 2, url, victim, allow_failures=True, timeout_s=120)
+    survivor, frozen = outcomes[1 - victim], outcomes[victim]
+    assert survivor.exitcode == 0 and survivor.value[0] == "CommitError", survivor
+    assert 8 <= survivor.value[1] < 60, survivor  # the collective timeout, not forever
+    assert frozen.value is not None and frozen.value[0] == "CommitError", frozen
     assert not os.path.exists(tmp_path / "manifests" / "000000000002.json")
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
     assert [o.value for o in run_ranks(_load_full, 2, str(tmp_path))] == [(1, True)] * 2
