@@ -20,7 +20,7 @@ GiB = 1 << 30
 
 def _positive(owner: object, **fields: float) -> None:
     for name, value in fields.items():
-        if not value > 0:
+        if type(value) not in (int, float) or not value > 0:
             raise ArgumentError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
 
 
@@ -38,6 +38,10 @@ class SaveConfig:
     """Writer threads per rank; each writes one segment object, so also segments per rank."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the save."""
+    io_stall_timeout_s: float = 300.0
+    """Writes that make no progress for this long (a hung network or FUSE mount blocks
+    them in the kernel) fail this rank's save with a StorageError, and so the save on every
+    rank; their threads are left behind (dckpt.watchdog)."""
     staging_bytes: int | None = None
     """Async saves: cap on the host memory that holds the staged copy (None: the whole
     state). Past it, the rest is written during the pause through a window of the buffer;
@@ -83,7 +87,8 @@ class SaveConfig:
     def __post_init__(self) -> None:
         _positive(self, block_size_bytes=self.block_size_bytes,
                   writer_threads=self.writer_threads,
-                  collective_timeout_s=self.collective_timeout_s)
+                  collective_timeout_s=self.collective_timeout_s,
+                  io_stall_timeout_s=self.io_stall_timeout_s)
         if not 0 <= self.persist_nice <= 19:
             raise ArgumentError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
         if self.compression not in ("auto", "on", "off"):
@@ -124,6 +129,9 @@ class LoadConfig:
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the load."""
+    io_stall_timeout_s: float = 300.0
+    """Reads that make no progress for this long (a hung network or FUSE mount) fail the
+    load with a StorageError; their threads are left behind (dckpt.watchdog)."""
     replicated: Literal["read", "broadcast", "auto"] = "auto"
     """Tensors every rank loads whole (DDP parameters, a replicated optimizer): ``"read"``,
     every rank reads them; ``"broadcast"``, one rank reads each (spread over the ranks) and
@@ -137,7 +145,8 @@ class LoadConfig:
         _positive(self, reader_threads=self.reader_threads,
                   read_request_bytes=self.read_request_bytes,
                   read_buffer_bytes=self.read_buffer_bytes,
-                  collective_timeout_s=self.collective_timeout_s)
+                  collective_timeout_s=self.collective_timeout_s,
+                  io_stall_timeout_s=self.io_stall_timeout_s)
 
 
 @dataclass(frozen=True, kw_only=True)

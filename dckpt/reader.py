@@ -188,6 +188,7 @@ class Reader(StorageReader):
         self.store = Store(url, storage_options)
         self.step = check_step(step, optional=True)
         self.config = config or LoadConfig()
+        self.store.stall_s = self.config.io_stall_timeout_s
         self.manifest = manifest
         self.bytes_read = 0
         self.phase_s: dict[str, float] = {}
@@ -287,7 +288,8 @@ class Reader(StorageReader):
         groups: dict[MetadataIndex, list[ReadItem]] = {}
         for item in plan.items:
             groups.setdefault(item.storage_index, []).append(item)
-        with Fetcher(self.store, self.config.reader_threads) as fetcher:
+        with Fetcher(self.store, self.config.reader_threads,
+                     self.config.io_stall_timeout_s) as fetcher:
             window: list[_Job] = []
             window_bytes = 0
             values: list[_Value] = []  # small: read beside the tensors, delivered last
@@ -299,15 +301,14 @@ class Reader(StorageReader):
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
                 size = 0 if job.direct else job.buffer.numel()
                 if window and window_bytes + size > self.config.read_buffer_bytes:
-                    self._finish(window, planner)
+                    self._finish(fetcher, window, planner)
                     window, window_bytes = [], 0
                 self._start(fetcher, job)
                 window.append(job)
                 window_bytes += size
-            self._finish(window, planner)
+            self._finish(fetcher, window, planner)
             for value in values:
-                for f in value.futures:
-                    self.bytes_read += f.result()
+                self.bytes_read += sum(fetcher.results(value.futures))
                 self.deliver_value(value.buf, value.fqn, value.encoding, value.items, planner)
         self._io_s, self._verify_s = fetcher.io_s, fetcher.verify_s
 
@@ -373,10 +374,9 @@ class Reader(StorageReader):
         job.futures = [fetcher.submit_span(span, dest, what) for span in
                        spans(requests, self.config.read_request_bytes, SPAN_GAP_BYTES)]
 
-    def _finish(self, window: list[_Job], planner: LoadPlanner) -> None:
+    def _finish(self, fetcher: Fetcher, window: list[_Job], planner: LoadPlanner) -> None:
         for job in window:
-            for f in job.futures:
-                self.bytes_read += f.result()
+            self.bytes_read += sum(fetcher.results(job.futures))
             for item, target in zip(job.items, job.targets):
                 if not job.direct:
                     t0 = time.perf_counter()

@@ -18,11 +18,13 @@ import torch
 
 from dckpt.blocks import check
 from dckpt.codec import decode
+from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.errors import IntegrityError
 from dckpt.manifest import BlockRef, Manifest, StoredData, TensorEntry
 from dckpt.storage import Store
 from dckpt.values import safe_load
+from dckpt.watchdog import Stalled, wait_all
 
 __all__ = ["Request", "Span", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
            "read_item", "read_value", "read_stored_sample", "READ_THREADS"]
@@ -126,8 +128,11 @@ def _span(segment: str, run: list[Request]) -> Span:
 class Fetcher:
     """A pool of reader threads over one store. Use as a context manager."""
 
-    def __init__(self, store: Store, threads: int) -> None:
+    def __init__(self, store: Store, threads: int,
+                 stall_s: float = LoadConfig.io_stall_timeout_s) -> None:
         self.store = store
+        self.stall_s = stall_s
+        """``results`` gives up after this long without a read done (dckpt.watchdog)."""
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dckpt-read")
         self._lock = threading.Lock()
         self.io_s = 0.0
@@ -138,9 +143,18 @@ class Fetcher:
     def __enter__(self) -> Fetcher:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, *exc: object) -> None:
+        if kind is Stalled:  # readers blocked in the kernel: neither waited for nor their
+            self._pool.shutdown(wait=False, cancel_futures=True)  # files closed under them
+            return
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.store.close_files()
+
+    def results(self, futures: Sequence[Future[int]]) -> list[int]:
+        """The futures' results (bytes read), in order; Stalled past ``stall_s`` without
+        one done: a failed load leaves its destination tensors undefined, and here they may
+        still change, if the storage answers again."""
+        return wait_all(futures, self.stall_s, f"reads from {self.store.url}")
 
     def submit(self, request: Request, dest: memoryview, what: str) -> Future[int]:
         return self._pool.submit(self.fetch, request, dest, what)
@@ -286,10 +300,8 @@ def read_stored(fetcher: Fetcher, data: StoredData, what: str) -> bytearray:
     """The raw bytes of one stored item, every block verified (coalesced parallel reads)."""
     out = bytearray(data.nbytes)
     _, picked = blocks_in_range(data, 0, data.nbytes)
-    futures = [fetcher.submit(req, memoryview(out), what)
-               for req in coalesce(picked, READ_REQUEST_BYTES)]
-    for f in futures:
-        f.result()
+    fetcher.results([fetcher.submit(req, memoryview(out), what)
+                     for req in coalesce(picked, READ_REQUEST_BYTES)])
     return out
 
 

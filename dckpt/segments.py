@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import BinaryIO
 
 import torch
@@ -72,6 +73,9 @@ class SegmentOut:
     """
 
     ALIGN_FROM_BYTES = 1 << 20  # smaller items are packed: the padding would cost more
+    WRITE_BYTES = 64 << 20
+    """A run of blocks is written in calls of at most this many bytes (a whole number of
+    pages), each a sign of progress (``beat``) for the wait on the writer threads."""
 
     def __init__(self, f: BinaryIO, name: str, block_size: int, *, align: int = 0,
                  index: BlockIndex | None = None, compress: bool = False) -> None:
@@ -91,6 +95,8 @@ class SegmentOut:
         its fragmentation, the fraction it would have written: how much the item changed."""
         self.seconds = dict.fromkeys(("copy", "hash", "lookup", "compress", "io"), 0.0)
         """Where this segment's time went (a few clock reads per block: cheap)."""
+        self.beat: Callable[[], None] = _nothing
+        """Called after each write: progress, for a watchdog (dckpt.watchdog)."""
 
     def append(self, buf: memoryview, *, planes: int = 1, block_size: int | None = None,
                min_run_bytes: int | None = None) -> list[BlockRef]:
@@ -128,10 +134,11 @@ class SegmentOut:
         pending = [0, 0]  # raw blocks not yet written: one write for a run of them
 
         def flush() -> None:
-            if pending[1] > pending[0]:
+            for start in range(pending[0], pending[1], self.WRITE_BYTES):
                 t = clock()
-                self.f.write(buf[pending[0]: pending[1]])
+                self.f.write(buf[start: min(pending[1], start + self.WRITE_BYTES)])
                 seconds["io"] += clock() - t
+                self.beat()
 
         for (start, length), (d, ref) in zip(cuts, found):
             if ref is None and index is not None:
@@ -158,6 +165,7 @@ class SegmentOut:
                     t = clock()
                     self.f.write(encoded[1])
                     seconds["io"] += clock() - t
+                    self.beat()
                 self.offset += ref.length
                 self.written += ref.length
                 self.raw_written += length
@@ -216,3 +224,7 @@ def byte_planes(dtype: torch.dtype) -> int:
     if dtype.is_complex:
         return dtype.itemsize // 2
     return dtype.itemsize if dtype.is_floating_point and dtype.itemsize in (2, 4, 8) else 1
+
+
+def _nothing() -> None:
+    pass

@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import posixpath
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 import numpy as np
@@ -28,6 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.arguments import check_options, check_url
 from dckpt.errors import ArgumentError
+from dckpt.watchdog import call_bounded
 
 __all__ = ["Store", "DirectFile", "DIRECT_ALIGN", "address", "direct_pad"]
 
@@ -51,8 +53,27 @@ def s3_options(options: dict) -> dict:
     return {**options, "config_kwargs": config}
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _bounded(method: F) -> F:
+    """A local store's metadata operation, given up after ``Store.stall_s`` (a hung mount
+    blocks it in the kernel: dckpt.watchdog); object stores bound their own requests."""
+    @functools.wraps(method)
+    def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
+        if not self.local:
+            return method(self, *args, **kwargs)
+        return call_bounded(lambda: method(self, *args, **kwargs), self.stall_s,
+                            f"{self.url}: {method.__name__} {args[0] if args else ''}")
+    return wrapper  # type: ignore[return-value]
+
+
 class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
+
+    stall_s = 300.0
+    """Local metadata operations (listings, manifests, folder syncs) that do not return in
+    this long raise Stalled (a StorageError); set from ``io_stall_timeout_s``."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = check_url(url)
@@ -146,6 +167,7 @@ class Store:
             raise
         self.sync_folder(folder or ".")
 
+    @_bounded
     def sync_folder(self, name: str) -> None:
         """Make the entries of a local folder durable (no-op on object stores)."""
         if self.local:
@@ -155,6 +177,7 @@ class Store:
             finally:
                 os.close(fd)
 
+    @_bounded
     def create_exclusive(self, name: str, data: bytes) -> None:
         """Atomically create ``name`` holding ``data``; FileExistsError when it exists."""
         path = self.path(name)
@@ -182,6 +205,7 @@ class Store:
 
     # ------------------------------------------------------------ reads
 
+    @_bounded
     def read_bytes(self, name: str) -> bytes:
         return self.fs.cat_file(self.path(name))
 
@@ -258,12 +282,15 @@ class Store:
         for fd in fds:
             os.close(fd)
 
+    @_bounded
     def size(self, name: str) -> int:
         return int(self.fs.size(self.path(name)))
 
+    @_bounded
     def exists(self, name: str) -> bool:
         return bool(self.fs.exists(self.path(name)))
 
+    @_bounded
     def list_names(self, folder: str) -> list[str]:
         """Base names directly under ``folder``; empty when it does not exist."""
         try:
@@ -274,6 +301,7 @@ class Store:
             entries = self.fs.ls(self.path(folder), detail=False)
         return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
 
+    @_bounded
     def list_sizes(self, folder: str) -> dict[str, int]:
         """Base name -> size in bytes of the objects directly under ``folder``."""
         try:
@@ -283,6 +311,7 @@ class Store:
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") != "directory"}
 
+    @_bounded
     def remove_folder(self, name: str) -> None:
         """Remove an empty local folder (object stores have none); a non-empty one stays."""
         if self.local:
@@ -291,6 +320,7 @@ class Store:
             except OSError:
                 pass
 
+    @_bounded
     def delete(self, name: str) -> None:
         try:
             self.fs.rm_file(self.path(name))

@@ -64,6 +64,7 @@ from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
 from dckpt.storage import DIRECT_ALIGN, Store
 from dckpt.values import RawBytes
+from dckpt.watchdog import Heartbeat, wait_all
 
 __all__ = ["Writer", "check_metrics"]
 
@@ -117,6 +118,7 @@ class Writer(StorageWriter):
         self.step = step
         self.metrics = check_metrics(metrics)
         self.config = config or SaveConfig()
+        self.store.stall_s = self.config.io_stall_timeout_s
         self.is_coordinator = False
         self.info: CheckpointInfo | None = None
         self._attempt = ""
@@ -128,6 +130,8 @@ class Writer(StorageWriter):
         """Items this rank wrote whole for their fragmentation (``min_read_run_bytes``)."""
         self.written_at: float | None = None
         """(all ranks) When this rank's writes were done (``time.perf_counter``)."""
+        self._heartbeat = Heartbeat()
+        """Progress of this rank's writes, for the bounded wait on the writer threads."""
         self._lock = threading.Lock()
         """This rank's part of the save, in seconds: ``rank_plan`` (DCP's planning, its
         collectives included), ``rank_write`` (wall time of this rank's writes) and, summed
@@ -202,6 +206,7 @@ class Writer(StorageWriter):
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
         self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
+        self._heartbeat = Heartbeat()
         self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
         self._index = (dedup.index_for(self.store, assignment.base) if self.config.dedup
                        else None)
@@ -210,13 +215,18 @@ class Writer(StorageWriter):
         bins = [[items[k] for k in b] for b in balance(
             sizes, segments_for(sum(sizes), self.config.writer_threads))]
         if bins:
-            with ThreadPoolExecutor(len(bins), thread_name_prefix="dckpt-write") as pool:
+            pool = ThreadPoolExecutor(len(bins), thread_name_prefix="dckpt-write")
+            try:
                 futures = [pool.submit(self._write_segment,
                                        layout.segment_name(assignment.attempt, assignment.rank, k),
                                        items, planner)
                            for k, items in enumerate(bins)]
-                for f in futures:
-                    results.extend(f.result())
+                for part in wait_all(futures, self.config.io_stall_timeout_s,
+                                     f"rank {assignment.rank}'s writes of step {self.step}",
+                                     self._heartbeat):
+                    results.extend(part)
+            finally:  # after a failure, writers still running finish on their own
+                pool.shutdown(wait=False, cancel_futures=True)
             t = time.perf_counter()
             self.store.sync_folder(f"{layout.DATA_DIR}/{assignment.attempt}")
             self.rank_s["rank_sync_folder"] = time.perf_counter() - t
@@ -297,9 +307,11 @@ class Writer(StorageWriter):
         return self.store.open_write(name, direct=direct)
 
     def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
-        return SegmentOut(f, name, self.config.block_size_bytes,
-                          align=DIRECT_ALIGN if direct else 0, index=self._index,
-                          compress=self.compresses)
+        out = SegmentOut(f, name, self.config.block_size_bytes,
+                         align=DIRECT_ALIGN if direct else 0, index=self._index,
+                         compress=self.compresses)
+        out.beat = self._heartbeat.beat
+        return out
 
     @property
     def compresses(self) -> bool:

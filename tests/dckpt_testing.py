@@ -42,8 +42,8 @@ delay_s. Set by arm()."""
 def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0) -> None:
     """Arm a fault for this process's faultyfile:// and faultys3:// writes: past
     ``after_bytes`` the write fails ('enospc', 'eio'), the process dies ('kill') or stops
-    until a SIGCONT ('stop'); 'slow' makes every write sleep ``delay_s`` first and fail
-    nothing."""
+    until a SIGCONT ('stop') or every write blocks ``delay_s`` first ('hang'); 'slow' makes
+    every write sleep ``delay_s`` first and fail nothing."""
     FAULT.clear()
     FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s)
 
@@ -68,6 +68,10 @@ class _FaultyFile:
             FAULT["written"] = FAULT["after_bytes"]
             if FAULT["kind"] == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if FAULT["kind"] == "hang":  # every write from here on blocks delay_s first
+                FAULT["kind"] = "slow"
+                time.sleep(FAULT["delay_s"])
+                return self._f.write(data)
             if FAULT["kind"] == "stop":  # frozen, alive, its sockets open; goes on at SIGCONT
                 FAULT.clear()
                 os.kill(os.getpid(), signal.SIGSTOP)

@@ -17,7 +17,7 @@ DESIGN = PACKAGE.parent / "docs" / "design.md"
 LAYERS = [
     # pure: the format, names, configs and decisions over lists
     {"errors", "layout", "dtypes", "manifest", "decoder", "blocks", "codec", "info",
-     "arguments", "triggers", "retention", "config"},
+     "arguments", "triggers", "retention", "config", "watchdog"},
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
@@ -44,7 +44,7 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
 }
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "manifest", "decoder", "blocks", "codec", "info",
-              "triggers", "retention", "arguments", "prefetch"}
+              "triggers", "retention", "arguments", "prefetch", "watchdog"}
 PREFETCH_NEEDS = {"layout", "decoder", "manifest", "errors"}
 """All ``python -m dckpt.prefetch`` loads of dckpt: the stdlib and xxhash beside them."""
 

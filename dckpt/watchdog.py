@@ -1,0 +1,81 @@
+"""Bounded waits on I/O threads.
+
+A local path may be a network or FUSE mount (NFS, Lustre, an object store mounted as a
+folder); when it stops answering, a write or read blocks in the kernel, where no timeout
+reaches. The thread that waits on the I/O threads gives up instead: ``wait_all`` raises
+StorageError once ``stall_s`` pass without progress (a request done, or ``Heartbeat.beat``
+from inside a long one). The stuck threads are left behind, on memory nothing else uses:
+a save's segments of an attempt that will not commit (gc removes them), a load's buffers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
+from typing import TypeVar
+
+from dckpt.errors import StorageError
+
+__all__ = ["Heartbeat", "Stalled", "wait_all", "call_bounded"]
+
+T = TypeVar("T")
+
+
+class Stalled(StorageError):
+    """I/O threads made no progress in time; they are still running (or blocked)."""
+
+
+class Heartbeat:
+    """The time of the last sign of progress, shared by the I/O threads of one wait."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+
+def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
+             heartbeat: Heartbeat | None = None) -> list[T]:
+    """Every future's result, in order; the first failure as soon as it is known; Stalled
+    (a StorageError) when neither a future ends nor ``heartbeat`` beats for ``stall_s``."""
+    heartbeat = heartbeat or Heartbeat()
+    pending = set(futures)
+    while pending:
+        done, pending = wait(pending, timeout=min(1.0, stall_s), return_when=FIRST_COMPLETED)
+        if done:
+            heartbeat.beat()
+            for f in done:
+                if f.exception() is not None:
+                    raise f.exception()  # type: ignore[misc]
+        elif time.monotonic() - heartbeat.last > stall_s:
+            raise Stalled(
+                f"{what}: no progress for {stall_s:g} s with {len(pending)} request(s) in "
+                "flight: the storage stopped answering (a hung network or FUSE mount?); "
+                "their threads are left behind")
+    return [f.result() for f in futures]
+
+
+def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
+    """``fn()`` in a thread of its own (a daemon: it cannot hold up the process's exit);
+    Stalled when it has not returned after ``stall_s``, its thread left behind."""
+    box: dict[str, object] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # raised in the caller's thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name="dckpt-io", daemon=True).start()
+    if not done.wait(stall_s):
+        raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
+                      "(a hung network or FUSE mount?); its thread is left behind")
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["value"]  # type: ignore[return-value]

@@ -1,0 +1,116 @@
+"""A storage that stops answering (a hung mount: I/O blocked in the kernel, no timeout
+reaches it): saves and loads fail in bounded time instead of hanging, nothing is committed,
+and the next save works."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+import dckpt
+from dckpt.reads import Fetcher
+from dckpt.watchdog import Heartbeat, Stalled, wait_all
+from dckpt_testing import arm, disarm
+
+
+def test_wait_all_gives_results_in_order_the_first_failure_or_stalled():
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(lambda i=i: (time.sleep(0.05 * (3 - i)), i)[1]) for i in range(3)]
+        assert wait_all(futures, 5.0, "x") == [0, 1, 2]
+        failing = [pool.submit(time.sleep, 2), pool.submit(lambda: 1 / 0)]
+        t0 = time.monotonic()
+        with pytest.raises(ZeroDivisionError):
+            wait_all(failing, 5.0, "x")
+        assert time.monotonic() - t0 < 1.5  # not after the slow one
+        gate = threading.Event()
+        stuck = [pool.submit(gate.wait, 30)]
+        t0 = time.monotonic()
+        with pytest.raises(Stalled, match="no progress for 0.3 s with 1 request"):
+            wait_all(stuck, 0.3, "x")
+        assert 0.3 <= time.monotonic() - t0 < 2.0
+        assert isinstance(Stalled("x"), dckpt.StorageError)
+        # a long request that shows progress is not a stall
+        beat = Heartbeat()
+
+        def steady() -> str:
+            for _ in range(10):
+                time.sleep(0.1)
+                beat.beat()
+            return "done"
+
+        assert wait_all([pool.submit(steady)], 0.4, "x", beat) == ["done"]
+        gate.set()
+
+
+STATE = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(7)}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("where", ["every write", "the segments"])
+def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path, mode,
+                                                                         where):
+    """Every write blocks 4 s (no progress for longer than the bound, 0.5 s): from the
+    first (the coordinator's small metadata writes, in the caller's thread) or from the
+    segments on (the writer threads)."""
+    url = f"faultyfile://{tmp_path}"
+    config = dckpt.SaveConfig(io_stall_timeout_s=0.5)
+    dckpt.save(STATE, url, step=1, config=config)
+    if where == "every write":
+        arm("slow", delay_s=4.0)
+    else:
+        arm("hang", after_bytes=10_000, delay_s=4.0)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(dckpt.CommitError, match="stopped answering") as e:
+            if mode == "sync":
+                dckpt.save({k: v + 1 for k, v in STATE.items()}, url, step=2, config=config)
+            else:
+                dckpt.async_save({k: v + 1 for k, v in STATE.items()}, url, step=2,
+                                 config=config).wait(timeout=30)
+        assert time.monotonic() - t0 < 3.5  # before the first blocked write even returned
+        if where == "the segments":
+            assert "rank 0's writes of step 2: no progress for 0.5 s" in str(e.value)
+    finally:
+        disarm()
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    time.sleep(4.5)  # the writer left behind finishes its segment: gc's, not a checkpoint's
+    save = dckpt.save if mode == "sync" else (
+        lambda *a, **k: dckpt.async_save(*a, **k).wait(timeout=30))
+    save({k: v + 2 for k, v in STATE.items()}, url, step=3, config=config)
+    out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    assert dckpt.load(out, str(tmp_path)).step == 3
+    assert all(torch.equal(out[k], STATE[k] + 2) for k in STATE)
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+def test_a_load_from_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path,
+                                                                          monkeypatch):
+    url = str(tmp_path)
+    dckpt.save(STATE, url, step=1)
+    read = Fetcher._read
+
+    def blocked(self, *args):
+        time.sleep(3.0)
+        return read(self, *args)
+
+    monkeypatch.setattr(Fetcher, "_read", blocked)
+    out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    t0 = time.monotonic()
+    with pytest.raises(dckpt.StorageError, match="stopped answering"):
+        dckpt.load(out, url, config=dckpt.LoadConfig(io_stall_timeout_s=0.5))
+    assert time.monotonic() - t0 < 2.5
+    monkeypatch.setattr(Fetcher, "_read", read)
+    time.sleep(3.0)
+    assert dckpt.load(out, url).step == 1 and torch.equal(out["w"], STATE["w"])
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), "5"])
+def test_the_stall_bound_is_checked(bad):
+    with pytest.raises(dckpt.ArgumentError):
+        dckpt.SaveConfig(io_stall_timeout_s=bad)
+    with pytest.raises(dckpt.ArgumentError):
+        dckpt.LoadConfig(io_stall_timeout_s=bad)
