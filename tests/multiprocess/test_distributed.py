@@ -177,6 +177,36 @@ def test_a_rank_frozen_mid_save_is_an_error_in_bounded_time_and_commits_nothing(
     assert [o.value for o in run_ranks(_load_full, 2, str(tmp_path))] == [(1, True)] * 2
 
 
+def _save_on_a_hung_mount(rank, world, url, victim):
+    from dckpt_testing import arm, disarm
+
+    config = dckpt.SaveConfig(collective_timeout_s=60, io_stall_timeout_s=1)
+    dckpt.save({"w": _sharded(torch.full((4, 1 << 18), 1.0))}, url, step=1, config=config)
+    if rank == victim:
+        arm("hang", after_bytes=1 << 20, delay_s=8)  # its writes block: a hung mount
+    changed = torch.randn(4, 1 << 18, generator=torch.Generator().manual_seed(2))
+    t0 = time.monotonic()
+    try:
+        dckpt.save({"w": _sharded(changed)}, url, step=2, config=config)
+        outcome = "committed", ""
+    except dckpt.DckptError as e:
+        outcome = type(e).__name__, str(e)
+    disarm()
+    return (*outcome, time.monotonic() - t0)
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_one_ranks_hung_mount_fails_the_save_on_every_rank_long_before_the_timeout(tmp_path,
+                                                                                   victim):
+    url = f"faultyfile://{tmp_path}"
+    outcomes = run_ranks(_save_on_a_hung_mount, 2, url, victim, timeout_s=90)
+    for o in outcomes:
+        kind, message, seconds = o.value
+        assert kind == "CommitError" and f"failed on rank {victim}" in message, o.value
+        assert "stopped answering" in message and seconds < 8, o.value  # not 60 s
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+
+
 def _load_with_fallback(rank, world, url):
     state = {"w": _sharded(torch.zeros(4, 1 << 18))}
     info = dckpt.load(state, url)
