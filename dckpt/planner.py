@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError
 from dckpt.manifest import StoredData
-from dckpt.torch_internals import is_dtensor, local_shard, set_element
+from dckpt.torch_internals import flatten_sharded_tensors, is_dtensor, local_shard, set_element
 from dckpt.values import RawBytes, safe_load, serialize
 
 __all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "plan_key", "state_dict_problems",
@@ -238,7 +238,17 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # loads them; without a group it fails, so one process gets them on the CPU here
         if not torch.distributed.is_initialized():
             materialize_meta(state_dict)
-        super().set_up_planner(state_dict, metadata, is_coordinator)
+        # IMPORTANT: the save flattens the state dict, then its ShardedTensors; DCP's load
+        # takes the two steps the other way round, and the ShardedTensor step drops empty
+        # dicts inside lists: [None, {}] was saved as "a.0" and looked for as "a", a save
+        # that no load accepted. Here the load takes them in the save's order.
+        sharded, self.flatten_sharded_tensors = self.flatten_sharded_tensors, False
+        try:
+            super().set_up_planner(state_dict, metadata, is_coordinator)
+        finally:
+            self.flatten_sharded_tensors = sharded
+        if sharded:
+            self.state_dict = flatten_sharded_tensors(self.state_dict)
 
     def create_local_plan(self) -> LoadPlan:
         """(all ranks) Check this rank's state dict, and hand its keys and problems on to the

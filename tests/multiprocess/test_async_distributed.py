@@ -118,7 +118,7 @@ def test_sigkill_during_the_background_write_fails_the_survivor_within_the_timeo
     assert torch.equal(state["w"], torch.full((ROWS, COLS), 1.0)) and state["step"] == 1
 
 
-@pytest.mark.parametrize("victim", [0, 1])
+@pytest.mark.parametrize("victim", [0])  # another rank frozen: the sync test
 def test_a_rank_frozen_in_the_background_write_fails_every_rank_and_commits_nothing(
         tmp_path, victim):
     """SIGSTOP instead of SIGKILL: the frozen rank's sockets stay open and answer nothing;

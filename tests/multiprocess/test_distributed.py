@@ -160,7 +160,7 @@ def _save_then_stop(rank, world, url, victim):
     return outcome, seconds
 
 
-@pytest.mark.parametrize("victim", [0, 1])
+@pytest.mark.parametrize("victim", [1])  # the coordinator frozen: the async test below
 def test_a_rank_frozen_mid_save_is_an_error_in_bounded_time_and_commits_nothing(tmp_path,
                                                                                 victim):
     """A rank stopped (SIGSTOP: alive, its sockets open, answering nothing) in its writes:
