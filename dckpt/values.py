@@ -8,6 +8,9 @@ raw contents (``RawBytes``, encoding ``"bytes"``).
 from __future__ import annotations
 
 import io
+import threading
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -30,10 +33,21 @@ def _refusal(e: BaseException) -> str:
     return (named or lines or [type(e).__name__])[0].removeprefix("WeightsUnpickler error: ")
 
 
+_SAFE: list[Callable[..., Any] | tuple[Callable[..., Any], str]] = [bytes]
+"""Allowed beside torch's own safe types: ``bytes`` (an empty one pickles as a call of
+``bytes()``, which weights_only refuses by default; it builds only bytes)."""
+_LOCK = threading.Lock()  # safe_globals sets torch's global list for the time of the load
+
+
+def _weights_only(raw: bytes | bytearray | memoryview) -> object:
+    with _LOCK, torch.serialization.safe_globals(_SAFE):
+        return torch.load(io.BytesIO(raw), weights_only=True)
+
+
 def safe_load(raw: bytes | bytearray | memoryview, what: str) -> object:
     """Load a stored non-tensor value with ``weights_only=True``; refuse anything else."""
     try:
-        return torch.load(io.BytesIO(raw), weights_only=True)
+        return _weights_only(raw)
     except Exception as e:
         raise UnsafeValueError(
             f"{what}: refused to load a value that needs code to run or is damaged "
@@ -55,7 +69,7 @@ def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
                                  f"({type(e).__name__}: {str(e)[:200]}); store its state as "
                                  "tensors, numbers, strings, lists and dicts") from None
         try:
-            torch.load(io.BytesIO(raw.getbuffer()), weights_only=True)
+            _weights_only(raw.getbuffer())
         except Exception as e:
             raise StateDictError(
                 f"{key}: a {type(value).__name__} would be refused by the load "
