@@ -5,9 +5,10 @@ is read, and loads non-tensor values without running code from the checkpoint.""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,6 +123,21 @@ def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | No
     return None
 
 
+@contextlib.contextmanager
+def named_collisions(done: str) -> Iterator[None]:
+    """DCP's flattening of a state dict whose keys collide, as a StateDictError that says
+    how they collide."""
+    try:
+        yield
+    except ValueError as e:
+        if "duplicated flatten key" not in str(e):
+            raise
+        raise StateDictError(
+            f"{str(e).rsplit(' ', 1)[-1]}: two entries of the state dict flatten to this key "
+            "(a key with a dot beside nested dicts that spell the same path, as "
+            f"{{'a.b': x, 'a': {{'b': y}}}}); rename one. Nothing was {done}") from None
+
+
 def refuse(problems: list[str]) -> None:
     """Raise StateDictError listing ``problems`` of a state dict to save, if any."""
     if problems:
@@ -163,6 +179,11 @@ class SafeSavePlanner(DefaultSavePlanner):
         self._values: dict[str, io.BytesIO] = {}
         self._problems: list[str] | None = None
         self.prewritten = {}
+
+    def set_up_planner(self, state_dict: dict[str, Any], storage_meta: object = None,
+                       is_coordinator: bool = False) -> None:
+        with named_collisions("written"):
+            super().set_up_planner(state_dict, storage_meta, is_coordinator)  # type: ignore[arg-type]
 
     def check(self) -> list[str]:
         """(all ranks, after set_up_planner) Every problem of the state dict."""
@@ -244,7 +265,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # that no load accepted. Here the load takes them in the save's order.
         sharded, self.flatten_sharded_tensors = self.flatten_sharded_tensors, False
         try:
-            super().set_up_planner(state_dict, metadata, is_coordinator)
+            with named_collisions("read"):
+                super().set_up_planner(state_dict, metadata, is_coordinator)
         finally:
             self.flatten_sharded_tensors = sharded
         if sharded:

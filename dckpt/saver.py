@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import dist, layout
 from dckpt.config import SaveConfig
-from dckpt.errors import CommitError, DckptError
+from dckpt.errors import CommitError, DckptError, StateDictError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
@@ -274,8 +274,11 @@ class AsyncSaver:
     def _plan(self, state_dict: StateDict, config: SaveConfig) -> _Planned:
         """(caller's thread) DCP's local plan, its data, and where each tensor is staged."""
         planner = SafeSavePlanner()
-        planner.set_up_planner(stateful_to_state_dict(state_dict), None, dist.rank() == 0)
-        problems = planner.check()
+        try:
+            planner.set_up_planner(stateful_to_state_dict(state_dict), None, dist.rank() == 0)
+            problems = planner.check()
+        except StateDictError as e:  # keys that collide once flattened
+            problems = [e.message]
         if problems:  # refused in the persist thread's collective: the same on every rank
             planned = _Planned(SavePlan([]))
             planned.problems = problems

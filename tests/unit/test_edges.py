@@ -597,6 +597,22 @@ def test_a_save_refuses_what_a_load_could_not_restore_before_writing(tmp_path, k
     assert not os.path.exists(url)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_keys_that_collide_once_flattened_are_refused_naming_the_key(tmp_path, mode):
+    url = str(tmp_path / "repo")
+    state = {"a.b": torch.ones(2), "a": {"b": torch.zeros(2)}}
+    with pytest.raises(dckpt.CommitError, match=r"a\.b: two entries .* rename one") as e:
+        if mode == "sync":
+            dckpt.save(state, url, step=1)
+        else:
+            dckpt.async_save(state, url, step=1).wait()
+    assert "Nothing was written" in str(e.value) and not os.path.exists(url)
+    dckpt.save({"a.b": torch.ones(2)}, url, step=1)
+    with pytest.raises(dckpt.StateDictError, match="Nothing was read"):
+        dckpt.load(state, url)
+    assert torch.equal(state["a.b"], torch.ones(2))
+
+
 def test_bytesio_values_are_stored_raw_and_come_back_as_bytesio(tmp_path):
     import io
 
