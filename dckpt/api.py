@@ -14,6 +14,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from dckpt import dedup, dist, layout
 from dckpt.arguments import (
     check_bool,
+    check_config,
     check_seconds,
     check_state_dict,
     check_step,
@@ -186,6 +187,7 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     check_state_dict(state_dict)
     check_step(step, optional=True)
     check_bool(partial, "partial")
+    check_config(config, LoadConfig)
     config = config or LoadConfig()
     store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time

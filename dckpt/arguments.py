@@ -13,10 +13,11 @@ from typing import Any, TypeVar
 from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.layout import MAX_STEP
 
-__all__ = ["check_step", "check_bool", "check_state_dict", "check_seconds", "check_options",
+__all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds", "check_options",
            "check_url", "public", "storage_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def check_step(step: object, name: str = "step", *, optional: bool = False) -> int | None:
@@ -32,6 +33,12 @@ def check_bool(value: object, name: str) -> bool:
     if type(value) is not bool:
         raise ArgumentError(f"{name} must be True or False, got {_show(value)}")
     return value
+
+
+def check_config(config: object, kind: type[T], name: str = "config") -> T | None:
+    if config is not None and not isinstance(config, kind):
+        raise ArgumentError(f"{name} must be a {kind.__name__} or None, got {_show(config)}")
+    return config
 
 
 def check_state_dict(state_dict: object) -> None:

@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dckpt import dist
-from dckpt.arguments import check_step
+from dckpt.arguments import check_config, check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
@@ -187,7 +187,7 @@ class Reader(StorageReader):
         super().__init__()
         self.store = Store(url, storage_options)
         self.step = check_step(step, optional=True)
-        self.config = config or LoadConfig()
+        self.config = check_config(config, LoadConfig) or LoadConfig()
         self.store.stall_s = self.config.io_stall_timeout_s
         self.manifest = manifest
         self.bytes_read = 0

@@ -39,6 +39,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import dist, layout
+from dckpt.arguments import check_config, check_state_dict, public
 from dckpt.config import SaveConfig
 from dckpt.errors import CommitError, DckptError, StateDictError
 from dckpt.handle import SaveHandle
@@ -168,23 +169,27 @@ class AsyncSaver:
 
     # ------------------------------------------------------------------ public
 
+    @public
     def save(self, state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None = None,
              storage_options: dict | None = None, config: SaveConfig | None = None
              ) -> CheckpointInfo:
         """(collective) Synchronous save; first waits for a save in flight."""
-        config = config or SaveConfig()
+        check_state_dict(state_dict)
+        config = check_config(config, SaveConfig) or SaveConfig()
         writer = self.writer(url, step=step, metrics=metrics,
                              storage_options=storage_options, config=config)
         self.wait_idle()
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         return run_save(state_dict, writer, None, group)
 
+    @public
     def async_save(self, state_dict: StateDict, url: str, *, step: int,
                    metrics: Metrics | None = None, storage_options: dict | None = None,
                    config: SaveConfig | None = None) -> SaveHandle:
         """(collective) Stage ``state_dict`` and return; write and commit in the background."""
         t0 = time.perf_counter()
-        config = config or SaveConfig()
+        check_state_dict(state_dict)
+        config = check_config(config, SaveConfig) or SaveConfig()
         writer = self.writer(url, step=step, metrics=metrics,  # checks the arguments first
                              storage_options=storage_options, config=config)
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
@@ -261,12 +266,14 @@ class AsyncSaver:
         with self._lock:
             self._failures.append((step, error))
 
+    @public
     def reserve(self, state_dict: StateDict, config: SaveConfig | None = None) -> float:
         """Allocate the staging memory for ``state_dict``'s layout now, so that the first
         save's pause is as short as the next ones (a manager calls this after restoring).
         Returns the seconds it took; nothing is copied or written."""
         t0 = time.perf_counter()
-        planned = self._plan(state_dict, config or SaveConfig())
+        check_state_dict(state_dict)
+        planned = self._plan(state_dict, check_config(config, SaveConfig) or SaveConfig())
         if not planned.problems:
             self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         return time.perf_counter() - t0

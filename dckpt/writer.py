@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dckpt import dedup, layout
-from dckpt.arguments import check_step
+from dckpt.arguments import check_config, check_step
 from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.dtypes import dtype_name
@@ -117,7 +117,7 @@ class Writer(StorageWriter):
         self.store = Store(url, storage_options)
         self.step = step
         self.metrics = check_metrics(metrics)
-        self.config = config or SaveConfig()
+        self.config = check_config(config, SaveConfig) or SaveConfig()
         self.store.stall_s = self.config.io_stall_timeout_s
         self.is_coordinator = False
         self.info: CheckpointInfo | None = None

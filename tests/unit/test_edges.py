@@ -330,6 +330,14 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("TrainState model int", lambda: dckpt.TrainState(5)),
         ("TrainState optimizer int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), 5)),
         ("TrainState extra int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), extra=5)),
+        ("save LoadConfig", lambda: dckpt.save(sd, url, step=1, config=dckpt.LoadConfig())),
+        ("save config dict", lambda: dckpt.save(sd, url, step=1, config={"dedup": False})),
+        ("async SaveConfig int", lambda: dckpt.async_save(sd, url, step=1, config=5)),
+        ("load SaveConfig", lambda: dckpt.load(sd, url, config=dckpt.SaveConfig())),
+        ("Writer config", lambda: dckpt.Writer(url, step=1, config=dckpt.LoadConfig())),
+        ("Reader config", lambda: dckpt.Reader(url, config=5)),
+        ("reserve list", lambda: dckpt.AsyncSaver().reserve([1])),
+        ("SaveConfig timeout str", lambda: dckpt.SaveConfig(collective_timeout_s="5")),
     ]
 
 
