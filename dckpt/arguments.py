@@ -13,8 +13,8 @@ from typing import Any, TypeVar
 from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.layout import MAX_STEP
 
-__all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds", "check_options",
-           "check_url", "public", "storage_error"]
+__all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds",
+           "check_options", "check_url", "public", "storage_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
