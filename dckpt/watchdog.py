@@ -10,6 +10,7 @@ a save's segments of an attempt that will not commit (gc removes them), a load's
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -58,13 +59,31 @@ def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
     return [f.result() for f in futures]
 
 
+class _Worker(threading.Thread):
+    """A daemon thread that runs one call at a time and then offers itself again; one that
+    never returns (blocked in the kernel) is never offered again."""
+
+    def __init__(self) -> None:
+        super().__init__(name="dckpt-io", daemon=True)
+        self.calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+
+    def run(self) -> None:
+        while True:
+            self.calls.get()()
+            _IDLE.put(self)
+
+
+_IDLE: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+"""Workers free for the next call (starting a thread per call cost 130 us)."""
+
+
 def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
-    """``fn()`` in a thread of its own (a daemon: it cannot hold up the process's exit);
-    Stalled when it has not returned after ``stall_s``, its thread left behind."""
+    """``fn()`` in a worker thread (a daemon: it cannot hold up the process's exit); Stalled
+    when it has not returned after ``stall_s``, its thread left behind."""
     box: dict[str, object] = {}
     done = threading.Event()
 
-    def run() -> None:
+    def call() -> None:
         try:
             box["value"] = fn()
         except BaseException as e:  # raised in the caller's thread
@@ -72,7 +91,12 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
         finally:
             done.set()
 
-    threading.Thread(target=run, name="dckpt-io", daemon=True).start()
+    try:
+        worker = _IDLE.get_nowait()
+    except queue.Empty:
+        worker = _Worker()
+        worker.start()
+    worker.calls.put(call)
     if not done.wait(stall_s):
         raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
                       "(a hung network or FUSE mount?); its thread is left behind")
