@@ -55,7 +55,8 @@ def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
             raise Stalled(
                 f"{what}: no progress for {stall_s:g} s with {len(pending)} request(s) in "
                 "flight: the storage stopped answering (a hung network or FUSE mount?); "
-                "their threads are left behind")
+                "their threads are left behind. If it is only slow, raise "
+                "io_stall_timeout_s (SaveConfig, LoadConfig)")
     return [f.result() for f in futures]
 
 
@@ -99,7 +100,8 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
     worker.calls.put(call)
     if not done.wait(stall_s):
         raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
-                      "(a hung network or FUSE mount?); its thread is left behind")
+                      "(a hung network or FUSE mount?); its thread is left behind. If it is "
+                      "only slow, raise io_stall_timeout_s (SaveConfig, LoadConfig)")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
