@@ -19,7 +19,7 @@ import dckpt
 from dckpt import dedup, layout
 from dckpt_testing import reseal
 
-EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES", "500"))
+EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES", "350"))
 """Mutations per CI run; DCKPT_HYPOTHESIS_EXAMPLES=20000 for a long run."""
 
 

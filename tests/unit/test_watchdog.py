@@ -50,8 +50,8 @@ def test_wait_all_gives_results_in_order_the_first_failure_or_stalled():
 STATE = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(7)}
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-@pytest.mark.parametrize("where", ["every write", "the segments"])
+@pytest.mark.parametrize("mode, where", [("sync", "every write"), ("async", "every write"),
+                                         ("sync", "the segments")])
 def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path, mode,
                                                                          where, monkeypatch):
     """Every write blocks 4 s (no progress for longer than the bound, 0.5 s): from the
