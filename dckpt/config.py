@@ -6,11 +6,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dckpt.arguments import check_options
+from dckpt.arguments import check_bool, check_options
 from dckpt.errors import ArgumentError
 from dckpt.manifest import MAX_BLOCK_BYTES
 from dckpt.retention import Policy
 from dckpt.triggers import AtEpochEnd, EverySeconds, EverySteps, OnImprove, Trigger
+from dckpt.watchdog import STALL_S
 
 __all__ = ["SaveConfig", "LoadConfig", "ManagerConfig"]
 
@@ -38,7 +39,7 @@ class SaveConfig:
     """Writer threads per rank; each writes one segment object, so also segments per rank."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the save."""
-    io_stall_timeout_s: float = 300.0
+    io_stall_timeout_s: float = STALL_S
     """Writes that make no progress for this long (a hung network or FUSE mount blocks
     them in the kernel) fail this rank's save with a StorageError, and so the save on every
     rank; their threads are left behind (dckpt.watchdog)."""
@@ -129,7 +130,7 @@ class LoadConfig:
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0
     """A peer that does not answer a collective within this time fails the load."""
-    io_stall_timeout_s: float = 300.0
+    io_stall_timeout_s: float = STALL_S
     """Reads that make no progress for this long (a hung network or FUSE mount) fail the
     load with a StorageError; their threads are left behind (dckpt.watchdog)."""
     replicated: Literal["read", "broadcast", "auto"] = "auto"
@@ -189,9 +190,7 @@ class ManagerConfig:
             raise ArgumentError(f"retention must be a policy (callable), got "
                                 f"{type(self.retention).__name__}")
         for name in ("gc", "async_save", "handle_signals", "exit_on_preemption"):
-            if not isinstance(getattr(self, name), bool):
-                raise ArgumentError(f"ManagerConfig.{name} must be a bool, got "
-                                    f"{getattr(self, name)!r}")
+            check_bool(getattr(self, name), f"ManagerConfig.{name}")
         check_options(self.storage_options)
         if self.memory_trigger is not None and not isinstance(self.memory_trigger, Trigger):
             raise ArgumentError(f"ManagerConfig.memory_trigger must be a dckpt trigger or "

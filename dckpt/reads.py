@@ -18,13 +18,12 @@ import torch
 
 from dckpt.blocks import check
 from dckpt.codec import decode
-from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.errors import IntegrityError
 from dckpt.manifest import BlockRef, Manifest, StoredData, TensorEntry
 from dckpt.storage import Store
 from dckpt.values import safe_load
-from dckpt.watchdog import Stalled, wait_all
+from dckpt.watchdog import STALL_S, Stalled, wait_all
 
 __all__ = ["Request", "Span", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
            "read_item", "read_value", "read_stored_sample", "READ_THREADS"]
@@ -129,7 +128,7 @@ class Fetcher:
     """A pool of reader threads over one store. Use as a context manager."""
 
     def __init__(self, store: Store, threads: int,
-                 stall_s: float = LoadConfig.io_stall_timeout_s) -> None:
+                 stall_s: float = STALL_S) -> None:
         self.store = store
         self.stall_s = stall_s
         """``results`` gives up after this long without a read done (dckpt.watchdog)."""

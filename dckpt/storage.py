@@ -29,7 +29,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.arguments import check_options, check_url
 from dckpt.errors import ArgumentError
-from dckpt.watchdog import call_bounded
+from dckpt.watchdog import STALL_S, call_bounded
 
 __all__ = ["Store", "DirectFile", "DIRECT_ALIGN", "address", "direct_pad"]
 
@@ -107,7 +107,7 @@ def _bounded(method: F) -> F:
 class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
-    stall_s = 300.0
+    stall_s = STALL_S
     """Local metadata operations (listings, manifests, folder syncs) that do not return in
     this long raise Stalled (a StorageError); set from ``io_stall_timeout_s``."""
     watch_metadata: bool | None = None

@@ -19,7 +19,10 @@ from typing import TypeVar
 
 from dckpt.errors import StorageError
 
-__all__ = ["Heartbeat", "Stalled", "wait_all", "call_bounded"]
+__all__ = ["Heartbeat", "Stalled", "wait_all", "call_bounded", "STALL_S"]
+
+STALL_S = 300.0
+"""The default bound on I/O without progress (``io_stall_timeout_s``)."""
 
 T = TypeVar("T")
 
