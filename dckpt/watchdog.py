@@ -14,7 +14,8 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 from dckpt.errors import StorageError
@@ -44,23 +45,35 @@ class Heartbeat:
 def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
              heartbeat: Heartbeat | None = None) -> list[T]:
     """Every future's result, in order; the first failure as soon as it is known; Stalled
-    (a StorageError) when neither a future ends nor ``heartbeat`` beats for ``stall_s``."""
-    heartbeat = heartbeat or Heartbeat()
-    pending = set(futures)
-    while pending:
-        done, pending = wait(pending, timeout=min(1.0, stall_s), return_when=FIRST_COMPLETED)
-        if done:
-            heartbeat.beat()
-            for f in done:
-                if f.exception() is not None:
-                    raise f.exception()  # type: ignore[misc]
-        elif time.monotonic() - heartbeat.last > stall_s:
-            raise Stalled(
-                f"{what}: no progress for {stall_s:g} s with {len(pending)} request(s) in "
-                "flight: the storage stopped answering (a hung network or FUSE mount?); "
-                "their threads are left behind. If it is only slow, raise "
-                "io_stall_timeout_s (SaveConfig, LoadConfig)")
-    return [f.result() for f in futures]
+    (a StorageError) when neither a future ends nor ``heartbeat`` beats for ``stall_s``.
+    O(n) in the futures (a fragmented restore waits on thousands)."""
+    beat = heartbeat or Heartbeat()
+    failed: list[BaseException] = []
+
+    def ended(f: Future[T]) -> None:
+        beat.beat()
+        if not f.cancelled() and f.exception() is not None:
+            failed.append(f.exception())  # type: ignore[arg-type]
+
+    for f in futures:
+        f.add_done_callback(ended)
+    results = []
+    for f in futures:
+        while True:
+            if failed:
+                raise failed[0]
+            try:
+                results.append(f.result(timeout=min(0.2, stall_s)))
+                break
+            except FutureTimeout:
+                if time.monotonic() - beat.last > stall_s:
+                    pending = sum(not g.done() for g in futures)
+                    raise Stalled(
+                        f"{what}: no progress for {stall_s:g} s with {pending} request(s) "
+                        "in flight: the storage stopped answering (a hung network or FUSE "
+                        "mount?); their threads are left behind. If it is only slow, raise "
+                        "io_stall_timeout_s (SaveConfig, LoadConfig)") from None
+    return results
 
 
 class _Worker(threading.Thread):
