@@ -221,15 +221,18 @@ class StagedPlanner(SafeSavePlanner):
     """The save planner of an async save's persist thread, over a local plan made and staged
     in the caller's thread (dckpt.saver). Its ``dcp.save`` gets an empty state dict: every
     item comes from the staged copy, or was written already (``prewritten``). The problems
-    the caller's check found are refused here, in the collective, the same on every rank."""
+    the caller's check found are refused here, in the collective, the same on every rank, and
+    so is ``failure``, the caller's write of what did not fit the staging budget."""
 
     def __init__(self, plan: SavePlan, staged: dict[MetadataIndex, object],
-                 prewritten: dict[MetadataIndex, StoredData], problems: list[str]) -> None:
+                 prewritten: dict[MetadataIndex, StoredData], problems: list[str],
+                 failure: Exception | None = None) -> None:
         super().__init__()
         self._local_plan = plan
         self._staged = staged
         self.prewritten = prewritten
         self._staged_problems = problems
+        self._failure = failure
 
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: object = None,
                        is_coordinator: bool = False) -> None:
@@ -237,6 +240,8 @@ class StagedPlanner(SafeSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         refuse(self._staged_problems)
+        if self._failure is not None:
+            raise self._failure
         self.plan = self._local_plan
         return self.plan
 

@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from dckpt.planner import SafeSavePlanner, StagedPlanner, plan_key
 from dckpt.segments import SegmentOut, item_nbytes
 from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
 from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.watchdog import Heartbeat, call_bounded
 from dckpt.writer import Metrics, Writer
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process", "run_save",
@@ -108,6 +109,7 @@ class _Staging:
         self.overflow_bytes = 0
         self.staged_bytes = 0
         self.problems: list[str] = []  # the state dict cannot be saved: nothing staged
+        self.failure: Exception | None = None  # the pause's write of the overflow failed
         self._lock = threading.Lock()
         self._waited_on_device = False
 
@@ -215,7 +217,8 @@ class AsyncSaver:
         t_end = time.perf_counter()
         local = {"wait_previous": t_stage - t_wait, "stage": t_end - t_stage,
                  "pause": t_end - t0}
-        planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten, staging.problems)
+        planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten, staging.problems,
+                                staging.failure)
         future = self._persist.submit(self._persist_one, writer, planner, group, staging, local,
                                       failures)
         handle = SaveHandle(step, future, staged=staging.wait_caller, pause_s=local["pause"])
@@ -340,12 +343,26 @@ class AsyncSaver:
         else:
             copy_all()
         if planned.overflow:
-            self._write_overflow(planned.overflow, slots[-1], writer, staging)
+            beat = Heartbeat()
+            # device tensors are copied out on the caller's stream, as they would be here
+            stream = torch.cuda.current_stream() if planned.pinned else None
+
+            def write() -> None:
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    self._write_overflow(planned.overflow, slots[-1], writer, staging, beat)
+
+            try:
+                call_bounded(write, config.io_stall_timeout_s, f"the pause's write of step "
+                             f"{writer.step} to {writer.store.url}", beat)
+            except Exception as e:  # refused in the persist thread's collective, so that
+                staging.failure = e  # every rank fails the save the same way, and in step
         return staging
 
     def _write_overflow(self, overflow: list[tuple[WriteItem, torch.Tensor]],
-                        window: torch.Tensor, writer: Writer, staging: _Staging) -> None:
-        """(caller's thread) Write what the budget does not hold, now, in a segment of its own."""
+                        window: torch.Tensor, writer: Writer, staging: _Staging,
+                        beat: Heartbeat) -> None:
+        """(a worker for the caller's thread) Write what the budget does not hold, now, in a
+        segment of its own."""
         store: Store = writer.store
         name = layout.segment_name(layout.new_attempt(writer.step), dist.rank(), 0)
         direct = writer.config.direct_io and store.direct_capable
@@ -353,6 +370,7 @@ class AsyncSaver:
             # no dedup: which checkpoint to dedup against is decided later, at the plan
             out = SegmentOut(f, name, writer.config.block_size_bytes,
                              align=DIRECT_ALIGN if direct else 0, compress=writer.compresses)
+            out.beat = beat.beat
             for item, t in overflow:
                 n = item_nbytes(item)
                 blocks = out.append_tensor(t, window)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import TypeVar
 
 from dckpt.errors import StorageError
 
-__all__ = ["Heartbeat", "Stalled", "wait_all", "call_bounded", "STALL_S"]
+__all__ = ["Heartbeat", "Stalled", "wait_all", "as_done", "call_bounded", "STALL_S"]
 
 STALL_S = 300.0
 """The default bound on I/O without progress (``io_stall_timeout_s``)."""
@@ -68,12 +68,28 @@ def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
             except FutureTimeout:
                 if time.monotonic() - beat.last > stall_s:
                     pending = sum(not g.done() for g in futures)
-                    raise Stalled(
-                        f"{what}: no progress for {stall_s:g} s with {pending} request(s) "
-                        "in flight: the storage stopped answering (a hung network or FUSE "
-                        "mount?); their threads are left behind. If it is only slow, raise "
-                        "io_stall_timeout_s (SaveConfig, LoadConfig)") from None
+                    raise Stalled(_no_progress(what, stall_s, pending)) from None
     return results
+
+
+def as_done(futures: Sequence[Future[T]], stall_s: float, what: str) -> Iterator[Future[T]]:
+    """The futures as they end (as ``concurrent.futures.as_completed``); Stalled when none
+    ends for ``stall_s``."""
+    ended: queue.SimpleQueue[Future[T]] = queue.SimpleQueue()
+    for f in futures:
+        f.add_done_callback(ended.put)
+    for pending in range(len(futures), 0, -1):
+        try:
+            yield ended.get(timeout=stall_s)
+        except queue.Empty:
+            raise Stalled(_no_progress(what, stall_s, pending)) from None
+
+
+def _no_progress(what: str, stall_s: float, pending: int) -> str:
+    return (f"{what}: no progress for {stall_s:g} s with {pending} request(s) in flight: the "
+            "storage stopped answering (a hung network or FUSE mount?); their threads are "
+            "left behind. If it is only slow, raise io_stall_timeout_s (SaveConfig, "
+            "LoadConfig)")
 
 
 class _Worker(threading.Thread):
@@ -94,9 +110,11 @@ _IDLE: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
 """Workers free for the next call (starting a thread per call cost 130 us)."""
 
 
-def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
+def call_bounded(fn: Callable[[], T], stall_s: float, what: str,
+                 heartbeat: Heartbeat | None = None) -> T:
     """``fn()`` in a worker thread (a daemon: it cannot hold up the process's exit); Stalled
-    when it has not returned after ``stall_s``, its thread left behind."""
+    when it has not returned after ``stall_s`` (with ``heartbeat``: ``stall_s`` without a
+    beat, for long calls that beat as they go), its thread left behind."""
     box: dict[str, object] = {}
     done = threading.Event()
 
@@ -114,7 +132,10 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str) -> T:
         worker = _Worker()
         worker.start()
     worker.calls.put(call)
-    if not done.wait(stall_s):
+    beat = heartbeat or Heartbeat()
+    while not done.wait(max(0.0, min(1.0, beat.last + stall_s - time.monotonic()))):
+        if time.monotonic() - beat.last < stall_s:
+            continue
         raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
                       "(a hung network or FUSE mount?); its thread is left behind. If it is "
                       "only slow, raise io_stall_timeout_s (SaveConfig, LoadConfig)")

@@ -51,15 +51,19 @@ STATE = {"w": torch.arange(300_000, dtype=torch.float32), "b": torch.ones(7)}
 
 
 @pytest.mark.parametrize("mode, where", [("sync", "every write"), ("async", "every write"),
-                                         ("sync", "the segments")])
+                                         ("sync", "the segments"), ("async", "the pause")])
 def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path, mode,
                                                                          where, monkeypatch):
-    """Every write blocks 4 s (no progress for longer than the bound, 0.5 s): from the
-    first (the coordinator's small metadata writes, in the caller's thread) or from the
-    segments on (the writer threads)."""
+    """Every write blocks 3 s (no progress for longer than the bound, 0.5 s): from the
+    first (the coordinator's small metadata writes, in the caller's thread), from the
+    segments on (the writer threads), or from the write of what the staging budget does not
+    hold, in an async save's pause (the training must not hang there either)."""
     monkeypatch.setattr(Store, "watch_metadata", True)  # as on NFS: tmp_path is local
     url = f"faultyfile://{tmp_path}"
     config = dckpt.SaveConfig(io_stall_timeout_s=0.5)
+    if where == "the pause":  # 1.2 MB of state, 128 KiB of staging
+        config = dckpt.SaveConfig(io_stall_timeout_s=0.5, block_size_bytes=64 << 10,
+                                  staging_bytes=128 << 10)
     dckpt.save(STATE, url, step=1, config=config)
     if where == "every write":
         arm("slow", delay_s=3.0)
@@ -71,11 +75,15 @@ def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path
             if mode == "sync":
                 dckpt.save({k: v + 1 for k, v in STATE.items()}, url, step=2, config=config)
             else:
-                dckpt.async_save({k: v + 1 for k, v in STATE.items()}, url, step=2,
-                                 config=config).wait(timeout=30)
+                handle = dckpt.async_save({k: v + 1 for k, v in STATE.items()}, url, step=2,
+                                          config=config)
+                assert handle.pause_s < 2.0  # the pause gave up, and the training goes on
+                handle.wait(timeout=30)
         assert time.monotonic() - t0 < 2.8  # before the first blocked write even returned
         if where == "the segments":
             assert "rank 0's writes of step 2: no progress for 0.5 s" in str(e.value)
+        if where == "the pause":
+            assert "the pause's write of step 2" in str(e.value)
     finally:
         disarm()
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
@@ -89,8 +97,8 @@ def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
 
 
-def test_a_load_from_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path,
-                                                                          monkeypatch):
+def test_a_load_or_verify_of_a_storage_that_stops_answering_fails_in_bounded_time(
+        tmp_path, monkeypatch):
     url = str(tmp_path)
     dckpt.save(STATE, url, step=1)
     read = Fetcher._read
@@ -105,9 +113,15 @@ def test_a_load_from_a_storage_that_stops_answering_fails_in_bounded_time(tmp_pa
     with pytest.raises(dckpt.StorageError, match="stopped answering"):
         dckpt.load(out, url, config=dckpt.LoadConfig(io_stall_timeout_s=0.5))
     assert time.monotonic() - t0 < 2.5
+    monkeypatch.setattr("dckpt.watchdog.STALL_S", 0.5)  # verify's bound
+    t0 = time.monotonic()
+    with pytest.raises(dckpt.StorageError, match="verify of step 1 .* no progress for 0.5 s"):
+        dckpt.verify(url)
+    assert time.monotonic() - t0 < 2.5
     monkeypatch.setattr(Fetcher, "_read", read)
     time.sleep(3.0)
     assert dckpt.load(out, url).step == 1 and torch.equal(out["w"], STATE["w"])
+    assert dckpt.verify(url).ok  # a storage that stalled is not a finding about the data
 
 
 @pytest.mark.parametrize("bad", [0, -1, float("nan"), "5"])
@@ -130,3 +144,4 @@ def test_metadata_calls_are_bounded_on_network_and_fuse_filesystems_only():
     assert filesystem_type("/mnt/bucket/ckpt", mounts) == "fuse.s3fs"
     assert not watched_filesystem("/dev/shm")  # tmpfs
     watched_filesystem.cache_clear()
+
