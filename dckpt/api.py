@@ -289,7 +289,8 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
     that restores skip it at once (nothing is deleted), and clear the mark of each one that
     verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
-    exist). Not collective."""
+    exist), or StorageError when no read ends for 300 s (``watchdog.STALL_S``: a hung
+    mount). Not collective."""
     check_step(step, optional=True)
     check_bool(all_steps, "all_steps")
     check_bool(quarantine, "quarantine")
