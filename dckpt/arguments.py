@@ -86,12 +86,18 @@ def _show(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
+                               "CredentialRetrievalError", "NoAuthTokenError"})
+"""botocore's (and s3fs's) errors for missing credentials, by name: botocore is s3fs's."""
+
+
 def storage_error(e: BaseException, what: str) -> DckptError:
     """A DckptError for an exception of the storage or of a bug on the way, once."""
     if isinstance(e, DckptError):
         return e
-    if isinstance(e, PermissionError):
-        return StorageError(f"{what}: the storage refused access ({e}); check the credentials "
+    if isinstance(e, PermissionError) or type(e).__name__ in CREDENTIAL_ERRORS:
+        return StorageError(f"{what}: the storage refused access ({type(e).__name__}: {e}); "
+                            "check the credentials "
                             "(storage_options key/secret/profile, or the environment's) and "
                             "their rights on that bucket or folder")
     if isinstance(e, (OSError, TimeoutError)):

@@ -545,11 +545,21 @@ def test_a_failed_export_leaves_no_file_under_the_final_name(tmp_path, monkeypat
 
 
 @pytest.mark.s3
-def test_wrong_credentials_are_a_storage_error_that_says_so():
+def test_wrong_credentials_are_a_storage_error_that_says_so(monkeypatch):
     from dckpt_testing import MotoServer
 
     server = MotoServer(check_credentials=True)
     try:
+        # none at all (botocore's NoCredentialsError, not an OSError)
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+                    "AWS_PROFILE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        monkeypatch.setenv("AWS_CONFIG_FILE", "/nonexistent")
+        none = {k: v for k, v in server.options().items() if k not in ("key", "secret")}
+        with pytest.raises(dckpt.StorageError, match="refused access .*NoCredentialsError"):
+            dckpt.list_checkpoints("s3://b/r", storage_options=none)
         options = {**server.options(), "key": "wrong", "secret": "wrong"}
         for name, call, error in [
             ("list", lambda: dckpt.list_checkpoints("s3://b/r", storage_options=options),
