@@ -7,7 +7,9 @@ bash launch/setup.sh
 .venv/bin/ruff check dckpt
 .venv/bin/mypy
 set +e
-.venv/bin/python -m pytest -n 2 -q -p no:cacheprovider --durations=15 "$@"
+# worksteal: an idle worker takes tests queued for the busy one (with the default "load",
+# one worker ran the last 12 minutes alone behind the slow kill-and-resume tests)
+.venv/bin/python -m pytest -n 2 --dist worksteal -q -p no:cacheprovider --durations=15 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
