@@ -49,41 +49,44 @@ def test_async_save_on_two_ranks_holds_the_values_at_the_call(tmp_path):
     assert [o.value for o in outcomes] == [(1, 2, 2, True, True)] * 2
 
 
-def _background_failure(rank, world, url, fail_rank, where):
-    config = dckpt.SaveConfig()
-    if where == "pause":  # 512 KiB of w per rank, 128 KiB of staging: written in the pause
-        config = dckpt.SaveConfig(block_size_bytes=64 << 10, staging_bytes=128 << 10)
-    dckpt.async_save(_state(1.0), url, step=1, config=config).wait(timeout=60)
-    if rank == fail_rank:
-        arm("enospc", after_bytes=1000)
-    try:
-        handle = dckpt.async_save(_state(2.0), url, step=2,  # returns: training goes on
-                                  config=config)
+def _background_failure(rank, world, cases):
+    out = []
+    for url, fail_rank, where in cases:
+        config = dckpt.SaveConfig()
+        if where == "pause":  # 512 KiB of w per rank, 128 KiB of staging: written in the pause
+            config = dckpt.SaveConfig(block_size_bytes=64 << 10, staging_bytes=128 << 10)
+        dckpt.async_save(_state(1.0), url, step=1, config=config).wait(timeout=60)
+        if rank == fail_rank:
+            arm("enospc", after_bytes=1000)
         try:
-            handle.wait(timeout=60)
-            outcome = "committed"
-        except dckpt.CommitError as e:
-            outcome = (type(e).__name__, str(e), sorted(e.failures))
-    finally:
-        disarm()
-    info = dckpt.async_save(_state(3.0), url, step=3, config=config).wait(timeout=60)
-    assert (info.overflow_bytes > 0) == (where == "pause")
-    return outcome, [s for s, _ in info.previous_failures]
+            handle = dckpt.async_save(_state(2.0), url, step=2,  # returns: training goes on
+                                      config=config)
+            try:
+                handle.wait(timeout=60)
+                outcome = "committed"
+            except dckpt.CommitError as e:
+                outcome = (type(e).__name__, str(e), sorted(e.failures))
+        finally:
+            disarm()
+        info = dckpt.async_save(_state(3.0), url, step=3, config=config).wait(timeout=60)
+        assert (info.overflow_bytes > 0) == (where == "pause")
+        out.append((outcome, [s for s, _ in info.previous_failures]))
+    return out
 
 
-@pytest.mark.parametrize("fail_rank, where", [(0, "background"), (1, "pause")])
-def test_a_background_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path, fail_rank,
-                                                                       where):
-    """The write fails on one rank in the background, or already in the pause (what the
-    staging budget does not hold): the same CommitError on every rank, at wait(), and the
-    ranks stay in step for the next save."""
-    url = f"faultyfile://{tmp_path}"
-    values = [o.value for o in run_ranks(_background_failure, 2, url, fail_rank, where)]
+def test_a_background_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path):
+    """The write fails on one rank in the background (rank 0), or already in the pause
+    (rank 1; what the staging budget does not hold): the same CommitError on every rank, at
+    wait(), and the ranks stay in step for the next save."""
+    cases = [(f"faultyfile://{tmp_path}/background", 0, "background"),
+             (f"faultyfile://{tmp_path}/pause", 1, "pause")]
+    values = [o.value for o in run_ranks(_background_failure, 2, cases)]
     assert values[0] == values[1]
-    (kind, message, failing), previous = values[0]
-    assert kind == "CommitError" and failing == [fail_rank] and previous == [2]
-    assert f"failed on rank {fail_rank}" in message and "No space left" in message
-    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
+    for (url, fail_rank, where), ((kind, message, failing), previous) in zip(cases, values[0]):
+        assert kind == "CommitError" and failing == [fail_rank] and previous == [2], where
+        assert f"failed on rank {fail_rank}" in message and "No space left" in message
+        assert [i.step for i in dckpt.list_checkpoints(url.replace("faultyfile://", ""))
+                ] == [1, 3]
 
 
 TIMEOUT_S = 8.0

@@ -61,34 +61,38 @@ def _pickled_int_size() -> int:
     return len(buf.getvalue())
 
 
-def _save_twice(rank, world, url, fail_rank):
-    dckpt.save({"w": _sharded(torch.full((4, 64), 1.0))}, url, step=1)
-    if rank == fail_rank:
-        arm("eio", after_bytes=0)
-    try:
-        dckpt.save({"w": _sharded(torch.full((4, 64), 2.0))}, url, step=2)
-        return "committed"
-    except dckpt.CommitError as e:
-        return type(e).__name__, str(e), sorted(e.failures)
-    finally:
-        from dckpt_testing import disarm
+def _save_twice(rank, world, urls):
+    """For each fail_rank, into its own repository: step 1, then step 2 failing there."""
+    from dckpt_testing import disarm
 
-        disarm()
+    out = []
+    for fail_rank, url in enumerate(urls):
+        dckpt.save({"w": _sharded(torch.full((4, 64), 1.0))}, url, step=1)
+        if rank == fail_rank:
+            arm("eio", after_bytes=0)
+        try:
+            dckpt.save({"w": _sharded(torch.full((4, 64), 2.0))}, url, step=2)
+            out.append("committed")
+        except dckpt.CommitError as e:
+            out.append((type(e).__name__, str(e), sorted(e.failures)))
+        finally:
+            disarm()
+    return out
 
 
-@pytest.mark.parametrize("fail_rank", [0, 1])
-def test_failure_on_one_rank_is_the_same_commit_error_everywhere(tmp_path, fail_rank):
-    url = f"faultyfile://{tmp_path}"
-    outcomes = run_ranks(_save_twice, 2, url, fail_rank)
+def test_failure_on_one_rank_is_the_same_commit_error_everywhere(tmp_path):
+    """Rank 0 (the coordinator) fails, then rank 1, each in a repository of its own."""
+    roots = [tmp_path / "fail0", tmp_path / "fail1"]
+    outcomes = run_ranks(_save_twice, 2, [f"faultyfile://{r}" for r in roots])
     values = [o.value for o in outcomes]
     assert values[0] == values[1]
-    kind, message, failing = values[0]
-    assert kind == "CommitError" and failing == [fail_rank]
-    assert f"failed on rank {fail_rank}" in message and "SlowDown" in message
-    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+    for fail_rank, (kind, message, failing) in enumerate(values[0]):
+        assert kind == "CommitError" and failing == [fail_rank]
+        assert f"failed on rank {fail_rank}" in message and "SlowDown" in message
+        assert [i.step for i in dckpt.list_checkpoints(str(roots[fail_rank]))] == [1]
     # the next save works, from fresh ranks
-    run_ranks(_save_step, 2, str(tmp_path), 2)
-    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 2]
+    run_ranks(_save_step, 2, str(roots[1]), 2)
+    assert [i.step for i in dckpt.list_checkpoints(str(roots[1]))] == [1, 2]
 
 
 def _save_step(rank, world, url, step):

@@ -43,37 +43,38 @@ def train(ckpt, *args: str) -> list[str]:
             *args]
 
 
-def test_max_restarts_resumes_after_sigkill_bit_exact(tmp_path):
-    common = ("--steps", "24", "--save-every", "5")
-    run(torchrun(*train(tmp_path / "ref", *common, "--out", str(tmp_path / "ref.pt"))))
-    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *common,
-               "--step-seconds", "0.02", "--crash-at", "13", "--out", str(tmp_path / "got.pt")])
+def test_max_restarts_resume_bit_exact_from_storage_and_from_the_memory_tier(tmp_path):
+    """A worker SIGKILLed at step 13 under torchrun --max-restarts=1: with storage saves
+    every 5 steps the restart resumes from storage; with memory saves every 2 and storage
+    every 10, from the newest memory step. Both end with the uninterrupted run's weights
+    (one reference run: checkpoints do not change the training)."""
+    steps = ("--steps", "20")
+    run(torchrun(*train(tmp_path / "ref", *steps, "--save-every", "10",
+                        "--out", str(tmp_path / "ref.pt"))))
+    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *steps,
+               "--save-every", "5", "--step-seconds", "0.02", "--crash-at", "13",
+               "--out", str(tmp_path / "got.pt")])
     assert "rank 1: SIGKILL at step 13" in out
     # the newest committed before the kill: step 10, or 5 where 10's async save was still
     # being written
     assert re.search(r"resumed from step (5|10) \(torchrun restart 1\)", out), out
     assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
 
-
-def test_max_restarts_resumes_from_the_memory_tier_bit_exact(tmp_path):
-    """Memory every 2 steps, storage every 10: a worker SIGKILLed at step 13 restarts from
-    the newest memory step, and the final weights equal an uninterrupted run's."""
-    common = ("--steps", "20", "--save-every", "10", "--memory-every", "2")
-    run(torchrun(*train(tmp_path / "ref", *common, "--out", str(tmp_path / "ref.pt"))))
     shm = tmp_path / "shm"
     shm.mkdir()
-    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *common,
-               "--memory-dir", str(shm), "--step-seconds", "0.02", "--crash-at", "13",
-               "--out", str(tmp_path / "got.pt")])
+    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "mem"), *steps,
+               "--save-every", "10", "--memory-every", "2", "--memory-dir", str(shm),
+               "--step-seconds", "0.02", "--crash-at", "13",
+               "--out", str(tmp_path / "got-mem.pt")])
     assert "rank 1: SIGKILL at step 13" in out
     # step 12's memory save may still have been writing at the kill: then 10 (in both
     # tiers, memory preferred) or 8
     found = re.search(r"resumed from step (\d+) \(torchrun restart 1\) in [\d.]+ s from (\w+)",
                       out)
     assert found and int(found[1]) in (8, 10, 12) and found[2] == "memory", out
-    assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
+    assert same_weights(tmp_path / "ref.pt", tmp_path / "got-mem.pt")
     assert list(shm.iterdir()) == []  # the clean end removed the memory tier
-    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "ckpt"))][-1] == 19
+    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "mem"))][-1] == 19
 
 
 def test_sigterm_to_the_agent_takes_an_emergency_checkpoint(tmp_path):
