@@ -37,12 +37,10 @@ Progress = Callable[[int, int], None]
 
 
 def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
-                 request_bytes: int = 16 << 20, progress: Progress | None = None,
-                 stall_s: float | None = None) -> VerifyReport:
+                 request_bytes: int = 16 << 20, progress: Progress | None = None) -> VerifyReport:
     """Read and check every block of each step; ``progress(done, total)`` after each read.
-    Raises Stalled (a StorageError) when no read ends for ``stall_s`` (default
-    ``watchdog.STALL_S``): a storage that stops answering is not a finding about the data."""
-    stall = watchdog.STALL_S if stall_s is None else stall_s
+    Raises Stalled (a StorageError) when no read ends for ``watchdog.STALL_S``: a storage
+    that stops answering is not a finding about the data."""
     problems: list[Problem] = []
     checked = 0
     for step in steps:
@@ -64,7 +62,8 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
                 what = f"item {fqn!r} of checkpoint step {step}"
                 for req in coalesce(positions, request_bytes):
                     futures[fetcher.submit_check(req, what)] = (fqn, req)
-            for f in watchdog.as_done(list(futures), stall, f"verify of step {step} in {store.url}"):
+            for f in watchdog.as_done(list(futures), watchdog.STALL_S,
+                                      f"verify of step {step} in {store.url}"):
                 fqn, req = futures[f]
                 try:
                     f.result()
