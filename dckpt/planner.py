@@ -64,15 +64,16 @@ def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str
                 problems.append(f"{key}: the checkpoint holds a tensor, the state dict a "
                                 f"{type(value).__name__}")
                 continue
+            problem = tensor_problem(key, value, into=True)
+            if problem:  # before its size: a nested tensor has none
+                problems.append(problem)
+                continue
             if tuple(value.size()) != tuple(md.size):
                 problems.append(f"{key}: shape {list(value.size())} in the state dict, "
                                 f"{list(md.size)} in the checkpoint")
             if value.dtype != md.properties.dtype:
                 problems.append(f"{key}: dtype {value.dtype} in the state dict, "
                                 f"{md.properties.dtype} in the checkpoint")
-            problem = tensor_problem(key, value, into=True)
-            if problem:
-                problems.append(problem)
         elif isinstance(md, BytesStorageMetadata) and isinstance(value, torch.Tensor):
             problems.append(f"{key}: the checkpoint holds a non-tensor value, the state dict a "
                             "tensor")
@@ -105,6 +106,10 @@ def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | No
     """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
     place; None when it can."""
     local = local_shard(t) if is_dtensor(t) else t  # type: ignore[arg-type]
+    if t.is_nested or local.is_nested:  # DCP fails inside the write, on its sizes
+        return (f"{key}: a nested tensor is not supported; "
+                + ("load into" if into else "save") + " its components (t.unbind()) as a "
+                "list of tensors")
     if t.layout != torch.strided or local.layout != torch.strided:
         return (f"{key}: layout {t.layout} is not supported; "
                 + ("load into" if into else "convert it to") + " a dense (strided) tensor")

@@ -225,6 +225,7 @@ def test_read_vectored_batches_past_iov_max_and_stops_at_the_end(tmp_path, monke
 @pytest.mark.parametrize("bad, says", [
     (torch.zeros(1, 200).expand(300, 200), "share memory"),
     (torch.zeros(300, 200).to_sparse(), "layout torch.sparse_coo"),
+    (torch.nested.nested_tensor([torch.zeros(200)] * 300), "a nested tensor"),
 ])
 def test_a_destination_that_cannot_hold_the_values_is_refused_before_any_read(tmp_path, bad,
                                                                               says):
