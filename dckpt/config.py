@@ -19,10 +19,28 @@ MiB = 1 << 20
 GiB = 1 << 30
 
 
+MAX_THREADS = 1024
+"""Reader or writer threads per rank: more than any storage gains from, and each a thread."""
+
+
 def _positive(owner: object, **fields: float) -> None:
     for name, value in fields.items():
         if type(value) not in (int, float) or not value > 0:
             raise ArgumentError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
+
+
+def _ints(owner: object, low: int, high: int | None, **fields: object) -> None:
+    """Fields that must be ints (not bools, not floats) in [low, high]."""
+    for name, value in fields.items():
+        if type(value) is not int or value < low or (high is not None and value > high):
+            bounds = f"in [{low}, {high}]" if high is not None else f">= {low}"
+            raise ArgumentError(f"{type(owner).__name__}.{name} must be an int {bounds}, got "
+                                f"{type(value).__name__} {value!r}")
+
+
+def _bools(owner: object, **fields: object) -> None:
+    for name, value in fields.items():
+        check_bool(value, f"{type(owner).__name__}.{name}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,12 +104,14 @@ class SaveConfig:
     on the device: the host does not stop."""
 
     def __post_init__(self) -> None:
-        _positive(self, block_size_bytes=self.block_size_bytes,
-                  writer_threads=self.writer_threads,
-                  collective_timeout_s=self.collective_timeout_s,
+        _ints(self, 1, None, block_size_bytes=self.block_size_bytes)
+        _ints(self, 1, MAX_THREADS, writer_threads=self.writer_threads)
+        _ints(self, 0, 19, persist_nice=self.persist_nice)
+        _bools(self, dedup=self.dedup, direct_io=self.direct_io, overlap=self.overlap)
+        _positive(self, collective_timeout_s=self.collective_timeout_s,
                   io_stall_timeout_s=self.io_stall_timeout_s)
-        if not 0 <= self.persist_nice <= 19:
-            raise ArgumentError(f"SaveConfig.persist_nice must be 0..19, got {self.persist_nice!r}")
+        if self.staging_bytes is not None:
+            _ints(self, 1, None, staging_bytes=self.staging_bytes)
         if self.compression not in ("auto", "on", "off"):
             raise ArgumentError("SaveConfig.compression must be 'auto', 'on' or 'off', got "
                              f"{self.compression!r}")
@@ -102,7 +122,8 @@ class SaveConfig:
                 f"SaveConfig.staging_bytes must be None or at least two blocks "
                 f"({2 * self.block_size_bytes} bytes), got {self.staging_bytes!r}")
         if self.sparse_block_size_bytes is not None and (
-                self.sparse_block_size_bytes % 4096 or self.sparse_block_size_bytes <= 0):
+                type(self.sparse_block_size_bytes) is not int
+                or self.sparse_block_size_bytes % 4096 or self.sparse_block_size_bytes <= 0):
             raise ArgumentError(
                 "SaveConfig.sparse_block_size_bytes must be None or a positive multiple of "
                 f"4096, got {self.sparse_block_size_bytes!r}")
@@ -143,10 +164,10 @@ class LoadConfig:
         if self.replicated not in ("read", "broadcast", "auto"):
             raise ArgumentError("LoadConfig.replicated must be 'read', 'broadcast' or 'auto', got "
                              f"{self.replicated!r}")
-        _positive(self, reader_threads=self.reader_threads,
-                  read_request_bytes=self.read_request_bytes,
-                  read_buffer_bytes=self.read_buffer_bytes,
-                  collective_timeout_s=self.collective_timeout_s,
+        _ints(self, 1, MAX_THREADS, reader_threads=self.reader_threads)
+        _ints(self, 1, None, read_request_bytes=self.read_request_bytes,
+              read_buffer_bytes=self.read_buffer_bytes)
+        _positive(self, collective_timeout_s=self.collective_timeout_s,
                   io_stall_timeout_s=self.io_stall_timeout_s)
 
 

@@ -338,6 +338,19 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("Reader config", lambda: dckpt.Reader(url, config=5)),
         ("reserve list", lambda: dckpt.AsyncSaver().reserve([1])),
         ("SaveConfig timeout str", lambda: dckpt.SaveConfig(collective_timeout_s="5")),
+        # a float where an int goes failed inside the save, or was taken (2.5 threads)
+        ("SaveConfig block float", lambda: dckpt.SaveConfig(block_size_bytes=4096.0)),
+        ("SaveConfig threads float", lambda: dckpt.SaveConfig(writer_threads=2.5)),
+        ("SaveConfig threads 10**6", lambda: dckpt.SaveConfig(writer_threads=10**6)),
+        ("SaveConfig staging float", lambda: dckpt.SaveConfig(staging_bytes=1e9)),
+        ("SaveConfig nice str", lambda: dckpt.SaveConfig(persist_nice="5")),  # a TypeError
+        ("SaveConfig sparse str", lambda: dckpt.SaveConfig(sparse_block_size_bytes="x")),
+        # a truthy non-bool was taken: overlap="no" turned overlap on
+        ("SaveConfig overlap str", lambda: dckpt.SaveConfig(overlap="no")),
+        ("SaveConfig dedup int", lambda: dckpt.SaveConfig(dedup=1)),
+        ("SaveConfig direct_io str", lambda: dckpt.SaveConfig(direct_io="yes")),
+        ("LoadConfig threads float", lambda: dckpt.LoadConfig(reader_threads=1.5)),
+        ("LoadConfig request float", lambda: dckpt.LoadConfig(read_request_bytes=1.5)),
     ]
 
 
