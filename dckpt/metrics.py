@@ -32,6 +32,8 @@ from prometheus_client import (
 )
 
 from dckpt import dist
+from dckpt.arguments import check_bool
+from dckpt.errors import ArgumentError, StorageError
 from dckpt.info import CheckpointInfo
 
 __all__ = ["Metrics"]
@@ -44,10 +46,22 @@ _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 class Metrics:
     """A registry of dckpt's metrics for one training job (its ``job`` label)."""
 
-    def __init__(self, job: str = "dckpt", *, textfile: str | None = None,
+    def __init__(self, job: str = "dckpt", *, textfile: str | os.PathLike | None = None,
                  all_ranks: bool = False) -> None:
+        if not isinstance(job, str) or not job:
+            raise ArgumentError(f"Metrics job must be a non-empty str, got {job!r}")
+        if textfile is not None:
+            if not isinstance(textfile, str | os.PathLike):
+                raise ArgumentError(f"Metrics textfile must be a file path or None, got "
+                                    f"{type(textfile).__name__} {textfile!r}")
+            textfile = os.fspath(textfile)
+            if os.path.isdir(textfile):
+                raise ArgumentError(f"Metrics textfile {textfile!r} is a folder; name the file "
+                                    "(node_exporter reads *.prom files)")
+        check_bool(all_ranks, "Metrics all_ranks")
         self.job = job
         self.textfile = textfile
+        self._unwritable: str | None = None  # the kind of textfile failure logged
         self.enabled = all_ranks or dist.rank() == 0
         self.registry = CollectorRegistry()
         self._lock = threading.Lock()
@@ -213,13 +227,28 @@ class Metrics:
     # ------------------------------------------------------------ output
 
     def _flush(self) -> None:
-        if self.textfile:
+        """The textfile, after each record: a failure to write it is logged (once while it
+        lasts), never raised into the save or the training that recorded."""
+        if not self.textfile:
+            return
+        try:
             self.write_textfile(self.textfile)
+            self._unwritable = None
+        except StorageError as e:
+            kind = type(e.__cause__).__name__  # its message names a temporary file
+            if kind != self._unwritable:
+                log.warning("%s; the checkpoints are not affected", e)
+            self._unwritable = kind
 
     def write_textfile(self, path: str) -> None:
-        """Write the metrics for node_exporter's textfile collector (atomically)."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        write_to_textfile(path, self.registry)
+        """Write the metrics for node_exporter's textfile collector (atomically);
+        StorageError when it cannot be written."""
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            write_to_textfile(path, self.registry)
+        except OSError as e:
+            raise StorageError(f"metrics textfile {path}: not written ({type(e).__name__}: "
+                               f"{e})") from e
 
     def push(self, gateway: str, *, timeout: float = 10.0) -> None:
         """Push to a Pushgateway (``host:port`` or a URL), grouped by job."""

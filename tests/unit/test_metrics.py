@@ -10,6 +10,7 @@ import threading
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
+import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -118,6 +119,33 @@ def test_push_to_a_gateway_on_localhost():
     method, path, body = _Gateway.received[-1]
     assert method == "PUT" and path == "/metrics/job/pushed"
     assert value(body.decode(), "dckpt_save_failures_total", reason="CommitError") == 1
+
+
+def test_an_unwritable_textfile_is_logged_once_and_never_fails_a_save(tmp_path, caplog):
+    prom = tmp_path / "dckpt.prom"
+    metrics = dckpt.Metrics("job", textfile=prom)  # a PathLike is a path
+    url = str(tmp_path / "ckpt")
+    mgr = dckpt.CheckpointManager(url, save_every_steps=1, async_save=False,
+                                  handle_signals=False, metrics=metrics)
+    state = {"w": torch.ones(4)}
+    mgr.maybe_save(0, state)
+    assert "dckpt_saves_total" in prom.read_text()
+    prom.unlink()
+    prom.mkdir()  # the path turned into a folder: the textfile cannot be written
+    with caplog.at_level(logging.WARNING, logger="dckpt"):
+        for step in (1, 2):
+            mgr.maybe_save(step, state)  # a StorageError "the storage failed" after the commit
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [0, 1, 2] and mgr.failures == []
+    said = [r.getMessage() for r in caplog.records if "metrics textfile" in r.getMessage()]
+    assert len(said) == 1 and "not written" in said[0] and "not affected" in said[0]
+    mgr.close()
+    for bad in (5, "", None):
+        with pytest.raises(dckpt.ArgumentError):
+            dckpt.Metrics(bad)  # type: ignore[arg-type]
+    with pytest.raises(dckpt.ArgumentError, match="is a folder"):
+        dckpt.Metrics("job", textfile=str(tmp_path))
+    with pytest.raises(dckpt.ArgumentError):
+        dckpt.Metrics("job", textfile=5)  # type: ignore[arg-type]
 
 
 def test_only_rank_0_records_by_default():
