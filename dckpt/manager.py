@@ -215,10 +215,7 @@ class CheckpointManager:
         emergency checkpoint, then the job exits (see the class)."""
         _check_save_call(step, state_dict, metrics)
         check_bool(epoch_end, "epoch_end")
-        if self._closed:
-            raise DckptError(f"CheckpointManager({self.url!r}).maybe_save at step {step} after "
-                             "close() (or after a preemption checkpoint): this manager saves "
-                             "no more; make a new one to save again")
+        self._check_open("maybe_save", step)
         self._poll()
         moment = self._moment(step, metrics, epoch_end)
         if self.memory is not None and self.memory.trigger(moment) and step != self.memory.step:
@@ -231,6 +228,12 @@ class CheckpointManager:
         if reason is None or step in self._committed:
             return None
         return self._save(step, state_dict, metrics, reason, moment.metrics)
+
+    def _check_open(self, method: str, step: int) -> None:
+        if self._closed:
+            raise DckptError(f"CheckpointManager({self.url!r}).{method} at step {step} after "
+                             "close() (or after a preemption checkpoint): this manager saves "
+                             "no more; make a new one to save again")
 
     def _moment(self, step: int, metrics: dict | None, epoch_end: bool) -> Moment:
         """(all ranks) This call as every rank sees it (see dckpt.triggers)."""
@@ -257,6 +260,7 @@ class CheckpointManager:
     def save(self, step: int, state_dict: dict, metrics: dict | None = None) -> Result:
         """(collective) Save now, whatever the triggers say."""
         _check_save_call(step, state_dict, metrics)
+        self._check_open("save", step)  # a save in flight after close() is waited for by none
         self._poll()
         return self._save(step, state_dict, metrics, "asked", self._watched(metrics))
 

@@ -231,6 +231,11 @@ def test_preemption_signal_without_exit(tmp_path):
         mgr.close()
     assert step == 13 and steps_of(url) == [0, 10, 13]
     assert signal.getsignal(signal.SIGUSR1) is not mgr._signals.on_signal  # handlers put back
+    # closed: no save starts that nothing would wait for (save() went on, async, before)
+    for call in (mgr.maybe_save, mgr.save):
+        with pytest.raises(dckpt.DckptError, match=rf"\.{call.__name__} at step 14 after close"):
+            call(14, state)
+    assert steps_of(url) == [0, 10, 13]
 
 
 def test_preemption_saves_then_chains_to_the_previous_handler(tmp_path):
