@@ -111,7 +111,7 @@ def _load_where_rank1_runs_out_of_memory(rank, world, url, step):
 
 def test_a_manifest_one_rank_cannot_decode_is_skipped_by_all_or_refused_on_all(tmp_path):
     url = str(tmp_path)
-    run_ranks(_save_steps, 3, url)
+    run_ranks(_save_steps, 3, [url])
     newest = [o.value for o in run_ranks(_load_where_rank1_runs_out_of_memory, 3, url, None)]
     assert newest[0][0] == 1 and newest[0][2] == (1,) and newest[0][3], newest
     assert [s for s, _ in newest[0][1]] == [2] and "rank 1" in newest[0][1][0][1], newest
