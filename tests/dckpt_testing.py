@@ -193,7 +193,10 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
     """
     import multiprocessing as mp
 
-    ctx = mp.get_context("spawn")
+    # forkserver: one server per test process imports torch and dckpt once, and each rank
+    # is a fork of it (a spawned rank imported them anew: about 2 s of CPU each)
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "dckpt", "dckpt_testing"])
     queue = ctx.Queue()
     init_file = tempfile.mktemp(prefix="dckpt-pg-")
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args,
