@@ -1,7 +1,9 @@
-"""The dckpt command, run as a user runs it (a subprocess), output and exit codes."""
+"""The dckpt command: output and exit codes, in process (``main(argv)``, as the console script
+calls it) and once as a user runs it (a subprocess)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -11,9 +13,21 @@ import sys
 import torch
 
 import dckpt
+from dckpt.cli import main
 
 
 def _dckpt(*args: str) -> subprocess.CompletedProcess:
+    """``dckpt ARGS`` in this process: a subprocess costs an import of torch (seconds) each."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's usage errors
+            code = e.code if isinstance(e.code, int) else 2
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def _dckpt_process(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dckpt.cli", *args], capture_output=True,
                           text=True, timeout=120)
 
@@ -43,7 +57,8 @@ def test_ls_inspect_verify(tmp_path):
     clean = _dckpt("verify", url, "--all")
     assert clean.returncode == 0 and "clean" in clean.stdout
 
-    m = json.loads(open(os.path.join(url, "manifests", "000000000009.json")).read())
+    with open(os.path.join(url, "manifests", "000000000009.json")) as f:
+        m = json.load(f)
     with open(os.path.join(url, m["segments"][0]), "r+b") as f:
         f.seek(5)
         f.write(b"\x01\x02\x03")
@@ -56,7 +71,7 @@ def test_ls_inspect_verify(tmp_path):
 
 
 def test_errors_say_what_is_wrong(tmp_path):
-    missing = _dckpt("inspect", str(tmp_path / "nothing"))
+    missing = _dckpt_process("inspect", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "holds no dckpt repository" in missing.stderr
     empty = _dckpt("ls", str(tmp_path / "nothing"))  # an absent repository is an empty one
     assert empty.returncode == 0 and "(no committed checkpoint)" in empty.stdout
