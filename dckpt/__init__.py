@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "dckpt.api": ("save", "async_save", "load", "list_checkpoints", "verify", "inspect",
-                  "delete", "gc", "export", "status", "health", "diff"),
+    "dckpt.api": ("save", "async_save", "load", "export"),
+    "dckpt.catalog": ("list_checkpoints", "verify", "inspect", "delete", "gc", "status",
+                      "health", "diff"),
     "dckpt.config": ("SaveConfig", "LoadConfig", "ManagerConfig"),
     "dckpt.errors": ("DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError",
                      "UnsafeValueError", "CommitError", "CheckpointExistsError",
@@ -85,20 +86,8 @@ sys.modules[__name__].__class__ = _Package
 
 
 if TYPE_CHECKING:  # what the names are, for type checkers and editors
-    from dckpt.api import (
-        async_save,
-        delete,
-        diff,
-        export,
-        gc,
-        health,
-        inspect,
-        list_checkpoints,
-        load,
-        save,
-        status,
-        verify,
-    )
+    from dckpt.api import async_save, export, load, save
+    from dckpt.catalog import delete, diff, gc, health, inspect, list_checkpoints, status, verify
     from dckpt.config import LoadConfig, ManagerConfig, SaveConfig
     from dckpt.errors import (
         ArgumentError,

@@ -1,4 +1,5 @@
-"""save / load / list_checkpoints / verify: the public functions over the DCP plug-ins."""
+"""save / async_save / load / export: the public functions over the DCP plug-ins (the
+repository's other operations, which need no torch, are ``dckpt.catalog``)."""
 
 from __future__ import annotations
 
@@ -11,11 +12,10 @@ from typing import Any
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from dckpt import dedup, dist, layout
+from dckpt import dedup, dist
 from dckpt.arguments import (
     check_bool,
     check_config,
-    check_seconds,
     check_state_dict,
     check_step,
     public,
@@ -23,10 +23,8 @@ from dckpt.arguments import (
 )
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.decoder import paused_gc
-from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
-from dckpt.health import Health, check_health
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.planner import SafeLoadPlanner
@@ -39,18 +37,14 @@ from dckpt.repository import (
     read_manifest,
     read_manifest_bytes,
     require_repository,
-    set_quarantine,
 )
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
-from dckpt.status import Status, repository_status
 from dckpt.storage import Store
-from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.train_state import loading
-from dckpt.verify import Progress, VerifyReport, verify_steps
+from dckpt.verify import Progress
 from dckpt.writer import Metrics
 
-__all__ = ["save", "async_save", "load", "delete", "gc", "export", "list_checkpoints", "verify",
-           "inspect"]
+__all__ = ["save", "async_save", "load", "export"]
 
 log = logging.getLogger(__name__)
 
@@ -264,99 +258,6 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
 
 
 @public
-def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
-    """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
-    ``problem`` set. Not collective."""
-    store = open_repository(url, storage_options, required=False)
-    infos = []  # an empty or absent repository is a valid, empty one
-    marked = quarantined(store)
-    for step in committed_steps(store):
-        try:
-            infos.append(info_from_manifest(read_manifest(store, step), url,
-                                            quarantined=marked.get(step)))
-        except DckptError as e:
-            infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
-                                        world_size=0, bytes_logical=0, bytes_written=0,
-                                        problem=str(e)))
-    return infos
-
-
-@public
-def verify(url: str, *, step: int | None = None, all_steps: bool = False,
-           quarantine: bool = False, storage_options: dict | None = None,
-           progress: Progress | None = None) -> VerifyReport:
-    """Read back and check every byte of one checkpoint (``step``, default the newest), or of
-    every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
-    that restores skip it at once (nothing is deleted), and clear the mark of each one that
-    verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
-    exist), or StorageError when no read ends for 300 s (``watchdog.STALL_S``: a hung
-    mount). Not collective."""
-    check_step(step, optional=True)
-    check_bool(all_steps, "all_steps")
-    check_bool(quarantine, "quarantine")
-    store = open_repository(url, storage_options)
-    steps = committed_steps(store)
-    if step is not None:
-        if step not in steps:
-            raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
-                                          f"committed steps: {steps or 'none'}")
-        steps = [step]
-    elif not all_steps:
-        steps = steps[-1:]
-    report = verify_steps(store, steps, progress=progress)
-    if quarantine:
-        bad: dict[int, str] = {}
-        for p in report.problems:
-            bad.setdefault(p.step, p.message.splitlines()[0])
-        for s in steps:
-            set_quarantine(store, s, bad.get(s))
-        if bad:
-            log.warning("quarantined steps %s of %s", sorted(bad), url)
-    return report
-
-
-@public
-def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
-    """Drop checkpoint ``step``: its manifest, the commit point, is removed, so it is no longer
-    listed or loaded. Its data stays until ``gc`` finds nothing references it (other
-    checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
-    gc's grace period, so that a save in flight that references its blocks keeps them.
-    Not collective."""
-    check_step(step)
-    store = open_repository(url, storage_options)
-    steps = committed_steps(store)
-    if step not in steps:
-        raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
-                                      f"committed steps: {steps or 'none'}")
-    name = layout.manifest_name(step)
-    try:
-        raw = store.read_bytes(name)
-    except FileNotFoundError:
-        raw = None  # deleted meanwhile by another process
-    if raw is not None:
-        # IMPORTANT: kept for gc's grace period: a save in flight may reference its blocks
-        store.write_if_absent(layout.tombstone_name(step), raw)
-        store.delete(name)
-    log.info("deleted the checkpoint of step %d from %s", step, url)
-
-
-@public
-def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
-       deleted_min_age_s: float | None = None, storage_options: dict | None = None,
-       progress: Progress | None = None) -> GcReport:
-    """Remove the data no committed checkpoint references (see dckpt.sweep for what is
-    spared: saves younger than ``min_age_s`` may be in flight; a checkpoint deleted less than
-    ``deleted_min_age_s`` ago, default ``min_age_s``, may be a save's base). ``dry_run``:
-    report, remove nothing. Not collective."""
-    check_bool(dry_run, "dry_run")
-    check_seconds(min_age_s, "min_age_s")
-    check_seconds(deleted_min_age_s, "deleted_min_age_s", optional=True)
-    store = open_repository(url, storage_options)
-    return collect(store, dry_run=dry_run, min_age_s=min_age_s,
-                   deleted_min_age_s=deleted_min_age_s, progress=progress)
-
-
-@public
 def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
            storage_options: dict | None = None, to_storage_options: dict | None = None,
            progress: Progress | None = None) -> int:
@@ -373,47 +274,3 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
                           progress=progress)
     log.info("exported step %d of %s to %s as %s: %d bytes", m.step, url, to, format, n)
     return n
-
-
-@public
-def status(url: str, *, storage_options: dict | None = None,
-           memory_dir: str | None = None) -> Status:
-    """The repository at a glance: the newest usable checkpoint and its age, the count,
-    damaged and quarantined steps, a pipeline's progress, and what this node's memory tier
-    holds. Not collective."""
-    store = open_repository(url, storage_options, required=False)
-    return repository_status(store, list_checkpoints(url, storage_options=storage_options),
-                             memory_dir)
-
-
-@public
-def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | None = None,
-           verify: bool = False, sample_bytes: int = 64 << 20,
-           storage_options: dict | None = None) -> Health:
-    """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
-    read time from a measured sample, free space (see dckpt.health). Not collective."""
-    check_seconds(max_age_s, "max_age_s", optional=True)
-    check_bool(verify, "verify")
-    store = open_repository(url, storage_options, required=False)
-    return check_health(store, list_checkpoints(url, storage_options=storage_options),
-                        max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
-                        sample_bytes=sample_bytes)
-
-
-@public
-def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = None) -> Diff:
-    """Which items differ between checkpoints ``step_a`` and ``step_b``, and the stored bytes
-    they share; from the manifests alone. Not collective."""
-    check_step(step_a, "step_a")
-    check_step(step_b, "step_b")
-    store = open_repository(url, storage_options)
-    return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
-
-
-@public
-def inspect(url: str, *, step: int | None = None,
-            storage_options: dict | None = None) -> Manifest:
-    """The manifest of ``step`` (default: the newest committed). Not collective."""
-    check_step(step, optional=True)
-    store = open_repository(url, storage_options)
-    return read_manifest(store, step)

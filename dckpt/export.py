@@ -17,8 +17,9 @@ from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
 from dckpt.errors import ArgumentError, CheckpointExistsError, IntegrityError, StateDictError
+from dckpt.items import read_item
 from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode
-from dckpt.reads import READ_THREADS, Fetcher, read_item
+from dckpt.reads import READ_THREADS, Fetcher
 from dckpt.repository import mark_repository
 from dckpt.storage import Store
 

@@ -29,6 +29,8 @@ MANIFEST_DIR = "manifests"
 DATA_DIR = "data"
 DELETED_DIR = "deleted"
 QUARANTINE_DIR = "quarantine"
+PROGRESS_KEY = "dckpt_pipeline"
+"""The state dict key (last part) under which a dckpt.Pipeline saves its progress: JSON text."""
 
 _MANIFEST_RE = re.compile(r"^(\d{12,20})\.json$")
 _TOMBSTONE_RE = re.compile(r"^(\d{12,20})-(\d+)\.json$")

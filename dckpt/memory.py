@@ -14,7 +14,6 @@ launcher's choice, as the interface in DESIGN.md fixes it), else ``/dev/shm``.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import logging
 import mmap
@@ -33,6 +32,7 @@ from dckpt.blocks import check
 from dckpt.errors import ArgumentError, IntegrityError, StorageError
 from dckpt.manifest import StoredData, TensorEntry, ValueEntry
 from dckpt.repository import committed_steps, read_manifest
+from dckpt.shm import DEFAULT_MEMORY_DIR, bytes_under, held, memory_folder
 from dckpt.storage import Store
 from dckpt.values import RawBytes
 
@@ -41,18 +41,8 @@ __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", 
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEMORY_DIR = "/dev/shm"
 SPARE_DIR = "spare"
 """In the tier's folder: files of pruned checkpoints, whose memory the next writes reuse."""
-
-
-def memory_folder(url: str, memory_dir: str | None = None) -> str:
-    """The memory tier's folder for the repository at ``url``: one per user and URL."""
-    root = memory_dir or os.environ.get("DCKPT_MEMORY_DIR") or DEFAULT_MEMORY_DIR
-    key = url if "://" in url and not url.startswith("file://") else os.path.abspath(
-        url.removeprefix("file://"))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    return os.path.join(root, f"dckpt-{os.getuid()}-{digest}")
 
 
 def room_problem(folder: str, free_bytes: int, held_bytes: int, need_bytes: int) -> str | None:
@@ -65,27 +55,6 @@ def room_problem(folder: str, free_bytes: int, held_bytes: int, need_bytes: int)
             f"node's ranks it holds at once) and has {free_bytes + held_bytes}; give it more room (a larger "
             "/dev/shm), another folder (memory_dir= or DCKPT_MEMORY_DIR), or turn it off "
             "(memory_every_steps=None)")
-
-
-def held(url: str, memory_dir: str | None = None) -> tuple[str, int, int | None] | None:
-    """(folder, bytes held, newest committed step) of this node's memory tier of ``url``, or
-    None where there is none; creates nothing."""
-    folder = memory_folder(url, memory_dir)
-    if not os.path.isdir(folder):
-        return None
-    steps = committed_steps(Store(folder))
-    return folder, _bytes_under(folder), steps[-1] if steps else None
-
-
-def _bytes_under(folder: str) -> int:
-    total = 0
-    for d, _, files in os.walk(folder):
-        for f in files:
-            try:
-                total += os.path.getsize(os.path.join(d, f))
-            except OSError:
-                pass  # removed meanwhile
-    return total
 
 
 class MemoryTier:
@@ -115,7 +84,7 @@ class MemoryTier:
 
     def held_bytes(self) -> int:
         """Bytes its files hold now."""
-        return _bytes_under(self.folder)
+        return bytes_under(self.folder)
 
     def newest(self) -> int | None:
         """The newest committed step in memory, or None."""
@@ -159,8 +128,8 @@ class MemoryTier:
         is slower than the copy itself (docs/benchmarks.md, Memory tier)."""
         spare = os.path.join(self.folder, SPARE_DIR)
         os.makedirs(spare, mode=0o700, exist_ok=True)
-        budget = sum(_bytes_under(os.path.join(self.folder, f)) for f in kept)
-        budget -= _bytes_under(spare)
+        budget = sum(bytes_under(os.path.join(self.folder, f)) for f in kept)
+        budget -= bytes_under(spare)
         for name in sorted(os.listdir(attempt)) if os.path.isdir(attempt) else []:
             path = os.path.join(attempt, name)
             size = os.path.getsize(path)

@@ -25,10 +25,9 @@ from typing import Any
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt.errors import ArgumentError
+from dckpt.layout import PROGRESS_KEY
 
 __all__ = ["Pipeline", "PROGRESS_KEY"]
-
-PROGRESS_KEY = "dckpt_pipeline"
 
 
 class Pipeline(Stateful):

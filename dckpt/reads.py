@@ -2,31 +2,27 @@
 
 Planning (which blocks, merged into which ranged reads) is pure; ``Fetcher`` runs the reads
 on a thread pool and checks every block against its digest before the bytes are used.
+Free of torch (``dckpt verify`` and ``health`` use it without torch's import); the stored
+items made tensors and values are ``dckpt.items``.
 """
 
 from __future__ import annotations
 
-import io
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
-
-import torch
 
 from dckpt.blocks import check
 from dckpt.codec import decode
-from dckpt.dtypes import dtype_from_name
 from dckpt.errors import IntegrityError
-from dckpt.manifest import BlockRef, Manifest, StoredData, TensorEntry
+from dckpt.manifest import BlockRef, Manifest, StoredData
 from dckpt.storage import Store
-from dckpt.values import safe_load
 from dckpt.watchdog import STALL_S, Stalled, wait_all
 
 __all__ = ["Request", "Span", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
-           "read_item", "read_value", "read_stored_sample", "READ_THREADS"]
+           "read_stored_sample", "READ_THREADS"]
 
 
 @dataclass(frozen=True)
@@ -269,18 +265,6 @@ READ_REQUEST_BYTES = 16 << 20
 """Whole-item reads (status, health, export): threads, and bytes per coalesced request."""
 
 
-def read_value(store: Store, m: Manifest, fqn: str) -> Any:
-    """One item of checkpoint ``m``, whole (a tensor, or a value loaded with
-    weights_only=True), every byte verified."""
-    if fqn not in m.items:
-        raise KeyError(f"checkpoint step {m.step} has no item {fqn!r}")
-    try:
-        with Fetcher(store, READ_THREADS) as fetcher:
-            return read_item(fetcher, m, fqn, lambda n: None)
-    finally:
-        store.close_files()
-
-
 def read_stored_sample(store: Store, m: Manifest, nbytes: int) -> int:
     """Read (and verify) stored data of ``m`` until ``nbytes`` are read: the bytes read."""
     done = 0
@@ -302,25 +286,3 @@ def read_stored(fetcher: Fetcher, data: StoredData, what: str) -> bytearray:
     fetcher.results([fetcher.submit(req, memoryview(out), what)
                      for req in coalesce(picked, READ_REQUEST_BYTES)])
     return out
-
-
-def read_item(fetcher: Fetcher, m: Manifest, fqn: str, step: Callable[[int], None]) -> Any:
-    """Item ``fqn`` of ``m`` whole: a tensor (its chunks assembled) or a value; ``step(n)``
-    after every n bytes."""
-    e = m.items[fqn]
-    what = f"item {fqn!r} of checkpoint step {m.step} in {fetcher.store.url}"
-    if not isinstance(e, TensorEntry):
-        raw = read_stored(fetcher, e.data, what)
-        step(len(raw))
-        return io.BytesIO(bytes(raw)) if e.encoding == "bytes" else safe_load(raw, what)
-    dtype = dtype_from_name(e.dtype)
-    full = torch.empty(e.size, dtype=dtype)
-    for c in e.chunks:
-        raw = read_stored(fetcher, c.data, what)
-        shard = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
-        box = full
-        for dim, (o, n) in enumerate(zip(c.offsets, c.sizes)):
-            box = box.narrow(dim, o, n)
-        box.copy_(shard.reshape(c.sizes))
-        step(len(raw))
-    return full

@@ -10,10 +10,9 @@ from typing import Any
 
 from dckpt.errors import DckptError
 from dckpt.info import CheckpointInfo
-from dckpt.memory import held
-from dckpt.pipeline import PROGRESS_KEY
-from dckpt.reads import read_value
+from dckpt.layout import PROGRESS_KEY
 from dckpt.repository import read_manifest
+from dckpt.shm import held
 from dckpt.storage import Store
 
 __all__ = ["Status", "repository_status"]
@@ -47,6 +46,10 @@ def repository_status(store: Store, infos: list[CheckpointInfo],
             m = read_manifest(store, newest.step)
             keys = [k for k in m.items if k.rsplit(".", 1)[-1] == PROGRESS_KEY]
             if keys:
+                # here only: the value's load needs torch, whose import (seconds) the status
+                # of a repository without a pipeline never pays
+                from dckpt.items import read_value
+
                 raw = read_value(store, m, keys[0])
                 pipeline = json.loads(raw) if isinstance(raw, str) else None
         except (DckptError, ValueError) as e:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from dckpt import api
+from dckpt import catalog
 from dckpt.errors import CheckpointNotFoundError
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
@@ -62,7 +62,7 @@ class Upkeep:
 
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints whose manifest reads, oldest first."""
-        return [c for c in api.list_checkpoints(self.url, storage_options=self.storage_options)
+        return [c for c in catalog.list_checkpoints(self.url, storage_options=self.storage_options)
                 if c.problem is None]
 
     def submit(self) -> None:
@@ -80,7 +80,7 @@ class Upkeep:
                 kept, deleted = plan(self.retention, infos, protect=protect)
                 for s in [] if dry_run else deleted:
                     try:
-                        api.delete(self.url, step=s, storage_options=self.storage_options)
+                        catalog.delete(self.url, step=s, storage_options=self.storage_options)
                     except CheckpointNotFoundError:
                         pass  # deleted meanwhile
             report = None

@@ -43,23 +43,14 @@ def train(ckpt, *args: str) -> list[str]:
             *args]
 
 
-def test_max_restarts_resume_bit_exact_from_storage_and_from_the_memory_tier(tmp_path):
-    """A worker SIGKILLed at step 13 under torchrun --max-restarts=1: with storage saves
-    every 5 steps the restart resumes from storage; with memory saves every 2 and storage
-    every 10, from the newest memory step. Both end with the uninterrupted run's weights
-    (one reference run: checkpoints do not change the training)."""
+def test_max_restarts_resume_bit_exact_from_the_memory_tier(tmp_path):
+    """A worker SIGKILLed at step 13 under torchrun --max-restarts: with memory saves every 2
+    steps and storage saves every 10, the restart resumes from the newest memory step and ends
+    with the uninterrupted run's weights. (A resume from storage after a SIGKILL is the
+    README's main job, test_main_job.py; the restart itself is the same torchrun's.)"""
     steps = ("--steps", "20")
     run(torchrun(*train(tmp_path / "ref", *steps, "--save-every", "10",
                         "--out", str(tmp_path / "ref.pt"))))
-    out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "ckpt"), *steps,
-               "--save-every", "5", "--step-seconds", "0.02", "--crash-at", "13",
-               "--out", str(tmp_path / "got.pt")])
-    assert "rank 1: SIGKILL at step 13" in out
-    # the newest committed before the kill: step 10, or 5 where 10's async save was still
-    # being written
-    assert re.search(r"resumed from step (5|10) \(torchrun restart 1\)", out), out
-    assert same_weights(tmp_path / "ref.pt", tmp_path / "got.pt")
-
     shm = tmp_path / "shm"
     shm.mkdir()
     out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "mem"), *steps,

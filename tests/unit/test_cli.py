@@ -77,3 +77,24 @@ def test_errors_say_what_is_wrong(tmp_path):
     assert empty.returncode == 0 and "(no committed checkpoint)" in empty.stdout
     usage = _dckpt("verify", str(tmp_path), "--step", "1", "--all")
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
+
+
+def test_the_repository_commands_answer_without_importing_torch(tmp_path):
+    """ls, inspect, verify, status, health, diff, delete and gc need no torch: its import
+    (seconds) would make every cron health check and every ``dckpt ls`` wait for it."""
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(4), "opt": {"lr": 0.5}}, url, step=1)
+    dckpt.save({"w": torch.zeros(4), "opt": {"lr": 0.5}}, url, step=2)
+    script = f"""
+import sys
+from dckpt.cli import main
+codes = [main(a) for a in (["ls", {url!r}], ["inspect", {url!r}], ["verify", {url!r}, "--all"],
+                           ["status", {url!r}], ["health", {url!r}], ["diff", {url!r}, "1", "2"],
+                           ["delete", {url!r}, "--step", "1"], ["gc", {url!r}, "--min-age", "0"])]
+print("CODES", codes, "TORCH", sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == "CODES [0, 0, 0, 0, 0, 0, 0, 0] TORCH []"
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [2]  # the delete did delete

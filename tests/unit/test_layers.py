@@ -21,13 +21,13 @@ LAYERS = [
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
-    {"repository", "dedup", "segments", "reads", "memory"},
+    {"repository", "dedup", "segments", "reads", "items", "shm", "memory"},
     # the DCP plug-ins
     {"planner", "writer", "reader", "replicas"},
     # the save pipeline
     {"handle", "saver"},
     # operations over a repository, and the public functions
-    {"verify", "sweep", "export", "status", "health", "diff", "api", "train_state",
+    {"verify", "sweep", "export", "status", "health", "diff", "api", "catalog", "train_state",
      "pipeline"},
     # orchestration
     {"preemption", "upkeep", "tiers", "manager"},
@@ -44,7 +44,12 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
 }
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "manifest", "decoder", "blocks", "codec", "info",
-              "triggers", "retention", "arguments", "prefetch", "watchdog"}
+              "triggers", "retention", "arguments", "prefetch", "watchdog", "storage",
+              "repository", "reads", "shm", "verify", "sweep", "status", "health", "diff",
+              "catalog"}
+"""Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,
+``verify``, ``delete``, ``gc``, ``status``, ``health`` and ``diff`` run (a test runs them and
+finds no torch imported)."""
 PREFETCH_NEEDS = {"layout", "decoder", "manifest", "errors"}
 """All ``python -m dckpt.prefetch`` loads of dckpt: the stdlib and xxhash beside them."""
 

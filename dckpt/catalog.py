@@ -1,0 +1,167 @@
+"""The public functions over a repository that read or tidy it, outside any job: list,
+inspect, verify, delete, gc, status, health, diff (none collective). Free of torch, so that
+``dckpt ls``, ``verify`` or ``health`` from cron answers in a fraction of a second instead of
+waiting seconds for torch's import; save, load and export are ``dckpt.api``."""
+
+from __future__ import annotations
+
+import logging
+
+from dckpt import layout
+from dckpt.arguments import check_bool, check_seconds, check_step, public
+from dckpt.diff import Diff, diff_manifests
+from dckpt.errors import CheckpointNotFoundError, DckptError
+from dckpt.health import Health, check_health
+from dckpt.info import CheckpointInfo, info_from_manifest
+from dckpt.manifest import Manifest
+from dckpt.repository import (
+    committed_steps,
+    open_repository,
+    quarantined,
+    read_manifest,
+    set_quarantine,
+)
+from dckpt.status import Status, repository_status
+from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
+from dckpt.verify import Progress, VerifyReport, verify_steps
+
+__all__ = ["list_checkpoints", "inspect", "verify", "delete", "gc", "status", "health", "diff"]
+
+log = logging.getLogger(__name__)
+
+
+@public
+def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
+    """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
+    ``problem`` set. Not collective."""
+    store = open_repository(url, storage_options, required=False)
+    infos = []  # an empty or absent repository is a valid, empty one
+    marked = quarantined(store)
+    for step in committed_steps(store):
+        try:
+            infos.append(info_from_manifest(read_manifest(store, step), url,
+                                            quarantined=marked.get(step)))
+        except DckptError as e:
+            infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
+                                        world_size=0, bytes_logical=0, bytes_written=0,
+                                        problem=str(e)))
+    return infos
+
+
+@public
+def verify(url: str, *, step: int | None = None, all_steps: bool = False,
+           quarantine: bool = False, storage_options: dict | None = None,
+           progress: Progress | None = None) -> VerifyReport:
+    """Read back and check every byte of one checkpoint (``step``, default the newest), or of
+    every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
+    that restores skip it at once (nothing is deleted), and clear the mark of each one that
+    verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
+    exist), or StorageError when no read ends for 300 s (``watchdog.STALL_S``: a hung
+    mount). Not collective."""
+    check_step(step, optional=True)
+    check_bool(all_steps, "all_steps")
+    check_bool(quarantine, "quarantine")
+    store = open_repository(url, storage_options)
+    steps = committed_steps(store)
+    if step is not None:
+        if step not in steps:
+            raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
+                                          f"committed steps: {steps or 'none'}")
+        steps = [step]
+    elif not all_steps:
+        steps = steps[-1:]
+    report = verify_steps(store, steps, progress=progress)
+    if quarantine:
+        bad: dict[int, str] = {}
+        for p in report.problems:
+            bad.setdefault(p.step, p.message.splitlines()[0])
+        for s in steps:
+            set_quarantine(store, s, bad.get(s))
+        if bad:
+            log.warning("quarantined steps %s of %s", sorted(bad), url)
+    return report
+
+
+@public
+def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
+    """Drop checkpoint ``step``: its manifest, the commit point, is removed, so it is no longer
+    listed or loaded. Its data stays until ``gc`` finds nothing references it (other
+    checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
+    gc's grace period, so that a save in flight that references its blocks keeps them.
+    Not collective."""
+    check_step(step)
+    store = open_repository(url, storage_options)
+    steps = committed_steps(store)
+    if step not in steps:
+        raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
+                                      f"committed steps: {steps or 'none'}")
+    name = layout.manifest_name(step)
+    try:
+        raw = store.read_bytes(name)
+    except FileNotFoundError:
+        raw = None  # deleted meanwhile by another process
+    if raw is not None:
+        # IMPORTANT: kept for gc's grace period: a save in flight may reference its blocks
+        store.write_if_absent(layout.tombstone_name(step), raw)
+        store.delete(name)
+    log.info("deleted the checkpoint of step %d from %s", step, url)
+
+
+@public
+def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
+       deleted_min_age_s: float | None = None, storage_options: dict | None = None,
+       progress: Progress | None = None) -> GcReport:
+    """Remove the data no committed checkpoint references (see dckpt.sweep for what is
+    spared: saves younger than ``min_age_s`` may be in flight; a checkpoint deleted less than
+    ``deleted_min_age_s`` ago, default ``min_age_s``, may be a save's base). ``dry_run``:
+    report, remove nothing. Not collective."""
+    check_bool(dry_run, "dry_run")
+    check_seconds(min_age_s, "min_age_s")
+    check_seconds(deleted_min_age_s, "deleted_min_age_s", optional=True)
+    store = open_repository(url, storage_options)
+    return collect(store, dry_run=dry_run, min_age_s=min_age_s,
+                   deleted_min_age_s=deleted_min_age_s, progress=progress)
+
+
+@public
+def status(url: str, *, storage_options: dict | None = None,
+           memory_dir: str | None = None) -> Status:
+    """The repository at a glance: the newest usable checkpoint and its age, the count,
+    damaged and quarantined steps, a pipeline's progress, and what this node's memory tier
+    holds. Not collective."""
+    store = open_repository(url, storage_options, required=False)
+    return repository_status(store, list_checkpoints(url, storage_options=storage_options),
+                             memory_dir)
+
+
+@public
+def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | None = None,
+           verify: bool = False, sample_bytes: int = 64 << 20,
+           storage_options: dict | None = None) -> Health:
+    """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
+    read time from a measured sample, free space (see dckpt.health). Not collective."""
+    check_seconds(max_age_s, "max_age_s", optional=True)
+    check_bool(verify, "verify")
+    store = open_repository(url, storage_options, required=False)
+    return check_health(store, list_checkpoints(url, storage_options=storage_options),
+                        max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
+                        sample_bytes=sample_bytes)
+
+
+@public
+def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = None) -> Diff:
+    """Which items differ between checkpoints ``step_a`` and ``step_b``, and the stored bytes
+    they share; from the manifests alone. Not collective."""
+    check_step(step_a, "step_a")
+    check_step(step_b, "step_b")
+    store = open_repository(url, storage_options)
+    return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
+
+
+@public
+def inspect(url: str, *, step: int | None = None,
+            storage_options: dict | None = None) -> Manifest:
+    """The manifest of ``step`` (default: the newest committed). Not collective."""
+    check_step(step, optional=True)
+    store = open_repository(url, storage_options)
+    return read_manifest(store, step)
