@@ -281,9 +281,14 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from dckpt.bench.options import check, reach
+
+    options = _options(args.option)
+    names = check(args)  # before torch's import (seconds): a refusal answers at once
+    reach(args.url, options)
     from dckpt.bench.run import main as bench
 
-    return bench(args, _options(args.option))
+    return bench(args, options, names)
 
 
 def _metrics_options(p: argparse.ArgumentParser) -> None:

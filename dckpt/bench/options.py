@@ -1,13 +1,17 @@
-"""``dckpt bench``'s arguments, apart from the measuring code: ``dckpt --help`` imports no
-torch."""
+"""``dckpt bench``'s arguments and their checks, apart from the measuring code: ``dckpt --help``
+and a refused run import no torch."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import secrets
 
 from dckpt.config import SaveConfig
+from dckpt.errors import ArgumentError
+from dckpt.storage import Store
 
-__all__ = ["add_arguments", "METHODS", "LAYOUTS", "WORKLOADS", "DTYPES"]
+__all__ = ["add_arguments", "check", "reach", "METHODS", "LAYOUTS", "WORKLOADS", "DTYPES"]
 
 METHODS = ("raw", "memcpy", "dckpt", "DCP", "torch-checkpointing")
 LAYOUTS = ("sharded", "dense")
@@ -43,3 +47,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="writer threads of every method that has them (default: dckpt's)")
     p.add_argument("--out", default=".", metavar="DIR",
                    help="where results.jsonl and summary.png go (default: this folder)")
+
+
+def check(args: argparse.Namespace) -> list[str]:
+    """The methods asked for; ArgumentError for arguments out of range."""
+    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if unknown or not names:
+        raise ArgumentError(f"--methods {args.methods!r}: expected names from {METHODS}")
+    if args.repeats < 1 or args.threads < 1:
+        raise ArgumentError("--repeats and --threads must be at least 1")
+    if not (args.gib_per_rank > 0 and args.tensor_mib > 0):
+        raise ArgumentError("--gib-per-rank and --tensor-mib must be positive")
+    return names
+
+
+def reach(url: str, options: dict | None) -> None:
+    """Refuse a URL, storage options or credentials the storage does not take, before any
+    rank set-up: a listing of the URL's folder, and a small object written and removed."""
+    store = Store(url, options)
+    try:
+        exists = store.fs.exists(store.root)
+    except Exception as e:
+        raise ArgumentError(f"{url}: the storage does not answer a listing with storage "
+                            f"options {sorted(options or {})}: {type(e).__name__}: "
+                            f"{str(e)[:300]}") from e
+    if exists and store.local and not store.fs.isdir(store.root):
+        raise ArgumentError(f"{url} is a file; dckpt bench needs a folder to write under "
+                            "(it creates one, and removes it at the end)")
+    probe = f".dckpt-bench-probe-{os.getpid()}-{secrets.token_hex(3)}"
+    try:
+        with store.open_write(probe) as f:
+            f.write(b"probe")
+        store.delete(probe)
+        if not exists:
+            store.remove_folder("")  # leave no folder behind that the run did not need
+    except Exception as e:
+        raise ArgumentError(f"{url}: cannot write there ({type(e).__name__}: {str(e)[:300]}); "
+                            "point dckpt bench at a folder or prefix it may write under") from e

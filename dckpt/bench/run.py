@@ -23,7 +23,6 @@ import torch.distributed as dist
 
 import dckpt
 from dckpt.bench.methods import Method, make_methods, memcpy_seconds
-from dckpt.bench.options import METHODS
 from dckpt.bench.report import Report, Result
 from dckpt.bench.workload import Workload
 from dckpt.errors import ArgumentError
@@ -251,48 +250,11 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def check(args: argparse.Namespace) -> list[str]:
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise ArgumentError(f"--methods {args.methods!r}: expected names from {METHODS}")
-    if args.repeats < 1 or args.threads < 1:
-        raise ArgumentError("--repeats and --threads must be at least 1")
-    if not (args.gib_per_rank > 0 and args.tensor_mib > 0):
-        raise ArgumentError("--gib-per-rank and --tensor-mib must be positive")
+def main(args: argparse.Namespace, options: dict | None, names: list[str]) -> int:
+    """The run, after ``options.check`` and ``options.reach`` (the command calls them before
+    torch's import, so that a refusal answers at once) gave the ``names`` of the methods."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("--device cuda: no GPU is visible here")
-    return names
-
-
-def reach(url: str, options: dict | None) -> None:
-    """Refuse a URL, storage options or credentials the storage does not take, before any
-    rank set-up: a listing of the URL's folder, and a small object written and removed."""
-    store = Store(url, options)
-    try:
-        exists = store.fs.exists(store.root)
-    except Exception as e:
-        raise ArgumentError(f"{url}: the storage does not answer a listing with storage "
-                            f"options {sorted(options or {})}: {type(e).__name__}: "
-                            f"{str(e)[:300]}") from e
-    if exists and store.local and not store.fs.isdir(store.root):
-        raise ArgumentError(f"{url} is a file; dckpt bench needs a folder to write under "
-                            "(it creates one, and removes it at the end)")
-    probe = f".dckpt-bench-probe-{os.getpid()}-{secrets.token_hex(3)}"
-    try:
-        with store.open_write(probe) as f:
-            f.write(b"probe")
-        store.delete(probe)
-        if not exists:
-            store.remove_folder("")  # leave no folder behind that the run did not need
-    except Exception as e:
-        raise ArgumentError(f"{url}: cannot write there ({type(e).__name__}: {str(e)[:300]}); "
-                            "point dckpt bench at a folder or prefix it may write under") from e
-
-
-def main(args: argparse.Namespace, options: dict | None) -> int:
-    names = check(args)
-    reach(args.url, options)
     device = init_ranks(args.device)
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)

@@ -125,4 +125,4 @@ def test_the_bench_stands_above_the_package():
                 and any(i.startswith("dckpt.bench") for i in _imports(PACKAGE / f"{m}.py"))]
     assert not [m for m in BENCH if f"`bench.{m}`" not in DESIGN.read_text()]
     options = _imports(PACKAGE / "bench" / "options.py")
-    assert not [i for i in options if i.split(".")[0] == "torch"]  # dckpt --help stays fast
+    assert not [i for i in options if i.split(".")[0] == "torch"]  # --help, refusals stay fast
