@@ -14,7 +14,7 @@ from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.layout import MAX_STEP
 
 __all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds",
-           "check_options", "check_url", "public", "storage_error"]
+           "check_bytes", "check_options", "check_url", "public", "storage_error"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
@@ -56,6 +56,15 @@ def check_seconds(value: object, name: str, *, optional: bool = False) -> float 
     if type(value) not in (int, float) or not math.isfinite(value) or value < 0:  # type: ignore[arg-type, operator]
         raise ArgumentError(f"{name} must be a finite number of seconds >= 0, got {_show(value)}")
     return float(value)  # type: ignore[arg-type]
+
+
+def check_bytes(value: object, name: str, *, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if type(value) is not int or value < 0:
+        raise ArgumentError(f"{name} must be an int number of bytes >= 0"
+                            f"{' or None' if optional else ''}, got {_show(value)}")
+    return value
 
 
 def check_options(options: object, name: str = "storage_options") -> dict | None:

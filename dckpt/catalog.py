@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 
 from dckpt import layout
-from dckpt.arguments import check_bool, check_seconds, check_step, public
+from dckpt.arguments import check_bool, check_bytes, check_seconds, check_step, public
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.health import Health, check_health
@@ -141,7 +141,9 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     """Whether a restart would find a checkpoint, how old it is, an estimate of the restore's
     read time from a measured sample, free space (see dckpt.health). Not collective."""
     check_seconds(max_age_s, "max_age_s", optional=True)
+    check_bytes(min_free_bytes, "min_free_bytes", optional=True)
     check_bool(verify, "verify")
+    check_bytes(sample_bytes, "sample_bytes")
     store = open_repository(url, storage_options, required=False)
     return check_health(store, list_checkpoints(url, storage_options=storage_options),
                         max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,

@@ -326,6 +326,11 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("verify all_steps str", lambda: dckpt.verify(url, all_steps="yes")),
         ("gc dry_run str", lambda: dckpt.gc(url, dry_run="yes")),
         ("health verify int", lambda: dckpt.health(url, verify=1)),
+        # a negative sample or free-space limit was taken without a word
+        ("health sample -1", lambda: dckpt.health(url, sample_bytes=-1)),
+        ("health sample float", lambda: dckpt.health(url, sample_bytes=1.5)),
+        ("health min_free -1", lambda: dckpt.health(url, min_free_bytes=-1)),
+        ("health min_free str", lambda: dckpt.health(url, min_free_bytes="1G")),
         ("manager unknown keyword", lambda: dckpt.CheckpointManager(url, save_every=5)),
         ("TrainState model int", lambda: dckpt.TrainState(5)),
         ("TrainState optimizer int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), 5)),
