@@ -226,6 +226,10 @@ class ManagerConfig:
         if type(self.memory_replicas) is not int or self.memory_replicas < 0:
             raise ArgumentError(f"memory_replicas must be an int >= 0, got "
                                 f"{self.memory_replicas!r}")
+        if self.memory_replicas and self.memory_trigger is None:
+            raise ArgumentError(f"memory_replicas={self.memory_replicas} replicates the memory "
+                                "tier, which is off: set memory_every_steps (or "
+                                "ManagerConfig.memory_trigger) too")
         if not isinstance(self.save, SaveConfig) or not isinstance(self.load, LoadConfig):
             raise ArgumentError("ManagerConfig.save and .load must be a SaveConfig and a "
                                 f"LoadConfig, got {self.save!r}, {self.load!r}")

@@ -84,6 +84,12 @@ class CheckpointManager:
                                 f"arguments, not both; got config={config!r}")
         self.url = check_url(url)
         self.config = config or spelled
+        for name, fn in (("on_save", on_save), ("on_restore", on_restore),
+                         ("on_failure", on_failure)):
+            if fn is not None and not callable(fn):
+                raise ArgumentError(f"{name} must be a callable or None, got {fn!r}")
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise ArgumentError(f"metrics must be a dckpt.Metrics or None, got {metrics!r}")
         self.storage_options = self.config.storage_options
         self.on_save, self.on_restore, self.on_failure = on_save, on_restore, on_failure
         self.metrics = metrics

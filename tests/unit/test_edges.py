@@ -332,6 +332,10 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("health min_free -1", lambda: dckpt.health(url, min_free_bytes=-1)),
         ("health min_free str", lambda: dckpt.health(url, min_free_bytes="1G")),
         ("manager unknown keyword", lambda: dckpt.CheckpointManager(url, save_every=5)),
+        # taken, and failed at the first save or restore
+        ("manager on_save int", lambda: dckpt.CheckpointManager(url, on_save=3)),
+        ("manager on_failure str", lambda: dckpt.CheckpointManager(url, on_failure="log")),
+        ("manager metrics dict", lambda: dckpt.CheckpointManager(url, metrics={})),
         ("TrainState model int", lambda: dckpt.TrainState(5)),
         ("TrainState optimizer int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), 5)),
         ("TrainState extra int", lambda: dckpt.TrainState(torch.nn.Linear(1, 1), extra=5)),

@@ -169,6 +169,7 @@ def test_a_fresh_start_leaves_the_optimizer_as_it_was(tmp_path):
 @pytest.mark.parametrize("kwargs", [{"memory_every_steps": 0}, {"memory_every_steps": 1.5},
                                     {"memory_replicas": -1}, {"memory_replicas": 1.0},
                                     {"memory_every_steps": 2, "memory_replicas": 1},
+                                    {"memory_replicas": 1},  # replicas of no memory tier
                                     {"memory_dir": 3},
                                     {"memory_every_steps": 2, "memory_dir": "/no/such/dir"}])
 def test_bad_memory_arguments_are_refused(tmp_path, kwargs, monkeypatch):
