@@ -41,6 +41,8 @@ def _json_safe(value: object) -> object:
     """``value`` with every non-finite float as a string: JSON has no NaN or Infinity."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple: a BlockRef
+        return _json_safe(value._asdict())
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

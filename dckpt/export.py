@@ -171,7 +171,7 @@ def _export_dckpt(store: Store, m: Manifest, dest: Store, step: Callable[[int], 
                     else:
                         decode(ref.codec, payload, raw, what=what)
                     check(raw, ref, what=what)
-                    new = dataclasses.replace(ref, segment=name, offset=written)
+                    new = ref._replace(segment=name, offset=written)
                     f.write(payload)
                     written += len(payload)
                     moved[(ref.segment, ref.offset)] = new

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import xxhash
 
@@ -52,9 +53,10 @@ CODECS = ("raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8")
 _SEAL = re.compile(rb',"checksum":"([0-9a-f]{32})"}$')
 
 
-@dataclass(frozen=True)
-class BlockRef:
-    """One stored block: ``length`` bytes at ``offset`` of object ``segment``."""
+class BlockRef(NamedTuple):
+    """One stored block: ``length`` bytes at ``offset`` of object ``segment``. A named tuple,
+    not a frozen dataclass: a manifest holds one per block (10^5 to 10^6 at scale, decoded
+    on every rank before a restore reads), and a tuple is built in a quarter of the time."""
 
     segment: str
     offset: int
