@@ -303,6 +303,7 @@ def _metrics_options(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dckpt", description="Inspect and check dckpt "
                                      "checkpoint repositories (a local path or an fsspec URL).")
+    parser.add_argument("--version", action="version", version=f"dckpt {dckpt.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, fn, help_text: str) -> argparse.ArgumentParser:

@@ -77,6 +77,8 @@ def test_errors_say_what_is_wrong(tmp_path):
     assert empty.returncode == 0 and "(no committed checkpoint)" in empty.stdout
     usage = _dckpt("verify", str(tmp_path), "--step", "1", "--all")
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
+    version = _dckpt("--version")
+    assert version.returncode == 0 and version.stdout == f"dckpt {dckpt.__version__}\n"
 
 
 def test_the_repository_commands_answer_without_importing_torch(tmp_path):
