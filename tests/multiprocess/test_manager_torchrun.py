@@ -12,7 +12,9 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
+from filelock import FileLock  # torch's own dependency
 
 import dckpt
 
@@ -43,14 +45,28 @@ def train(ckpt, *args: str) -> list[str]:
             *args]
 
 
-def test_max_restarts_resume_bit_exact_from_the_memory_tier(tmp_path):
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, worker_id) -> str:
+    """The final weights of an uninterrupted 20-step run of launch/train_ddp.py on 2 ranks,
+    the reference of the tests that kill, restart or move its ranks (checkpoints do not
+    change the training): one run, shared by the tests and the xdist workers."""
+    root = tmp_path_factory.getbasetemp()
+    if worker_id != "master":
+        root = root.parent  # this session's, shared by its workers
+    out = root / "reference-20-steps.pt"
+    with FileLock(str(out) + ".lock"):
+        if not out.exists():
+            run(torchrun(*train(root / "reference-ckpt", "--steps", "20", "--save-every", "10",
+                                "--out", str(out))))
+    return str(out)
+
+
+def test_max_restarts_resume_bit_exact_from_the_memory_tier(tmp_path, reference):
     """A worker SIGKILLed at step 13 under torchrun --max-restarts: with memory saves every 2
     steps and storage saves every 10, the restart resumes from the newest memory step and ends
     with the uninterrupted run's weights. (A resume from storage after a SIGKILL is the
     README's main job, test_main_job.py; the restart itself is the same torchrun's.)"""
     steps = ("--steps", "20")
-    run(torchrun(*train(tmp_path / "ref", *steps, "--save-every", "10",
-                        "--out", str(tmp_path / "ref.pt"))))
     shm = tmp_path / "shm"
     shm.mkdir()
     out = run(["bash", os.path.join(LAUNCH, "restarts.sh"), str(tmp_path / "mem"), *steps,
@@ -63,7 +79,7 @@ def test_max_restarts_resume_bit_exact_from_the_memory_tier(tmp_path):
     found = re.search(r"resumed from step (\d+) \(torchrun restart 1\) in [\d.]+ s from (\w+)",
                       out)
     assert found and int(found[1]) in (8, 10, 12) and found[2] == "memory", out
-    assert same_weights(tmp_path / "ref.pt", tmp_path / "got-mem.pt")
+    assert same_weights(reference, tmp_path / "got-mem.pt")
     assert list(shm.iterdir()) == []  # the clean end removed the memory tier
     assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "mem"))][-1] == 19
 
@@ -111,15 +127,13 @@ def test_fsdp2_saved_on_4_ranks_restores_on_2(tmp_path):
     assert [c.world_size for c in dckpt.list_checkpoints(ckpt)] == [4, 4]  # KeepLast(2)
 
 
-def test_two_node_rendezvous_save_and_restore(tmp_path):
+def test_two_node_rendezvous_save_and_restore(tmp_path, reference):
     two_node = ["bash", os.path.join(LAUNCH, "two_node.sh"), str(tmp_path / "ckpt"),
                 "--save-every", "5", "--step-seconds", "0"]
     run([*two_node, "--steps", "12"])
     out = run([*two_node, "--steps", "20", "--out", str(tmp_path / "two.pt")])
     assert "resumed from step 11" in out
-    run(torchrun(*train(tmp_path / "ref", "--steps", "20", "--save-every", "5",
-                        "--out", str(tmp_path / "ref.pt"))))
-    assert same_weights(tmp_path / "two.pt", tmp_path / "ref.pt")
+    assert same_weights(tmp_path / "two.pt", reference)
 
 
 def test_pipeline_restart_skips_finished_stages(tmp_path):
@@ -160,7 +174,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path):
+def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path, reference):
     """Two nodes, memory every 2 steps with one replica, storage every 10: one node's agent
     and worker are SIGKILLed and its memory deleted (the machine was replaced); the
     relaunched job restores the newest memory step, the new node's rank from its peer's
@@ -170,7 +184,7 @@ def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path):
         d.mkdir()
     logs = {n: open(tmp_path / f"first-{n}.log", "w") for n in "ab"}
     port = _free_port()
-    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "30", "--stop-at", "15")
+    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "20", "--stop-at", "15")
               for n in "ab"}
     deadline = time.monotonic() + 180
     text = ""
@@ -189,7 +203,7 @@ def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path):
         a.wait()
     port = _free_port()
     logs = {n: open(tmp_path / f"second-{n}.log", "w") for n in "ab"}
-    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "30", "--out",
+    agents = {n: _agent(ckpt, port, mem[n], logs[n], "--steps", "20", "--out",
                         str(tmp_path / "two.pt")) for n in "ab"}
     for a in agents.values():
         a.wait(timeout=240)
@@ -198,6 +212,4 @@ def test_a_lost_node_comes_back_from_its_peers_memory(tmp_path):
     found = re.search(r"resumed from step (\d+) .* ranks read from (\w+),(\w+)", text)
     assert found and int(found[1]) in (13, 14, 15), text[-4000:]
     assert sorted(found.groups()[1:]) == ["memory", "peer"], text[-4000:]
-    run(torchrun(*train(tmp_path / "ref", "--steps", "30", "--save-every", "10",
-                        "--out", str(tmp_path / "ref.pt"))))
-    assert same_weights(tmp_path / "two.pt", tmp_path / "ref.pt")
+    assert same_weights(tmp_path / "two.pt", reference)

@@ -62,6 +62,12 @@ def _save_replicated(rank, world, url):
         dckpt.save({**state, "w": _sharded(_full(step))}, url, step=step)
 
 
+def _save_and_load_replicated(rank, world, url):
+    """Saved, then loaded by every rank reading it (``read``) and read once and broadcast."""
+    _save_replicated(rank, world, url)
+    return [_load_replicated(rank, world, url, mode) for mode in ("read", "broadcast")]
+
+
 def _load_replicated(rank, world, url, mode):
     state = {k: torch.zeros_like(v) for k, v in _replicated_state(0).items()}
     state["w"] = _sharded(torch.zeros(16, 4096))
@@ -74,9 +80,8 @@ def _load_replicated(rank, world, url, mode):
 
 def test_replicated_state_read_once_and_broadcast(tmp_path):
     url = str(tmp_path)
-    run_ranks(_save_replicated, 3, url)
-    read = [o.value for o in run_ranks(_load_replicated, 3, url, "read")]
-    once = [o.value for o in run_ranks(_load_replicated, 3, url, "broadcast")]
+    read, once = zip(*(o.value for o in run_ranks(_save_and_load_replicated, 3, url)))
+    read, once = list(read), list(once)
     assert all(v[:3] == (2, [], True) for v in read + once), (read, once)
     replicated_bytes = 5 * 64 * 1024 * 4
     # every rank read the 5 replicated tensors, against each read once over all ranks
