@@ -72,10 +72,9 @@ def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
     return results
 
 
-def as_done(futures: Sequence[Future[T]], stall_s: float, what: str,
-            remedy: str = "") -> Iterator[Future[T]]:
+def as_done(futures: Sequence[Future[T]], stall_s: float, what: str) -> Iterator[Future[T]]:
     """The futures as they end (as ``concurrent.futures.as_completed``); Stalled when none
-    ends for ``stall_s``, its message ending with ``remedy`` (what to do if only slow)."""
+    ends for ``stall_s`` (a bound no config sets: its message names no setting to raise)."""
     ended: queue.SimpleQueue[Future[T]] = queue.SimpleQueue()
     for f in futures:
         f.add_done_callback(ended.put)
@@ -83,13 +82,12 @@ def as_done(futures: Sequence[Future[T]], stall_s: float, what: str,
         try:
             yield ended.get(timeout=stall_s)
         except queue.Empty:
-            raise Stalled(_no_progress(what, stall_s, pending, remedy)) from None
+            raise Stalled(_no_progress(what, stall_s, pending, remedy="")) from None
 
 
-RAISE_BOUND = "If it is only slow, raise io_stall_timeout_s (SaveConfig, LoadConfig)"
-
-
-def _no_progress(what: str, stall_s: float, pending: int, remedy: str = RAISE_BOUND) -> str:
+def _no_progress(what: str, stall_s: float, pending: int,
+                 remedy: str = "If it is only slow, raise io_stall_timeout_s (SaveConfig, "
+                               "LoadConfig)") -> str:
     return (f"{what}: no progress for {stall_s:g} s with {pending} request(s) in flight: the "
             "storage stopped answering (a hung network or FUSE mount?); their threads are "
             f"left behind. {remedy}").rstrip()
