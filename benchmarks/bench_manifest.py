@@ -1,10 +1,12 @@
-"""What the manifest's checks cost a restore's find phase: decoding a manifest of 100,000
-block references with the checksum, tiling and bound checks (format 2) against the same
-manifest without them (format 1), beside the JSON parse alone and a load of the state.
+"""What a manifest of many block references costs: decoding 100,000 of them with the
+checksum, tiling and bound checks (format 2) against the same manifest without them (format
+1), beside the JSON parse alone; a load of the state (and its find phase: reading and
+decoding the manifest); and the commit of a differential save of it (gathering the ranks'
+references, checking them, encoding and writing the manifest).
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
 
-JSON lines on stdout: seconds per decode (median), and the checks' share of a load.
+JSON lines on stdout: seconds (medians), and the checks' share of a load.
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ def main() -> None:
     n_items = max(1, args.blocks // 1000)
     state = {f"layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
     url = tempfile.mkdtemp()
-    dckpt.save(state, url, step=1, config=dckpt.SaveConfig(block_size_bytes=block,
-                                                           sparse_block_size_bytes=None))
+    config = dckpt.SaveConfig(block_size_bytes=block, sparse_block_size_bytes=None)
+    dckpt.save(state, url, step=1, config=config)
     raw = open(f"{url}/{layout.manifest_name(1)}", "rb").read()
     m = decode(raw)
     blocks = sum(1 for _ in m.blocks())
@@ -56,10 +58,19 @@ def main() -> None:
     v1 = _median(lambda: decode(raw_v1), args.repeat)
     parse = _median(lambda: json.loads(raw), args.repeat)
     out = {k: torch.empty_like(v) for k, v in state.items()}
-    load = _median(lambda: dckpt.load(out, url), args.repeat)
+    finds: list[float] = []
+    load = _median(lambda: finds.append(dckpt.load(out, url, step=1).phase_s["find"]),
+                   args.repeat)
+    saves, commits = [], []
+    for i in range(args.repeat):  # differential: every block known, none written
+        t0 = time.perf_counter()
+        commits.append(dckpt.save(state, url, step=2 + i, config=config).phase_s["commit"])
+        saves.append(time.perf_counter() - t0)
     print(json.dumps({"blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
                       "decode_v1_s": v1, "decode_v2_s": v2, "checks_s": v2 - v1,
-                      "load_s": load, "checks_share_of_load": (v2 - v1) / load}))
+                      "load_s": load, "load_find_s": statistics.median(finds),
+                      "checks_share_of_load": (v2 - v1) / load,
+                      "save_s": statistics.median(saves), "commit_s": statistics.median(commits)}))
 
 
 if __name__ == "__main__":

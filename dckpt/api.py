@@ -26,7 +26,7 @@ from dckpt.decoder import paused_gc
 from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.info import CheckpointInfo, info_from_manifest
-from dckpt.manifest import Manifest
+from dckpt.manifest import Manifest, extents
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.repository import (
@@ -240,9 +240,9 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
         except Exception as e:
             raise dist.peer_failure(e, what=what, saving=False) from e
         bytes_read = dist.total(reader.bytes_read, group)
-        if not partial:  # every byte of it was read and verified, by one rank or another
-            dedup.committed(store, (manifest.step, manifest.attempt),
-                            (b for _, _, b in manifest.blocks()))
+        if not partial and dist.rank() == 0:  # all of it read and verified, by some rank:
+            # the next save's base, for the coordinator (rank 0) to check (dedup.usable_base)
+            dedup.committed(store, (manifest.step, manifest.attempt), extents(manifest.refs()))
         now = time.perf_counter()
         phase_s = {"find": t_read - t_find, **reader.phase_s, "total": now - t0}
         lost_steps = lost_s = None

@@ -24,7 +24,7 @@ import threading
 from collections.abc import Iterable
 
 from dckpt.errors import DckptError, IntegrityError
-from dckpt.manifest import BlockRef, Manifest, TensorEntry, extents
+from dckpt.manifest import BlockRef, Manifest, TensorEntry
 from dckpt.repository import missing_object, read_manifest
 from dckpt.storage import Store
 
@@ -93,7 +93,7 @@ class BlockIndex:
             for offsets, d in chunks:
                 if len(d.blocks) > 1:
                     history[item_key(fqn, offsets)] = (d.blocks[0].raw_length, None)
-        return cls((m.step, m.attempt), (b for _, _, b in m.blocks()), history)
+        return cls((m.step, m.attempt), m.refs(), history)
 
     def get(self, digest: str, raw_length: int) -> BlockRef | None:
         return self._refs.get((digest, raw_length))
@@ -161,11 +161,11 @@ def written(store: Store, base: tuple[int, str], refs: Iterable[BlockRef],
         _of(store).written = BlockIndex(base, refs, history)
 
 
-def committed(store: Store, base: tuple[int, str], refs: Iterable[BlockRef]) -> None:
+def committed(store: Store, base: tuple[int, str], ends: dict[str, int]) -> None:
     """(coordinator, after a commit or a load that read and verified every byte) The
     checkpoint ``(step, attempt)`` and all its blocks are known good: the next save's base,
-    checked by ``usable_base`` without reading its manifest again."""
-    ends = extents(refs)
+    checked by ``usable_base`` without reading its manifest again; ``ends``: its objects'
+    ``extents``."""
     with _lock:
         state = _of(store)
         state.trusted, state.extents = base, ends

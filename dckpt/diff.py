@@ -89,10 +89,10 @@ def diff_manifests(a: Manifest, b: Manifest) -> Diff:
                 items.append(ItemDiff(fqn, "changed", b.items[fqn].nbytes, changed))
             else:
                 same += 1
-    in_a = {(x.segment, x.offset) for _, _, x in a.blocks()}
+    in_a = {(x.segment, x.offset) for x in a.refs()}
     seen: set[tuple[str, int]] = set()
     total = shared = 0
-    for _, _, x in b.blocks():
+    for x in b.refs():
         if (x.segment, x.offset) in seen:
             continue
         seen.add((x.segment, x.offset))

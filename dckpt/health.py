@@ -54,7 +54,7 @@ class Health:
 
 def _objects_present(store: Store, m: Manifest) -> str | None:
     """Why ``m`` cannot load from what the listing shows, or None."""
-    return missing_object(store, extents(b for _, _, b in m.blocks()))
+    return missing_object(store, extents(m.refs()))
 
 
 def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float | None = None,

@@ -12,6 +12,7 @@ import math
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import NamedTuple
 
 import xxhash
@@ -128,7 +129,12 @@ class Manifest:
 
     def segments(self) -> list[str]:
         """Every object this checkpoint needs, in a stable order."""
-        return sorted({b.segment for _, _, b in self.blocks()})
+        return sorted({b[0] for b in self.refs()})
+
+    def refs(self) -> Iterator[BlockRef]:
+        """Every block reference, in manifest order: ``blocks()`` without the keys, at C
+        speed (a manifest may hold 10^6)."""
+        return chain.from_iterable(d.blocks for _, d in self.datas())
 
     def blocks(self) -> Iterator[tuple[str, StoredData, BlockRef]]:
         """Every block reference, with its item's key and stored data, in manifest order."""
@@ -147,8 +153,11 @@ class Manifest:
 def extents(refs: Iterable[BlockRef]) -> dict[str, int]:
     """Per object, the bytes it must hold for ``refs``: its blocks' furthest end."""
     ends: dict[str, int] = {}
-    for b in refs:
-        ends[b.segment] = max(ends.get(b.segment, 0), b.offset + b.length)
+    get = ends.get
+    for segment, offset, length, _, _, _ in refs:  # unpacked: 2.5x faster than attributes
+        end = offset + length
+        if end > get(segment, 0):
+            ends[segment] = end
     return ends
 
 
@@ -196,8 +205,7 @@ def encode(m: Manifest) -> bytes:
 
     def data_json(d: StoredData) -> dict:
         return {"nbytes": d.nbytes,
-                "blocks": [[index[b.segment], b.offset, b.length, b.raw_length, b.digest, b.codec]
-                           for b in d.blocks]}
+                "blocks": [[index[s], o, n, r, h, c] for s, o, n, r, h, c in d.blocks]}
 
     items: dict[str, dict] = {}
     for fqn, e in m.items.items():

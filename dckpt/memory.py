@@ -104,7 +104,7 @@ class MemoryTier:
         for step in kept:
             try:
                 m = read_manifest(self.store, step)
-                folders |= {b.segment.rpartition("/")[0] for _, _, b in m.blocks()}
+                folders |= {b.segment.rpartition("/")[0] for b in m.refs()}
                 if step == steps[-1]:
                     spare_after = layout.attempt_started_s(m.attempt)
             except Exception as e:  # damaged: not worth keeping

@@ -76,7 +76,7 @@ def _newest(root: str) -> list[int]:
 
 def _ranges(m: Manifest, ranks: set[int] | None) -> dict[str, list[tuple[int, int]]]:
     spans: dict[str, list[tuple[int, int]]] = {}
-    for _, _, ref in m.blocks():
+    for ref in m.refs():
         if ranks is None or _writer_rank(ref.segment) in ranks:
             spans.setdefault(ref.segment, []).append((ref.offset, ref.length))
     out: dict[str, list[tuple[int, int]]] = {}

@@ -35,7 +35,7 @@ from torch.futures import Future
 from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import IntegrityError
-from dckpt.manifest import ChunkEntry, StoredData
+from dckpt.manifest import ChunkEntry, StoredData, extents
 from dckpt.memory import bytes_tensor, mapped_segments, receiving, recycled_write
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
@@ -141,10 +141,7 @@ def inventory(store: Store, node: int, *, check_blocks: bool = False) -> Invento
             log.warning("memory tier %s: manifest of step %d unreadable: %s", store.url,
                         step, e)
             continue
-        needs: dict[str, int] = {}
-        for _, _, b in m.blocks():
-            needs[b.segment] = max(needs.get(b.segment, 0), b.offset + b.length)
-        manifests[step] = needs
+        manifests[step] = extents(m.refs())
         if check_blocks:
             _drop_damaged(store, m, step)
     segments: dict[str, int] = {}

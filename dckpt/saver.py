@@ -41,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import dist, layout
 from dckpt.arguments import check_config, check_state_dict, public
 from dckpt.config import SaveConfig
+from dckpt.decoder import paused_gc
 from dckpt.errors import CommitError, DckptError, StateDictError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
@@ -182,7 +183,8 @@ class AsyncSaver:
                              storage_options=storage_options, config=config)
         self.wait_idle()
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
-        return run_save(state_dict, writer, None, group)
+        with paused_gc():  # the caller waits anyway; a block reference is a few objects
+            return run_save(state_dict, writer, None, group)
 
     @public
     def async_save(self, state_dict: StateDict, url: str, *, step: int,

@@ -82,7 +82,7 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     referenced: dict[str, int] = {}
     seen = set()  # blocks shared by checkpoints (or within one) count once
     for m in live:
-        for _, _, b in m.blocks():
+        for b in m.refs():
             if (b.segment, b.offset) not in seen:  # a block shared within a checkpoint
                 seen.add((b.segment, b.offset))
                 referenced[b.segment] = referenced.get(b.segment, 0) + b.length

@@ -44,6 +44,7 @@ from torch.futures import Future
 from dckpt import dedup, layout
 from dckpt.arguments import check_config, check_step
 from dckpt.config import SaveConfig
+from dckpt.decoder import paused_gc
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
@@ -57,6 +58,7 @@ from dckpt.manifest import (
     TensorEntry,
     ValueEntry,
     encode,
+    extents,
     metric_ok,
 )
 from dckpt.planner import SafeSavePlanner
@@ -247,6 +249,10 @@ class Writer(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """(coordinator) Every rank succeeded: create the manifest, the commit point."""
+        with paused_gc():  # an async save's too: this part is short, and a few objects per block
+            self._finish(metadata, results)
+
+    def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         t_finish = time.perf_counter()
         stored = {r.index: r.storage_data for rank_results in results for r in rank_results}
         items = _entries(metadata, stored)
@@ -258,7 +264,8 @@ class Writer(StorageWriter):
             bytes_written=sum(st.written for st in stored.values()),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
-        self._check_references(manifest)
+        ends = extents(manifest.refs())  # one pass over the blocks (10^5 and more)
+        self._check_references(ends)
         self.committed_raw = encode(manifest)
         try:
             self.store.create_exclusive(layout.manifest_name(self.step), self.committed_raw)
@@ -267,8 +274,7 @@ class Writer(StorageWriter):
                 f"step {self.step} was committed in {self.store.url} by another save while this "
                 "one was writing; this save's data is left for gc") from None
         if self.config.dedup:  # the next save's base, checked without reading this manifest
-            dedup.committed(self.store, (self.step, self._attempt),
-                            (b for _, _, b in manifest.blocks()))
+            dedup.committed(self.store, (self.step, self._attempt), ends)
         commit_s = time.perf_counter() - t_finish
         self.info = info_from_manifest(
             manifest, self.store.url,
@@ -284,14 +290,15 @@ class Writer(StorageWriter):
 
     # -- internals ---------------------------------------------------------------------
 
-    def _check_references(self, manifest: Manifest) -> None:
-        """(coordinator) Every object of another attempt that this save references still
-        exists: a ``gc`` with a grace period shorter than this save may have taken it."""
+    def _check_references(self, ends: dict[str, int]) -> None:
+        """(coordinator) Every object of another attempt that this save references (``ends``:
+        the manifest's objects) still exists: a ``gc`` with a grace period shorter than this
+        save may have taken it."""
         mine = f"{layout.DATA_DIR}/{self._attempt}/"
         folders: dict[str, set[str]] = {}
-        for _, _, b in manifest.blocks():
-            if not b.segment.startswith(mine):
-                folder, _, base = b.segment.rpartition("/")
+        for segment in ends:
+            if not segment.startswith(mine):
+                folder, _, base = segment.rpartition("/")
                 folders.setdefault(folder, set()).add(base)
         for folder, names in folders.items():
             missing = names - set(self.store.list_names(folder))

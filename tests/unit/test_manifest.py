@@ -7,6 +7,8 @@ import shutil
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dckpt
 from dckpt import layout
@@ -15,7 +17,7 @@ from dckpt.errors import FormatError, IntegrityError
 from dckpt.dtypes import dtype_from_name, dtype_name
 from dckpt.decoder import decode
 from dckpt.manifest import (BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, ValueEntry,
-                            encode)
+                            encode, extents)
 from dckpt_testing import reseal
 from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
@@ -181,6 +183,50 @@ def test_coalesce(spec, max_bytes, expected):
     got = [(r.segment, r.offset, r.length, r.dest_start, len(r.blocks))
            for r in coalesce(_blocks(spec), max_bytes)]
     assert got == expected
+
+
+def _coalesce_by_the_rule(blocks, max_bytes):
+    """The rule, plainly: a block joins the read before it when it follows it in the same
+    object and in the destination, both are stored raw, and the read stays within max_bytes."""
+    runs = []
+    for ref, dest in blocks:
+        if runs:
+            prev, prev_dest = runs[-1][-1]
+            first = runs[-1][0][0]
+            if (ref.segment == prev.segment and ref.offset == prev.offset + prev.length
+                    and dest == prev_dest + prev.raw_length and ref.codec == prev.codec == "raw"
+                    and ref.offset + ref.length - first.offset <= max_bytes):
+                runs[-1].append((ref, dest))
+                continue
+        runs.append([(ref, dest)])
+    return [(run[0][0].segment, run[0][0].offset,
+             run[-1][0].offset + run[-1][0].length - run[0][0].offset, run[0][1], tuple(run))
+            for run in runs]
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(st.tuples(st.sampled_from("ab"), st.integers(0, 3), st.integers(1, 8),
+                          st.sampled_from(["raw", "raw", "zstd"]), st.integers(0, 2)),
+                max_size=12),
+       st.integers(1, 40))
+def test_coalesce_follows_the_rule(spec, max_bytes):
+    """Blocks laid out mostly back to back (gaps, other objects and compressed blocks mixed
+    in): every read coalesce plans is the rule's, and the ``extents`` of the blocks are each
+    object's furthest end."""
+    blocks, offsets, dest = [], {"a": 0, "b": 0}, 0
+    for seg, gap, n, codec, dest_gap in spec:
+        offsets[seg] += gap
+        raw = n if codec == "raw" else n + 3
+        blocks.append((BlockRef(seg, offsets[seg], n, raw, "0" * 32, codec), dest + dest_gap))
+        offsets[seg] += n
+        dest += dest_gap + raw
+    got = [(r.segment, r.offset, r.length, r.dest_start, r.blocks)
+           for r in coalesce(blocks, max_bytes)]
+    assert got == _coalesce_by_the_rule(blocks, max_bytes)
+    ends = {}
+    for ref, _ in blocks:
+        ends[ref.segment] = max(ends.get(ref.segment, 0), ref.offset + ref.length)
+    assert extents(ref for ref, _ in blocks) == ends
 
 
 def test_blocks_in_range():
