@@ -66,7 +66,12 @@ def block_size_for(history: History, key: str, nbytes: int, default: int,
 
 class BlockIndex:
     """digest and raw length -> a stored block; safe to share between writer threads. Also
-    the items' block-size history (see ``block_size_for``)."""
+    the items' block-size history (see ``block_size_for``).
+
+    No lock: each operation is one call into the dict's C code with keys of str and int,
+    which runs no Python code and so is atomic under the GIL (and per dict in free-threaded
+    builds). A lock per block made the writer threads queue behind the GIL (docs/design.md,
+    Differential saves)."""
 
     def __init__(self, base: tuple[int, str] | None, refs: Iterable[BlockRef] = (),
                  history: History | None = None) -> None:
@@ -74,15 +79,13 @@ class BlockIndex:
         """The checkpoint (step, attempt) whose blocks these are; None for an empty index."""
         self._refs = {(r.digest, r.raw_length): r for r in refs}
         self.history: History = dict(history or {})
-        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._refs)
 
     def copy(self) -> BlockIndex:
         """An index of the same blocks and history that grows on its own."""
-        with self._lock:
-            return BlockIndex(self.base, self._refs.values(), self.history)
+        return BlockIndex(self.base, list(self._refs.values()), self.history)
 
     @classmethod
     def of_manifest(cls, m: Manifest) -> BlockIndex:
@@ -99,8 +102,7 @@ class BlockIndex:
         return self._refs.get((digest, raw_length))
 
     def add(self, ref: BlockRef) -> None:
-        with self._lock:
-            self._refs.setdefault((ref.digest, ref.raw_length), ref)
+        self._refs.setdefault((ref[4], ref[3]), ref)  # (digest, raw_length)
 
 
 class _State:
