@@ -7,18 +7,26 @@ import shutil
 
 import pytest
 import torch
+from dckpt_testing import reseal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import dckpt
 from dckpt import layout
 from dckpt.blocks import check, cut, digest
-from dckpt.errors import FormatError, IntegrityError
-from dckpt.dtypes import dtype_from_name, dtype_name
 from dckpt.decoder import decode
-from dckpt.manifest import (BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, ValueEntry,
-                            encode, extents)
-from dckpt_testing import reseal
+from dckpt.dtypes import dtype_from_name, dtype_name
+from dckpt.errors import FormatError, IntegrityError
+from dckpt.manifest import (
+    BlockRef,
+    ChunkEntry,
+    Manifest,
+    StoredData,
+    TensorEntry,
+    ValueEntry,
+    encode,
+    extents,
+)
 from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
 
@@ -247,3 +255,52 @@ def test_blocks_in_range():
 ])
 def test_box_range(sizes, offsets, lengths, expected):
     assert box_range(sizes, offsets, lengths) == expected
+
+
+def test_paused_gc_from_many_threads_keeps_the_collector_off_inside_and_as_it_was_after():
+    """An async save's commit pauses the collector beside a load's decoding: inside every
+    pause it is off, whatever the other threads do, and after the last it runs again (or
+    stays off where the caller had turned it off)."""
+    import gc
+    import random
+    import sys
+    import threading
+    import time
+
+    from dckpt.decoder import paused_gc
+
+    seen_on: list[int] = []
+    barrier = threading.Barrier(6)
+
+    def work(seed: int) -> None:
+        rnd = random.Random(seed)
+        barrier.wait()
+        for _ in range(300):
+            with paused_gc():
+                time.sleep(0)  # another thread's turn, inside the pause
+                if gc.isenabled():
+                    seen_on.append(seed)
+                if rnd.random() < 0.3:
+                    with paused_gc():
+                        if gc.isenabled():
+                            seen_on.append(seed)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        assert gc.isenabled()
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen_on == [] and gc.isenabled()
+    gc.disable()
+    try:
+        with paused_gc():
+            pass
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
