@@ -1,8 +1,9 @@
 """What a manifest of many block references costs: decoding 100,000 of them with the
 checksum, tiling and bound checks (format 2) against the same manifest without them (format
 1), beside the JSON parse alone; a load of the state (and its find phase: reading and
-decoding the manifest); and the commit of a differential save of it (gathering the ranks'
-references, checking them, encoding and writing the manifest).
+decoding the manifest); and differential saves of it, sync and async (call to commit), with
+their commits (gathering the ranks' references, checking them, encoding and writing the
+manifest).
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
 
@@ -61,16 +62,23 @@ def main() -> None:
     finds: list[float] = []
     load = _median(lambda: finds.append(dckpt.load(out, url, step=1).phase_s["find"]),
                    args.repeat)
-    saves, commits = [], []
+    saves, commits, async_saves, async_commits = [], [], [], []
     for i in range(args.repeat):  # differential: every block known, none written
         t0 = time.perf_counter()
-        commits.append(dckpt.save(state, url, step=2 + i, config=config).phase_s["commit"])
-        saves.append(time.perf_counter() - t0)
+        commits.append(dckpt.save(state, url, step=2 + 2 * i, config=config).phase_s["commit"])
+        t1 = time.perf_counter()
+        handle = dckpt.async_save(state, url, step=3 + 2 * i, config=config)
+        async_commits.append(handle.wait().phase_s["commit"])
+        t2 = time.perf_counter()
+        saves.append(t1 - t0)
+        async_saves.append(t2 - t1)
     print(json.dumps({"blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
                       "decode_v1_s": v1, "decode_v2_s": v2, "checks_s": v2 - v1,
                       "load_s": load, "load_find_s": statistics.median(finds),
                       "checks_share_of_load": (v2 - v1) / load,
-                      "save_s": statistics.median(saves), "commit_s": statistics.median(commits)}))
+                      "save_s": statistics.median(saves), "commit_s": statistics.median(commits),
+                      "async_save_s": statistics.median(async_saves),
+                      "async_commit_s": statistics.median(async_commits)}))
 
 
 if __name__ == "__main__":
