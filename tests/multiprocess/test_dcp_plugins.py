@@ -1,6 +1,7 @@
 """dckpt's DCP plug-ins used through DCP's own entry points, on real gloo ranks: the
 Stager staging DTensors for dcp.async_save, and dcp.save with a dckpt.Writer deduplicating
-its next save as dckpt.save does (nothing to call after a commit)."""
+its next save as dckpt.save does (nothing to call after a commit); and the dedup base that
+restarted ranks take from the step they loaded."""
 
 from __future__ import annotations
 
@@ -56,3 +57,34 @@ def test_dcp_save_with_the_writer_deduplicates_the_next_save(tmp_path):
     assert first.bytes_written >= 2 * 256 * 1024 * 4
     assert second.bytes_written <= 2 * 256 * 1024  # one 256 KiB block per rank
     assert dckpt.verify(url, all_steps=True).ok
+
+
+def _save(rank, world, url):
+    torch.manual_seed(rank)
+    dckpt.save({f"w{rank}": torch.randn(256, 1024), "shared": torch.ones(1024)}, url, step=1)
+
+
+def _restart_load_save(rank, world, url, partial):
+    torch.manual_seed(rank)
+    want = torch.randn(256, 1024)
+    state = {f"w{rank}": torch.zeros(256, 1024), "shared": torch.zeros(1024)}
+    info = dckpt.load(state, url, partial=partial)
+    loaded = torch.equal(state[f"w{rank}"], want)
+    state[f"w{rank}"][0] += 1  # one block changes on each rank
+    return loaded, info.step, dckpt.save(state, url, step=2).bytes_written
+
+
+def test_restarted_ranks_deduplicate_their_first_save_against_the_step_they_loaded(tmp_path):
+    """New processes know nothing of the last save: a load that read every byte makes that
+    step the next save's base (the coordinator checks it), so the first save after a restart
+    writes one block per rank; after a partial load it writes everything again."""
+    url = str(tmp_path / "ckpt")
+    run_ranks(_save, 2, url)
+    got = [o.value for o in run_ranks(_restart_load_save, 2, url, False)]
+    assert [g[:2] for g in got] == [(True, 1), (True, 1)]
+    assert 0 < got[0][2] <= 2 * 256 * 1024  # one 256 KiB block per rank
+    url2 = str(tmp_path / "ckpt2")
+    run_ranks(_save, 2, url2)
+    got = [o.value for o in run_ranks(_restart_load_save, 2, url2, True)]
+    assert got[0][2] >= 2 * 256 * 1024 * 4 + 4096  # every block: nothing was verified whole
+    assert dckpt.verify(url, all_steps=True).ok and dckpt.verify(url2, all_steps=True).ok
