@@ -79,10 +79,13 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
             dcp.save(state_dict, storage_writer=writer, planner=planner or SafeSavePlanner(),
                      process_group=group)  # type: ignore[arg-type]
     except CheckpointException as e:
+        writer.discard(e)
         raise dist.translate(e, what=what, saving=True) from None
-    except DckptError:
+    except DckptError as e:
+        writer.discard(e)
         raise
     except Exception as e:  # a collective broke: a peer died or timed out
+        writer.discard(e)
         raise dist.peer_failure(e, what=what, saving=True) from e
     info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
     assert isinstance(info, CheckpointInfo)
@@ -368,6 +371,7 @@ class AsyncSaver:
         store: Store = writer.store
         name = layout.segment_name(layout.new_attempt(writer.step), dist.rank(), 0)
         direct = writer.config.direct_io and store.direct_capable
+        writer.created.append(name)
         with store.open_write(name, direct=direct) as f:
             # no dedup: which checkpoint to dedup against is decided later, at the plan
             out = SegmentOut(f, name, writer.config.block_size_bytes,

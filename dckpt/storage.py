@@ -166,6 +166,7 @@ class Store:
                 d.close()
             except BaseException:
                 d.abort()
+                _unlink_quietly(path)
                 raise
             return
         f = self.fs.open(path, "wb")
@@ -179,7 +180,9 @@ class Store:
             if discard is not None and not self.local:
                 discard()  # abort a multipart upload instead of completing it
             else:
-                f.close()
+                _close_quietly(f)  # a full disk fails the flush of the last bytes too
+                if self.local:
+                    _unlink_quietly(path)
             raise
         f.close()  # object stores: completes the upload
 
@@ -226,14 +229,14 @@ class Store:
         folder = posixpath.dirname(path)
         self.fs.makedirs(folder, exist_ok=True)
         tmp = posixpath.join(folder, f".tmp-{uuid.uuid4().hex}")
-        with self.fs.open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
+            with self.fs.open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.link(tmp, path)  # IMPORTANT: link, not rename: rename would overwrite
-        finally:
-            os.unlink(tmp)
+        finally:  # also when the disk is full: no temp file left behind
+            _unlink_quietly(tmp)
         self.sync_folder(posixpath.dirname(name))
 
     def write_if_absent(self, name: str, data: bytes) -> None:
@@ -368,6 +371,20 @@ class Store:
 
 
 
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _close_quietly(f: Any) -> None:
+    try:
+        f.close()
+    except OSError:
+        pass
+
+
 class DirectFile:
     """A local file written through ``O_DIRECT``, for the bytes of large buffers.
 
@@ -445,7 +462,10 @@ class DirectFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._bounce.close()
+        try:
+            self._bounce.close()
+        except BufferError:  # a failed write's traceback still holds a view of it: the
+            pass  # mapping goes with that view; its error, not this one, is the news
 
     def _flush_bounce(self) -> None:
         with memoryview(self._bounce) as mv:

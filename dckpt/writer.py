@@ -41,7 +41,7 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
-from dckpt import dedup, layout
+from dckpt import dedup, discard, dist, layout
 from dckpt.arguments import check_config, check_step
 from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
@@ -144,6 +144,9 @@ class Writer(StorageWriter):
         writes to the commit's news (the slowest rank, the commit, the collectives)."""
         self.committed_raw = b""
         """(coordinator, after the commit) The manifest as stored."""
+        self.created: list[str] = []
+        """The objects this rank created for this save (``discard`` removes them if it fails)."""
+        self._manifest_sent = False
 
     # -- DCP protocol ----------------------------------------------------------------
 
@@ -250,7 +253,12 @@ class Writer(StorageWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """(coordinator) Every rank succeeded: create the manifest, the commit point."""
         with paused_gc():  # an async save's too: this part is short, and a few objects per block
-            self._finish(metadata, results)
+            try:
+                self._finish(metadata, results)
+            except BaseException as e:
+                if self._manifest_sent:  # every rank keeps its data: the step may be committed
+                    discard.mark(e)
+                raise
 
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         t_finish = time.perf_counter()
@@ -267,6 +275,7 @@ class Writer(StorageWriter):
         ends = extents(manifest.refs())  # one pass over the blocks (10^5 and more)
         self._check_references(ends)
         self.committed_raw = encode(manifest)
+        self._manifest_sent = True
         try:
             self.store.create_exclusive(layout.manifest_name(self.step), self.committed_raw)
         except FileExistsError:
@@ -287,6 +296,15 @@ class Writer(StorageWriter):
     def after_commit(self, group: object) -> None:
         """(all ranks, right after the commit) Nothing here; the memory tier's writer
         copies the manifest to every node."""
+
+    def discard(self, failure: BaseException) -> None:
+        """(all ranks, the save failed with ``failure``) Remove the objects this rank created
+        for it, where no manifest can reference them (dckpt.discard)."""
+        names, self.created = self.created, []
+        if discard.uncommitted(failure, coordinator=self.is_coordinator,
+                               manifest_sent=self._manifest_sent):
+            discard.remove(self.store, names, f"the failed save of step {self.step} on rank "
+                           f"{dist.rank()}")
 
     # -- internals ---------------------------------------------------------------------
 
@@ -331,6 +349,7 @@ class Writer(StorageWriter):
                        planner: SavePlanner) -> list[WriteResult]:
         results = []
         direct = self.config.direct_io and self.store.direct_capable
+        self.created.append(name)
         with self.open_segment(name, direct, sum(item_nbytes(i) for i in items)) as f:
             out = self.segment_out(f, name, direct)
             for item in items:

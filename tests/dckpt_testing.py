@@ -39,13 +39,14 @@ FAULT: dict = {}
 delay_s. Set by arm()."""
 
 
-def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0) -> None:
+def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0, only: str = "") -> None:
     """Arm a fault for this process's faultyfile:// and faultys3:// writes: past
     ``after_bytes`` the write fails ('enospc', 'eio'), the process dies ('kill') or stops
     until a SIGCONT ('stop') or every write blocks ``delay_s`` first ('hang'); 'slow' makes
-    every write sleep ``delay_s`` first and fail nothing."""
+    every write sleep ``delay_s`` first and fail nothing. ``only``: just the writes of files
+    whose path holds it."""
     FAULT.clear()
-    FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s)
+    FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s, only=only)
 
 
 def disarm() -> None:
@@ -53,10 +54,13 @@ def disarm() -> None:
 
 
 class _FaultyFile:
-    def __init__(self, f) -> None:
+    def __init__(self, f, path: str) -> None:
         self._f = f
+        self._path = path
 
     def write(self, data) -> int:
+        if FAULT and FAULT["only"] not in self._path:
+            return self._f.write(data)
         if FAULT and FAULT["kind"] == "slow":
             time.sleep(FAULT["delay_s"])
             return self._f.write(data)
@@ -107,7 +111,7 @@ class FaultyLocalFileSystem(LocalFileSystem):
 
     def _open(self, path, mode="rb", **kwargs):
         f = super()._open(path, mode, **kwargs)
-        return _FaultyFile(f) if "w" in mode else f
+        return _FaultyFile(f, str(path)) if "w" in mode else f
 
 
 fsspec.register_implementation("faultyfile", FaultyLocalFileSystem, clobber=True)
@@ -123,7 +127,7 @@ def faulty_s3_class():
 
         def _open(self, path, mode="rb", **kwargs):
             f = super()._open(path, mode, **kwargs)
-            return _FaultyFile(f) if "w" in mode else f
+            return _FaultyFile(f, str(path)) if "w" in mode else f
 
     return FaultyS3FileSystem
 
@@ -141,6 +145,17 @@ def flip_stored_byte(folder: str, step: int, fqn: str, at: int = 0, mask: int = 
         f.seek(ref.offset + at)
         f.write(bytes([byte ^ mask]))
     return path
+
+
+def leftovers(folder: str) -> list[str]:
+    """What a failed save left in the local repository at ``folder``: objects no committed
+    checkpoint references, and temp files; [] when it left nothing."""
+    import dckpt
+
+    garbage = list(dckpt.gc(folder, dry_run=True, min_age_s=0).deleted)
+    return sorted(garbage + [os.path.relpath(os.path.join(d, n), folder)
+                             for d, _, names in os.walk(folder)
+                             for n in names if n.startswith(".tmp-")])
 
 
 # ------------------------------------------------------------------ real gloo ranks

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt_testing import arm, disarm, run_ranks
+from dckpt_testing import arm, disarm, leftovers, run_ranks
 
 ROWS, COLS = 4, 1 << 16
 
@@ -87,6 +87,7 @@ def test_a_background_failure_on_one_rank_fails_the_step_on_every_rank(tmp_path)
         assert f"failed on rank {fail_rank}" in message and "No space left" in message
         assert [i.step for i in dckpt.list_checkpoints(url.replace("faultyfile://", ""))
                 ] == [1, 3]
+        assert leftovers(url.replace("faultyfile://", "")) == [], where
 
 
 TIMEOUT_S = 8.0

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt_testing import arm, run_ranks
+from dckpt_testing import arm, leftovers, run_ranks
 
 FULL = torch.arange(12 * 10, dtype=torch.float32).reshape(12, 10)
 
@@ -81,7 +81,8 @@ def _save_twice(rank, world, urls):
 
 
 def test_failure_on_one_rank_is_the_same_commit_error_everywhere(tmp_path):
-    """Rank 0 (the coordinator) fails, then rank 1, each in a repository of its own."""
+    """Rank 0 (the coordinator) fails, then rank 1, each in a repository of its own; the
+    rank that did not fail removes what it wrote too."""
     roots = [tmp_path / "fail0", tmp_path / "fail1"]
     outcomes = run_ranks(_save_twice, 2, [f"faultyfile://{r}" for r in roots])
     values = [o.value for o in outcomes]
@@ -90,9 +91,45 @@ def test_failure_on_one_rank_is_the_same_commit_error_everywhere(tmp_path):
         assert kind == "CommitError" and failing == [fail_rank]
         assert f"failed on rank {fail_rank}" in message and "SlowDown" in message
         assert [i.step for i in dckpt.list_checkpoints(str(roots[fail_rank]))] == [1]
+        assert leftovers(str(roots[fail_rank])) == []
     # the next save works, from fresh ranks
     run_ranks(_save_step, 2, str(roots[1]), 2)
     assert [i.step for i in dckpt.list_checkpoints(str(roots[1]))] == [1, 2]
+
+
+def _manifest_reply_lost(rank, world, url):
+    from dckpt import layout
+    from dckpt.storage import Store
+
+    full = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 64)
+    if rank == 0:  # the coordinator's create arrives, its reply does not
+        create = Store.create_exclusive
+
+        def lost_reply(self, name, data):
+            create(self, name, data)
+            if name.startswith(f"{layout.MANIFEST_DIR}/"):
+                raise TimeoutError("Read timeout on endpoint URL (injected)")
+
+        Store.create_exclusive = lost_reply
+    try:
+        dckpt.save({"w": _sharded(full.clone())}, url, step=2)
+        outcome = "no error"
+    except dckpt.CommitError as e:
+        outcome = str(e).splitlines()[0]
+    finally:
+        if rank == 0:
+            Store.create_exclusive = create
+    out = {"w": _sharded(torch.zeros(4, 64))}
+    dckpt.load(out, url)
+    return outcome, torch.equal(out["w"].full_tensor(), full)
+
+
+def test_a_failure_after_the_manifest_was_sent_keeps_every_ranks_data(tmp_path):
+    """The step may be committed (here it is): no rank removes its segments, and it loads."""
+    values = [o.value for o in run_ranks(_manifest_reply_lost, 2, str(tmp_path))]
+    assert values[0] == values[1] and values[0][1] is True
+    assert "Read timeout" in values[0][0]
+    assert leftovers(str(tmp_path)) == [] and dckpt.verify(str(tmp_path)).ok
 
 
 def _save_step(rank, world, url, step):

@@ -21,7 +21,7 @@ LAYERS = [
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
-    {"repository", "dedup", "segments", "reads", "items", "shm", "memory"},
+    {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
     # the DCP plug-ins
     {"planner", "writer", "reader", "replicas"},
     # the save pipeline
