@@ -37,7 +37,7 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes
 
 __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held",
-           "mapped_segments", "bytes_tensor", "receiving", "recycled_write", "take_spare"]
+           "mapped_segments", "bytes_tensor", "Incoming", "receiving", "recycled_write", "take_spare"]
 
 log = logging.getLogger(__name__)
 
@@ -240,38 +240,66 @@ def bytes_tensor(mm: mmap.mmap | None, size: int) -> torch.Tensor:
     return torch.frombuffer(mm, dtype=torch.uint8, count=size)
 
 
-@contextmanager
-def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Tensor]]:
-    """Files of these (name, size) under ``root``, mapped for writing; each is renamed to
-    its name only once everything arrived (a crash leaves ``.part`` files, never a segment
-    that looks whole)."""
-    maps: list[tuple[str, mmap.mmap | None]] = []
-    tensors = []
-    try:
-        for name, size in names:
-            path = os.path.join(root, layout.check_object_name(name))
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            if not take_spare(root, path + ".part", size):
-                open(path + ".part", "wb").close()
-            with open(path + ".part", "r+b") as f:
-                f.truncate(size)
-                mm = mmap.mmap(f.fileno(), size) if size else None
-            maps.append((path, mm))
-            tensors.append(bytes_tensor(mm, size))
-        yield tensors
-        tensors.clear()
-        for path, mm in maps:
+class Incoming:
+    """Files of these (name, size) under ``root``, mapped for writing (``tensors``); each
+    is renamed to its name only at ``commit``, once everything arrived (a crash leaves
+    ``.part`` files, never a segment that looks whole; ``close`` without a commit removes
+    them). Their memory is reserved before they are mapped: a folder without room is an
+    OSError here, never a SIGBUS at a write into the mapping."""
+
+    def __init__(self, root: str, names: list[tuple[str, int]]) -> None:
+        self._maps: list[tuple[str, mmap.mmap | None]] = []
+        self._parts: list[str] = []
+        self._done = False
+        self.tensors: list[torch.Tensor] = []
+        try:
+            for name, size in names:
+                path = os.path.join(root, layout.check_object_name(name))
+                os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+                self._parts.append(path + ".part")
+                if not take_spare(root, path + ".part", size):
+                    open(path + ".part", "wb").close()
+                with open(path + ".part", "r+b") as f:
+                    f.truncate(size)
+                    if size:  # IMPORTANT: a full tmpfs fails here (ENOSPC), not at a write
+                        os.posix_fallocate(f.fileno(), 0, size)  # to the mapping (SIGBUS)
+                    mm = mmap.mmap(f.fileno(), size) if size else None
+                self._maps.append((path, mm))
+                self.tensors.append(bytes_tensor(mm, size))
+        except BaseException:
+            self.close()
+            raise
+
+    def commit(self) -> None:
+        self.tensors.clear()
+        for path, mm in self._maps:
             if mm is not None:
                 mm.flush()
             os.replace(path + ".part", path)
-    finally:
-        tensors.clear()
-        for _, mm in maps:
+        self._done = True
+
+    def close(self) -> None:
+        self.tensors.clear()
+        for _, mm in self._maps:
             if mm is not None:
                 try:
                     mm.close()
                 except BufferError:
                     pass
+        for part in self._parts if not self._done else ():
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+
+
+@contextmanager
+def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Tensor]]:
+    """``Incoming`` files, committed when the block exits cleanly, removed when it raises."""
+    incoming = Incoming(root, names)
+    try:
+        yield incoming.tensors
+        incoming.commit()
+    finally:
+        incoming.close()
 
 
 def take_spare(folder: str, path: str, nbytes: int) -> bool:

@@ -34,9 +34,9 @@ from torch.futures import Future
 
 from dckpt import dist, layout
 from dckpt.blocks import check
-from dckpt.errors import IntegrityError
+from dckpt.errors import IntegrityError, StorageError
 from dckpt.manifest import ChunkEntry, StoredData, extents
-from dckpt.memory import bytes_tensor, mapped_segments, receiving, recycled_write
+from dckpt.memory import Incoming, bytes_tensor, mapped_segments, receiving, recycled_write
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
 from dckpt.repository import committed_steps, read_manifest
@@ -189,30 +189,56 @@ class MemoryWriter(Writer):
         return recycled_write(self.store.url, os.path.join(self.store.url, name), nbytes)
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        future = super().write_data(plan, planner)
-        if self.replicas:
-            written = sorted({b.segment for r in future.value()
-                              for b in r.storage_data.data.blocks})
-            self._replicate(written)
+        if not self.replicas:
+            return super().write_data(plan, planner)
+        try:
+            future = super().write_data(plan, planner)
+        except BaseException:
+            self._replicate(None)  # in step with the other ranks, which then send nothing
+            raise
+        self._replicate(sorted({b.segment for r in future.value()
+                                for b in r.storage_data.data.blocks}))
         return future
 
-    def _replicate(self, written: list[str]) -> None:
-        """(all ranks) Send this rank's segments to its peers and take theirs."""
+    def _replicate(self, written: list[str] | None) -> None:
+        """(all ranks) Send this rank's segments to its peers and take theirs. Nothing is
+        sent when a rank's writes failed (``written`` None) or one cannot hold what it
+        would receive (a full folder): every rank learns it from the same gather first, so
+        none waits for a peer that left (the failing rank raises; DCP tells the others)."""
         t0 = time.perf_counter()
         me, group = dist.rank(), self._group()
-        mine = [(name, os.path.getsize(os.path.join(self.store.url, name))) for name in written]
-        everyone: list[list[tuple[str, int]]] = dist.gather(mine, group)  # type: ignore[assignment]
+        mine = (None if written is None else
+                [(name, os.path.getsize(os.path.join(self.store.url, name))) for name in written])
+        everyone: list[list[tuple[str, int]] | None] = dist.gather(mine, group)  # type: ignore[assignment]
+        if any(e is None for e in everyone):
+            return
         senders = [(r, k) for k in range(1, self.replicas + 1)
                    for r in range(len(everyone)) if self.nodes.peer(r, k) == me]
-        incoming = [(r, name, size) for r, _ in senders for name, size in everyone[r]]
-        with mapped_segments(self.store.url) as mapped, \
-                receiving(self.store.url, [(n, s) for _, n, s in incoming]) as into:
-            sends = [(self.nodes.peer(me, k), bytes_tensor(mapped(name), size))
-                     for k in range(1, self.replicas + 1) for name, size in mine]
-            dist.exchange(sends, [(r, t) for (r, _, _), t in zip(incoming, into, strict=True)],
-                          group)
+        incoming = [(r, name, size) for r, _ in senders for name, size in everyone[r] or ()]
+        problem: OSError | None = None
+        into: Incoming | None = None
+        try:
+            into = Incoming(self.store.url, [(n, s) for _, n, s in incoming])
+        except OSError as e:
+            problem = e
+        try:
+            if any(dist.gather(problem is not None, group)):
+                if problem is not None:
+                    raise StorageError(f"rank {me} cannot take its peers' replicas into "
+                                       f"{self.store.url}: {problem}") from problem
+                return
+            assert into is not None
+            with mapped_segments(self.store.url) as mapped:
+                sends = [(self.nodes.peer(me, k), bytes_tensor(mapped(name), size))
+                         for k in range(1, self.replicas + 1) for name, size in mine or ()]
+                dist.exchange(sends, [(r, t) for (r, _, _), t in
+                                      zip(incoming, into.tensors, strict=True)], group)
+            into.commit()
+        finally:
+            if into is not None:
+                into.close()
         log.info("rank %d: %d segments (%d bytes) replicated to %s, %d received, in %.3f s",
-                 me, len(mine), sum(size for _, size in mine),
+                 me, len(mine or ()), sum(size for _, size in mine or ()),
                  [self.nodes.peer(me, k) for k in range(1, self.replicas + 1)], len(incoming),
                  time.perf_counter() - t0)
 

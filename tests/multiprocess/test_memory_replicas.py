@@ -209,3 +209,59 @@ def test_a_node_that_dies_while_replicating_fails_the_save_and_the_last_one_rest
     # the job comes back on the same nodes: step 3, from memory, on both
     values = [o.value for o in run_ranks(_restore_same, 2, url, shm, 1)]
     assert values == [(3, "memory", True), (3, "memory", True)]
+
+
+def _full_on_one_node(rank, world, url, shm, where):
+    """Node 1's memory folder fills up at step 1: its own segments, or its peer's replicas."""
+    import errno
+    import time
+
+    from dckpt import replicas
+
+    _as_node(rank)
+    mgr = dckpt.CheckpointManager(url, save_every_steps=100, memory_every_steps=1,
+                                  memory_replicas=1, handle_signals=False,
+                                  memory_dir=os.path.join(shm, f"node{rank}"),
+                                  save_config=dckpt.SaveConfig(collective_timeout_s=20))
+    mgr.maybe_save(0, _state(rank, 0))
+    assert mgr.memory.poll(wait=True) == []
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    name, owner = (("recycled_write", replicas) if where == "segments"
+                   else ("posix_fallocate", os))
+    kept = getattr(owner, name)
+    if rank == 1:
+        setattr(owner, name, full)
+    t0 = time.monotonic()
+    try:
+        mgr.maybe_save(1, _state(rank, 1))
+        failed = mgr.memory.poll(wait=True)
+    finally:
+        setattr(owner, name, kept)
+    seconds = time.monotonic() - t0
+    folder = _folder(url, shm, rank)
+    stray = [p for p in _segments(folder) if "/s1-" in f"/{p}" or p.endswith(".part")]
+    mgr.maybe_save(2, _state(rank, 2))  # the tier goes on
+    after = mgr.memory.poll(wait=True)
+    mgr._close(remove_memory=False)
+    return ([(s, type(e).__name__, str(e).splitlines()[0]) for s, e in failed], seconds, stray,
+            after, mgr.memory.step)
+
+
+@pytest.mark.parametrize("where", ["segments", "replicas"])
+def test_a_full_memory_folder_on_one_node_fails_that_save_alone_at_once(tmp_path, where):
+    """The failure reaches every rank at once, as the full folder's error (no rank waits
+    out the collective timeout for a peer that left the replication), leaves no partial
+    segment, and the next memory save commits. A peer's replicas are reserved before they
+    are mapped: a full tmpfs fails there, not with a SIGBUS that kills the training."""
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    for node in (0, 1):
+        os.makedirs(os.path.join(shm, f"node{node}"))
+    values = [o.value for o in run_ranks(_full_on_one_node, 2, url, shm, where)]
+    for failed, seconds, stray, after, step in values:
+        assert [(s, kind) for s, kind, _ in failed] == [(1, "CommitError")]
+        message = failed[0][2]
+        assert "failed on rank 1" in message and "No space left" in message, message
+        assert seconds < 10 and stray == [] and after == [] and step == 2, (seconds, stray)
