@@ -37,7 +37,7 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes
 
 __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held",
-           "mapped_segments", "bytes_tensor", "Incoming", "receiving", "recycled_write", "take_spare"]
+           "mapped_segments", "bytes_tensor", "Incoming", "recycled_write", "take_spare"]
 
 log = logging.getLogger(__name__)
 
@@ -289,17 +289,6 @@ class Incoming:
         for part in self._parts if not self._done else ():
             with contextlib.suppress(OSError):
                 os.unlink(part)
-
-
-@contextmanager
-def receiving(root: str, names: list[tuple[str, int]]) -> Iterator[list[torch.Tensor]]:
-    """``Incoming`` files, committed when the block exits cleanly, removed when it raises."""
-    incoming = Incoming(root, names)
-    try:
-        yield incoming.tensors
-        incoming.commit()
-    finally:
-        incoming.close()
 
 
 def take_spare(folder: str, path: str, nbytes: int) -> bool:

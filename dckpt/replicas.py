@@ -36,7 +36,7 @@ from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import IntegrityError, StorageError
 from dckpt.manifest import ChunkEntry, StoredData, extents
-from dckpt.memory import Incoming, bytes_tensor, mapped_segments, receiving, recycled_write
+from dckpt.memory import Incoming, bytes_tensor, mapped_segments, recycled_write
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
 from dckpt.repository import committed_steps, read_manifest
@@ -371,13 +371,29 @@ class MemoryReader(Reader):
         if not transfers:
             return
         me, group = dist.rank(), self._group()
-        with mapped_segments(self.store.url) as mapped:
-            for seg, size, src, dst in transfers:
-                if me == src:
-                    dist.exchange([(dst, bytes_tensor(mapped(seg), size))], [], group)
-                elif me == dst:
-                    with receiving(self.store.url, [(seg, size)]) as into:
-                        dist.exchange([], [(src, into[0])], group)
+        into: Incoming | None = None
+        problem: OSError | None = None
+        try:  # all of this rank's first, so that a full folder stops every rank in step
+            into = Incoming(self.store.url, [(seg, size) for seg, size, _, dst in transfers
+                                             if dst == me])
+        except OSError as e:
+            problem = e
+        try:
+            if dist.any_true(problem is not None, group):
+                raise StorageError(f"segments lacking on some node cannot be taken into its "
+                                   f"memory folder ({problem or 'on another rank'})")
+            assert into is not None
+            arriving = iter(into.tensors)
+            with mapped_segments(self.store.url) as mapped:
+                for seg, size, src, dst in transfers:
+                    if me == src:
+                        dist.exchange([(dst, bytes_tensor(mapped(seg), size))], [], group)
+                    elif me == dst:
+                        dist.exchange([], [(src, next(arriving))], group)
+            into.commit()
+        finally:
+            if into is not None:
+                into.close()
         dist.any_true(False, group)  # a barrier: the node's other ranks read these files
         log.info("rank %d: %d segments fetched from other nodes' memory", me,
                  sum(1 for t in transfers if t[3] == me))

@@ -103,6 +103,36 @@ def test_a_lost_nodes_memory_comes_back_from_its_replica(tmp_path):
     assert values == [(9, "memory", True), (9, "peer", True)]
 
 
+def _restore_into_a_full_folder(rank, world, url, shm):
+    import errno
+    import time
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    kept = os.posix_fallocate
+    if rank == 1:  # the replaced node's folder cannot take what its peer sends
+        os.posix_fallocate = full
+    t0 = time.monotonic()
+    try:
+        value = _restore(rank, world, url, shm, 1, rank)
+    finally:
+        os.posix_fallocate = kept
+    parts = [p for p in _segments(_folder(url, shm, rank)) if p.endswith(".part")]
+    return value, time.monotonic() - t0, parts
+
+
+def test_a_replaced_node_whose_folder_is_full_restores_from_storage_at_once(tmp_path):
+    """Every rank learns of the full folder before any segment is sent (no rank waits out
+    the collective timeout), and the restore falls back to storage."""
+    url, shm = _setup(tmp_path, 1)
+    shutil.rmtree(os.path.join(shm, "node1"))
+    os.makedirs(os.path.join(shm, "node1"))
+    values = [o.value for o in run_ranks(_restore_into_a_full_folder, 2, url, shm)]
+    assert [v for v, _, _ in values] == [(8, "storage", True), (8, "storage", True)]
+    assert all(seconds < 30 and parts == [] for _, seconds, parts in values), values
+
+
 def test_without_replicas_a_lost_nodes_memory_means_storage(tmp_path):
     url, shm = _setup(tmp_path, 0)
     shutil.rmtree(_folder(url, shm, 1))
