@@ -23,7 +23,13 @@ from dckpt.arguments import (
 )
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.decoder import paused_gc
-from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, IntegrityError
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointNotFoundError,
+    DckptError,
+    FormatError,
+    IntegrityError,
+)
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, extents
@@ -121,7 +127,7 @@ def _find(store: Store, step: int | None, passed: set[int]) -> _Found:
             try:
                 found.step, found.raw = read_manifest_bytes(store, s)
                 break
-            except CheckpointNotFoundError as e:
+            except (CheckpointNotFoundError, FormatError) as e:  # gone, or a folder
                 found.skipped.append((s, str(e)))
             except OSError as e:  # one manifest unreadable: the older ones may be fine
                 found.skipped.append((s, str(storage_error(e, f"reading step {s}"))))

@@ -211,8 +211,8 @@ class Fetcher:
         try:
             n = (self.store.read_into(segment, offset, outs[0]) if len(outs) == 1
                  else self.store.read_vectored(segment, offset, outs))
-        except FileNotFoundError:
-            raise IntegrityError(
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):  # a file or a
+            raise IntegrityError(  # folder where its folder or itself belongs: as gone
                 f"{what}: object {segment} is missing from {self.store.url}") from None
         if n != want:
             raise IntegrityError(

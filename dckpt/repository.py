@@ -83,6 +83,9 @@ def read_manifest_bytes(store: Store, step: int | None) -> tuple[int, bytes]:
     name = layout.manifest_name(step)
     try:
         return step, store.read_bytes(name)
+    except IsADirectoryError:
+        raise FormatError(f"{store.url}/{name}: a folder where the manifest of step {step} "
+                          "belongs; the manifest is damaged") from None
     except FileNotFoundError:
         raise CheckpointNotFoundError(
             f"{store.url} has no committed checkpoint for step {step} (no {name}); "

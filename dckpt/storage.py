@@ -334,7 +334,10 @@ class Store:
 
     @_bounded
     def list_names(self, folder: str) -> list[str]:
-        """Base names directly under ``folder``; empty when it does not exist."""
+        """Base names directly under ``folder``; empty when it does not exist;
+        NotADirectoryError when it is a local file (a damaged repository, not an empty one:
+        gc would take everything)."""
+        self._not_a_file(folder)
         try:
             entries = self.fs.ls(self.path(folder), detail=False, refresh=True)
         except FileNotFoundError:
@@ -346,12 +349,18 @@ class Store:
     @_bounded
     def list_sizes(self, folder: str) -> dict[str, int]:
         """Base name -> size in bytes of the objects directly under ``folder``."""
+        self._not_a_file(folder)
         try:
             entries = self.fs.ls(self.path(folder), detail=True)
         except FileNotFoundError:
             return {}
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") != "directory"}
+
+    def _not_a_file(self, folder: str) -> None:
+        if self.local and os.path.isfile(self.path(folder)):
+            raise NotADirectoryError(errno.ENOTDIR, "a file where a folder belongs",
+                                     self.path(folder))
 
     @_bounded
     def remove_folder(self, name: str) -> None:

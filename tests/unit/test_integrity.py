@@ -100,6 +100,59 @@ def test_bad_manifest_is_a_clear_error_and_skipped(tmp_path, damage):
     assert not report.ok and expected in report.problems[0].message
 
 
+def _objects(root: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, _, names in os.walk(os.path.join(root, layout.DATA_DIR)) for n in names)
+
+
+@pytest.mark.parametrize("swap", ["manifest", "segment"])
+def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    dckpt.save({"w": torch.full((10,), 2.0)}, url, step=2)
+    manifest = os.path.join(url, layout.manifest_name(2))
+    path = (manifest if swap == "manifest"
+            else os.path.join(url, json.loads(open(manifest, "rb").read())["segments"][0]))
+    os.unlink(path)
+    os.mkdir(path)
+    out = {"w": torch.zeros(10)}
+    info = dckpt.load(out, url)
+    assert info.step == 1 and info.skipped[0][0] == 2 and torch.equal(out["w"], torch.ones(10))
+    assert [(i.step, i.problem is None) for i in dckpt.list_checkpoints(url)] == [
+        (1, True), (2, swap == "segment")]
+    assert not dckpt.verify(url, step=2).ok and dckpt.verify(url, step=1).ok
+    if swap == "manifest":  # what step 2 references cannot be told from garbage
+        with pytest.raises(dckpt.FormatError, match="gc stopped"):
+            dckpt.gc(url, min_age_s=0)
+
+
+@pytest.mark.parametrize("folder", [layout.MANIFEST_DIR, layout.DATA_DIR])
+def test_a_file_where_a_repository_folder_belongs_is_an_error_and_gc_takes_nothing(
+        tmp_path, folder):
+    """Not an empty repository: gc would take every object no manifest it can list
+    references."""
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    objects = _objects(url)
+    moved = str(tmp_path / "moved")
+    os.rename(os.path.join(url, folder), moved)
+    open(os.path.join(url, folder), "wb").write(b"x")
+    with pytest.raises(dckpt.StorageError, match="a file where a folder belongs"):
+        dckpt.gc(url, min_age_s=0)
+    with pytest.raises(dckpt.CommitError, match="Not a directory|a file where a folder"):
+        dckpt.save({"w": torch.full((10,), 2.0)}, url, step=2)
+    with pytest.raises(dckpt.DckptError):
+        dckpt.load({"w": torch.zeros(10)}, url)
+    if folder == layout.MANIFEST_DIR:
+        with pytest.raises(dckpt.StorageError, match="a file where a folder belongs"):
+            dckpt.list_checkpoints(url)
+    os.unlink(os.path.join(url, folder))
+    os.rename(moved, os.path.join(url, folder))
+    assert _objects(url) == objects  # nothing was taken: put back, it loads
+    out = {"w": torch.zeros(10)}
+    assert dckpt.load(out, url).step == 1 and torch.equal(out["w"], torch.ones(10))
+
+
 class _Boom:
     def __reduce__(self):
         return (os.system, ("touch " + os.environ["DCKPT_PWNED"],))
