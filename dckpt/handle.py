@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures.thread  # noqa: F401 - its exit hook first: ours runs before it
+import logging
+import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -11,6 +14,33 @@ from dckpt.errors import SaveTimeoutError
 from dckpt.info import CheckpointInfo
 
 __all__ = ["SaveHandle"]
+
+log = logging.getLogger(__name__)
+
+_running: set[SaveHandle] = set()
+"""The saves in flight in this process (kept until they end, so that exit waits for them
+even where the caller dropped the handle)."""
+_running_lock = threading.Lock()
+
+
+def _finish_at_exit() -> None:
+    """Let the saves in flight end before the interpreter's shutdown joins its threads:
+    after it, thread pools refuse new work, which a save's writes need, and a script that
+    returns right after ``async_save`` lost that checkpoint without a word (DCP's async
+    saves complete at exit too)."""
+    with _running_lock:
+        running = [h for h in _running if not h.done()]
+    for handle in sorted(running, key=lambda h: h.step):
+        log.warning("the process is exiting: waiting for the save of step %d to end (call "
+                    "wait() on its handle to choose when)", handle.step)
+        handle.settle()
+        if handle.error is not None:
+            log.error("the save of step %d failed: %s", handle.step, handle.error)
+
+
+# IMPORTANT: threading's exit hooks run in reverse order of registration, before any thread
+# is joined; concurrent.futures.thread registered its own (which shuts the pools) above
+threading._register_atexit(_finish_at_exit)  # type: ignore[attr-defined]
 
 
 class SaveHandle:
@@ -33,6 +63,14 @@ class SaveHandle:
         """The step whose save was in flight when this one was skipped."""
         self.pause_s = pause_s
         """Seconds the caller was held in ``async_save`` on this rank."""
+        if future is not None and not future.done():
+            with _running_lock:
+                _running.add(self)
+            future.add_done_callback(lambda _: self._ended())
+
+    def _ended(self) -> None:
+        with _running_lock:
+            _running.discard(self)
 
     def __repr__(self) -> str:
         state = ("skipped" if self.skipped else "running" if not self.done()

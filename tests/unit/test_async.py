@@ -276,3 +276,30 @@ def test_the_local_plan_is_reused_only_while_its_key_holds(tmp_path):
     dckpt.load(out, url, step=2)
     assert torch.equal(out["a"], torch.ones(2, 4))
     saver.close()
+
+
+@pytest.mark.parametrize("end", ["sys.exit(0)", "raise RuntimeError('the training crashed')"])
+def test_a_process_that_exits_with_a_save_in_flight_commits_it_first(tmp_path, end):
+    """The script drops the handle and exits (or dies of an exception) while the save's
+    writes are still going (each write sleeps): the exit waits, and the step is committed
+    (before, the save failed at the interpreter's shutdown, without a word)."""
+    import os
+    import subprocess
+    import sys
+
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    url = f"faultyfile://{tmp_path}"
+    script = "\n".join([
+        f"import sys; sys.path.insert(0, {tests!r})",
+        "import torch, dckpt",
+        "from dckpt_testing import arm",
+        f"dckpt.save({{'w': torch.zeros(1000)}}, {url!r}, step=1)",
+        "arm('slow', delay_s=0.5)",
+        f"dckpt.async_save({{'w': torch.ones(1000)}}, {url!r}, step=2)",
+        end])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == (0 if end.startswith("sys.exit") else 1), done.stderr
+    assert "waiting for the save of step 2 to end" in done.stderr
+    out = {"w": torch.zeros(1000)}
+    assert dckpt.load(out, str(tmp_path)).step == 2 and torch.equal(out["w"], torch.ones(1000))
