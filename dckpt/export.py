@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import os
 import struct
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -40,12 +41,28 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _check_outside(store: Store, to: str) -> None:
+    """Refuse a local destination that is the local repository exported or lies in one of
+    its own folders: a file under ``manifests/`` would be a damaged checkpoint of it (and
+    stop its gc), one under ``data/`` garbage that gc takes. Elsewhere under its root is
+    fine."""
+    if not store.local or ("://" in to and not to.startswith("file://")):
+        return
+    root = os.path.realpath(store.root)
+    target = os.path.realpath(to[len("file://"):] if to.startswith("file://") else to)
+    owned = [os.path.join(root, name) for name in layout.REPOSITORY_NAMES]
+    if target == root or any(target == p or target.startswith(p + os.sep) for p in owned):
+        raise ArgumentError(f"export destination {to!r} is the repository {store.url} or "
+                            "lies in one of its folders; export to a path outside them")
+
+
 def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
                       storage_options: dict | None = None,
                       progress: Progress | None = None) -> int:
     """Write checkpoint ``m`` of ``store`` to ``to`` in format ``fmt``; returns bytes written."""
     if fmt not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    _check_outside(store, to)
     total = sum(e.nbytes for e in m.items.values())
     done = [0]
 

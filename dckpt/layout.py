@@ -29,6 +29,8 @@ MANIFEST_DIR = "manifests"
 DATA_DIR = "data"
 DELETED_DIR = "deleted"
 QUARANTINE_DIR = "quarantine"
+REPOSITORY_NAMES = (MARKER, MANIFEST_DIR, DATA_DIR, DELETED_DIR, QUARANTINE_DIR)
+"""What a repository's root holds of its own."""
 PROGRESS_KEY = "dckpt_pipeline"
 """The state dict key (last part) under which a dckpt.Pipeline saves its progress: JSON text."""
 

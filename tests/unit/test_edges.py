@@ -520,6 +520,26 @@ def test_s3_that_stops_answering_is_an_error_in_bounded_time(black_hole):
 # ------------------------------------------------------------------ export
 
 
+@pytest.mark.parametrize("fmt, where", [("dckpt", ""), ("torch", "manifests/000000000009.json"),
+                                        ("safetensors", "data/x.safetensors"),
+                                        ("dckpt", "deleted"), ("torch", "link/manifests/x.pt")])
+def test_export_into_the_repository_itself_is_refused_and_writes_nothing(tmp_path, fmt, where):
+    """A file under manifests/ would become a damaged checkpoint of the repository (and
+    stop its gc); the repository reached through a symlink is the same repository."""
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    os.symlink(url, tmp_path / "link")
+    before = sorted(os.walk(url))
+    dest = str(tmp_path / where) if where.startswith("link") else os.path.join(url, where)
+    with pytest.raises(dckpt.ArgumentError, match="lies in one of its folders"):
+        dckpt.export(url, dest.rstrip("/"), step=1, format=fmt)
+    assert sorted(os.walk(url)) == before
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+    beside = os.path.join(url, "exports", "step1.pt")  # under its root, in no folder of its own
+    assert dckpt.export(url, beside, step=1, format="torch") > 0
+    assert torch.equal(torch.load(beside)["w"], torch.ones(10))
+
+
 @pytest.mark.s3
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 def test_export_to_s3(tmp_path, s3_repo, fmt):
