@@ -6,6 +6,10 @@ their commits (gathering the ranks' references, checking them, encoding and writ
 manifest).
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
+    .venv/bin/torchrun --standalone --nproc-per-node=2 benchmarks/bench_manifest.py ...
+
+Under torchrun the ranks share the blocks (each its own items), and the saves' commits
+include DCP's gather of every rank's references to the coordinator.
 
 JSON lines on stdout: seconds (medians), and the checks' share of a load.
 """
@@ -14,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 
 import torch
+import torch.distributed as dist
 
 import dckpt
 from dckpt import layout
@@ -40,10 +46,19 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     args = p.parse_args()
     block = 4096
+    world = 1
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group("gloo")
+        world = dist.get_world_size()
+    rank = dist.get_rank() if world > 1 else 0
     # one tensor per 1,000 blocks, so that items, chunks and blocks are all many
-    n_items = max(1, args.blocks // 1000)
-    state = {f"layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
-    url = tempfile.mkdtemp()
+    n_items = max(1, args.blocks // 1000 // world)
+    state = {f"rank{rank}.layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
+    shared = [tempfile.mkdtemp() if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(shared, src=0)
+    url = shared[0]
+    assert url is not None
     config = dckpt.SaveConfig(block_size_bytes=block, sparse_block_size_bytes=None)
     dckpt.save(state, url, step=1, config=config)
     raw = open(f"{url}/{layout.manifest_name(1)}", "rb").read()
@@ -72,7 +87,9 @@ def main() -> None:
         t2 = time.perf_counter()
         saves.append(t1 - t0)
         async_saves.append(t2 - t1)
-    print(json.dumps({"blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
+    if rank != 0:
+        return
+    print(json.dumps({"ranks": world, "blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
                       "decode_v1_s": v1, "decode_v2_s": v2, "checks_s": v2 - v1,
                       "load_s": load, "load_find_s": statistics.median(finds),
                       "checks_share_of_load": (v2 - v1) / load,

@@ -73,6 +73,20 @@ def test_encode_decode_round_trip():
     assert back.segments() == ["data/s1-t0-00000000/r00000-000.seg"]
 
 
+def test_stored_data_pickles_whole_with_its_block_references():
+    """DCP's gather pickles every rank's references: they come back equal, as BlockRefs,
+    through the plain-tuple reduction, every field (the codec's default too)."""
+    import pickle
+
+    data = StoredData(12, (BlockRef("data/a/r00000-000.seg", 0, 5, 8, "ab" * 16),
+                           BlockRef("data/a/r00000-000.seg", 5, 3, 4, "cd" * 16, "zstd-planes")))
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        back = pickle.loads(pickle.dumps(data, protocol=protocol))
+        assert back == data and all(type(b) is BlockRef for b in back.blocks)
+        assert back.blocks[1].codec == "zstd-planes" and back.blocks[0].codec == "raw"
+    assert pickle.loads(pickle.dumps(StoredData(0, ()))) == StoredData(0, ())
+
+
 def test_compressed_blocks_decode_column_wise_as_block_wise():
     from dckpt.decoder import _blocks_checked, _blocks_fast
 
