@@ -75,8 +75,16 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         if parsed is None:
             continue
         if now - parsed[1] < tombstone_age:
-            raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
-            live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+            try:
+                raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
+                live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+            except (DckptError, IsADirectoryError) as e:
+                raise FormatError(
+                    f"gc stopped: the record of deleted checkpoint {layout.DELETED_DIR}/{name} "
+                    f"in {store.url} cannot be read ({str(e).splitlines()[0]}); a save that "
+                    "began before the delete may still use its blocks. It expires "
+                    f"{tombstone_age:.0f} s after the delete (deleted_min_age_s); remove it by "
+                    "hand if no save can be that old") from None
         else:
             expired.append(f"{layout.DELETED_DIR}/{name}")
     referenced: dict[str, int] = {}

@@ -128,6 +128,26 @@ def test_gc_removes_the_data_of_a_deleted_checkpoint_that_nothing_shares(tmp_pat
     _assert_same(_load(url, 2, two), two)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "folder"])
+def test_a_damaged_record_of_a_deleted_checkpoint_stops_gc_saying_how_long(tmp_path, damage):
+    """Within its grace period its blocks may be a save's base: gc takes nothing and says
+    when the record expires; after that, gc goes on."""
+    url = str(tmp_path / "repo")
+    dckpt.save(_state(1), url, step=1)
+    dckpt.save(_state(2), url, step=2)
+    dckpt.delete(url, step=1)
+    (record,) = (tmp_path / "repo" / "deleted").iterdir()
+    if damage == "truncated":
+        record.write_bytes(record.read_bytes()[:20])
+    else:
+        record.unlink()
+        record.mkdir()
+    with pytest.raises(dckpt.FormatError, match="gc stopped: the record of deleted checkpoint "
+                       r"deleted/0+1-\d+\.json .* expires 3600 s after the delete"):
+        dckpt.gc(url)
+    assert dckpt.gc(url, min_age_s=0, dry_run=True).live_checkpoints == (2,)  # expired
+
+
 def test_gc_reports_the_waste_of_a_partly_referenced_segment(tmp_path):
     url = str(tmp_path / "repo")
     config = SaveConfig(block_size_bytes=BLOCK, writer_threads=1)
