@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -192,6 +192,12 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)
+    asked = cast(list[tuple[int | None, bool]], dist.gather((step, partial), group))
+    if len(set(asked)) > 1:  # rank 0's step would load on every rank: refused alike
+        raise ArgumentError("the ranks asked to load different things ("
+                            + ", ".join(f"rank {r}: step={s}, partial={p}"
+                                        for r, (s, p) in enumerate(asked))
+                            + "); every rank must pass the same step and partial")
     t0 = time.perf_counter()
     skipped: list[tuple[int, str]] = []
     tried: list[int] = []

@@ -16,7 +16,13 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
 
 from dckpt.arguments import storage_error
-from dckpt.errors import CheckpointExistsError, CommitError, DckptError, IntegrityError
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointExistsError,
+    CommitError,
+    DckptError,
+    IntegrityError,
+)
 
 ProcessGroup = dist.ProcessGroup
 
@@ -171,6 +177,7 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
     kinds = {type(e) for e in errors.values()}
     if saving:
         cls: type[DckptError] = (CheckpointExistsError if kinds == {CheckpointExistsError}
+                                 else ArgumentError if kinds == {ArgumentError}
                                  else CommitError)
     elif len(kinds) == 1 and issubclass(next(iter(kinds)), DckptError):
         cls = next(iter(kinds))  # type: ignore[assignment]  # a DckptError subclass, checked above

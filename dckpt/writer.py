@@ -183,11 +183,18 @@ class Writer(StorageWriter):
         if problems:
             raise StateDictError(f"the state dict cannot be saved ({len(problems)} problems):\n"
                                  + "\n".join(f"  - {p}" for p in problems))
-        return plan
+        return dataclasses.replace(plan, storage_data=self.step)  # checked by the coordinator
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
-        """(coordinator) Refuse a committed step; give every rank the attempt's name and the
-        step whose blocks it need not write again."""
+        """(coordinator) Refuse ranks that asked for different steps, and a committed step;
+        give every rank the attempt's name and the step whose blocks it need not write
+        again."""
+        steps = [p.storage_data for p in plans]
+        if len(set(steps)) > 1:
+            raise ArgumentError(
+                "the ranks asked to save different steps ("
+                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps))
+                + "); every rank must pass the same step")
         committed = committed_steps(self.store)
         if self.step in committed:
             raise CheckpointExistsError(

@@ -132,6 +132,42 @@ def test_a_failure_after_the_manifest_was_sent_keeps_every_ranks_data(tmp_path):
     assert leftovers(str(tmp_path)) == [] and dckpt.verify(str(tmp_path)).ok
 
 
+def _steps_that_differ(rank, world, url):
+    out = []
+    for call in (lambda: dckpt.save({f"r{rank}": torch.ones(4)}, url, step=5 + rank),
+                 lambda: dckpt.async_save({f"r{rank}": torch.ones(4)}, url,
+                                          step=10 + rank).wait(),
+                 lambda: dckpt.load({"r0": torch.zeros(4), "r1": torch.zeros(4)}, url,
+                                    step=1 + rank),
+                 lambda: dckpt.load({"r0": torch.zeros(4), "r1": torch.zeros(4)}, url,
+                                    partial=rank == 1)):
+        try:
+            call()
+            out.append("no error")
+        except dckpt.ArgumentError as e:
+            out.append(str(e).split(": ", 1)[-1] if "failed on rank" in str(e) else str(e))
+    out.append(dckpt.save({f"r{rank}": torch.full((4,), 2.0)}, url, step=2).step)  # in step
+    return out
+
+
+def test_ranks_that_pass_different_steps_are_refused_alike(tmp_path):
+    """Rank 0's step decided for every rank: a save committed under it, and a load with
+    another step on rank 1 read rank 0's step without a word."""
+    url = str(tmp_path)
+    run_ranks(_save_step, 2, url, 1)
+    values = [o.value for o in run_ranks(_steps_that_differ, 2, url)]
+    assert values[0] == values[1]
+    save, async_save, load, partial, committed = values[0]
+    assert save.startswith("the ranks asked to save different steps (rank 0: 5, rank 1: 6); "
+                           "every rank must pass the same step")
+    assert async_save.startswith("the ranks asked to save different steps (rank 0: 10, rank 1: 11)")
+    assert load.startswith("the ranks asked to load different things (rank 0: step=1, "
+                           "partial=False, rank 1: step=2, partial=False)")
+    assert "rank 1: step=None, partial=True" in partial and committed == 2
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1, 2]
+    assert leftovers(url) == []
+
+
 def _save_step(rank, world, url, step):
     return dckpt.save({"w": torch.full((64,), float(step))}, url, step=step).step
 
