@@ -177,6 +177,8 @@ class MemoryWriter(Writer):
     """The memory tier's Writer: segments into this node's folder, replicas to the peer
     nodes before the commit, the manifest to every node after it."""
 
+    shared_storage = False  # each node's folder holds its own ranks' segments
+
     def __init__(self, url: str, *, nodes: Nodes, replicas: int, **kwargs: Any) -> None:
         super().__init__(url, **kwargs)
         self.nodes = nodes

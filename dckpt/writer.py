@@ -148,6 +148,9 @@ class Writer(StorageWriter):
         """The objects this rank created for this save (``discard`` removes them if it fails)."""
         self._manifest_sent = False
 
+    shared_storage = True
+    """Every rank writes where the coordinator reads (the memory tier's nodes do not)."""
+
     # -- DCP protocol ----------------------------------------------------------------
 
     def reset(self, checkpoint_id: object = None) -> None:
@@ -316,22 +319,33 @@ class Writer(StorageWriter):
     # -- internals ---------------------------------------------------------------------
 
     def _check_references(self, ends: dict[str, int]) -> None:
-        """(coordinator) Every object of another attempt that this save references (``ends``:
-        the manifest's objects) still exists: a ``gc`` with a grace period shorter than this
-        save may have taken it."""
-        mine = f"{layout.DATA_DIR}/{self._attempt}/"
-        folders: dict[str, set[str]] = {}
-        for segment in ends:
-            if not segment.startswith(mine):
-                folder, _, base = segment.rpartition("/")
-                folders.setdefault(folder, set()).add(base)
-        for folder, names in folders.items():
-            missing = names - set(self.store.list_names(folder))
-            if missing:
+        """(coordinator) Every object the manifest references (``ends``: each one's furthest
+        block end) is there, whole, as the coordinator sees the store: one listing per
+        attempt folder. An earlier attempt's object may be gone (a gc with a grace period
+        shorter than this save took it); this save's own may never have been visible here
+        (a rank that wrote to another folder, or to its node's own disk): a checkpoint no
+        load could read is not committed."""
+        mine = f"{layout.DATA_DIR}/{self._attempt}"
+        folders: dict[str, dict[str, int]] = {}
+        for segment, end in ends.items():
+            folder, _, base = segment.rpartition("/")
+            if folder != mine or self.shared_storage:
+                folders.setdefault(folder, {})[base] = end
+        for folder, wanted in folders.items():
+            sizes = self.store.list_sizes(folder)
+            bad = sorted(b for b, end in wanted.items() if sizes.get(b, -1) < end)
+            if not bad:
+                continue
+            if folder == mine:
                 raise CommitError(
-                    f"step {self.step} references blocks in {len(missing)} objects of {folder} "
-                    f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
-                    "than this save took them); nothing was committed, save again")
+                    f"step {self.step}: {len(bad)} objects the ranks wrote are missing or "
+                    f"short in {self.store.url} as the coordinator (rank {dist.rank()}) sees "
+                    f"it ({folder}/{bad[0]}...); every rank must save to the same shared "
+                    "storage and URL (not a node-local path); nothing was committed")
+            raise CommitError(
+                f"step {self.step} references blocks in {len(bad)} objects of {folder} "
+                f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
+                "than this save took them); nothing was committed, save again")
 
     def open_segment(self, name: str, direct: bool, nbytes: int) -> AbstractContextManager[BinaryIO]:
         """A new segment object, of about ``nbytes`` (the memory tier's writer reuses the

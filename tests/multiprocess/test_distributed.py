@@ -168,6 +168,27 @@ def test_ranks_that_pass_different_steps_are_refused_alike(tmp_path):
     assert leftovers(url) == []
 
 
+def _node_local(rank, world, root):
+    try:  # each rank its own folder, as with a path on each node's own disk
+        dckpt.save({f"r{rank}": torch.ones(4)}, os.path.join(root, f"node{rank}"), step=1)
+        return "committed"
+    except dckpt.CommitError as e:
+        return str(e).split(": ", 1)[1].splitlines()[0]
+
+
+def test_ranks_that_write_where_the_coordinator_cannot_see_commit_nothing(tmp_path):
+    """The manifest would reference rank 1's segment, which rank 0's store lacks: a
+    checkpoint no load could read was committed."""
+    values = [o.value for o in run_ranks(_node_local, 2, str(tmp_path))]
+    assert values[0] == values[1] and "every rank must save to the same shared storage" in \
+        values[0] and "data/s1-" in values[0] and "/r00001-000.seg" in values[0], values
+    for rank in (0, 1):  # no manifest, and each rank took its segment back
+        folder = str(tmp_path / f"node{rank}")
+        assert dckpt.list_checkpoints(folder) == []
+        assert [f for _, _, files in os.walk(folder) for f in files] == (
+            ["dckpt.json"] if rank == 0 else [])
+
+
 def _save_step(rank, world, url, step):
     return dckpt.save({"w": torch.full((64,), float(step))}, url, step=step).step
 
