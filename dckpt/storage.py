@@ -351,9 +351,11 @@ class Store:
         """Base name -> size in bytes of the objects directly under ``folder``."""
         self._not_a_file(folder)
         try:
-            entries = self.fs.ls(self.path(folder), detail=True)
+            entries = self.fs.ls(self.path(folder), detail=True, refresh=True)
         except FileNotFoundError:
             return {}
+        except TypeError:  # filesystems without a refresh keyword
+            entries = self.fs.ls(self.path(folder), detail=True)
         return {posixpath.basename(e["name"].rstrip("/")): int(e.get("size") or 0)
                 for e in entries if e.get("type") != "directory"}
 
