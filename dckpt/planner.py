@@ -151,6 +151,27 @@ def refuse(problems: list[str]) -> None:
             + "\n".join(f"  - {p}" for p in problems) + "\nNothing was written")
 
 
+def replica_problems(plans: list[SavePlan]) -> list[str]:
+    """Tensors that several ranks save under one key with different shapes or dtypes (whole
+    tensors, or a DTensor's global size): DCP keeps one rank's copy of a key that every rank
+    holds, and the checkpoint would not load into the others' state."""
+    first: dict[str, tuple[int, list[int], torch.dtype]] = {}
+    problems: dict[str, str] = {}
+    for rank, plan in enumerate(plans):
+        for item in plan.items:
+            if item.tensor_data is None:
+                continue
+            fqn = item.index.fqn
+            here = (rank, list(item.tensor_data.size), item.tensor_data.properties.dtype)
+            seen = first.setdefault(fqn, here)
+            if seen[1:] != here[1:] and fqn not in problems:
+                problems[fqn] = (
+                    f"{fqn}: shape {seen[1]} {seen[2]} on rank {seen[0]}, shape {here[1]} "
+                    f"{here[2]} on rank {rank}; a key saved by several ranks must hold the "
+                    "same tensor on each (give state that differs per rank a key of its own)")
+    return list(problems.values())
+
+
 def plan_key(flat: dict[str, Any]) -> tuple | None:
     """What DCP's local save plan depends on, for a flattened state dict: the same key gives
     the same plan, which is reused (planning 64 DTensors costs several ms of the pause).
@@ -212,6 +233,12 @@ class SafeSavePlanner(DefaultSavePlanner):
     def create_local_plan(self) -> SavePlan:
         refuse(self.check())
         return super().create_local_plan()
+
+    def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        """(coordinator) Refuse keys the ranks hold differently, before DCP keeps one
+        rank's copy of each (``replica_problems``)."""
+        refuse(replica_problems(all_plans))
+        return super().create_global_plan(all_plans)
 
     def transform_object(self, write_item: WriteItem, object: object) -> object:
         if write_item.type == WriteItemType.BYTE_IO:

@@ -189,6 +189,34 @@ def test_ranks_that_write_where_the_coordinator_cannot_see_commit_nothing(tmp_pa
             ["dckpt.json"] if rank == 0 else [])
 
 
+def _replicas_that_differ(rank, world, url):
+    state = {"w": torch.ones(4 + rank), "d": torch.ones(4, dtype=[torch.float32,
+                                                                  torch.float64][rank]),
+             "same": torch.ones(3), "v": rank}
+    out = []
+    for save in (lambda: dckpt.save(state, url, step=1),
+                 lambda: dckpt.async_save(state, url, step=1).wait()):
+        try:
+            save()
+            out.append("committed")
+        except dckpt.CommitError as e:
+            out.append(str(e).split("\n", 1)[1])
+    return out
+
+
+def test_a_key_that_ranks_hold_differently_is_refused_before_any_byte(tmp_path):
+    """DCP keeps one rank's copy of a key that several ranks hold: the checkpoint committed
+    and then refused the other rank's load (shape and dtype not its own)."""
+    values = [o.value for o in run_ranks(_replicas_that_differ, 2, str(tmp_path))]
+    assert values[0] == values[1] and values[0][0] == values[0][1]
+    problems = values[0][0]
+    assert "- w: shape [4] torch.float32 on rank 0, shape [5] torch.float32 on rank 1" in problems
+    assert "- d: shape [4] torch.float32 on rank 0, shape [4] torch.float64 on rank 1" in problems
+    assert "same:" not in problems and "v:" not in problems
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+    assert dckpt.list_checkpoints(str(tmp_path)) == []
+
+
 def _save_step(rank, world, url, step):
     return dckpt.save({"w": torch.full((64,), float(step))}, url, step=step).step
 
