@@ -278,9 +278,16 @@ class MemorySaves:
         choice = choose(inventories, newest if isinstance(newest, int) else None)
         if choice is not None and len(self.nodes.names) > 1:
             src = self.nodes.leader(choice.manifest_node)
-            raw = dist.broadcast_from(
-                read_manifest_raw(self.tier.store, choice.step)[1]
-                if dist.rank() == src else None, src, self.group)
+            held: object = None
+            if dist.rank() == src:  # read since the inventory: it may have gone meanwhile
+                try:
+                    held = read_manifest_raw(self.tier.store, choice.step)[1]
+                except Exception as e:
+                    held = f"{type(e).__name__}: {e}"
+            raw = dist.broadcast_from(held, src, self.group)
+            if isinstance(raw, str):  # every rank alike, none waiting on another
+                raise StorageError(f"the memory tier's manifest of step {choice.step} on "
+                                   f"node {choice.manifest_node} cannot be read: {raw}")
             mine = next(i for i in inventories if i.node == self.nodes.of[dist.rank()])
             if self.leader and choice.step not in mine.manifests:  # absent, or unreadable
                 assert isinstance(raw, bytes)

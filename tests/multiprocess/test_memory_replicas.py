@@ -133,6 +133,30 @@ def test_a_replaced_node_whose_folder_is_full_restores_from_storage_at_once(tmp_
     assert all(seconds < 30 and parts == [] for _, seconds, parts in values), values
 
 
+def _manifest_gone_after_the_inventory(rank, world, url, shm):
+    import time
+
+    from dckpt import tiers
+
+    def gone(store, step):  # whichever node's leader holds it finds it gone
+        raise FileNotFoundError(f"manifests/{step:012d}.json (injected)")
+
+    tiers.read_manifest_raw = gone
+    t0 = time.monotonic()
+    try:
+        _restore(rank, world, url, shm, 1, rank)
+        return "restored", time.monotonic() - t0
+    except dckpt.StorageError as e:
+        return str(e).splitlines()[0], time.monotonic() - t0
+
+
+def test_a_memory_manifest_gone_after_the_inventory_is_the_same_error_at_once(tmp_path):
+    url, shm = _setup(tmp_path, 1)
+    values = [o.value for o in run_ranks(_manifest_gone_after_the_inventory, 2, url, shm)]
+    assert values[0][0] == values[1][0] and "cannot be read: FileNotFoundError" in values[0][0]
+    assert all(seconds < 30 for _, seconds in values), values
+
+
 def test_without_replicas_a_lost_nodes_memory_means_storage(tmp_path):
     url, shm = _setup(tmp_path, 0)
     shutil.rmtree(_folder(url, shm, 1))
