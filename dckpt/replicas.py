@@ -34,7 +34,7 @@ from torch.futures import Future
 
 from dckpt import dist, layout
 from dckpt.blocks import check
-from dckpt.errors import IntegrityError, StorageError
+from dckpt.errors import DckptError, IntegrityError, StorageError
 from dckpt.manifest import ChunkEntry, StoredData, extents
 from dckpt.memory import Incoming, bytes_tensor, mapped_segments, recycled_write
 from dckpt.reader import Reader, share_replicated
@@ -347,14 +347,29 @@ class MemoryReader(Reader):
     def _send_values(self, values: list[Any], planner: LoadPlanner) -> None:
         """(all ranks) The values planned apart, in one order everywhere: read and checked
         by the rank that holds them, checked again by the rank that takes them."""
+        if not values:
+            return
         me, group = dist.rank(), self._group()
-        for index, src, dst, item in values:
+        held: dict[int, Any] = {}  # read first: a value that fails its check here stops
+        failure: DckptError | None = None  # every rank before any waits on a send
+        with Fetcher(self.store, 1) as fetcher:
+            for k, (index, src, _, _) in enumerate(values):
+                if me == src and failure is None:
+                    data = self._storage[index][1]
+                    assert isinstance(data, StoredData)
+                    try:
+                        held[k] = read_stored(fetcher, data, self._what("value", index.fqn))
+                    except DckptError as e:
+                        failure = e
+        if dist.any_true(failure is not None, group):
+            raise failure or IntegrityError("a value this restore needs failed its check on "
+                                            "the node that holds it")
+        for k, (index, src, dst, item) in enumerate(values):
             kind, data = self._storage[index]
             assert isinstance(data, StoredData)
             what = self._what("value", index.fqn)
             if me == src:
-                with Fetcher(self.store, 1) as fetcher:
-                    buf = read_stored(fetcher, data, what)
+                buf = held[k]
                 if buf:
                     dist.exchange([(dst, torch.frombuffer(buf, dtype=torch.uint8))], [], group)
             elif me == dst:

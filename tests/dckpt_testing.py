@@ -137,7 +137,9 @@ def flip_stored_byte(folder: str, step: int, fqn: str, at: int = 0, mask: int = 
     ``step`` of the repository at ``folder``, in place; returns the object's path."""
     import dckpt
 
-    ref = dckpt.inspect(folder, step=step).items[fqn].chunks[0].data.blocks[0]
+    entry = dckpt.inspect(folder, step=step).items[fqn]
+    data = entry.chunks[0].data if hasattr(entry, "chunks") else entry.data  # a tensor, a value
+    ref = data.blocks[0]
     path = os.path.join(folder, ref.segment)
     with open(path, "r+b") as f:
         f.seek(ref.offset + at)

@@ -171,6 +171,28 @@ def test_ranks_that_moved_to_other_nodes_find_their_shards(tmp_path, replicas, t
     assert values == [(9, tier, True), (9, tier, True)]
 
 
+def _timed_swapped(rank, world, url, shm):
+    import time
+
+    t0 = time.monotonic()
+    value = _restore_swapped(rank, world, url, shm, 0)
+    return value, time.monotonic() - t0
+
+
+def test_a_damaged_value_sent_to_a_moved_rank_fails_every_rank_at_once(tmp_path):
+    """The value's only copy is on the other node: the rank that holds it finds it damaged
+    before sending, every rank learns it at once (none waits out the collective timeout on
+    a send that never comes), and the restore goes to storage."""
+    url, shm = _setup(tmp_path, 0)
+    segment = dckpt.inspect(_folder(url, shm, 0), step=9).items["opt.lr"].data.blocks[0].segment
+    holder = next(n for n in (0, 1) if os.path.exists(os.path.join(_folder(url, shm, n),
+                                                                   segment)))
+    flip_stored_byte(_folder(url, shm, holder), 9, "opt.lr", at=0, mask=0x10)
+    values = [o.value for o in run_ranks(_timed_swapped, 2, url, shm)]
+    assert [v for v, _ in values] == [(8, "storage", True), (8, "storage", True)]
+    assert all(seconds < 30 for _, seconds in values), values
+
+
 def test_a_damaged_segment_falls_back_to_its_replica(tmp_path):
     url, shm = _setup(tmp_path, 1)
     path = flip_stored_byte(_folder(url, shm, 1), 9, "rank1.x", at=3, mask=0x10)
