@@ -18,6 +18,7 @@ replica), and failing that the manager restores from storage.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -389,28 +390,31 @@ class MemoryReader(Reader):
             return
         me, group = dist.rank(), self._group()
         into: Incoming | None = None
-        problem: OSError | None = None
-        try:  # all of this rank's first, so that a full folder stops every rank in step
-            into = Incoming(self.store.url, [(seg, size) for seg, size, _, dst in transfers
-                                             if dst == me])
-        except OSError as e:
-            problem = e
-        try:
+        problem: Exception | None = None
+        with mapped_segments(self.store.url) as mapped, contextlib.ExitStack() as stack:
+            try:  # this rank's sends and receives first, so that a segment gone or short
+                outgoing = {}  # here, or a full folder there, stops every rank in step
+                for k, (seg, size, src, _) in enumerate(transfers):
+                    if src == me:
+                        outgoing[k] = bytes_tensor(mapped(seg), size)
+                        if outgoing[k].numel() != size:
+                            raise FileNotFoundError(f"{seg} is gone from {self.store.url}")
+                into = Incoming(self.store.url, [(seg, size) for seg, size, _, dst in transfers
+                                                 if dst == me])
+                stack.callback(into.close)
+            except (OSError, ValueError) as e:
+                problem = e
             if dist.any_true(problem is not None, group):
-                raise StorageError(f"segments lacking on some node cannot be taken into its "
-                                   f"memory folder ({problem or 'on another rank'})")
+                raise StorageError(f"segments lacking on some node cannot be sent to it "
+                                   f"({problem or 'on another rank'})")
             assert into is not None
             arriving = iter(into.tensors)
-            with mapped_segments(self.store.url) as mapped:
-                for seg, size, src, dst in transfers:
-                    if me == src:
-                        dist.exchange([(dst, bytes_tensor(mapped(seg), size))], [], group)
-                    elif me == dst:
-                        dist.exchange([], [(src, next(arriving))], group)
+            for k, (_, _, src, dst) in enumerate(transfers):
+                if me == src:
+                    dist.exchange([(dst, outgoing[k])], [], group)
+                elif me == dst:
+                    dist.exchange([], [(src, next(arriving))], group)
             into.commit()
-        finally:
-            if into is not None:
-                into.close()
         dist.any_true(False, group)  # a barrier: the node's other ranks read these files
         log.info("rank %d: %d segments fetched from other nodes' memory", me,
                  sum(1 for t in transfers if t[3] == me))

@@ -157,6 +157,35 @@ def test_a_memory_manifest_gone_after_the_inventory_is_the_same_error_at_once(tm
     assert all(seconds < 30 for _, seconds in values), values
 
 
+def _segment_gone_before_it_is_sent(rank, world, url, shm):
+    import contextlib
+    import time
+
+    from dckpt import replicas
+
+    @contextlib.contextmanager
+    def gone(root):  # the node that holds the segments finds them gone when it sends
+        yield lambda segment: None
+
+    if rank == 0:
+        replicas.mapped_segments = gone
+    t0 = time.monotonic()
+    value = _restore(rank, world, url, shm, 1, rank)
+    return value, time.monotonic() - t0
+
+
+def test_a_segment_gone_before_it_is_sent_fails_every_rank_at_once(tmp_path):
+    """Node 1 lost its memory; node 0 holds the replicas but finds them gone when it
+    sends: every rank learns it before any send (none waits out the collective timeout,
+    or receives fewer bytes than planned), and the restore goes to storage."""
+    url, shm = _setup(tmp_path, 1)
+    shutil.rmtree(os.path.join(shm, "node1"))
+    os.makedirs(os.path.join(shm, "node1"))
+    values = [o.value for o in run_ranks(_segment_gone_before_it_is_sent, 2, url, shm)]
+    assert [v for v, _ in values] == [(8, "storage", True), (8, "storage", True)]
+    assert all(seconds < 30 for _, seconds in values), values
+
+
 def test_without_replicas_a_lost_nodes_memory_means_storage(tmp_path):
     url, shm = _setup(tmp_path, 0)
     shutil.rmtree(_folder(url, shm, 1))
