@@ -112,6 +112,9 @@ RANK_PHASES = ("rank_plan", "rank_index", "rank_write", "rank_copy", "rank_hash"
 class Writer(StorageWriter):
     """Writes one step into the dckpt repository at ``url`` (see the module docstring)."""
 
+    shared_storage = True
+    """Every rank writes where the coordinator reads (the memory tier's nodes do not)."""
+
     def __init__(self, url: str, *, step: int, metrics: Metrics | None = None,
                  storage_options: dict | None = None, config: SaveConfig | None = None) -> None:
         super().__init__()
@@ -147,9 +150,6 @@ class Writer(StorageWriter):
         self.created: list[str] = []
         """The objects this rank created for this save (``discard`` removes them if it fails)."""
         self._manifest_sent = False
-
-    shared_storage = True
-    """Every rank writes where the coordinator reads (the memory tier's nodes do not)."""
 
     # -- DCP protocol ----------------------------------------------------------------
 
@@ -344,8 +344,10 @@ class Writer(StorageWriter):
                     "storage and URL (not a node-local path); nothing was committed")
             raise CommitError(
                 f"step {self.step} references blocks in {len(bad)} objects of {folder} "
-                f"that no longer exist in {self.store.url} (a gc whose min_age_s is shorter "
-                "than this save took them); nothing was committed, save again")
+                f"that are missing or short in {self.store.url} (a gc whose min_age_s is "
+                "shorter than this save took them, or a rank wrote them where the "
+                "coordinator cannot see: every rank must save to the same shared storage); "
+                "nothing was committed, save again")
 
     def open_segment(self, name: str, direct: bool, nbytes: int) -> AbstractContextManager[BinaryIO]:
         """A new segment object, of about ``nbytes`` (the memory tier's writer reuses the
