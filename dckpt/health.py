@@ -89,7 +89,9 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
             recoverable = (info, m)
             break
         unrecoverable.append((info.step, why))
-    newest = committed[-1] if committed else None
+    # the newest whose manifest reads: a damaged one has no time (its age was 56 years)
+    dated = [i for i in committed if i.problem is None]
+    newest = dated[-1] if dated else None
     age = time.time() - newest.created_at if newest is not None else None
     free = None
     if store.local:

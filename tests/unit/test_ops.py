@@ -49,6 +49,20 @@ def test_diff_names_what_changed_and_what_is_shared(tmp_path, capsys):
     assert cli(["diff", str(tmp_path), "1", "9"]) == 2  # no such step: an error, said
 
 
+def test_health_dates_the_newest_checkpoint_whose_manifest_reads(tmp_path, capsys):
+    """A damaged newest manifest has no time: it was reported 56 years old (and an age
+    alert fired, and the metrics' last success went to 1970)."""
+    repo = tmp_path / "repo"
+    three_saves(repo)
+    path = repo / "manifests" / f"{3:012d}.json"
+    path.write_bytes(path.read_bytes()[:30])
+    h = dckpt.health(str(repo), max_age_s=3600)
+    assert (h.newest_step, h.recoverable_step) == (2, 2) and 0 <= h.newest_age_s < 600
+    assert h.code == 1 and len(h.reasons) == 1 and "not recoverable: [3]" in h.reasons[0]
+    assert cli(["health", str(repo)]) == 1
+    assert "newest        step 2, " in capsys.readouterr().out
+
+
 def test_health_codes(tmp_path, capsys):
     repo = tmp_path / "repo"
     three_saves(repo)
