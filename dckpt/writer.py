@@ -288,10 +288,18 @@ class Writer(StorageWriter):
         self._manifest_sent = True
         try:
             self.store.create_exclusive(layout.manifest_name(self.step), self.committed_raw)
-        except FileExistsError:
-            raise CheckpointExistsError(
-                f"step {self.step} was committed in {self.store.url} by another save while this "
-                "one was writing; this save's data is left for gc") from None
+        except BaseException as e:
+            # a local create is one link: when it failed, the manifest there is another
+            # save's or none, and this save's data can go (dckpt.discard); an object store's
+            # request may still arrive
+            self._manifest_sent = not self.store.local or (
+                not isinstance(e, FileExistsError)
+                and self.store.exists(layout.manifest_name(self.step)))
+            if isinstance(e, FileExistsError):
+                raise CheckpointExistsError(
+                    f"step {self.step} was committed in {self.store.url} by another save while "
+                    "this one was writing; nothing of this save was committed") from None
+            raise
         if self.config.dedup:  # the next save's base, checked without reading this manifest
             dedup.committed(self.store, (self.step, self._attempt), ends)
         commit_s = time.perf_counter() - t_finish

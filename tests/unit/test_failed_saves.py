@@ -108,11 +108,12 @@ def test_a_refused_async_save_removes_what_its_pause_wrote(tmp_path):
     _check_step(str(tmp_path), 1, 1.0)
 
 
-def test_a_full_disk_at_the_manifest_leaves_no_temp_file(tmp_path):
-    """The data fit, the manifest did not: it may be committed for all a store can tell
-    (dckpt.discard), so the data stays for gc; the manifest's temp file does not."""
+def test_a_full_disk_at_the_manifest_leaves_nothing_behind(tmp_path):
+    """The data fit, the manifest did not: a local create is one link, never made, so the
+    data goes too (on an object store it would stay: the request may still arrive)."""
     url = f"faultyfile://{tmp_path}"
     dckpt.save(_state(1.0), url, step=1)
+    before = _attempts(tmp_path)
     arm("enospc", after_bytes=10, only=f"/{layout.MANIFEST_DIR}/")
     try:
         with pytest.raises(dckpt.CommitError, match="No space left"):
@@ -120,10 +121,31 @@ def test_a_full_disk_at_the_manifest_leaves_no_temp_file(tmp_path):
     finally:
         disarm()
     assert os.listdir(tmp_path / layout.MANIFEST_DIR) == [layout.manifest_name(1).split("/")[-1]]
-    garbage = leftovers(str(tmp_path))
-    assert garbage and all(g.startswith(f"{layout.DATA_DIR}/s2-") for g in garbage)
-    assert dckpt.gc(str(tmp_path), min_age_s=0).deleted == tuple(garbage)
+    assert leftovers(str(tmp_path)) == [] and _attempts(tmp_path) == before
     _check_step(url, 1, 1.0)
+
+
+def test_a_step_committed_meanwhile_by_another_save_takes_this_saves_data_away(tmp_path,
+                                                                              monkeypatch):
+    """Another job committed the same step while this save wrote: the manifest there is
+    not this save's (a local create is one link), and this save's data goes."""
+    url = str(tmp_path)
+    dckpt.save(_state(1.0), url, step=1)
+    create = Store.create_exclusive
+    raced: list[bool] = []
+
+    def another_job_first(self, name, data):
+        if name == layout.manifest_name(2) and not raced:
+            raced.append(True)
+            dckpt.save(_state(3.0), url, step=2)  # nested: the other job's commit
+        create(self, name, data)
+
+    monkeypatch.setattr(Store, "create_exclusive", another_job_first)
+    with pytest.raises(dckpt.CheckpointExistsError, match="another save"):
+        dckpt.save(_state(2.0), url, step=2)
+    monkeypatch.undo()
+    assert leftovers(url) == [] and len(_attempts(tmp_path)) == 2
+    _check_step(url, 2, 3.0)
 
 
 def test_a_save_whose_manifest_arrived_despite_an_error_keeps_its_data(tmp_path, monkeypatch):
