@@ -188,3 +188,29 @@ def test_create_exclusive_leaves_no_temp_file_when_the_write_fails(tmp_path, mon
         store.create_exclusive("manifests/x.json", b"{}")
     monkeypatch.undo()
     assert os.listdir(tmp_path / "manifests") == []
+
+
+@pytest.mark.s3
+def test_a_failed_async_save_on_s3_removes_what_its_pause_uploaded(s3_repo):
+    """The pause uploaded what the staging budget does not hold as an object of its own;
+    the background upload then fails: that object is deleted from the bucket."""
+    import fsspec
+
+    from dckpt_testing import faulty_s3_class
+
+    url, opts = s3_repo
+    fsspec.register_implementation("faultys3", faulty_s3_class(), clobber=True)
+    faulty = url.replace("s3://", "faultys3://")
+    config = dckpt.SaveConfig(block_size_bytes=64 << 10, staging_bytes=384 << 10)
+    dckpt.async_save(_state(1.0), faulty, step=1, config=config,
+                     storage_options=opts).wait(timeout=60)
+    arm("eio", after_bytes=900_000)  # past the pause's 768 KiB, in the background
+    try:
+        handle = dckpt.async_save(_state(2.0), faulty, step=2, config=config,
+                                  storage_options=opts)
+        with pytest.raises(dckpt.CommitError, match="SlowDown"):
+            handle.wait(timeout=60)
+    finally:
+        disarm()
+    assert dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts).deleted == ()
+    assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]

@@ -242,6 +242,8 @@ def test_s3_error_mid_save_is_a_commit_error(s3_repo):
     finally:
         disarm()
     assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
+    # the upload was aborted, nothing of step 2 is left
+    assert dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts).deleted == ()
     out = {"w": torch.zeros(3 << 20)}
     assert dckpt.load(out, url, storage_options=opts).step == 1
     assert torch.equal(out["w"], first)
