@@ -6,6 +6,7 @@ their commits (gathering the ranks' references, checking them, encoding and writ
 manifest).
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
+    .venv/bin/python benchmarks/bench_manifest.py --small-tensors 20000 [--repeat 3]
     .venv/bin/torchrun --standalone --nproc-per-node=2 benchmarks/bench_manifest.py ...
 
 Under torchrun the ranks share the blocks (each its own items), and the saves' commits
@@ -44,7 +45,13 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--blocks", type=int, default=100_000)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--small-tensors", type=int, default=0,
+                   help="instead: N tensors of 64 bytes each; async pause (layout reused), "
+                        "sync save and load, against DCP's save and load")
     args = p.parse_args()
+    if args.small_tensors:
+        _small_tensors(args.small_tensors, args.repeat)
+        return
     block = 4096
     world = 1
     if "WORLD_SIZE" in os.environ:
@@ -96,6 +103,31 @@ def main() -> None:
                       "save_s": statistics.median(saves), "commit_s": statistics.median(commits),
                       "async_save_s": statistics.median(async_saves),
                       "async_commit_s": statistics.median(async_commits)}))
+
+
+def _small_tensors(n: int, repeat: int) -> None:
+    """Per-tensor costs: the bytes are nothing, the Python per tensor is all."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {f"layer{i}.w": torch.randn(16) for i in range(n)}
+    out = {k: torch.zeros(16) for k in state}
+    url, peer = tempfile.mkdtemp(), tempfile.mkdtemp()
+    steps = iter(range(1, 10 ** 6))
+    dckpt.async_save(state, url, step=next(steps)).wait()  # the layout's first save
+
+    pauses: list[float] = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        handle = dckpt.async_save(state, url, step=next(steps))
+        pauses.append(time.perf_counter() - t0)
+        handle.wait()
+    save = _median(lambda: dckpt.save(state, url, step=next(steps)), repeat)
+    load = _median(lambda: dckpt.load(out, url), repeat)
+    dcp_save = _median(lambda: dcp.save(state, checkpoint_id=peer), repeat)
+    dcp_load = _median(lambda: dcp.load(out, checkpoint_id=peer), repeat)
+    print(json.dumps({"tensors": n, "async_pause_s": statistics.median(pauses),
+                      "save_s": save, "load_s": load, "dcp_save_s": dcp_save,
+                      "dcp_load_s": dcp_load}))
 
 
 if __name__ == "__main__":

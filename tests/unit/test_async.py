@@ -303,3 +303,25 @@ def test_a_process_that_exits_with_a_save_in_flight_commits_it_first(tmp_path, e
     assert "waiting for the save of step 2 to end" in done.stderr
     out = {"w": torch.zeros(1000)}
     assert dckpt.load(out, str(tmp_path)).step == 2 and torch.equal(out["w"], torch.ones(1000))
+
+
+def test_staging_reuses_its_typed_slots_while_the_layout_holds(tmp_path):
+    """The slots keep the tensors' dtypes and shapes between saves of one layout; a layout
+    that changes (a dtype, a shape) gets new memory; every save holds its own values."""
+    saver = AsyncSaver()
+    url = str(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    states = [{"a": torch.randn(1000, generator=g), "b": torch.randn(10, 20, generator=g)}
+              for _ in range(3)]
+    states.append({"a": states[2]["a"].double(), "b": states[2]["b"]})  # a's dtype changes
+    states.append({"a": states[3]["a"], "b": states[2]["b"].reshape(20, 10)})  # b's shape
+    allocations = []
+    for step, state in enumerate(states):
+        saver.async_save(state, url, step=step).wait(timeout=60)
+        allocations.append(saver._area.allocations)
+    assert allocations == [1, 1, 1, 2, 3]
+    for step, state in enumerate(states):
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        dckpt.load(out, url, step=step)
+        assert all(torch.equal(out[k], v) for k, v in state.items()), step
+    saver.close()
