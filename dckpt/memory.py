@@ -27,7 +27,7 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan
 
-from dckpt import layout
+from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import ArgumentError, IntegrityError, StorageError
 from dckpt.manifest import StoredData, TensorEntry, ValueEntry
@@ -37,7 +37,7 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes
 
 __all__ = ["MemoryTier", "memory_folder", "DEFAULT_MEMORY_DIR", "room_problem", "held",
-           "mapped_segments", "bytes_tensor", "Incoming", "recycled_write", "take_spare"]
+           "mapped_segments", "bytes_tensor", "Incoming", "reserve", "recycled_write", "take_spare"]
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,28 @@ class Incoming:
         for part in self._parts if not self._done else ():
             with contextlib.suppress(OSError):
                 os.unlink(part)
+
+
+def reserve(root: str, names: list[tuple[str, int]], group: Any, what: str,
+            check: Callable[[], None] = lambda: None) -> Incoming | None:
+    """(all ranks) This rank's ``Incoming`` files ``names`` under ``root``, after ``check``
+    (what else must hold here before any send). Every rank learns whether all succeeded
+    before any send, so that none waits on a peer that left: StorageError on a rank that
+    failed, None on the others (the caller then sends nothing)."""
+    into: Incoming | None = None
+    problem: Exception | None = None
+    try:
+        check()
+        into = Incoming(root, names)
+    except (OSError, ValueError) as e:
+        problem = e
+    if dist.any_true(problem is not None, group):
+        if into is not None:
+            into.close()
+        if problem is not None:
+            raise StorageError(f"rank {dist.rank()} {what}: {problem}") from problem
+        return None
+    return into
 
 
 def take_spare(folder: str, path: str, nbytes: int) -> bool:

@@ -18,7 +18,6 @@ replica), and failing that the manager restores from storage.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import logging
@@ -37,7 +36,7 @@ from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import DckptError, IntegrityError, StorageError
 from dckpt.manifest import ChunkEntry, StoredData, extents
-from dckpt.memory import Incoming, bytes_tensor, mapped_segments, recycled_write
+from dckpt.memory import bytes_tensor, mapped_segments, recycled_write, reserve
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
 from dckpt.repository import committed_steps, read_manifest
@@ -218,19 +217,11 @@ class MemoryWriter(Writer):
         senders = [(r, k) for k in range(1, self.replicas + 1)
                    for r in range(len(everyone)) if self.nodes.peer(r, k) == me]
         incoming = [(r, name, size) for r, _ in senders for name, size in everyone[r] or ()]
-        problem: OSError | None = None
-        into: Incoming | None = None
+        into = reserve(self.store.url, [(n, s) for _, n, s in incoming], group,
+                       f"cannot take its peers' replicas into {self.store.url}")
+        if into is None:  # another rank cannot: it raises, DCP tells every rank
+            return
         try:
-            into = Incoming(self.store.url, [(n, s) for _, n, s in incoming])
-        except OSError as e:
-            problem = e
-        try:
-            if any(dist.gather(problem is not None, group)):
-                if problem is not None:
-                    raise StorageError(f"rank {me} cannot take its peers' replicas into "
-                                       f"{self.store.url}: {problem}") from problem
-                return
-            assert into is not None
             with mapped_segments(self.store.url) as mapped:
                 sends = [(self.nodes.peer(me, k), bytes_tensor(mapped(name), size))
                          for k in range(1, self.replicas + 1) for name, size in mine or ()]
@@ -238,8 +229,7 @@ class MemoryWriter(Writer):
                                       zip(incoming, into.tensors, strict=True)], group)
             into.commit()
         finally:
-            if into is not None:
-                into.close()
+            into.close()
         log.info("rank %d: %d segments (%d bytes) replicated to %s, %d received, in %.3f s",
                  me, len(mine or ()), sum(size for _, size in mine or ()),
                  [self.nodes.peer(me, k) for k in range(1, self.replicas + 1)], len(incoming),
@@ -389,32 +379,31 @@ class MemoryReader(Reader):
         if not transfers:
             return
         me, group = dist.rank(), self._group()
-        into: Incoming | None = None
-        problem: Exception | None = None
-        with mapped_segments(self.store.url) as mapped, contextlib.ExitStack() as stack:
-            try:  # this rank's sends and receives first, so that a segment gone or short
-                outgoing = {}  # here, or a full folder there, stops every rank in step
+        outgoing: dict[int, torch.Tensor] = {}
+        with mapped_segments(self.store.url) as mapped:
+            def check() -> None:  # what this rank sends is here, whole
                 for k, (seg, size, src, _) in enumerate(transfers):
                     if src == me:
                         outgoing[k] = bytes_tensor(mapped(seg), size)
                         if outgoing[k].numel() != size:
                             raise FileNotFoundError(f"{seg} is gone from {self.store.url}")
-                into = Incoming(self.store.url, [(seg, size) for seg, size, _, dst in transfers
-                                                 if dst == me])
-                stack.callback(into.close)
-            except (OSError, ValueError) as e:
-                problem = e
-            if dist.any_true(problem is not None, group):
-                raise StorageError(f"segments lacking on some node cannot be sent to it "
-                                   f"({problem or 'on another rank'})")
-            assert into is not None
-            arriving = iter(into.tensors)
-            for k, (_, _, src, dst) in enumerate(transfers):
-                if me == src:
-                    dist.exchange([(dst, outgoing[k])], [], group)
-                elif me == dst:
-                    dist.exchange([], [(src, next(arriving))], group)
-            into.commit()
+
+            into = reserve(self.store.url, [(seg, size) for seg, size, _, dst in transfers
+                                            if dst == me], group,
+                           "cannot send or take the segments a node lacks", check)
+            if into is None:  # every rank stops: the reads after need them all
+                raise StorageError("the segments a node lacks cannot be sent to it (another "
+                                   "rank could not send or take them)")
+            try:
+                arriving = iter(into.tensors)
+                for k, (_, _, src, dst) in enumerate(transfers):
+                    if me == src:
+                        dist.exchange([(dst, outgoing[k])], [], group)
+                    elif me == dst:
+                        dist.exchange([], [(src, next(arriving))], group)
+                into.commit()
+            finally:
+                into.close()
         dist.any_true(False, group)  # a barrier: the node's other ranks read these files
         log.info("rank %d: %d segments fetched from other nodes' memory", me,
                  sum(1 for t in transfers if t[3] == me))
