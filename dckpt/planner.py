@@ -155,20 +155,24 @@ def replica_problems(plans: list[SavePlan]) -> list[str]:
     """Tensors that several ranks save under one key with different shapes or dtypes (whole
     tensors, or a DTensor's global size): DCP keeps one rank's copy of a key that every rank
     holds, and the checkpoint would not load into the others' state."""
-    first: dict[str, tuple[int, list[int], torch.dtype]] = {}
+    first: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
     problems: dict[str, str] = {}
-    for rank, plan in enumerate(plans):
+    for rank, plan in enumerate(plans):  # every rank's items: one dict lookup each
         for item in plan.items:
-            if item.tensor_data is None:
+            data = item.tensor_data
+            if data is None:
                 continue
             fqn = item.index.fqn
-            here = (rank, list(item.tensor_data.size), item.tensor_data.properties.dtype)
-            seen = first.setdefault(fqn, here)
-            if seen[1:] != here[1:] and fqn not in problems:
+            seen = first.get(fqn)
+            if seen is None:
+                first[fqn] = (rank, data.size, data.properties.dtype)
+            elif (seen[1] != data.size or seen[2] != data.properties.dtype) \
+                    and fqn not in problems:
                 problems[fqn] = (
-                    f"{fqn}: shape {seen[1]} {seen[2]} on rank {seen[0]}, shape {here[1]} "
-                    f"{here[2]} on rank {rank}; a key saved by several ranks must hold the "
-                    "same tensor on each (give state that differs per rank a key of its own)")
+                    f"{fqn}: shape {list(seen[1])} {seen[2]} on rank {seen[0]}, shape "
+                    f"{list(data.size)} {data.properties.dtype} on rank {rank}; a key saved "
+                    "by several ranks must hold the same tensor on each (give state that "
+                    "differs per rank a key of its own)")
     return list(problems.values())
 
 
