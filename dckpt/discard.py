@@ -9,7 +9,8 @@ no manifest references them:
   rank, and none of its failures is marked ``may_be_committed``: the coordinator marks a
   failure that came after it sent the manifest's create (an object store's request that
   timed out may still have arrived, a retry may find its own manifest: the step may be
-  committed, and its data must stay);
+  committed, and its data must stay; a local create is one link, so its failure there is
+  certain and is not marked);
 - otherwise (a collective broke: the coordinator may have committed before it did) only the
   coordinator knows, and only when it never sent the manifest.
 

@@ -218,7 +218,8 @@ class MemoryWriter(Writer):
                    for r in range(len(everyone)) if self.nodes.peer(r, k) == me]
         incoming = [(r, name, size) for r, _ in senders for name, size in everyone[r] or ()]
         into = reserve(self.store.url, [(n, s) for _, n, s in incoming], group,
-                       f"cannot take its peers' replicas into {self.store.url}")
+                       f"cannot take its peers' replicas into {self.store.url} (free room "
+                       "there, or lower memory_replicas)")
         if into is None:  # another rank cannot: it raises, DCP tells every rank
             return
         try:
@@ -390,7 +391,8 @@ class MemoryReader(Reader):
 
             into = reserve(self.store.url, [(seg, size) for seg, size, _, dst in transfers
                                             if dst == me], group,
-                           "cannot send or take the segments a node lacks", check)
+                           "cannot send or take the segments a node lacks (free room in the "
+                           "memory folder; the restore goes to storage)", check)
             if into is None:  # every rank stops: the reads after need them all
                 raise StorageError("the segments a node lacks cannot be sent to it (another "
                                    "rank could not send or take them)")

@@ -361,7 +361,8 @@ class Store:
 
     def _not_a_file(self, folder: str) -> None:
         if self.local and os.path.isfile(self.path(folder)):
-            raise NotADirectoryError(errno.ENOTDIR, "a file where a folder belongs",
+            raise NotADirectoryError(errno.ENOTDIR, "a file where a folder belongs (the "
+                                     "repository is damaged: move the file away)",
                                      self.path(folder))
 
     @_bounded
