@@ -9,8 +9,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-import torch.distributed.checkpoint as dcp
+import torch
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import dedup, dist
 from dckpt.arguments import (
@@ -46,6 +47,7 @@ from dckpt.repository import (
 )
 from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
 from dckpt.storage import Store
+from dckpt.torch_internals import load_state_dict
 from dckpt.train_state import loading
 from dckpt.verify import Progress
 from dckpt.writer import Metrics
@@ -238,8 +240,7 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
         try:
             # the plan and the reads build a few objects per block: no collector passes
             with quiet_single_process(), loading(frozenset(manifest.items)), paused_gc():
-                dcp.load(state_dict, storage_reader=reader,
-                         planner=SafeLoadPlanner(partial=partial), process_group=group)
+                _dcp_load(state_dict, reader, SafeLoadPlanner(partial=partial), group)
         except CheckpointException as e:
             err = dist.translate(e, what=what, saving=False)
             if step is not None or not isinstance(err, IntegrityError):
@@ -267,6 +268,26 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
         return info_from_manifest(manifest, url, phase_s=phase_s, skipped=tuple(skipped),
                                   tried=tuple(tried), bytes_read=bytes_read,
                                   data_lost_steps=lost_steps, data_lost_s=lost_s)
+
+
+def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
+              group: object) -> None:
+    """``dcp.load``: a top-level Stateful value loads through its ``state_dict()`` and
+    ``load_state_dict``, the others are replaced by what was loaded. Tensors are not checked
+    against the runtime protocol (9 us a check, which dcp.load makes twice per value: 0.37 s
+    of a 2 s load of 20,000 tensors)."""
+    keys = sorted(state_dict)  # as dcp.load: every rank plans its values in the same order
+    stateful = {k for k in keys if not isinstance(state_dict[k], torch.Tensor)
+                and isinstance(state_dict[k], Stateful)}
+    flat = {k: state_dict[k].state_dict() if k in stateful else state_dict[k] for k in keys}
+    load_state_dict(flat, storage_reader=reader, planner=planner,
+                    process_group=group,  # type: ignore[arg-type]
+                    no_dist=not dist.active())
+    for key in keys:
+        if key in stateful:
+            state_dict[key].load_state_dict(flat[key])
+        else:
+            state_dict[key] = flat[key]
 
 
 @public

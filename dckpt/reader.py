@@ -41,7 +41,7 @@ from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
 from dckpt.planner import SafeLoadPlanner
-from dckpt.reads import Fetcher, blocks_in_range, coalesce, spans
+from dckpt.reads import Fetcher, Request, Target, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
 from dckpt.torch_internals import narrow_tensor_by_index
@@ -301,12 +301,11 @@ class Reader(StorageReader):
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
                 size = 0 if job.direct else job.buffer.numel()
                 if window and window_bytes + size > self.config.read_buffer_bytes:
-                    self._finish(fetcher, window, planner)
+                    self._run(fetcher, window, planner)
                     window, window_bytes = [], 0
-                self._start(fetcher, job)
                 window.append(job)
                 window_bytes += size
-            self._finish(fetcher, window, planner)
+            self._run(fetcher, window, planner)
             for value in values:
                 self.bytes_read += sum(fetcher.results(value.futures))
                 self.deliver_value(value.buf, value.fqn, value.encoding, value.items, planner)
@@ -365,18 +364,39 @@ class Reader(StorageReader):
         return _Job(fqn, dtype, chunk, items, targets,
                     torch.empty(size, dtype=torch.uint8, pin_memory=pinned), first, False)
 
-    def _start(self, fetcher: Fetcher, job: _Job) -> None:
-        _, picked = blocks_in_range(job.chunk.data, job.first,
-                                    job.first + job.buffer.numel())
-        dest = memoryview(job.buffer.numpy())  # type: ignore[arg-type]
-        what = self._what("tensor", job.fqn)
-        requests = coalesce(picked, self.config.read_request_bytes)
-        job.futures = [fetcher.submit_span(span, dest, what) for span in
-                       spans(requests, self.config.read_request_bytes, SPAN_GAP_BYTES)]
+    def _run(self, fetcher: Fetcher, window: list[_Job], planner: LoadPlanner) -> None:
+        """Read a window's tensors and deliver them. The requests of every tensor in the window
+        are merged into spans, so that tensors stored side by side are read together (20,000
+        tensors of 64 bytes: a few reads, not 20,000, and the reader threads no longer take
+        the interpreter from the caller's thread 20,000 times); spans go to the pool in the
+        order of the first tensor they fill, which is the order they are delivered in."""
+        parts: list[Request] = []
+        owners: dict[int, tuple[int, Target]] = {}  # id(request): (its job's index, target)
+        for i, job in enumerate(window):
+            _, picked = blocks_in_range(job.chunk.data, job.first,
+                                        job.first + job.buffer.numel())
+            target = (memoryview(job.buffer.numpy()), self._what("tensor", job.fqn))  # type: ignore[arg-type]
+            for req in coalesce(picked, self.config.read_request_bytes):
+                parts.append(req)
+                owners[id(req)] = (i, target)
+        merged = spans(parts, self.config.read_request_bytes, SPAN_GAP_BYTES)
+        merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
+        futures = []
+        for span in merged:
+            future = fetcher.submit_span(span, [owners[id(p)][1] for p in span.parts])
+            futures.append(future)
+            for i in {owners[id(p)][0] for p in span.parts}:
+                window[i].futures.append(future)
+        self._finish(fetcher, window, planner)
+        self.bytes_read += sum(fetcher.results(futures))
 
     def _finish(self, fetcher: Fetcher, window: list[_Job], planner: LoadPlanner) -> None:
+        waited: set[int] = set()  # a span shared by many tensors is waited for once
         for job in window:
-            self.bytes_read += sum(fetcher.results(job.futures))
+            fresh = [f for f in job.futures if id(f) not in waited]
+            if fresh:
+                fetcher.results(fresh)
+                waited.update(map(id, fresh))
             for item, target in zip(job.items, job.targets):
                 if not job.direct:
                     t0 = time.perf_counter()

@@ -21,7 +21,7 @@ from dckpt.manifest import BlockRef, Manifest, StoredData
 from dckpt.storage import Store
 from dckpt.watchdog import STALL_S, Stalled, wait_all
 
-__all__ = ["Request", "Span", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
+__all__ = ["Request", "Span", "Target", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
            "read_stored_sample", "READ_THREADS"]
 
 
@@ -111,6 +111,10 @@ def spans(requests: Sequence[Request], max_bytes: int, max_gap: int) -> list[Spa
     return out
 
 
+Target = tuple[memoryview, str]
+"""Where a request's bytes land, and what they are (for the errors that name it)."""
+
+
 def _span(segment: str, run: list[Request]) -> Span:
     return Span(segment, run[0].offset, run[-1].offset + run[-1].length - run[0].offset,
                 tuple(run))
@@ -150,14 +154,16 @@ class Fetcher:
     def submit(self, request: Request, dest: memoryview, what: str) -> Future[int]:
         return self._pool.submit(self.fetch, request, dest, what)
 
-    def submit_span(self, span: Span, dest: memoryview, what: str) -> Future[int]:
+    def submit_span(self, span: Span, targets: Sequence[Target]) -> Future[int]:
+        """Read ``span``; ``targets[i]`` receives ``span.parts[i]`` (see ``fetch_span``)."""
         if len(span.parts) == 1:
-            return self.submit(span.parts[0], dest, what)
-        return self._pool.submit(self.fetch_span, span, dest, what)
+            return self.submit(span.parts[0], *targets[0])
+        return self._pool.submit(self.fetch_span, span, targets)
 
-    def fetch_span(self, span: Span, dest: memoryview, what: str) -> int:
-        """Read a span's requests into ``dest`` and verify them, as ``fetch`` would for
-        each; returns the bytes read.
+    def fetch_span(self, span: Span, targets: Sequence[Target]) -> int:
+        """Read a span's requests, each into its target (the requests of several tensors
+        share a span: a state of many small tensors is read in a few large reads, not one
+        per tensor), and verify them, as ``fetch`` would for each; returns the bytes read.
 
         Local files: vectored reads straight into the destinations, one per run of adjacent
         requests; the gaps are not read (with gaps of up to 1 MiB read, a differential
@@ -166,10 +172,10 @@ class Fetcher:
         Elsewhere (and for compressed blocks): the whole span, gaps and all, into a buffer of
         its own, then copied: one request to an object store costs more than the gap."""
         if self.store.vectored and all(p.blocks[0][0].codec == "raw" for p in span.parts):
-            return self._fetch_span_vectored(span, dest, what)
+            return self._fetch_span_vectored(span, targets)
         buf = memoryview(bytearray(span.length))
-        self.fetch(Request(span.segment, span.offset, span.length, 0, ()), buf, what)
-        for req in span.parts:
+        self.fetch(Request(span.segment, span.offset, span.length, 0, ()), buf, targets[0][1])
+        for req, (dest, what) in zip(span.parts, targets):
             rel = req.offset - span.offset
             piece = buf[rel: rel + req.length]
             t0 = time.perf_counter()
@@ -184,11 +190,11 @@ class Fetcher:
                 self.verify_s += time.perf_counter() - t0
         return span.length
 
-    def _fetch_span_vectored(self, span: Span, dest: memoryview, what: str) -> int:
+    def _fetch_span_vectored(self, span: Span, targets: Sequence[Target]) -> int:
         calls: list[tuple[int, list[memoryview]]] = []
         views: list[memoryview] = []
         start = end = span.offset
-        for part in span.parts:
+        for part, (dest, _) in zip(span.parts, targets):
             if part.offset != end:
                 calls.append((start, views))
                 views, start = [], part.offset
@@ -196,9 +202,10 @@ class Fetcher:
             end = part.offset + part.length
         calls.append((start, views))
         t0 = time.perf_counter()
+        what = targets[0][1]
         read = sum(self._read(span.segment, offset, outs, what) for offset, outs in calls)
         t1 = time.perf_counter()
-        for part in span.parts:
+        for part, (dest, what) in zip(span.parts, targets):
             for ref, pos in part.blocks:
                 check(dest[pos: pos + ref.raw_length], ref, what=what)
         self._timed(t0, t1, time.perf_counter())

