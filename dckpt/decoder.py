@@ -152,7 +152,8 @@ def _data(doc: dict, where: str, segments: list[str], maximum: int) -> StoredDat
     rows = doc["blocks"]
     if not isinstance(rows, list):
         raise FormatError(f"{where}.blocks: expected a list")
-    blocks = _blocks_fast(rows, segments)
+    # a few rows (a small tensor's): one by one is faster than column by column
+    blocks = _blocks_fast(rows, segments) if len(rows) > 4 else None
     if blocks is None:
         blocks = _blocks_checked(rows, where, segments)
     if sum(b.raw_length for b in blocks) != nbytes:

@@ -28,10 +28,11 @@ __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance"
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
-    t = t.detach().resolve_conj().resolve_neg()  # a lazy conjugate's values, not its bits
+    if t.is_conj() or t.is_neg():  # a lazy conjugate's values, not its bits
+        t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
-    flat = t.contiguous().reshape(-1).view(torch.uint8)
+    flat = t.detach().contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
@@ -123,7 +124,7 @@ class SegmentOut:
             seconds["lookup"] += clock() - t1
         index = self.index
         new_before, rewrite = self.new_blocks, False
-        if (index is not None and min_run_bytes is not None
+        if (index is not None and min_run_bytes is not None and len(found) > 1
                 and too_fragmented([ref for _, ref in found], len(buf), min_run_bytes)):
             rewrite = True
             self.changed = sum(ref is None for _, ref in found) / len(found)

@@ -432,7 +432,9 @@ class DirectFile:
     def write(self, data: object) -> int:
         mv = memoryview(data).cast("B")  # type: ignore[arg-type]
         n = len(mv)
-        head = -address(mv) % DIRECT_ALIGN  # bytes before the first page-aligned address
+        # bytes before the first page-aligned address (no page in less than one: a state's
+        # many small tensors go to the bounce buffer without asking their address)
+        head = -address(mv) % DIRECT_ALIGN if n >= DIRECT_ALIGN else 0
         if n - head >= DIRECT_ALIGN and (self._fill + head) % DIRECT_ALIGN == 0:
             self._buffer(mv[:head])  # completes the bounce buffer's partial page
             if self._fill:

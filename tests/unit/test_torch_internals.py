@@ -47,8 +47,10 @@ def test_dtensors_are_recognised_and_rebuilt_over_a_new_shard():
         assert shape == [4, 2] and gathered == (full * 10).tolist()
 
 
-def test_load_state_dict_takes_the_arguments_dckpt_passes():
+def test_load_and_save_state_dict_take_the_arguments_dckpt_passes():
     import inspect
 
-    params = inspect.signature(ti.load_state_dict).parameters
-    assert {"state_dict", "storage_reader", "planner", "process_group", "no_dist"} <= set(params)
+    for fn, storage in ((ti.load_state_dict, "storage_reader"),
+                        (ti.save_state_dict, "storage_writer")):
+        params = inspect.signature(fn).parameters
+        assert {"state_dict", storage, "planner", "process_group", "no_dist"} <= set(params)
