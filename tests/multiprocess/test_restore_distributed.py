@@ -3,6 +3,7 @@ resharded onto 2."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import dckpt
@@ -124,3 +125,48 @@ def test_a_manifest_one_rank_cannot_decode_is_skipped_by_all_or_refused_on_all(t
     asked = [o.value for o in run_ranks(_load_where_rank1_runs_out_of_memory, 3, url, 2)]
     assert asked[0][0] == "IntegrityError" and "does not fit in memory" in asked[0][1], asked
     assert asked == [asked[0]] * 3
+
+
+def _load_and_die(rank, world, url, victim, fault):
+    import os
+    import signal
+    import time
+
+    dckpt.save({"w": _sharded(_full(1)), f"rank{rank}.x": torch.full((4,), float(rank))}, url,
+               step=1)
+    pids = [None] * world
+    torch.distributed.all_gather_object(pids, os.getpid())
+    if rank == victim:  # dies (or freezes) in its first read of the checkpoint's data
+        read = os.preadv
+
+        def dying_read(fd, buffers, offset):
+            os.preadv = read
+            os.kill(os.getpid(), signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+            return read(fd, buffers, offset)
+
+        os.preadv = dying_read
+    state = {"w": _sharded(torch.zeros(16, 4096)), f"rank{rank}.x": torch.zeros(4)}
+    t0 = time.monotonic()
+    try:
+        dckpt.load(state, url, config=dckpt.LoadConfig(collective_timeout_s=6))
+        outcome = "loaded"
+    except dckpt.DckptError as e:
+        outcome = type(e).__name__
+    seconds = time.monotonic() - t0
+    if rank != victim and fault == "stop":  # it goes on after the others gave up, and
+        os.kill(pids[victim], signal.SIGCONT)  # fails too: its peers are gone
+    return outcome, seconds
+
+
+@pytest.mark.parametrize("fault", ["kill", "stop"])
+def test_a_rank_that_dies_or_freezes_mid_load_is_an_error_on_the_others_in_bounded_time(
+        tmp_path, fault):
+    outcomes = run_ranks(_load_and_die, 2, str(tmp_path), 1, fault, allow_failures=True,
+                         timeout_s=90)
+    survivor, victim = outcomes
+    assert survivor.exitcode == 0 and survivor.value[0] == "DckptError", survivor
+    assert survivor.value[1] < 30, survivor  # the collective timeout (6 s), not forever
+    if fault == "kill":
+        assert victim.exitcode == -9
+    else:
+        assert victim.value is not None and victim.value[0] == "DckptError", victim
