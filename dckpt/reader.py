@@ -264,7 +264,7 @@ class Reader(StorageReader):
         me = dist.rank()
         group = self._group()
         for s in shared:
-            target = planner.resolve_tensor(s.item)
+            target = planner.resolve_tensor(s.item).detach()  # see _job
             if plain_cpu(target):
                 staging = target
             elif me == s.owner:  # through the host: gloo carries CPU tensors
@@ -343,7 +343,9 @@ class Reader(StorageReader):
 
     def _job(self, fqn: str, dtype: torch.dtype, chunk: ChunkEntry, items: list[ReadItem],
              planner: LoadPlanner) -> _Job:
-        targets = [planner.resolve_tensor(item) for item in items]
+        # detached: a parameter that requires grad (``named_parameters()``) takes no
+        # in-place copy otherwise; its memory is the same
+        targets = [planner.resolve_tensor(item).detach() for item in items]
         t = targets[0]
         whole = (len(items) == 1 and tuple(items[0].lengths) == chunk.sizes
                  and not any(items[0].storage_offsets))

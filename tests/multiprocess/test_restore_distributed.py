@@ -70,7 +70,8 @@ def _save_and_load_replicated(rank, world, url):
 
 
 def _load_replicated(rank, world, url, mode):
-    state = {k: torch.zeros_like(v) for k, v in _replicated_state(0).items()}
+    # parameters that require grad, as named_parameters() gives them: broadcast into too
+    state = {k: torch.nn.Parameter(torch.zeros_like(v)) for k, v in _replicated_state(0).items()}
     state["w"] = _sharded(torch.zeros(16, 4096))
     info = dckpt.load(state, url, config=dckpt.LoadConfig(replicated=mode))
     want = _replicated_state(info.step)

@@ -110,3 +110,15 @@ def test_resharded_and_read_once_onto_cuda_on_gloo_ranks(tmp_path):
     assert [v[:3] for v in read + once] == [(1, True, True)] * 8
     # bytes_read sums all ranks: the replicated tensor read by 4 ranks, against by 1
     assert read[0][3] - once[0][3] == 3 * 256 * 1024 * 4
+
+
+def test_load_into_a_cuda_models_parameters_that_require_grad(tmp_path):
+    """``named_parameters()``: leaves that require grad take no in-place copy but detached."""
+    torch.manual_seed(0)
+    want = torch.nn.Linear(64, 32)
+    dckpt.save(dict(want.named_parameters()), str(tmp_path), step=1)
+    got = torch.nn.Linear(64, 32).cuda()
+    dckpt.load(dict(got.named_parameters()), str(tmp_path))
+    assert got.weight.requires_grad and got.weight.is_cuda
+    assert torch.equal(got.weight.detach().cpu(), want.weight.detach())
+    assert torch.equal(got.bias.detach().cpu(), want.bias.detach())

@@ -119,6 +119,21 @@ def test_load_into_non_contiguous_destination_and_small_buffer(tmp_path):
     assert torch.equal(dest, src)
 
 
+def test_load_into_parameters_that_require_grad(tmp_path):
+    """``named_parameters()`` (or ``state_dict(keep_vars=True)``): leaves that require grad,
+    which take no in-place copy; a non-contiguous one went through a buffer and its copy
+    failed the load."""
+    url = str(tmp_path)
+    torch.manual_seed(0)
+    want = {"w": torch.randn(6, 4), "b": torch.randn(4)}
+    dckpt.save(want, url, step=1)
+    got = {"w": torch.nn.Parameter(torch.zeros(4, 6).t()),  # non-contiguous: buffered
+           "b": torch.nn.Parameter(torch.zeros(4))}  # contiguous: read in place
+    dckpt.load(got, url)
+    assert got["w"].requires_grad and not got["w"].is_contiguous()
+    assert torch.equal(got["w"].detach(), want["w"]) and torch.equal(got["b"].detach(), want["b"])
+
+
 @pytest.mark.parametrize("mode", ["sync", "async", "async over the staging budget"])
 def test_lazy_conjugate_and_negative_views_round_trip_by_value(tmp_path, mode):
     """A conjugate (``.conj()``) or negative view reads as the conjugate of its memory: the
