@@ -152,27 +152,30 @@ def refuse(problems: list[str]) -> None:
 
 
 def replica_problems(plans: list[SavePlan]) -> list[str]:
-    """Tensors that several ranks save under one key with different shapes or dtypes (whole
-    tensors, or a DTensor's global size): DCP keeps one rank's copy of a key that every rank
-    holds, and the checkpoint would not load into the others' state."""
-    first: dict[str, tuple[int, torch.Size, torch.dtype]] = {}
+    """Keys that several ranks save differently: tensors of different shapes or dtypes (whole
+    tensors, or a DTensor's global size), or a tensor on one rank and another value on
+    another. DCP keeps one rank's copy of a key that every rank holds, and the checkpoint
+    would not load into the others' state (a tensor and a value under one key failed inside
+    DCP's plan merge, on an assertion)."""
+    first: dict[str, tuple[int, torch.Size | None, torch.dtype | None]] = {}
     problems: dict[str, str] = {}
+
+    def what(size: torch.Size | None, dtype: torch.dtype | None) -> str:
+        return "a value that is not a tensor" if size is None else f"shape {list(size)} {dtype}"
+
     for rank, plan in enumerate(plans):  # every rank's items: one dict lookup each
         for item in plan.items:
             data = item.tensor_data
-            if data is None:
-                continue
+            size, dtype = (None, None) if data is None else (data.size, data.properties.dtype)
             fqn = item.index.fqn
             seen = first.get(fqn)
             if seen is None:
-                first[fqn] = (rank, data.size, data.properties.dtype)
-            elif (seen[1] != data.size or seen[2] != data.properties.dtype) \
-                    and fqn not in problems:
+                first[fqn] = (rank, size, dtype)
+            elif (seen[1] != size or seen[2] != dtype) and fqn not in problems:
                 problems[fqn] = (
-                    f"{fqn}: shape {list(seen[1])} {seen[2]} on rank {seen[0]}, shape "
-                    f"{list(data.size)} {data.properties.dtype} on rank {rank}; a key saved "
-                    "by several ranks must hold the same tensor on each (give state that "
-                    "differs per rank a key of its own)")
+                    f"{fqn}: {what(seen[1], seen[2])} on rank {seen[0]}, {what(size, dtype)} "
+                    f"on rank {rank}; a key saved by several ranks must hold the same tensor "
+                    "on each (give state that differs per rank a key of its own)")
     return list(problems.values())
 
 

@@ -192,7 +192,8 @@ def test_ranks_that_write_where_the_coordinator_cannot_see_commit_nothing(tmp_pa
 def _replicas_that_differ(rank, world, url):
     state = {"w": torch.ones(4 + rank), "d": torch.ones(4, dtype=[torch.float32,
                                                                   torch.float64][rank]),
-             "same": torch.ones(3), "v": rank}
+             "same": torch.ones(3), "v": rank,
+             "t": [torch.ones(2), 2.0][rank]}  # a tensor on one rank, a float on the other
     out = []
     for save in (lambda: dckpt.save(state, url, step=1),
                  lambda: dckpt.async_save(state, url, step=1).wait()):
@@ -212,6 +213,9 @@ def test_a_key_that_ranks_hold_differently_is_refused_before_any_byte(tmp_path):
     problems = values[0][0]
     assert "- w: shape [4] torch.float32 on rank 0, shape [5] torch.float32 on rank 1" in problems
     assert "- d: shape [4] torch.float32 on rank 0, shape [4] torch.float64 on rank 1" in problems
+    # this one failed inside DCP's plan merge: "AssertionError: item.index.fqn not in md"
+    assert "- t: shape [2] torch.float32 on rank 0, a value that is not a tensor on rank 1" \
+        in problems
     assert "same:" not in problems and "v:" not in problems
     assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
     assert dckpt.list_checkpoints(str(tmp_path)) == []
