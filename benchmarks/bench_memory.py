@@ -4,6 +4,7 @@ checkpoint takes to commit, against a storage-only manager in the same run.
 
     torchrun --standalone --nproc-per-node=2 benchmarks/bench_memory.py --gib-per-rank 1
     torchrun --standalone --nproc-per-node=2 benchmarks/bench_memory.py --nodes 2
+    torchrun --standalone --nproc-per-node=1 benchmarks/bench_memory.py --device cuda --gib-per-rank 4
 
 With ``--nodes 2`` the two ranks play two nodes (torchrun's GROUP_RANK), each with a memory
 folder of its own, and the method ``memory every N, 1 replica`` adds the replication: each
@@ -89,24 +90,30 @@ def main() -> None:
     p.add_argument("--dir", default="bench-out/memory")
     p.add_argument("--memory-dir", default="/dev/shm")
     p.add_argument("--out", default="bench-out/memory.jsonl")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the state and the stand-in training live (cuda: one GPU per "
+                        "rank; the pause's floor is then the copy to pinned host memory)")
     p.add_argument("--nodes", type=int, default=1,
                    help="the ranks play this many nodes (GROUP_RANK), each with a memory "
                         "folder of its own; with 2 or more the replication is measured")
     args = p.parse_args()
-    dist.init_process_group("gloo")
+    cuda = args.device == "cuda"
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo")
     rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     if args.nodes > 1:  # as torchrun would set them on that many hosts
         per_node = dist.get_world_size() // args.nodes
         os.environ.update(GROUP_RANK=str(rank // per_node), LOCAL_RANK=str(rank % per_node),
                           LOCAL_WORLD_SIZE=str(per_node))
         args.memory_dir = os.path.join(args.memory_dir, f"dckpt-bench-node{rank // per_node}")
         os.makedirs(args.memory_dir, exist_ok=True)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mesh = init_device_mesh(args.device, (dist.get_world_size(),))
     base = fresh_folders(args.dir, args.out)
     torch.manual_seed(rank)
-    state = make_state(args.gib_per_rank, mesh)
-    trainer = Trainer("cpu")
-    memcpy_s, nbytes = copy_limit(state, "cpu")
+    state = make_state(args.gib_per_rank, mesh, device=args.device)
+    trainer = Trainer(args.device)
+    memcpy_s, nbytes = copy_limit(state, args.device)
     n = args.every
     methods = [("none", None, {}),
                (f"memory every {n}", "m", {"memory_every_steps": n,
@@ -126,7 +133,7 @@ def main() -> None:
     for name, folder, kw in methods:
         url = os.path.join(base, folder) if folder else None
         row = run(name, state, trainer, args.steps, n, url, **kw)
-        row.update(bench="memory", bytes_per_rank=nbytes, memcpy_s=memcpy_s,
+        row.update(bench="memory", device=args.device, bytes_per_rank=nbytes, memcpy_s=memcpy_s,
                    pause_vs_memcpy=row["pause_s"] / memcpy_s if url else None)
         rows.append(row)
         if rank == 0:

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU machine's checks, in one run that fits its lease (about 15 minutes of device time a
+# session, one command at most 10): the CUDA tests, the memory tier's save and restore on the
+# GPU (issue 16), and the fast disk's save, load and fragmented restore (issue 19).
+#
+#   bash benchmarks/gpu_session.sh fetch     # here, once: the wheels the GPU image lacks, in .whl/
+#   device run: command "bash benchmarks/gpu_session.sh run", carry [".whl"], timeout_s 600
+#   bash benchmarks/gpu_session.sh cpu       # here: the same steps, tiny and on the CPU
+#
+# Every step has a time limit of its own (a slow one does not take the others with it). What
+# comes back: gpu.log (every step's output) and one JSON-lines file per benchmark, in $OUT
+# (the device tool's folder; bench-out/gpu here).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+fetch)
+    mkdir -p .whl
+    grep -qsx '/.whl/' .git/info/exclude || echo '/.whl/' >> .git/info/exclude
+    # zstandard: a core dependency the image lacks; torch-checkpointing: a benchmark peer
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+        --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d .whl zstandard==0.25.0 torch_checkpointing==0.1.1
+    ls .whl
+    exit ;;
+run)
+    DEVICE=cuda GIB=4 FRAG_GIB=1 SL_GIB=1 PY=python3
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+            --target /tmp/site .whl/*.whl || exit 1
+        export PYTHONPATH=/tmp/site
+    fi ;;
+cpu)
+    DEVICE=cpu GIB=0.125 FRAG_GIB=0.0625 SL_GIB=0.0625 PY=.venv/bin/python ;;
+*)
+    sed -n '2,12p' "$0"; exit 2 ;;
+esac
+
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+OUT="${OUT:-bench-out/gpu}"
+mkdir -p "$OUT"
+LOG="$OUT/gpu.log"
+: > "$LOG"
+WORK=$(mktemp -d /tmp/dckpt-gpu.XXXX)
+RUN="$PY -m torch.distributed.run --standalone"
+
+step() {  # step NAME SECONDS COMMAND...: run it under its limit, its output into the log
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    echo "== $name (limit ${limit} s): $*" | tee -a "$LOG"
+    timeout --kill-after=10 "$limit" "$@" >> "$LOG" 2>&1
+    echo "== $name: rc=$? in $((SECONDS - t0)) s" | tee -a "$LOG"
+}
+
+{ nvidia-smi -L 2>/dev/null; nproc; free -g | head -2; df -h /tmp | tail -1
+  $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+} >> "$LOG" 2>&1
+
+if [ "$DEVICE" = cuda ]; then
+    step gpu_tests 80 $PY -m pytest -q -p no:cacheprovider -m gpu \
+        tests/unit/test_restore_gpu.py tests/unit/test_async_gpu.py
+fi
+# issue 16: the memory tier's pause against the copy to pinned host memory, the step slowdown
+step memory_save 100 $RUN --nproc-per-node=1 benchmarks/bench_memory.py --device "$DEVICE" \
+    --gib-per-rank "$GIB" --steps 30 --every 10 --dir "$WORK/memory" --out "$OUT/memory_save.jsonl"
+# issue 16: kill to first step from memory against storage (cold), DCP and the raw read
+step restore 160 $PY benchmarks/bench_restore.py --device "$DEVICE" --ranks 1 \
+    --gib-per-rank "$GIB" --repeats 2 --methods raw,dckpt,DCP,memory \
+    --dir "$WORK/restore" --out "$OUT/restore.jsonl"
+# issue 19: the fragmented checkpoint against DCP on the fast disk (CPU ranks)
+step fragmented 120 $PY benchmarks/bench_restore.py --ranks 2 --gib-per-rank "$FRAG_GIB" \
+    --state embedding --repeats 2 --dir "$WORK/fragmented" --out "$OUT/fragmented.jsonl"
+# issue 19: save and cold load against the peers and the raw limits on the fast disk
+step save_load 100 $RUN --nproc-per-node=2 benchmarks/bench_save_load.py \
+    --gib-per-rank "$SL_GIB" --repeats 3 --dir "$WORK/save_load" --out "$OUT/save_load.jsonl"
+rm -rf "$WORK"
+ls -la "$OUT"
