@@ -41,6 +41,7 @@ from dckpt import dist, layout
 from dckpt.arguments import check_config, check_state_dict, public
 from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
+from dckpt.direct import DIRECT_ALIGN
 from dckpt.errors import CommitError, DckptError, StateDictError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
@@ -48,7 +49,7 @@ from dckpt.manifest import StoredData
 from dckpt.planner import SafeSavePlanner, StagedPlanner, plan_key
 from dckpt.segments import SegmentOut, item_nbytes
 from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
-from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.storage import Store
 from dckpt.torch_internals import save_state_dict
 from dckpt.watchdog import Heartbeat, call_bounded
 from dckpt.writer import Metrics, Writer

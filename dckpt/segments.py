@@ -19,8 +19,8 @@ from torch.distributed.checkpoint.planner import WriteItem
 from dckpt import codec
 from dckpt.blocks import cut, digest
 from dckpt.dedup import BlockIndex
+from dckpt.direct import direct_pad
 from dckpt.manifest import BlockRef
-from dckpt.storage import direct_pad
 
 __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance",
            "segments_for"]

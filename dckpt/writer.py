@@ -46,6 +46,7 @@ from dckpt.arguments import check_config, check_step
 from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
+from dckpt.direct import DIRECT_ALIGN
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
 from dckpt.info import CheckpointInfo, info_from_manifest
@@ -64,7 +65,7 @@ from dckpt.manifest import (
 from dckpt.planner import SafeSavePlanner
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
-from dckpt.storage import DIRECT_ALIGN, Store
+from dckpt.storage import Store
 from dckpt.values import RawBytes
 from dckpt.watchdog import Heartbeat, wait_all
 

@@ -41,7 +41,8 @@ import torch.distributed as dist
 
 import dckpt
 from dckpt.bench.workload import Workload
-from dckpt.storage import Store, address
+from dckpt.direct import address
+from dckpt.storage import Store
 
 __all__ = ["Method", "Raw", "Dckpt", "DCP", "TorchCheckpointing", "memcpy_seconds",
            "make_methods"]

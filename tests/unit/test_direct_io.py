@@ -12,7 +12,8 @@ import torch
 
 import dckpt
 from dckpt.config import SaveConfig
-from dckpt.storage import DIRECT_ALIGN, DirectFile, Store, address, direct_pad
+from dckpt.direct import DIRECT_ALIGN, DirectFile, address, direct_pad
+from dckpt.storage import Store
 from dckpt.writer import SegmentOut
 
 

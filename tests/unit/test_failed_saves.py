@@ -8,11 +8,12 @@ import os
 
 import pytest
 import torch
+from dckpt_testing import arm, disarm, leftovers
 
 import dckpt
 from dckpt import layout
-from dckpt.storage import DirectFile, Store
-from dckpt_testing import arm, disarm, leftovers
+from dckpt.direct import DirectFile
+from dckpt.storage import Store
 
 N = 64 << 10  # float32 elements: 256 KiB per tensor
 
@@ -195,7 +196,6 @@ def test_a_failed_async_save_on_s3_removes_what_its_pause_uploaded(s3_repo):
     """The pause uploaded what the staging budget does not hold as an object of its own;
     the background upload then fails: that object is deleted from the bucket."""
     import fsspec
-
     from dckpt_testing import faulty_s3_class
 
     url, opts = s3_repo
