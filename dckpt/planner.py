@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +23,14 @@ from torch.distributed.checkpoint.metadata import (
 )
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
+from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError
 from dckpt.manifest import StoredData
 from dckpt.torch_internals import flatten_sharded_tensors, is_dtensor, local_shard, set_element
 from dckpt.values import RawBytes, safe_load, serialize
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "plan_key", "state_dict_problems",
            "unasked_keys", "tensor_problem", "refuse", "RANK_LOCAL"]
@@ -179,6 +183,41 @@ def replica_problems(plans: list[SavePlan]) -> list[str]:
     return list(problems.values())
 
 
+class PlannerData(dict):
+    """A local save plan's ``planner_data`` (DCP's: the flattening's mappings, which it
+    merges over the ranks as dicts) and the digest of every non-tensor value this rank saves
+    (``value_digests``), for the coordinator to compare (``differing_values``)."""
+
+    def __init__(self, mappings: dict, value_digests: dict[str, str]) -> None:
+        super().__init__(mappings)
+        self.value_digests = value_digests
+
+
+def with_value_digests(plan: SavePlan, values: dict[str, io.BytesIO]) -> SavePlan:
+    """``plan`` carrying the digests of this rank's serialized non-tensor values."""
+    if not isinstance(plan.planner_data, dict):  # no flattening: nothing to carry them in
+        return plan
+    digests = {fqn: digest(value.getbuffer()) for fqn, value in values.items()}
+    return dataclasses.replace(plan, planner_data=PlannerData(plan.planner_data, digests))
+
+
+def differing_values(plans: list[SavePlan]) -> list[str]:
+    """Non-tensor values that several ranks save under one key with different contents: DCP
+    keeps one rank's (whichever its dedup picks), and every rank loads that one back: a
+    per-rank data loader's position saved under a shared key comes back the same on every
+    rank. Ranks that sent no digests are not judged."""
+    first: dict[str, tuple[int, str]] = {}
+    differ: dict[str, list[int]] = {}
+    for rank, plan in enumerate(plans):
+        for fqn, d in getattr(plan.planner_data, "value_digests", {}).items():
+            seen = first.setdefault(fqn, (rank, d))
+            if seen[1] != d:
+                differ.setdefault(fqn, []).append(rank)
+    return [f"{fqn} (rank {first[fqn][0]} holds another value than rank"
+            f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:5]))}"
+            f"{' and more' if len(ranks) > 5 else ''})" for fqn, ranks in differ.items()]
+
+
 def plan_key(flat: dict[str, Any]) -> tuple | None:
     """What DCP's local save plan depends on, for a flattened state dict: the same key gives
     the same plan, which is reused (planning 64 DTensors costs several ms of the pause).
@@ -239,12 +278,20 @@ class SafeSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         refuse(self.check())
-        return super().create_local_plan()
+        return with_value_digests(super().create_local_plan(), self._values)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         """(coordinator) Refuse keys the ranks hold differently, before DCP keeps one
-        rank's copy of each (``replica_problems``)."""
+        rank's copy of each (``replica_problems``); warn of non-tensor values that differ."""
         refuse(replica_problems(all_plans))
+        differ = differing_values(all_plans)
+        if differ:
+            log.warning(
+                "%d non-tensor value(s) differ between the ranks that save them under one key; "
+                "the checkpoint keeps one rank's, and every rank loads that one back: %s. Give "
+                "state that differs per rank a key of its own (rank{r}.name)", len(differ),
+                "; ".join(differ[:10]) + (f"; and {len(differ) - 10} more" if len(differ) > 10
+                                          else ""))
         return super().create_global_plan(all_plans)
 
     def transform_object(self, write_item: WriteItem, object: object) -> object:
@@ -281,7 +328,11 @@ class StagedPlanner(SafeSavePlanner):
         refuse(self._staged_problems)
         if self._failure is not None:
             raise self._failure
-        self.plan = self._local_plan
+        values = {item.index.fqn: self._staged.get(item.index) for item in self._local_plan.items
+                  if item.type == WriteItemType.BYTE_IO}  # this save's, not the cached plan's
+        self.plan = with_value_digests(self._local_plan,
+                                       {k: v for k, v in values.items()
+                                        if isinstance(v, io.BytesIO)})
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> Any:

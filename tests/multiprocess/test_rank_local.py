@@ -101,3 +101,42 @@ def test_a_value_one_rank_cannot_load_back_refuses_the_save_on_every_rank(tmp_pa
     assert kinds == {"CommitError"}
     assert outcomes[0].value[1] == outcomes[1].value[1] and "rank 1" in outcomes[0].value[1]
     assert all(o.value[2] in (False, []) for o in outcomes)  # nothing written
+
+
+def _save_values_that_differ(rank, world, url, mode):
+    import io
+    import logging
+
+    caught = io.StringIO()
+    handler = logging.StreamHandler(caught)
+    logging.getLogger("dckpt").addHandler(handler)
+    state = {"loader": {"pos": 100 + rank // 2}, "epoch": 3, "w": torch.ones(2),
+             f"rank{rank}.pos": 100 + rank}
+    for step in (1, 2):  # the second async save reuses the first one's plan: fresh digests
+        if mode == "async":
+            dckpt.async_save(state, url, step=step).wait()
+        else:
+            dckpt.save(state, url, step=step)
+        state["loader"]["pos"] += 10
+    logging.getLogger("dckpt").removeHandler(handler)
+    out = {"loader": {"pos": -1}, "epoch": 0, "w": torch.zeros(2), f"rank{rank}.pos": -1}
+    dckpt.load(out, url)
+    out["w"] = out["w"].tolist()  # plain values back to the test (a tensor's memory may not
+    return [ln for ln in caught.getvalue().splitlines() if "differ" in ln], out  # outlive us)
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_value_that_differs_under_a_shared_key_is_named_at_every_save(tmp_path, mode):
+    """DCP keeps one rank's copy of a key every rank saves: a per-rank position saved under a
+    shared key comes back the same on every rank. It was silent; the coordinator now names
+    the key and the ranks at each save (a value that is equal everywhere, or rank-local, is
+    not named)."""
+    outcomes = run_ranks(_save_values_that_differ, 4, str(tmp_path), mode)
+    warned, _ = outcomes[0].value
+    assert len(warned) == 2, warned  # both saves, on the coordinator
+    assert all("loader.pos (rank 0 holds another value than ranks 2, 3)" in w for w in warned)
+    assert not any("epoch" in w or ".pos (" in w.replace("loader.pos (", "") for w in warned)
+    assert all(o.value[0] == [] for o in outcomes[1:])
+    loaded = [o.value[1] for o in outcomes]
+    assert [o["loader"]["pos"] for o in loaded] == [loaded[0]["loader"]["pos"]] * 4  # one kept
+    assert [o[f"rank{r}.pos"] for r, o in enumerate(loaded)] == [100, 101, 102, 103]
