@@ -61,7 +61,8 @@ class Pipeline(Stateful):
             self.resuming = False
 
     def finish(self, stage: str, **results: Any) -> None:
-        """Mark ``stage`` done, with its results (JSON values)."""
+        """Mark ``stage`` done, with its results (JSON values, the same on every rank: the
+        progress is saved once, and a save names a value that differs between ranks)."""
         if stage not in self.stages:
             raise ArgumentError(f"unknown stage {stage!r}; the stages are {self.stages}")
         json.dumps(results)  # refuse what could not be saved, now rather than at the save

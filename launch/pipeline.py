@@ -85,6 +85,9 @@ def main() -> None:
     for name in pipe:  # the stages not finished, in order
         index = pipe.stages.index(name)
         loss = run_stage(name, pipe, mgr, index, crash_at)
+        mean = torch.tensor(loss, dtype=torch.float64)  # every rank's loss differs: the
+        dist.all_reduce(mean)  # results are saved once, so every rank records their mean
+        loss = mean.item() / dist.get_world_size()
         pipe.finish(name, final_loss=loss)
         if dist.get_rank() == 0:
             print(f"[pipeline] {name}: finished, final loss {loss:.6f}", flush=True)
