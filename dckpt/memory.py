@@ -65,8 +65,9 @@ class MemoryTier:
         self.folder = memory_folder(url, memory_dir)
         parent = os.path.dirname(self.folder)
         if not os.path.isdir(parent):
+            what = "is a file, not a folder" if os.path.exists(parent) else "does not exist"
             raise ArgumentError(f"the memory tier's folder {parent} (memory_dir, or "
-                                "DCKPT_MEMORY_DIR) does not exist; create it or name another")
+                                f"DCKPT_MEMORY_DIR) {what}; create it or name another")
         try:
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             os.chmod(self.folder, 0o700)

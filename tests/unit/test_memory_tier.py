@@ -189,6 +189,18 @@ def test_the_default_folder_is_under_dev_shm_or_the_environment(tmp_path, monkey
     assert memory.memory_folder("s3://b/run").startswith(f"{tmp_path}/dckpt-")
 
 
+@pytest.mark.parametrize("where", ["absent", "a file"])
+def test_a_memory_folder_that_is_not_one_is_refused_saying_what_it_is(tmp_path, where):
+    parent = tmp_path / "shm"
+    if where == "a file":
+        parent.write_bytes(b"x")
+    with pytest.raises(dckpt.ArgumentError) as e:
+        dckpt.CheckpointManager(str(tmp_path / "ckpt"), memory_every_steps=2,
+                                memory_dir=str(parent), handle_signals=False)
+    assert ("is a file, not a folder" if where == "a file" else "does not exist") in str(e.value)
+    assert not (tmp_path / "ckpt").exists()
+
+
 def test_a_copy_to_storage_checks_every_memory_block_first(tmp_path):
     url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
     shm.mkdir()
