@@ -28,11 +28,12 @@ __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance"
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
+    t = t.detach()
     if t.is_conj() or t.is_neg():  # a lazy conjugate's values, not its bits
         t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
-    flat = t.detach().contiguous().view(-1).view(torch.uint8)
+    flat = t.contiguous().view(-1).view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
