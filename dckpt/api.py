@@ -242,6 +242,7 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
             with quiet_single_process(), loading(frozenset(manifest.items)), paused_gc():
                 _dcp_load(state_dict, reader, SafeLoadPlanner(partial=partial), group)
         except CheckpointException as e:
+            dist.raise_interrupt(e)
             err = dist.translate(e, what=what, saving=False)
             if step is not None or not isinstance(err, IntegrityError):
                 raise err from None

@@ -29,7 +29,7 @@ ProcessGroup = dist.ProcessGroup
 __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
            "checkpoint_group", "broadcast", "broadcast_tensor", "broadcast_from", "node",
            "exchange",
-           "any_true", "total", "translate", "peer_failure", "Agreed", "Agreement",
+           "any_true", "total", "translate", "raise_interrupt", "peer_failure", "Agreed", "Agreement",
            "calls_between"]
 
 log = logging.getLogger(__name__)
@@ -189,6 +189,16 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
     message = (f"{what} failed on rank {', '.join(map(str, failures))}: "
                f"{failures[first_rank].splitlines()[0]}")
     return cls(message, failures=failures)
+
+
+def raise_interrupt(exc: CheckpointException) -> None:
+    """Raise this rank's own KeyboardInterrupt or SystemExit, where DCP caught it as a
+    failure (it wraps whatever a step raises): Ctrl-C during a save or a load stops the
+    program as it would anywhere else, instead of becoming a failed save that a manager's
+    training loop goes on past. The other ranks see this rank's failure as usual."""
+    mine = exc.failures.get(rank())
+    if mine is not None and isinstance(mine[0], KeyboardInterrupt | SystemExit):
+        raise mine[0]
 
 
 def peer_failure(exc: BaseException, *, what: str, saving: bool) -> DckptError:

@@ -86,6 +86,7 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
                             no_dist=not dist.active())
     except CheckpointException as e:
         writer.discard(e)
+        dist.raise_interrupt(e)
         raise dist.translate(e, what=what, saving=True) from None
     except DckptError as e:
         writer.discard(e)

@@ -214,3 +214,46 @@ def test_a_failed_async_save_on_s3_removes_what_its_pause_uploaded(s3_repo):
         disarm()
     assert dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts).deleted == ()
     assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
+
+
+def _interrupt_after(seconds: float) -> None:
+    import signal
+    import threading
+
+    threading.Timer(seconds, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+
+
+def test_ctrl_c_mid_save_interrupts_and_leaves_nothing_behind(tmp_path):
+    """DCP catches whatever a step raises: Ctrl-C became a CommitError, which a manager's
+    training loop goes on past."""
+    url = f"faultyfile://{tmp_path}"
+    dckpt.save(_state(1.0), url, step=1)
+    arm("slow", delay_s=0.05)  # every write waits: the save takes seconds
+    _interrupt_after(0.3)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dckpt.save(_state(2.0), url, step=2,
+                       config=dckpt.SaveConfig(block_size_bytes=64 << 10))
+    finally:
+        disarm()
+    assert leftovers(str(tmp_path)) == []
+    dckpt.save(_state(2.0), url, step=2)
+    _check_step(str(tmp_path), 2, 2.0)
+
+
+def test_ctrl_c_mid_load_interrupts_and_falls_back_to_nothing(tmp_path, monkeypatch):
+    import time
+
+    from dckpt.reads import Fetcher
+
+    url = str(tmp_path)
+    dckpt.save(_state(1.0), url, step=1)
+    dckpt.save(_state(2.0), url, step=2)
+    read = Fetcher._read
+    monkeypatch.setattr(Fetcher, "_read", lambda self, *a: (time.sleep(0.2), read(self, *a))[1])
+    _interrupt_after(0.1)
+    out = _state(0.0)
+    with pytest.raises(KeyboardInterrupt):  # not a fallback to step 1, not a DckptError
+        dckpt.load(out, url, config=dckpt.LoadConfig(reader_threads=1))
+    monkeypatch.setattr(Fetcher, "_read", read)
+    _check_step(url, 2, 2.0)
