@@ -191,19 +191,21 @@ class Fetcher:
         return span.length
 
     def _fetch_span_vectored(self, span: Span, targets: Sequence[Target]) -> int:
-        calls: list[tuple[int, list[memoryview]]] = []
+        calls: list[tuple[int, list[memoryview], list[str]]] = []
         views: list[memoryview] = []
+        whats: list[str] = []
         start = end = span.offset
-        for part, (dest, _) in zip(span.parts, targets):
+        for part, (dest, what) in zip(span.parts, targets):
             if part.offset != end:
-                calls.append((start, views))
-                views, start = [], part.offset
+                calls.append((start, views, whats))
+                views, whats, start = [], [], part.offset
             views.append(dest[part.dest_start: part.dest_start + part.length])
+            whats.append(what)
             end = part.offset + part.length
-        calls.append((start, views))
+        calls.append((start, views, whats))
         t0 = time.perf_counter()
-        what = targets[0][1]
-        read = sum(self._read(span.segment, offset, outs, what) for offset, outs in calls)
+        read = sum(self._read(span.segment, offset, outs, whats[0], whats)
+                   for offset, outs, whats in calls)
         t1 = time.perf_counter()
         for part, (dest, what) in zip(span.parts, targets):
             for ref, pos in part.blocks:
@@ -211,9 +213,11 @@ class Fetcher:
         self._timed(t0, t1, time.perf_counter())
         return read
 
-    def _read(self, segment: str, offset: int, outs: list[memoryview], what: str) -> int:
+    def _read(self, segment: str, offset: int, outs: list[memoryview], what: str,
+              whats: Sequence[str] = ()) -> int:
         """Fill ``outs`` from ``offset`` of ``segment`` (one buffer: any store; several: a
-        vectored read); a missing or short object is an IntegrityError."""
+        vectored read); a missing or short object is an IntegrityError, naming ``what`` (or
+        ``whats[i]``, what ``outs[i]`` is for, the first buffer the object came short of)."""
         want = sum(len(v) for v in outs)
         try:
             n = (self.store.read_into(segment, offset, outs[0]) if len(outs) == 1
@@ -222,6 +226,13 @@ class Fetcher:
             raise IntegrityError(  # folder where its folder or itself belongs: as gone
                 f"{what}: object {segment} is missing from {self.store.url}") from None
         if n != want:
+            if whats:  # the first buffer not filled
+                filled = 0
+                for view, name in zip(outs, whats):
+                    filled += len(view)
+                    if filled > n:
+                        what = name
+                        break
             raise IntegrityError(
                 f"{what}: object {segment} is truncated: asked {want} bytes at offset "
                 f"{offset}, got {n}")

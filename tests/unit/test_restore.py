@@ -290,3 +290,16 @@ def test_a_damaged_small_tensor_is_named_among_the_many_read_with_it(tmp_path):
            for k, v in state.items()}
     with pytest.raises(dckpt.IntegrityError, match="'layer123.w'"):
         dckpt.load(out, url, step=1)
+
+
+def test_a_truncated_segment_names_the_first_tensor_it_cuts_among_many_read_together(tmp_path):
+    url = str(tmp_path)
+    state = {f"t{i}": torch.full((1024,), float(i)) for i in range(8)}  # 4 KiB each
+    dckpt.save(state, url, step=1, config=dckpt.SaveConfig(writer_threads=1))
+    entry = dckpt.inspect(url, step=1).items["t5"]
+    block = entry.chunks[0].data.blocks[0]
+    with open(tmp_path / block.segment, "r+b") as f:  # cut inside t5: t0-t4 whole
+        f.truncate(block.offset + 100)
+    out = {k: torch.zeros(1024) for k in state}
+    with pytest.raises(dckpt.IntegrityError, match="'t5'.*truncated"):
+        dckpt.load(out, url, step=1)
