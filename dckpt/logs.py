@@ -17,6 +17,7 @@ import uuid
 from typing import IO
 
 from dckpt import dist
+from dckpt.errors import ArgumentError
 
 __all__ = ["JsonFormatter", "configure_logging", "event", "run_id"]
 
@@ -57,9 +58,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
-def configure_logging(json_lines: bool = True, *, level: int = logging.INFO,
+def configure_logging(json_lines: bool = True, *, level: int | str = logging.INFO,
                       stream: IO[str] | None = None, run: str | None = None) -> logging.Handler:
     """Send dckpt's logs to ``stream`` (stderr), as JSON lines or plain text."""
+    named = logging.getLevelName(level.upper()) if isinstance(level, str) else level
+    if type(named) is not int or not isinstance(json_lines, bool) or (
+            stream is not None and not callable(getattr(stream, "write", None))):
+        raise ArgumentError(
+            "configure_logging(json_lines: bool, level: a logging level such as logging.INFO "
+            f"or 'INFO', stream: a text stream or None), got json_lines={json_lines!r}, "
+            f"level={level!r}, stream={type(stream).__name__}")
+    level = named
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(run) if json_lines else logging.Formatter(
         "%(asctime)s %(name)s %(levelname)s %(message)s"))

@@ -24,7 +24,8 @@ from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dckpt.errors import ArgumentError
+from dckpt.arguments import public
+from dckpt.errors import ArgumentError, StateDictError
 from dckpt.layout import PROGRESS_KEY
 
 __all__ = ["Pipeline", "PROGRESS_KEY"]
@@ -33,7 +34,11 @@ __all__ = ["Pipeline", "PROGRESS_KEY"]
 class Pipeline(Stateful):
     """Stages done, the current stage and its step, and per-stage results."""
 
+    @public
     def __init__(self, stages: Sequence[str]) -> None:
+        if not isinstance(stages, list | tuple):  # a string is a sequence of one-letter stages
+            raise ArgumentError(f"Pipeline stages must be a list of stage names, got "
+                                f"{type(stages).__name__} {stages!r}")
         stages = list(stages)
         if not stages or not all(isinstance(s, str) and s for s in stages):
             raise ArgumentError(f"Pipeline stages must be non-empty names, got {stages!r}")
@@ -60,12 +65,17 @@ class Pipeline(Stateful):
                 self.finish(stage)
             self.resuming = False
 
+    @public
     def finish(self, stage: str, **results: Any) -> None:
         """Mark ``stage`` done, with its results (JSON values, the same on every rank: the
         progress is saved once, and a save names a value that differs between ranks)."""
         if stage not in self.stages:
             raise ArgumentError(f"unknown stage {stage!r}; the stages are {self.stages}")
-        json.dumps(results)  # refuse what could not be saved, now rather than at the save
+        try:  # refuse what could not be saved, now rather than at the save
+            json.dumps(results)
+        except (TypeError, ValueError) as e:
+            raise ArgumentError(f"the results of stage {stage!r} must be JSON values (numbers, "
+                                f"strings, lists, dicts): {e}") from None
         if stage not in self.done:
             self.done.append(stage)
         self.results[stage] = dict(results)
@@ -79,7 +89,13 @@ class Pipeline(Stateful):
         return {PROGRESS_KEY: json.dumps(self.progress())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        p = json.loads(state_dict[PROGRESS_KEY])
+        try:
+            p = json.loads(state_dict[PROGRESS_KEY])
+            p = {"done": list(p["done"]), "results": dict(p["results"]),
+                 "current": p["current"], "step": int(p["step"])}
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateDictError(f"the checkpoint's pipeline progress is not one a Pipeline "
+                                 f"saved ({type(e).__name__}: {e})") from None
         unknown = [s for s in p["done"] if s not in self.stages]
         if unknown:
             raise ArgumentError(f"the checkpoint's pipeline finished stages {unknown} that this "

@@ -42,7 +42,7 @@ from dckpt.arguments import check_config, check_state_dict, public
 from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.direct import DIRECT_ALIGN
-from dckpt.errors import CommitError, DckptError, StateDictError
+from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
@@ -166,6 +166,7 @@ class AsyncSaver:
     only to keep several independent staging areas.
     """
 
+    @public
     def __init__(self, purpose: str = "commit", writer: Callable[..., Writer] = Writer) -> None:
         self.purpose = purpose
         self.writer = writer
@@ -251,11 +252,15 @@ class AsyncSaver:
         if self._in_flight is not None:
             self._in_flight.settle()
 
+    @public
     def install_hook(self, optimizer: torch.optim.Optimizer) -> Any:
         """Overlap mode: the optimizer waits for the staged copy before it changes anything.
 
         Returns the hook's handle (``.remove()`` uninstalls it).
         """
+        if not callable(getattr(optimizer, "register_step_pre_hook", None)):
+            raise ArgumentError(f"install_hook(optimizer) takes a torch.optim.Optimizer, got "
+                                f"{type(optimizer).__name__}")
         def before_step(*_: object) -> None:
             handle = self._in_flight
             if handle is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
+from dckpt.arguments import public
 from dckpt.torch_internals import is_dtensor, local_shard, with_local_shard
 
 __all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager", "fit"]
@@ -233,6 +234,7 @@ class Stager(AsyncStager):
 
     _synchronize_after_execute = False
 
+    @public
     def __init__(self) -> None:
         self._area = HostArea()
         self._engine = CopyEngine()

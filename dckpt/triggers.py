@@ -59,9 +59,18 @@ class Trigger:
         raise NotImplementedError
 
     def __or__(self, other: Trigger) -> AnyOf:
-        if not isinstance(other, Trigger):
-            return NotImplemented
-        return AnyOf((self, other))
+        return AnyOf((self, _trigger(other)))
+
+    def __ror__(self, other: Trigger) -> AnyOf:
+        return AnyOf((_trigger(other), self))
+
+
+def _trigger(other: object) -> Trigger:
+    if not isinstance(other, Trigger):
+        raise ArgumentError(f"a trigger composes with triggers (EverySteps, EverySeconds, "
+                            f"AtEpochEnd, OnImprove, OnPreemption), not "
+                            f"{type(other).__name__} {other!r}")
+    return other
 
 
 @dataclass(frozen=True)
@@ -91,9 +100,7 @@ class AnyOf(Trigger):
         return None
 
     def __or__(self, other: Trigger) -> AnyOf:
-        if not isinstance(other, Trigger):
-            return NotImplemented
-        return AnyOf((*self.triggers, other))
+        return AnyOf((*self.triggers, _trigger(other)))
 
     def __repr__(self) -> str:
         return " | ".join(map(repr, self.triggers))

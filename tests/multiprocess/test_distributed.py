@@ -363,3 +363,30 @@ def test_ranks_agree_to_fall_back_when_one_rank_reads_a_bad_block(tmp_path):
         f.seek(first + 10)
         f.write(b"\x55\xaa")
     assert [o.value for o in run_ranks(_load_with_fallback, 2, url)] == [(1, [2], True)] * 2
+
+
+class _PickyOnRank1:
+    def state_dict(self) -> dict:
+        return {"n": 1}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if torch.distributed.get_rank() == 1:
+            raise ValueError("rank 1 wants n=2")
+
+
+def _load_where_one_stateful_refuses(rank, world, url):
+    dckpt.save({"w": torch.ones(2), "thing": _PickyOnRank1()}, url, step=1)
+    try:
+        dckpt.load({"w": torch.zeros(2), "thing": _PickyOnRank1()}, url)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    return "loaded", ""
+
+
+def test_a_stateful_that_refuses_on_one_rank_is_the_same_error_on_every_rank(tmp_path):
+    """Only rank 1 raised (as a broken collective), rank 0 returned as if loaded."""
+    values = [o.value for o in run_ranks(_load_where_one_stateful_refuses, 2, str(tmp_path))]
+    assert values[0] == values[1], values
+    kind, text = values[0]
+    assert kind == "StateDictError" and "rank 1: thing: _PickyOnRank1.load_state_dict raised " \
+        "ValueError: rank 1 wants n=2" in text

@@ -360,6 +360,17 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("SaveConfig direct_io str", lambda: dckpt.SaveConfig(direct_io="yes")),
         ("LoadConfig threads float", lambda: dckpt.LoadConfig(reader_threads=1.5)),
         ("LoadConfig request float", lambda: dckpt.LoadConfig(read_request_bytes=1.5)),
+        # each of these left as a TypeError, ValueError or AttributeError
+        ("Pipeline None", lambda: dckpt.Pipeline(None)),
+        ("Pipeline str", lambda: dckpt.Pipeline("abc")),  # taken as stages 'a', 'b', 'c'
+        ("Pipeline results", lambda: dckpt.Pipeline(["a"]).finish("a", loss=object())),
+        ("AsyncSaver keyword", lambda: dckpt.AsyncSaver(config=dckpt.SaveConfig())),
+        ("install_hook int", lambda: dckpt.AsyncSaver().install_hook(5)),
+        ("Stager argument", lambda: dckpt.Stager(5)),
+        ("trigger | int", lambda: dckpt.EverySteps(2) | 3),
+        ("int | trigger", lambda: 3 | dckpt.EverySteps(2)),
+        ("logging level", lambda: dckpt.configure_logging(level="LOUD")),
+        ("logging stream", lambda: dckpt.configure_logging(stream=5)),
     ]
 
 
@@ -689,3 +700,28 @@ def test_bytesio_values_are_stored_raw_and_come_back_as_bytesio(tmp_path):
     again = {"w": torch.zeros(2), "blob": io.BytesIO()}
     dcp.load(again, storage_reader=dckpt.Reader(url, step=1))  # DCP's own planner too
     assert again["blob"].getvalue() == payload
+
+
+class _Refusing:
+    """A Stateful whose load_state_dict refuses what it is given."""
+
+    def state_dict(self) -> dict:
+        return {"n": 1}
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise ValueError(f"expected n=2, got n={sd['n']}")
+
+
+def test_a_stateful_that_refuses_its_state_is_a_state_dict_error_naming_it(tmp_path):
+    """It came out as 'a collective with the other ranks broke'."""
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(2), "thing": _Refusing()}, url, step=1)
+    with pytest.raises(dckpt.StateDictError, match=r"thing: _Refusing.load_state_dict raised "
+                                                   r"ValueError: expected n=2, got n=1"):
+        dckpt.load({"w": torch.zeros(2), "thing": _Refusing()}, url)
+    progress = {"pipeline": dckpt.Pipeline(["a", "b"])}
+    from dckpt.layout import PROGRESS_KEY
+
+    dckpt.save({"pipeline": {PROGRESS_KEY: "[1]"}}, url, step=2)  # not a Pipeline's progress
+    with pytest.raises(dckpt.StateDictError, match="pipeline progress is not one a Pipeline"):
+        dckpt.load(progress, url, partial=True)
