@@ -198,6 +198,7 @@ class CheckpointManager:
             self.on_restore(info)
         return info
 
+    @public
     def checkpoints(self) -> list[CheckpointInfo]:
         """Committed checkpoints, oldest first (not collective)."""
         return self._upkeep.checkpoints()
@@ -376,9 +377,11 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- retention
 
+    @public
     def apply_retention(self, *, dry_run: bool = False) -> RetentionReport:
         """Delete the checkpoints the policy does not keep (never the newest, nor one being
         written), then collect garbage. Not collective; rank 0 runs it after each commit."""
+        check_bool(dry_run, "dry_run")
         return self._upkeep.apply(dry_run=dry_run)
 
     def _in_flight(self) -> tuple[set[int], list[float]]:
@@ -387,6 +390,7 @@ class CheckpointManager:
 
     # ----------------------------------------------------------------- closing
 
+    @public
     def wait(self) -> None:
         """Wait for the save in flight and the retention after it."""
         self._poll(wait=True)

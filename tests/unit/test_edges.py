@@ -406,6 +406,9 @@ def test_a_managers_bad_arguments_raise_at_once_not_as_failed_saves(tmp_path):
         ("restore partial", lambda: mgr.restore(sd, partial=1)),
         ("restore step", lambda: mgr.restore(sd, step=-1)),
         ("best mode", lambda: mgr.best("loss", "up")),
+        ("wait timeout", lambda: mgr.wait(timeout=5)),  # a TypeError
+        ("retention dry_run str", lambda: mgr.apply_retention(dry_run="no")),  # taken as True
+        ("checkpoints argument", lambda: mgr.checkpoints(1)),
     ]
     for name, call in calls:
         with pytest.raises(dckpt.ArgumentError):
