@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 import dckpt
+from dckpt.arguments import check_bool, check_config, check_options, check_url
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, UnsafeValueError
 from dckpt.storage import Store
 from dckpt.upkeep import Upkeep
@@ -180,7 +181,17 @@ class Saves:
     background after deletes. (all ranks) ``save``, ``settle``; (rank 0) ``drop``."""
 
     def __init__(self, *, storage_options: dict | None, async_save: bool,
-                 config: dckpt.SaveConfig | None, metrics: dckpt.Metrics | None = None) -> None:
+                 config: dckpt.SaveConfig | None, metrics: dckpt.Metrics | None = None,
+                 url: str | None = None, fallback: bool = True) -> None:
+        """Checks the integration's own arguments (``url``, ``fallback`` too: each class
+        keeps those itself), at its construction rather than at its first save."""
+        if url is not None:
+            check_url(url)
+        check_options(storage_options)
+        check_bool(async_save, "async_save")
+        check_bool(fallback, "fallback")
+        check_config(config, dckpt.SaveConfig, "save_config")
+        check_config(metrics, dckpt.Metrics, "metrics")
         self.storage_options = storage_options
         self.async_save = async_save
         self.config = config

@@ -30,7 +30,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, sort_checkpoints
 
 import dckpt
-from dckpt.errors import FormatError, IntegrityError
+from dckpt.errors import ArgumentError, FormatError, IntegrityError
 from dckpt.integrations.common import (
     Pointer,
     Saves,
@@ -111,7 +111,8 @@ class DckptTrainerMixin:
         self.dckpt_fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config, metrics=metrics)
+                            config=save_config, metrics=metrics, url=url,
+                            fallback=fallback)
         self._dckpt_rng: dict[str, Any] | None = None
         self._dckpt_loading = False
         self._swept = False
@@ -336,13 +337,17 @@ class AcceleratorCheckpoints:
                  storage_options: dict | None = None, async_save: bool = True,
                  fallback: bool = True, save_config: dckpt.SaveConfig | None = None,
                  metrics: dckpt.Metrics | None = None) -> None:
+        if not callable(getattr(accelerator, "register_for_checkpointing", None)):
+            raise ArgumentError(f"AcceleratorCheckpoints(accelerator): an accelerate "
+                                f"Accelerator, got {type(accelerator).__name__}")
         self.accelerator = accelerator
         self.metrics = metrics
         self.url = url
         self.fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config, metrics=metrics)
+                            config=save_config, metrics=metrics, url=url,
+                            fallback=fallback)
 
     @property
     def _rank(self) -> int:

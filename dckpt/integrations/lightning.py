@@ -25,12 +25,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from lightning.pytorch.strategies import SingleDeviceStrategy as _SingleDeviceStrategy
 
 import dckpt
-from dckpt.errors import FormatError, StateDictError
+from dckpt.errors import ArgumentError, CheckpointNotFoundError, FormatError, StateDictError
 from dckpt.integrations.common import (
     Pointer,
     Saves,
@@ -74,7 +75,8 @@ class DckptCheckpointing:
         self.dckpt_fallback = fallback
         self._storage_options = storage_options
         self._saves = Saves(storage_options=storage_options, async_save=async_save,
-                            config=save_config, metrics=metrics)
+                            config=save_config, metrics=metrics, url=url,
+                            fallback=fallback)
         self._dckpt_loaded = False
         self._swept: set[str] = set()
 
@@ -213,7 +215,13 @@ def load_weights(path: str, module: Any, *, storage_options: dict | None = None)
     """(one process, or all ranks) The model weights of the checkpoint at ``path`` into
     ``module`` (a LightningModule or any ``nn.Module`` of the same structure), for
     evaluation: ``LightningModule.load_from_checkpoint`` reads Lightning's own files only."""
-    pointer = read_pointer(str(path))
+    if not isinstance(module, torch.nn.Module):
+        raise ArgumentError(f"load_weights(path, module): module must be a torch.nn.Module "
+                            f"(a LightningModule), got {type(module).__name__}")
+    try:
+        pointer = read_pointer(str(path))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"{path}: no such checkpoint file") from None
     if pointer is None:
         raise FormatError(f"{path} is not a dckpt pointer; Lightning's own checkpoint "
                           "loads with LightningModule.load_from_checkpoint")

@@ -110,3 +110,19 @@ def test_a_damaged_checkpoint_raises_naming_the_folder_to_resume_from(tmp_path):
     with pytest.raises(dckpt.IntegrityError, match=r"(?s)transformer.wte.weight.*"
                        r"resume_from_checkpoint='[^']*checkpoint-4'"):
         trained(tmp_path / "run", 12, resume=True)
+
+
+def test_bad_arguments_are_refused_at_construction(tmp_path):
+    import accelerate
+
+    import dckpt
+    from dckpt.integrations.hf import AcceleratorCheckpoints
+
+    with pytest.raises(dckpt.ArgumentError, match="an accelerate Accelerator"):
+        AcceleratorCheckpoints(5)
+    accelerator = accelerate.Accelerator(cpu=True)
+    for kwargs in ({"url": 5}, {"fallback": "no"}, {"async_save": None},
+                   {"save_config": dckpt.LoadConfig()}):
+        with pytest.raises(dckpt.ArgumentError):
+            AcceleratorCheckpoints(accelerator, **kwargs)
+    assert list(tmp_path.iterdir()) == []

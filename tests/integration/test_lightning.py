@@ -215,3 +215,21 @@ def test_a_checkpoint_of_other_optimizers_is_refused_saying_what_to_do(tmp_path)
     with pytest.raises(dckpt.StateDictError, match="holds the state of 1 optimizers; this run "
                                                    "has 2.*load_weights"):
         fit(tmp_path, 2, resume="last", model=TwoOptimizers())
+
+
+def test_bad_arguments_are_refused_at_construction(tmp_path):
+    """They were taken, and failed at the first save (or a missing file was a
+    FileNotFoundError)."""
+    import dckpt
+    from dckpt.integrations.lightning import SingleDeviceStrategy, load_weights
+
+    for kwargs in ({"url": 5}, {"url": str(tmp_path), "async_save": "yes"},
+                   {"url": str(tmp_path), "fallback": 1}, {"save_config": 5},
+                   {"metrics": {}}, {"storage_options": ["key"]}):
+        with pytest.raises(dckpt.ArgumentError):
+            SingleDeviceStrategy(**kwargs)
+    with pytest.raises(dckpt.CheckpointNotFoundError, match="no such checkpoint file"):
+        load_weights(str(tmp_path / "absent.ckpt"), torch.nn.Linear(1, 1))
+    with pytest.raises(dckpt.ArgumentError, match="torch.nn.Module"):
+        load_weights(str(tmp_path / "absent.ckpt"), 5)
+    assert list(tmp_path.iterdir()) == []
