@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 from dckpt.errors import ArgumentError, DckptError, StorageError
-from dckpt.layout import MAX_STEP
+from dckpt.layout import MAX_STEP, same_url
 
 __all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds",
            "check_bytes", "check_options", "check_url", "public", "storage_error"]
@@ -98,6 +98,18 @@ def _show(value: object) -> str:
 CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
                                "CredentialRetrievalError", "NoAuthTokenError"})
 """botocore's (and s3fs's) errors for missing credentials, by name: botocore is s3fs's."""
+
+
+def check_checkpoint_id(checkpoint_id: object, url: str, plug_in: str) -> None:
+    """DCP's ``checkpoint_id`` (``dcp.save(..., checkpoint_id=)``) names where to save or load;
+    a dckpt plug-in has its repository already: another place would be silently ignored."""
+    if checkpoint_id is None:
+        return
+    if not isinstance(checkpoint_id, (str, os.PathLike)) or not same_url(
+            os.fspath(checkpoint_id), url):  # type: ignore[arg-type]
+        raise ArgumentError(
+            f"checkpoint_id={checkpoint_id!r} is not dckpt.{plug_in}'s repository {url}; pass "
+            f"checkpoint_id=None (or the same URL), or make the {plug_in} for that repository")
 
 
 def storage_error(e: BaseException, what: str) -> DckptError:

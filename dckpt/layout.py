@@ -15,6 +15,7 @@ and it carries its start time so that garbage collection can tell a save still i
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import time
@@ -96,3 +97,17 @@ def check_object_name(name: object) -> str:
             f"object name {name!r} is not a relative name under {DATA_DIR}/ made of "
             "[A-Za-z0-9._-] parts; the manifest is damaged or was not written by dckpt")
     return name
+
+
+def same_url(a: str, b: str) -> bool:
+    """Whether two repository URLs name the same place: local paths absolute and normalized
+    (``file://`` or not), other URLs as written, a trailing slash aside."""
+    def local(url: str) -> str | None:
+        if url.startswith("file://"):
+            return url[len("file://"):]
+        return None if "://" in url else url
+
+    la, lb = local(a), local(b)
+    if la is not None and lb is not None:
+        return os.path.normpath(os.path.abspath(la)) == os.path.normpath(os.path.abspath(lb))
+    return a.rstrip("/") == b.rstrip("/")

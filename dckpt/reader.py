@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
 from dckpt import dist
-from dckpt.arguments import check_config, check_step
+from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
@@ -200,6 +200,7 @@ class Reader(StorageReader):
         self._storage: dict[MetadataIndex, tuple[str, ChunkEntry | StoredData]] = {}
 
     def reset(self, checkpoint_id: object = None) -> None:
+        check_checkpoint_id(checkpoint_id, self.store.url, "Reader")
         self.bytes_read = 0
         self.phase_s = {}
 

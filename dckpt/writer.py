@@ -42,7 +42,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dckpt import dedup, discard, dist, layout
-from dckpt.arguments import check_config, check_step
+from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
@@ -155,6 +155,7 @@ class Writer(StorageWriter):
     # -- DCP protocol ----------------------------------------------------------------
 
     def reset(self, checkpoint_id: object = None) -> None:
+        check_checkpoint_id(checkpoint_id, self.store.url, "Writer")
         self.info = None
         self._t = {}
         self._history = {}

@@ -27,6 +27,7 @@ import torch
 import dckpt
 from dckpt.arguments import check_bool, check_config, check_options, check_url
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, UnsafeValueError
+from dckpt.layout import same_url
 from dckpt.storage import Store
 from dckpt.upkeep import Upkeep
 from dckpt.writer import Metrics
@@ -65,13 +66,6 @@ def _split(path: str) -> tuple[Store, str]:
         path = os.path.abspath(path.removeprefix("file://"))
     folder, name = posixpath.split(path)
     return Store(folder or "."), name
-
-
-def _same(a: str, b: str) -> bool:
-    if _is_local(a) and _is_local(b):
-        return (os.path.normpath(os.path.abspath(a.removeprefix("file://")))
-                == os.path.normpath(os.path.abspath(b.removeprefix("file://"))))
-    return a.rstrip("/") == b.rstrip("/")
 
 
 def repository_beside(path: str, name: str = "dckpt") -> str:
@@ -281,7 +275,7 @@ class Saves:
                 pointer = read_pointer(path)
             except (OSError, DckptError):
                 continue
-            if pointer is not None and _same(pointer.url, url):
+            if pointer is not None and same_url(pointer.url, url):
                 named.add(pointer.step)
         orphans = [c.step for c in dckpt.list_checkpoints(
             url, storage_options=self.storage_options) if c.step not in named]

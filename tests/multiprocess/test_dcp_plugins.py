@@ -5,6 +5,9 @@ restarted ranks take from the step they loaded."""
 
 from __future__ import annotations
 
+import os
+
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -88,3 +91,20 @@ def test_restarted_ranks_deduplicate_their_first_save_against_the_step_they_load
     got = [o.value for o in run_ranks(_restart_load_save, 2, url2, True)]
     assert got[0][2] >= 2 * 256 * 1024 * 4 + 4096  # every block: nothing was verified whole
     assert dckpt.verify(url, all_steps=True).ok and dckpt.verify(url2, all_steps=True).ok
+
+
+def test_a_checkpoint_id_other_than_the_plug_ins_repository_is_refused(tmp_path):
+    """``dcp.save(..., checkpoint_id=X)`` with a dckpt Writer saved to the Writer's repository,
+    not X, without a word."""
+    import torch.distributed.checkpoint as dcp
+
+    url, other = str(tmp_path / "repo"), str(tmp_path / "other")
+    state = {"w": torch.ones(4)}
+    with pytest.raises(dckpt.ArgumentError, match="is not dckpt.Writer's repository"):
+        dcp.save(state, storage_writer=dckpt.Writer(url, step=1), checkpoint_id=other)
+    assert not os.path.exists(url) and not os.path.exists(other)
+    dcp.save(state, storage_writer=dckpt.Writer(url, step=1), checkpoint_id=f"file://{url}/")
+    with pytest.raises(dckpt.ArgumentError, match="is not dckpt.Reader's repository"):
+        dcp.load(state, storage_reader=dckpt.Reader(url, step=1), checkpoint_id=other)
+    dcp.load(state, storage_reader=dckpt.Reader(url, step=1), checkpoint_id=url)
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
