@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -88,6 +89,7 @@ def main() -> None:
         exchanges.append(agreeing._agreement.exchanges)
         for mgr in (agreeing, quiet, every):
             mgr.close()
+        shutil.rmtree(folder, ignore_errors=True)
     base = statistics.median(results["bare step"])
     for name, xs in results.items():
         med = statistics.median(xs)

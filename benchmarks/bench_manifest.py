@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -52,20 +53,31 @@ def main() -> None:
     if args.small_tensors:
         _small_tensors(args.small_tensors, args.repeat)
         return
-    block = 4096
-    world = 1
-    if "WORLD_SIZE" in os.environ:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
         dist.init_process_group("gloo")
-        world = dist.get_world_size()
-    rank = dist.get_rank() if world > 1 else 0
-    # one tensor per 1,000 blocks, so that items, chunks and blocks are all many
-    n_items = max(1, args.blocks // 1000 // world)
-    state = {f"rank{rank}.layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
-    shared = [tempfile.mkdtemp() if rank == 0 else None]
+    first = world == 1 or dist.get_rank() == 0
+    shared = [tempfile.mkdtemp() if first else None]
     if world > 1:
         dist.broadcast_object_list(shared, src=0)
     url = shared[0]
     assert url is not None
+    try:
+        _blocks(args, url)
+    finally:  # 1.2 GB by default: a run must not leave it behind in /tmp
+        if world > 1:
+            dist.barrier()
+        if first:
+            shutil.rmtree(url, ignore_errors=True)
+
+
+def _blocks(args: argparse.Namespace, url: str) -> None:
+    block = 4096
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    # one tensor per 1,000 blocks, so that items, chunks and blocks are all many
+    n_items = max(1, args.blocks // 1000 // world)
+    state = {f"rank{rank}.layer{i}.w": torch.randn(1000 * block // 4) for i in range(n_items)}
     config = dckpt.SaveConfig(block_size_bytes=block, sparse_block_size_bytes=None)
     dckpt.save(state, url, step=1, config=config)
     raw = open(f"{url}/{layout.manifest_name(1)}", "rb").read()
@@ -107,11 +119,15 @@ def main() -> None:
 
 def _small_tensors(n: int, repeat: int) -> None:
     """Per-tensor costs: the bytes are nothing, the Python per tensor is all."""
-    import torch.distributed.checkpoint as dcp
-
     state = {f"layer{i}.w": torch.randn(16) for i in range(n)}
     out = {k: torch.zeros(16) for k in state}
-    url, peer = tempfile.mkdtemp(), tempfile.mkdtemp()
+    with tempfile.TemporaryDirectory() as url, tempfile.TemporaryDirectory() as peer:
+        _small_tensors_in(state, out, url, peer, n, repeat)
+
+
+def _small_tensors_in(state: dict, out: dict, url: str, peer: str, n: int, repeat: int) -> None:
+    import torch.distributed.checkpoint as dcp
+
     steps = iter(range(1, 10 ** 6))
     dckpt.async_save(state, url, step=next(steps)).wait()  # the layout's first save
 
