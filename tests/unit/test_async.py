@@ -325,3 +325,14 @@ def test_staging_reuses_its_typed_slots_while_the_layout_holds(tmp_path):
         dckpt.load(out, url, step=step)
         assert all(torch.equal(out[k], v) for k, v in state.items()), step
     saver.close()
+
+
+def test_an_async_save_of_a_list_after_one_of_a_dict_exports_as_a_list(tmp_path):
+    """Both flatten to "b.0"; the async save's reused local plan carried the dict's mappings
+    into the manifest, and the export built a dict."""
+    url = str(tmp_path / "repo")
+    dckpt.async_save({"b": {"0": torch.ones(3)}}, url, step=1).wait()
+    dckpt.async_save({"b": [torch.full((3,), 2.0)]}, url, step=2).wait()
+    dckpt.export(url, step=2, to=str(tmp_path / "out.pt"), format="torch")
+    back = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert isinstance(back["b"], list) and torch.equal(back["b"][0], torch.full((3,), 2.0))
