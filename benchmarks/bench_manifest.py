@@ -10,7 +10,8 @@ manifest).
     .venv/bin/torchrun --standalone --nproc-per-node=2 benchmarks/bench_manifest.py ...
 
 Under torchrun the ranks share the blocks (each its own items), and the saves' commits
-include DCP's gather of every rank's references to the coordinator.
+include DCP's gather of every rank's references to the coordinator; with --small-tensors
+the ranks share the tensors (as DDP's) and each has a quarter as many of its own.
 
 JSON lines on stdout: seconds (medians), and the checks' share of a load.
 """
@@ -50,25 +51,26 @@ def main() -> None:
                    help="instead: N tensors of 64 bytes each; async pause (layout reused), "
                         "sync save and load, against DCP's save and load")
     args = p.parse_args()
-    if args.small_tensors:
-        _small_tensors(args.small_tensors, args.repeat)
-        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
     first = world == 1 or dist.get_rank() == 0
-    shared = [tempfile.mkdtemp() if first else None]
+    shared = [(tempfile.mkdtemp(), tempfile.mkdtemp()) if first else None]
     if world > 1:
         dist.broadcast_object_list(shared, src=0)
-    url = shared[0]
-    assert url is not None
+    assert shared[0] is not None
+    url, peer = shared[0]
     try:
-        _blocks(args, url)
+        if args.small_tensors:
+            _small_tensors(args.small_tensors, args.repeat, url, peer)
+        else:
+            _blocks(args, url)
     finally:  # 1.2 GB by default: a run must not leave it behind in /tmp
         if world > 1:
             dist.barrier()
         if first:
             shutil.rmtree(url, ignore_errors=True)
+            shutil.rmtree(peer, ignore_errors=True)
 
 
 def _blocks(args: argparse.Namespace, url: str) -> None:
@@ -117,33 +119,48 @@ def _blocks(args: argparse.Namespace, url: str) -> None:
                       "async_commit_s": statistics.median(async_commits)}))
 
 
-def _small_tensors(n: int, repeat: int) -> None:
-    """Per-tensor costs: the bytes are nothing, the Python per tensor is all."""
-    state = {f"layer{i}.w": torch.randn(16) for i in range(n)}
-    out = {k: torch.zeros(16) for k in state}
-    with tempfile.TemporaryDirectory() as url, tempfile.TemporaryDirectory() as peer:
-        _small_tensors_in(state, out, url, peer, n, repeat)
-
-
-def _small_tensors_in(state: dict, out: dict, url: str, peer: str, n: int, repeat: int) -> None:
+def _small_tensors(n: int, repeat: int, url: str, peer: str) -> None:
+    """Per-tensor costs: the bytes are nothing, the Python per tensor is all. Under torchrun
+    the ranks share the n tensors (as DDP's) and each has n/4 of its own."""
     import torch.distributed.checkpoint as dcp
+
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    rank = dist.get_rank() if world > 1 else 0
+    state = {f"layer{i}.w": torch.randn(16) for i in range(n)}
+    if world > 1:
+        state.update({f"rank{rank}.x{i}": torch.randn(16) for i in range(n // 4)})
+    out = {k: torch.zeros(16) for k in state}
+
+    def timed(fn) -> float:
+        if world > 1:
+            dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        if world > 1:
+            dist.barrier()
+        return time.perf_counter() - t0
 
     steps = iter(range(1, 10 ** 6))
     dckpt.async_save(state, url, step=next(steps)).wait()  # the layout's first save
-
     pauses: list[float] = []
+    commits: list[float] = []
     for _ in range(repeat):
-        t0 = time.perf_counter()
-        handle = dckpt.async_save(state, url, step=next(steps))
-        pauses.append(time.perf_counter() - t0)
-        handle.wait()
-    save = _median(lambda: dckpt.save(state, url, step=next(steps)), repeat)
-    load = _median(lambda: dckpt.load(out, url), repeat)
-    dcp_save = _median(lambda: dcp.save(state, checkpoint_id=peer), repeat)
-    dcp_load = _median(lambda: dcp.load(out, checkpoint_id=peer), repeat)
-    print(json.dumps({"tensors": n, "async_pause_s": statistics.median(pauses),
-                      "save_s": save, "load_s": load, "dcp_save_s": dcp_save,
-                      "dcp_load_s": dcp_load}))
+        handle: list = []
+        pauses.append(timed(lambda: handle.append(dckpt.async_save(state, url, step=next(steps)))))
+        commits.append(timed(lambda: handle[0].wait()) + pauses[-1])
+    save = statistics.median(timed(lambda: dckpt.save(state, url, step=next(steps)))
+                             for _ in range(repeat))
+    load = statistics.median(timed(lambda: dckpt.load(out, url)) for _ in range(repeat))
+    dcp_save = statistics.median(timed(lambda: dcp.save(state, checkpoint_id=peer))
+                                 for _ in range(repeat))
+    dcp_load = statistics.median(timed(lambda: dcp.load(out, checkpoint_id=peer))
+                                 for _ in range(repeat))
+    if rank == 0:
+        print(json.dumps({"tensors": n, "ranks": world, "tensors_per_rank": len(state),
+                          "async_pause_s": statistics.median(pauses),
+                          "async_call_to_commit_s": statistics.median(commits),
+                          "save_s": save, "load_s": load, "dcp_save_s": dcp_save,
+                          "dcp_load_s": dcp_load}))
 
 
 if __name__ == "__main__":

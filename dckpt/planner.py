@@ -284,6 +284,11 @@ class SafeSavePlanner(DefaultSavePlanner):
         """(coordinator) Refuse keys the ranks hold differently, before DCP keeps one
         rank's copy of each (``replica_problems``); warn of non-tensor values that differ."""
         refuse(replica_problems(all_plans))
+        self.warn_differing_values(all_plans)
+        return super().create_global_plan(all_plans)
+
+    @staticmethod
+    def warn_differing_values(all_plans: list[SavePlan]) -> None:
         differ = differing_values(all_plans)
         if differ:
             log.warning(
@@ -292,7 +297,6 @@ class SafeSavePlanner(DefaultSavePlanner):
                 "state that differs per rank a key of its own (rank{r}.name)", len(differ),
                 "; ".join(differ[:10]) + (f"; and {len(differ) - 10} more" if len(differ) > 10
                                           else ""))
-        return super().create_global_plan(all_plans)
 
     def transform_object(self, write_item: WriteItem, object: object) -> object:
         if write_item.type == WriteItemType.BYTE_IO:

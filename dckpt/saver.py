@@ -43,6 +43,7 @@ from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError
+from dckpt.global_plan import PlanCache, save_state_dict
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
@@ -50,7 +51,6 @@ from dckpt.planner import SafeSavePlanner, StagedPlanner, plan_key
 from dckpt.segments import SegmentOut, item_nbytes
 from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
 from dckpt.storage import Store
-from dckpt.torch_internals import save_state_dict
 from dckpt.watchdog import Heartbeat, call_bounded
 from dckpt.writer import Metrics, Writer
 
@@ -71,19 +71,19 @@ def quiet_single_process() -> Iterator[None]:
 
 
 def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
-             group: object) -> CheckpointInfo:
+             group: object, plans: PlanCache | None = None) -> CheckpointInfo:
     """(collective) DCP's save with ``writer``; every failure becomes the same DckptError on
-    every rank, and every rank returns the coordinator's CheckpointInfo."""
+    every rank, and every rank returns the coordinator's CheckpointInfo. ``plans``: the
+    global plan of the previous save of this line, reused where the structure is the same."""
     what = f"save of step {writer.step} to {writer.store.url}"
     try:
         with quiet_single_process():
-            # dcp.save, which wraps each top-level value's state_dict() in a logger that
+            # not dcp.save, which wraps each top-level value's state_dict() in a logger that
             # makes two debug records of it (torch's distributed loggers are at DEBUG):
-            # 50 us a value, 1 s of a sync save of 20,000 tensors
-            save_state_dict(state_dict=stateful_to_state_dict(state_dict), storage_writer=writer,
-                            planner=planner or SafeSavePlanner(),
-                            process_group=group,  # type: ignore[arg-type]
-                            no_dist=not dist.active())
+            # 50 us a value, 1 s of a sync save of 20,000 tensors; and plans globally at
+            # every save (dckpt.global_plan)
+            info = save_state_dict(stateful_to_state_dict(state_dict), writer,
+                                   planner or SafeSavePlanner(), group, not dist.active(), plans)
     except CheckpointException as e:
         writer.discard(e)
         dist.raise_interrupt(e)
@@ -94,8 +94,7 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
     except Exception as e:  # a collective broke: a peer died or timed out
         writer.discard(e)
         raise dist.peer_failure(e, what=what, saving=True) from e
-    info = dist.broadcast(writer.info, group)  # type: ignore[arg-type]
-    assert isinstance(info, CheckpointInfo)
+    assert isinstance(info, CheckpointInfo)  # the coordinator's, sent with the commit's news
     writer.after_commit(group)
     mine = dict(writer.rank_s)
     if writer.written_at is not None:
@@ -181,6 +180,8 @@ class AsyncSaver:
         self._last_plan: SavePlan | None = None
         self._last_plan_key: object = None
         self._failures: list[tuple[int, BaseException]] = []
+        self._plans = PlanCache()
+        """Its saves' last global plan (sync and async saves take turns)."""
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ public
@@ -197,7 +198,7 @@ class AsyncSaver:
         self.wait_idle()
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         with paused_gc():  # the caller waits anyway; a block reference is a few objects
-            return run_save(state_dict, writer, None, group)
+            return run_save(state_dict, writer, None, group, self._plans)
 
     @public
     def async_save(self, state_dict: StateDict, url: str, *, step: int,
@@ -421,7 +422,7 @@ class AsyncSaver:
         lower_priority(writer.config.persist_nice)
         try:
             staging.wait_persist()
-            info = run_save({}, writer, planner, group)
+            info = run_save({}, writer, planner, group, self._plans)
         except DckptError as e:
             self._record_failure(writer.step, e)
             raise

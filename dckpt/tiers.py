@@ -35,6 +35,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import ArgumentError, CommitError, DckptError, StorageError
+from dckpt.global_plan import PlanCache
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.memory import MemoryTier, room_problem
@@ -99,6 +100,7 @@ class MemorySaves:
         self._timeout_s = save.collective_timeout_s
         self._drainer = ThreadPoolExecutor(1, thread_name_prefix="dckpt-drain")
         self._draining: dict[int, SaveHandle] = {}  # step -> its storage copy in flight
+        self._drain_plans = PlanCache()  # the drain thread's: one copy at a time
         self._latest: SaveHandle | None = None  # the newest memory save started
         self._plan: Any = None  # the local plan it staged
         self.step: int | None = None
@@ -239,7 +241,7 @@ class MemorySaves:
             problems = [f"rank {dist.rank()}: memory checkpoint of step {step}: {e}"]
         try:
             return run_save({}, writer, StagedPlanner(plan, staged, {}, problems),
-                            self.drain_group)
+                            self.drain_group, self._drain_plans)
         except DckptError:
             raise
         except Exception as e:

@@ -16,11 +16,11 @@ from torch.distributed.checkpoint._sharded_tensor_utils import (
 )
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.state_dict_loader import _load_state_dict as load_state_dict
-from torch.distributed.checkpoint.state_dict_saver import _save_state_dict as save_state_dict
+from torch.distributed.checkpoint.utils import _DistWrapper as DistWrapper
 from torch.distributed.tensor import DTensor
 
 __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_tensor_by_index",
-           "set_element", "flatten_sharded_tensors", "load_state_dict", "save_state_dict"]
+           "set_element", "flatten_sharded_tensors", "load_state_dict", "DistWrapper"]
 
 # narrow_tensor_by_index(tensor, offsets, sizes): a tensor's box, as DCP's own reader takes it
 # set_element(root, path, value): put a loaded value at its path in a nested state dict, the
@@ -30,9 +30,9 @@ __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_t
 # load_state_dict(state_dict, storage_reader, process_group, coordinator_rank, no_dist,
 #   planner): dcp.load without its rule for top-level Stateful values, which checks every
 #   value against the runtime protocol twice (dckpt.api applies the rule itself)
-# save_state_dict(state_dict, storage_writer, process_group, coordinator_rank, no_dist,
-#   planner): dcp.save without the same rule, which it applies through a logger per value
-#   (dckpt.saver applies it itself)
+# DistWrapper(group, use_dist, coordinator_rank): DCP's object collectives, .reduce_scatter
+#   and .all_reduce, which carry each rank's exception to every rank as a CheckpointException;
+#   dckpt.global_plan runs a save's steps on them, as dcp.save does
 
 
 def is_dtensor(obj: object) -> bool:

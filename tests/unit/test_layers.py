@@ -25,7 +25,7 @@ LAYERS = [
     # the DCP plug-ins
     {"planner", "writer", "reader", "replicas"},
     # the save pipeline
-    {"handle", "saver"},
+    {"handle", "global_plan", "saver"},
     # operations over a repository, and the public functions
     {"verify", "sweep", "export", "status", "health", "diff", "api", "catalog", "train_state",
      "pipeline"},

@@ -3,6 +3,7 @@ as dckpt uses them, on the torch this suite runs against."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from dckpt import torch_internals as ti
@@ -47,10 +48,26 @@ def test_dtensors_are_recognised_and_rebuilt_over_a_new_shard():
         assert shape == [4, 2] and gathered == (full * 10).tolist()
 
 
-def test_load_and_save_state_dict_take_the_arguments_dckpt_passes():
+def test_load_state_dict_takes_the_arguments_dckpt_passes():
     import inspect
 
-    for fn, storage in ((ti.load_state_dict, "storage_reader"),
-                        (ti.save_state_dict, "storage_writer")):
-        params = inspect.signature(fn).parameters
-        assert {"state_dict", storage, "planner", "process_group", "no_dist"} <= set(params)
+    params = inspect.signature(ti.load_state_dict).parameters
+    assert {"state_dict", "storage_reader", "planner", "process_group", "no_dist"} <= set(params)
+
+
+def test_dist_wrapper_runs_the_steps_and_carries_a_failure_as_a_checkpoint_exception():
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    dw = ti.DistWrapper(None, False, 0)
+    assert dw.is_coordinator
+    assert dw.reduce_scatter("plan", lambda: 3, lambda xs: [x * 10 for x in xs]) == 30
+    assert dw.all_reduce("write", lambda: 4, lambda xs: sum(xs) + 1) == 5
+
+    def fails():
+        raise ValueError("no room")
+
+    for call in (lambda: dw.reduce_scatter("plan", fails, lambda xs: xs),
+                 lambda: dw.all_reduce("write", lambda: 1, lambda xs: fails())):
+        with pytest.raises(CheckpointException) as caught:
+            call()
+        assert "no room" in str(caught.value.failures[0])
