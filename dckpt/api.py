@@ -284,6 +284,7 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
     stateful = {k for k in keys if not isinstance(state_dict[k], torch.Tensor)
                 and isinstance(state_dict[k], Stateful)}
     flat = {k: state_dict[k].state_dict() if k in stateful else state_dict[k] for k in keys}
+    reader.keep_items = True
     load_state_dict(flat, storage_reader=reader, planner=planner,
                     process_group=group,  # type: ignore[arg-type]
                     no_dist=not dist.active())

@@ -267,6 +267,10 @@ class MemoryReader(Reader):
     def broadcasts(self) -> bool:  # replicated state crosses nodes once, not per rank
         return len(self.nodes.names) > 1 or super().broadcasts
 
+    @property
+    def plans_items(self) -> bool:  # the coordinator plans the segments each node fetches
+        return True
+
     def _segments_of(self, index: MetadataIndex) -> frozenset[str]:
         found = self._segments_memo.get(index)
         if found is None:

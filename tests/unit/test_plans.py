@@ -1,11 +1,14 @@
 """What crosses to the coordinator. A save's plan digest (dckpt.global_plan) is the
 structure, never the values, and saves that alternate between structures each load their own
-state."""
+state; a load sends its plan without its reads, unless another planner or the replicated
+reads' plan needs them."""
 
 from __future__ import annotations
 
+import pytest
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 import dckpt
 from dckpt import saver
@@ -57,4 +60,43 @@ def test_saves_alternating_structures_each_load_their_own_state(tmp_path):
         saved, out = _states(step % 100)
         dckpt.load(out, url, step=step)
         assert str(out) == str(saved), step
+
+
+class _Seen(DefaultLoadPlanner):
+    """Counts the reads the coordinator's global plan is given."""
+
+    seen: list[int] = []
+
+    def create_global_plan(self, global_plan):
+        _Seen.seen.append(sum(len(p.items) for p in global_plan))
+        return super().create_global_plan(global_plan)
+
+
+@pytest.mark.parametrize("replicated", ["read", "broadcast"])
+def test_a_load_plans_globally_without_its_reads_and_reads_them_all(tmp_path, replicated,
+                                                                     monkeypatch):
+    from dckpt import planner as planner_module
+
+    url = str(tmp_path / "repo")
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(50)} | {"n": 7}
+    dckpt.save(state, url, step=1)
+    seen: list[int] = []
+    create = planner_module.SafeLoadPlanner.create_global_plan
+    monkeypatch.setattr(planner_module.SafeLoadPlanner, "create_global_plan",
+                        lambda self, plans: seen.append(sum(len(p.items) for p in plans))
+                        or create(self, plans))
+    out = {f"t{i}": torch.zeros(3) for i in range(50)} | {"n": -1}
+    dckpt.load(out, url, config=dckpt.LoadConfig(replicated=replicated))
+    assert str(out) == str(state)
+    assert seen == [0 if replicated == "read" else 51]
+
+
+def test_dcp_load_through_the_reader_gives_another_planner_every_read(tmp_path):
+    url = str(tmp_path / "repo")
+    state = {f"t{i}": torch.full((3,), float(i)) for i in range(5)}
+    dckpt.save(state, url, step=1)
+    out = {f"t{i}": torch.zeros(3) for i in range(5)}
+    _Seen.seen = []
+    dcp.load(out, storage_reader=dckpt.Reader(url), planner=_Seen())
+    assert _Seen.seen == [5] and str(out) == str(state)
 
