@@ -21,11 +21,19 @@ it keeps no rank's plan, which would hold an item per shard of every rank on ran
 
 The rest is DCP's ``_save_state_dict``, without its loggers, and with the commit's result,
 the CheckpointInfo, broadcast instead of the global metadata. Failures travel as in DCP
-(``_DistWrapper``: a CheckpointException on every rank naming each rank's exception).
+(``_DistWrapper``: a CheckpointException on every rank naming each rank's exception). The
+exchanges of plans and of write results, and the commit, run with Python's cyclic garbage
+collector paused (``paused_gc``), as a whole sync save does: they make an object or more
+per item, and in an async save's thread the collector's passes over them (and over every
+object of the training's process) had doubled its commit (25,000 items per rank: 1.5 s
+against 2.5-2.8 s). So do the writes of ``MANY_ITEMS`` or more (0.4 s against 0.4-0.96 s
+there); those of fewer, larger items, which may take long and make few objects, run with the
+collector as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import pickle
 import uuid
@@ -37,10 +45,14 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from dckpt.decoder import paused_gc
 from dckpt.planner import PlannerData, SafeSavePlanner
 from dckpt.torch_internals import DistWrapper
 
-__all__ = ["PlanCache", "save_state_dict", "plan_digest"]
+__all__ = ["PlanCache", "save_state_dict", "plan_digest", "MANY_ITEMS"]
+
+MANY_ITEMS = 1024
+"""A rank's items from which its writes, too, run with the garbage collector paused."""
 
 
 def plan_digest(plan: SavePlan) -> bytes:
@@ -149,9 +161,10 @@ def save_state_dict(state_dict: dict[str, Any], storage_writer: StorageWriter,
         metadata.append(meta)
         return [_Planned(p, generation) for p in storage_writer.prepare_global_plan(planned)]
 
-    answer = dw.reduce_scatter("plan", lambda: local_step(True), global_step)
-    if isinstance(answer, _Resend):
-        answer = dw.reduce_scatter("plan", lambda: local_step(False), global_step)
+    with paused_gc():
+        answer = dw.reduce_scatter("plan", lambda: local_step(True), global_step)
+        if isinstance(answer, _Resend):
+            answer = dw.reduce_scatter("plan", lambda: local_step(False), global_step)
     if isinstance(answer, _Reuse):
         assert cache.plan is not None
         central = dataclasses.replace(cache.plan, storage_data=answer.storage_data)
@@ -162,14 +175,24 @@ def save_state_dict(state_dict: dict[str, Any], storage_writer: StorageWriter,
         cache.key, cache.plan, cache.generation = (
             mine["key"], dataclasses.replace(central, storage_data=None), answer.generation)
 
-    def write_data() -> Any:
-        final = planner.finish_plan(central)
-        writes = storage_writer.write_data(final, planner)
-        writes.wait()
-        return writes.value()
+    failure: BaseException | None = None
+    final = planner.finish_plan(central)
+    try:  # the writes of a few large items may be long, and make few objects
+        with paused_gc() if len(final.items) >= MANY_ITEMS else contextlib.nullcontext():
+            writes = storage_writer.write_data(final, planner)
+            writes.wait()
+            written = writes.value()
+    except BaseException as e:
+        failure = e
+
+    def report() -> Any:
+        if failure is not None:
+            raise failure  # carried to every rank, as DCP's step would have
+        return written
 
     def finish(results: list[Any]) -> Any:
         storage_writer.finish(metadata=metadata[0], results=results)
         return getattr(storage_writer, "info", None)
 
-    return dw.all_reduce("write", write_data, finish)
+    with paused_gc():
+        return dw.all_reduce("write", report, finish)

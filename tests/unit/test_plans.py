@@ -100,3 +100,36 @@ def test_dcp_load_through_the_reader_gives_another_planner_every_read(tmp_path):
     dcp.load(out, storage_reader=dckpt.Reader(url), planner=_Seen())
     assert _Seen.seen == [5] and str(out) == str(state)
 
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_the_collector_runs_again_after_saves_of_many_items_failed_or_not(tmp_path, mode):
+    """The exchanges, the commit and the writes of many items pause Python's cyclic garbage
+    collector, in the persist thread too; it must run again after, whatever happened."""
+    import gc
+
+    from dckpt_testing import arm, disarm
+
+    url = f"faultyfile://{tmp_path}"
+    state = {f"t{i}": torch.full((16,), float(i)) for i in range(2000)}
+
+    def save(step: int) -> None:
+        if mode == "sync":
+            dckpt.save(state, url, step=step)
+        else:
+            dckpt.async_save(state, url, step=step).wait(timeout=60)
+
+    assert gc.isenabled()
+    save(1)
+    assert gc.isenabled()
+    arm("enospc", after_bytes=1000)
+    try:
+        with pytest.raises(dckpt.CommitError, match="No space left"):
+            save(2)
+    finally:
+        disarm()
+    assert gc.isenabled()
+    save(3)
+    out = {k: torch.zeros(16) for k in state}
+    dckpt.load(out, url, step=3)
+    assert gc.isenabled() and all(torch.equal(out[k], v) for k, v in state.items())
