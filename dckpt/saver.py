@@ -316,8 +316,8 @@ class AsyncSaver:
             return planned
         # with the flattening's mappings, which the plan carries into the manifest: a list
         # and a dict keyed "0" flatten alike, and a reused plan exported one as the other
-        shape = plan_key(planner.state_dict)  # type: ignore[attr-defined]
-        shape = shape and (shape, getattr(planner, "mappings", None))
+        key = plan_key(planner.state_dict)  # type: ignore[attr-defined]
+        shape = None if key is None else (key, getattr(planner, "mappings", None))
         if shape is None or shape != self._last_plan_key:
             self._last_plan, self._last_plan_key = planner.create_local_plan(), shape
         assert self._last_plan is not None

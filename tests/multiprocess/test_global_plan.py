@@ -14,9 +14,18 @@ from dckpt import saver
 from dckpt_testing import leftovers, run_ranks
 
 
+def _sharded(full: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (torch.distributed.get_world_size(),))
+    return distribute_tensor(full, mesh, [Shard(0)])
+
+
 def _state(rank: int, step: int, extra: bool = False) -> dict:
     g = torch.Generator().manual_seed(step)
     shared = {f"w{i}": torch.randn(5, 3, generator=g) for i in range(6)}  # replicated
+    shared["emb"] = _sharded(torch.randn(6, 2, generator=g))  # a shard per rank
     state = {"model": shared, "step": step, "sched": {"lr": 0.1 * step},
              f"rank{rank}.x": torch.full((4,), float(rank * 1000 + step)),
              f"rank{rank}.loader": {"pos": rank * 100 + step}}
@@ -26,7 +35,8 @@ def _state(rank: int, step: int, extra: bool = False) -> dict:
 
 
 def _empty(rank: int, extra: bool = False) -> dict:
-    state = {"model": {f"w{i}": torch.zeros(5, 3) for i in range(6)}, "step": -1,
+    state = {"model": {f"w{i}": torch.zeros(5, 3) for i in range(6)}
+             | {"emb": _sharded(torch.zeros(6, 2))}, "step": -1,
              "sched": {"lr": -1.0}, f"rank{rank}.x": torch.zeros(4),
              f"rank{rank}.loader": {"pos": -1}}
     if extra:
@@ -38,7 +48,9 @@ def _same(a: object, b: object) -> bool:
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+        local = getattr(a, "to_local", lambda: a)  # a DTensor: this rank's shard
+        return isinstance(b, torch.Tensor) and torch.equal(local(), getattr(b, "to_local",
+                                                                            lambda: b)())
     return a == b
 
 
