@@ -40,11 +40,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-import xxhash
 from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
 from torch.distributed.checkpoint.storage import StorageWriter
 
+from dckpt.blocks import digest
 from dckpt.decoder import paused_gc
 from dckpt.planner import PlannerData, SafeSavePlanner
 from dckpt.torch_internals import DistWrapper
@@ -55,18 +55,18 @@ MANY_ITEMS = 1024
 """A rank's items from which its writes, too, run with the garbage collector paused."""
 
 
-def plan_digest(plan: SavePlan) -> bytes:
+def plan_digest(plan: SavePlan) -> str:
     """The structure of a local save plan: its items, and the mappings of the flattening
     (DCP stores them in the checkpoint's metadata). Not its values' digests, nor the step."""
     mappings = dict(plan.planner_data) if isinstance(plan.planner_data, dict) else None
-    return xxhash.xxh3_128_digest(pickle.dumps((plan.items, mappings), protocol=5))
+    return digest(pickle.dumps((plan.items, mappings), protocol=5))
 
 
 @dataclass(frozen=True)
 class _Known:
     """(rank -> coordinator) A local plan the coordinator planned before, by its digest."""
 
-    key: bytes
+    key: str
     generation: str
     storage_data: Any
     value_digests: dict[str, str]
@@ -75,7 +75,7 @@ class _Known:
 @dataclass(frozen=True)
 class _Full:
     plan: SavePlan
-    key: bytes
+    key: str
 
 
 @dataclass(frozen=True)
@@ -108,11 +108,11 @@ class PlanCache:
         self.clear()
 
     def clear(self) -> None:
-        self.key: bytes | None = None
+        self.key: str | None = None
         self.generation = ""
         self.plan: SavePlan | None = None  # this rank's planned plan, storage_data aside
         # the coordinator's
-        self.keys: list[bytes] | None = None
+        self.keys: list[str] | None = None
         self.metadata: Metadata | None = None
 
 

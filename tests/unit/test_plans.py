@@ -15,7 +15,7 @@ from dckpt import saver
 from dckpt.global_plan import plan_digest
 
 
-def _digest(state: dict) -> bytes:
+def _digest(state: dict) -> str:
     planner = DefaultSavePlanner()
     planner.set_up_planner(state, is_coordinator=True)
     return plan_digest(planner.create_local_plan())
