@@ -41,6 +41,8 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
         try:
             infos.append(info_from_manifest(read_manifest(store, step), url,
                                             quarantined=marked.get(step)))
+        except CheckpointNotFoundError:
+            continue  # deleted since the listing
         except DckptError as e:
             infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
                                         world_size=0, bytes_logical=0, bytes_written=0,
@@ -71,11 +73,13 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     elif not all_steps:
         steps = steps[-1:]
     report = verify_steps(store, steps, progress=progress)
+    if step is not None and step not in report.steps:
+        raise CheckpointNotFoundError(f"{url}: step {step} was deleted while it was verified")
     if quarantine:
         bad: dict[int, str] = {}
         for p in report.problems:
             bad.setdefault(p.step, p.message.splitlines()[0])
-        for s in steps:
+        for s in report.steps:
             set_quarantine(store, s, bad.get(s))
         if bad:
             log.warning("quarantined steps %s of %s", sorted(bad), url)

@@ -8,7 +8,9 @@ name carries its start time), which may still be in flight. Everything else unde
 goes. A segment that some blocks of a live checkpoint still need is kept whole; the bytes no
 one references in it are reported as waste.
 
-A damaged manifest stops gc: what it references cannot be told from garbage.
+A damaged manifest stops gc: what it references cannot be told from garbage. One that
+vanishes after the listing was deleted meanwhile: its tombstone, written before the manifest
+is removed and listed after the manifests, keeps its blocks live.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from dckpt import layout
 from dckpt.decoder import decode
-from dckpt.errors import DckptError, FormatError
+from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
 from dckpt.manifest import Manifest
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store
@@ -64,6 +66,8 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     for step in committed_steps(store):
         try:
             live.append(read_manifest(store, step))
+        except CheckpointNotFoundError:
+            continue  # deleted since the listing: its record under deleted/, listed next, is live
         except DckptError as e:
             raise FormatError(
                 f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({e}); "
@@ -78,6 +82,8 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
             try:
                 raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
                 live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+            except FileNotFoundError:
+                continue  # expired for another gc (a shorter deleted_min_age_s) meanwhile
             except (DckptError, IsADirectoryError) as e:
                 raise FormatError(
                     f"gc stopped: the record of deleted checkpoint {layout.DELETED_DIR}/{name} "

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dckpt import watchdog
-from dckpt.errors import DckptError
+from dckpt import layout, watchdog
+from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.reads import Fetcher, coalesce
 from dckpt.repository import read_manifest
 from dckpt.storage import Store
@@ -39,16 +39,23 @@ Progress = Callable[[int, int], None]
 def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
                  request_bytes: int = 16 << 20, progress: Progress | None = None) -> VerifyReport:
     """Read and check every block of each step; ``progress(done, total)`` after each read.
+    A step deleted before or while it is read (a running job's retention, its data
+    collected) is left out of the report, not reported as damage.
     Raises Stalled (a StorageError) when no read ends for ``watchdog.STALL_S``: a storage
     that stops answering is not a finding about the data."""
     problems: list[Problem] = []
     checked = 0
+    seen = []
     for step in steps:
         try:
             m = read_manifest(store, step)
+        except CheckpointNotFoundError:
+            continue  # deleted since the listing (a job's retention): not damage
         except DckptError as e:
             problems.append(Problem(step, str(e)))
+            seen.append(step)
             continue
+        found = len(problems)
         datas = list(m.datas())
         total = sum(d.nbytes for _, d in datas)
         done = 0
@@ -75,4 +82,8 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
                 done += req.length
                 if progress is not None:
                     progress(done, total)
-    return VerifyReport(tuple(steps), checked, tuple(problems))
+        if len(problems) > found and not store.exists(layout.manifest_name(step)):
+            del problems[found:]  # deleted while it was read, its data collected: not damage
+            continue
+        seen.append(step)
+    return VerifyReport(tuple(seen), checked, tuple(problems))

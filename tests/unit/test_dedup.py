@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import struct
@@ -192,6 +193,69 @@ def test_gc_racing_a_save_deletes_nothing_referenced_and_the_save_commits(tmp_pa
     assert final.deleted  # step 1's data, once its grace ran out
     _assert_same(_load(url, 3, states[3]), states[3])
     _assert_same(_load(url, 2, states[2]), states[2])
+
+
+@pytest.mark.parametrize("race, op", [
+    ("deleted", "gc"), ("deleted", "ls"), ("deleted", "verify"),
+    ("its record expired", "gc"), ("collected", "verify"), ("collected", "verify step 1")])
+def test_gc_verify_and_ls_racing_another_process_see_no_damage(tmp_path, monkeypatch, race, op):
+    """A job's retention deletes and collects while an operator runs gc, verify or ls: a
+    checkpoint that vanishes after the listing is neither damage nor a reason for gc to stop,
+    and gc still keeps a just-deleted checkpoint's blocks for their grace period."""
+    from dckpt.storage import Store
+
+    verify_module = importlib.import_module("dckpt.verify")  # dckpt.verify is the function
+
+    url, repo = str(tmp_path / "repo"), tmp_path / "repo"
+    states = {k: dict(_state(k), step=k) for k in (1, 2, 3)}  # no block in common
+    for k, state in states.items():
+        dckpt.save(state, url, step=k)
+    folder_1 = {b.segment.rsplit("/", 1)[0] for b in dckpt.inspect(url, step=1).refs()}
+    if race == "its record expired":
+        dckpt.delete(url, step=1)
+    read_bytes, read_manifest, raced = Store.read_bytes, verify_module.read_manifest, []
+
+    def read_racing(self, name: str) -> bytes:  # the other process acts after the listing
+        if not raced and name.startswith("manifests/000000000001" if race == "deleted"
+                                          else "deleted/"):
+            raced.append(name)
+            if race == "deleted":
+                dckpt.delete(url, step=1)
+            else:  # a gc with deleted_min_age_s=0 took the record
+                os.unlink(repo / name)
+        return read_bytes(self, name)
+
+    def read_then_collected(store, step):  # verify read the manifest; then it all went
+        m = read_manifest(store, step)
+        if step == 1:
+            raced.append(step)
+            dckpt.delete(url, step=1)
+            dckpt.gc(url, min_age_s=0)
+        return m
+
+    monkeypatch.setattr(Store, "read_bytes", read_racing)
+    monkeypatch.setattr(verify_module, "read_manifest", read_then_collected)
+    if op == "gc":
+        report = dckpt.gc(url, min_age_s=0, deleted_min_age_s=3600)
+        if race == "deleted":  # its record is live: its blocks stay
+            assert report.deleted == () and report.live_checkpoints == (2, 3, 1)
+        else:
+            assert report.live_checkpoints == (2, 3)
+            assert {n.rsplit("/", 1)[0] for n in report.deleted} == folder_1
+    elif op == "ls":
+        assert [(i.step, i.problem) for i in dckpt.list_checkpoints(url)] == [(2, None),
+                                                                              (3, None)]
+    elif op == "verify":
+        report = dckpt.verify(url, all_steps=True)
+        assert report.ok and report.steps == (2, 3), report.problems
+    else:
+        with pytest.raises(dckpt.CheckpointNotFoundError, match="deleted while it was verif"):
+            dckpt.verify(url, step=1)
+    assert raced
+    monkeypatch.undo()
+    for k in (2, 3):
+        _assert_same(_load(url, k, states[k]), states[k])
+    assert dckpt.verify(url, all_steps=True).ok
 
 
 def _slow_save_in_thread(url: str, state: dict, step: int, out: dict) -> threading.Thread:
