@@ -67,7 +67,8 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
 
     Returns the same CheckpointInfo on every rank. Any failure on any rank raises the same
     CommitError on every rank; nothing is committed and earlier checkpoints stand. Waits
-    first for an async save in flight.
+    first for an async save in flight. ``metrics`` are recorded as the coordinator (rank 0)
+    passes them: reduce a metric over the ranks first where each rank computes its own.
     """
     check_state_dict(state_dict)
     check_step(step)

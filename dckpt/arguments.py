@@ -82,6 +82,8 @@ def check_url(url: object) -> str:
     text = os.fspath(url)
     if not isinstance(text, str):
         raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
+    if "\0" in text:
+        raise ArgumentError(f"the URL holds a NUL character: {text!r}")
     local = text[len("file://"):] if text.startswith("file://") else (
         None if "://" in text else text)
     if local is not None and os.path.exists(local) and not os.path.isdir(local):
@@ -98,6 +100,11 @@ def _show(value: object) -> str:
 CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
                                "CredentialRetrievalError", "NoAuthTokenError"})
 """botocore's (and s3fs's) errors for missing credentials, by name: botocore is s3fs's."""
+
+STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3",
+                               "requests", "gcsfs", "adlfs", "azure", "google"})
+"""Packages whose exceptions are the storage's failures, though not OSErrors (botocore's
+EndpointConnectionError: an S3 endpoint that does not answer)."""
 
 
 def check_checkpoint_id(checkpoint_id: object, url: str, plug_in: str) -> None:
@@ -121,7 +128,8 @@ def storage_error(e: BaseException, what: str) -> DckptError:
                             "check the credentials "
                             "(storage_options key/secret/profile, or the environment's) and "
                             "their rights on that bucket or folder")
-    if isinstance(e, (OSError, TimeoutError)):
+    if isinstance(e, (OSError, TimeoutError)) or (
+            type(e).__module__.partition(".")[0] in STORAGE_LIBRARIES):
         return StorageError(f"{what}: the storage failed ({type(e).__name__}: {e}); earlier "
                             "checkpoints are intact")
     if isinstance(e, RecursionError | MemoryError | OverflowError):

@@ -7,8 +7,10 @@ import collections
 import copy
 import json
 import os
-import threading
 import shutil
+import socket
+import threading
+import time
 
 import pytest
 import torch
@@ -380,6 +382,8 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
     file_url.write_bytes(b"x")
     calls = _bad_calls(url) + [
         ("save url is a file", lambda: dckpt.save({"w": torch.ones(1)}, str(file_url), step=1)),
+        ("save url with NUL", lambda: dckpt.save({"w": torch.ones(1)}, url + "\0x", step=1)),
+        ("list url with NUL", lambda: dckpt.list_checkpoints(url + "\0x")),
         ("list url is a file", lambda: dckpt.list_checkpoints(str(file_url))),
     ]
     for name, call in calls:
@@ -511,8 +515,6 @@ def black_hole():
 
 
 def test_s3_that_stops_answering_is_an_error_in_bounded_time(black_hole):
-    import time
-
     from dckpt.storage import S3_CONFIG, s3_options
 
     assert s3_options({})["config_kwargs"] == S3_CONFIG  # bounded by default
@@ -632,6 +634,31 @@ def test_wrong_credentials_are_a_storage_error_that_says_so(monkeypatch):
             assert "refused access" in str(e.value), name
     finally:
         server.stop()
+
+
+def test_an_s3_endpoint_that_refuses_connections_is_a_storage_error(tmp_path):
+    """Nothing listens at the endpoint (a wrong port, a server down): botocore's
+    EndpointConnectionError is not an OSError, and came out as an "unexpected" DckptError."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    options = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "k", "secret": "s"}
+    url = "s3://bucket/repo"
+    for name, call, error in [
+        ("list", lambda: dckpt.list_checkpoints(url, storage_options=options), dckpt.StorageError),
+        ("load", lambda: dckpt.load({"w": torch.ones(1)}, url, storage_options=options),
+         dckpt.StorageError),
+        ("verify", lambda: dckpt.verify(url, storage_options=options), dckpt.StorageError),
+        ("gc", lambda: dckpt.gc(url, storage_options=options), dckpt.StorageError),
+        ("status", lambda: dckpt.status(url, storage_options=options), dckpt.StorageError),
+        ("save", lambda: dckpt.save({"w": torch.ones(1)}, url, step=1, storage_options=options),
+         dckpt.CommitError),
+    ]:
+        t0 = time.monotonic()
+        with pytest.raises(error, match="EndpointConnectionError") as e:
+            call()
+        assert time.monotonic() - t0 < 60, name
+        assert "unexpected" not in str(e.value), name
 
 
 # ------------------------------------------------------------------ what a save accepts, a load restores
