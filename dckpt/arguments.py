@@ -84,6 +84,13 @@ def check_url(url: object) -> str:
         raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
     if "\0" in text:
         raise ArgumentError(f"the URL holds a NUL character: {text!r}")
+    scheme, sep, rest = text.partition("://")
+    if sep and scheme in OBJECT_STORES:
+        parts = rest.rstrip("/").split("/")
+        if not parts[0] or any(p in ("", ".", "..") for p in parts[1:]):
+            raise ArgumentError(
+                f"{text}: an object store has no folders to resolve '//', '.' or '..' in (they "
+                f"would be part of the object names); write it as {scheme}://BUCKET/PREFIX")
     local = text[len("file://"):] if text.startswith("file://") else (
         None if "://" in text else text)
     if local is not None and os.path.exists(local) and not os.path.isdir(local):
@@ -100,6 +107,9 @@ def _show(value: object) -> str:
 CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError",
                                "CredentialRetrievalError", "NoAuthTokenError"})
 """botocore's (and s3fs's) errors for missing credentials, by name: botocore is s3fs's."""
+
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"})
+"""URL schemes whose paths are object names, not folders."""
 
 STORAGE_LIBRARIES = frozenset({"botocore", "aiobotocore", "s3fs", "aiohttp", "urllib3",
                                "requests", "gcsfs", "adlfs", "azure", "google"})

@@ -384,6 +384,11 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
         ("save url is a file", lambda: dckpt.save({"w": torch.ones(1)}, str(file_url), step=1)),
         ("save url with NUL", lambda: dckpt.save({"w": torch.ones(1)}, url + "\0x", step=1)),
         ("list url with NUL", lambda: dckpt.list_checkpoints(url + "\0x")),
+        ("save s3 url with //", lambda: dckpt.save({"w": torch.ones(1)}, "s3://b//r", step=1)),
+        ("load s3 url with ..", lambda: dckpt.load({"w": torch.ones(1)}, "s3://b/x/../r")),
+        ("list s3 url without bucket", lambda: dckpt.list_checkpoints("s3:///r")),
+        ("manager s3 url with .", lambda: dckpt.CheckpointManager("s3://b/./r",
+                                                                  save_every_steps=1)),
         ("list url is a file", lambda: dckpt.list_checkpoints(str(file_url))),
     ]
     for name, call in calls:
