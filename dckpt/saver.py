@@ -159,7 +159,8 @@ class _Planned:
 
 
 class AsyncSaver:
-    """Saves with reused staging memory and at most one save in flight per process.
+    """Saves with reused staging memory and at most one save in flight per process (threads
+    that save at once take turns).
 
     ``dckpt.save`` and ``dckpt.async_save`` use one AsyncSaver per process; make your own
     only to keep several independent staging areas.
@@ -183,6 +184,9 @@ class AsyncSaver:
         self._plans = PlanCache()
         """Its saves' last global plan (sync and async saves take turns)."""
         self._lock = threading.Lock()
+        self._calls = threading.RLock()
+        """One call at a time (threads of one process saving at once): a second async_save
+        staged into the memory the first one's write was still reading."""
 
     # ------------------------------------------------------------------ public
 
@@ -195,10 +199,11 @@ class AsyncSaver:
         config = check_config(config, SaveConfig) or SaveConfig()
         writer = self.writer(url, step=step, metrics=metrics,
                              storage_options=storage_options, config=config)
-        self.wait_idle()
-        group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
-        with paused_gc():  # the caller waits anyway; a block reference is a few objects
-            return run_save(state_dict, writer, None, group, self._plans)
+        with self._calls:
+            self.wait_idle()
+            group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
+            with paused_gc():  # the caller waits anyway; a block reference is a few objects
+                return run_save(state_dict, writer, None, group, self._plans)
 
     @public
     def async_save(self, state_dict: StateDict, url: str, *, step: int,
@@ -210,6 +215,12 @@ class AsyncSaver:
         config = check_config(config, SaveConfig) or SaveConfig()
         writer = self.writer(url, step=step, metrics=metrics,  # checks the arguments first
                              storage_options=storage_options, config=config)
+        with self._calls:
+            return self._async_save(state_dict, writer, config, t0)
+
+    def _async_save(self, state_dict: StateDict, writer: Writer, config: SaveConfig,
+                    t0: float) -> SaveHandle:
+        step = writer.step
         group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
         control = dist.checkpoint_group(config.collective_timeout_s,
                                         purpose=f"{self.purpose}-control")
@@ -270,8 +281,9 @@ class AsyncSaver:
 
     def close(self) -> None:
         """Wait for the save in flight and free the staging memory."""
-        self.wait_idle()
-        self._area.release()
+        with self._calls:
+            self.wait_idle()
+            self._area.release()
 
     # ------------------------------------------------------------------ internals
 
@@ -296,9 +308,11 @@ class AsyncSaver:
         Returns the seconds it took; nothing is copied or written."""
         t0 = time.perf_counter()
         check_state_dict(state_dict)
-        planned = self._plan(state_dict, check_config(config, SaveConfig) or SaveConfig())
-        if not planned.problems:
-            self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
+        with self._calls:
+            self.wait_idle()  # the slots may move: not under a write in flight
+            planned = self._plan(state_dict, check_config(config, SaveConfig) or SaveConfig())
+            if not planned.problems:
+                self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         return time.perf_counter() - t0
 
     def _plan(self, state_dict: StateDict, config: SaveConfig) -> _Planned:
@@ -451,14 +465,16 @@ def lower_priority(nice: int) -> None:
 
 
 _default: AsyncSaver | None = None
+_default_lock = threading.Lock()
 
 
 def default_saver() -> AsyncSaver:
-    """The process's saver, made on first use."""
+    """The process's saver, made on first use (once, whichever thread comes first)."""
     global _default
-    if _default is None:
-        _default = AsyncSaver()
-    return _default
+    with _default_lock:
+        if _default is None:
+            _default = AsyncSaver()
+        return _default
 
 
 def wait_idle() -> None:

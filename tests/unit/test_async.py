@@ -336,3 +336,46 @@ def test_an_async_save_of_a_list_after_one_of_a_dict_exports_as_a_list(tmp_path)
     dckpt.export(url, step=2, to=str(tmp_path / "out.pt"), format="torch")
     back = torch.load(tmp_path / "out.pt", weights_only=True)
     assert isinstance(back["b"], list) and torch.equal(back["b"][0], torch.full((3,), 2.0))
+
+
+@pytest.mark.parametrize("mode", ["async", "sync and async", "one saver"])
+def test_threads_saving_at_once_each_commit_their_own_values(tmp_path, mode):
+    """Threads of one process saving at once (the model and its EMA, each to its own
+    repository) take turns: a second async save staged into the memory the first one's write
+    was still reading, and the checkpoints held each other's values."""
+    import threading
+
+    saver = AsyncSaver() if mode == "one saver" else None
+    errors: list[BaseException] = []
+
+    def state(thread: int, step: int) -> dict:  # two layouts: the slots move, or stay
+        return {"w": torch.full((50_000 + 1000 * (thread % 2),), float(100 * thread + step)),
+                "b": torch.arange(thread + 1) + step}
+
+    def run(thread: int) -> None:
+        try:
+            url = str(tmp_path / f"repo{thread}")
+            for step in range(6):
+                sync = mode == "sync and async" and (thread + step) % 2 == 0
+                if saver is not None:
+                    saver.async_save(state(thread, step), url, step=step)
+                elif sync:
+                    dckpt.save(state(thread, step), url, step=step)
+                else:
+                    dckpt.async_save(state(thread, step), url, step=step)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    (saver or dckpt.saver.default_saver()).wait_idle()
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    for thread in range(4):
+        for step in range(6):
+            want = state(thread, step)
+            got = {k: torch.zeros_like(v) for k, v in want.items()}
+            dckpt.load(got, str(tmp_path / f"repo{thread}"), step=step)
+            assert all(torch.equal(got[k], want[k]) for k in want), (thread, step)
