@@ -8,6 +8,7 @@ items made tensors and values are ``dckpt.items``.
 
 from __future__ import annotations
 
+import errno
 import threading
 import time
 from collections.abc import Sequence
@@ -23,6 +24,10 @@ from dckpt.watchdog import STALL_S, Stalled, wait_all
 
 __all__ = ["Request", "Span", "Target", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
            "read_stored_sample", "READ_THREADS"]
+
+UNREADABLE = frozenset({errno.ELOOP, errno.EIO})
+"""Errors of one object, not of the storage: a symlink loop where it belongs, a medium error
+under its bytes. Its checkpoint is damaged (a restore falls back past it)."""
 
 
 @dataclass(frozen=True)
@@ -225,6 +230,11 @@ class Fetcher:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):  # a file or a
             raise IntegrityError(  # folder where its folder or itself belongs: as gone
                 f"{what}: object {segment} is missing from {self.store.url}") from None
+        except OSError as e:
+            if e.errno not in UNREADABLE:
+                raise
+            raise IntegrityError(f"{what}: object {segment} of {self.store.url} cannot be "
+                                 f"read ({e.strerror or e})") from None
         if n != want:
             if whats:  # the first buffer not filled
                 filled = 0

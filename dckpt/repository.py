@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from dckpt import layout
@@ -14,6 +15,8 @@ from dckpt.storage import Store
 __all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
            "read_manifest_bytes", "decode_manifest", "require_repository", "mark_repository",
            "quarantined", "set_quarantine"]
+
+log = logging.getLogger(__name__)
 
 _MARKER = json.dumps({"format": "dckpt.repository", "version": 1}).encode()
 
@@ -104,15 +107,23 @@ def decode_manifest(raw: bytes, step: int, url: str) -> Manifest:
 def quarantined(store: Store) -> dict[int, str]:
     """Steps that ``verify(quarantine=True)`` found damaged, with the reason: restores with
     ``step=None`` skip them without reading them."""
-    out = {}
-    for name in store.list_names(layout.QUARANTINE_DIR):
+    out: dict[int, str] = {}
+    try:
+        names = store.list_names(layout.QUARANTINE_DIR)
+    except NotADirectoryError:  # advisory marks: the restore verifies every byte anyway
+        log.warning("%s/%s is a file, not a folder: quarantine marks ignored", store.url,
+                    layout.QUARANTINE_DIR)
+        return out
+    for name in names:
         step = layout.parse_manifest_name(name)
         if step is None:
             continue
         try:
             doc = json.loads(store.read_bytes(f"{layout.QUARANTINE_DIR}/{name}"))
             out[step] = str(doc.get("reason", "damaged"))
-        except (FileNotFoundError, ValueError, AttributeError):
+        except FileNotFoundError:
+            continue  # cleared since the listing (a verify found it clean)
+        except (IsADirectoryError, ValueError, AttributeError):
             out[step] = "quarantined (the marker is unreadable)"
     return out
 

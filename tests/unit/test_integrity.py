@@ -105,7 +105,7 @@ def _objects(root: str) -> list[str]:
                   for d, _, names in os.walk(os.path.join(root, layout.DATA_DIR)) for n in names)
 
 
-@pytest.mark.parametrize("swap", ["manifest", "segment"])
+@pytest.mark.parametrize("swap", ["manifest", "segment", "segment as a symlink loop"])
 def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
     url = str(tmp_path)
     dckpt.save({"w": torch.ones(10)}, url, step=1)
@@ -114,7 +114,11 @@ def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
     path = (manifest if swap == "manifest"
             else os.path.join(url, json.loads(open(manifest, "rb").read())["segments"][0]))
     os.unlink(path)
-    os.mkdir(path)
+    if swap == "segment as a symlink loop":  # ELOOP: was a DckptError, and no fallback
+        os.symlink(path, path)
+        swap = "segment"
+    else:
+        os.mkdir(path)
     out = {"w": torch.zeros(10)}
     info = dckpt.load(out, url)
     assert info.step == 1 and info.skipped[0][0] == 2 and torch.equal(out["w"], torch.ones(10))
@@ -124,6 +128,33 @@ def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
     if swap == "manifest":  # what step 2 references cannot be told from garbage
         with pytest.raises(dckpt.FormatError, match="gc stopped"):
             dckpt.gc(url, min_age_s=0)
+
+
+@pytest.mark.parametrize("damage", ["the folder is a file", "a mark is a folder",
+                                    "a mark is garbage"])
+def test_damaged_quarantine_marks_never_stop_a_restore(tmp_path, damage):
+    """The marks are advisory (a restore verifies every byte anyway): a file where their
+    folder belongs is ignored, a mark that cannot be read still marks its step. A file there
+    stopped every load and listing with a StorageError."""
+    url = str(tmp_path)
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    dckpt.save({"w": torch.full((10,), 2.0)}, url, step=2)
+    marks = tmp_path / layout.QUARANTINE_DIR
+    mark = tmp_path / layout.quarantine_name(2)
+    if damage == "the folder is a file":
+        marks.write_bytes(b"x")
+    else:
+        marks.mkdir()
+        mark.mkdir() if damage == "a mark is a folder" else mark.write_bytes(b"\xff{")
+    out = {"w": torch.zeros(10)}
+    info = dckpt.load(out, url)
+    ignored = damage == "the folder is a file"
+    assert info.step == (2 if ignored else 1)
+    assert torch.equal(out["w"], torch.full((10,), float(info.step)))
+    assert [(i.step, i.problem, i.quarantined) for i in dckpt.list_checkpoints(url)] == [
+        (1, None, None),
+        (2, None, None if ignored else "quarantined (the marker is unreadable)")]
+    assert dckpt.verify(url, all_steps=True).ok
 
 
 @pytest.mark.parametrize("folder", [layout.MANIFEST_DIR, layout.DATA_DIR])
