@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -69,6 +70,9 @@ class MemoryTier:
             raise ArgumentError(f"the memory tier's folder {parent} (memory_dir, or "
                                 f"DCKPT_MEMORY_DIR) {what}; create it or name another")
         try:
+            if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+                log.warning("memory tier: %s is not a folder; replacing it", self.folder)
+                os.unlink(self.folder)  # a name of dckpt's own: no one else's file
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
             os.chmod(self.folder, 0o700)
         except OSError as e:
@@ -128,12 +132,14 @@ class MemoryTier:
         already holds skips the allocation and zeroing of new pages, which on a busy node
         is slower than the copy itself (docs/benchmarks.md, Memory tier)."""
         spare = os.path.join(self.folder, SPARE_DIR)
+        if os.path.lexists(spare) and not os.path.isdir(spare):
+            os.unlink(spare)  # not the tier's: a folder of its own belongs there
         os.makedirs(spare, mode=0o700, exist_ok=True)
         budget = sum(bytes_under(os.path.join(self.folder, f)) for f in kept)
         budget -= bytes_under(spare)
         for name in sorted(os.listdir(attempt)) if os.path.isdir(attempt) else []:
             path = os.path.join(attempt, name)
-            size = os.path.getsize(path)
+            size = os.path.getsize(path) if os.path.isfile(path) else budget + 1  # not a file
             if name.endswith((".seg", ".part")) and size <= budget:
                 os.replace(path, os.path.join(spare, f"{os.path.basename(attempt)}-{name}"))
                 budget -= size
@@ -207,6 +213,12 @@ class MemoryTier:
     def remove(self) -> None:
         """Remove the folder and all it holds (a job's clean end)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def reset(self) -> None:
+        """Empty the folder (what it held cannot be read: a file where one of its folders
+        belongs, a symlink loop); the next saves start afresh."""
+        self.remove()
+        os.makedirs(self.folder, mode=0o700, exist_ok=True)
 
 
 @contextmanager
@@ -320,14 +332,16 @@ def take_spare(folder: str, path: str, nbytes: int) -> bool:
     spare = os.path.join(folder, SPARE_DIR)
     try:
         names = os.listdir(spare)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return False
     sized = []
     for name in names:
         try:
-            sized.append((os.path.getsize(os.path.join(spare, name)), name))
+            st = os.stat(os.path.join(spare, name), follow_symlinks=False)
         except OSError:
-            pass  # taken meanwhile
+            continue  # taken meanwhile
+        if stat.S_ISREG(st.st_mode):  # a spare is a file the tier wrote, nothing else
+            sized.append((st.st_size, name))
     fitting = sorted(x for x in sized if x[0] >= nbytes) or sorted(sized, reverse=True)
     for _, name in fitting:
         try:

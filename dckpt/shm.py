@@ -30,7 +30,10 @@ def held(url: str, memory_dir: str | None = None) -> tuple[str, int, int | None]
     folder = memory_folder(url, memory_dir)
     if not os.path.isdir(folder):
         return None
-    steps = committed_steps(Store(folder))
+    try:
+        steps = committed_steps(Store(folder))
+    except OSError:  # damaged: the next restore finds it so and starts it afresh
+        steps = []
     return folder, bytes_under(folder), steps[-1] if steps else None
 
 

@@ -257,9 +257,14 @@ class MemorySaves:
         then in every node's folder. A failure to list is the same StorageError everywhere."""
         found: object = None
         if self.leader:
+            node = self.nodes.of[dist.rank()]
             try:
-                found = inventory(self.tier.store, self.nodes.of[dist.rank()],
-                                  check_blocks=check_blocks)
+                found = inventory(self.tier.store, node, check_blocks=check_blocks)
+            except OSError as e:  # this node's memory is lost, not the storage: its peers'
+                log.warning("memory tier %s cannot be read (%s: %s); what it held is not "
+                            "used, and it starts afresh", self.tier.folder, type(e).__name__, e)
+                self.tier.reset()
+                found = Inventory(node, {}, {})
             except Exception as e:
                 found = f"{type(e).__name__}: {e}"
         stored: object = None

@@ -5,6 +5,7 @@ nothing after a clean end, reuses a crashed run's memory, refuses a folder witho
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 
 import pytest
@@ -113,6 +114,51 @@ def test_a_damaged_memory_checkpoint_falls_back_to_storage(tmp_path):
     assert memory.held(url, str(shm))[2] is None  # the damaged one is gone from memory
     mgr.close()
     crashed.close()
+
+
+def _replace_with_a_file(path: str) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+    open(path, "wb").write(b"x")
+
+
+def _symlink_loop(path: str) -> None:
+    os.unlink(path)
+    os.symlink(path, path)
+
+
+@pytest.mark.parametrize("damage", ["data is a file", "manifests is a file",
+                                    "a segment is a symlink loop", "the folder is a file",
+                                    "spare is a file"])
+def test_a_memory_folder_damaged_past_reading_means_storage_then_memory_again(tmp_path, damage):
+    """The memory tier is the node's scratch: what it cannot read is memory lost, not a
+    reason to stop the job. Each of these failed the restore (StorageError), failed the
+    manager's creation, or failed every memory save after."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    crashed, weights = _run(url, shm, 13, save_every_steps=5, memory_every_steps=3)
+    folder = memory.memory_folder(url, str(shm))
+    segment = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "data"))
+                   for f in fs)
+    {"data is a file": lambda: _replace_with_a_file(os.path.join(folder, "data")),
+     "manifests is a file": lambda: _replace_with_a_file(os.path.join(folder, "manifests")),
+     "a segment is a symlink loop": lambda: _symlink_loop(segment),
+     "the folder is a file": lambda: _replace_with_a_file(folder),
+     "spare is a file": lambda: _replace_with_a_file(os.path.join(folder, "spare"))}[damage]()
+    model, opt, state = _train(seed=99)
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                  save_every_steps=5, memory_every_steps=3)
+    info = mgr.restore(state)
+    want = (12, "memory") if damage == "spare is a file" else (10, "storage")
+    assert (info.step, info.tier) == want and _same(model.state_dict(), weights[info.step])
+    for step in range(info.step + 1, info.step + 10):
+        _step(model, opt, step)
+        mgr.maybe_save(step, state)
+    mgr._poll(wait=True)
+    newest = max(s for s in range(info.step + 1, info.step + 10) if s % 3 == 0)
+    assert mgr.failures == [] and memory.held(url, str(shm))[2] == newest
+    mgr.close()
+    crashed.close()
+    assert not os.path.exists(folder)
 
 
 def test_a_crashed_runs_memory_is_reused_then_removed_by_a_clean_end(tmp_path):
