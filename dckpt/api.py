@@ -192,7 +192,14 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     check_step(step, optional=True)
     check_bool(partial, "partial")
     check_config(config, LoadConfig)
-    config = config or LoadConfig()
+    with dist.collectives(f"load from {url}", saving=False):
+        return _load_with(make_reader, state_dict, url, step=step, partial=partial,
+                          storage_options=storage_options, config=config or LoadConfig())
+
+
+def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: str, *,
+               step: int | None, partial: bool, storage_options: dict | None,
+               config: LoadConfig) -> CheckpointInfo:
     store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)

@@ -7,6 +7,8 @@ import atexit
 import logging
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -205,8 +207,23 @@ def peer_failure(exc: BaseException, *, what: str, saving: bool) -> DckptError:
     """A collective broke (a rank died or timed out): say so in the right error type."""
     cls = CommitError if saving else DckptError
     return cls(f"{what} failed on rank {rank()}: a collective with the other ranks broke "
-               f"({type(exc).__name__}: {exc}). A rank died or stopped answering within the "
-               "timeout; earlier checkpoints are intact")
+               f"({type(exc).__name__}: {exc}). A rank died, stopped answering within the "
+               "timeout, or called another collective (every rank calls the same dckpt "
+               "function at once); earlier checkpoints are intact")
+
+
+@contextmanager
+def collectives(what: str, *, saving: bool) -> Iterator[None]:
+    """A collective that breaks inside (gloo's RuntimeError: a peer died, timed out, or
+    called another collective) is the DckptError that says so, not an unexpected one."""
+    try:
+        yield
+    except DckptError:
+        raise
+    except RuntimeError as e:
+        if not active():
+            raise
+        raise peer_failure(e, what=what, saving=saving) from e
 
 
 def total(value: int, group: dist.ProcessGroup | None) -> int:

@@ -168,6 +168,35 @@ def test_ranks_that_pass_different_steps_are_refused_alike(tmp_path):
     assert leftovers(url) == []
 
 
+def _save_while_the_other_loads(rank, world, url):
+    from dckpt.config import LoadConfig, SaveConfig
+
+    t0 = time.monotonic()
+    try:
+        if rank == 0:
+            dckpt.save({"w": torch.full((64,), 2.0)}, url, step=2,
+                       config=SaveConfig(collective_timeout_s=5))
+        else:
+            dckpt.load({"w": torch.zeros(64)}, url, config=LoadConfig(collective_timeout_s=5))
+        return "no error", time.monotonic() - t0
+    except dckpt.DckptError as e:
+        return f"{type(e).__name__}: {e}", time.monotonic() - t0
+
+
+def test_a_rank_that_loads_while_the_other_saves_fails_both_saying_so(tmp_path):
+    """One rank's load met the other's save in the same collectives: the load's broken
+    collective was an "unexpected RuntimeError"; both now say a collective broke, within
+    the timeout, and nothing is committed."""
+    url = str(tmp_path)
+    run_ranks(_save_step, 2, url, 1)
+    (save, save_s), (load, load_s) = [o.value for o in run_ranks(
+        _save_while_the_other_loads, 2, url)]
+    assert save.startswith("CommitError: save of step 2") and "collective" in save, save
+    assert load.startswith("DckptError: load from") and "called another collective" in load
+    assert "unexpected" not in load and save_s < 60 and load_s < 60
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+
+
 def _node_local(rank, world, root):
     try:  # each rank its own folder, as with a path on each node's own disk
         dckpt.save({f"r{rank}": torch.ones(4)}, os.path.join(root, f"node{rank}"), step=1)
