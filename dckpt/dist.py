@@ -94,7 +94,15 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     world = dist.group.WORLD
     entry = _groups.get(key)
     if entry is None or entry[0] is not world:
-        entry = (world, dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s)))
+        try:
+            made = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        except Exception as e:  # the other ranks did not make it with this one
+            raise DckptError(
+                f"making dckpt's gloo group ({purpose!r}, timeout {timeout_s:g} s) failed on "
+                f"rank {rank()} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): every "
+                "rank makes it at its first save or load with that collective_timeout_s, so "
+                "every rank must pass the same one, at the same calls; or a rank died") from e
+        entry = (world, made)
         _groups[key] = entry
     return entry[1]
 

@@ -194,7 +194,32 @@ def test_a_rank_that_loads_while_the_other_saves_fails_both_saying_so(tmp_path):
     assert save.startswith("CommitError: save of step 2") and "collective" in save, save
     assert load.startswith("DckptError: load from") and "called another collective" in load
     assert "unexpected" not in load and save_s < 60 and load_s < 60
-    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1] and leftovers(url) == []
+
+
+def _save_with_a_timeout_of_its_own(rank, world, url):
+    from dckpt.config import SaveConfig
+
+    dckpt.save({"w": torch.ones(64)}, url, step=1, config=SaveConfig(collective_timeout_s=60))
+    t0 = time.monotonic()
+    try:  # rank 1 saves on the group it has; rank 0 makes one that rank 1 never makes
+        dckpt.save({"w": torch.ones(64)}, url, step=2,
+                   config=SaveConfig(collective_timeout_s=5 if rank == 0 else 60))
+        return "no error", time.monotonic() - t0
+    except dckpt.DckptError as e:
+        return f"{type(e).__name__}: {e}", time.monotonic() - t0
+
+
+def test_ranks_that_pass_different_collective_timeouts_fail_alike_in_bounded_time(tmp_path):
+    """Each timeout has a gloo group of its own, made collectively at its first use: rank 0
+    made one alone and failed with an "unexpected DistStoreError"."""
+    url = str(tmp_path)
+    outcomes = [o.value for o in run_ranks(_save_with_a_timeout_of_its_own, 2, url)]
+    for message, seconds in outcomes:
+        assert "unexpected" not in message and seconds < 60, message
+        assert message.startswith(("DckptError", "CommitError")), message
+    assert "every rank must pass the same one" in outcomes[0][0]
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1] and leftovers(url) == []
 
 
 def _node_local(rank, world, root):
