@@ -33,6 +33,7 @@ from dckpt.errors import (
     StateDictError,
 )
 from dckpt.export import FORMATS, export_checkpoint
+from dckpt.global_plan import quiet_single_process
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, extents
 from dckpt.planner import SafeLoadPlanner
@@ -46,7 +47,7 @@ from dckpt.repository import (
     read_manifest_bytes,
     require_repository,
 )
-from dckpt.saver import SaveHandle, default_saver, quiet_single_process, wait_idle
+from dckpt.saver import SaveHandle, default_saver, wait_idle
 from dckpt.storage import Store
 from dckpt.torch_internals import load_state_dict
 from dckpt.train_state import loading

@@ -25,17 +25,14 @@ import logging
 import os
 import threading
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
-from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 
 from dckpt import dist, layout
 from dckpt.arguments import check_config, check_state_dict, public
@@ -43,7 +40,7 @@ from dckpt.config import SaveConfig
 from dckpt.decoder import paused_gc
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError
-from dckpt.global_plan import PlanCache, save_state_dict
+from dckpt.global_plan import PlanCache, run_save, stateful_to_state_dict
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
@@ -54,59 +51,11 @@ from dckpt.storage import Store
 from dckpt.watchdog import Heartbeat, call_bounded
 from dckpt.writer import Metrics, Writer
 
-__all__ = ["SaveHandle", "AsyncSaver", "default_saver", "quiet_single_process", "run_save",
-           "lower_priority"]
+__all__ = ["SaveHandle", "AsyncSaver", "default_saver", "lower_priority", "wait_idle"]
 
 log = logging.getLogger(__name__)
 
 StateDict = dict[str, Any]
-
-
-@contextmanager
-def quiet_single_process() -> Iterator[None]:
-    """Without a process group one process is the whole world, as documented: no warning."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
-             group: object, plans: PlanCache | None = None) -> CheckpointInfo:
-    """(collective) DCP's save with ``writer``; every failure becomes the same DckptError on
-    every rank, and every rank returns the coordinator's CheckpointInfo. ``plans``: the
-    global plan of the previous save of this line, reused where the structure is the same."""
-    what = f"save of step {writer.step} to {writer.store.url}"
-    try:
-        with quiet_single_process():
-            # not dcp.save, which wraps each top-level value's state_dict() in a logger that
-            # makes two debug records of it (torch's distributed loggers are at DEBUG):
-            # 50 us a value, 1 s of a sync save of 20,000 tensors; and plans globally at
-            # every save (dckpt.global_plan)
-            info = save_state_dict(stateful_to_state_dict(state_dict), writer,
-                                   planner or SafeSavePlanner(), group, not dist.active(), plans)
-    except CheckpointException as e:
-        writer.discard(e)
-        dist.raise_interrupt(e)
-        raise dist.translate(e, what=what, saving=True) from None
-    except DckptError as e:
-        writer.discard(e)
-        raise
-    except Exception as e:  # a collective broke: a peer died or timed out
-        writer.discard(e)
-        raise dist.peer_failure(e, what=what, saving=True) from e
-    assert isinstance(info, CheckpointInfo)  # the coordinator's, sent with the commit's news
-    writer.after_commit(group)
-    mine = dict(writer.rank_s)
-    if writer.written_at is not None:
-        mine["rank_wait"] = time.perf_counter() - writer.written_at
-    return dataclasses.replace(info, phase_s={**info.phase_s, **mine})
-
-
-def stateful_to_state_dict(state_dict: StateDict) -> StateDict:
-    """DCP's rule: a top-level Stateful value saves as its ``state_dict()``. (Tensors first:
-    a check against the runtime protocol costs 20 us, 0.4 s for 20,000 tensors.)"""
-    return {k: v.state_dict() if not isinstance(v, torch.Tensor) and isinstance(v, Stateful)
-            else v for k, v in state_dict.items()}
 
 
 class _Staging:

@@ -35,14 +35,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
 from dckpt.errors import ArgumentError, CommitError, DckptError, StorageError
-from dckpt.global_plan import PlanCache
+from dckpt.global_plan import PlanCache, run_save
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.memory import MemoryTier, room_problem
 from dckpt.planner import StagedPlanner
 from dckpt.replicas import Choice, Inventory, MemoryReader, MemoryWriter, Nodes, choose, inventory
 from dckpt.repository import committed_steps, open_repository, read_manifest_raw
-from dckpt.saver import AsyncSaver, lower_priority, run_save
+from dckpt.saver import AsyncSaver, lower_priority
 from dckpt.torch_internals import is_dtensor, local_shard
 from dckpt.triggers import Trigger
 from dckpt.writer import Writer
