@@ -13,7 +13,8 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from dckpt.errors import DckptError
+from dckpt import layout
+from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import Manifest, extents
 from dckpt.reads import read_stored_sample
@@ -52,6 +53,33 @@ class Health:
         return ("OK", "WARNING", "CRITICAL", "UNKNOWN")[self.code]
 
 
+def _check(store: Store, step: int, verify: bool, sample_bytes: int
+           ) -> tuple[str | None, Manifest | None, float | None, float | None] | None:
+    """(why checkpoint ``step`` would not load or None, its manifest, the measured read rate
+    and restore estimate); None when it was deleted meanwhile, with its data collected."""
+    m = rate = estimate = None
+    try:
+        m = read_manifest(store, step)
+        why = _objects_present(store, m)
+        if why is None and verify:
+            report = verify_steps(store, [step])
+            why = None if report.ok else report.problems[0].message
+        if why is None:  # the sample read also checks what it reads
+            t0 = time.perf_counter()
+            n = read_stored_sample(store, m, sample_bytes)
+            seconds = time.perf_counter() - t0
+            if n and seconds > 0:
+                rate = n / seconds
+                estimate = m.bytes_logical / max(1, m.world_size) / rate
+    except CheckpointNotFoundError:
+        return None
+    except DckptError as e:
+        why = str(e).splitlines()[0]
+    if why is not None and not store.exists(layout.manifest_name(step)):
+        return None
+    return why, m, rate, estimate
+
+
 def _objects_present(store: Store, m: Manifest) -> str | None:
     """Why ``m`` cannot load from what the listing shows, or None."""
     return missing_object(store, extents(m.refs()))
@@ -70,22 +98,12 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
             assert why is not None
             unrecoverable.append((info.step, why.splitlines()[0]))
             continue
-        try:
-            m = read_manifest(store, info.step)
-            why = _objects_present(store, m)
-            if why is None and verify:
-                report = verify_steps(store, [info.step])
-                why = None if report.ok else report.problems[0].message
-            if why is None:  # the sample read also checks what it reads
-                t0 = time.perf_counter()
-                n = read_stored_sample(store, m, sample_bytes)
-                seconds = time.perf_counter() - t0
-                if n and seconds > 0:
-                    rate = n / seconds
-                    estimate = m.bytes_logical / max(1, m.world_size) / rate
-        except DckptError as e:
-            why = str(e).splitlines()[0]
+        checked = _check(store, info.step, verify, sample_bytes)
+        if checked is None:
+            continue  # deleted since the listing (a job's retention): not damage
+        why, m, rate, estimate = checked
         if why is None:
+            assert m is not None
             recoverable = (info, m)
             break
         unrecoverable.append((info.step, why))

@@ -258,6 +258,34 @@ def test_gc_verify_and_ls_racing_another_process_see_no_damage(tmp_path, monkeyp
     assert dckpt.verify(url, all_steps=True).ok
 
 
+def test_health_racing_a_delete_does_not_count_the_deleted_as_unrecoverable(tmp_path,
+                                                                            monkeypatch):
+    """Steps 3 and 2 lost their data; step 1 is deleted (a job's retention) while health
+    reads it: it was listed as unrecoverable, "no committed checkpoint for step 1"."""
+    from dckpt.storage import Store
+
+    url, repo = str(tmp_path / "repo"), tmp_path / "repo"
+    for k in (1, 2, 3):
+        dckpt.save(dict(_state(k), step=k), url, step=k)
+    for k in (2, 3):
+        for b in dckpt.inspect(url, step=k).refs():
+            (repo / b.segment).unlink(missing_ok=True)
+    read_bytes, reads, raced = Store.read_bytes, [], []
+
+    def read_racing(self, name: str) -> bytes:
+        if name == "manifests/000000000001.json" and not raced:
+            reads.append(name)
+            if len(reads) == 2:  # health's own read, after the listing's
+                raced.append(name)
+                dckpt.delete(url, step=1)
+        return read_bytes(self, name)
+
+    monkeypatch.setattr(Store, "read_bytes", read_racing)
+    report = dckpt.health(url)
+    assert raced and report.recoverable_step is None
+    assert [s for s, _ in report.unrecoverable] == [3, 2], report.unrecoverable
+
+
 def _slow_save_in_thread(url: str, state: dict, step: int, out: dict) -> threading.Thread:
     def save() -> None:
         try:
