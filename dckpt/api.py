@@ -204,12 +204,19 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
     store = open_repository(url, storage_options, required=False)
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)
-    asked = cast(list[tuple[int | None, bool]], dist.gather((step, partial), group))
-    if len(set(asked)) > 1:  # rank 0's step would load on every rank: refused alike
+    asked = cast(list[tuple[int | None, bool, str]], dist.gather((step, partial, url), group))
+    if len({(s, p) for s, p, _ in asked}) > 1:  # rank 0's step would load on every rank
         raise ArgumentError("the ranks asked to load different things ("
                             + ", ".join(f"rank {r}: step={s}, partial={p}"
-                                        for r, (s, p) in enumerate(asked))
+                                        for r, (s, p, _) in enumerate(asked))
                             + "); every rank must pass the same step and partial")
+    # not refused: nodes may mount one shared storage at paths of their own
+    urls = {u: r for r, (_, _, u) in reversed(list(enumerate(asked)))}
+    elsewhere = "" if len(urls) == 1 else (
+        "\nThe ranks passed different URLs (" + ", ".join(
+            f"rank {r}: {u}" for u, r in sorted(urls.items(), key=lambda x: x[1])[:4])
+        + "): every rank reads the coordinator's manifest, so every rank must pass the URL "
+        "of the same repository")
     t0 = time.perf_counter()
     skipped: list[tuple[int, str]] = []
     tried: list[int] = []
@@ -231,7 +238,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
             raise IntegrityError(
                 f"no committed checkpoint in {url} loads cleanly; tried, newest first:\n"
                 + "\n".join(f"  step {s}: {r.splitlines()[0]}" for s, r in skipped)
-                + "\nRun `dckpt verify --all` to see every problem")
+                + "\nRun `dckpt verify --all` to see every problem" + elsewhere)
         assert found.step is not None
         manifest, problem = _decode_found(found, url, group)
         if problem is not None or manifest is None:

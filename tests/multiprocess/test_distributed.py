@@ -197,6 +197,26 @@ def test_a_rank_that_loads_while_the_other_saves_fails_both_saying_so(tmp_path):
     assert [i.step for i in dckpt.list_checkpoints(url)] == [1] and leftovers(url) == []
 
 
+def _load_from_urls_of_their_own(rank, world, root):
+    url = os.path.join(root, f"repo{rank}")
+    dckpt.save({"w": torch.full((8,), float(rank))}, os.path.join(root, "repo0"), step=1)
+    try:
+        dckpt.load({"w": torch.zeros(8)}, url)
+        return "loaded"
+    except dckpt.DckptError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def test_ranks_that_load_from_different_urls_are_told_so(tmp_path):
+    """Rank 1's URL holds no checkpoint: the error said only that no checkpoint loads
+    cleanly, and to run verify, which finds rank 0's repository clean."""
+    outcomes = [o.value for o in run_ranks(_load_from_urls_of_their_own, 2, str(tmp_path))]
+    for message in outcomes:
+        assert message.startswith("IntegrityError: no committed checkpoint"), message
+        assert (f"The ranks passed different URLs (rank 0: {tmp_path}/repo0, rank 1: "
+                f"{tmp_path}/repo1)") in message, message
+
+
 def _save_with_a_timeout_of_its_own(rank, world, url):
     from dckpt.config import SaveConfig
 
