@@ -254,7 +254,8 @@ class MemorySaves:
                 check_blocks: bool) -> Choice | None:
         """(all ranks) The memory checkpoint to restore, from every node's inventory and the
         newest storage step as rank 0 sees it (the same on every rank); its manifest is
-        then in every node's folder. A failure to list is the same StorageError everywhere."""
+        then in every node's folder. A failure to list the storage is the same StorageError
+        everywhere; a node's folder that cannot be listed is emptied and holds nothing."""
         found: object = None
         if self.leader:
             node = self.nodes.of[dist.rank()]
