@@ -16,6 +16,7 @@ from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.repository import (
     committed_steps,
+    manifests,
     open_repository,
     quarantined,
     read_manifest,
@@ -37,16 +38,11 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
     store = open_repository(url, storage_options, required=False)
     infos = []  # an empty or absent repository is a valid, empty one
     marked = quarantined(store)
-    for step in committed_steps(store):
-        try:
-            infos.append(info_from_manifest(read_manifest(store, step), url,
-                                            quarantined=marked.get(step)))
-        except CheckpointNotFoundError:
-            continue  # deleted since the listing
-        except DckptError as e:
-            infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
-                                        world_size=0, bytes_logical=0, bytes_written=0,
-                                        problem=str(e)))
+    for step, m in manifests(store, committed_steps(store)):
+        infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
+                                    world_size=0, bytes_logical=0, bytes_written=0,
+                                    problem=str(m)) if isinstance(m, DckptError) else
+                     info_from_manifest(m, url, quarantined=marked.get(step)))
     return infos
 
 

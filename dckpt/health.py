@@ -13,12 +13,11 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from dckpt import layout
 from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import Manifest, extents
 from dckpt.reads import read_stored_sample
-from dckpt.repository import missing_object, read_manifest
+from dckpt.repository import missing_object, read_manifest, still_committed
 from dckpt.storage import Store
 from dckpt.verify import verify_steps
 
@@ -75,7 +74,7 @@ def _check(store: Store, step: int, verify: bool, sample_bytes: int
         return None
     except DckptError as e:
         why = str(e).splitlines()[0]
-    if why is not None and not store.exists(layout.manifest_name(step)):
+    if why is not None and not still_committed(store, step):
         return None
     return why, m, rate, estimate
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterable, Iterator
 
 from dckpt import layout
 from dckpt.decoder import decode
-from dckpt.errors import CheckpointNotFoundError, FormatError
+from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
 from dckpt.manifest import Manifest
 from dckpt.storage import Store
 
 __all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
            "read_manifest_bytes", "decode_manifest", "require_repository", "mark_repository",
-           "quarantined", "set_quarantine"]
+           "quarantined", "set_quarantine", "manifests", "still_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,24 @@ def read_manifest_bytes(store: Store, step: int | None) -> tuple[int, bytes]:
         raise CheckpointNotFoundError(
             f"{store.url} has no committed checkpoint for step {step} (no {name}); "
             f"committed steps: {committed_steps(store) or 'none'}") from None
+
+
+def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifest | DckptError]]:
+    """Each step's manifest, or the error that keeps it from being read. A step deleted since
+    it was listed is left out: a job's retention deleting while this runs is no damage."""
+    for step in steps:
+        try:
+            yield step, read_manifest(store, step)
+        except CheckpointNotFoundError:
+            continue
+        except DckptError as e:
+            yield step, e
+
+
+def still_committed(store: Store, step: int) -> bool:
+    """Whether ``step``'s manifest is still there: a check that failed on a checkpoint
+    deleted meanwhile (its data collected) found no damage."""
+    return store.exists(layout.manifest_name(step))
 
 
 def decode_manifest(raw: bytes, step: int, url: str) -> Manifest:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from dckpt import layout
 from dckpt.decoder import decode
-from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
+from dckpt.errors import DckptError, FormatError
 from dckpt.manifest import Manifest
-from dckpt.repository import committed_steps, read_manifest
+from dckpt.repository import committed_steps, manifests
 from dckpt.storage import Store
 
 __all__ = ["GcReport", "collect", "DEFAULT_MIN_AGE_S"]
@@ -63,16 +63,15 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     now = time.time() if now_s is None else now_s
     tombstone_age = min_age_s if deleted_min_age_s is None else deleted_min_age_s
     live: list[Manifest] = []
-    for step in committed_steps(store):
-        try:
-            live.append(read_manifest(store, step))
-        except CheckpointNotFoundError:
-            continue  # deleted since the listing: its record under deleted/, listed next, is live
-        except DckptError as e:
+    # one deleted since the listing is left out: its record under deleted/, listed next,
+    # keeps its blocks live
+    for step, m in manifests(store, committed_steps(store)):
+        if isinstance(m, DckptError):
             raise FormatError(
-                f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({e}); "
+                f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({m}); "
                 "what it references cannot be told from garbage. Delete that checkpoint "
                 "(dckpt.delete) or restore its manifest, then run gc again") from None
+        live.append(m)
     expired = []
     for name in store.list_names(layout.DELETED_DIR):
         parsed = layout.parse_tombstone_name(name)

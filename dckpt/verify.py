@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from dckpt import layout, watchdog
-from dckpt.errors import CheckpointNotFoundError, DckptError
+from dckpt import watchdog
+from dckpt.errors import DckptError
 from dckpt.reads import Fetcher, coalesce
-from dckpt.repository import read_manifest
+from dckpt.repository import manifests, still_committed
 from dckpt.storage import Store
 
 __all__ = ["Problem", "VerifyReport", "verify_steps"]
@@ -46,13 +46,9 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
     problems: list[Problem] = []
     checked = 0
     seen = []
-    for step in steps:
-        try:
-            m = read_manifest(store, step)
-        except CheckpointNotFoundError:
-            continue  # deleted since the listing (a job's retention): not damage
-        except DckptError as e:
-            problems.append(Problem(step, str(e)))
+    for step, m in manifests(store, steps):
+        if isinstance(m, DckptError):
+            problems.append(Problem(step, str(m)))
             seen.append(step)
             continue
         found = len(problems)
@@ -82,8 +78,8 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
                 done += req.length
                 if progress is not None:
                     progress(done, total)
-        if len(problems) > found and not store.exists(layout.manifest_name(step)):
-            del problems[found:]  # deleted while it was read, its data collected: not damage
+        if len(problems) > found and not still_committed(store, step):
+            del problems[found:]
             continue
         seen.append(step)
     return VerifyReport(tuple(seen), checked, tuple(problems))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import struct
@@ -204,7 +203,7 @@ def test_gc_verify_and_ls_racing_another_process_see_no_damage(tmp_path, monkeyp
     and gc still keeps a just-deleted checkpoint's blocks for their grace period."""
     from dckpt.storage import Store
 
-    verify_module = importlib.import_module("dckpt.verify")  # dckpt.verify is the function
+    from dckpt import repository
 
     url, repo = str(tmp_path / "repo"), tmp_path / "repo"
     states = {k: dict(_state(k), step=k) for k in (1, 2, 3)}  # no block in common
@@ -213,7 +212,7 @@ def test_gc_verify_and_ls_racing_another_process_see_no_damage(tmp_path, monkeyp
     folder_1 = {b.segment.rsplit("/", 1)[0] for b in dckpt.inspect(url, step=1).refs()}
     if race == "its record expired":
         dckpt.delete(url, step=1)
-    read_bytes, read_manifest, raced = Store.read_bytes, verify_module.read_manifest, []
+    read_bytes, read_manifest, raced = Store.read_bytes, repository.read_manifest, []
 
     def read_racing(self, name: str) -> bytes:  # the other process acts after the listing
         if not raced and name.startswith("manifests/000000000001" if race == "deleted"
@@ -227,14 +226,14 @@ def test_gc_verify_and_ls_racing_another_process_see_no_damage(tmp_path, monkeyp
 
     def read_then_collected(store, step):  # verify read the manifest; then it all went
         m = read_manifest(store, step)
-        if step == 1:
+        if step == 1 and race == "collected" and not raced:
             raced.append(step)
             dckpt.delete(url, step=1)
             dckpt.gc(url, min_age_s=0)
         return m
 
     monkeypatch.setattr(Store, "read_bytes", read_racing)
-    monkeypatch.setattr(verify_module, "read_manifest", read_then_collected)
+    monkeypatch.setattr(repository, "read_manifest", read_then_collected)
     if op == "gc":
         report = dckpt.gc(url, min_age_s=0, deleted_min_age_s=3600)
         if race == "deleted":  # its record is live: its blocks stay
