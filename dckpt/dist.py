@@ -180,11 +180,14 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
 
     DCP hands every rank the same failure map, so the choice below is the same everywhere.
     Saves always raise CommitError (or CheckpointExistsError); loads keep the class the
-    failing ranks raised when they agree, IntegrityError when all are integrity problems.
+    failing ranks raised when they agree (StorageError for the storage's own errors),
+    IntegrityError when all are integrity problems.
     """
     errors = {r: e for r, (e, _trace) in sorted(exc.failures.items())}
     failures = {r: _describe(e) for r, e in errors.items()}
-    kinds = {type(e) for e in errors.values()}
+    # the class each failure has where it leaves dckpt alone (a storage library's error is
+    # a StorageError: a response cut short, a connection reset)
+    kinds = {type(storage_error(e, what)) for e in errors.values()}
     if saving:
         cls: type[DckptError] = (CheckpointExistsError if kinds == {CheckpointExistsError}
                                  else ArgumentError if kinds == {ArgumentError}

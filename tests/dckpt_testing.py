@@ -302,3 +302,102 @@ class MotoServer:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of an S3 server that breaks connections: each new
+    connection is reset, with probability ``p``, after a random number of bytes (below
+    ``max_cut``) in one direction, mid-request or mid-response; a request whose first line
+    holds ``truncate`` gets its response cut one byte into the body, then a reset (a
+    response cut short: aiohttp's ClientPayloadError); one whose first line holds ``drop``
+    is served, and its answer lost to a reset. Real sockets, real resets."""
+
+    def __init__(self, upstream_port: int, *, p: float = 0.0, max_cut: int = 4000,
+                 truncate: bytes | None = None, drop: bytes | None = None,
+                 seed: int = 0) -> None:
+        import random
+        import threading
+
+        self.upstream_port = upstream_port
+        self.p = p
+        self.max_cut = max_cut
+        self.truncate = truncate
+        self.drop = drop
+        self.resets = 0
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        self._srv = socket.socket()
+        self._srv.bind(("127.0.0.1", 0))
+        self._srv.listen(128)
+        self.port = self._srv.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def options(self) -> dict:
+        return {"endpoint_url": f"http://127.0.0.1:{self.port}", "key": "testing",
+                "secret": "testing", "client_kwargs": {"region_name": "us-east-1"}}
+
+    def close(self) -> None:
+        self._srv.close()
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._srv.accept()
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+            except OSError:
+                return
+            with self._lock:
+                cut = (self._rng.randrange(self.max_cut) if self._rng.random() < self.p
+                       else None)
+                downward = self._rng.random() < 0.5
+            conn = {"socks": (client, upstream), "dead": False, "keep": None}
+            threading.Thread(target=self._pump, args=(client, upstream, conn, None if downward
+                                                      else cut, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, conn, cut if downward
+                                                      else None, False), daemon=True).start()
+
+    def _reset(self, conn: dict) -> None:
+        import struct
+
+        with self._lock:
+            if conn["dead"]:
+                return
+            conn["dead"] = True
+            self.resets += 1
+        for s in conn["socks"]:
+            try:  # linger 0: close sends a reset; shutdown wakes the other pump's recv
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, conn: dict, cut: int | None,
+              request: bool) -> None:
+        sent = 0
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    dst.shutdown(socket.SHUT_WR)
+                    return
+                if request:
+                    line = data.split(b"\r\n", 1)[0]
+                    if self.truncate and self.truncate in line:
+                        conn["keep"] = 1  # bytes of the response's body
+                    if self.drop and self.drop in line:
+                        conn["keep"] = -1  # none of the response
+                elif (conn["keep"] is not None and b"\r\n\r\n" in data
+                      and not data.startswith(b"HTTP/1.1 100")):  # not "100 Continue"
+                    keep = conn["keep"]
+                    dst.sendall(data[:data.index(b"\r\n\r\n") + 4 + keep] if keep >= 0 else b"")
+                    return self._reset(conn)
+                if cut is not None and sent + len(data) > cut:
+                    dst.sendall(data[:cut - sent])
+                    return self._reset(conn)
+                dst.sendall(data)
+                sent += len(data)
+        except OSError:
+            self._reset(conn)

@@ -31,6 +31,12 @@ def _failures(**errors: BaseException) -> CheckpointException:
     return CheckpointException("boom", wrapped)
 
 
+def _payload_error() -> Exception:
+    from aiohttp import ClientPayloadError
+
+    return ClientPayloadError("Response payload is not completed")
+
+
 @pytest.mark.parametrize("errors, saving, cls", [
     # saves: always CommitError, unless every rank found the step committed
     ({"r0": OSError("disk full")}, True, dckpt.CommitError),
@@ -44,6 +50,9 @@ def _failures(**errors: BaseException) -> CheckpointException:
     ({"r0": dckpt.FormatError("f"), "r1": dckpt.IntegrityError("i")}, False,
      dckpt.IntegrityError),
     ({"r0": OSError("net"), "r1": dckpt.IntegrityError("i")}, False, dckpt.DckptError),
+    # the storage's own errors, an OSError or a storage library's (a response cut short)
+    ({"r0": OSError("net"), "r1": ConnectionResetError("reset")}, False, dckpt.StorageError),
+    ({"r1": _payload_error()}, False, dckpt.StorageError),
     ({"r2": RuntimeError("x")}, False, dckpt.DckptError),
 ])
 def test_one_error_for_a_collective_failure(errors, saving, cls):
