@@ -126,3 +126,27 @@ def test_bad_arguments_are_refused_at_construction(tmp_path):
         with pytest.raises(dckpt.ArgumentError):
             AcceleratorCheckpoints(accelerator, **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoints_weights(tmp_path):
+    """``load_best_model_at_end``: the Trainer's own looks for a weights file in the best
+    folder, which holds a pointer; dckpt's loads the pointed checkpoint's model, and the run
+    ends with the same weights as the Trainer's own (the best step is not the last)."""
+
+    def best_of(cls, folder) -> tuple[dict, str]:
+        model, data = model_and_data()
+        args = TrainingArguments(
+            output_dir=str(folder), per_device_train_batch_size=4, max_steps=24,
+            save_strategy="steps", save_steps=4, eval_strategy="steps", eval_steps=4,
+            save_total_limit=1, load_best_model_at_end=True, metric_for_best_model="eval_loss",
+            greater_is_better=False, learning_rate=5e-2, report_to=[], seed=0, data_seed=0,
+            use_cpu=True, disable_tqdm=True, logging_steps=1000)
+        t = cls(model=model, args=args, train_dataset=data, eval_dataset=data[:8])
+        t.train()
+        return ({k: v.detach().clone() for k, v in model.state_dict().items()},
+                os.path.basename(t.state.best_model_checkpoint))
+
+    own, own_best = best_of(transformers.Trainer, tmp_path / "own")
+    got, best = best_of(Trainer, tmp_path / "run")
+    assert best == own_best != "checkpoint-24"
+    assert equal(own, got)
