@@ -6,17 +6,23 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shutil
 
 from dckpt.config import SaveConfig
 from dckpt.errors import ArgumentError
 from dckpt.storage import Store
 
-__all__ = ["add_arguments", "check", "reach", "METHODS", "LAYOUTS", "WORKLOADS", "DTYPES"]
+__all__ = ["add_arguments", "check", "reach", "room", "METHODS", "LAYOUTS", "WORKLOADS",
+           "DTYPES"]
 
 METHODS = ("raw", "memcpy", "dckpt", "DCP", "torch-checkpointing")
 LAYOUTS = ("sharded", "dense")
 WORKLOADS = ("full", "unchanged90", "sparse-rows")
 DTYPES = ("fp32", "bf16")
+STORING = ("raw", "dckpt", "DCP", "torch-checkpointing")
+"""The methods that hold a copy of the state in host memory (staging, an aligned buffer) and
+a checkpoint on the storage."""
+GIB = 1 << 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,3 +91,66 @@ def reach(url: str, options: dict | None) -> None:
     except Exception as e:
         raise ArgumentError(f"{url}: cannot write there ({type(e).__name__}: {str(e)[:300]}); "
                             "point dckpt bench at a folder or prefix it may write under") from e
+
+
+def room(args: argparse.Namespace, names: list[str], *, local_world: int, on_gpu: bool,
+         local_root: str | None) -> str | None:
+    """Why this node cannot hold the run (host memory, or the local disk at ``local_root``),
+    or None. A run holds, per rank, the state and the twin it restores into (on the GPU when
+    there is one) and one host copy per storing method (``STORING``); measured: 6.2x the
+    state with every method on the CPU. The storage holds one checkpoint per storing method,
+    two of one method's while its older one goes. Refused before anything is allocated: a
+    run the node cannot hold would be killed for memory (with whatever else runs there), or
+    fill a disk others write to."""
+    state = args.gib_per_rank * GIB
+    storing = sum(n in names for n in STORING)
+    copies = (0 if on_gpu else 2) + storing + (1 if on_gpu and "memcpy" in names else 0)
+    need = local_world * (state * copies + GIB // 2)  # and torch itself
+    have = available_memory()
+    if have is not None and need > have:
+        return (f"--gib-per-rank {args.gib_per_rank:g} needs about {need / GIB:.1f} GiB of "
+                f"host memory on this node ({local_world} rank(s) x {copies} copies of the "
+                f"state, for the methods {','.join(names)}); {have / GIB:.1f} GiB is available. "
+                "Pass a smaller --gib-per-rank, or fewer --methods")
+    if local_root is None or not storing:
+        return None
+    per_method = state * (local_world if args.layout == "sharded" else 1)
+    need = per_method * (storing + 1)
+    free = shutil.disk_usage(_existing(local_root)).free
+    if need > free:
+        return (f"--gib-per-rank {args.gib_per_rank:g} needs about {need / GIB:.1f} GiB free "
+                f"at {local_root} (a checkpoint of {per_method / GIB:.1f} GiB from this node for "
+                f"each of {storing} method(s), and one more while a method replaces its own); "
+                f"{free / GIB:.1f} GiB is free. Pass a smaller --gib-per-rank, or fewer --methods")
+    return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: the kernel's MemAvailable, or less where a cgroup
+    (a container, a job scheduler's allocation) caps it; None where neither is known."""
+    limits = []
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    limits.append(int(line.split()[1]) * 1024)
+    except OSError:
+        pass
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if cap != "max":
+            limits.append(max(0, int(cap) - used))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+def _existing(path: str) -> str:
+    """``path``, or its nearest folder that exists (the run's folder is made later)."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path

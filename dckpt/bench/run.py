@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 import dckpt
 from dckpt.bench.methods import Method, make_methods, memcpy_seconds
+from dckpt.bench.options import room
 from dckpt.bench.report import Report, Result
 from dckpt.bench.workload import Workload
 from dckpt.errors import ArgumentError
@@ -250,12 +251,27 @@ def _interrupted(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def refuse_what_the_nodes_cannot_hold(args: argparse.Namespace, options: dict | None,
+                                      names: list[str], device: str) -> None:
+    """ArgumentError on every rank when any node lacks the memory or the local disk space
+    for the run (``options.room``), the first such node's reason."""
+    store = Store(args.url, options)
+    problem = room(args, names, local_world=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+                   on_gpu=device == "cuda", local_root=store.root if store.local else None)
+    problems: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p), None)
+    if first is not None:
+        raise ArgumentError(first)
+
+
 def main(args: argparse.Namespace, options: dict | None, names: list[str]) -> int:
     """The run, after ``options.check`` and ``options.reach`` (the command calls them before
     torch's import, so that a refusal answers at once) gave the ``names`` of the methods."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("--device cuda: no GPU is visible here")
     device = init_ranks(args.device)
+    refuse_what_the_nodes_cannot_hold(args, options, names, device)
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
     run = Run(args, options)

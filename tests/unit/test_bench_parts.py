@@ -111,3 +111,36 @@ def test_a_restore_that_gave_wrong_values_is_marked_in_the_table():
     r = report_of({("dckpt", "restore"): 1.0})
     r.results[("dckpt", "restore")].equal = False
     assert "WRONG" in r.table()
+
+
+@pytest.mark.parametrize("gib, ranks, on_gpu, names, memory_gib, says", [
+    (1, 1, False, "raw,memcpy,dckpt,DCP,torch-checkpointing", 7, None),  # 6.5 GiB
+    (1, 1, False, "raw,memcpy,dckpt,DCP,torch-checkpointing", 6, "host memory"),
+    (1, 8, False, "dckpt", 25, "8 rank(s) x 3 copies"),  # the state, its twin, the staging
+    (1, 8, True, "dckpt", 13, None),  # the state and its twin on the GPUs: 12 GiB on the host
+    (1, 8, True, "memcpy,dckpt,DCP", 20, "8 rank(s) x 3 copies"),  # pinned stagings, and the copy
+    (1, 2, False, "memcpy", 6, None),  # nothing stored
+    (30, 1, False, "dckpt,DCP", 1e6, "free at"),  # 90 GiB: more than the disk holds
+])
+def test_a_run_the_node_cannot_hold_is_refused_saying_what_it_needs(
+        monkeypatch, tmp_path, gib, ranks, on_gpu, names, memory_gib, says):
+    import argparse
+    import shutil
+
+    from dckpt.bench import options
+
+    monkeypatch.setattr(options, "available_memory", lambda: int(memory_gib * options.GIB))
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(
+        100 * options.GIB, 20 * options.GIB, 80 * options.GIB))
+    args = argparse.Namespace(gib_per_rank=gib, layout="sharded")
+    problem = options.room(args, names.split(","), local_world=ranks, on_gpu=on_gpu,
+                           local_root=str(tmp_path / "not" / "made" / "yet"))
+    assert (problem is None) if says is None else says in problem, problem
+    assert not (tmp_path / "not").exists()
+
+
+def test_the_memory_a_process_may_take_is_known_here():
+    from dckpt.bench.options import GIB, available_memory
+
+    have = available_memory()
+    assert have is not None and 0 < have < 1 << 50 and have > GIB // 4
