@@ -8,8 +8,9 @@ raw contents (``RawBytes``, encoding ``"bytes"``).
 from __future__ import annotations
 
 import io
+import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -55,9 +56,51 @@ def safe_load(raw: bytes | bytearray | memoryview, what: str) -> object:
             "type yourself, allow it with torch.serialization.add_safe_globals") from None
 
 
+_MEMO: dict[Hashable, bytes] = {}
+"""Stored bytes of small plain values (numbers, strings, None and tuples, lists and dicts of
+them) already serialized and checked, by exact contents: an optimizer's hyper-parameters
+come back at every save, one per parameter once flattened (12 each for Adam: 3,500 values
+for a model of 300 parameters), and each took a ``torch.save`` and a checking
+``torch.load`` (0.2-0.4 ms)."""
+_MEMO_ENTRIES = 4096
+_MEMO_PARTS = 64
+_MEMO_CHARS = 1024
+
+
+def _plain_key(value: object, budget: list[int]) -> Hashable | None:
+    """A key that names ``value`` exactly, its types and every float's bits (0.0 and -0.0,
+    1 and 1.0 and True differ), or None when it is not a small plain value. Exact types
+    only: a subclass (an IntEnum, a namedtuple) pickles as its class."""
+    budget[0] -= 1
+    if budget[0] < 0:
+        return None
+    kind = type(value)
+    if value is None or kind is bool or kind is int:
+        return (kind, value)
+    if kind is float:
+        return (kind, struct.pack("<d", value))
+    if kind is str or kind is bytes:
+        return (kind, value) if len(value) <= _MEMO_CHARS else None  # type: ignore[arg-type]
+    if kind is tuple or kind is list:
+        parts = [_plain_key(v, budget) for v in value]  # type: ignore[attr-defined]
+        return None if None in parts else (kind, tuple(parts))
+    if kind is dict:
+        pairs = [(_plain_key(k, budget), _plain_key(v, budget))
+                 for k, v in value.items()]  # type: ignore[attr-defined]
+        return (None if any(a is None or b is None for a, b in pairs)
+                else (kind, tuple(pairs)))
+    return None
+
+
 def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
     """A non-tensor value's stored bytes, checked to load back with ``weights_only=True``;
-    StateDictError naming ``key`` when a load could not restore it."""
+    StateDictError naming ``key`` when a load could not restore it. A small plain value
+    seen before takes its bytes from the memo (``_MEMO``)."""
+    memo_key = _plain_key(value, [_MEMO_PARTS])
+    if memo_key is not None:
+        known = _MEMO.get(memo_key)
+        if known is not None:
+            return io.BytesIO(known)
     if isinstance(value, io.BytesIO):
         raw: io.BytesIO = RawBytes(value.getvalue())
     else:
@@ -80,4 +123,8 @@ def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
         raise StateDictError(f"{key}: a {type(value).__name__} of {raw.getbuffer().nbytes} "
                              f"bytes is larger than a non-tensor value may be "
                              f"({MAX_VALUE_BYTES}); store large data as a tensor")
+    if memo_key is not None:
+        if len(_MEMO) >= _MEMO_ENTRIES:
+            _MEMO.clear()
+        _MEMO[memo_key] = raw.getvalue()
     return raw

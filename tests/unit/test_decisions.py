@@ -6,9 +6,12 @@ export unflattening (export) and the gc grace period (retention)."""
 from __future__ import annotations
 
 import traceback
+from enum import IntEnum
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
@@ -247,3 +250,59 @@ def test_the_memory_step_chosen_is_the_newest_whole_somewhere_and_not_older_than
     lost = Inventory(1, {}, {})  # node 1 replaced: step 9 is not whole; step 6 is
     assert choose([node0, lost], storage_newest=None).step == 6
     assert choose([node0, lost], storage_newest=7) is None
+
+
+# ---------------------------------------------------------------- values: the memo
+
+_plain = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.integers() | st.text(max_size=4) | st.booleans(), inner, max_size=3),
+    max_leaves=12)
+
+
+def _same(a: object, b: object) -> bool:
+    """Equal with the same types all the way down, floats by their bits (-0.0, nan)."""
+    import struct
+
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, float):
+        return struct.pack("<d", a) == struct.pack("<d", b)  # type: ignore[arg-type]
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(map(_same, a, b))  # type: ignore[arg-type]
+    if isinstance(a, dict):
+        return (list(map(type, a)) == list(map(type, b)) and list(a) == list(b)  # type: ignore[arg-type]
+                and all(_same(a[k], b[k]) for k in a))  # type: ignore[index]
+    return a == b
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(_plain, min_size=1, max_size=6))
+def test_a_value_serialized_from_the_memo_loads_back_as_itself(values):
+    """The memo gives the bytes of a value seen before: every value, through it or not,
+    loads back with its own types and bits (0, 0.0, -0.0, False and 1.0, True, 1 differ)."""
+    from dckpt.values import safe_load, serialize
+
+    for value in values + values + [v for v in values[::-1]]:
+        assert _same(safe_load(serialize("k", value).getvalue(), "k"), value), value
+
+
+class Level(IntEnum):
+    LOW = 1
+
+
+def test_the_memo_keeps_types_apart_and_refuses_what_it_refused():
+    from dckpt.values import _MEMO, safe_load, serialize
+
+    _MEMO.clear()
+    series = [0, 0.0, -0.0, False, 1, 1.0, True, (1,), [1], {1: 1}, {True: 1}, {1.0: 1}, "1",
+              b"1", None, (0.0, -0.0), [(-0.0,)]]
+    for value in series * 2:
+        assert _same(safe_load(serialize("k", value).getvalue(), "k"), value), value
+    assert len(_MEMO) == len(series)  # each its own entry: none taken for another
+
+    for _ in range(2):  # a subclass is not a plain value: refused both times, never memoized
+        with pytest.raises(dckpt.StateDictError, match="would be refused by the load"):
+            serialize("level", Level.LOW)
