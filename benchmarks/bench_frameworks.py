@@ -3,7 +3,7 @@ torchtitan (its checkpoint manager, FSDP2, own: DCP with async_mode="async"):
 each framework's own checkpointing against dckpt's integration, same model, same run.
 
     torchrun --nproc-per-node 2 benchmarks/bench_frameworks.py --framework lightning \
-        [--mparams 32] [--repeat 3] [--data-dir bench-data] [--out bench-out/frameworks.jsonl]
+        [--mparams 32] [--repeat 3] [--saves N] [--data-dir bench-data] [--out bench-out/frameworks.jsonl]
 
 A DDP MLP of ``--mparams`` million float32 parameters with Adam (state: 3x the weights) on
 2 gloo ranks. ``pause``: the framework's save call, from entry to return (dckpt: async,
@@ -17,6 +17,7 @@ state in memory, the hardware reference. One JSON line per (framework, saver), m
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -198,8 +199,9 @@ def torchtitan_runs(args, folder: str):
                               keep_latest_k=0, **extra).build(
             dataloader=None, model_parts=[model], optimizers=opt, lr_schedulers=sched,
             states={"train_state": Progress()}, sd_adapter=None, base_folder=folder)
-        yield name, (model, opt.optimizers), (lambda ckpt=ckpt: ckpt.save(1)), \
-            (lambda ckpt=ckpt: ckpt.maybe_wait_for_saving()), (lambda ckpt=ckpt: ckpt.load(1))
+        steps = itertools.count(1)
+        yield name, (model, opt.optimizers), (lambda ckpt=ckpt, steps=steps: ckpt.save(next(steps))), \
+            (lambda ckpt=ckpt: ckpt.maybe_wait_for_saving()), (lambda ckpt=ckpt: ckpt.load(-1))
 
 
 def main() -> None:
@@ -208,9 +210,14 @@ def main() -> None:
                    required=True)
     p.add_argument("--mparams", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--saves", type=int, default=1,
+                   help="saves of one manager per repeat, the last one timed (torchtitan only): "
+                        "a training job's saves after its first")
     p.add_argument("--data-dir", default="bench-data/frameworks")
     p.add_argument("--out", default="bench-out/frameworks.jsonl")
     args = p.parse_args()
+    if args.saves > 1 and args.framework != "torchtitan":
+        p.error("--saves: torchtitan only")
     runs = {"lightning": lightning_runs, "trainer": trainer_runs,
             "accelerate": accelerate_runs, "torchtitan": torchtitan_runs}[args.framework]
     if not dist.is_initialized() and args.framework != "lightning":
@@ -222,8 +229,9 @@ def main() -> None:
         args.rep = rep
         for name, (model, optimizers), save, settle, restore in runs(args, folder):
             nbytes = state_bytes(model)
-            pause = timed(save)
-            commit = pause + timed(settle)
+            for _ in range(args.saves):  # the last one timed
+                pause = timed(save)
+                commit = pause + timed(settle)
             # until every byte is in memory: a framework that maps its files reads them at
             # first use (safetensors, torch.load(mmap=True)); dckpt has read and verified them
             evict(folder)  # cold, both: dckpt writes with O_DIRECT, past the page cache

@@ -6,6 +6,7 @@ is an IntegrityError (pure, no torch: ``python -m dckpt.prefetch`` decodes with 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import re
@@ -38,7 +39,7 @@ from dckpt.manifest import (
     unseal,
 )
 
-__all__ = ["decode", "paused_gc"]
+__all__ = ["decode", "paused_gc", "reusing"]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 _HEX_RE = re.compile(r"[0-9a-f]*")
@@ -290,9 +291,47 @@ _pauses = 0  # paused_gc regions open, in all threads
 _resume = False  # whether the collector ran before the first of them
 
 
+_reuse = threading.local()
+
+
+@contextmanager
+def reusing(memo: dict[bytes, Manifest], max_bytes: int) -> Iterator[None]:
+    """Within, in this thread, ``decode`` of bytes it decoded before returns the Manifest it
+    made then (manifests are immutable; the key is a BLAKE2 digest of the exact bytes), and
+    keeps what it makes in ``memo`` while their bytes total at most ``max_bytes``. At the
+    end, ``memo`` keeps only what was asked for within: a repository's upkeep after each
+    commit reads every committed manifest twice (the retention's listing, gc), and decoding
+    them was all of its time, growing with the checkpoints kept, beside training."""
+    used: set[bytes] = set()
+    _reuse.state = (memo, used, max_bytes)
+    try:
+        yield
+    finally:
+        _reuse.state = None
+        for key in [k for k in memo if k not in used]:
+            del memo[key]
+
+
 def decode(raw: bytes, *, name: str = "manifest") -> Manifest:
     """Parse and check a manifest; anything unexpected raises FormatError (a checksum that
     does not match, IntegrityError) naming ``name``."""
+    state = getattr(_reuse, "state", None)
+    if state is not None and isinstance(raw, (bytes, bytearray)):
+        memo, used, max_bytes = state
+        key = hashlib.blake2b(raw, digest_size=20).digest() + len(raw).to_bytes(8, "little")
+        known = memo.get(key)
+        if known is not None:
+            used.add(key)
+            return known
+        m = _checked(raw, name)
+        if sum(int.from_bytes(k[20:], "little") for k in memo) + len(raw) <= max_bytes:
+            memo[key] = m
+            used.add(key)
+        return m
+    return _checked(raw, name)
+
+
+def _checked(raw: bytes, name: str) -> Manifest:
     try:
         with paused_gc():
             return _decode(raw, name)

@@ -14,9 +14,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from dckpt import catalog
+from dckpt.decoder import reusing
 from dckpt.errors import CheckpointNotFoundError
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
+from dckpt.manifest import Manifest
 from dckpt.metrics import Metrics
 from dckpt.retention import Policy, gc_min_age_s, plan
 from dckpt.storage import Store
@@ -25,6 +27,10 @@ from dckpt.sweep import GcReport, collect
 __all__ = ["RetentionReport", "Upkeep", "GC_MARGIN_S"]
 
 log = logging.getLogger(__name__)
+
+DECODED_BYTES = 32 << 20
+"""The upkeep keeps the manifests it decoded for its next run, up to this many bytes of them
+(about five times as much memory): each run reads every committed manifest twice."""
 
 GC_MARGIN_S = 60.0
 """Garbage collection after retention spares what started this long before the oldest save
@@ -55,6 +61,7 @@ class Upkeep:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dckpt-retention")
         self._jobs: list[Future[RetentionReport]] = []
         self._lock = threading.Lock()
+        self._decoded: dict[bytes, Manifest] = {}  # manifests read by the last run
 
     @property
     def active(self) -> bool:
@@ -72,7 +79,7 @@ class Upkeep:
     def apply(self, dry_run: bool = False) -> RetentionReport:
         """Delete the checkpoints the policy does not keep (never the newest, nor one being
         written), then collect garbage."""
-        with self._lock:
+        with self._lock, reusing(self._decoded, DECODED_BYTES):
             infos = self.checkpoints()
             kept, deleted = [c.step for c in infos], list[int]()
             protect, started = self.in_flight()

@@ -58,3 +58,87 @@ def test_best_orders_by_metric_and_ties_go_to_the_newer():
 def test_bad_policies_are_refused(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+# ---------------------------------------------------------------- the upkeep's reuse of manifests
+
+
+def test_the_upkeep_decodes_each_manifest_once_and_a_step_saved_anew_is_read_anew(
+        tmp_path, monkeypatch):
+    """Retention and gc after each commit read every manifest; the upkeep keeps what it
+    decoded, by the exact bytes. A step deleted and saved again holds other bytes: gc reads
+    the new manifest and keeps its blocks (a stale one would take them), and the upkeep
+    keeps no manifest of a checkpoint gone."""
+    import threading
+
+    import torch
+
+    from dckpt import decoder, upkeep
+
+    monkeypatch.setattr(upkeep, "GC_MARGIN_S", 0.0)  # gc takes whatever nothing references
+    decodes = []
+    real = decoder._checked
+    monkeypatch.setattr(decoder, "_checked", lambda raw, name: decodes.append(name) or
+                        real(raw, name))
+    url = str(tmp_path / "repo")
+    keeper = upkeep.Upkeep(url, None, dckpt.KeepLast(2), True, lambda: ((), ()))
+
+    def state(step: int, salt: int = 0) -> dict:
+        return {"w": torch.full((5000,), float(step + 100 * salt)), "n": step}
+
+    for step in range(1, 5):
+        dckpt.save(state(step), url, step=step)
+        keeper.apply()
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [3, 4]
+    before = len(decodes)
+    keeper.apply()
+    assert len(decodes) == before  # nothing new: nothing decoded
+    assert len(keeper._decoded) == 2  # the record of step 2, deleted, gone with its use
+    dckpt.delete(url, step=4)
+    dckpt.gc(url, min_age_s=0)
+    dckpt.save(state(4, salt=1), url, step=4)  # the same step, other values, other blocks
+    keeper.apply()
+    got = {"w": torch.zeros(5000), "n": 0}
+    dckpt.load(got, url, step=4)
+    assert torch.equal(got["w"], state(4, salt=1)["w"])
+    assert dckpt.verify(url).ok and len(keeper._decoded) == 2
+    # another thread decodes as ever, during a run and after it
+    seen = []
+    with decoder.reusing({}, 1 << 20):
+        t = threading.Thread(target=lambda: seen.append(decoder.decode(
+            open(f"{url}/manifests/000000000004.json", "rb").read())))
+        t.start()
+        t.join()
+    assert seen and len(decodes) > before + 1
+
+
+def test_reusing_returns_the_same_manifest_for_the_same_bytes_only(tmp_path):
+    import json
+
+    import torch
+
+    from dckpt import decoder
+    from dckpt_testing import reseal
+
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    raw = open(f"{url}/manifests/000000000001.json", "rb").read()
+    doc = json.loads(raw)
+    doc["metrics"] = {"loss": 1.0}
+    other = reseal(doc)
+    damaged = raw.replace(b'"step":1', b'"step":2')
+    memo: dict = {}
+    with decoder.reusing(memo, 1 << 20):
+        a, b = decoder.decode(raw), decoder.decode(raw)
+        c = decoder.decode(other)
+        for _ in range(2):  # a failure is never kept: raised each time
+            with pytest.raises(dckpt.IntegrityError):
+                decoder.decode(damaged)
+    assert a is b and c is not a and c.metrics == {"loss": 1.0} and a.metrics == {}
+    assert len(memo) == 2
+    with decoder.reusing(memo, 1 << 20):
+        assert decoder.decode(other) is c
+    assert len(memo) == 1  # what the last run did not ask for goes
+    assert decoder.decode(other) is not c  # outside: decoded anew
+    with decoder.reusing(memo, len(raw) - 1):  # too many bytes to keep
+        assert decoder.decode(raw) is not decoder.decode(raw)
