@@ -26,7 +26,7 @@ from dckpt.status import Status, repository_status
 from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.verify import Progress, VerifyReport, verify_steps
 
-__all__ = ["list_checkpoints", "inspect", "verify", "delete", "gc", "status", "health", "diff"]
+__all__ = ["list_checkpoints", "committed", "inspect", "verify", "delete", "gc", "status", "health", "diff"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,13 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
                                     problem=str(m)) if isinstance(m, DckptError) else
                      info_from_manifest(m, url, quarantined=marked.get(step)))
     return infos
+
+
+@public
+def committed(url: str, *, storage_options: dict | None = None) -> list[int]:
+    """The committed steps, oldest first, from a listing alone: no manifest read (a damaged
+    one is listed too). Not collective."""
+    return committed_steps(open_repository(url, storage_options, required=False))
 
 
 @public

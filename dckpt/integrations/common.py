@@ -26,6 +26,7 @@ import torch
 
 import dckpt
 from dckpt.arguments import check_bool, check_config, check_options, check_url
+from dckpt.catalog import committed
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, UnsafeValueError
 from dckpt.layout import same_url
 from dckpt.storage import Store
@@ -202,9 +203,7 @@ class Saves:
         if url not in self._next:
             newest = -1
             if rank == 0:
-                steps = [c.step for c in dckpt.list_checkpoints(
-                    url, storage_options=self.storage_options)]
-                newest = max(steps, default=-1)
+                newest = max(committed(url, storage_options=self.storage_options), default=-1)
             self._next[url] = int(broadcast(newest)) + 1
         step = self._next[url]
         self._next[url] += 1
@@ -277,8 +276,8 @@ class Saves:
                 continue
             if pointer is not None and same_url(pointer.url, url):
                 named.add(pointer.step)
-        orphans = [c.step for c in dckpt.list_checkpoints(
-            url, storage_options=self.storage_options) if c.step not in named]
+        orphans = [s for s in committed(url, storage_options=self.storage_options)
+                   if s not in named]
         if orphans:
             log.info("deleting checkpoints %s of %s: no pointer names them", orphans, url)
         self._drop_all([(url, s) for s in orphans])

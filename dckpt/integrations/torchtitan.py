@@ -37,10 +37,12 @@ from torchtitan.tools import filesystem
 
 import dckpt
 from dckpt import dist
+from dckpt.catalog import committed
+from dckpt.decoder import reusing
 from dckpt.errors import DckptError
 from dckpt.retention import KeepLast
 from dckpt.train_state import RandomStates
-from dckpt.upkeep import Upkeep
+from dckpt.upkeep import DECODED_BYTES, Upkeep
 from dckpt.writer import Metrics
 
 __all__ = ["DckptCheckpointManager"]
@@ -205,6 +207,10 @@ class DckptCheckpointManager(BaseCheckpointManager):
         initial load path (a DCP checkpoint of torchtitan's own, model only by default);
         else a fresh start (False). Steps newer than the one loaded are deleted: the run
         makes them again."""
+        with reusing({}, DECODED_BYTES):  # rank 0 reads the manifest it loads beforehand
+            return self._load_reusing(step)
+
+    def _load_reusing(self, step: int) -> bool:
         self._wait_for_saving()
         group = dist.checkpoint_group(dckpt.LoadConfig().collective_timeout_s)
         found: Any = self._survey(None if step == -1 else step) if dist.rank() == 0 else None
@@ -244,7 +250,7 @@ class DckptCheckpointManager(BaseCheckpointManager):
         alone (step 0, or a final model-only save), and the error that stops the load."""
         opts = {"storage_options": self.config.storage_options}
         try:
-            steps = [c.step for c in dckpt.list_checkpoints(self.url, **opts)]
+            steps = committed(self.url, **opts)  # a listing: no manifest decoded
             if not steps or (step is not None and step not in steps):
                 return steps, False, None
             try:

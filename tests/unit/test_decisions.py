@@ -306,3 +306,26 @@ def test_the_memo_keeps_types_apart_and_refuses_what_it_refused():
     for _ in range(2):  # a subclass is not a plain value: refused both times, never memoized
         with pytest.raises(dckpt.StateDictError, match="would be refused by the load"):
             serialize("level", Level.LOW)
+
+
+def test_a_loaded_value_is_shared_only_when_no_caller_can_change_it():
+    """A restore loads the same stored bytes again and again (hyper-parameters): a number,
+    a string or a tuple of them comes from the memo; a list or a dict is made anew each
+    time, so that a caller that changes one does not change the next restore's."""
+    import pickle
+
+    from dckpt.values import safe_load, serialize
+
+    for value in [0.1, (0.9, 0.999), "adam", None, (1, ("a", b"b"))]:
+        raw = serialize("k", value).getvalue()
+        assert _same(safe_load(raw, "k"), value) and _same(safe_load(raw, "k"), value)
+    for value in [[1, 2], {"betas": (0.9, 0.999)}, ([1],)]:
+        raw = serialize("k", value).getvalue()
+        first = safe_load(raw, "k")
+        assert _same(first, value)
+        (first[0] if isinstance(first, tuple) else first).clear()  # the caller's to change
+        assert _same(safe_load(raw, "k"), value)
+    evil = pickle.dumps(print)  # code: refused every time, never remembered
+    for _ in range(2):
+        with pytest.raises(dckpt.UnsafeValueError):
+            safe_load(evil, "k")
