@@ -303,11 +303,12 @@ def reusing(memo: dict[bytes, Manifest], max_bytes: int) -> Iterator[None]:
     commit reads every committed manifest twice (the retention's listing, gc), and decoding
     them was all of its time, growing with the checkpoints kept, beside training."""
     used: set[bytes] = set()
+    outer = getattr(_reuse, "state", None)  # a run within another's: each keeps its own
     _reuse.state = (memo, used, max_bytes)
     try:
         yield
     finally:
-        _reuse.state = None
+        _reuse.state = outer
         for key in [k for k in memo if k not in used]:
             del memo[key]
 

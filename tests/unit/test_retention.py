@@ -142,3 +142,10 @@ def test_reusing_returns_the_same_manifest_for_the_same_bytes_only(tmp_path):
     assert decoder.decode(other) is not c  # outside: decoded anew
     with decoder.reusing(memo, len(raw) - 1):  # too many bytes to keep
         assert decoder.decode(raw) is not decoder.decode(raw)
+    outer, inner = {}, {}
+    with decoder.reusing(outer, 1 << 20):  # a run within another: each keeps its own
+        a = decoder.decode(raw)
+        with decoder.reusing(inner, 1 << 20):
+            assert decoder.decode(other) is decoder.decode(other)
+        assert decoder.decode(raw) is a
+    assert len(outer) == 1 and len(inner) == 1
