@@ -30,7 +30,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, sort_checkpoints
 
 import dckpt
-from dckpt.errors import ArgumentError, FormatError, IntegrityError
+from dckpt.errors import ArgumentError, DckptError, FormatError, IntegrityError
 from dckpt.integrations.common import (
     Pointer,
     Saves,
@@ -241,7 +241,6 @@ class DckptTrainerMixin:
         folder whose checkpoint did (rank 0 decides)."""
         chosen = folder
         if self._rank == 0:
-            committed: dict[str, set[int]] = {}
             for candidate in [folder, *reversed(self._older_folders(folder))]:
                 try:
                     pointer = read_pointer(os.path.join(candidate, POINTER_NAME))
@@ -250,13 +249,13 @@ class DckptTrainerMixin:
                 if pointer is None:
                     chosen = candidate  # a folder of the Trainer's own
                     break
-                if pointer.url not in committed:
-                    committed[pointer.url] = {c.step for c in dckpt.list_checkpoints(
-                        pointer.url, storage_options=self._storage_options)
-                        if c.problem is None}
-                if pointer.step in committed[pointer.url]:
-                    chosen = candidate
-                    break
+                try:  # its manifest alone, not every one of a run that keeps them all
+                    dckpt.inspect(pointer.url, step=pointer.step,
+                                  storage_options=self._storage_options)
+                except DckptError:
+                    continue  # never committed, or damaged
+                chosen = candidate
+                break
             if chosen != folder:
                 log.warning("rank 0: the checkpoint of %s never committed; resuming from %s",
                             folder, chosen)
