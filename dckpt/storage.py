@@ -16,6 +16,7 @@ import functools
 import os
 import posixpath
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -223,13 +224,19 @@ class Store:
         if not self.local:
             try:
                 self.fs.pipe_file(path, data, mode="create")
-            except Exception:
+            except Exception as e:
                 # IMPORTANT: a create whose answer was lost (a connection reset) is sent
                 # again, and the retry fails on the object the first one made: when the
                 # object holds these bytes, the create is done (a manifest's bytes name its
                 # save's attempt: another save's are never the same)
-                if not self._holds(path, data):
-                    raise
+                held = self._holds(path, data)
+                if held:
+                    return
+                if held is None and isinstance(e, FileExistsError):
+                    raise OSError(errno.EIO, f"the create of {name} found an object there, "
+                                  "and it could not be read back to tell whether this create "
+                                  "made it: it may have") from e
+                raise
             return
         folder = posixpath.dirname(path)
         self.fs.makedirs(folder, exist_ok=True)
@@ -244,11 +251,16 @@ class Store:
             _unlink_quietly(tmp)
         self.sync_folder(posixpath.dirname(name))
 
-    def _holds(self, path: str, data: bytes) -> bool:
-        try:
-            return bool(self.fs.cat_file(path) == data)
-        except Exception:  # unknown: the create's own error stands
-            return False
+    def _holds(self, path: str, data: bytes) -> bool | None:
+        """Whether the object at ``path`` holds ``data``; None when three reads of it fail."""
+        for attempt in range(3):
+            try:
+                return bool(self.fs.cat_file(path) == data)
+            except FileNotFoundError:
+                return False
+            except Exception:  # a flaky storage: try again, then unknown
+                time.sleep(0.2 * 2 ** attempt)
+        return None
 
     def write_if_absent(self, name: str, data: bytes) -> None:
         try:

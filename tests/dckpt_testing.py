@@ -304,10 +304,16 @@ class MotoServer:
             self.proc.kill()
 
 
+_METHODS = (b"GET", b"PUT", b"POST", b"HEAD", b"DELETE")
+
+
 class FlakyProxy:
     """A TCP proxy on 127.0.0.1 in front of an S3 server that breaks connections: each new
     connection is reset, with probability ``p``, after a random number of bytes (below
-    ``max_cut``) in one direction, mid-request or mid-response; a request whose first line
+    ``max_cut``) in one direction: mid-response, or before the next request past that many
+    bytes (S3 never stores a partial upload; moto's server stores what it got, an empty
+    object for a cut after the headers, which a create-only PUT then finds); a request whose
+    first line
     holds ``truncate`` gets its response cut one byte into the body, then a reset (a
     response cut short: aiohttp's ClientPayloadError); one whose first line holds ``drop``
     is served, and its answer lost to a reset. Real sockets, real resets."""
@@ -395,8 +401,11 @@ class FlakyProxy:
                     dst.sendall(data[:data.index(b"\r\n\r\n") + 4 + keep] if keep >= 0 else b"")
                     return self._reset(conn)
                 if cut is not None and sent + len(data) > cut:
-                    dst.sendall(data[:cut - sent])
-                    return self._reset(conn)
+                    if not request:
+                        dst.sendall(data[:cut - sent])
+                        return self._reset(conn)
+                    if data.split(b" ", 1)[0] in _METHODS:  # before a request, not in one
+                        return self._reset(conn)
                 dst.sendall(data)
                 sent += len(data)
         except OSError:

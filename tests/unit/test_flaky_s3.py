@@ -128,3 +128,29 @@ def test_a_commit_whose_answer_was_lost_is_a_commit(flaky_repo):
         got = blank()
         dckpt.load(got, url, step=step, storage_options=server.options())
         assert equal(got, state(step))
+
+
+def test_a_create_that_finds_an_object_tells_its_own_from_anothers(monkeypatch):
+    """On an object store (memory:// here): the object a create finds is this create's when
+    it holds these bytes; another's raises FileExistsError; one that cannot be read back
+    (three tries) is neither, and says the create may have made it."""
+    import errno
+
+    from dckpt.storage import Store
+
+    store = Store(f"memory://creates-{os.getpid()}-{time.monotonic_ns()}")
+    store.create_exclusive("m.json", b"mine")
+    store.create_exclusive("m.json", b"mine")  # a retry of a create whose answer was lost
+    with pytest.raises(FileExistsError):
+        store.create_exclusive("m.json", b"theirs")
+    tries = []
+
+    def unreadable(path, *a, **k):
+        tries.append(path)
+        raise ConnectionResetError("reset")
+
+    monkeypatch.setattr(store.fs, "cat_file", unreadable)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with pytest.raises(OSError, match="could not be read back") as e:
+        store.create_exclusive("m.json", b"mine")
+    assert e.value.errno == errno.EIO and len(tries) == 3
