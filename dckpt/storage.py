@@ -102,6 +102,24 @@ def _bounded(method: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+_LOST = frozenset({"ConnectionClosedError", "ServerDisconnectedError", "ClientPayloadError",
+                   "ClientOSError", "IncompleteRead", "ProtocolError"})
+"""Exceptions of the storage libraries for a connection that broke mid-request (botocore,
+aiohttp, urllib3): the request may have arrived."""
+
+
+def _connection_lost(e: BaseException) -> bool:
+    """Whether ``e``, or an exception it came from, says the connection broke mid-request."""
+    seen: BaseException | None = e
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionError) or type(seen).__name__ in _LOST:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
@@ -228,11 +246,15 @@ class Store:
                 # IMPORTANT: a create whose answer was lost (a connection reset) is sent
                 # again, and the retry fails on the object the first one made: when the
                 # object holds these bytes, the create is done (a manifest's bytes name its
-                # save's attempt: another save's are never the same)
-                held = self._holds(path, data)
+                # save's attempt: another save's are never the same). Not after a timeout:
+                # a storage that stops answering would not answer the read either.
+                exists = isinstance(e, FileExistsError)
+                if not exists and not _connection_lost(e):
+                    raise
+                held = self._holds(path, data, tries=3 if exists else 1)
                 if held:
                     return
-                if held is None and isinstance(e, FileExistsError):
+                if held is None and exists:
                     raise OSError(errno.EIO, f"the create of {name} found an object there, "
                                   "and it could not be read back to tell whether this create "
                                   "made it: it may have") from e
@@ -251,9 +273,9 @@ class Store:
             _unlink_quietly(tmp)
         self.sync_folder(posixpath.dirname(name))
 
-    def _holds(self, path: str, data: bytes) -> bool | None:
-        """Whether the object at ``path`` holds ``data``; None when three reads of it fail."""
-        for attempt in range(3):
+    def _holds(self, path: str, data: bytes, tries: int) -> bool | None:
+        """Whether the object at ``path`` holds ``data``; None when ``tries`` reads fail."""
+        for attempt in range(tries):
             try:
                 return bool(self.fs.cat_file(path) == data)
             except FileNotFoundError:

@@ -154,3 +154,12 @@ def test_a_create_that_finds_an_object_tells_its_own_from_anothers(monkeypatch):
     with pytest.raises(OSError, match="could not be read back") as e:
         store.create_exclusive("m.json", b"mine")
     assert e.value.errno == errno.EIO and len(tries) == 3
+    tries.clear()
+
+    def timed_out(*a, **k):
+        raise TimeoutError("no answer")
+
+    monkeypatch.setattr(store.fs, "pipe_file", timed_out)
+    with pytest.raises(TimeoutError):  # a storage that stops answering: no read after it
+        store.create_exclusive("n.json", b"mine")
+    assert tries == []
