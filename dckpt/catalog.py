@@ -6,9 +6,11 @@ waiting seconds for torch's import; save, load and export are ``dckpt.api``."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 
 from dckpt import layout
 from dckpt.arguments import check_bool, check_bytes, check_seconds, check_step, public
+from dckpt.decoder import reusing
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.health import Health, check_health
@@ -23,6 +25,7 @@ from dckpt.repository import (
     set_quarantine,
 )
 from dckpt.status import Status, repository_status
+from dckpt.storage import Store
 from dckpt.sweep import DEFAULT_MIN_AGE_S, GcReport, collect
 from dckpt.verify import Progress, VerifyReport, verify_steps
 
@@ -30,20 +33,29 @@ __all__ = ["list_checkpoints", "committed", "inspect", "verify", "delete", "gc",
 
 log = logging.getLogger(__name__)
 
+HEALTH_DECODED_BYTES = 64 << 20
+"""The health check reads a checkpoint's manifest twice (its info, then its check): the
+second is the first one's decode, for manifests up to this many bytes."""
+
 
 @public
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
     ``problem`` set. Not collective."""
     store = open_repository(url, storage_options, required=False)
-    infos = []  # an empty or absent repository is a valid, empty one
+    # an empty or absent repository is a valid, empty one
+    return list(_infos(store, url, committed_steps(store)))
+
+
+def _infos(store: Store, url: str, steps: Iterable[int]) -> Iterator[CheckpointInfo]:
+    """Each step's CheckpointInfo, in the order of ``steps``, read as it is asked for; a
+    damaged one with ``problem`` set, one deleted since the listing left out."""
     marked = quarantined(store)
-    for step, m in manifests(store, committed_steps(store)):
-        infos.append(CheckpointInfo(step=step, url=url, created_at=0.0, metrics={},
-                                    world_size=0, bytes_logical=0, bytes_written=0,
-                                    problem=str(m)) if isinstance(m, DckptError) else
-                     info_from_manifest(m, url, quarantined=marked.get(step)))
-    return infos
+    for step, m in manifests(store, steps):
+        yield (CheckpointInfo(step=step, url=url, created_at=0.0, metrics={}, world_size=0,
+                              bytes_logical=0, bytes_written=0, problem=str(m))
+               if isinstance(m, DckptError) else
+               info_from_manifest(m, url, quarantined=marked.get(step)))
 
 
 @public
@@ -152,9 +164,13 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     check_bool(verify, "verify")
     check_bytes(sample_bytes, "sample_bytes")
     store = open_repository(url, storage_options, required=False)
-    return check_health(store, list_checkpoints(url, storage_options=storage_options),
-                        max_age_s=max_age_s, min_free_bytes=min_free_bytes, verify=verify,
-                        sample_bytes=sample_bytes)
+    steps = committed_steps(store)
+    # newest first, each manifest read when the check comes to it (and decoded once): the
+    # check stops at the first recoverable one, older ones are never read
+    with reusing({}, HEALTH_DECODED_BYTES):
+        return check_health(store, _infos(store, url, reversed(steps)), len(steps),
+                            max_age_s=max_age_s, min_free_bytes=min_free_bytes,
+                            verify=verify, sample_bytes=sample_bytes)
 
 
 @public

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from dckpt.errors import CheckpointNotFoundError, DckptError
@@ -84,14 +85,18 @@ def _objects_present(store: Store, m: Manifest) -> str | None:
     return missing_object(store, extents(m.refs()))
 
 
-def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float | None = None,
-                 min_free_bytes: int | None = None, verify: bool = False,
-                 sample_bytes: int = 64 << 20) -> Health:
-    committed = list(infos)
+def check_health(store: Store, newest_first: Iterable[CheckpointInfo], count: int, *,
+                 max_age_s: float | None = None, min_free_bytes: int | None = None,
+                 verify: bool = False, sample_bytes: int = 64 << 20) -> Health:
+    """``newest_first``: the committed checkpoints, newest first (read as they are asked
+    for: the check stops at the first recoverable one); ``count``: how many there are."""
     unrecoverable: list[tuple[int, str]] = []
     recoverable: tuple[CheckpointInfo, Manifest] | None = None
     rate = estimate = None
-    for info in reversed(committed):
+    newest = None  # the newest whose manifest reads: a damaged one has no time
+    for info in newest_first:
+        if newest is None and info.problem is None:
+            newest = info
         if info.problem is not None or info.quarantined is not None:
             why: str | None = info.problem or f"quarantined: {info.quarantined}"
             assert why is not None
@@ -106,9 +111,6 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
             recoverable = (info, m)
             break
         unrecoverable.append((info.step, why))
-    # the newest whose manifest reads: a damaged one has no time (its age was 56 years)
-    dated = [i for i in committed if i.problem is None]
-    newest = dated[-1] if dated else None
     age = time.time() - newest.created_at if newest is not None else None
     free = None
     if store.local:
@@ -120,8 +122,8 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
     if recoverable is None:
         code = CRITICAL
         reasons.append("the repository holds no committed checkpoint: a restart would start "
-                       "from scratch" if not committed else
-                       f"none of the {len(committed)} checkpoints is recoverable")
+                       "from scratch" if not count else
+                       f"none of the {count} checkpoints is recoverable")
     else:
         if unrecoverable:
             code = WARNING
@@ -135,4 +137,4 @@ def check_health(store: Store, infos: list[CheckpointInfo], *, max_age_s: float 
         reasons.append(f"{free} bytes free, under the limit of {min_free_bytes}")
     return Health(store.url, code, tuple(reasons), newest.step if newest else None, age,
                   recoverable[0].step if recoverable else None, tuple(unrecoverable),
-                  len(infos), rate, estimate, free)
+                  count, rate, estimate, free)

@@ -126,3 +126,25 @@ def test_health_and_verify_leave_metrics_for_cron(tmp_path):
     assert cli(["health", "nosuchproto://bucket/x", "--metrics-textfile",
                 str(prom), "--job", "cron"]) == 3
     assert values(prom)["dckpt_health_status"] == 3
+
+
+def test_health_reads_the_manifests_down_to_the_recoverable_one_only(tmp_path, monkeypatch):
+    """A monitor runs health often: it decodes the newest manifests down to the first
+    recoverable checkpoint, once each, not every manifest of a repository that keeps many."""
+    from dckpt import decoder
+
+    url = str(tmp_path / "repo")
+    for step in range(1, 13):
+        dckpt.save({"w": torch.full((100,), float(step))}, url, step=step)
+    with open(os.path.join(url, "manifests", "000000000012.json"), "r+b") as f:
+        f.seek(40)
+        f.write(b"#")  # the newest is damaged: the check goes on to step 11
+    decoded = []
+    real = decoder._checked
+    monkeypatch.setattr(decoder, "_checked", lambda raw, name: decoded.append(name) or
+                        real(raw, name))
+    h = dckpt.health(url)
+    assert (h.recoverable_step, h.newest_step, h.checkpoints) == (11, 11, 12)
+    assert [s for s, _ in h.unrecoverable] == [12]
+    assert sorted(n.rsplit("/", 1)[-1] for n in decoded) == ["000000000011.json",
+                                                              "000000000012.json"]
