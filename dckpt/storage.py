@@ -257,7 +257,8 @@ class Store:
                 if held is None and exists:
                     raise OSError(errno.EIO, f"the create of {name} found an object there, "
                                   "and it could not be read back to tell whether this create "
-                                  "made it: it may have") from e
+                                  "made it: it may have. List the checkpoints (dckpt ls) to "
+                                  "see whether the step is committed") from e
                 raise
             return
         folder = posixpath.dirname(path)
