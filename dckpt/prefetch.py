@@ -32,7 +32,7 @@ from dckpt import layout
 from dckpt.decoder import decode
 from dckpt.manifest import Manifest
 
-__all__ = ["Prefetch", "plan", "prefetch", "main"]
+__all__ = ["Prefetch", "plan", "prefetch", "main", "available_memory"]
 
 THREADS = 8
 """Objects read at once."""
@@ -124,15 +124,27 @@ def plan(url: str, *, step: int | None = None, ranks: set[int] | None = None) ->
     return Prefetch(note="no manifest could be read (" + "; ".join(notes) + ")")
 
 
-def _available_bytes() -> int | None:
+def available_memory() -> int | None:
+    """Bytes this process may still take: the kernel's MemAvailable, or less where a cgroup
+    (a container, a job scheduler's allocation) caps it; None where neither is known."""
+    limits = []
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    limits.append(int(line.split()[1]) * 1024)
     except OSError:
         pass
-    return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            cap = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if cap != "max":
+            limits.append(max(0, int(cap) - used))
+    except (OSError, ValueError):
+        pass
+    return min(limits) if limits else None
 
 
 def prefetch(url: str, *, step: int | None = None, ranks: set[int] | None = None,
@@ -141,7 +153,7 @@ def prefetch(url: str, *, step: int | None = None, ranks: set[int] | None = None
     the available memory), ``threads`` objects at a time; returns when they are read."""
     p = plan(url, step=step, ranks=ranks)
     if max_bytes is None:
-        available = _available_bytes()
+        available = available_memory()
         max_bytes = available // 2 if available is not None else 1 << 62
     root = _local_root(str(url))
     jobs: list[tuple[str, list[tuple[int, int]]]] = []

@@ -10,6 +10,7 @@ import shutil
 
 from dckpt.config import SaveConfig
 from dckpt.errors import ArgumentError
+from dckpt.prefetch import available_memory
 from dckpt.storage import Store
 
 __all__ = ["add_arguments", "check", "reach", "room", "METHODS", "LAYOUTS", "WORKLOADS",
@@ -123,29 +124,6 @@ def room(args: argparse.Namespace, names: list[str], *, local_world: int, on_gpu
                 f"each of {storing} method(s), and one more while a method replaces its own); "
                 f"{free / GIB:.1f} GiB is free. Pass a smaller --gib-per-rank, or fewer --methods")
     return None
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still take: the kernel's MemAvailable, or less where a cgroup
-    (a container, a job scheduler's allocation) caps it; None where neither is known."""
-    limits = []
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    limits.append(int(line.split()[1]) * 1024)
-    except OSError:
-        pass
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            cap = f.read().strip()
-        with open("/sys/fs/cgroup/memory.current") as f:
-            used = int(f.read())
-        if cap != "max":
-            limits.append(max(0, int(cap) - used))
-    except (OSError, ValueError):
-        pass
-    return min(limits) if limits else None
 
 
 def _existing(path: str) -> str:
