@@ -319,7 +319,8 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
         lines = list(dict.fromkeys(f"rank {r}: {p}" if len(every) > 1 else p
                                    for r, mine in enumerate(every) for p in mine))
         raise StateDictError(f"the state dict does not fit the checkpoint ({len(lines)} "
-                             "problems):\n" + "\n".join(f"  - {p}" for p in lines))
+                             f"problem{'s' if len(lines) > 1 else ''}):\n"
+                             + "\n".join(f"  - {p}" for p in lines))
 
 
 @public

@@ -13,6 +13,7 @@ import sys
 import time
 
 import dckpt
+from dckpt.errors import headline
 
 __all__ = ["main"]
 
@@ -384,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 0
     except dckpt.DckptError as e:
-        print(f"dckpt {args.command}: {str(e).splitlines()[0] if e.failures else e}",
+        print(f"dckpt {args.command}: {headline(str(e)) if e.failures else e}",
               file=sys.stderr)
         return 2
     except Exception as e:

@@ -24,6 +24,7 @@ from dckpt.errors import (
     CommitError,
     DckptError,
     IntegrityError,
+    headline,
 )
 
 ProcessGroup = dist.ProcessGroup
@@ -86,7 +87,8 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     ``"commit"`` carries saves and loads (an async save's from its persist thread),
     ``"commit-control"`` the caller-thread agreements made while a save may be in flight,
     ``"trigger"`` the manager's agreements, ``"memory"`` (and ``"memory-control"``) the
-    memory tier's saves, which may run beside a storage save.
+    memory tier's saves, which may run beside a storage save, ``"arguments"`` (through
+    ``first_group``) the comparison of the managers' arguments.
     """
     if not active():
         return None
@@ -105,6 +107,19 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
         entry = (world, made)
         _groups[key] = entry
     return entry[1]
+
+
+def first_group(timeout_s: float, purpose: str) -> dist.ProcessGroup | None:
+    """(all ranks) The group of ``purpose`` made first in this default group, whatever
+    timeout it was made with (``checkpoint_group``'s, with ``timeout_s``, when none was):
+    for an exchange that must pair up even where the ranks pass different timeouts, which
+    would give each rank its own key in ``checkpoint_group``."""
+    if not active():
+        return None
+    for (_, made_for), (world, group) in _groups.items():
+        if made_for == purpose and world is dist.group.WORLD:
+            return group
+    return checkpoint_group(timeout_s, purpose)
 
 
 def broadcast(obj: object, group: dist.ProcessGroup | None) -> object:
@@ -136,6 +151,18 @@ def node() -> int:
     ``LOCAL_WORLD_SIZE``."""
     group_rank = os.environ.get("GROUP_RANK")
     return int(group_rank) if group_rank is not None else rank() // max(1, local_world_size())
+
+
+def ranks_text(ranks: list[int]) -> str:
+    """``[0, 2, 3, 4, 7]`` -> ``"ranks 0, 2-4, 7"``."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][1] + 1:
+            runs[-1][1] = r
+        else:
+            runs.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+    return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
 
 
 CHUNK_BYTES = 256 << 20
@@ -200,7 +227,7 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
         cls = DckptError
     first_rank = next(iter(failures))
     message = (f"{what} failed on rank {', '.join(map(str, failures))}: "
-               f"{failures[first_rank].splitlines()[0]}")
+               f"{headline(failures[first_rank])}")
     return cls(message, failures=failures)
 
 

@@ -40,6 +40,15 @@ class DckptError(Exception):
         return "\n".join(lines)
 
 
+def headline(message: str) -> str:
+    """A message's first line, joined with the next where the first only announces a list
+    (ends with ``:``): what a one-line report of an error keeps."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if not lines:
+        return ""
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
 def _rebuild(cls: type[DckptError], message: str, failures: dict[int, str]) -> DckptError:
     return cls(message, failures=failures)
 

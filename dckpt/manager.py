@@ -15,12 +15,12 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, cast
 
 from dckpt import api, dist
 from dckpt.arguments import check_bool, check_state_dict, check_step, check_url, public
 from dckpt.config import LoadConfig, ManagerConfig, SaveConfig
-from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError
+from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, headline
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
 from dckpt.metrics import Metrics
@@ -28,7 +28,7 @@ from dckpt.preemption import SignalWatch
 from dckpt.retention import Policy, best
 from dckpt.saver import SaveHandle
 from dckpt.tiers import MemorySaves
-from dckpt.triggers import Moment, OnPreemption, Trigger
+from dckpt.triggers import Moment, OnPreemption, Trigger, describe
 from dckpt.upkeep import RetentionReport, Upkeep
 from dckpt.writer import Writer, check_metrics
 
@@ -116,9 +116,10 @@ class CheckpointManager:
         # step -> wall time its save began, while it may still be writing (gc after
         # retention spares what started since the oldest: docs/manager.md)
         self._started: dict[int, float] = {}
+        timeout_s = self.config.save.collective_timeout_s
+        _refuse_different_arguments(self.config, trigger, timeout_s)
         self._upkeep = Upkeep(self.url, self.storage_options, self.config.retention,
                               self.config.gc, self._in_flight, metrics)
-        timeout_s = self.config.save.collective_timeout_s
         self._agreement = (dist.Agreement(timeout_s, AGREE_INTERVAL_S)
                            if trigger is not None and trigger.agreed else None)
         self._broadcasts = (dist.checkpoint_group(timeout_s, purpose="trigger")
@@ -183,7 +184,7 @@ class CheckpointManager:
         self._committed.add(info.step)
         self._last_save_t = time.monotonic()
         if dist.rank() == 0:
-            skipped = "; ".join(f"step {s}: {r.splitlines()[0]}" for s, r in info.skipped)
+            skipped = "; ".join(f"step {s}: {headline(r)}" for s, r in info.skipped)
             log.log(logging.INFO if again else logging.WARNING,
                     "recovery %d: restored step %d from %s (%s) in %.2f s (%d bytes read; tried %s); "
                     "training since that checkpoint is redone: %d newer step(s) skipped, "
@@ -246,8 +247,10 @@ class CheckpointManager:
         """(all ranks) This call as every rank sees it (see dckpt.triggers)."""
         agreed = None
         if self._agreement is not None:
-            agreed = self._agreement.exchange(self._signals.signum is not None,
-                                              time.monotonic() - self._last_save_t, self.saves)
+            with dist.collectives(f"the managers' agreement at step {step}", saving=False):
+                agreed = self._agreement.exchange(self._signals.signum is not None,
+                                                  time.monotonic() - self._last_save_t,
+                                                  self.saves)
         fresh = agreed is not None and agreed.saves == self.saves
         return Moment(step, epoch_end, self._watched(metrics),
                       elapsed_s=agreed.elapsed_s if fresh and agreed else None,
@@ -260,7 +263,8 @@ class CheckpointManager:
         watches = self.trigger.watches if self.trigger is not None else frozenset()
         watched = {k: v for k, v in (metrics or {}).items() if k in watches}
         if watched:
-            watched = dist.broadcast(watched, self._broadcasts)  # type: ignore[assignment]
+            with dist.collectives("the broadcast of rank 0's metrics", saving=False):
+                watched = dist.broadcast(watched, self._broadcasts)  # type: ignore[assignment]
         return watched
 
     @public
@@ -345,7 +349,7 @@ class CheckpointManager:
             self.on_save(info)
 
     def _failed(self, step: int, error: BaseException) -> None:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        reason = headline(str(error)) or type(error).__name__
         self.failures.append((step, reason))
         log.error("rank %d: the checkpoint of step %d failed, training goes on: %s",
                   dist.rank(), step, reason,
@@ -407,18 +411,64 @@ class CheckpointManager:
             return
         self._poll(wait=True)
         self._upkeep.close()
-        if self.memory is not None:
-            self.memory.close(remove=remove_memory)
-        if self._agreement is not None:
-            self._agreement.close()
-        self._signals.restore()
-        self._closed = True
+        try:
+            with dist.collectives("closing the CheckpointManager", saving=False):
+                if self.memory is not None:
+                    self.memory.close(remove=remove_memory)
+                if self._agreement is not None:
+                    self._agreement.close()
+        finally:
+            self._signals.restore()
+            self._closed = True
 
     def __enter__(self) -> CheckpointManager:
         return self
 
+    @public
     def __exit__(self, *exc: object) -> None:
         self._close(remove_memory=exc[0] is None)  # after a crash the restart may need it
+
+
+COLLECTIVE_ARGUMENTS = ("triggers (save_every_*, save_at_epoch_end, save_on_improve, and "
+                        "handle_signals: OnPreemption), async_save, exit_on_preemption, "
+                        "save_config.if_busy, memory_every_steps, memory_replicas and the "
+                        "collective_timeout_s of save_config and load_config")
+"""What every rank's manager must be given alike: what decides when the ranks save, and how
+(the save's collectives pair up only when every rank makes the same calls)."""
+
+
+def _refuse_different_arguments(config: ManagerConfig, trigger: Trigger | None,
+                                timeout_s: float) -> None:
+    """(all ranks) ArgumentError on every rank when the ranks made their managers with
+    different collective arguments, at once, instead of saves that fail later, some after
+    the collective timeout."""
+    if not dist.active():
+        return
+    mine = {"triggers": describe(trigger), "async_save": repr(config.async_save),
+            "exit_on_preemption": repr(config.exit_on_preemption),
+            "if_busy": repr(config.save.if_busy),
+            "memory_every_steps": describe(config.memory_trigger),
+            "memory_replicas": repr(config.memory_replicas),
+            # each timeout keys dckpt's gloo groups: ranks that differ make different groups
+            "save_config.collective_timeout_s": repr(config.save.collective_timeout_s),
+            "load_config.collective_timeout_s": repr(config.load.collective_timeout_s)}
+    with dist.collectives("CheckpointManager", saving=False):
+        everyone = cast(list[dict[str, str]],
+                        dist.gather(mine, dist.first_group(timeout_s, purpose="arguments")))
+    differ = []
+    for name in mine:
+        held: dict[str, list[int]] = {}
+        for r, args in enumerate(everyone):
+            held.setdefault(args[name], []).append(r)
+        if len(held) > 1:
+            differ.append(f"  - {name}: " + "; ".join(
+                f"{value} on {dist.ranks_text(ranks)}" for value, ranks in held.items()))
+    if differ:
+        raise ArgumentError(
+            "CheckpointManager: the ranks made their managers with different arguments:\n"
+            + "\n".join(differ) + f"\nEvery rank must pass the same {COLLECTIVE_ARGUMENTS} "
+            "(their saves' collectives would pair up wrongly); memory_dir, storage_options "
+            "and retention may differ")
 
 
 def _check_save_call(step: object, state_dict: object, metrics: object) -> None:

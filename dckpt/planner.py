@@ -151,7 +151,8 @@ def refuse(problems: list[str]) -> None:
     """Raise StateDictError listing ``problems`` of a state dict to save, if any."""
     if problems:
         raise StateDictError(
-            f"the state dict cannot be saved ({len(problems)} problems):\n"
+            f"the state dict cannot be saved ({len(problems)} problem"
+            f"{'s' if len(problems) > 1 else ''}):\n"
             + "\n".join(f"  - {p}" for p in problems) + "\nNothing was written")
 
 

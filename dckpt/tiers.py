@@ -130,15 +130,28 @@ class MemorySaves:
             if isinstance(entry, tuple):
                 nodes.setdefault(entry[2], (entry[1], set()))[1].add(entry[0])
         shared = [(folder, sorted(n)) for folder, n in nodes.values() if len(n) > 1]
+        folders: dict[int, dict[object, tuple[str, list[int]]]] = {}  # node -> folder's
+        for r, entry in enumerate(everyone):  # identity -> (its path, the ranks naming it)
+            if isinstance(entry, tuple):
+                folders.setdefault(entry[0], {}).setdefault(entry[2], (entry[1], []))[1].append(r)
+        apart = [(n, f) for n, f in sorted(folders.items()) if len(f) > 1]
         if shared:
-            if isinstance(made, MemoryTier):
-                with contextlib.suppress(OSError):
-                    os.rmdir(made.folder)  # made here, and empty: nothing made on refusal
             refused.append(ArgumentError(
                 f"nodes {shared[0][1]} share the memory tier's folder {shared[0][0]}; give "
                 "each node a folder of its own (memory_dir=, or DCKPT_MEMORY_DIR per "
                 "torchrun agent)"))
+        if apart:
+            node, named = apart[0]
+            refused.append(ArgumentError(
+                f"the ranks of node {node} name different memory tier folders ("
+                + "; ".join(f"{folder} on {dist.ranks_text(ranks)}" for folder, ranks
+                            in named.values()) + "): a node's ranks share one folder, which "
+                "its leader commits into; pass the same memory_dir (or DCKPT_MEMORY_DIR) to "
+                "every rank of a node"))
         if refused:
+            if isinstance(made, MemoryTier):
+                with contextlib.suppress(OSError):
+                    os.rmdir(made.folder)  # made here, and empty: nothing made on refusal
             raise refused[0]
         assert isinstance(made, MemoryTier)
         return made

@@ -15,6 +15,7 @@ subclasses ``Trigger`` and declares what it needs: ``watches`` (metrics to broad
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
@@ -199,3 +200,16 @@ class OnPreemption(Trigger):
 
     def __call__(self, moment: Moment) -> str | None:
         return "preemption" if moment.signalled else None
+
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def describe(trigger: Trigger | None) -> str:
+    """A trigger's text, the same on every rank whose trigger decides alike: its repr (a
+    dataclass's fields) without object addresses, and what it reads."""
+    if trigger is None:
+        return "none"
+    watches = f", watches {sorted(trigger.watches)}" if trigger.watches else ""
+    return f"{_ADDRESS.sub('', repr(trigger))}{watches}"
+

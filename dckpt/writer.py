@@ -48,7 +48,7 @@ from dckpt.decoder import paused_gc
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.dtypes import dtype_name
-from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError, StateDictError
+from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (
     BlockRef,
@@ -62,7 +62,7 @@ from dckpt.manifest import (
     extents,
     metric_ok,
 )
-from dckpt.planner import SafeSavePlanner
+from dckpt.planner import SafeSavePlanner, refuse
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
 from dckpt.storage import Store
@@ -185,9 +185,7 @@ class Writer(StorageWriter):
             if props.layout != torch.strided:
                 problems.append(f"{item.index.fqn}: layout {props.layout} is not supported; "
                                 "convert to a dense (strided) tensor before saving")
-        if problems:
-            raise StateDictError(f"the state dict cannot be saved ({len(problems)} problems):\n"
-                                 + "\n".join(f"  - {p}" for p in problems))
+        refuse(problems)
         return dataclasses.replace(plan, storage_data=self.step)  # checked by the coordinator
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:

@@ -124,3 +124,110 @@ def test_ranks_agree_on_the_metric_trigger(tmp_path):
     saved = [o.value for o in run_ranks(_improve, 2, url)]
     assert saved == [[3, 6, 12]] * 2
     assert [c.metrics["val"] for c in dckpt.list_checkpoints(url)] == [5.0, 4.0, 1.0]
+
+
+class _EveryOther(dckpt.Trigger):
+    """A user's trigger, no dataclass: its repr names its address, which differs per rank."""
+
+    def __call__(self, moment):
+        return "mine" if moment.step % 2 == 0 else None
+
+
+_SHM = "<shm>"  # the test's memory folder
+# (what differs, how rank r makes its manager, the line the refusal must hold)
+_DIFFERENT = [
+    ("steps", lambda r: {"save_every_steps": 3 if r == 1 else 2},
+     "triggers: OnPreemption() | EverySteps(steps=2) on ranks 0, 2; "
+     "OnPreemption() | EverySteps(steps=3) on rank 1"),
+    ("async", lambda r: {"save_every_steps": 2, "async_save": r != 2},
+     "async_save: True on ranks 0-1; False on rank 2"),
+    ("seconds", lambda r: {"save_every_steps": 2, **({"save_every_seconds": 9.0} if r == 0
+                                                    else {})},
+     "EverySeconds(seconds=9.0) on rank 0;"),
+    ("signals", lambda r: {"save_every_steps": 2, "handle_signals": r != 1},
+     "triggers: OnPreemption() | EverySteps(steps=2) on ranks 0, 2; EverySteps(steps=2) on rank 1"),
+    ("exit", lambda r: {"exit_on_preemption": r == 0}, "exit_on_preemption: True on rank 0;"),
+    ("if_busy", lambda r: {"save_config": dckpt.SaveConfig(if_busy="skip" if r else "wait")},
+     "if_busy: 'wait' on rank 0; 'skip' on ranks 1-2"),
+    ("memory", lambda r: {"memory_every_steps": 2 if r < 2 else 4},
+     "memory_every_steps: EverySteps(steps=2) on ranks 0-1; EverySteps(steps=4) on rank 2"),
+    ("replicas", lambda r: {"memory_every_steps": 2, "memory_replicas": r % 2},
+     "memory_replicas: 0 on ranks 0, 2; 1 on rank 1"),
+    ("memory folder", lambda r: {"memory_every_steps": 2, "memory_dir": _SHM + f"/{r}"},
+     "the ranks of node 0 name different memory tier folders"),
+    ("timeout", lambda r: {"save_config": dckpt.SaveConfig(collective_timeout_s=60.0 + r)},
+     "save_config.collective_timeout_s: 60.0 on rank 0; 61.0 on rank 1; 62.0 on rank 2"),
+    ("load timeout", lambda r: {"load_config": dckpt.LoadConfig(collective_timeout_s=9.0 + r)},
+     "load_config.collective_timeout_s: 9.0 on rank 0; 10.0 on rank 1; 11.0 on rank 2"),
+]
+
+
+def _managers_made_apart(rank, world, url, shm):
+    state = {"w": torch.arange(4.0)}
+    os.makedirs(f"{shm}/{rank}")
+    timeout = dckpt.SaveConfig(collective_timeout_s=60.0)
+    refused = {}
+    for name, spell, _ in _DIFFERENT:
+        kwargs = {"save_config": timeout, "memory_dir": shm,
+                  "retention": dckpt.KeepLast(1 + rank),
+                  **{k: v.replace(_SHM, shm) if isinstance(v, str) else v
+                     for k, v in spell(rank).items()}}
+        t0 = time.monotonic()
+        try:
+            dckpt.CheckpointManager(f"{url}-{name}", **kwargs)
+            refused[name] = None
+        except dckpt.DckptError as e:
+            refused[name] = (type(e).__name__, str(e), time.monotonic() - t0)
+    # what may differ: retention (rank 0's applies), a user's trigger instance, the staging
+    # budget; that manager saves on every rank
+    alike = dckpt.CheckpointManager(url, dckpt.ManagerConfig(
+        trigger=_EveryOther(), async_save=False, memory_trigger=dckpt.EverySteps(1),
+        memory_dir=shm, retention=dckpt.KeepLast(1 + rank),
+        save=dckpt.SaveConfig(staging_bytes=(1 + rank) << 20)))
+    for step in range(1, 5):
+        alike.maybe_save(step, state)
+    alike.close()
+    return refused, alike.failures, alike.memory is not None and alike.memory.step
+
+
+def test_managers_made_with_different_arguments_are_refused_at_once_on_every_rank(tmp_path):
+    url = str(tmp_path / "ckpt")
+    ranks = [o.value for o in run_ranks(_managers_made_apart, 3, url, str(tmp_path / "shm"))]
+    refused = [r for r, _, _ in ranks]
+    assert [(failures, memory_step) for _, failures, memory_step in ranks] == [([], 4)] * 3
+    for name, _, line in _DIFFERENT:
+        kind, message, seconds = refused[0][name]
+        assert kind == "ArgumentError" and line in message, (name, message)
+        assert all(r[name][:2] == (kind, message) for r in refused), name  # every rank alike
+        assert max(r[name][2] for r in refused) < 30, name  # not after the 60 s timeout
+        assert not os.path.exists(f"{url}-{name}"), name  # nothing written
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [4]  # KeepLast(1), rank 0's
+
+
+def _a_peer_dies(rank, world, url):
+    from dckpt import manager
+
+    manager.AGREE_INTERVAL_S = 0.0  # an exchange at every call
+    state = {"w": torch.arange(4.0)}
+    config = dckpt.SaveConfig(collective_timeout_s=5.0)
+    if rank == 1:
+        mgr = dckpt.CheckpointManager(url, save_every_steps=100, save_config=config)
+        for step in range(3):
+            mgr.maybe_save(step, state)
+        os._exit(0)  # gone, with an exchange in flight
+    t0 = time.monotonic()
+    try:
+        with dckpt.CheckpointManager(url, save_every_steps=100, save_config=config) as mgr:
+            for step in range(100):
+                mgr.maybe_save(step, state)
+    except Exception as e:  # noqa: BLE001 - what the user's code sees
+        return type(e).__name__, isinstance(e, dckpt.DckptError), str(e), time.monotonic() - t0
+    return None
+
+
+def test_a_peer_that_dies_between_saves_is_a_dckpt_error_leaving_the_with_block(tmp_path):
+    [survivor, dead] = run_ranks(_a_peer_dies, 2, str(tmp_path / "ckpt"), allow_failures=True)
+    assert dead.value is None
+    name, is_dckpt, message, seconds = survivor.value
+    assert is_dckpt and "a collective with the other ranks broke" in message, (name, message)
+    assert seconds < 60  # the 5 s timeout, not a hang

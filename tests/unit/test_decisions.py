@@ -19,6 +19,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadIte
 import dckpt
 from dckpt import dist
 from dckpt.dedup import block_size_for
+from dckpt.errors import headline
 from dckpt.export import unflatten
 from dckpt.manifest import ChunkEntry, StoredData
 from dckpt.reader import Shared, share_replicated
@@ -64,6 +65,21 @@ def test_one_error_for_a_collective_failure(errors, saving, cls):
     ranks = sorted(int(r[1:]) for r in errors)
     assert list(err.failures) == ranks  # every failing rank's message, in rank order
     assert err.message.startswith(f"the thing failed on rank {', '.join(map(str, ranks))}: ")
+
+
+def test_a_failure_whose_first_line_announces_a_list_keeps_the_first_item():
+    problems = dckpt.StateDictError("the state dict cannot be saved (1 problem):\n"
+                                    "  - w: layout torch.sparse_coo is not supported")
+    err = dist.translate(_failures(r1=problems), what="save", saving=True)
+    assert err.message == ("save failed on rank 1: the state dict cannot be saved (1 problem): "
+                           "- w: layout torch.sparse_coo is not supported")
+    assert headline("one\ntwo") == "one" and headline("\n  \n") == ""
+
+
+@pytest.mark.parametrize("ranks, text", [
+    ([3], "rank 3"), ([0, 1], "ranks 0-1"), ([0, 2, 3, 4, 7], "ranks 0, 2-4, 7")])
+def test_ranks_are_named_in_runs(ranks, text):
+    assert dist.ranks_text(ranks) == text
 
 
 def test_a_permission_error_names_the_credentials():

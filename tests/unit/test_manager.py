@@ -215,6 +215,17 @@ def test_failed_save_is_reported_and_training_goes_on(tmp_path):
     assert steps_of(url) == [0, 4, 8]
 
 
+def test_a_failed_saves_reason_names_the_problem(tmp_path):
+    mgr = dckpt.CheckpointManager(str(tmp_path), save_every_steps=1, async_save=False,
+                                  handle_signals=False)
+    mgr.maybe_save(1, {"w": torch.eye(3).to_sparse()})
+    mgr.close()
+    [(step, reason)] = mgr.failures
+    assert step == 1 and reason.endswith(
+        "the state dict cannot be saved (1 problem): - w: layout torch.sparse_coo is not "
+        "supported; convert it to a dense (strided) tensor")
+
+
 def test_preemption_signal_without_exit(tmp_path):
     url = str(tmp_path)
     model, opt, sched, _, state = make_train()
