@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import ArgumentError, CommitError, DckptError, StorageError
+from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError, StorageError
 from dckpt.global_plan import PlanCache, run_save
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
@@ -105,6 +105,9 @@ class MemorySaves:
         self._plan: Any = None  # the local plan it staged
         self.step: int | None = None
         """The newest memory checkpoint this job committed or restored."""
+        self.refused: int | None = None
+        """The memory checkpoint a restore did not load into the caller's state dict, which
+        did not fit it: a clean end keeps it, until a memory save commits."""
         self.held_bytes = 0
         """(the node's leader) What the tier held after the last prune."""
         self._pending: SaveHandle | None = None
@@ -207,7 +210,7 @@ class MemorySaves:
                         h.step, h.error)
             self._failed.append((h.step, h.error))
             return
-        self.step = h.step
+        self.step, self.refused = h.step, None
         if self.leader:
             self.tier.prune(frozenset(self._draining), writing=writing)
             self.held_bytes = self.tier.held_bytes()
@@ -327,7 +330,8 @@ class MemorySaves:
         from this node's memory and what the other nodes send (``dckpt.replicas``); where a
         block fails its check, again after every node dropped its damaged segments. None
         when memory holds none, is older, or fails to load (every rank agreeing: the caller
-        then restores from storage)."""
+        then restores from storage); the StateDictError of a state dict that does not fit
+        the checkpoint is raised, as a load from storage raises it, and nothing is dropped."""
         failed: list[int] = []
         restored: CheckpointInfo | None = None
         for check_blocks in (False, True):
@@ -343,6 +347,9 @@ class MemorySaves:
             try:
                 info = api.load_with(reader, state_dict, self.tier.url, step=choice.step,
                                      partial=partial, config=self.load_config)
+            except (StateDictError, ArgumentError):
+                self.refused = choice.step
+                raise  # the caller's state dict, not the checkpoint: as from storage
             except DckptError as e:
                 log.warning("rank %d: memory checkpoint of step %d unusable%s: %s",
                             dist.rank(), choice.step,
@@ -350,7 +357,7 @@ class MemorySaves:
                             str(e).splitlines()[0])
                 failed.append(choice.step)
                 continue
-            self.step = choice.step
+            self.step, self.refused = choice.step, None
             restored = dataclasses.replace(info, tier=readers[-1].tier)
             break
         if self.leader:  # what failed goes (pruning would keep it as the newest), and
@@ -368,7 +375,12 @@ class MemorySaves:
             h.settle()
         self._drainer.shutdown(wait=True)
         self.saver.close()
-        if remove:
+        if remove and self.refused is not None:  # the same on every rank
+            if self.leader:
+                log.warning("keeping the memory tier's folder %s at close: its checkpoint of "
+                            "step %d did not fit the state dict given to restore",
+                            self.tier.folder, self.refused)
+        elif remove:
             dist.gather(None, self.group)  # every rank is past its last read and write
             if self.leader:
                 self.tier.remove()

@@ -116,6 +116,26 @@ def test_a_damaged_memory_checkpoint_falls_back_to_storage(tmp_path):
     crashed.close()
 
 
+@pytest.mark.parametrize("storage", [False, True])
+def test_a_state_dict_that_does_not_fit_is_refused_and_the_memory_checkpoint_kept(
+        tmp_path, storage):
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    kw = {"memory_every_steps": 3, **({"save_every_steps": 5} if storage else {})}
+    crashed, weights = _run(url, shm, 13, **kw)
+    model, opt, _ = _train(seed=99)  # a restart whose state dict does not fit the checkpoint
+    grown = {"app": dckpt.TrainState(model, opt, extra={"epoch": 0}), "new": torch.zeros(3)}
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm), **kw)
+    with pytest.raises(dckpt.StateDictError, match="new: in the state dict but not in the "):
+        mgr.restore(grown)  # as from storage alone; not a fresh start
+    assert memory.held(url, str(shm))[2] == 12  # nothing dropped for the caller's mistake
+    mgr.close()
+    mgr, info, restored = _restore(url, shm, **kw)
+    assert (info.step, info.tier) == (12, "memory") and _same(restored, weights[12])
+    mgr.close()
+    crashed.close()
+
+
 def _replace_with_a_file(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     open(path, "wb").write(b"x")
