@@ -31,6 +31,7 @@ from dckpt.errors import (
     FormatError,
     IntegrityError,
     StateDictError,
+    listing,
 )
 from dckpt.export import FORMATS, export_checkpoint
 from dckpt.global_plan import quiet_single_process
@@ -318,9 +319,7 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
         every = cast(list[list[str]], dist.gather(problems, group))  # type: ignore[arg-type]
         lines = list(dict.fromkeys(f"rank {r}: {p}" if len(every) > 1 else p
                                    for r, mine in enumerate(every) for p in mine))
-        raise StateDictError(f"the state dict does not fit the checkpoint ({len(lines)} "
-                             f"problem{'s' if len(lines) > 1 else ''}):\n"
-                             + "\n".join(f"  - {p}" for p in lines))
+        raise StateDictError(listing("the state dict does not fit the checkpoint", lines))
 
 
 @public

@@ -10,7 +10,15 @@ from dckpt.arguments import check_bool, check_options
 from dckpt.errors import ArgumentError
 from dckpt.manifest import MAX_BLOCK_BYTES
 from dckpt.retention import Policy
-from dckpt.triggers import AtEpochEnd, EverySeconds, EverySteps, OnImprove, Trigger
+from dckpt.triggers import (
+    AtEpochEnd,
+    EverySeconds,
+    EverySteps,
+    OnImprove,
+    OnPreemption,
+    Trigger,
+    describe,
+)
 from dckpt.watchdog import STALL_S
 
 __all__ = ["SaveConfig", "LoadConfig", "ManagerConfig"]
@@ -233,6 +241,27 @@ class ManagerConfig:
         if not isinstance(self.save, SaveConfig) or not isinstance(self.load, LoadConfig):
             raise ArgumentError("ManagerConfig.save and .load must be a SaveConfig and a "
                                 f"LoadConfig, got {self.save!r}, {self.load!r}")
+
+    @property
+    def saves_on(self) -> Trigger | None:
+        """What decides at each ``maybe_save``: the trigger, preemption first where the
+        signals are handled (an emergency save wins over any reason)."""
+        if not self.handle_signals:
+            return self.trigger
+        return OnPreemption() if self.trigger is None else OnPreemption() | self.trigger
+
+    def alike(self) -> dict[str, str]:
+        """What every rank's manager must be given alike, as text to compare across the
+        ranks: what decides when the ranks save and how (a save's collectives pair up only
+        where every rank makes the same calls), and the timeouts, which key dckpt's gloo
+        groups (ranks that differ would make different groups)."""
+        return {"triggers": describe(self.saves_on), "async_save": repr(self.async_save),
+                "exit_on_preemption": repr(self.exit_on_preemption),
+                "save_config.if_busy": repr(self.save.if_busy),
+                "memory_every_steps": describe(self.memory_trigger),
+                "memory_replicas": repr(self.memory_replicas),
+                "save_config.collective_timeout_s": repr(self.save.collective_timeout_s),
+                "load_config.collective_timeout_s": repr(self.load.collective_timeout_s)}
 
     @classmethod
     def of(cls, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -163,6 +163,23 @@ def ranks_text(ranks: list[int]) -> str:
             runs.append([r, r])
     text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
     return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
+
+
+def refuse_differences(mine: dict[str, str], group: dist.ProcessGroup | None, what: str,
+                       fix: str) -> None:
+    """(all ranks) The same ArgumentError on every rank where the ranks' ``mine`` differ:
+    ``what``, then each differing entry with the ranks that hold each value, then ``fix``."""
+    everyone = cast(list[dict[str, str]], gather(mine, group))
+    differ = []
+    for name in mine:
+        held: dict[str, list[int]] = {}
+        for r, theirs in enumerate(everyone):
+            held.setdefault(theirs[name], []).append(r)
+        if len(held) > 1:
+            differ.append(f"  - {name}: " + "; ".join(
+                f"{value} on {ranks_text(ranks)}" for value, ranks in held.items()))
+    if differ:
+        raise ArgumentError(f"{what}:\n" + "\n".join(differ) + f"\n{fix}")
 
 
 CHUNK_BYTES = 256 << 20

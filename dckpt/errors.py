@@ -49,6 +49,13 @@ def headline(message: str) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
+def listing(head: str, problems: list[str]) -> str:
+    """``head (n problems):`` and one ``  - problem`` line each."""
+    n = len(problems)
+    return (f"{head} ({n} problem{'s' if n != 1 else ''}):\n"
+            + "\n".join(f"  - {p}" for p in problems))
+
+
 def _rebuild(cls: type[DckptError], message: str, failures: dict[int, str]) -> DckptError:
     return cls(message, failures=failures)
 

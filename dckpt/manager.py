@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal, cast
+from typing import Literal
 
 from dckpt import api, dist
 from dckpt.arguments import check_bool, check_state_dict, check_step, check_url, public
@@ -28,7 +28,7 @@ from dckpt.preemption import SignalWatch
 from dckpt.retention import Policy, best
 from dckpt.saver import SaveHandle
 from dckpt.tiers import MemorySaves
-from dckpt.triggers import Moment, OnPreemption, Trigger, describe
+from dckpt.triggers import Moment, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
 from dckpt.writer import Writer, check_metrics
 
@@ -93,9 +93,7 @@ class CheckpointManager:
         self.storage_options = self.config.storage_options
         self.on_save, self.on_restore, self.on_failure = on_save, on_restore, on_failure
         self.metrics = metrics
-        trigger = self.config.trigger
-        if self.config.handle_signals:  # first: an emergency save wins over any reason
-            trigger = OnPreemption() if trigger is None else OnPreemption() | trigger
+        trigger = self.config.saves_on
         self.trigger: Trigger | None = trigger
         """What decides at each ``maybe_save``: the config's trigger, preemption first."""
         self.preempted = False
@@ -117,7 +115,16 @@ class CheckpointManager:
         # retention spares what started since the oldest: docs/manager.md)
         self._started: dict[int, float] = {}
         timeout_s = self.config.save.collective_timeout_s
-        _refuse_different_arguments(self.config, trigger, timeout_s)
+        if dist.active():  # at once, the same on every rank: ranks apart would fail
+            # every save, some after the collective timeout
+            with dist.collectives("CheckpointManager", saving=False):
+                dist.refuse_differences(
+                    self.config.alike(), dist.first_group(timeout_s, purpose="arguments"),
+                    "CheckpointManager: the ranks made their managers with different "
+                    "arguments", "Every rank must pass the same triggers (and handle_signals, "
+                    "which adds OnPreemption), async_save, exit_on_preemption, if_busy, "
+                    "memory tier arguments and collective timeouts; memory_dir (between "
+                    "nodes), storage_options, retention and gc may differ")
         self._upkeep = Upkeep(self.url, self.storage_options, self.config.retention,
                               self.config.gc, self._in_flight, metrics)
         self._agreement = (dist.Agreement(timeout_s, AGREE_INTERVAL_S)
@@ -427,48 +434,6 @@ class CheckpointManager:
     @public
     def __exit__(self, *exc: object) -> None:
         self._close(remove_memory=exc[0] is None)  # after a crash the restart may need it
-
-
-COLLECTIVE_ARGUMENTS = ("triggers (save_every_*, save_at_epoch_end, save_on_improve, and "
-                        "handle_signals: OnPreemption), async_save, exit_on_preemption, "
-                        "save_config.if_busy, memory_every_steps, memory_replicas and the "
-                        "collective_timeout_s of save_config and load_config")
-"""What every rank's manager must be given alike: what decides when the ranks save, and how
-(the save's collectives pair up only when every rank makes the same calls)."""
-
-
-def _refuse_different_arguments(config: ManagerConfig, trigger: Trigger | None,
-                                timeout_s: float) -> None:
-    """(all ranks) ArgumentError on every rank when the ranks made their managers with
-    different collective arguments, at once, instead of saves that fail later, some after
-    the collective timeout."""
-    if not dist.active():
-        return
-    mine = {"triggers": describe(trigger), "async_save": repr(config.async_save),
-            "exit_on_preemption": repr(config.exit_on_preemption),
-            "if_busy": repr(config.save.if_busy),
-            "memory_every_steps": describe(config.memory_trigger),
-            "memory_replicas": repr(config.memory_replicas),
-            # each timeout keys dckpt's gloo groups: ranks that differ make different groups
-            "save_config.collective_timeout_s": repr(config.save.collective_timeout_s),
-            "load_config.collective_timeout_s": repr(config.load.collective_timeout_s)}
-    with dist.collectives("CheckpointManager", saving=False):
-        everyone = cast(list[dict[str, str]],
-                        dist.gather(mine, dist.first_group(timeout_s, purpose="arguments")))
-    differ = []
-    for name in mine:
-        held: dict[str, list[int]] = {}
-        for r, args in enumerate(everyone):
-            held.setdefault(args[name], []).append(r)
-        if len(held) > 1:
-            differ.append(f"  - {name}: " + "; ".join(
-                f"{value} on {dist.ranks_text(ranks)}" for value, ranks in held.items()))
-    if differ:
-        raise ArgumentError(
-            "CheckpointManager: the ranks made their managers with different arguments:\n"
-            + "\n".join(differ) + f"\nEvery rank must pass the same {COLLECTIVE_ARGUMENTS} "
-            "(their saves' collectives would pair up wrongly); memory_dir, storage_options "
-            "and retention may differ")
 
 
 def _check_save_call(step: object, state_dict: object, metrics: object) -> None:

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, W
 
 from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
-from dckpt.errors import DckptError, StateDictError
+from dckpt.errors import DckptError, StateDictError, listing
 from dckpt.manifest import StoredData
 from dckpt.torch_internals import flatten_sharded_tensors, is_dtensor, local_shard, set_element
 from dckpt.values import RawBytes, safe_load, serialize
@@ -150,10 +150,8 @@ def named_collisions(done: str) -> Iterator[None]:
 def refuse(problems: list[str]) -> None:
     """Raise StateDictError listing ``problems`` of a state dict to save, if any."""
     if problems:
-        raise StateDictError(
-            f"the state dict cannot be saved ({len(problems)} problem"
-            f"{'s' if len(problems) > 1 else ''}):\n"
-            + "\n".join(f"  - {p}" for p in problems) + "\nNothing was written")
+        raise StateDictError(listing("the state dict cannot be saved", problems)
+                             + "\nNothing was written")
 
 
 def replica_problems(plans: list[SavePlan]) -> list[str]:
@@ -400,8 +398,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                         "example after a change of world size, where the missing ranks' own "
                         "keys have no owner)")
             raise StateDictError(
-                f"the state dict does not fit the checkpoint ({len(problems)} problems):\n"
-                + "\n".join(f"  - {p}" for p in problems) + f"\n{fix}")
+                listing("the state dict does not fit the checkpoint", problems) + f"\n{fix}")
         return [dataclasses.replace(p, planner_data=None)
                 for p in super().create_global_plan(global_plan)]
 
