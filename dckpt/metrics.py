@@ -15,6 +15,7 @@ per job, not per rank. Metric names and what they mean: docs/operations.md.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import threading
@@ -32,8 +33,8 @@ from prometheus_client import (
 )
 
 from dckpt import dist
-from dckpt.arguments import check_bool
-from dckpt.errors import ArgumentError, StorageError
+from dckpt.arguments import check_bool, public
+from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.info import CheckpointInfo
 
 __all__ = ["Metrics"]
@@ -240,9 +241,13 @@ class Metrics:
                 log.warning("%s; the checkpoints are not affected", e)
             self._unwritable = kind
 
-    def write_textfile(self, path: str) -> None:
+    @public
+    def write_textfile(self, path: str | os.PathLike) -> None:
         """Write the metrics for node_exporter's textfile collector (atomically);
         StorageError when it cannot be written."""
+        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
+            raise ArgumentError(f"write_textfile: path must be a file path, got {path!r}")
+        path = os.fspath(path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_to_textfile(path, self.registry)
@@ -250,15 +255,36 @@ class Metrics:
             raise StorageError(f"metrics textfile {path}: not written ({type(e).__name__}: "
                                f"{e})") from e
 
+    @public
     def push(self, gateway: str, *, timeout: float = 10.0) -> None:
-        """Push to a Pushgateway (``host:port`` or a URL), grouped by job."""
-        push_to_gateway(gateway, job=self.job, registry=self.registry, timeout=timeout)
+        """Push to a Pushgateway (``host:port`` or a URL), grouped by job; DckptError when
+        the gateway does not take it within ``timeout`` seconds."""
+        if not isinstance(gateway, str) or not gateway:
+            raise ArgumentError(f"push: gateway must be 'host:port' or a URL, got {gateway!r}")
+        if type(timeout) not in (int, float) or not 0 < timeout < math.inf:
+            raise ArgumentError(f"push: timeout must be a number of seconds > 0, got "
+                                f"{timeout!r}")
+        try:
+            push_to_gateway(gateway, job=self.job, registry=self.registry, timeout=timeout)
+        except (OSError, ValueError) as e:  # urllib's URLError and HTTPError are OSErrors
+            raise DckptError(f"metrics push to {gateway}: not pushed ({type(e).__name__}: "
+                             f"{e})") from e
 
+    @public
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
-        """Serve ``/metrics`` over HTTP from a daemon thread; returns the port."""
+        """Serve ``/metrics`` over HTTP from a daemon thread; returns the port it listens
+        on (``port=0``: one the system chose). A second call returns the first's port."""
+        if type(port) is not int or not 0 <= port <= 65535:
+            raise ArgumentError(f"serve: port must be an int in [0, 65535], got {port!r}")
+        if not isinstance(addr, str):
+            raise ArgumentError(f"serve: addr must be an address (str), got {addr!r}")
         if self._server is None:
-            self._server = start_http_server(port, addr=addr, registry=self.registry)
-        return port
+            try:
+                self._server = start_http_server(port, addr=addr, registry=self.registry)
+            except OSError as e:  # the port is taken, the address is not this host's
+                raise DckptError(f"metrics: cannot serve on {addr}:{port} "
+                                 f"({type(e).__name__}: {e})") from e
+        return int(self._server[0].server_port)
 
     def close(self) -> None:
         if self._server is not None:

@@ -6,7 +6,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
+import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
@@ -119,6 +121,39 @@ def test_push_to_a_gateway_on_localhost():
     method, path, body = _Gateway.received[-1]
     assert method == "PUT" and path == "/metrics/job/pushed"
     assert value(body.decode(), "dckpt_save_failures_total", reason="CommitError") == 1
+
+
+@pytest.mark.parametrize("call", [
+    lambda m: m.serve("9400"), lambda m: m.serve(-1), lambda m: m.serve(65536),
+    lambda m: m.serve(True), lambda m: m.serve(0, addr=5), lambda m: m.write_textfile(None),
+    lambda m: m.write_textfile(""), lambda m: m.push(5), lambda m: m.push(""),
+    lambda m: m.push("127.0.0.1:1", timeout=-1), lambda m: m.push("127.0.0.1:1", timeout=0),
+    lambda m: m.push("127.0.0.1:1", timeout=float("inf")), lambda m: m.push("h:1", timeout="1"),
+])
+def test_bad_arguments_to_the_ways_out_are_refused(call):
+    with pytest.raises(dckpt.ArgumentError):
+        call(dckpt.Metrics())
+
+
+def test_a_way_out_that_fails_is_a_dckpt_error_in_bounded_time():
+    metrics = dckpt.Metrics()
+    port = metrics.serve(0, addr="127.0.0.1")  # the port the system chose, served
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        assert "dckpt_saves_total" in r.read().decode()
+    with pytest.raises(dckpt.DckptError, match=f"cannot serve on 127.0.0.1:{port}"):
+        dckpt.Metrics().serve(port, addr="127.0.0.1")  # taken
+    closed = free_port()
+    with pytest.raises(dckpt.DckptError, match="not pushed .*refused"):
+        metrics.push(f"127.0.0.1:{closed}")
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    t0 = time.monotonic()
+    with pytest.raises(dckpt.DckptError, match="not pushed .*timed out"):
+        metrics.push(f"127.0.0.1:{silent.getsockname()[1]}", timeout=0.5)
+    assert time.monotonic() - t0 < 10
+    silent.close()
+    metrics.close()
 
 
 def test_an_unwritable_textfile_is_logged_once_and_never_fails_a_save(tmp_path, caplog):
