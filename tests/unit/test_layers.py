@@ -55,6 +55,10 @@ PREFETCH_NEEDS = {"layout", "decoder", "manifest", "errors"}
 
 
 def _imports(path: pathlib.Path) -> list[str]:
+    return list(_IMPORTS[path])
+
+
+def _read_imports(path: pathlib.Path) -> list[str]:
     tree = ast.parse(path.read_text())
     names = []
     for node in ast.walk(tree):
@@ -65,6 +69,13 @@ def _imports(path: pathlib.Path) -> list[str]:
             if node.module == "dckpt":
                 names += [f"dckpt.{a.name}" for a in node.names]
     return names
+
+
+_IMPORTS = {p: _read_imports(p) for p in PACKAGE.rglob("*.py")}
+"""Every module's imports, parsed at collection: Python 3.11's ast.parse shares its
+recursion count between threads, and a test's thread left formatting a traceback (which
+parses the failing line) made a parse here fail ("AST constructor recursion depth
+mismatch", python/cpython#106905)."""
 
 
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
