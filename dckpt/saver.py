@@ -117,6 +117,9 @@ class AsyncSaver:
 
     @public
     def __init__(self, purpose: str = "commit", writer: Callable[..., Writer] = Writer) -> None:
+        if not isinstance(purpose, str) or not purpose or not callable(writer):
+            raise ArgumentError("AsyncSaver(purpose, writer): a name for its gloo group and a "
+                                f"Writer class, got {purpose!r}, {writer!r}")
         self.purpose = purpose
         self.writer = writer
         """Makes its saves' Writers (the memory tier's replicates)."""

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
 
-from dckpt.arguments import public
+from dckpt.arguments import check_state_dict, public
+from dckpt.errors import StateDictError
 from dckpt.torch_internals import is_dtensor, local_shard, with_local_shard
 
 __all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager", "fit"]
@@ -239,11 +240,14 @@ class Stager(AsyncStager):
         self._area = HostArea()
         self._engine = CopyEngine()
 
+    @public
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+        check_state_dict(state_dict)
         sources = list(_tensors(state_dict))
         for t in sources:
             if t.layout != torch.strided:
-                raise ValueError(f"cannot stage a {t.layout} tensor; convert it to a dense one")
+                raise StateDictError(f"cannot stage a {t.layout} tensor; convert it to a "
+                                     "dense one")
         key = tuple((t.dtype, tuple(t.shape), t.device) for t in sources)
         pinned = any(t.device.type == "cuda" for t in sources)
         slots = self._area.slots(key, [t.numel() * t.element_size() for t in sources],

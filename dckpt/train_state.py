@@ -18,7 +18,7 @@ import contextlib
 import contextvars
 import logging
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import dist
 from dckpt.arguments import check_bool
-from dckpt.errors import ArgumentError
+from dckpt.errors import ArgumentError, DckptError, StateDictError
 from dckpt.planner import RANK_LOCAL
 
 __all__ = ["TrainState", "RandomStates", "rng_state", "set_rng_state"]
@@ -155,18 +155,28 @@ class TrainState(Stateful):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Put what ``state_dict()`` returned back; StateDictError when it does not fit."""
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
-        set_state_dict(self._module(), self._optimizers(),
-                       model_state_dict=state_dict["model"],
-                       optim_state_dict=state_dict.get("optim", {}))
-        for name in ("scheduler", "scaler", "dataloader"):
-            obj = getattr(self, name)
-            if obj is not None:
-                obj.load_state_dict(state_dict[name])
-        self.extra.update(state_dict.get("extra", {}))
-        if self.rng:
-            RandomStates().load_state_dict(state_dict.get("rng", {}))
+        if not isinstance(state_dict, Mapping) or "model" not in state_dict:
+            raise StateDictError("TrainState.load_state_dict takes what a TrainState's "
+                                 "state_dict() returned (a dict with 'model'), got "
+                                 f"{type(state_dict).__name__}")
+        try:
+            set_state_dict(self._module(), self._optimizers(),
+                           model_state_dict=state_dict["model"],
+                           optim_state_dict=state_dict.get("optim", {}))
+            for name in ("scheduler", "scaler", "dataloader"):
+                obj = getattr(self, name)
+                if obj is not None:
+                    obj.load_state_dict(state_dict[name])
+            self.extra.update(state_dict.get("extra", {}))
+            if self.rng:
+                RandomStates().load_state_dict(state_dict.get("rng", {}))
+        except DckptError:
+            raise
+        except Exception as e:  # the torch objects' own refusals: a state that does not fit
+            raise StateDictError(f"TrainState.load_state_dict: {type(e).__name__}: {e}") from e
 
 
 class RandomStates(Stateful):

@@ -369,6 +369,10 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("AsyncSaver keyword", lambda: dckpt.AsyncSaver(config=dckpt.SaveConfig())),
         ("install_hook int", lambda: dckpt.AsyncSaver().install_hook(5)),
         ("Stager argument", lambda: dckpt.Stager(5)),
+        # taken, and failed at the first save; a raw ValueError or TypeError
+        ("AsyncSaver purpose int", lambda: dckpt.AsyncSaver(purpose=5)),
+        ("AsyncSaver writer int", lambda: dckpt.AsyncSaver(writer=5)),
+        ("Stager stage int", lambda: dckpt.Stager().stage(5)),
         ("trigger | int", lambda: dckpt.EverySteps(2) | 3),
         ("int | trigger", lambda: 3 | dckpt.EverySteps(2)),
         ("logging level", lambda: dckpt.configure_logging(level="LOUD")),
@@ -398,6 +402,17 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
         assert len(str(e.value)) < 600 and "Traceback" not in str(e.value), name
         assert not os.path.exists(url), f"{name} wrote {os.listdir(url)}"
     assert file_url.read_bytes() == b"x"
+
+
+def test_a_state_that_does_not_fit_a_train_state_or_stager_is_a_state_dict_error():
+    model = torch.nn.Linear(2, 2)
+    state = dckpt.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    other = dckpt.TrainState(torch.nn.Linear(3, 3)).state_dict()
+    for wrong in (5, {"optim": {}}, other):  # left as TypeError, KeyError, RuntimeError
+        with pytest.raises(dckpt.StateDictError):
+            state.load_state_dict(wrong)
+    with pytest.raises(dckpt.StateDictError, match="sparse"):
+        dckpt.Stager().stage({"w": torch.eye(2).to_sparse()})  # a ValueError through DCP
 
 
 def test_a_managers_bad_arguments_raise_at_once_not_as_failed_saves(tmp_path):
