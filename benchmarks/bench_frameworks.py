@@ -12,6 +12,8 @@ into the live model and optimizer from a cold page cache (both evicted: dckpt wr
 O_DIRECT, so its files are not cached, while the frameworks' are), and a read of every byte
 after (a framework that maps its files reads them only then). ``memcpy``: one copy of the
 state in memory, the hardware reference. One JSON line per (framework, saver), medians.
+Before each save every float value of the model and of the optimizer states changes (a
+training step's worth), so a differential save has every block to write.
 """
 
 from __future__ import annotations
@@ -59,6 +61,19 @@ def touch(model: nn.Module, optimizers: list) -> float:
             total += sum(float(getattr(v, "_local_tensor", v).sum()) for v in state.values()
                          if torch.is_tensor(v))
     return total
+
+
+def train_step(model: nn.Module, optimizers: list) -> None:
+    """Change every float value of the model and the optimizer states, as a training step
+    does: a save after it has every block to write (a differential save skips nothing)."""
+    with torch.no_grad():
+        tensors = [getattr(p, "_local_tensor", p) for p in model.parameters()]
+        for opt in optimizers:
+            for state in opt.state.values():
+                tensors += [getattr(v, "_local_tensor", v) for v in state.values()
+                            if torch.is_tensor(v) and v.is_floating_point() and v.dim()]
+        for t in tensors:
+            t.add_(1e-3)
 
 
 def timed(fn) -> float:
@@ -126,16 +141,19 @@ def trainer_runs(args, folder: str):
         model = Wrapped()
         trainer = cls(model=model, args=targs, train_dataset=data)
         trainer.train()
-        trainer.state.global_step = args.rep + 1
+        trainer.state.global_step = args.rep * args.saves  # each save a step of its own
+
+        def save(trainer=trainer):
+            trainer.state.global_step += 1
+            trainer._save_checkpoint(trainer.model, None)
 
         def restore(trainer=trainer, out=out):
-            ckpt = os.path.join(out, f"checkpoint-{args.rep + 1}")
+            ckpt = os.path.join(out, f"checkpoint-{trainer.state.global_step}")
             trainer._load_from_checkpoint(ckpt)
             trainer._load_optimizer_and_scheduler(ckpt)
             trainer._load_rng_state(ckpt)
 
-        yield name, (model, [trainer.optimizer]), \
-            (lambda trainer=trainer: trainer._save_checkpoint(trainer.model, None)), \
+        yield name, (model, [trainer.optimizer]), save, \
             (lambda trainer=trainer: getattr(trainer, "_saves", None) and trainer._saves.settle()), \
             restore
 
@@ -211,13 +229,13 @@ def main() -> None:
     p.add_argument("--mparams", type=int, default=32)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--saves", type=int, default=1,
-                   help="saves of one manager per repeat, the last one timed (torchtitan only): "
-                        "a training job's saves after its first")
+                   help="saves of one manager per repeat, the last one timed (torchtitan and "
+                        "trainer): a training job's saves after its first")
     p.add_argument("--data-dir", default="bench-data/frameworks")
     p.add_argument("--out", default="bench-out/frameworks.jsonl")
     args = p.parse_args()
-    if args.saves > 1 and args.framework != "torchtitan":
-        p.error("--saves: torchtitan only")
+    if args.saves > 1 and args.framework not in ("torchtitan", "trainer"):
+        p.error("--saves: torchtitan and trainer only")
     runs = {"lightning": lightning_runs, "trainer": trainer_runs,
             "accelerate": accelerate_runs, "torchtitan": torchtitan_runs}[args.framework]
     if not dist.is_initialized() and args.framework != "lightning":
@@ -230,6 +248,7 @@ def main() -> None:
         for name, (model, optimizers), save, settle, restore in runs(args, folder):
             nbytes = state_bytes(model)
             for _ in range(args.saves):  # the last one timed
+                train_step(model, optimizers)
                 pause = timed(save)
                 commit = pause + timed(settle)
             # until every byte is in memory: a framework that maps its files reads them at

@@ -34,7 +34,14 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import api, dist, layout
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError, StorageError
+from dckpt.errors import (
+    ArgumentError,
+    CommitError,
+    DckptError,
+    StateDictError,
+    StorageError,
+    headline,
+)
 from dckpt.global_plan import PlanCache, run_save
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
@@ -354,7 +361,7 @@ class MemorySaves:
                 log.warning("rank %d: memory checkpoint of step %d unusable%s: %s",
                             dist.rank(), choice.step,
                             "" if check_blocks else "; checking every block in memory",
-                            str(e).splitlines()[0])
+                            headline(str(e)))
                 failed.append(choice.step)
                 continue
             self.step, self.refused = choice.step, None
