@@ -153,8 +153,11 @@ class LoadConfig:
 
     reader_threads: int = 8
     """Reader threads per rank, each running one ranged read at a time."""
-    read_request_bytes: int = 16 * MiB
-    """Adjacent blocks are coalesced into ranged reads of up to this size."""
+    read_request_bytes: int | None = None
+    """Adjacent blocks are coalesced into ranged reads of up to this size. None: 64 MiB
+    from a local filesystem (fewer, longer reads of each file: cold restores of a few
+    hundred MB 1.3-1.6x faster than with 16 MiB here, the same at 1 GiB per rank;
+    docs/benchmarks.md, Read settings), 16 MiB from an object store (more requests at once)."""
     read_buffer_bytes: int = 1 * GiB
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0
@@ -173,8 +176,9 @@ class LoadConfig:
             raise ArgumentError("LoadConfig.replicated must be 'read', 'broadcast' or 'auto', got "
                              f"{self.replicated!r}")
         _ints(self, 1, MAX_THREADS, reader_threads=self.reader_threads)
-        _ints(self, 1, None, read_request_bytes=self.read_request_bytes,
-              read_buffer_bytes=self.read_buffer_bytes)
+        _ints(self, 1, None, read_buffer_bytes=self.read_buffer_bytes)
+        if self.read_request_bytes is not None:
+            _ints(self, 1, None, read_request_bytes=self.read_request_bytes)
         _positive(self, collective_timeout_s=self.collective_timeout_s,
                   io_stall_timeout_s=self.io_stall_timeout_s)
 

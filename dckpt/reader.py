@@ -179,6 +179,11 @@ def _raw_value(buf: bytearray, planner: LoadPlanner) -> io.BytesIO:
     return out
 
 
+LOCAL_REQUEST_BYTES = 64 << 20
+REMOTE_REQUEST_BYTES = 16 << 20
+"""The longest ranged read by default, from a local filesystem and from an object store."""
+
+
 class Reader(StorageReader):
     """Reads the checkpoint of ``step`` (None: the newest committed) from ``url``."""
 
@@ -189,6 +194,10 @@ class Reader(StorageReader):
         self.step = check_step(step, optional=True)
         self.config = check_config(config, LoadConfig) or LoadConfig()
         self.store.stall_s = self.config.io_stall_timeout_s
+        self.request_bytes = self.config.read_request_bytes or (
+            LOCAL_REQUEST_BYTES if self.store.local else REMOTE_REQUEST_BYTES)
+        """The longest ranged read (``LoadConfig.read_request_bytes``, or its default for
+        this store)."""
         self.manifest = manifest
         self.bytes_read = 0
         self.phase_s: dict[str, float] = {}
@@ -346,7 +355,7 @@ class Reader(StorageReader):
         _, picked = blocks_in_range(data, 0, data.nbytes)
         what = self._what("value", fqn)
         futures = [fetcher.submit(req, memoryview(buf), what)
-                   for req in coalesce(picked, self.config.read_request_bytes)]
+                   for req in coalesce(picked, self.request_bytes)]
         return _Value(fqn, encoding, items, buf, futures)
 
     def deliver_value(self, buf: bytearray, fqn: str, encoding: str, items: list[ReadItem],
@@ -399,10 +408,10 @@ class Reader(StorageReader):
             _, picked = blocks_in_range(job.chunk.data, job.first,
                                         job.first + job.buffer.numel())
             target = (memoryview(job.buffer.numpy()), self._what("tensor", job.fqn))  # type: ignore[arg-type]
-            for req in coalesce(picked, self.config.read_request_bytes):
+            for req in coalesce(picked, self.request_bytes):
                 parts.append(req)
                 owners[id(req)] = (i, target)
-        merged = spans(parts, self.config.read_request_bytes, SPAN_GAP_BYTES)
+        merged = spans(parts, self.request_bytes, SPAN_GAP_BYTES)
         merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
         futures = []
         for span in merged:

@@ -345,3 +345,12 @@ def test_a_loaded_value_is_shared_only_when_no_caller_can_change_it():
     for _ in range(2):
         with pytest.raises(dckpt.UnsafeValueError):
             safe_load(evil, "k")
+
+
+def test_reads_are_longer_from_a_local_disk_than_from_an_object_store(tmp_path):
+    assert dckpt.Reader(str(tmp_path)).request_bytes == 64 << 20
+    assert dckpt.Reader("memory://repo").request_bytes == 16 << 20  # not a local path
+    asked = dckpt.LoadConfig(read_request_bytes=1 << 20)
+    assert dckpt.Reader(str(tmp_path), config=asked).request_bytes == 1 << 20
+    with pytest.raises(dckpt.ArgumentError):
+        dckpt.LoadConfig(read_request_bytes=0)
