@@ -268,7 +268,7 @@ class Metrics:
             push_to_gateway(gateway, job=self.job, registry=self.registry, timeout=timeout)
         except (OSError, ValueError) as e:  # urllib's URLError and HTTPError are OSErrors
             raise DckptError(f"metrics push to {gateway}: not pushed ({type(e).__name__}: "
-                             f"{e})") from e
+                             f"{e}); check that a Pushgateway answers there") from e
 
     @public
     def serve(self, port: int, addr: str = "0.0.0.0") -> int:
@@ -283,7 +283,8 @@ class Metrics:
                 self._server = start_http_server(port, addr=addr, registry=self.registry)
             except OSError as e:  # the port is taken, the address is not this host's
                 raise DckptError(f"metrics: cannot serve on {addr}:{port} "
-                                 f"({type(e).__name__}: {e})") from e
+                                 f"({type(e).__name__}: {e}); pick a free port (0: any) or an "
+                                 "address of this host") from e
         return int(self._server[0].server_port)
 
     def close(self) -> None:
