@@ -257,15 +257,12 @@ class ManagerConfig:
     def alike(self) -> dict[str, str]:
         """What every rank's manager must be given alike, as text to compare across the
         ranks: what decides when the ranks save and how (a save's collectives pair up only
-        where every rank makes the same calls), and the timeouts, which key dckpt's gloo
-        groups (ranks that differ would make different groups)."""
+        where every rank makes the same calls)."""
         return {"triggers": describe(self.saves_on), "async_save": repr(self.async_save),
                 "exit_on_preemption": repr(self.exit_on_preemption),
                 "save_config.if_busy": repr(self.save.if_busy),
                 "memory_every_steps": describe(self.memory_trigger),
-                "memory_replicas": repr(self.memory_replicas),
-                "save_config.collective_timeout_s": repr(self.save.collective_timeout_s),
-                "load_config.collective_timeout_s": repr(self.load.collective_timeout_s)}
+                "memory_replicas": repr(self.memory_replicas)}
 
     @classmethod
     def of(cls, *, save_every_steps: int | None = None, save_every_seconds: float | None = None,

@@ -37,12 +37,12 @@ __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "ga
 
 log = logging.getLogger(__name__)
 
-_groups: dict[tuple[float, str], tuple[object, dist.ProcessGroup]] = {}
-"""(timeout, purpose) -> (the default group it was derived from, the group). The entry holds
-the default group itself, not its id: a destroyed and re-created default group (a new id, or
-the old one reused) never gets a group of the old one back. Cleared at exit, while the
-interpreter still runs: a gloo group left for the interpreter's teardown to free can abort the
-process."""
+_groups: dict[str, tuple[object, dist.ProcessGroup, float]] = {}
+"""purpose -> (the default group it was derived from, the group, the timeout it has now).
+The entry holds the default group itself, not its id: a destroyed and re-created default
+group (a new id, or the old one reused) never gets a group of the old one back. Cleared at
+exit, while the interpreter still runs: a gloo group left for the interpreter's teardown to
+free can abort the process."""
 atexit.register(_groups.clear)
 
 
@@ -83,43 +83,35 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     Derived from the default group with ``new_group`` (never a private TCPStore: under
     torchrun that can hang, pytorch/pytorch#191989), so checkpoint traffic never queues
     behind the training's own NCCL or gloo collectives, and a dead peer fails within
-    ``timeout_s``. Created once per default group, timeout and purpose, collectively:
-    ``"commit"`` carries saves and loads (an async save's from its persist thread),
-    ``"commit-control"`` the caller-thread agreements made while a save may be in flight,
-    ``"trigger"`` the manager's agreements, ``"memory"`` (and ``"memory-control"``) the
-    memory tier's saves, which may run beside a storage save, ``"arguments"`` (through
-    ``first_group``) the comparison of the managers' arguments.
+    ``timeout_s``. Made once per default group and purpose, collectively, at the first call
+    for that purpose; a later call with another timeout sets the group's (so ranks passing
+    different timeouts still meet on the same group, each waiting its own). ``"commit"``
+    carries saves and loads (an async save's from its persist thread), ``"commit-control"``
+    the caller-thread agreements made while a save may be in flight, ``"trigger"`` the
+    manager's agreements, ``"memory"`` (and ``"memory-control"``) the memory tier's saves,
+    which may run beside a storage save, ``"drain"`` its copies to storage, ``"arguments"``
+    the comparison of the managers' arguments.
     """
     if not active():
         return None
-    key = (float(timeout_s), purpose)
     world = dist.group.WORLD
-    entry = _groups.get(key)
+    entry = _groups.get(purpose)
     if entry is None or entry[0] is not world:
         try:
             made = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
         except Exception as e:  # the other ranks did not make it with this one
             raise DckptError(
-                f"making dckpt's gloo group ({purpose!r}, timeout {timeout_s:g} s) failed on "
-                f"rank {rank()} ({type(e).__name__}: {str(e).splitlines()[0][:200]}): every "
-                "rank makes it at its first save or load with that collective_timeout_s, so "
-                "every rank must pass the same one, at the same calls; or a rank died") from e
-        entry = (world, made)
-        _groups[key] = entry
+                f"making dckpt's gloo group ({purpose!r}) failed on rank {rank()} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}): every rank makes it "
+                "at its first save or load (or manager) that needs it, so every rank must "
+                "make the same calls; or a rank died") from e
+        entry = (world, made, float(timeout_s))
+        _groups[purpose] = entry
+    elif entry[2] != float(timeout_s):
+        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), entry[1])
+        entry = (world, entry[1], float(timeout_s))
+        _groups[purpose] = entry
     return entry[1]
-
-
-def first_group(timeout_s: float, purpose: str) -> dist.ProcessGroup | None:
-    """(all ranks) The group of ``purpose`` made first in this default group, whatever
-    timeout it was made with (``checkpoint_group``'s, with ``timeout_s``, when none was):
-    for an exchange that must pair up even where the ranks pass different timeouts, which
-    would give each rank its own key in ``checkpoint_group``."""
-    if not active():
-        return None
-    for (_, made_for), (world, group) in _groups.items():
-        if made_for == purpose and world is dist.group.WORLD:
-            return group
-    return checkpoint_group(timeout_s, purpose)
 
 
 def broadcast(obj: object, group: dist.ProcessGroup | None) -> object:

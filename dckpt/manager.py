@@ -119,12 +119,12 @@ class CheckpointManager:
             # every save, some after the collective timeout
             with dist.collectives("CheckpointManager", saving=False):
                 dist.refuse_differences(
-                    self.config.alike(), dist.first_group(timeout_s, purpose="arguments"),
+                    self.config.alike(), dist.checkpoint_group(timeout_s, purpose="arguments"),
                     "CheckpointManager: the ranks made their managers with different "
                     "arguments", "Every rank must pass the same triggers (and handle_signals, "
                     "which adds OnPreemption), async_save, exit_on_preemption, if_busy, "
-                    "memory tier arguments and collective timeouts; memory_dir (between "
-                    "nodes), storage_options, retention and gc may differ")
+                    "and memory tier arguments; memory_dir (between nodes), storage_options, "
+                    "retention, gc and timeouts may differ")
         self._upkeep = Upkeep(self.url, self.storage_options, self.config.retention,
                               self.config.gc, self._in_flight, metrics)
         self._agreement = (dist.Agreement(timeout_s, AGREE_INTERVAL_S)

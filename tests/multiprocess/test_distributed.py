@@ -217,31 +217,6 @@ def test_ranks_that_load_from_different_urls_are_told_so(tmp_path):
                 f"{tmp_path}/repo1)") in message, message
 
 
-def _save_with_a_timeout_of_its_own(rank, world, url):
-    from dckpt.config import SaveConfig
-
-    dckpt.save({"w": torch.ones(64)}, url, step=1, config=SaveConfig(collective_timeout_s=60))
-    t0 = time.monotonic()
-    try:  # rank 1 saves on the group it has; rank 0 makes one that rank 1 never makes
-        dckpt.save({"w": torch.ones(64)}, url, step=2,
-                   config=SaveConfig(collective_timeout_s=5 if rank == 0 else 60))
-        return "no error", time.monotonic() - t0
-    except dckpt.DckptError as e:
-        return f"{type(e).__name__}: {e}", time.monotonic() - t0
-
-
-def test_ranks_that_pass_different_collective_timeouts_fail_alike_in_bounded_time(tmp_path):
-    """Each timeout has a gloo group of its own, made collectively at its first use: rank 0
-    made one alone and failed with an "unexpected DistStoreError"."""
-    url = str(tmp_path)
-    outcomes = [o.value for o in run_ranks(_save_with_a_timeout_of_its_own, 2, url)]
-    for message, seconds in outcomes:
-        assert "unexpected" not in message and seconds < 60, message
-        assert message.startswith(("DckptError", "CommitError")), message
-    assert "every rank must pass the same one" in outcomes[0][0]
-    assert [i.step for i in dckpt.list_checkpoints(url)] == [1] and leftovers(url) == []
-
-
 def _node_local(rank, world, root):
     try:  # each rank its own folder, as with a path on each node's own disk
         dckpt.save({f"r{rank}": torch.ones(4)}, os.path.join(root, f"node{rank}"), step=1)
