@@ -23,7 +23,6 @@ from dckpt.arguments import (
     storage_error,
 )
 from dckpt.config import LoadConfig, SaveConfig
-from dckpt.decoder import paused_gc
 from dckpt.errors import (
     ArgumentError,
     CheckpointNotFoundError,
@@ -34,6 +33,7 @@ from dckpt.errors import (
     listing,
 )
 from dckpt.export import FORMATS, export_checkpoint
+from dckpt.gcpause import paused_gc
 from dckpt.global_plan import quiet_single_process
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, extents

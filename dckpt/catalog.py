@@ -18,11 +18,11 @@ from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.repository import (
     committed_steps,
-    manifests,
     open_repository,
     quarantined,
     read_manifest,
     set_quarantine,
+    summaries,
 )
 from dckpt.status import Status, repository_status
 from dckpt.storage import Store
@@ -41,7 +41,8 @@ second is the first one's decode, for manifests up to this many bytes."""
 @public
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
     """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
-    ``problem`` set. Not collective."""
+    ``problem`` set (its checksum and header are checked, its items are not decoded:
+    ``decoder.summary``). Not collective."""
     store = open_repository(url, storage_options, required=False)
     # an empty or absent repository is a valid, empty one
     return list(_infos(store, url, committed_steps(store)))
@@ -51,7 +52,7 @@ def _infos(store: Store, url: str, steps: Iterable[int]) -> Iterator[CheckpointI
     """Each step's CheckpointInfo, in the order of ``steps``, read as it is asked for; a
     damaged one with ``problem`` set, one deleted since the listing left out."""
     marked = quarantined(store)
-    for step, m in manifests(store, steps):
+    for step, m in summaries(store, steps):
         yield (CheckpointInfo(step=step, url=url, created_at=0.0, metrics={}, world_size=0,
                               bytes_logical=0, bytes_written=0, problem=str(m))
                if isinstance(m, DckptError) else

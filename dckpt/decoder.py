@@ -5,7 +5,6 @@ is an IntegrityError (pure, no torch: ``python -m dckpt.prefetch`` decodes with 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -15,7 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
 
-from dckpt.errors import FormatError, IntegrityError
+from dckpt.errors import DckptError, FormatError, IntegrityError
+from dckpt.gcpause import paused_gc
 from dckpt.layout import MAX_STEP, check_object_name
 from dckpt.manifest import (
     CODECS,
@@ -33,13 +33,14 @@ from dckpt.manifest import (
     Entry,
     Manifest,
     StoredData,
+    Summary,
     TensorEntry,
     ValueEntry,
     metric_ok,
     unseal,
 )
 
-__all__ = ["decode", "paused_gc", "reusing"]
+__all__ = ["decode", "summary", "reusing"]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 _HEX_RE = re.compile(r"[0-9a-f]*")
@@ -259,38 +260,6 @@ _TOP_REQUIRED = {"format", "version", "step", "attempt", "created_at", "world_si
                  "planner_data", "segments", "items"}
 
 
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """The cyclic garbage collector paused (as it was after): for code that builds 10^5
-    small objects that form no cycles, a manifest's block references or a restore's read
-    plan. With the collector on, its passes over them took 2/3 of decoding a manifest (0.7 s
-    against 0.2 s for 32k blocks) and 0.1 s of planning a 1 GiB restore in 32 KiB blocks,
-    more in a process holding a model's many objects; and half of a commit of 300,000
-    blocks (1.0-1.8 s against 0.5-0.8 s), a quarter of a sync save of them.
-
-    Threads may pause at once (an async save's commit beside a load): the first pause
-    records whether the collector ran and the last one out restores that, so no
-    interleaving leaves it off."""
-    global _pauses, _resume
-    with _gc_lock:
-        if _pauses == 0:
-            _resume = gc.isenabled()
-            gc.disable()
-        _pauses += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _pauses -= 1
-            if _pauses == 0 and _resume:
-                gc.enable()
-
-
-_gc_lock = threading.Lock()
-_pauses = 0  # paused_gc regions open, in all threads
-_resume = False  # whether the collector ran before the first of them
-
-
 _reuse = threading.local()
 
 
@@ -355,7 +324,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return out
 
 
-def _decode(raw: bytes, name: str) -> Manifest:
+def _parsed(raw: bytes, name: str) -> dict:
+    """The manifest's JSON object, its format, version and checksum checked."""
     if not isinstance(raw, (bytes, bytearray)):
         raise FormatError(f"{name}: expected the manifest's bytes, got {type(raw).__name__}")
     try:
@@ -375,35 +345,95 @@ def _decode(raw: bytes, name: str) -> Manifest:
         _obj(doc, name, _TOP_REQUIRED | {"checksum"})
     else:
         _obj(doc, name, _TOP_REQUIRED)
+    return doc
+
+
+def _segments(doc: dict, name: str) -> list[str]:
     if not isinstance(doc["segments"], list):
         raise FormatError(f"{name}: segments must be a list")
     segments = [check_object_name(s) for s in doc["segments"]]
     if len(set(segments)) != len(segments):
         raise FormatError(f"{name}: an object is named twice in segments")
-    if not isinstance(doc["items"], dict):
-        raise FormatError(f"{name}: items must be a JSON object")
-    items = {fqn: _entry(fqn, e, segments, version) for fqn, e in doc["items"].items()}
+    return segments
+
+
+def _summary(doc: dict, name: str) -> Summary:
+    """The header fields, checked."""
     if not isinstance(doc["phase_s"], dict):
         raise FormatError(f"{name}: phase_s must be a JSON object")
     dcp_version = doc["dcp_version"]
     if dcp_version is not None and not isinstance(dcp_version, str):
         raise FormatError(f"{name}: dcp_version must be a string or null")
-    m = Manifest(
+    _int(doc["block_size_bytes"], "block_size_bytes", maximum=MAX_BLOCK_BYTES)
+    s = Summary(
         step=_int(doc["step"], "step"), attempt=_str(doc["attempt"], "attempt"),
         created_at=_float(doc["created_at"], "created_at"),
         world_size=_int(doc["world_size"], "world_size", 1, MAX_WORLD_SIZE),
-        items=items, metrics=_metrics(doc["metrics"]),
+        metrics=_metrics(doc["metrics"]),
         bytes_logical=_int(doc["bytes_logical"], "bytes_logical"),
         bytes_written=_int(doc["bytes_written"], "bytes_written"),
-        phase_s={str(k): _float(v, f"phase_s[{k!r}]") for k, v in doc["phase_s"].items()},
-        block_size_bytes=_int(doc["block_size_bytes"], "block_size_bytes",
-                              maximum=MAX_BLOCK_BYTES),
-        dcp_version=dcp_version, planner_data=_planner_data(doc["planner_data"], items),
+        phase_s={str(k): _float(v, f"phase_s[{k!r}]") for k, v in doc["phase_s"].items()})
+    if s.created_at < 0:
+        raise FormatError(f"{name}: created_at {s.created_at} is before 1970")
+    return s
+
+
+_HEAD_KEYS = _TOP_REQUIRED - {"items"}
+_ITEMS_KEY = b',"items":{'
+
+
+def summary(raw: bytes, *, name: str = "manifest") -> Summary:
+    """What a listing shows of a manifest: its header fields and segment names, checked as
+    ``decode`` checks them, after the checksum over every byte, but its items not built
+    (``decode`` takes 0.5 s for 20,000 items, and a listing reads every manifest). The
+    items' agreement with each other and the header (what a load and ``verify`` check) is
+    not looked at: bytes that pass the checksum are the bytes written, so only a writer's
+    bug or a forgery could make them disagree. The header is parsed alone where the bytes
+    are laid out as ``encode`` writes them, items last; anything else (a first version's
+    manifest, another order, damage) is decoded whole, which says what is wrong as a load
+    would."""
+    head = _head(raw, name)
+    if head is not None:
+        return head
+    m = decode(raw, name=name)
+    return Summary(m.step, m.attempt, m.created_at, m.world_size, m.metrics, m.bytes_logical,
+                   m.bytes_written, m.phase_s)
+
+
+def _head(raw: bytes, name: str) -> Summary | None:
+    if not (isinstance(raw, (bytes, bytearray))
+            and raw.startswith(b'{"format":"%s","version":2,' % FORMAT.encode())):
+        return None
+    try:
+        unseal(raw, name)
+        cut = raw.find(_ITEMS_KEY)
+        # the top level up to items, closed: JSON only where items is a top-level key
+        head = json.loads(raw[:cut] + b"}", object_pairs_hook=_unique_keys) if cut > 0 else None
+        if not isinstance(head, dict) or head.keys() != _HEAD_KEYS:
+            return None
+        _segments(head, name)
+        return _summary(head, name)
+    except (DckptError, ValueError, TypeError, KeyError, AttributeError, OverflowError,
+            RecursionError, MemoryError):
+        return None
+
+
+def _decode(raw: bytes, name: str) -> Manifest:
+    doc = _parsed(raw, name)
+    segments = _segments(doc, name)
+    if not isinstance(doc["items"], dict):
+        raise FormatError(f"{name}: items must be a JSON object")
+    items = {fqn: _entry(fqn, e, segments, doc["version"]) for fqn, e in doc["items"].items()}
+    s = _summary(doc, name)
+    m = Manifest(
+        step=s.step, attempt=s.attempt, created_at=s.created_at, world_size=s.world_size,
+        items=items, metrics=s.metrics, bytes_logical=s.bytes_logical,
+        bytes_written=s.bytes_written, phase_s=s.phase_s,
+        block_size_bytes=doc["block_size_bytes"], dcp_version=doc["dcp_version"],
+        planner_data=_planner_data(doc["planner_data"], items),
     )
     logical = sum(e.nbytes for e in items.values())
     if m.bytes_logical != logical:
         raise FormatError(f"{name}: bytes_logical says {m.bytes_logical}, its items hold "
                           f"{logical}; the manifest is damaged")
-    if m.created_at < 0:
-        raise FormatError(f"{name}: created_at {m.created_at} is before 1970")
     return m

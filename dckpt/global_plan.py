@@ -54,8 +54,8 @@ from torch.distributed.checkpoint.storage import StorageWriter
 
 from dckpt import dist
 from dckpt.blocks import digest
-from dckpt.decoder import paused_gc
 from dckpt.errors import DckptError
+from dckpt.gcpause import paused_gc
 from dckpt.info import CheckpointInfo
 from dckpt.planner import PlannerData, SafeSavePlanner
 from dckpt.torch_internals import DistWrapper

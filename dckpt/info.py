@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dckpt.manifest import Manifest
+from dckpt.manifest import Manifest, Summary
 
 __all__ = ["CheckpointInfo", "info_from_manifest"]
 
@@ -38,7 +38,8 @@ class CheckpointInfo:
     skipped: tuple[tuple[int, str], ...] = ()
     """Load only: newer checkpoints that failed to load, with the reason, newest first."""
     problem: str | None = None
-    """Listing only: why the manifest could not be read (the checkpoint is damaged)."""
+    """Listing only: why the manifest could not be read (the checkpoint is damaged). A
+    listing checks each manifest's checksum and header, not its items (``verify`` does)."""
     pause_s: float | None = None
     """Async save only, this rank: seconds the caller was held (waiting for the save before,
     staging, and writing what did not fit the staging budget)."""
@@ -65,7 +66,7 @@ class CheckpointInfo:
     newest's manifest could be read."""
 
 
-def info_from_manifest(m: Manifest, url: str, **overrides: object) -> CheckpointInfo:
+def info_from_manifest(m: Manifest | Summary, url: str, **overrides: object) -> CheckpointInfo:
     fields: dict[str, object] = dict(
         step=m.step, url=url, created_at=m.created_at, metrics=dict(m.metrics),
         world_size=m.world_size, bytes_logical=m.bytes_logical, bytes_written=m.bytes_written,

@@ -23,7 +23,7 @@ from dckpt.layout import MAX_STEP
 
 __all__ = [
     "FORMAT", "VERSION", "BlockRef", "StoredData", "ChunkEntry", "TensorEntry", "ValueEntry",
-    "Manifest", "encode", "stored_datas", "extents", "DTYPE_SIZES", "MAX_BLOCK_BYTES",
+    "Manifest", "Summary", "encode", "stored_datas", "extents", "DTYPE_SIZES", "MAX_BLOCK_BYTES",
     "MAX_VALUE_BYTES", "seal", "unseal", "metric_ok",
 ]
 
@@ -162,6 +162,20 @@ class Manifest:
                 yield fqn, d
 
 
+@dataclass(frozen=True)
+class Summary:
+    """A manifest's header, what a listing shows (``decoder.summary``): its items unread."""
+
+    step: int
+    attempt: str
+    created_at: float
+    world_size: int
+    metrics: dict[str, float | int | str | bool | None]
+    bytes_logical: int
+    bytes_written: int
+    phase_s: dict[str, float]
+
+
 def extents(refs: Iterable[BlockRef]) -> dict[str, int]:
     """Per object, the bytes it must hold for ``refs``: its blocks' furthest end."""
     ends: dict[str, int] = {}
@@ -196,19 +210,20 @@ def seal(body: bytes) -> bytes:
     return body[:-1] + b',"checksum":"' + xxhash.xxh3_128_hexdigest(body).encode() + b'"}'
 
 
-def unseal(raw: bytes, name: str) -> bytes:
-    """The bytes ``seal`` was given, after checking the checksum; IntegrityError when it is
-    missing or does not match (the manifest is damaged)."""
-    match = _SEAL.search(raw)
+def unseal(raw: bytes, name: str) -> None:
+    """Check the checksum ``seal`` added; IntegrityError when it is missing or does not match
+    (the manifest is damaged)."""
+    match = _SEAL.search(raw, max(0, len(raw) - 64))  # it ends the bytes: no scan of them
     if match is None:
         raise IntegrityError(f"{name}: the checksum field does not end the manifest; it is "
                              "truncated or damaged")
-    body = raw[: match.start()] + b"}"
-    found = xxhash.xxh3_128_hexdigest(body)
+    h = xxhash.xxh3_128()  # over the bytes seal was given, without copying them
+    h.update(memoryview(raw)[: match.start()])
+    h.update(b"}")
+    found = h.hexdigest()
     if found != match.group(1).decode():
         raise IntegrityError(f"{name}: the manifest's bytes have xxh3-128 {found}, its checksum "
                              f"says {match.group(1).decode()}; the manifest is damaged")
-    return body
 
 
 def encode(m: Manifest) -> bytes:

@@ -8,14 +8,14 @@ import time
 from collections.abc import Iterable, Iterator
 
 from dckpt import layout
-from dckpt.decoder import decode
+from dckpt.decoder import decode, summary
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
-from dckpt.manifest import Manifest
+from dckpt.manifest import Manifest, Summary
 from dckpt.storage import Store
 
 __all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
            "read_manifest_bytes", "decode_manifest", "require_repository", "mark_repository",
-           "quarantined", "set_quarantine", "manifests", "still_committed"]
+           "quarantined", "set_quarantine", "manifests", "summaries", "still_committed"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,23 @@ def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifes
     for step in steps:
         try:
             yield step, read_manifest(store, step)
+        except CheckpointNotFoundError:
+            continue
+        except DckptError as e:
+            yield step, e
+
+
+def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary | DckptError]]:
+    """``manifests``' headers (``decoder.summary``: the checksum checked, the items not
+    decoded), for a listing."""
+    for step in steps:
+        try:
+            step, raw = read_manifest_bytes(store, step)
+            name = f"{store.url}/{layout.manifest_name(step)}"
+            s = summary(raw, name=name)
+            if s.step != step:
+                raise FormatError(f"{name}: holds step {s.step}, its name says {step}")
+            yield step, s
         except CheckpointNotFoundError:
             continue
         except DckptError as e:

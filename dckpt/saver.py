@@ -37,9 +37,9 @@ from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemT
 from dckpt import dist, layout
 from dckpt.arguments import check_config, check_state_dict, public
 from dckpt.config import SaveConfig
-from dckpt.decoder import paused_gc
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.errors import ArgumentError, CommitError, DckptError, StateDictError
+from dckpt.gcpause import paused_gc
 from dckpt.global_plan import PlanCache, run_save, stateful_to_state_dict
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo

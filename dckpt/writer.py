@@ -44,11 +44,11 @@ from torch.futures import Future
 from dckpt import dedup, discard, dist, layout
 from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import SaveConfig
-from dckpt.decoder import paused_gc
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError
+from dckpt.gcpause import paused_gc
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (
     BlockRef,

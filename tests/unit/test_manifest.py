@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 import dckpt
 from dckpt import layout
 from dckpt.blocks import check, cut, digest
-from dckpt.decoder import decode
+from dckpt.decoder import decode, summary
 from dckpt.dtypes import dtype_from_name, dtype_name
 from dckpt.errors import FormatError, IntegrityError
 from dckpt.manifest import (
@@ -26,6 +27,7 @@ from dckpt.manifest import (
     ValueEntry,
     encode,
     extents,
+    seal,
 )
 from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
@@ -71,6 +73,53 @@ def test_encode_decode_round_trip():
     assert (back.step, back.world_size, back.phase_s, back.dcp_version) == (1, 2, {"plan": 0.5},
                                                                             "1.0.0")
     assert back.segments() == ["data/s1-t0-00000000/r00000-000.seg"]
+
+
+def _header(m):
+    return (m.step, m.attempt, m.created_at, m.world_size, m.metrics, m.bytes_logical,
+            m.bytes_written, m.phase_s)
+
+
+@pytest.mark.parametrize("metrics", [{}, {"items": 1, "segments": "x", "planner_data": None},
+                                     {',"items":{': ',"items":{'}])
+def test_a_summary_is_the_decoded_header(tmp_path, metrics):
+    """Keys and values that spell the cut (a metric named items, a state key named items or
+    segments, whose planner path is a list) are read right or decoded whole."""
+    url = str(tmp_path)
+    state = {"items": torch.ones(3), "segments": {"items": torch.zeros(2)}, "x": [1, 2]}
+    dckpt.save(state, url, step=7, metrics=metrics)
+    raw = open(os.path.join(url, layout.manifest_name(7)), "rb").read()
+    assert _header(summary(raw)) == _header(decode(raw))
+    assert summary(raw).metrics == metrics
+
+
+def test_a_summary_reads_no_item(monkeypatch):
+    raw = encode(_manifest())
+    expected = _header(decode(raw))
+    monkeypatch.setattr("dckpt.decoder._entry", None)  # an item decoded would raise
+    assert _header(summary(raw)) == expected
+    with pytest.raises(FormatError, match="NoneType"):
+        decode(raw)
+
+
+def test_a_summary_checks_what_it_reads():
+    raw = encode(_manifest())
+    with pytest.raises(IntegrityError, match="its checksum says"):
+        summary(raw.replace(b'"step":1', b'"step":2'))
+    with pytest.raises(FormatError, match="not valid JSON"):  # as decode says it
+        summary(raw[:-10])
+    seg = b'"segments":["data/s1-t0-00000000/r00000-000.seg"]'
+    for old, new, message in [(b'"world_size":2', b'"world_size":0', "world_size"),
+                              (b'"created_at":12.5', b'"created_at":-1.0', "1970"),
+                              (b'"phase_s":{"plan":0.5}', b'"phase_s":[]', "phase_s"),
+                              (seg, b'"segments":["../x"]', "relative")]:
+        assert old in raw, old
+        doc = raw.replace(old, new)
+        with pytest.raises(FormatError, match=message):  # resealed: the checks behind it
+            summary(seal(doc[: doc.rindex(b',"checksum"')] + b"}"))
+    # another order of the same fields, resealed: decoded whole
+    forged = reseal(json.loads(raw))
+    assert _header(summary(forged)) == _header(decode(raw))
 
 
 def test_stored_data_pickles_whole_with_its_block_references():
@@ -281,7 +330,7 @@ def test_paused_gc_from_many_threads_keeps_the_collector_off_inside_and_as_it_wa
     import threading
     import time
 
-    from dckpt.decoder import paused_gc
+    from dckpt.gcpause import paused_gc
 
     seen_on: list[int] = []
     barrier = threading.Barrier(6)
