@@ -27,7 +27,12 @@ from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError, listing
 from dckpt.manifest import StoredData
-from dckpt.torch_internals import flatten_sharded_tensors, is_dtensor, local_shard, set_element
+from dckpt.torch_internals import (
+    flatten_sharded_tensors,
+    is_dtensor,
+    local_shard,
+    set_as_spelled,
+)
 from dckpt.values import RawBytes, safe_load, serialize
 
 log = logging.getLogger(__name__)
@@ -143,8 +148,9 @@ def named_collisions(done: str) -> Iterator[None]:
             raise
         raise StateDictError(
             f"{str(e).rsplit(' ', 1)[-1]}: two entries of the state dict flatten to this key "
-            "(a key with a dot beside nested dicts that spell the same path, as "
-            f"{{'a.b': x, 'a': {{'b': y}}}}); rename one. Nothing was {done}") from None
+            "(keys are joined with dots and spelled as strings: a key with a dot beside nested "
+            f"dicts that spell the same path, as {{'a.b': x, 'a': {{'b': y}}}}, or keys such "
+            f"as 1 and '1' in one dict); rename one. Nothing was {done}") from None
 
 
 def refuse(problems: list[str]) -> None:
@@ -350,6 +356,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
     def __init__(self, *, partial: bool = False) -> None:
         super().__init__()
         self.partial = partial
+        self._spelled: dict[int, dict[str, Any]] = {}  # set_as_spelled's, for this load
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -406,6 +413,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         obj = (io.BytesIO(value.getvalue()) if isinstance(value, RawBytes)
                else safe_load(value.getbuffer(), f"value {read_item.dest_index.fqn!r}"))
         if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            set_as_spelled(self.original_state_dict, self.mappings[read_item.dest_index.fqn],
+                           obj, self._spelled)
         else:
             self.state_dict[read_item.dest_index.fqn] = obj

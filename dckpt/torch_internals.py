@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.utils import _DistWrapper as DistWrapper
 from torch.distributed.tensor import DTensor
 
 __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_tensor_by_index",
-           "set_element", "flatten_sharded_tensors", "load_state_dict", "DistWrapper"]
+           "set_element", "set_as_spelled", "flatten_sharded_tensors", "load_state_dict", "DistWrapper"]
 
 # narrow_tensor_by_index(tensor, offsets, sizes): a tensor's box, as DCP's own reader takes it
 # set_element(root, path, value): put a loaded value at its path in a nested state dict, the
@@ -49,3 +49,33 @@ def with_local_shard(t: DTensor, local: torch.Tensor) -> Any:
     (public; kept here beside ``local_shard``, its inverse)."""
     return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                               shape=t.shape, stride=t.stride())
+
+
+def set_as_spelled(root: dict, path: tuple, value: object, spelled: dict[int, dict[str, Any]]
+                   ) -> None:
+    """Put a loaded value at its path, along the keys ``root`` holds: DCP's flattening spells
+    every dict key as a string (its traverse takes ``str(key)``), and its ``set_element`` set
+    a value loaded under an int key (an optimizer's parameter ids) beside it, under "0", the
+    int key keeping its old value. Dicts and lists as ``set_element`` walks them (a missing
+    container made, a list extended); anything else left to ``set_element``. ``spelled``:
+    each dict's keys by their strings, made once per dict, for a dict the path's string is
+    not a key of."""
+    node: Any = root
+    for i, p in enumerate(path):
+        if isinstance(node, dict):
+            if p not in node:
+                names = spelled.get(id(node))
+                if names is None:
+                    names = spelled[id(node)] = {str(k): k for k in node}
+                p = names.get(p, p)
+        elif isinstance(node, list) and type(p) is int:
+            node.extend([None] * (p + 1 - len(node)))
+        else:
+            set_element(root, path, value)
+            return
+        if i == len(path) - 1:
+            node[p] = value
+            return
+        if (node.get(p) if isinstance(node, dict) else node[p]) is None:
+            node[p] = {} if type(path[i + 1]) is str else []
+        node = node[p]

@@ -95,6 +95,54 @@ def test_shapes_layouts_nesting_and_values(repo):
     assert fresh.n == 7 and torch.equal(fresh.history, torch.tensor([1.0, 2.0, 3.0]))
 
 
+def _lbfgs(seed: int, steps: int) -> torch.optim.LBFGS:
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.LBFGS(model.parameters(), history_size=3)
+
+    def closure():
+        opt.zero_grad()
+        loss = model(torch.ones(3, 4)).square().sum()
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return opt
+
+
+def test_values_under_keys_that_are_not_strings_load_into_those_keys(tmp_path):
+    """The flattening spells every key as a string: a value loaded under an int key (an
+    optimizer's parameter ids: LBFGS keeps ints, floats and lists there) was set beside it
+    under "0", the int key keeping its old value, and the load reported success."""
+    url = str(tmp_path)
+    saved = _lbfgs(0, 3).state_dict()
+    odd = {0: {1: [5, {2: "deep", 3: torch.ones(2)}]}, (2, 3): "tuple", 1.5: [1.0],
+           True: "bool", None: "none", "s": {7: None}}
+    dckpt.save({"optim": saved, "odd": odd}, url, step=1)
+    out = {"optim": _lbfgs(1, 1).state_dict(),
+           "odd": {0: {1: [0, {2: None, 3: torch.zeros(2)}]}, (2, 3): "", 1.5: [0.0],
+                   True: "", None: "", "s": {7: 1}}}
+    dckpt.load(out, url)
+    state, want = out["optim"]["state"], saved["state"]
+    assert list(state) == list(want) == [0]
+    assert {k: type(v) for k, v in state[0].items()} == {k: type(v) for k, v in want[0].items()}
+
+    def same(a, b):
+        if isinstance(b, torch.Tensor):
+            return isinstance(a, torch.Tensor) and torch.equal(a, b)
+        if isinstance(b, list):
+            return isinstance(a, list) and len(a) == len(b) and all(map(same, a, b))
+        return type(a) is type(b) and a == b
+
+    assert all(same(state[0][k], v) for k, v in want[0].items()), (state[0], want[0])
+    assert out["optim"]["param_groups"] == saved["param_groups"]
+    got = out["odd"]
+    assert torch.equal(got[0][1][1].pop(3), torch.ones(2))
+    assert got == {0: {1: [5, {2: "deep"}]}, (2, 3): "tuple", 1.5: [1.0], True: "bool",
+                   None: "none", "s": {7: None}}
+
+
 def test_tensor_spanning_many_blocks(repo):
     url, opts = repo
     big = torch.randn(300_000)  # 1.2 MB over 4 KiB blocks: 293 blocks
