@@ -27,6 +27,7 @@ from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError, listing
 from dckpt.manifest import StoredData
+from dckpt.optim_state import make_missing_state
 from dckpt.torch_internals import (
     flatten_sharded_tensors,
     is_dtensor,
@@ -368,6 +369,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # takes the two steps the other way round, and the ShardedTensor step drops empty
         # dicts inside lists: [None, {}] was saved as "a.0" and looked for as "a", a save
         # that no load accepted. Here the load takes them in the save's order.
+        if metadata is not None:
+            made = make_missing_state(state_dict, metadata)
+            if made:
+                log.info("made %d optimizer state entries the checkpoint holds and the state "
+                         "dict lacked (an optimizer has none before its first step), to "
+                         "load into", len(made))
         sharded, self.flatten_sharded_tensors = self.flatten_sharded_tensors, False
         try:
             with named_collisions("read"):
@@ -404,6 +411,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                 fix += (", or partial=True to load only the keys the state dicts ask for (for "
                         "example after a change of world size, where the missing ranks' own "
                         "keys have no owner)")
+            if any(".state." in k for k in unasked):
+                fix += (". An optimizer has no state before its first step: dckpt makes the "
+                        "state a checkpoint holds whole, but state sharded over the ranks "
+                        "(FSDP2's) is made by loading through dckpt.TrainState(model, "
+                        "optimizer)")
             raise StateDictError(
                 listing("the state dict does not fit the checkpoint", problems) + f"\n{fix}")
         return [dataclasses.replace(p, planner_data=None)

@@ -439,3 +439,37 @@ def test_a_stateful_that_refuses_on_one_rank_is_the_same_error_on_every_rank(tmp
     kind, text = values[0]
     assert kind == "StateDictError" and "rank 1: thing: _PickyOnRank1.load_state_dict raised " \
         "ValueError: rank 1 wants n=2" in text
+
+
+def _fsdp2_optimizer_restarted(rank, world, url):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+
+    def made():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+        fully_shard(model, mesh=mesh)
+        return model, torch.optim.Adam(model.parameters())
+
+    model, opt = made()
+    model(torch.ones(2, 8)).sum().backward()
+    opt.step()
+    dckpt.save({"model": model, "optim": opt}, url, step=1)
+    model, opt = made()
+    try:
+        dckpt.load({"model": model, "optim": opt}, url)
+    except dckpt.StateDictError as e:
+        return str(e), opt.state_dict()["state"]
+    return "loaded", None
+
+
+def test_a_restarted_optimizer_whose_state_is_sharded_is_refused_whole_naming_train_state(
+        tmp_path):
+    """State stored whole is made before a load (test_roundtrip); FSDP2's sharded state is
+    not, and none of that optimizer's is (its step counts alone would load as if whole)."""
+    out = [o.value for o in run_ranks(_fsdp2_optimizer_restarted, 2, str(tmp_path))]
+    assert out[0][0] == out[1][0] and "dckpt.TrainState(model, optimizer)" in out[0][0]
+    assert "optim.state.0.step: in the checkpoint but no rank's" in out[0][0]
+    assert [state for _, state in out] == [{}, {}]
