@@ -95,32 +95,16 @@ def test_shapes_layouts_nesting_and_values(repo):
     assert fresh.n == 7 and torch.equal(fresh.history, torch.tensor([1.0, 2.0, 3.0]))
 
 
-def _lbfgs(seed: int, steps: int) -> torch.optim.LBFGS:
-    torch.manual_seed(seed)
-    model = torch.nn.Linear(4, 2)
-    opt = torch.optim.LBFGS(model.parameters(), history_size=3)
-
-    def closure():
-        opt.zero_grad()
-        loss = model(torch.ones(3, 4)).square().sum()
-        loss.backward()
-        return loss
-
-    for _ in range(steps):
-        opt.step(closure)
-    return opt
-
-
 def test_values_under_keys_that_are_not_strings_load_into_those_keys(tmp_path):
     """The flattening spells every key as a string: a value loaded under an int key (an
     optimizer's parameter ids: LBFGS keeps ints, floats and lists there) was set beside it
     under "0", the int key keeping its old value, and the load reported success."""
     url = str(tmp_path)
-    saved = _lbfgs(0, 3).state_dict()
+    saved = _trained("LBFGS", 3)[1].state_dict()
     odd = {0: {1: [5, {2: "deep", 3: torch.ones(2)}]}, (2, 3): "tuple", 1.5: [1.0],
            True: "bool", None: "none", "s": {7: None}}
     dckpt.save({"optim": saved, "odd": odd}, url, step=1)
-    out = {"optim": _lbfgs(1, 1).state_dict(),
+    out = {"optim": _trained("LBFGS", 1, seed=1)[1].state_dict(),
            "odd": {0: {1: [0, {2: None, 3: torch.zeros(2)}]}, (2, 3): "", 1.5: [0.0],
                    True: "", None: "", "s": {7: 1}}}
     dckpt.load(out, url)
