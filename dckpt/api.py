@@ -37,6 +37,7 @@ from dckpt.gcpause import paused_gc
 from dckpt.global_plan import quiet_single_process
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest, extents
+from dckpt.optim_state import params_by_id
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.repository import (
@@ -301,6 +302,10 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
     stateful = {k for k in keys if not isinstance(state_dict[k], torch.Tensor)
                 and isinstance(state_dict[k], Stateful)}
     flat = {k: state_dict[k].state_dict() if k in stateful else state_dict[k] for k in keys}
+    for k in stateful:  # an optimizer itself: its state, none before a step, made as placed
+        by_id = params_by_id(state_dict[k], flat[k])
+        if by_id is not None:
+            planner.optimizer_params[k] = by_id
     reader.keep_items = True
     load_state_dict(flat, storage_reader=reader, planner=planner,
                     process_group=group,  # type: ignore[arg-type]

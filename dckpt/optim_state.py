@@ -12,13 +12,17 @@ device and dtype as it always does. DCP's ``get_state_dict`` makes the state by 
 optimizer once with a learning rate of 0 instead, which counts a step where no checkpoint
 loads; nothing here steps.
 
-Only state stored whole is made (one chunk covering the tensor): a sharded optimizer's state
-(FSDP2's DTensors) needs its parameters' placements, which ``dckpt.TrainState`` brings.
+State stored whole (one chunk covering the tensor) is made anywhere. A sharded optimizer's
+state (FSDP2's DTensors) needs its parameters' placements: it is made where the state dict
+holds the optimizer itself at its top level (``dckpt.api`` hands its parameters over), as
+``torch.empty_like`` of the parameter, and otherwise not at all (``dckpt.TrainState`` brings
+the placements its own way).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +32,9 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
-__all__ = ["make_missing_state"]
+from dckpt.torch_internals import is_dtensor
+
+__all__ = ["make_missing_state", "params_by_id"]
 
 _KEYS = {"state", "param_groups"}
 
@@ -62,12 +68,23 @@ def _whole(md: TensorStorageMetadata) -> bool:
             and not any(md.chunks[0].offsets))
 
 
-def _placeholder(md: object) -> object:
-    """An empty tensor of the stored size and dtype, None for a value."""
-    if isinstance(md, TensorStorageMetadata):
-        return torch.empty(md.size, dtype=md.properties.dtype)
-    assert isinstance(md, BytesStorageMetadata)
-    return None
+def _makeable(md: object, param: torch.Tensor | None) -> bool:
+    """Whether ``_placeholder`` can make the entry: a value, a tensor stored whole, or one
+    shaped as its parameter, a DTensor, whose placements it takes."""
+    return (not isinstance(md, TensorStorageMetadata) or _whole(md)
+            or (param is not None and is_dtensor(param) and tuple(md.size) == tuple(param.shape)))
+
+
+def _placeholder(md: object, param: torch.Tensor | None) -> object:
+    """An empty tensor of the stored size and dtype (a DTensor placed as its parameter where
+    the parameter is one of that shape; on its device), None for a value."""
+    if not isinstance(md, TensorStorageMetadata):
+        assert isinstance(md, BytesStorageMetadata)
+        return None
+    dtype = md.properties.dtype
+    if param is not None and tuple(md.size) == tuple(param.shape):
+        return torch.empty_like(param, dtype=dtype)
+    return torch.empty(md.size, dtype=dtype, device=None if param is None else param.device)
 
 
 def _path(fqn: str, metadata: Metadata) -> tuple[str | int, ...]:
@@ -76,16 +93,12 @@ def _path(fqn: str, metadata: Metadata) -> tuple[str | int, ...]:
     return tuple(path) if path else tuple(fqn.split("."))
 
 
-def _put(state: dict, ids: dict[str, Any], rel: tuple[str | int, ...], value: object) -> bool:
-    """Put ``value`` at ``rel`` (a parameter id, then the state's own keys and indices) in
-    ``state``, making the containers on the way; False where something is already there or
-    the id is not one of the optimizer's parameters."""
-    pid = ids.get(str(rel[0]))
-    if pid is None:
-        return False
+def _put(state: dict, rel: tuple[Any, ...], make: Callable[[], object]) -> bool:
+    """Put ``make()`` at ``rel`` (a parameter id, then the state's own keys and indices) in
+    ``state``, making the containers on the way; False (nothing made) where something is
+    already there."""
     node: Any = state
-    keys: list[Any] = [pid, *rel[1:]]
-    for i, key in enumerate(keys):
+    for i, key in enumerate(rel):
         if isinstance(node, list) and isinstance(key, int):
             node.extend([None] * (key + 1 - len(node)))
             there = node[key] is not None
@@ -93,34 +106,68 @@ def _put(state: dict, ids: dict[str, Any], rel: tuple[str | int, ...], value: ob
             there = key in node
         else:
             return False
-        if i == len(keys) - 1:
+        if i == len(rel) - 1:
             if not there:
-                node[key] = value
+                node[key] = make()
             return not there
         if not there:
-            node[key] = {} if isinstance(keys[i + 1], str) else []
+            node[key] = {} if isinstance(rel[i + 1], str) else []
         node = node[key]
     return False
 
 
-def make_missing_state(state_dict: dict, metadata: Metadata) -> list[str]:
+def _missing(state: dict, rel: tuple[Any, ...]) -> bool:
+    node: Any = state
+    for key in rel:
+        if isinstance(node, dict):
+            there = key in node
+        else:
+            there = (isinstance(node, list) and isinstance(key, int) and key < len(node)
+                     and node[key] is not None)
+        if not there:
+            return True
+        node = node[key]
+    return False
+
+
+def params_by_id(optimizer: object, packed: object) -> dict[int, torch.Tensor] | None:
+    """An optimizer's parameters by the ids its ``state_dict()`` (``packed``) gives them; None
+    for anything else."""
+    if not isinstance(optimizer, torch.optim.Optimizer) or not _optimizer_like(packed):
+        return None
+    assert isinstance(packed, dict)
+    return {pid: p for group, ids in zip(optimizer.param_groups, packed["param_groups"])
+            for pid, p in zip(ids["params"], group["params"])}
+
+
+def make_missing_state(state_dict: dict, metadata: Metadata,
+                       params: dict[str, dict[int, torch.Tensor]] | None = None) -> list[str]:
     """(each rank) In each optimizer state dict within ``state_dict``, make in place the state
-    entries the checkpoint holds for its parameters and it lacks (module docstring); for an
-    optimizer whose stored state is sharded, nothing (part of a state would load as if it
-    were whole). Returns the checkpoint keys made."""
+    entries the checkpoint holds for its parameters and it lacks (module docstring).
+    ``params``: for a top-level key holding an optimizer itself, its parameters by id, so
+    that sharded state (FSDP2's DTensors) is made placed as its parameter. An optimizer any
+    of whose missing entries cannot be made gets none (part of a state would load as if it
+    were all). Returns the checkpoint keys made."""
     made: list[str] = []
     for opt_path, opt in _optimizers(state_dict, ()):
         prefix = ".".join(map(str, (*opt_path, "state"))) + "."
-        stored = [(fqn, md) for fqn, md in metadata.state_dict_metadata.items()
-                  if fqn.startswith(prefix)]
-        if any(isinstance(md, TensorStorageMetadata) and not _whole(md) for _, md in stored):
-            continue
         ids = {str(p): p for g in opt["param_groups"] for p in g["params"]}
-        for fqn, md in stored:
+        by_id = (params or {}).get(str(opt_path[0])) if len(opt_path) == 1 else None
+        missing = []
+        for fqn, md in metadata.state_dict_metadata.items():
+            if not fqn.startswith(prefix):
+                continue
             path = _path(fqn, metadata)
             rel = path[len(opt_path) + 1:]
-            if path[: len(opt_path) + 1] != (*opt_path, "state") or not rel:
-                continue  # a key spelled otherwise than this optimizer's: leave it be
-            if _put(opt["state"], ids, rel, _placeholder(md)):
+            pid = ids.get(str(rel[0])) if rel else None
+            if path[: len(opt_path) + 1] != (*opt_path, "state") or pid is None:
+                continue  # spelled otherwise, or not one of its parameters: left to the plan
+            rel = (pid, *rel[1:])
+            if _missing(opt["state"], rel):
+                missing.append((fqn, rel, md, None if by_id is None else by_id.get(pid)))
+        if not all(_makeable(md, param) for _, _, md, param in missing):
+            continue
+        for fqn, rel, md, param in missing:
+            if _put(opt["state"], rel, partial(_placeholder, md, param)):
                 made.append(fqn)
     return made

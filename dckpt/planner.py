@@ -358,6 +358,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().__init__()
         self.partial = partial
         self._spelled: dict[int, dict[str, Any]] = {}  # set_as_spelled's, for this load
+        # top-level key -> an optimizer's parameters by id, where the state dict holds the
+        # optimizer itself (dckpt.api): its missing state is made placed as they are
+        self.optimizer_params: dict[str, dict[int, torch.Tensor]] = {}
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -370,7 +373,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # dicts inside lists: [None, {}] was saved as "a.0" and looked for as "a", a save
         # that no load accepted. Here the load takes them in the save's order.
         if metadata is not None:
-            made = make_missing_state(state_dict, metadata)
+            made = make_missing_state(state_dict, metadata, self.optimizer_params)
             if made:
                 log.info("made %d optimizer state entries the checkpoint holds and the state "
                          "dict lacked (an optimizer has none before its first step), to "
@@ -413,9 +416,9 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                         "keys have no owner)")
             if any(".state." in k for k in unasked):
                 fix += (". An optimizer has no state before its first step: dckpt makes the "
-                        "state a checkpoint holds whole, but state sharded over the ranks "
-                        "(FSDP2's) is made by loading through dckpt.TrainState(model, "
-                        "optimizer)")
+                        "state a checkpoint holds whole; state sharded over the ranks "
+                        "(FSDP2's) is made where the load is given the optimizer itself (its "
+                        "parameters place it), or through dckpt.TrainState(model, optimizer)")
             raise StateDictError(
                 listing("the state dict does not fit the checkpoint", problems) + f"\n{fix}")
         return [dataclasses.replace(p, planner_data=None)

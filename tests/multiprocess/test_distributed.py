@@ -453,23 +453,38 @@ def _fsdp2_optimizer_restarted(rank, world, url):
         fully_shard(model, mesh=mesh)
         return model, torch.optim.Adam(model.parameters())
 
+    def train(model, opt, steps):
+        for i in range(steps):
+            model(torch.full((2, 8), float(i))).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
     model, opt = made()
-    model(torch.ones(2, 8)).sum().backward()
-    opt.step()
+    train(model, opt, 2)
     dckpt.save({"model": model, "optim": opt}, url, step=1)
-    model, opt = made()
+    out = {}
+    model2, opt2 = made()  # the optimizer's state dict: not made (no parameters to place by)
     try:
-        dckpt.load({"model": model, "optim": opt}, url)
+        dckpt.load({"model": model2.state_dict(), "optim": opt2.state_dict()}, url)
     except dckpt.StateDictError as e:
-        return str(e), opt.state_dict()["state"]
-    return "loaded", None
+        out["dicts"] = (str(e), opt2.state_dict()["state"])
+    dckpt.load({"model": model2, "optim": opt2}, url)  # the optimizer itself: made, placed
+    train(model, opt, 2)
+    train(model2, opt2, 2)
+    out["objects"] = all(torch.equal(a.full_tensor(), b.full_tensor())
+                         for a, b in zip(model.parameters(), model2.parameters(), strict=True))
+    return out
 
 
-def test_a_restarted_optimizer_whose_state_is_sharded_is_refused_whole_naming_train_state(
-        tmp_path):
+def test_a_restarted_fsdp2_optimizer_loads_its_sharded_state_given_the_optimizer(tmp_path):
     """State stored whole is made before a load (test_roundtrip); FSDP2's sharded state is
-    not, and none of that optimizer's is (its step counts alone would load as if whole)."""
+    made placed as its parameter where the load is given the optimizer itself, and training
+    goes on bit-equal. Given its state dict (ids, no parameters), none of that optimizer's
+    is made (its step counts alone would load as if they were all), and the refusal names
+    the way."""
     out = [o.value for o in run_ranks(_fsdp2_optimizer_restarted, 2, str(tmp_path))]
-    assert out[0][0] == out[1][0] and "dckpt.TrainState(model, optimizer)" in out[0][0]
-    assert "optim.state.0.step: in the checkpoint but no rank's" in out[0][0]
-    assert [state for _, state in out] == [{}, {}]
+    assert [o["objects"] for o in out] == [True, True]
+    message = out[0]["dicts"][0]
+    assert message == out[1]["dicts"][0] and "dckpt.TrainState(model, optimizer)" in message
+    assert "optim.state.0.step: in the checkpoint but no rank's" in message
+    assert [o["dicts"][1] for o in out] == [{}, {}]

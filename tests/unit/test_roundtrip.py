@@ -201,7 +201,14 @@ def test_a_restarted_optimizer_loads_its_state(tmp_path, name, form):
         assert torch.equal(a, b), name
 
 
-def test_only_missing_optimizer_state_is_made_and_a_list_of_optimizers_loads(tmp_path):
+def test_only_missing_optimizer_state_is_made_and_a_list_of_optimizers_loads(tmp_path,
+                                                                            monkeypatch):
+    from dckpt import optim_state
+
+    made = []
+    make = optim_state._placeholder
+    monkeypatch.setattr(optim_state, "_placeholder",
+                        lambda md, param: made.append(md) or make(md, param))
     url = str(tmp_path)
     (_, adam, _), (_, sgd, _) = _trained("Adam", 2), _trained("SGD momentum", 2)
     saved = [adam.state_dict(), sgd.state_dict()]
@@ -212,6 +219,8 @@ def test_only_missing_optimizer_state_is_made_and_a_list_of_optimizers_loads(tmp
     held = dest[0]["state"][0]["exp_avg"]
     dckpt.load({"opts": dest}, url)
     assert dest[0]["state"][0]["exp_avg"] is held  # loaded into, not replaced
+    # nothing made for what was there (a copy of a whole optimizer's state, to throw away)
+    assert len(made) == len(saved[0]["state"][1]) + sum(map(len, saved[1]["state"].values()))
     for got, want in zip(dest, saved, strict=True):
         assert got["state"].keys() == want["state"].keys()
         for pid, entries in want["state"].items():
