@@ -37,8 +37,11 @@ _SAFETENSORS_DTYPES = {
     "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64",
     "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
     "uint16": "U16", "uint32": "U32", "uint64": "U64", "float8_e4m3fn": "F8_E4M3",
-    "float8_e5m2": "F8_E5M2",
+    "float8_e5m2": "F8_E5M2", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "complex64": "C64",
 }
+"""Those safetensors' own torch loader maps back (0.8): complex128, complex32, float8_e8m0fnu
+and float4_e2m1fn_x2 have no name there (export format="torch" holds them)."""
 
 
 def _check_outside(store: Store, to: str) -> None:

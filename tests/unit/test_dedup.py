@@ -436,6 +436,36 @@ def test_export_round_trips_in_every_format(tmp_path, compression):
     assert json.loads(meta["step"]) == 2 and meta["dckpt.step"] == "2"
 
 
+def test_every_dtype_exports_to_safetensors_or_is_refused_naming_the_way(tmp_path):
+    """safetensors' own loader reads back every dtype it names (the fnuz float8s and
+    complex64 were refused); the others are refused before anything is written."""
+    from safetensors.torch import load_file
+
+    from dckpt.export import _SAFETENSORS_DTYPES
+    from dckpt.manifest import DTYPE_SIZES
+
+    url = str(tmp_path / "repo")
+    g = torch.Generator().manual_seed(1)
+    state = {name: torch.randint(0, 2 if name == "bool" else 256, (3, 4 * DTYPE_SIZES[name]),
+                                 dtype=torch.uint8, generator=g).view(getattr(torch, name))
+             for name in DTYPE_SIZES}
+    dckpt.save(state, url, step=1)
+    named = {k: v for k, v in state.items() if k in _SAFETENSORS_DTYPES}
+    assert set(state) - set(named) == {"complex128", "complex32", "float8_e8m0fnu",
+                                       "float4_e2m1fn_x2"}
+    refused = str(tmp_path / "refused.safetensors")
+    with pytest.raises(dckpt.StateDictError, match="no safetensors name; export --format torch"):
+        dckpt.export(url, refused, format="safetensors")
+    assert not os.path.exists(refused)
+    dckpt.save(named, url, step=2)
+    out = str(tmp_path / "all.safetensors")
+    dckpt.export(url, out, step=2, format="safetensors")
+    back = load_file(out)
+    assert {k: t.dtype for k, t in back.items()} == {k: t.dtype for k, t in named.items()}
+    assert all(torch.equal(back[k].view(torch.uint8), t.view(torch.uint8))
+               for k, t in named.items())
+
+
 def test_export_of_a_sharded_checkpoint_assembles_the_full_tensor(tmp_path):
     from torch.distributed.checkpoint.metadata import ChunkStorageMetadata  # noqa: F401
     url = str(tmp_path / "repo")
