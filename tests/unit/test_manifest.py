@@ -96,7 +96,7 @@ def test_a_summary_is_the_decoded_header(tmp_path, metrics):
 def test_a_summary_reads_no_item(monkeypatch):
     raw = encode(_manifest())
     expected = _header(decode(raw))
-    monkeypatch.setattr("dckpt.decoder._entry", None)  # an item decoded would raise
+    monkeypatch.setattr("dckpt.decoder.entry", None)  # an item decoded would raise
     assert _header(summary(raw)) == expected
     with pytest.raises(FormatError, match="NoneType"):
         decode(raw)
@@ -137,7 +137,7 @@ def test_stored_data_pickles_whole_with_its_block_references():
 
 
 def test_compressed_blocks_decode_column_wise_as_block_wise():
-    from dckpt.decoder import _blocks_checked, _blocks_fast
+    from dckpt.decode_items import _blocks_checked, _blocks_fast
 
     segs = ["data/a/r0.seg", "data/b/r1.seg"]
     rows = [[i % 2, i * 100, 100 - i % 3, 100, f"{i:032x}", ("raw", "zstd")[i % 3 > 0]]
