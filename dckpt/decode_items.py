@@ -172,7 +172,71 @@ def _tiles(size: tuple[int, ...], boxes: list[tuple[tuple[int, ...], tuple[int, 
     return ""
 
 
+_TENSOR_KEYS = {"kind", "dtype", "size", "requires_grad", "chunks"}
+_CHUNK_KEYS = {"offsets", "sizes", "nbytes", "blocks"}
+
+
+def _block_fast(row: object, segments: list[str]) -> BlockRef | None:
+    """One block row checked as ``_blocks_checked`` checks it, or None (which names it)."""
+    if type(row) is not list or len(row) != 6:
+        return None
+    seg, offset, length, raw_length, digest, codec = row
+    if (type(seg) is not int or type(offset) is not int or type(length) is not int
+            or type(raw_length) is not int or not 0 <= seg < len(segments)
+            or offset < 0 or length < 0 or raw_length > MAX_BLOCK_BYTES
+            or offset + length > MAX_OBJECT_BYTES or type(digest) is not str
+            or len(digest) != 32 or not _HEX_RE.fullmatch(digest) or type(codec) is not str
+            or codec not in _CODEC_SET
+            or length > raw_length or (codec == "raw" and length != raw_length)):
+        return None
+    return tuple.__new__(BlockRef, (segments[seg], offset, length, raw_length, digest, codec))
+
+
+def _whole_tensor_fast(doc: dict, segments: list[str]) -> TensorEntry | None:
+    """The common tensor entry, one chunk that covers it, checked as ``entry`` checks it
+    without building a field's name for a message it will not write (most of the decode of
+    a manifest of many small tensors); None for anything else, which ``entry`` then checks
+    and names."""
+    if doc.keys() != _TENSOR_KEYS or doc["kind"] != "tensor":
+        return None
+    dtype, size, requires_grad, chunks = (doc["dtype"], doc["size"], doc["requires_grad"],
+                                          doc["chunks"])
+    itemsize = DTYPE_SIZES.get(dtype) if type(dtype) is str else None
+    if (itemsize is None or type(size) is not list or len(size) > 64
+            or type(requires_grad) is not bool or type(chunks) is not list or len(chunks) != 1
+            or any(type(n) is not int or not 0 <= n <= MAX_TENSOR_BYTES for n in size)):
+        return None
+    chunk = chunks[0]
+    if (type(chunk) is not dict or chunk.keys() != _CHUNK_KEYS or chunk["sizes"] != size
+            or any(type(n) is not int for n in chunk["sizes"])):  # True == 1, 1.0 == 1
+        return None
+    offsets, nbytes, rows = chunk["offsets"], chunk["nbytes"], chunk["blocks"]
+    volume = math.prod(size) * itemsize
+    if (type(offsets) is not list or len(offsets) != len(size) or any(o != 0 for o in offsets)
+            or any(type(o) is not int for o in offsets) or volume > MAX_TENSOR_BYTES
+            or type(nbytes) is not int or nbytes != volume or type(rows) is not list):
+        return None
+    if len(rows) <= 4:
+        few = [_block_fast(row, segments) for row in rows]
+        blocks = None if None in few else tuple(b for b in few if b is not None)
+    else:
+        blocks = _blocks_fast(rows, segments)
+    if blocks is None or sum(b.raw_length for b in blocks) != nbytes:
+        return None
+    return TensorEntry(dtype, tuple(size), requires_grad,
+                       (ChunkEntry(tuple(offsets), tuple(size), StoredData(nbytes, blocks)),))
+
+
 def entry(fqn: str, doc: object, segments: list[str], version: int) -> Entry:
+    """One item of the manifest, checked; FormatError naming the field that is wrong."""
+    if type(doc) is dict:
+        fast = _whole_tensor_fast(doc, segments)
+        if fast is not None:
+            return fast
+    return _entry_checked(fqn, doc, segments, version)
+
+
+def _entry_checked(fqn: str, doc: object, segments: list[str], version: int) -> Entry:
     where = f"items[{fqn!r}]"
     if not isinstance(doc, dict) or doc.get("kind") not in ("tensor", "value"):
         raise FormatError(f"{where}: expected an object with kind 'tensor' or 'value'")

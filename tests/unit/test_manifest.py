@@ -186,6 +186,56 @@ def test_decode_refuses_what_the_spec_does_not_allow(edit, message):
         decode(reseal(doc))
 
 
+_TRICKY = [True, False, 0, 1, -1, 1.0, 0.0, 2 ** 63, 2 ** 70, None, "", "x", "raw", "zstd",
+           "float32", [], [0], [2, 3], [True, 3], [2.0, 3], {}, "ab" * 16, "AB" * 16, 24, 48]
+
+
+def _tensor_doc() -> dict:
+    return {"kind": "tensor", "dtype": "float32", "size": [2, 3], "requires_grad": False,
+            "chunks": [{"offsets": [0, 0], "sizes": [2, 3], "nbytes": 24,
+                        "blocks": [[0, 0, 16, 16, "ab" * 16, "raw"],
+                                   [1, 8, 8, 8, "cd" * 16, "raw"]]}]}
+
+
+def _edit(node, path, value):
+    """``node`` with the value at ``path`` replaced, where the path still leads somewhere."""
+    for i, key in enumerate(path):
+        last = i == len(path) - 1
+        if not (isinstance(node, dict) and (key in node or last)
+                or isinstance(node, list) and isinstance(key, int) and key < len(node)):
+            return
+        if last:
+            node[key] = value
+            return
+        node = node[key]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([
+    ("dtype",), ("size",), ("requires_grad",), ("chunks",), ("kind",),
+    ("chunks", 0, "offsets"), ("chunks", 0, "sizes"), ("chunks", 0, "nbytes"),
+    ("chunks", 0, "blocks"), ("chunks", 0, "offsets", 1), ("chunks", 0, "sizes", 0),
+    *[("chunks", 0, "blocks", b, f) for b in (0, 1) for f in range(6)]]),
+    st.sampled_from(_TRICKY)), max_size=3))
+def test_the_fast_tensor_entry_decodes_as_the_checked_one(edits):
+    """The decoder's fast path for a tensor stored in one chunk takes exactly what the
+    checked path takes, and builds the same entry; anything else it leaves to the checked
+    path, which names what is wrong."""
+    from dckpt.decode_items import _entry_checked, _whole_tensor_fast
+
+    doc = _tensor_doc()
+    for path, value in edits:
+        _edit(doc, path, value)
+    segments = ["data/a", "data/b"]
+    fast = _whole_tensor_fast(doc, segments) if isinstance(doc, dict) else None
+    try:
+        checked = _entry_checked("w", doc, segments, 2)
+    except FormatError:
+        assert fast is None, edits
+        return
+    assert fast is None or fast == checked, edits
+
+
 @pytest.mark.parametrize("name, ok", [
     ("data/s1-t2-abcdef01/r00000-000.seg", True),
     ("data/x/y.seg", True),
