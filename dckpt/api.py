@@ -307,9 +307,13 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
         if by_id is not None:
             planner.optimizer_params[k] = by_id
     reader.keep_items = True
-    load_state_dict(flat, storage_reader=reader, planner=planner,
-                    process_group=group,  # type: ignore[arg-type]
-                    no_dist=not dist.active())
+    try:
+        load_state_dict(flat, storage_reader=reader, planner=planner,
+                        process_group=group,  # type: ignore[arg-type]
+                        no_dist=not dist.active())
+    except BaseException:
+        planner.forget_made()  # a fallback to an older step, or the caller, starts clean
+        raise
     problems = []
     for key in keys:
         if key not in stateful:

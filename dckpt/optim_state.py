@@ -5,17 +5,17 @@ job holds ``{"state": {}, "param_groups": [...]}``, and a load into it found the
 ``optim.state.0.exp_avg`` asked for by no one (dckpt refused it; DCP's own load leaves such
 keys unread, silently). ``torch.load`` users never met this: they got the saved dict back
 whole. So before a load plans, each optimizer state dict in the destination gets, in place,
-the entries the checkpoint holds for it and it lacks: an empty tensor of the stored size and
-dtype, None for a value. The load fills them, and ``optimizer.load_state_dict`` (or dckpt's
-rule for a top-level optimizer) takes the result, casting each tensor to its parameter's
-device and dtype as it always does. DCP's ``get_state_dict`` makes the state by stepping the
-optimizer once with a learning rate of 0 instead, which counts a step where no checkpoint
-loads; nothing here steps.
+the entries the checkpoint holds for it and it lacks: a tensor of zeros of the stored size
+and dtype, None for a value (taken back if the load fails). The load fills them, and
+``optimizer.load_state_dict`` (or dckpt's rule for a top-level optimizer) takes the result,
+casting each tensor to its parameter's device and dtype as it always does. DCP's
+``get_state_dict`` makes the state by stepping the optimizer once with a learning rate of 0
+instead, which counts a step where no checkpoint loads; nothing here steps.
 
 State stored whole (one chunk covering the tensor) is made anywhere. A sharded optimizer's
 state (FSDP2's DTensors) needs its parameters' placements: it is made where the state dict
 holds the optimizer itself at its top level (``dckpt.api`` hands its parameters over), as
-``torch.empty_like`` of the parameter, and otherwise not at all (``dckpt.TrainState`` brings
+``torch.zeros_like`` of the parameter, and otherwise not at all (``dckpt.TrainState`` brings
 the placements its own way).
 """
 
@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.metadata import (
 
 from dckpt.torch_internals import is_dtensor
 
-__all__ = ["make_missing_state", "params_by_id"]
+__all__ = ["make_missing_state", "params_by_id", "forget"]
 
 _KEYS = {"state", "param_groups"}
 
@@ -76,15 +76,15 @@ def _makeable(md: object, param: torch.Tensor | None) -> bool:
 
 
 def _placeholder(md: object, param: torch.Tensor | None) -> object:
-    """An empty tensor of the stored size and dtype (a DTensor placed as its parameter where
+    """A tensor of zeros of the stored size and dtype (a DTensor placed as its parameter where
     the parameter is one of that shape; on its device), None for a value."""
     if not isinstance(md, TensorStorageMetadata):
         assert isinstance(md, BytesStorageMetadata)
         return None
     dtype = md.properties.dtype
     if param is not None and tuple(md.size) == tuple(param.shape):
-        return torch.empty_like(param, dtype=dtype)
-    return torch.empty(md.size, dtype=dtype, device=None if param is None else param.device)
+        return torch.zeros_like(param, dtype=dtype)
+    return torch.zeros(md.size, dtype=dtype, device=None if param is None else param.device)
 
 
 def _path(fqn: str, metadata: Metadata) -> tuple[str | int, ...]:
@@ -93,11 +93,13 @@ def _path(fqn: str, metadata: Metadata) -> tuple[str | int, ...]:
     return tuple(path) if path else tuple(fqn.split("."))
 
 
-def _put(state: dict, rel: tuple[Any, ...], make: Callable[[], object]) -> bool:
+def _put(state: dict, rel: tuple[Any, ...], make: Callable[[], object],
+         undo: list[tuple[Any, Any]]) -> bool:
     """Put ``make()`` at ``rel`` (a parameter id, then the state's own keys and indices) in
     ``state``, making the containers on the way; False (nothing made) where something is
-    already there."""
+    already there. ``undo`` gets the (container, key) of the first thing made."""
     node: Any = state
+    made_any = False
     for i, key in enumerate(rel):
         if isinstance(node, list) and isinstance(key, int):
             node.extend([None] * (key + 1 - len(node)))
@@ -106,6 +108,9 @@ def _put(state: dict, rel: tuple[Any, ...], make: Callable[[], object]) -> bool:
             there = key in node
         else:
             return False
+        if not there and not made_any:
+            undo.append((node, key))
+            made_any = True
         if i == len(rel) - 1:
             if not there:
                 node[key] = make()
@@ -114,6 +119,17 @@ def _put(state: dict, rel: tuple[Any, ...], make: Callable[[], object]) -> bool:
             node[key] = {} if isinstance(rel[i + 1], str) else []
         node = node[key]
     return False
+
+
+def forget(undo: list[tuple[Any, Any]]) -> None:
+    """Take back what ``make_missing_state`` made (a load that failed): a dict's new key
+    removed, a list's new slot emptied again."""
+    for node, key in reversed(undo):
+        if isinstance(node, dict):
+            node.pop(key, None)
+        else:
+            node[key] = None
+    undo.clear()
 
 
 def _missing(state: dict, rel: tuple[Any, ...]) -> bool:
@@ -141,13 +157,16 @@ def params_by_id(optimizer: object, packed: object) -> dict[int, torch.Tensor] |
 
 
 def make_missing_state(state_dict: dict, metadata: Metadata,
-                       params: dict[str, dict[int, torch.Tensor]] | None = None) -> list[str]:
+                       params: dict[str, dict[int, torch.Tensor]] | None = None,
+                       undo: list[tuple[Any, Any]] | None = None) -> list[str]:
     """(each rank) In each optimizer state dict within ``state_dict``, make in place the state
     entries the checkpoint holds for its parameters and it lacks (module docstring).
     ``params``: for a top-level key holding an optimizer itself, its parameters by id, so
     that sharded state (FSDP2's DTensors) is made placed as its parameter. An optimizer any
     of whose missing entries cannot be made gets none (part of a state would load as if it
-    were all). Returns the checkpoint keys made."""
+    were all). Returns the checkpoint keys made; ``undo`` gets what ``forget`` takes back.
+    The tensors made are zeros, not left uninitialized: a caller that goes on after a failed
+    load finds no garbage there."""
     made: list[str] = []
     for opt_path, opt in _optimizers(state_dict, ()):
         prefix = ".".join(map(str, (*opt_path, "state"))) + "."
@@ -168,6 +187,7 @@ def make_missing_state(state_dict: dict, metadata: Metadata,
         if not all(_makeable(md, param) for _, _, md, param in missing):
             continue
         for fqn, rel, md, param in missing:
-            if _put(opt["state"], rel, partial(_placeholder, md, param)):
+            if _put(opt["state"], rel, partial(_placeholder, md, param),
+                    [] if undo is None else undo):
                 made.append(fqn)
     return made

@@ -27,7 +27,7 @@ from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError, listing
 from dckpt.manifest import StoredData
-from dckpt.optim_state import make_missing_state
+from dckpt.optim_state import forget, make_missing_state
 from dckpt.torch_internals import (
     flatten_sharded_tensors,
     is_dtensor,
@@ -361,6 +361,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # top-level key -> an optimizer's parameters by id, where the state dict holds the
         # optimizer itself (dckpt.api): its missing state is made placed as they are
         self.optimizer_params: dict[str, dict[int, torch.Tensor]] = {}
+        self._made: list[tuple[Any, Any]] = []  # what make_missing_state made, to take back
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -373,7 +374,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # dicts inside lists: [None, {}] was saved as "a.0" and looked for as "a", a save
         # that no load accepted. Here the load takes them in the save's order.
         if metadata is not None:
-            made = make_missing_state(state_dict, metadata, self.optimizer_params)
+            made = make_missing_state(state_dict, metadata, self.optimizer_params, self._made)
             if made:
                 log.info("made %d optimizer state entries the checkpoint holds and the state "
                          "dict lacked (an optimizer has none before its first step), to "
@@ -386,6 +387,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.flatten_sharded_tensors = sharded
         if sharded:
             self.state_dict = flatten_sharded_tensors(self.state_dict)
+
+    def forget_made(self) -> None:
+        """Take back the optimizer state made for this load (it failed): a caller that goes
+        on finds its state dict as it gave it."""
+        forget(self._made)
 
     def create_local_plan(self) -> LoadPlan:
         """(all ranks) Check this rank's state dict, and hand its keys and problems on to the

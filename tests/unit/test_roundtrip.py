@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dckpt
+from dckpt_testing import flip_stored_byte
 
 DTYPES = [torch.float16, torch.float32, torch.float64, torch.bfloat16, torch.int8,
           torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool, torch.complex64,
@@ -199,6 +200,28 @@ def test_a_restarted_optimizer_loads_its_state(tmp_path, name, form):
         opt2.step(closure2)
     for a, b in zip(model.parameters(), model2.parameters(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_failed_load_takes_back_the_optimizer_state_it_made(tmp_path):
+    """The newest checkpoint's optimizer state is made, its read fails, and the fallback to
+    a checkpoint saved before the first step (no optimizer state) loads into the state dict
+    as given (the made entries would have been asked for, and refused); a load that fails
+    outright leaves no made entries (they were zeros for a caller to take as state)."""
+    url = str(tmp_path)
+    model, opt, closure = _trained("Adam", 0)
+    dckpt.save({"model": model.state_dict(), "optim": opt.state_dict()}, url, step=1)
+    for _ in range(2):
+        opt.step(closure)
+    dckpt.save({"model": model.state_dict(), "optim": opt.state_dict()}, url, step=2)
+    flip_stored_byte(url, 2, "optim.state.1.exp_avg")
+    model2, opt2, _ = _trained("Adam", 0, seed=1)
+    state = {"model": model2.state_dict(), "optim": opt2.state_dict()}
+    info = dckpt.load(state, url)
+    assert info.step == 1 and [s for s, _ in info.skipped] == [2]
+    assert state["optim"]["state"] == {}
+    with pytest.raises(dckpt.IntegrityError):
+        dckpt.load(state, url, step=2)
+    assert state["optim"]["state"] == {}
 
 
 def test_only_missing_optimizer_state_is_made_and_a_list_of_optimizers_loads(tmp_path,
