@@ -5,17 +5,18 @@ job holds ``{"state": {}, "param_groups": [...]}``, and a load into it found the
 ``optim.state.0.exp_avg`` asked for by no one (dckpt refused it; DCP's own load leaves such
 keys unread, silently). ``torch.load`` users never met this: they got the saved dict back
 whole. So before a load plans, each optimizer state dict in the destination gets, in place,
-the entries the checkpoint holds for it and it lacks: a tensor of zeros of the stored size
-and dtype, None for a value (taken back if the load fails). The load fills them, and
-``optimizer.load_state_dict`` (or dckpt's rule for a top-level optimizer) takes the result,
-casting each tensor to its parameter's device and dtype as it always does. DCP's
-``get_state_dict`` makes the state by stepping the optimizer once with a learning rate of 0
-instead, which counts a step where no checkpoint loads; nothing here steps.
+the entries the checkpoint holds for it and it lacks: an empty tensor of the stored size and
+dtype, None for a value (taken back if the load fails: nothing unread is left behind). The
+load fills them, and ``optimizer.load_state_dict`` (or dckpt's rule for a top-level
+optimizer) takes the result, casting each tensor to its parameter's device and dtype as it
+always does. DCP's ``get_state_dict`` makes the state by stepping the optimizer once with a
+learning rate of 0 instead, which counts a step where no checkpoint loads; nothing here
+steps.
 
 State stored whole (one chunk covering the tensor) is made anywhere. A sharded optimizer's
 state (FSDP2's DTensors) needs its parameters' placements: it is made where the state dict
 holds the optimizer itself at its top level (``dckpt.api`` hands its parameters over), as
-``torch.zeros_like`` of the parameter, and otherwise not at all (``dckpt.TrainState`` brings
+``torch.empty_like`` of the parameter, and otherwise not at all (``dckpt.TrainState`` brings
 the placements its own way).
 """
 
@@ -76,15 +77,15 @@ def _makeable(md: object, param: torch.Tensor | None) -> bool:
 
 
 def _placeholder(md: object, param: torch.Tensor | None) -> object:
-    """A tensor of zeros of the stored size and dtype (a DTensor placed as its parameter where
+    """An empty tensor of the stored size and dtype (a DTensor placed as its parameter where
     the parameter is one of that shape; on its device), None for a value."""
     if not isinstance(md, TensorStorageMetadata):
         assert isinstance(md, BytesStorageMetadata)
         return None
     dtype = md.properties.dtype
     if param is not None and tuple(md.size) == tuple(param.shape):
-        return torch.zeros_like(param, dtype=dtype)
-    return torch.zeros(md.size, dtype=dtype, device=None if param is None else param.device)
+        return torch.empty_like(param, dtype=dtype)
+    return torch.empty(md.size, dtype=dtype, device=None if param is None else param.device)
 
 
 def _path(fqn: str, metadata: Metadata) -> tuple[str | int, ...]:
@@ -164,9 +165,8 @@ def make_missing_state(state_dict: dict, metadata: Metadata,
     ``params``: for a top-level key holding an optimizer itself, its parameters by id, so
     that sharded state (FSDP2's DTensors) is made placed as its parameter. An optimizer any
     of whose missing entries cannot be made gets none (part of a state would load as if it
-    were all). Returns the checkpoint keys made; ``undo`` gets what ``forget`` takes back.
-    The tensors made are zeros, not left uninitialized: a caller that goes on after a failed
-    load finds no garbage there."""
+    were all). Returns the checkpoint keys made; ``undo`` gets what ``forget`` takes back
+    where the load fails (the tensors made are uninitialized: the load fills every one)."""
     made: list[str] = []
     for opt_path, opt in _optimizers(state_dict, ()):
         prefix = ".".join(map(str, (*opt_path, "state"))) + "."
