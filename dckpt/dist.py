@@ -108,9 +108,13 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
         entry = (world, made, float(timeout_s))
         _groups[purpose] = entry
     elif entry[2] != float(timeout_s):
-        dist.distributed_c10d._set_pg_timeout(timedelta(seconds=timeout_s), entry[1])
-        entry = (world, entry[1], float(timeout_s))
-        _groups[purpose] = entry
+        set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.4
+        if set_timeout is not None:
+            set_timeout(timedelta(seconds=timeout_s), entry[1])
+            entry = (world, entry[1], float(timeout_s))
+            _groups[purpose] = entry
+        else:  # the group keeps the timeout it was made with
+            log.debug("dckpt's %r group keeps its timeout of %g s", purpose, entry[2])
     return entry[1]
 
 
