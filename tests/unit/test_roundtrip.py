@@ -151,7 +151,8 @@ def test_values_under_keys_that_are_not_strings_load_into_those_keys(tmp_path):
                    None: "none", "s": {7: None}}
 
 
-_OPTIMIZERS = {"Adam": (torch.optim.Adam, {}), "AdamW amsgrad": (torch.optim.AdamW, {"amsgrad": True}),
+_OPTIMIZERS = {"Adam": (torch.optim.Adam, {}),
+               "AdamW amsgrad": (torch.optim.AdamW, {"amsgrad": True}),
                "SGD momentum": (torch.optim.SGD, {"lr": 0.1, "momentum": 0.9}),
                "LBFGS": (torch.optim.LBFGS, {"history_size": 3})}
 
@@ -206,7 +207,7 @@ def test_a_failed_load_takes_back_the_optimizer_state_it_made(tmp_path):
     """The newest checkpoint's optimizer state is made, its read fails, and the fallback to
     a checkpoint saved before the first step (no optimizer state) loads into the state dict
     as given (the made entries would have been asked for, and refused); a load that fails
-    outright leaves no made entries (they were zeros for a caller to take as state)."""
+    outright leaves no made entries (uninitialized tensors a caller would take as state)."""
     url = str(tmp_path)
     model, opt, closure = _trained("Adam", 0)
     dckpt.save({"model": model.state_dict(), "optim": opt.state_dict()}, url, step=1)
