@@ -209,8 +209,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
     asked = cast(list[tuple[int | None, bool, str]], dist.gather((step, partial, url), group))
     if len({(s, p) for s, p, _ in asked}) > 1:  # rank 0's step would load on every rank
         raise ArgumentError("the ranks asked to load different things ("
-                            + ", ".join(f"rank {r}: step={s}, partial={p}"
-                                        for r, (s, p, _) in enumerate(asked))
+                            + dist.by_value([f"step={s}, partial={p}" for s, p, _ in asked])
                             + "); every rank must pass the same step and partial")
     # not refused: nodes may mount one shared storage at paths of their own
     urls = {u: r for r, (_, _, u) in reversed(list(enumerate(asked)))}

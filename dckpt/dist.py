@@ -31,8 +31,8 @@ ProcessGroup = dist.ProcessGroup
 
 __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
            "checkpoint_group", "broadcast", "broadcast_tensor", "broadcast_from", "node",
-           "exchange",
-           "any_true", "total", "translate", "raise_interrupt", "peer_failure", "Agreed", "Agreement",
+           "exchange", "any_true", "total", "by_value", "ranks_text", "refuse_differences",
+           "translate", "raise_interrupt", "peer_failure", "Agreed", "Agreement",
            "calls_between"]
 
 log = logging.getLogger(__name__)
@@ -161,19 +161,22 @@ def ranks_text(ranks: list[int]) -> str:
     return f"rank {text}" if len(ranks) == 1 else f"ranks {text}"
 
 
+def by_value(values: list[object]) -> str:
+    """Each rank's value, ranks that hold the same one together: ``[5, 5, 6]`` -> ``"5 on
+    ranks 0-1; 6 on rank 2"`` (a message that stays one line at any world size)."""
+    held: dict[str, list[int]] = {}
+    for r, value in enumerate(values):
+        held.setdefault(str(value), []).append(r)
+    return "; ".join(f"{value} on {ranks_text(ranks)}" for value, ranks in held.items())
+
+
 def refuse_differences(mine: dict[str, str], group: dist.ProcessGroup | None, what: str,
                        fix: str) -> None:
     """(all ranks) The same ArgumentError on every rank where the ranks' ``mine`` differ:
     ``what``, then each differing entry with the ranks that hold each value, then ``fix``."""
     everyone = cast(list[dict[str, str]], gather(mine, group))
-    differ = []
-    for name in mine:
-        held: dict[str, list[int]] = {}
-        for r, theirs in enumerate(everyone):
-            held.setdefault(theirs[name], []).append(r)
-        if len(held) > 1:
-            differ.append(f"  - {name}: " + "; ".join(
-                f"{value} on {ranks_text(ranks)}" for value, ranks in held.items()))
+    differ = [f"  - {name}: " + by_value([theirs[name] for theirs in everyone])
+              for name in mine if len({theirs[name] for theirs in everyone}) > 1]
     if differ:
         raise ArgumentError(f"{what}:\n" + "\n".join(differ) + f"\n{fix}")
 

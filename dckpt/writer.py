@@ -194,10 +194,9 @@ class Writer(StorageWriter):
         again."""
         steps = [p.storage_data for p in plans]
         if len(set(steps)) > 1:
-            raise ArgumentError(
-                "the ranks asked to save different steps ("
-                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(steps))
-                + "); every rank must pass the same step")
+            raise ArgumentError(f"the ranks asked to save different steps "
+                                f"({dist.by_value(steps)}); "
+                                "every rank must pass the same step")
         committed = committed_steps(self.store)
         if self.step in committed:
             raise CheckpointExistsError(

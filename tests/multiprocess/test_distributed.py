@@ -158,12 +158,12 @@ def test_ranks_that_pass_different_steps_are_refused_alike(tmp_path):
     values = [o.value for o in run_ranks(_steps_that_differ, 2, url)]
     assert values[0] == values[1]
     save, async_save, load, partial, committed = values[0]
-    assert save.startswith("the ranks asked to save different steps (rank 0: 5, rank 1: 6); "
-                           "every rank must pass the same step")
-    assert async_save.startswith("the ranks asked to save different steps (rank 0: 10, rank 1: 11)")
-    assert load.startswith("the ranks asked to load different things (rank 0: step=1, "
-                           "partial=False, rank 1: step=2, partial=False)")
-    assert "rank 1: step=None, partial=True" in partial and committed == 2
+    assert save.startswith("the ranks asked to save different steps (5 on rank 0; 6 on rank "
+                           "1); every rank must pass the same step")
+    assert async_save.startswith("the ranks asked to save different steps (10 on rank 0; 11 on")
+    assert load.startswith("the ranks asked to load different things (step=1, partial=False "
+                           "on rank 0; step=2, partial=False on rank 1)")
+    assert "step=None, partial=True on rank 1" in partial and committed == 2
     assert [i.step for i in dckpt.list_checkpoints(url)] == [1, 2]
     assert leftovers(url) == []
 

@@ -154,5 +154,5 @@ def test_a_reused_plan_still_warns_of_differing_values_and_a_refusal_plans_again
     assert hits == 1 and w == [4.0] * 3 and steps == [1, 2, 4]  # step 5 refused: not counted
     for o in outcomes:  # the same error on both ranks
         assert o.value[5].startswith("ArgumentError") and (
-            "the ranks asked to save different steps (rank 0: 5, rank 1: 6)" in o.value[5])
+            "the ranks asked to save different steps (5 on rank 0; 6 on rank 1)" in o.value[5])
     assert leftovers(str(tmp_path / "repo")) == []

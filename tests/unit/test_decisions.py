@@ -82,6 +82,12 @@ def test_ranks_are_named_in_runs(ranks, text):
     assert dist.ranks_text(ranks) == text
 
 
+def test_values_are_named_with_the_ranks_that_hold_them_at_any_world_size():
+    assert dist.by_value([5, 5, 6]) == "5 on ranks 0-1; 6 on rank 2"
+    assert dist.by_value([7] * 63 + [8]) == "7 on ranks 0-62; 8 on rank 63"  # one line
+    assert dist.by_value(["a", None, "a"]) == "a on ranks 0, 2; None on rank 1"
+
+
 def test_a_permission_error_names_the_credentials():
     err = dist.translate(_failures(r0=PermissionError("Forbidden")), what="save",
                          saving=True)
