@@ -21,7 +21,7 @@ _EXPORTS: dict[str, tuple[str, ...]] = {
     "dckpt.config": ("SaveConfig", "LoadConfig", "ManagerConfig"),
     "dckpt.errors": ("DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError",
                      "UnsafeValueError", "CommitError", "CheckpointExistsError",
-                     "StateDictError", "ArgumentError", "StorageError",
+                     "StateDictError", "UnsavableStateError", "ArgumentError", "StorageError",
                      "SaveTimeoutError"),
     "dckpt.info": ("CheckpointInfo",),
     "dckpt.logs": ("configure_logging",),
@@ -49,7 +49,8 @@ __all__ = [  # the same names as _EXPORTS (a test checks)
     "export", "status", "health", "diff", "SaveConfig", "LoadConfig", "ManagerConfig",
     "DckptError", "CheckpointNotFoundError", "IntegrityError", "FormatError",
     "UnsafeValueError", "CommitError", "CheckpointExistsError", "StateDictError",
-    "ArgumentError", "StorageError", "SaveTimeoutError", "CheckpointInfo", "configure_logging",
+    "UnsavableStateError", "ArgumentError", "StorageError", "SaveTimeoutError",
+    "CheckpointInfo", "configure_logging",
     "CheckpointManager", "Manifest", "TensorEntry", "ValueEntry", "Metrics", "Pipeline",
     "Reader", "KeepLast", "KeepBest", "KeepEvery", "KeepAll", "SaveHandle", "AsyncSaver",
     "Stager", "Status", "GcReport", "TrainState", "Trigger", "EverySteps", "EverySeconds",
@@ -101,6 +102,7 @@ if TYPE_CHECKING:  # what the names are, for type checkers and editors
         StateDictError,
         StorageError,
         UnsafeValueError,
+        UnsavableStateError,
     )
     from dckpt.info import CheckpointInfo
     from dckpt.logs import configure_logging

@@ -24,6 +24,8 @@ from dckpt.errors import (
     CommitError,
     DckptError,
     IntegrityError,
+    StateDictError,
+    UnsavableStateError,
     headline,
 )
 
@@ -222,7 +224,8 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
     """One DckptError for a DCP collective failure; identical on every rank.
 
     DCP hands every rank the same failure map, so the choice below is the same everywhere.
-    Saves always raise CommitError (or CheckpointExistsError); loads keep the class the
+    Saves always raise CommitError (CheckpointExistsError, or UnsavableStateError where every
+    failing rank refused its state dict); loads keep the class the
     failing ranks raised when they agree (StorageError for the storage's own errors),
     IntegrityError when all are integrity problems.
     """
@@ -232,9 +235,11 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
     # a StorageError: a response cut short, a connection reset)
     kinds = {type(storage_error(e, what)) for e in errors.values()}
     if saving:
-        cls: type[DckptError] = (CheckpointExistsError if kinds == {CheckpointExistsError}
-                                 else ArgumentError if kinds == {ArgumentError}
-                                 else CommitError)
+        cls: type[DckptError] = (
+            CheckpointExistsError if kinds == {CheckpointExistsError}
+            else ArgumentError if kinds == {ArgumentError}
+            else UnsavableStateError if all(issubclass(k, StateDictError) for k in kinds)
+            else CommitError)
     elif len(kinds) == 1 and issubclass(next(iter(kinds)), DckptError):
         cls = next(iter(kinds))  # type: ignore[assignment]  # a DckptError subclass, checked above
     elif all(isinstance(e, IntegrityError) for e in errors.values()):

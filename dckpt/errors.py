@@ -11,6 +11,7 @@ __all__ = [
     "CommitError",
     "CheckpointExistsError",
     "StateDictError",
+    "UnsavableStateError",
     "ArgumentError",
     "StorageError",
 ]
@@ -86,6 +87,13 @@ class CheckpointExistsError(CommitError):
 
 class StateDictError(DckptError, ValueError):
     """The state dict does not fit the checkpoint (or cannot be saved); lists every problem."""
+
+
+class UnsavableStateError(CommitError, StateDictError):
+    """A save refused for what its state dict holds (a value that would not load back, keys
+    that collide once flattened, a tensor layout that cannot be stored): nothing was
+    written or committed. Both a CommitError, as every failed save, and a StateDictError,
+    as the same state dict refused by a load."""
 
 
 class ArgumentError(DckptError, ValueError, TypeError):

@@ -150,7 +150,7 @@ def test_a_reused_plan_still_warns_of_differing_values_and_a_refusal_plans_again
     outcomes = run_ranks(_differing_values_and_refusals, 2, str(tmp_path / "repo"))
     warned, refused, hits, w, steps, steps_refused = outcomes[0].value
     assert warned == [1, 2]  # the coordinator warns at the reused save too
-    assert {o.value[1] for o in outcomes} == {"CommitError"}
+    assert {o.value[1] for o in outcomes} == {"UnsavableStateError"}
     assert hits == 1 and w == [4.0] * 3 and steps == [1, 2, 4]  # step 5 refused: not counted
     for o in outcomes:  # the same error on both ranks
         assert o.value[5].startswith("ArgumentError") and (

@@ -98,7 +98,7 @@ def test_a_value_one_rank_cannot_load_back_refuses_the_save_on_every_rank(tmp_pa
     url = str(tmp_path / "repo")
     outcomes = run_ranks(_save_unloadable_on_one_rank, 2, url, mode)
     kinds = {o.value[0] for o in outcomes}
-    assert kinds == {"CommitError"}
+    assert kinds == {"UnsavableStateError"}
     assert outcomes[0].value[1] == outcomes[1].value[1] and "rank 1" in outcomes[0].value[1]
     assert all(o.value[2] in (False, []) for o in outcomes)  # nothing written
 

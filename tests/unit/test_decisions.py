@@ -48,6 +48,9 @@ def _payload_error() -> Exception:
     ({"r0": dckpt.CheckpointExistsError("x"), "r1": dckpt.CheckpointExistsError("x")}, True,
      dckpt.CheckpointExistsError),
     ({"r0": dckpt.CheckpointExistsError("x"), "r1": OSError("y")}, True, dckpt.CommitError),
+    # a state dict refused by every failing rank: a CommitError and a StateDictError both
+    ({"r1": dckpt.StateDictError("s")}, True, dckpt.UnsavableStateError),
+    ({"r0": dckpt.StateDictError("s"), "r1": OSError("y")}, True, dckpt.CommitError),
     # loads: the failing ranks' class when they agree; IntegrityError for integrity kinds
     ({"r0": dckpt.StateDictError("keys")}, False, dckpt.StateDictError),
     ({"r0": dckpt.FormatError("f"), "r1": dckpt.FormatError("f")}, False, dckpt.FormatError),
