@@ -20,7 +20,13 @@ from typing import Literal
 from dckpt import api, dist
 from dckpt.arguments import check_bool, check_state_dict, check_step, check_url, public
 from dckpt.config import LoadConfig, ManagerConfig, SaveConfig
-from dckpt.errors import ArgumentError, CheckpointNotFoundError, DckptError, headline
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    DckptError,
+    headline,
+)
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
 from dckpt.metrics import Metrics
@@ -100,6 +106,7 @@ class CheckpointManager:
         """True once the emergency checkpoint of a preemption signal committed."""
         self.restored: CheckpointInfo | None = None
         """What ``restore`` loaded, with its recovery report."""
+        self._restore_called = False
         self.saves = 0
         self.failures: list[tuple[int, str]] = []
         """Saves that failed, as (step, reason); training went on."""
@@ -166,6 +173,7 @@ class CheckpointManager:
                                               f"{best_metric[0]!r}")
             step = chosen.step
         t0 = time.perf_counter()
+        self._restore_called = True
         try:
             info = None
             if self.memory is not None and step is None:
@@ -357,6 +365,10 @@ class CheckpointManager:
 
     def _failed(self, step: int, error: BaseException) -> None:
         reason = headline(str(error)) or type(error).__name__
+        if isinstance(error, CheckpointExistsError) and not self._restore_called:
+            # the usual cause: a relaunch that trains from step 0 again over its checkpoints
+            reason += ("; this manager never restored: a run that resumes calls "
+                       "mgr.restore(state) before its first maybe_save")
         self.failures.append((step, reason))
         log.error("rank %d: the checkpoint of step %d failed, training goes on: %s",
                   dist.rank(), step, reason,

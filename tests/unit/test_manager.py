@@ -226,6 +226,26 @@ def test_a_failed_saves_reason_names_the_problem(tmp_path):
         "supported; convert it to a dense (strided) tensor")
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_relaunch_that_never_restored_is_told_to(tmp_path, async_save):
+    """A relaunch that trains from step 0 again over its checkpoints: every save meets a
+    committed step, and the reason says what was forgotten (not so once restore ran)."""
+    url = str(tmp_path)
+    state = {"w": torch.ones(2)}
+    dckpt.save(state, url, step=0)
+    for restore in (False, True):
+        mgr = dckpt.CheckpointManager(url, save_every_steps=1, async_save=async_save,
+                                      handle_signals=False)
+        if restore:
+            mgr.restore(state)
+            dckpt.save(state, url, step=1)  # another writer took the step: no hint then
+        mgr.maybe_save(1 if restore else 0, state)
+        mgr.close()
+        [(step, reason)] = mgr.failures
+        assert "is already committed" in reason
+        assert ("mgr.restore(state) before its first maybe_save" in reason) is not restore
+
+
 def test_preemption_signal_without_exit(tmp_path):
     url = str(tmp_path)
     model, opt, sched, _, state = make_train()
