@@ -47,8 +47,17 @@ from typing import Any
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import Metadata
-from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+from torch.distributed.checkpoint.metadata import (
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+)
+from torch.distributed.checkpoint.planner import (
+    SavePlan,
+    SavePlanner,
+    TensorWriteData,
+    WriteItem,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import StorageWriter
 
@@ -74,7 +83,43 @@ def plan_digest(plan: SavePlan) -> str:
     """The structure of a local save plan: its items, and the mappings of the flattening
     (DCP stores them in the checkpoint's metadata). Not its values' digests, nor the step."""
     mappings = dict(plan.planner_data) if isinstance(plan.planner_data, dict) else None
-    return digest(pickle.dumps((plan.items, mappings), protocol=5))
+    rows = _item_rows(plan.items) if _KNOWN_ITEMS else None
+    return digest(pickle.dumps((rows if rows is not None else plan.items, mappings),
+                               protocol=5))
+
+
+def _fields(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+_KNOWN_ITEMS = (_fields(WriteItem) == ("index", "type", "bytes_io_data", "tensor_data")
+                and _fields(TensorWriteData) == ("chunk", "properties", "size")
+                and _fields(TensorProperties) == ("dtype", "layout", "requires_grad",
+                                                  "memory_format", "pin_memory"))
+"""Whether DCP's write items hold the fields ``_item_rows`` spells out (else: pickled whole)."""
+
+
+def _item_rows(items: list[WriteItem]) -> list[tuple] | None:
+    """Every field of the items as plain tuples, which pickle 5x faster than the dataclasses
+    (0.09 s against 0.46 s for 20,000 tensors, paid at every save); None for an item of a
+    kind it does not know."""
+    rows: list[tuple] = []
+    add = rows.append
+    for it in items:
+        idx, td = it.index, it.tensor_data
+        if type(it) is not WriteItem or type(idx) is not MetadataIndex:
+            return None
+        if td is None:
+            add((idx.fqn, idx.offset, idx.index, it.type.value, it.bytes_io_data))
+            continue
+        p, c = td.properties, td.chunk
+        if type(td) is not TensorWriteData or type(p) is not TensorProperties:
+            return None
+        offset = None if idx.offset is None else tuple(idx.offset)
+        add((idx.fqn, offset, idx.index, it.type.value, it.bytes_io_data,
+             tuple(c.offsets), tuple(c.sizes), tuple(td.size), p.dtype, p.layout,
+             p.requires_grad, p.memory_format, p.pin_memory))
+    return rows
 
 
 @dataclass(frozen=True)

@@ -21,15 +21,26 @@ def _digest(state: dict) -> str:
     return plan_digest(planner.create_local_plan())
 
 
-def test_the_digest_is_the_structure_not_the_values():
+@pytest.mark.parametrize("spelled", [True, False])
+def test_the_digest_is_the_structure_not_the_values(monkeypatch, spelled):
+    """Both ways of taking it: the items' fields spelled out (DCP's write items as this
+    torch has them), and the items pickled whole (a torch whose items hold other fields)."""
+    from dckpt import global_plan
+
+    assert global_plan._KNOWN_ITEMS  # the fields of this torch's write items are known
+    monkeypatch.setattr(global_plan, "_KNOWN_ITEMS", spelled)
     base = {"a": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": 5}
     same = _digest(base)
     assert _digest({"a": torch.ones(4, 2), "b": [torch.randn(3)], "n": 6}) == same
+    assert _digest({"a": torch.zeros(2, 4).t(), "b": [torch.zeros(3)], "n": 5}) == same
     for changed in ({"a": torch.zeros(2, 4), "b": [torch.zeros(3)], "n": 5},      # shape
                     {"a": torch.zeros(4, 2).double(), "b": [torch.zeros(3)], "n": 5},  # dtype
                     {"a": torch.zeros(4, 2), "b": {"0": torch.zeros(3)}, "n": 5},  # mapping
                     {"a": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": 5, "c": 1},  # a key
-                    {"a": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": torch.tensor(5)}):
+                    {"A": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": 5},      # its name
+                    {"a": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": torch.tensor(5)},
+                    {"a": torch.nn.Parameter(torch.zeros(4, 2)), "b": [torch.zeros(3)],
+                     "n": 5}):                                                   # requires_grad
         assert _digest(changed) != same, changed
 
 
