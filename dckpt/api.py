@@ -301,6 +301,7 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
     stateful = {k for k in keys if not isinstance(state_dict[k], torch.Tensor)
                 and isinstance(state_dict[k], Stateful)}
     flat = {k: state_dict[k].state_dict() if k in stateful else state_dict[k] for k in keys}
+    planner.stateful = {k: state_dict[k] for k in stateful}
     for k in stateful:  # an optimizer itself: its state, none before a step, made as placed
         by_id = params_by_id(state_dict[k], flat[k])
         if by_id is not None:

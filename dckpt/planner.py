@@ -27,6 +27,7 @@ from dckpt.blocks import digest
 from dckpt.dtypes import dtype_name
 from dckpt.errors import DckptError, StateDictError, listing
 from dckpt.manifest import StoredData
+from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
 from dckpt.optim_state import forget, make_missing_state
 from dckpt.torch_internals import (
     flatten_sharded_tensors,
@@ -88,19 +89,6 @@ def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str
             problems.append(f"{key}: the checkpoint holds a non-tensor value, the state dict a "
                             "tensor")
     return problems
-
-
-def materialize_meta(obj: Any) -> Any:
-    """Replace, in the dicts and lists of ``obj``, every plain meta tensor by an empty CPU
-    tensor of its shape and dtype (what DCP's load does with a gloo group)."""
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            obj[k] = materialize_meta(v)
-    elif isinstance(obj, list):
-        obj[:] = [materialize_meta(v) for v in obj]
-    elif isinstance(obj, torch.Tensor) and obj.device.type == "meta" and not is_dtensor(obj):
-        return torch.empty_like(obj, device="cpu")
-    return obj
 
 
 def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str]:
@@ -362,9 +350,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # optimizer itself (dckpt.api): its missing state is made placed as they are
         self.optimizer_params: dict[str, dict[int, torch.Tensor]] = {}
         self._made: list[tuple[Any, Any]] = []  # what make_missing_state made, to take back
+        # top-level key -> the object that loads through its load_state_dict (dckpt.api)
+        self.stateful: dict[str, object] = {}
+        self._meta_problems: list[str] = []
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
+        # an object's meta tensors would load nothing (dckpt.meta_tensors): refused
+        self._meta_problems = [meta_problem(k, obj, keys) for k, obj in self.stateful.items()
+                               if (keys := meta_keys(state_dict.get(k), k))]
         # DCP replaces meta tensors with empty ones on the process group's device before it
         # loads them; without a group it fails, so one process gets them on the CPU here
         if not torch.distributed.is_initialized():
@@ -397,7 +391,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         """(all ranks) Check this rank's state dict, and hand its keys and problems on to the
         coordinator, which refuses them all at once (see ``create_global_plan``)."""
         assert self.metadata is not None  # set_up_planner ran
-        problems = state_dict_problems(self.state_dict, self.metadata)
+        problems = self._meta_problems + state_dict_problems(self.state_dict, self.metadata)
         plan = LoadPlan([]) if problems else super().create_local_plan()
         return dataclasses.replace(plan, planner_data=_Asked(tuple(self.state_dict),
                                                              tuple(problems)))

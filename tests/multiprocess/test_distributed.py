@@ -488,3 +488,22 @@ def test_a_restarted_fsdp2_optimizer_loads_its_sharded_state_given_the_optimizer
     assert message == out[1]["dicts"][0] and "dckpt.TrainState(model, optimizer)" in message
     assert "optim.state.0.step: in the checkpoint but no rank's" in message
     assert [o["dicts"][1] for o in out] == [{}, {}]
+
+
+def _load_into_a_meta_module_on_rank_1(rank, world, url):
+    model = torch.nn.Linear(2, 2)
+    dckpt.save({"model": model}, url, step=1)
+    if rank == 1:
+        model = torch.nn.Linear(2, 2, device="meta")
+    try:
+        dckpt.load({"model": model}, url)
+    except dckpt.StateDictError as e:
+        return str(e)
+    return f"loaded onto {model.weight.device.type}"
+
+
+def test_a_module_on_the_meta_device_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """It loaded nothing on that rank, and every rank reported success."""
+    outcomes = run_ranks(_load_into_a_meta_module_on_rank_1, 2, str(tmp_path))
+    assert outcomes[0].value == outcomes[1].value
+    assert "rank 1: model: 2 tensors of this Linear are on the meta device" in outcomes[0].value

@@ -249,6 +249,28 @@ def test_meta_tensors_are_materialized_in_one_process_as_with_a_process_group(tm
     assert torch.equal(out["list"][0], state["list"][0])
 
 
+def test_a_module_on_the_meta_device_is_refused_not_left_unloaded(tmp_path):
+    """A module's meta tensors would take nothing from its load_state_dict (torch copies
+    into them as a no-op, with a warning): the load reported success and left the module on
+    the meta device. Refused now, naming the module and its tensors; nothing else loaded."""
+    url = str(tmp_path)
+    saved = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    dckpt.save({"model": saved, "step": torch.tensor(7)}, url, step=1)
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    other = torch.zeros((), dtype=torch.int64)
+    with pytest.raises(dckpt.StateDictError, match=r"model: 4 tensors of this Sequential are "
+                       r"on the meta device \(model\.0\.weight, model\.0\.bias, model\.1\.weight "
+                       r"and 1 more\).*module\.to_empty") as e:
+        dckpt.load({"model": model, "step": other}, url)
+    assert model[0].weight.is_meta and not other.any()
+    model.to_empty(device="cpu")
+    dckpt.load({"model": model, "step": other}, url)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 saved.state_dict().values()))
+    assert other.item() == 7
+
+
 def _many_small(n: int) -> dict:
     state: dict = {f"layer{i}.w": torch.full((3 + i % 5,), float(i)) for i in range(n)}
     state["tied.a"] = torch.zeros(1000)  # the same bytes twice: stored once, read into both
