@@ -36,7 +36,7 @@ from dckpt.saver import SaveHandle
 from dckpt.tiers import MemorySaves
 from dckpt.triggers import Moment, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
-from dckpt.writer import Writer, check_metrics
+from dckpt.writer import Writer, check_metrics, plain_metric
 
 __all__ = ["CheckpointManager", "RetentionReport"]
 
@@ -276,7 +276,7 @@ class CheckpointManager:
         """(all ranks) Rank 0's values of the metrics the triggers watch, where the call
         carries them (every rank's calls carry the same keys)."""
         watches = self.trigger.watches if self.trigger is not None else frozenset()
-        watched = {k: v for k, v in (metrics or {}).items() if k in watches}
+        watched = {k: plain_metric(v) for k, v in (metrics or {}).items() if k in watches}
         if watched:
             with dist.collectives("the broadcast of rank 0's metrics", saving=False):
                 watched = dist.broadcast(watched, self._broadcasts)  # type: ignore[assignment]
@@ -453,4 +453,4 @@ def _check_save_call(step: object, state_dict: object, metrics: object) -> None:
     argument would fail every save)."""
     check_step(step)
     check_state_dict(state_dict)
-    check_metrics(metrics)
+    check_metrics(metrics, convert=False)  # a device tensor's value is read where it is used

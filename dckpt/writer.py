@@ -30,6 +30,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
     BytesStorageMetadata,
@@ -69,7 +70,7 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes
 from dckpt.watchdog import Heartbeat, wait_all
 
-__all__ = ["Writer", "check_metrics"]
+__all__ = ["Writer", "check_metrics", "plain_metric"]
 
 log = logging.getLogger(__name__)
 
@@ -95,15 +96,36 @@ class _Stored:
     encoding: str = "torch"  # a value's: torch.save bytes, or an io.BytesIO's ("bytes")
 
 
-def check_metrics(metrics: object) -> Metrics:
+def plain_metric(value: object) -> object:
+    """A metric as the format holds it: a one-element tensor (``loss``, not ``loss.item()``)
+    or a numpy number as the Python number it holds; anything else as it is. A device
+    tensor's value is copied to the host here: call it only where the value is used."""
+    return value.item() if _number_like(value) else value  # type: ignore[attr-defined]
+
+
+def _number_like(value: object) -> bool:
+    return ((isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex())
+            or (isinstance(value, np.generic) and value.dtype.kind in "biuf"))
+
+
+def check_metrics(metrics: object, *, convert: bool = True) -> Metrics:
+    """``metrics`` checked, and with ``convert``, their values made plain (``plain_metric``);
+    without, checked only, a one-element tensor's value left where it is (on its device)."""
+
+    def ok(v: object) -> bool:
+        if convert:
+            return metric_ok(plain_metric(v), stored=False)
+        return metric_ok(v, stored=False) or _number_like(v)
+
     if metrics is None:
         return {}
-    if not isinstance(metrics, dict) or not all(
-            isinstance(k, str) and metric_ok(v, stored=False) for k, v in metrics.items()):
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and ok(v)
+                                                for k, v in metrics.items()):
         raise ArgumentError(
-            "metrics must map str to int (64-bit), float, str, bool or None, got "
-            f"{str(metrics)[:200]}")
-    return dict(metrics)
+            "metrics must map str to int (64-bit), float, str, bool or None (or a "
+            f"one-element tensor, a numpy number), got {str(metrics)[:200]}")
+    return ({k: plain_metric(v) for k, v in metrics.items()}  # type: ignore[misc]  # checked
+            if convert else dict(metrics))
 
 
 RANK_PHASES = ("rank_plan", "rank_index", "rank_write", "rank_copy", "rank_hash", "rank_lookup",

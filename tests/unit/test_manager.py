@@ -97,7 +97,10 @@ def test_train_state_without_rng_and_bad_parts():
         dckpt.TrainState(model, extra=[1])
 
 
-def test_step_epoch_and_improve_triggers(tmp_path):
+@pytest.mark.parametrize("kind", [float, torch.tensor, np.float32])
+def test_step_epoch_and_improve_triggers(tmp_path, kind):
+    """The metric as a number, a one-element tensor (``loss``, not ``loss.item()``), or a
+    numpy number: the same saves, stored as Python numbers."""
     model, opt, sched, _, state = make_train()
     seen = []
     mgr = dckpt.CheckpointManager(str(tmp_path), save_every_steps=4, save_at_epoch_end=True,
@@ -106,13 +109,13 @@ def test_step_epoch_and_improve_triggers(tmp_path):
     val = {5: 3.0, 6: 2.0, 7: 2.5, 9: 1.0, 10: 1.0}
     for step in range(12):
         train_step(model, opt, sched)
-        metrics = {"val": val[step]} if step in val else None
+        metrics = {"val": kind(val[step])} if step in val else None
         mgr.maybe_save(step, state, metrics, epoch_end=step == 10)
     mgr.close()
     # steps 0, 4, 8; improvements at 5 (first), 6, 9; epoch end at 10; 7 and 10's val no better
     assert steps_of(str(tmp_path)) == [0, 4, 5, 6, 8, 9, 10] == seen
     infos = {c.step: c for c in dckpt.list_checkpoints(str(tmp_path))}
-    assert infos[9].metrics == {"val": 1.0}
+    assert infos[9].metrics == {"val": 1.0} and type(infos[9].metrics["val"]) is float
 
 
 def test_time_trigger(tmp_path):
