@@ -12,7 +12,7 @@ import torch
 
 import dckpt
 from dckpt import layout
-from dckpt_testing import arm, disarm, faulty_s3_class, reseal
+from dckpt_testing import arm, disarm, faulty_s3_class, flip_stored_byte, reseal
 
 
 def _segment_paths(root: str, step: int) -> list[str]:
@@ -55,6 +55,30 @@ def test_flipped_byte_is_reported_refused_and_skipped(tmp_path):
     assert [s for s, _ in info.skipped] == [2]
     assert "xxh3-128" in info.skipped[0][1]
     assert torch.equal(out["w"], torch.full((1000,), 1.0))
+
+
+def test_verify_reads_across_items_and_still_names_each_damaged_item(tmp_path):
+    """verify reads a step's blocks in reads that run across items (each block once,
+    however many items hold it), and a read that fails is read again per item: the report
+    names each item hit, a block two items share names both, and the bytes checked are
+    every other item's."""
+    url = str(tmp_path)
+    state = {f"t{i}": torch.full((16,), float(i)) for i in range(40)}
+    state["twin_a"] = torch.full((64,), 7.0)  # the same bytes: one block, held by both
+    state["twin_b"] = torch.full((64,), 7.0)
+    dckpt.save(state, url, step=1)
+    seen = []
+    report = dckpt.verify(url, step=1, progress=lambda done, total: seen.append((done, total)))
+    logical = sum(t.numel() * 4 for t in state.values())
+    assert report.ok and report.bytes_checked == logical
+    assert seen and seen[-1] == (logical, logical)
+    flip_stored_byte(url, 1, "t7", at=5)
+    flip_stored_byte(url, 1, "twin_a", at=3)
+    report = dckpt.verify(url, step=1)
+    assert sorted(p.item for p in report.problems) == ["t7", "twin_a", "twin_b"]
+    assert all("xxh3-128" in p.message and p.object and p.object.startswith("data/")
+               for p in report.problems)
+    assert report.bytes_checked == logical - 64 - 2 * 256
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "version", "dotdot", "absolute",
