@@ -110,15 +110,18 @@ def _recheck(fetcher: Fetcher, step: int, suspect: set[BlockRef],
     checked = 0
     for fqn, data in datas:
         positions, pos = [], 0
+        times: dict[BlockRef, int] = {}
         for ref in data.blocks:
             if ref in suspect:
-                positions.append((ref, pos))
+                if ref not in times:  # a block an item holds several times (zeros): once
+                    positions.append((ref, pos))
+                times[ref] = times.get(ref, 0) + 1
             pos += ref.raw_length
         what = f"item {fqn!r} of checkpoint step {step}"
         for req in coalesce(positions, request_bytes):
             try:
                 fetcher.results([fetcher.submit_check(req, what)])
-                checked += sum(ref.raw_length for ref, _ in req.blocks)
+                checked += sum(ref.raw_length * times[ref] for ref, _ in req.blocks)
             except Stalled:
                 raise  # the storage stopped answering: not a finding about the data
             except DckptError as e:

@@ -81,6 +81,17 @@ def test_verify_reads_across_items_and_still_names_each_damaged_item(tmp_path):
     assert report.bytes_checked == logical - 64 - 2 * 256
 
 
+def test_a_damaged_block_an_item_holds_many_times_is_one_problem(tmp_path):
+    """A tensor of zeros holds one stored block many times: one problem, not one per use."""
+    url = str(tmp_path)
+    dckpt.save({"z": torch.zeros(1 << 18), "r": torch.randn(1000)}, url, step=1,
+               config=dckpt.SaveConfig(block_size_bytes=64 << 10))
+    assert len(dckpt.inspect(url, step=1).items["z"].chunks[0].data.blocks) == 16
+    flip_stored_byte(url, 1, "z", at=10)
+    report = dckpt.verify(url, step=1)
+    assert [p.item for p in report.problems] == ["z"] and report.bytes_checked == 4000
+
+
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "version", "dotdot", "absolute",
                                     "unknown_field", "unsealed"])
 def test_bad_manifest_is_a_clear_error_and_skipped(tmp_path, damage):
