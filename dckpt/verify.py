@@ -11,7 +11,6 @@ from dckpt.manifest import BlockRef, StoredData
 from dckpt.reads import Fetcher, coalesce
 from dckpt.repository import manifests, still_committed
 from dckpt.storage import Store
-from dckpt.watchdog import Stalled
 
 __all__ = ["Problem", "VerifyReport", "verify_steps"]
 
@@ -122,7 +121,7 @@ def _recheck(fetcher: Fetcher, step: int, suspect: set[BlockRef],
             try:
                 fetcher.results([fetcher.submit_check(req, what)])
                 checked += sum(ref.raw_length * times[ref] for ref, _ in req.blocks)
-            except Stalled:
+            except watchdog.Stalled:
                 raise  # the storage stopped answering: not a finding about the data
             except DckptError as e:
                 problems.append(Problem(step, str(e), req.segment, fqn))

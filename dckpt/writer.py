@@ -111,21 +111,17 @@ def _number_like(value: object) -> bool:
 def check_metrics(metrics: object, *, convert: bool = True) -> Metrics:
     """``metrics`` checked, and with ``convert``, their values made plain (``plain_metric``);
     without, checked only, a one-element tensor's value left where it is (on its device)."""
-
-    def ok(v: object) -> bool:
-        if convert:
-            return metric_ok(plain_metric(v), stored=False)
-        return metric_ok(v, stored=False) or _number_like(v)
-
     if metrics is None:
         return {}
-    if not isinstance(metrics, dict) or not all(isinstance(k, str) and ok(v)
-                                                for k, v in metrics.items()):
-        raise ArgumentError(
-            "metrics must map str to int (64-bit), float, str, bool or None (or a "
-            f"one-element tensor, a numpy number), got {str(metrics)[:200]}")
-    return ({k: plain_metric(v) for k, v in metrics.items()}  # type: ignore[misc]  # checked
-            if convert else dict(metrics))
+    if isinstance(metrics, dict):
+        values = {k: plain_metric(v) for k, v in metrics.items()} if convert else metrics
+        if all(isinstance(k, str) and (metric_ok(v, stored=False)
+                                       or (not convert and _number_like(v)))
+               for k, v in values.items()):
+            return dict(values)  # type: ignore[arg-type]  # checked above
+    raise ArgumentError(
+        "metrics must map str to int (64-bit), float, str, bool or None (or a "
+        f"one-element tensor, a numpy number), got {str(metrics)[:200]}")
 
 
 RANK_PHASES = ("rank_plan", "rank_index", "rank_write", "rank_copy", "rank_hash", "rank_lookup",

@@ -203,7 +203,7 @@ def _entry(fn, rank, world_size, init_file, queue, args, timeout_s):
 
 def _preloaded() -> list[str]:
     """What each rank's forkserver imports: torch, DCP, s3fs and every module of dckpt
-    (the frameworks' integrations and the CLI aside)."""
+    (its integrations with the frameworks aside, which import those)."""
     import pkgutil
 
     import dckpt
