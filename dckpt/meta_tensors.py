@@ -9,14 +9,13 @@ from typing import Any
 
 import torch
 
-from dckpt.torch_internals import is_dtensor, local_shard
+from dckpt.torch_internals import held_tensors, is_dtensor
 
 __all__ = ["materialize_meta", "meta_keys", "meta_problem"]
 
 
 def _is_meta(t: torch.Tensor) -> bool:
-    local = local_shard(t) if is_dtensor(t) else t  # type: ignore[arg-type]
-    return t.device.type == "meta" or local.device.type == "meta"
+    return t.device.type == "meta" or any(x.device.type == "meta" for x in held_tensors(t))
 
 
 def materialize_meta(obj: Any) -> Any:

@@ -31,7 +31,9 @@ from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
 from dckpt.optim_state import forget, make_missing_state
 from dckpt.torch_internals import (
     flatten_sharded_tensors,
+    held_tensors,
     is_dtensor,
+    is_sharded_tensor,
     local_shard,
     set_as_spelled,
 )
@@ -103,19 +105,22 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
 def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | None:
     """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
     place; None when it can."""
-    local = local_shard(t) if is_dtensor(t) else t  # type: ignore[arg-type]
-    if t.is_nested or local.is_nested:  # DCP fails inside the write, on its sizes
+    held = held_tensors(t)
+    # a ShardedTensor answers for its shards only (its own flags raise)
+    every = held if is_sharded_tensor(t) else [t, *held]
+    if any(x.is_nested for x in every):  # DCP fails inside the write, on its sizes
         return (f"{key}: a nested tensor is not supported; "
                 + ("load into" if into else "save") + " its components (t.unbind()) as a "
                 "list of tensors")
-    if t.layout != torch.strided or local.layout != torch.strided:
-        return (f"{key}: layout {t.layout} is not supported; "
+    if layout := next((x.layout for x in every if x.layout != torch.strided), None):
+        return (f"{key}: layout {layout} is not supported; "
                 + ("load into" if into else "convert it to") + " a dense (strided) tensor")
-    if local.device.type == "meta":
+    if any(x.device.type == "meta" for x in held):
         return (f"{key}: a meta tensor has no memory; materialize it first (for example "
                 "module.to_empty(device=...))")
     if into:
-        if any(stride == 0 and size > 1 for size, stride in zip(local.shape, local.stride())):
+        if any(stride == 0 and size > 1
+               for x in held for size, stride in zip(x.shape, x.stride())):
             return (f"{key}: its elements share memory (an expanded view, stride 0); load "
                     "into a tensor that owns its elements (.clone() it)")
         return None

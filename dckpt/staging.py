@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from dckpt.arguments import check_state_dict, public
 from dckpt.errors import StateDictError
-from dckpt.torch_internals import is_dtensor, local_shard, with_local_shard
+from dckpt.torch_internals import is_dtensor, is_sharded_tensor, local_shard, with_local_shard
 
 __all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager", "fit"]
 
@@ -245,6 +245,10 @@ class Stager(AsyncStager):
         check_state_dict(state_dict)
         sources = list(_tensors(state_dict))
         for t in sources:
+            if is_sharded_tensor(t):  # rebuilt from staged shards only through torch internals
+                raise StateDictError("cannot stage a ShardedTensor (FSDP1's sharded state "
+                                     "dict); save it with dckpt.async_save, which stages its "
+                                     "local shards")
             if t.layout != torch.strided:
                 raise StateDictError(f"cannot stage a {t.layout} tensor; convert it to a "
                                      "dense one")

@@ -50,7 +50,7 @@ from dckpt.planner import StagedPlanner
 from dckpt.replicas import Choice, Inventory, MemoryReader, MemoryWriter, Nodes, choose, inventory
 from dckpt.repository import committed_steps, open_repository, read_manifest_raw
 from dckpt.saver import AsyncSaver, lower_priority
-from dckpt.torch_internals import is_dtensor, local_shard
+from dckpt.torch_internals import held_tensors
 from dckpt.triggers import Trigger
 from dckpt.writer import Writer
 
@@ -68,10 +68,8 @@ def state_bytes(obj: Any) -> int:
         return sum(state_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(state_bytes(v) for v in obj)
-    if is_dtensor(obj):
-        obj = local_shard(obj)
     if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
+        return sum(t.numel() * t.element_size() for t in held_tensors(obj))
     return 0
 
 

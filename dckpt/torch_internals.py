@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch.distributed._shard._utils import narrow_tensor_by_index
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torch.distributed.checkpoint._sharded_tensor_utils import (
     _flatten_sharded_tensors as flatten_sharded_tensors,
 )
@@ -20,6 +21,7 @@ from torch.distributed.checkpoint.utils import _DistWrapper as DistWrapper
 from torch.distributed.tensor import DTensor
 
 __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_tensor_by_index",
+           "is_sharded_tensor", "held_tensors",
            "set_element", "set_as_spelled", "flatten_sharded_tensors", "load_state_dict", "DistWrapper"]
 
 # narrow_tensor_by_index(tensor, offsets, sizes): a tensor's box, as DCP's own reader takes it
@@ -37,6 +39,22 @@ __all__ = ["DTensor", "is_dtensor", "local_shard", "with_local_shard", "narrow_t
 
 def is_dtensor(obj: object) -> bool:
     return isinstance(obj, DTensor)
+
+
+def is_sharded_tensor(obj: object) -> bool:
+    """A ShardedTensor (FSDP1's sharded state dicts): a torch.Tensor whose own strides,
+    sizes in bytes and flags raise; its local shards hold the memory."""
+    return isinstance(obj, ShardedTensor)
+
+
+def held_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The memory this rank holds of ``t``: a DTensor's local shard, a ShardedTensor's
+    local shards (none on a rank without one), or ``t`` itself."""
+    if is_dtensor(t):
+        return [local_shard(t)]  # type: ignore[arg-type]
+    if isinstance(t, ShardedTensor):
+        return [shard.tensor for shard in t.local_shards()]
+    return [t]
 
 
 def local_shard(t: DTensor) -> torch.Tensor:

@@ -48,6 +48,26 @@ def test_dtensors_are_recognised_and_rebuilt_over_a_new_shard():
         assert shape == [4, 2] and gathered == (full * 10).tolist()
 
 
+def _sharded_tensor(rank, world):
+    import warnings
+
+    import torch.distributed._shard.sharded_tensor as st
+    from torch.distributed._shard.sharding_spec import ChunkShardingSpec
+
+    warnings.filterwarnings("ignore", "Please use DTensor", FutureWarning)
+    spec = ChunkShardingSpec(dim=0, placements=[f"rank:{r}/cpu" for r in range(world)])
+    t = st.zeros(spec, 3, 2)
+    held = ti.held_tensors(t)
+    plain = torch.ones(2)
+    return (ti.is_sharded_tensor(t), ti.is_sharded_tensor(plain), [list(h.shape) for h in held],
+            ti.held_tensors(plain)[0] is plain)
+
+
+def test_sharded_tensors_are_recognised_and_hold_their_local_shards():
+    out = [o.value for o in run_ranks(_sharded_tensor, 2)]
+    assert out == [(True, False, [[2, 2]], True), (True, False, [[1, 2]], True)]
+
+
 def test_load_state_dict_takes_the_arguments_dckpt_passes():
     import inspect
 
