@@ -189,7 +189,8 @@ class AsyncSaver:
         self.wait_idle()
         failures = self._take_failures()
         t_stage = time.perf_counter()
-        staging = self._stage(state_dict, writer, config)
+        with paused_gc():  # the pause makes a few objects per tensor, no cycles
+            staging = self._stage(state_dict, writer, config)
         if not config.overlap:  # staged means staged: the host waits for the device copies
             wait_host(staging.events)
             staging.wait_caller()
@@ -289,15 +290,15 @@ class AsyncSaver:
         assert self._last_plan is not None
         planned = _Planned(self._last_plan)
         tensors: list[tuple[WriteItem, torch.Tensor]] = []
-        for item in planned.plan.items:
-            with torch.no_grad():
+        with torch.no_grad():
+            for item in planned.plan.items:
                 data = planner.resolve_data(item)
-            if item.type == WriteItemType.BYTE_IO:
-                assert isinstance(data, io.BytesIO)
-                planned.values[item.index] = data  # serialized just now: already a copy
-            else:
-                assert isinstance(data, torch.Tensor)
-                tensors.append((item, data))
+                if item.type == WriteItemType.BYTE_IO:
+                    assert isinstance(data, io.BytesIO)
+                    planned.values[item.index] = data  # serialized just now: already a copy
+                else:
+                    assert isinstance(data, torch.Tensor)
+                    tensors.append((item, data))
         fits, window = fit([item_nbytes(i) for i, _ in tensors], config.staging_bytes,
                            config.block_size_bytes)
         chosen = set(fits)
@@ -330,13 +331,14 @@ class AsyncSaver:
             typed = None
 
         def copy_all() -> None:
-            done = []
-            for k, (item, t) in enumerate(planned.fit):
-                slot = slots[k]
-                if typed is not None and typed[k].shape == t.shape and typed[k].dtype == t.dtype:
-                    slot = typed[k]
-                done.append(self._engine.copy(slot, t))
-                staging.staged[item.index] = done[-1]
+            sources = [t for _, t in planned.fit]
+            if typed is not None:  # the same layout: the same shapes, checked all the same
+                targets = [typed[k] if typed[k].shape == t.shape and typed[k].dtype == t.dtype
+                           else slots[k] for k, t in enumerate(sources)]
+            else:
+                targets = slots[:len(sources)]
+            done = self._engine.copy_all(targets, sources)
+            staging.staged.update(zip((item.index for item, _ in planned.fit), done))
             self._area.typed = done
             staging.events = self._engine.record()
 

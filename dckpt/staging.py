@@ -160,18 +160,34 @@ class CopyEngine:
 
     @torch.no_grad()
     def copy(self, slot: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        dst = _as_slot(slot, src)
-        if src.numel() == 0:
-            return dst
-        if src.device.type == "cuda":
-            stream = self._stream(src.device)
-            with torch.cuda.stream(stream):
-                dst.copy_(src, non_blocking=True)
-            # the allocator must not hand src's memory to the training before the copy ran
-            src.record_stream(stream)
-        else:
-            dst.copy_(src)
-        return dst
+        return self.copy_all([slot], [src])[0]
+
+    @torch.no_grad()
+    def copy_all(self, slots: Sequence[torch.Tensor],
+                 sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Each source into its slot (seen as the source's dtype and shape); the slots as
+        those tensors. Host tensors go in one ``_foreach_copy_``: a Python loop of ``copy_``
+        costs 10 us a tensor, which for 20,000 small tensors was a third of the pause."""
+        dsts = [_as_slot(slot, src) for slot, src in zip(slots, sources, strict=True)]
+        host_dsts: list[torch.Tensor] = []
+        host_srcs: list[torch.Tensor] = []
+        for dst, src in zip(dsts, sources):
+            if src.numel() == 0:
+                continue
+            if src.device.type == "cpu":
+                host_dsts.append(dst)
+                host_srcs.append(src)
+            elif src.device.type == "cuda":
+                stream = self._stream(src.device)
+                with torch.cuda.stream(stream):
+                    dst.copy_(src, non_blocking=True)
+                # the allocator must not hand src's memory to the training before the copy ran
+                src.record_stream(stream)
+            else:
+                dst.copy_(src)
+        if host_dsts:
+            torch._foreach_copy_(host_dsts, host_srcs)
+        return dsts
 
     def record(self) -> list[torch.cuda.Event]:
         events = []
@@ -256,7 +272,7 @@ class Stager(AsyncStager):
         pinned = any(t.device.type == "cuda" for t in sources)
         slots = self._area.slots(key, [t.numel() * t.element_size() for t in sources],
                                  pinned=pinned)
-        staged = [self._engine.copy(slot, t) for slot, t in zip(slots, sources)]
+        staged = self._engine.copy_all(slots, sources)
         wait_host(self._engine.record())
         return _rebuild(state_dict, iter(staged))
 

@@ -327,6 +327,32 @@ def test_staging_reuses_its_typed_slots_while_the_layout_holds(tmp_path):
     saver.close()
 
 
+def test_every_kind_of_host_source_is_staged_by_value_in_one_batched_copy(tmp_path):
+    """The pause copies host tensors in one batch: mixed dtypes, strided and transposed
+    views, an expanded view, a lazily conjugated one, empty and 0-dim tensors each land as
+    their values, at the first save (fresh slots) and the next (the slots as typed)."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(8, 6, generator=g)
+    z = torch.randn(50, dtype=torch.complex64, generator=g)
+
+    def state(k: int) -> dict:
+        return {"strided": base[::2, 1::2] + k, "transposed": base.t() * k,
+                "expanded": torch.full((1,), float(k)).expand(40),
+                "conj": (z * k).conj(), "bf16": (base * k).bfloat16(),
+                "ints": torch.arange(7, dtype=torch.int16) * k, "bool": base > k,
+                "empty": torch.empty(0, 3), "scalar": torch.tensor(k * 1.5)}
+
+    saver = AsyncSaver()
+    for step in (1, 2):
+        saver.async_save(state(step), str(tmp_path), step=step).wait(timeout=60)
+    for step in (1, 2):
+        want = state(step)
+        out = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in want.items()}
+        dckpt.load(out, str(tmp_path), step=step)
+        assert all(torch.equal(out[k], v.resolve_conj()) for k, v in want.items()), step
+    saver.close()
+
+
 def test_an_async_save_of_a_list_after_one_of_a_dict_exports_as_a_list(tmp_path):
     """Both flatten to "b.0"; the async save's reused local plan carried the dict's mappings
     into the manifest, and the export built a dict."""
