@@ -96,3 +96,35 @@ def test_dcp_stager_refuses_a_sharded_tensor_by_name():
     out = [o.value for o in run_ranks(_stage_for_dcp, 2)]
     assert out[0] == out[1] and out[0][0] == "StateDictError"
     assert "ShardedTensor" in out[0][1] and "dckpt.async_save" in out[0][1]
+
+
+def _fsdp1(rank, world, url):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = FSDP(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)),
+                     device_id=torch.device("cpu"), use_orig_params=True)
+        return model, torch.optim.AdamW(model.parameters(), lr=0.1)
+
+    def step(model, optimizer, x):
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+        return model(x)
+
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank))
+    model, optimizer = build(0)
+    step(model, optimizer, x)
+    kinds = {type(v).__name__ for v in get_state_dict(model, optimizer)[0].values()}
+    dckpt.save({"app": dckpt.TrainState(model, optimizer)}, url, step=1)
+    again, again_optimizer = build(1)  # other weights, no optimizer state
+    dckpt.load({"app": dckpt.TrainState(again, again_optimizer)}, url)
+    return kinds, torch.equal(step(model, optimizer, x), step(again, again_optimizer, x))
+
+
+def test_an_fsdp1_model_and_optimizer_come_back_and_train_on_bit_equal(tmp_path):
+    assert [o.value for o in run_ranks(_fsdp1, 2, str(tmp_path))] == [({"ShardedTensor"}, True)] * 2
