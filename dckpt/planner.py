@@ -107,6 +107,9 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
 def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | None:
     """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
     place; None when it can."""
+    if torch.nn.parameter.is_lazy(t):  # its shape and flags raise
+        return (f"{key}: an uninitialized parameter (a lazy module before its first forward) "
+                "has no shape or values; run a forward pass first")
     held = held_tensors(t)
     # a ShardedTensor answers for its shards only (its own flags raise)
     every = held if is_sharded_tensor(t) else [t, *held]

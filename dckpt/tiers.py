@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import torch
+from torch.distributed.checkpoint.planner import SavePlan
 from torch.distributed.checkpoint.stateful import Stateful
 
 from dckpt import api, dist, layout
@@ -68,7 +69,7 @@ def state_bytes(obj: Any) -> int:
         return sum(state_bytes(v) for v in obj.values())
     if isinstance(obj, (list, tuple)):
         return sum(state_bytes(v) for v in obj)
-    if isinstance(obj, torch.Tensor):
+    if isinstance(obj, torch.Tensor) and not torch.nn.parameter.is_lazy(obj):  # lazy: none yet
         return sum(t.numel() * t.element_size() for t in held_tensors(obj))
     return 0
 
@@ -237,7 +238,9 @@ class MemorySaves:
         if self.drain_group is None:
             self.drain_group = dist.checkpoint_group(self._timeout_s, purpose="drain")
         memory_save, plan = self._latest, self._plan
-        assert memory_save is not None and memory_save.step == step and plan is not None
+        assert memory_save is not None and memory_save.step == step
+        if plan is None:  # the memory save refused its state dict before any plan: the
+            plan = SavePlan([])  # storage save fails with it, in _drain_one
         future = self._drainer.submit(self._drain_one, memory_save, plan, writer)
         handle = SaveHandle(step, future, pause_s=memory_save.pause_s)
         self._draining[step] = handle

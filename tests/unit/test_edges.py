@@ -703,7 +703,8 @@ def _unloadable() -> dict:
             "money": decimal.Decimal("1.5"), "frozen": frozenset([1]), "cut": slice(1, 2),
             "named": point(1, 2), "fn": lambda x: x, "gen": (i for i in range(3)),
             "meta": torch.empty(3, device="meta"), "sparse": torch.eye(3).to_sparse(),
-            "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])}
+            "nested": torch.nested.nested_tensor([torch.ones(2), torch.ones(3)]),
+            "lazy": torch.nn.parameter.UninitializedParameter()}
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
@@ -721,9 +722,17 @@ def test_a_save_refuses_what_a_load_could_not_restore_before_writing(tmp_path, k
     assert isinstance(e.value, dckpt.StateDictError)
     text = str(e.value)
     assert f"- {key}: " in text and "Nothing was written" in text
-    if key not in ("fn", "gen", "meta", "sparse", "nested"):
+    if key not in ("fn", "gen", "meta", "sparse", "nested", "lazy"):
         assert "add_safe_globals" in text  # torch's line naming the type to allow
     assert not os.path.exists(url)
+
+
+def test_a_load_into_a_lazy_module_is_refused_naming_what_to_do(tmp_path):
+    dckpt.save({"m": torch.nn.Linear(5, 3)}, str(tmp_path), step=1)
+    with pytest.raises(dckpt.StateDictError, match="m.weight: an uninitialized parameter .a "
+                       "lazy module before its first forward. has no shape or values; run a "
+                       "forward pass first"):
+        dckpt.load({"m": torch.nn.LazyLinear(3)}, str(tmp_path))
 
 
 @pytest.mark.parametrize("mode", ["sync", "async"])

@@ -136,6 +136,30 @@ def test_a_state_dict_that_does_not_fit_is_refused_and_the_memory_checkpoint_kep
     crashed.close()
 
 
+@pytest.mark.parametrize("unsavable", ["lambda", "lazy module"])
+def test_a_first_save_of_an_unsavable_state_fails_and_training_goes_on(tmp_path, unsavable,
+                                                                        caplog):
+    """The memory tier's first save, refused for its state dict before any plan, failed the
+    storage save beside it with an AssertionError that left maybe_save."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    model, opt, state = _train()
+    bad = {"app": state["app"],
+           "x": (lambda: 0) if unsavable == "lambda" else torch.nn.LazyLinear(3)}
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
+                                  memory_every_steps=1, save_every_steps=1)
+    mgr.maybe_save(0, bad)  # fails in the background: logged, not raised
+    mgr._poll(wait=True)
+    assert "the state dict cannot be saved" in caplog.text
+    assert ("x.weight: an uninitialized parameter" if unsavable == "lazy module"
+            else "x: ") in caplog.text
+    mgr.maybe_save(1, state)
+    mgr.close()
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+    _, info, restored = _restore(url, shm, memory_every_steps=1)
+    assert info.step == 1 and _same(restored, model.state_dict())
+
+
 def _replace_with_a_file(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
     open(path, "wb").write(b"x")
