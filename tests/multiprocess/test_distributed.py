@@ -53,6 +53,51 @@ def test_dtensor_saved_on_4_ranks_loads_on_2_and_3_with_other_sharding(tmp_path)
         assert results == [(10, True, [3.0] * 5, 7)] * world
 
 
+def _mesh_state(shape: tuple[int, ...], placements: dict[str, str], zero: bool = False):
+    """Three tensors over a mesh of ``shape``, each placed as spelled per mesh dimension:
+    R (replicated), S0 or S1 (sharded on that tensor dimension)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", shape)
+    named = {"R": Replicate(), "S0": Shard(0), "S1": Shard(1)}
+    return {k: distribute_tensor(torch.zeros_like(full) if zero else full.clone(), mesh,
+                                 [named[p] for p in placements[k].split()])
+            for k, full in _MESH_FULL.items()}
+
+
+_MESH_FULL = {"a": FULL[:8, :6].clone(), "b": FULL.double()[:10, :4] * 0.5,
+              "c": FULL[:7, :3] - 3}
+
+
+def _save_on_a_mesh(rank, world, url, shape, placements):
+    state = _mesh_state(shape, placements)
+    written = dckpt.save(state, url, step=1).bytes_written
+    dckpt.async_save(state, url, step=2).wait()
+    return written
+
+
+def _load_on_a_mesh(rank, world, url, shape, placements, step):
+    state = _mesh_state(shape, placements, zero=True)
+    dckpt.load(state, url, step=step)
+    return all(torch.equal(v.full_tensor(), _MESH_FULL[k]) for k, v in state.items())
+
+
+def test_a_2d_mesh_saves_replicas_once_and_loads_on_other_meshes_and_placements(tmp_path):
+    """HSDP and 2-D sharding: a (2, 2) mesh with a tensor replicated over one dimension,
+    one sharded over both, one sharded then replicated."""
+    url = str(tmp_path)
+    hsdp = {"a": "R S0", "b": "S0 S1", "c": "S1 R"}
+    stored = sum(t.numel() * t.element_size() for t in _MESH_FULL.values())
+    # bytes_written counts all ranks: each replicated shard stored once
+    assert [o.value for o in run_ranks(_save_on_a_mesh, 4, url, (2, 2), hsdp)] == [stored] * 4
+    for world, shape, placements, step in [
+            (4, (2, 2), {"a": "S1 S0", "b": "R R", "c": "S0 S0"}, 1),
+            (3, (3,), {"a": "S1", "b": "S0", "c": "R"}, 2)]:
+        assert [o.value for o in run_ranks(_load_on_a_mesh, world, url, shape, placements,
+                                           step)] == [True] * world
+
+
 def _pickled_int_size() -> int:
     import io
 
