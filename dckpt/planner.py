@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,12 +107,17 @@ def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str
 def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | None:
     """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
     place; None when it can."""
-    if torch.nn.parameter.is_lazy(t):  # its shape and flags raise
+    held: Sequence[torch.Tensor]
+    every: Sequence[torch.Tensor]
+    if type(t) in _PLAIN:  # the common case, checked once per tensor at every save and load
+        held = every = (t,)
+    elif torch.nn.parameter.is_lazy(t):  # its shape and flags raise
         return (f"{key}: an uninitialized parameter (a lazy module before its first forward) "
                 "has no shape or values; run a forward pass first")
-    held = held_tensors(t)
-    # a ShardedTensor answers for its shards only (its own flags raise)
-    every = held if is_sharded_tensor(t) else [t, *held]
+    else:
+        held = held_tensors(t)
+        # a ShardedTensor answers for its shards only (its own flags raise)
+        every = held if is_sharded_tensor(t) else [t, *held]
     if any(x.is_nested for x in every):  # DCP fails inside the write, on its sizes
         return (f"{key}: a nested tensor is not supported; "
                 + ("load into" if into else "save") + " its components (t.unbind()) as a "
