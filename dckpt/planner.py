@@ -5,35 +5,35 @@ is read, and loads non-tensor values without running code from the checkpoint.""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import io
 import logging
-from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
-from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
-    Metadata,
-    MetadataIndex,
-    TensorStorageMetadata,
-)
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
 from dckpt.blocks import digest
-from dckpt.dtypes import dtype_name
-from dckpt.errors import DckptError, StateDictError, listing
+from dckpt.errors import StateDictError, listing
 from dckpt.manifest import StoredData
 from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
 from dckpt.optim_state import forget, make_missing_state
+from dckpt.state_checks import (
+    PLAIN,
+    differing_values,
+    named_collisions,
+    refuse,
+    replica_problems,
+    state_dict_problems,
+    tensor_problem,
+    unasked_keys,
+)
 from dckpt.torch_internals import (
     flatten_sharded_tensors,
-    held_tensors,
     is_dtensor,
-    is_sharded_tensor,
     local_shard,
     set_as_spelled,
 )
@@ -41,15 +41,7 @@ from dckpt.values import RawBytes, safe_load, serialize
 
 log = logging.getLogger(__name__)
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)  # tensors that are their own one shard
-
-__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "plan_key", "state_dict_problems",
-           "unasked_keys", "tensor_problem", "refuse", "RANK_LOCAL"]
-
-RANK_LOCAL = "__rank"
-"""A key component ``__rank<r>`` marks a value only rank r saved and loads (random states):
-a checkpoint's rank-local keys that a state dict does not ask for are no problem, whatever
-``partial`` says (the world size changed, or the value is optional)."""
+__all__ = ["SafeLoadPlanner", "SafeSavePlanner", "StagedPlanner", "plan_key"]
 
 
 @dataclass(frozen=True)
@@ -58,138 +50,6 @@ class _Asked:
 
     keys: tuple[str, ...]
     problems: tuple[str, ...]
-
-
-def _rank_local(key: str) -> bool:
-    return any(part.startswith(RANK_LOCAL) for part in key.split("."))
-
-
-def state_dict_problems(flat: dict[str, object], metadata: Metadata) -> list[str]:
-    """Every way the (flattened) destination state dict of one rank does not fit the
-    checkpoint. Keys of the checkpoint that no rank asks for are ``unasked_keys``'s question:
-    it needs every rank's keys."""
-    stored = metadata.state_dict_metadata
-    problems = [f"{k}: in the state dict but not in the checkpoint" for k in flat if k not in stored]
-    for key, value in flat.items():
-        md = stored.get(key)
-        if md is None:
-            continue
-        if isinstance(md, TensorStorageMetadata):
-            if not isinstance(value, torch.Tensor):
-                problems.append(f"{key}: the checkpoint holds a tensor, the state dict a "
-                                f"{type(value).__name__}")
-                continue
-            problem = tensor_problem(key, value, into=True)
-            if problem:  # before its size: a nested tensor has none
-                problems.append(problem)
-                continue
-            if tuple(value.size()) != tuple(md.size):
-                problems.append(f"{key}: shape {list(value.size())} in the state dict, "
-                                f"{list(md.size)} in the checkpoint")
-            if value.dtype != md.properties.dtype:
-                problems.append(f"{key}: dtype {value.dtype} in the state dict, "
-                                f"{md.properties.dtype} in the checkpoint")
-        elif isinstance(md, BytesStorageMetadata) and isinstance(value, torch.Tensor):
-            problems.append(f"{key}: the checkpoint holds a non-tensor value, the state dict a "
-                            "tensor")
-    return problems
-
-
-def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str]:
-    """The checkpoint's keys that no rank's state dict asks for (``asked``: each rank's
-    keys), rank-local ones aside: ranks may hold keys of their own (a data loader's
-    position, ``rank3.x``), so the question is about the union of every rank's keys."""
-    union = set().union(*map(set, asked))
-    return sorted(k for k in metadata.state_dict_metadata
-                  if k not in union and not _rank_local(k))
-
-
-def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | None:
-    """Why a tensor cannot be saved, or with ``into``, receive a checkpoint's values in
-    place; None when it can."""
-    held: Sequence[torch.Tensor]
-    every: Sequence[torch.Tensor]
-    if type(t) in _PLAIN:  # the common case, checked once per tensor at every save and load
-        held = every = (t,)
-    elif torch.nn.parameter.is_lazy(t):  # its shape and flags raise
-        return (f"{key}: an uninitialized parameter (a lazy module before its first forward) "
-                "has no shape or values; run a forward pass first")
-    else:
-        held = held_tensors(t)
-        # a ShardedTensor answers for its shards only (its own flags raise)
-        every = held if is_sharded_tensor(t) else [t, *held]
-    if any(x.is_nested for x in every):  # DCP fails inside the write, on its sizes
-        return (f"{key}: a nested tensor is not supported; "
-                + ("load into" if into else "save") + " its components (t.unbind()) as a "
-                "list of tensors")
-    if layout := next((x.layout for x in every if x.layout != torch.strided), None):
-        return (f"{key}: layout {layout} is not supported; "
-                + ("load into" if into else "convert it to") + " a dense (strided) tensor")
-    if any(x.device.type == "meta" for x in held):
-        return (f"{key}: a meta tensor has no memory; materialize it first (for example "
-                "module.to_empty(device=...))")
-    if into:
-        if any(stride == 0 and size > 1
-               for x in held for size, stride in zip(x.shape, x.stride())):
-            return (f"{key}: its elements share memory (an expanded view, stride 0); load "
-                    "into a tensor that owns its elements (.clone() it)")
-        return None
-    try:
-        dtype_name(t.dtype)
-    except DckptError as e:
-        return f"{key}: {e}"
-    return None
-
-
-@contextlib.contextmanager
-def named_collisions(done: str) -> Iterator[None]:
-    """DCP's flattening of a state dict whose keys collide, as a StateDictError that says
-    how they collide."""
-    try:
-        yield
-    except ValueError as e:
-        if "duplicated flatten key" not in str(e):
-            raise
-        raise StateDictError(
-            f"{str(e).rsplit(' ', 1)[-1]}: two entries of the state dict flatten to this key "
-            "(keys are joined with dots and spelled as strings: a key with a dot beside nested "
-            f"dicts that spell the same path, as {{'a.b': x, 'a': {{'b': y}}}}, or keys such "
-            f"as 1 and '1' in one dict); rename one. Nothing was {done}") from None
-
-
-def refuse(problems: list[str]) -> None:
-    """Raise StateDictError listing ``problems`` of a state dict to save, if any."""
-    if problems:
-        raise StateDictError(listing("the state dict cannot be saved", problems)
-                             + "\nNothing was written")
-
-
-def replica_problems(plans: list[SavePlan]) -> list[str]:
-    """Keys that several ranks save differently: tensors of different shapes or dtypes (whole
-    tensors, or a DTensor's global size), or a tensor on one rank and another value on
-    another. DCP keeps one rank's copy of a key that every rank holds, and the checkpoint
-    would not load into the others' state (a tensor and a value under one key failed inside
-    DCP's plan merge, on an assertion)."""
-    first: dict[str, tuple[int, torch.Size | None, torch.dtype | None]] = {}
-    problems: dict[str, str] = {}
-
-    def what(size: torch.Size | None, dtype: torch.dtype | None) -> str:
-        return "a value that is not a tensor" if size is None else f"shape {list(size)} {dtype}"
-
-    for rank, plan in enumerate(plans):  # every rank's items: one dict lookup each
-        for item in plan.items:
-            data = item.tensor_data
-            size, dtype = (None, None) if data is None else (data.size, data.properties.dtype)
-            fqn = item.index.fqn
-            seen = first.get(fqn)
-            if seen is None:
-                first[fqn] = (rank, size, dtype)
-            elif (seen[1] != size or seen[2] != dtype) and fqn not in problems:
-                problems[fqn] = (
-                    f"{fqn}: {what(seen[1], seen[2])} on rank {seen[0]}, {what(size, dtype)} "
-                    f"on rank {rank}; a key saved by several ranks must hold the same tensor "
-                    "on each (give state that differs per rank a key of its own)")
-    return list(problems.values())
 
 
 class PlannerData(dict):
@@ -208,23 +68,6 @@ def with_value_digests(plan: SavePlan, values: dict[str, io.BytesIO]) -> SavePla
         return plan
     digests = {fqn: digest(value.getbuffer()) for fqn, value in values.items()}
     return dataclasses.replace(plan, planner_data=PlannerData(plan.planner_data, digests))
-
-
-def differing_values(plans: list[SavePlan]) -> list[str]:
-    """Non-tensor values that several ranks save under one key with different contents: DCP
-    keeps one rank's (whichever its dedup picks), and every rank loads that one back: a
-    per-rank data loader's position saved under a shared key comes back the same on every
-    rank. Ranks that sent no digests are not judged."""
-    first: dict[str, tuple[int, str]] = {}
-    differ: dict[str, list[int]] = {}
-    for rank, plan in enumerate(plans):
-        for fqn, d in getattr(plan.planner_data, "value_digests", {}).items():
-            seen = first.setdefault(fqn, (rank, d))
-            if seen[1] != d:
-                differ.setdefault(fqn, []).append(rank)
-    return [f"{fqn} (rank {first[fqn][0]} holds another value than rank"
-            f"{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:5]))}"
-            f"{' and more' if len(ranks) > 5 else ''})" for fqn, ranks in differ.items()]
 
 
 def plan_key(flat: dict[str, Any]) -> tuple | None:
@@ -250,7 +93,7 @@ def _sharded_flattened(flat: dict[str, Any]) -> dict[str, Any]:
     """DCP's second flattening pass, for the ShardedTensors of 2-D parallelism, where one may
     be there: elsewhere it copies the flat dict with nothing changed (0.05 s for 20,000
     tensors)."""
-    if any(isinstance(v, torch.Tensor) and type(v) not in _PLAIN and not is_dtensor(v)
+    if any(isinstance(v, torch.Tensor) and type(v) not in PLAIN and not is_dtensor(v)
            for v in flat.values()):
         return flatten_sharded_tensors(flat)
     return flat
@@ -322,7 +165,7 @@ class SafeSavePlanner(DefaultSavePlanner):
         # a plain tensor is its own item: DCP's lookup says so too, through checks that cost
         # 5 us a tensor (0.1 s of a pause of 20,000)
         obj: Any = self.state_dict.get(index.fqn)
-        if (type(obj) in _PLAIN and index.offset is not None
+        if (type(obj) in PLAIN and index.offset is not None
                 and len(index.offset) == obj.dim() and not any(index.offset)):
             return obj
         return super().lookup_object(index)

@@ -7,7 +7,7 @@ data-loader (or sampler) positions go through their own ``state_dict()``; ``extr
 dict of the user's values, updated in place on load.
 
 Random number generator states differ per rank, so each rank stores its own under a
-rank-local key (``rng.__rank<r>``, see dckpt.planner.RANK_LOCAL). On load each rank takes its
+rank-local key (``rng.__rank<r>``, see dckpt.state_checks.RANK_LOCAL). On load each rank takes its
 own; after a change of world size the ranks the checkpoint did not have keep theirs and say
 so (a resharded run does not replay the same random stream anyway).
 """
@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from dckpt import dist
 from dckpt.arguments import check_bool
 from dckpt.errors import ArgumentError, DckptError, StateDictError
-from dckpt.planner import RANK_LOCAL
+from dckpt.state_checks import RANK_LOCAL
 
 __all__ = ["TrainState", "RandomStates", "rng_state", "set_rng_state"]
 

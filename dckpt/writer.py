@@ -63,9 +63,10 @@ from dckpt.manifest import (
     extents,
     metric_ok,
 )
-from dckpt.planner import SafeSavePlanner, refuse
+from dckpt.planner import SafeSavePlanner
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
+from dckpt.state_checks import refuse
 from dckpt.storage import Store
 from dckpt.values import RawBytes
 from dckpt.watchdog import Heartbeat, wait_all

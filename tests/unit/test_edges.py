@@ -727,6 +727,19 @@ def test_a_save_refuses_what_a_load_could_not_restore_before_writing(tmp_path, k
     assert not os.path.exists(url)
 
 
+def test_a_load_into_another_nesting_says_how_the_checkpoint_holds_the_key(tmp_path):
+    dckpt.save({"opt": {"lr": 0.1, "betas": [0.9, torch.ones(2)]}, "epoch": 3}, str(tmp_path),
+               step=1)
+    with pytest.raises(dckpt.StateDictError) as e:
+        dckpt.load({"opt": None, "epoch": {"n": 0}}, str(tmp_path))
+    text = str(e.value)
+    assert ("opt: in the state dict but not in the checkpoint; the checkpoint holds opt as a "
+            "nested dict or list (opt.lr, opt.betas.0, opt.betas.1): give opt that "
+            "structure") in text
+    assert ("epoch.n: in the state dict but not in the checkpoint; the checkpoint holds epoch "
+            "as one value: give epoch a value, not a dict or list") in text
+
+
 def test_a_load_into_a_lazy_module_is_refused_naming_what_to_do(tmp_path):
     dckpt.save({"m": torch.nn.Linear(5, 3)}, str(tmp_path), step=1)
     with pytest.raises(dckpt.StateDictError, match="m.weight: an uninitialized parameter .a "
