@@ -29,7 +29,13 @@ from torch.distributed.checkpoint.staging import AsyncStager
 
 from dckpt.arguments import check_state_dict, public
 from dckpt.errors import StateDictError
-from dckpt.torch_internals import is_dtensor, is_sharded_tensor, local_shard, with_local_shard
+from dckpt.torch_internals import (
+    foreach_copy,
+    is_dtensor,
+    is_sharded_tensor,
+    local_shard,
+    with_local_shard,
+)
 
 __all__ = ["ALIGN", "HostArea", "CopyEngine", "Stager", "fit"]
 
@@ -166,7 +172,7 @@ class CopyEngine:
     def copy_all(self, slots: Sequence[torch.Tensor],
                  sources: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Each source into its slot (seen as the source's dtype and shape); the slots as
-        those tensors. Host tensors go in one ``_foreach_copy_``: a Python loop of ``copy_``
+        those tensors. Host tensors go in one ``foreach_copy``: a Python loop of ``copy_``
         costs 10 us a tensor, which for 20,000 small tensors was a third of the pause."""
         dsts = [_as_slot(slot, src) for slot, src in zip(slots, sources, strict=True)]
         host_dsts: list[torch.Tensor] = []
@@ -186,7 +192,7 @@ class CopyEngine:
             else:
                 dst.copy_(src)
         if host_dsts:
-            torch._foreach_copy_(host_dsts, host_srcs)
+            foreach_copy(host_dsts, host_srcs)
         return dsts
 
     def record(self) -> list[torch.cuda.Event]:

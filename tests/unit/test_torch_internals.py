@@ -18,6 +18,14 @@ def test_narrow_tensor_by_index_takes_a_box():
     assert int((t == -1).sum()) == 6
 
 
+def test_foreach_copy_copies_each_source_by_value():
+    srcs = [torch.arange(6.0).reshape(2, 3).t(), torch.ones(3, dtype=torch.int16) * 7,
+            torch.randn(4, dtype=torch.complex64).conj()]
+    dsts = [torch.empty(s.shape, dtype=s.dtype) for s in srcs]
+    ti.foreach_copy(dsts, srcs)
+    assert all(torch.equal(d, s.resolve_conj()) for d, s in zip(dsts, srcs))
+
+
 def test_set_element_puts_a_value_at_its_path():
     root = {"a": {"b": [0, 1]}}
     ti.set_element(root, ("a", "b", 1), "x")
