@@ -120,6 +120,19 @@ def _connection_lost(e: BaseException) -> bool:
     return False
 
 
+def _literal_path(url: str) -> str | None:
+    """The absolute local path of a plain path (or file:// URL) with "::" in a name, which
+    fsspec would read as a chain of filesystems: /ckpt/a::b went to /ckpt/a, where /ckpt/a::c
+    and /ckpt/a went too. None for anything else, chains among them ("simplecache::s3://b",
+    whose first link is a protocol)."""
+    head = url.split("::", 1)[0]
+    if "::" not in url or head in fsspec.available_protocols() or (
+            "://" in head and not head.startswith("file://")):
+        return None
+    path = url[len("file://"):] if url.startswith("file://") else url
+    return os.path.abspath(os.path.expanduser(path))
+
+
 class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
@@ -136,7 +149,11 @@ class Store:
         if self.url.split("://", 1)[0] in ("s3", "s3a"):
             options = s3_options(options)
         try:
-            self.fs, root = fsspec.core.url_to_fs(self.url, **options)
+            literal = _literal_path(self.url)
+            if literal is not None:
+                self.fs, root = LocalFileSystem(**options), literal
+            else:
+                self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as e:
             raise ArgumentError(f"{self.url}: fsspec cannot open it with storage_options "
                                 f"{sorted(options)} ({type(e).__name__}: {e})") from e
