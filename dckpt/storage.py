@@ -120,17 +120,15 @@ def _connection_lost(e: BaseException) -> bool:
     return False
 
 
-def _literal_path(url: str) -> str | None:
-    """The absolute local path of a plain path (or file:// URL) with "::" in a name, which
-    fsspec would read as a chain of filesystems: /ckpt/a::b went to /ckpt/a, where /ckpt/a::c
-    and /ckpt/a went too. None for anything else, chains among them ("simplecache::s3://b",
-    whose first link is a protocol)."""
+def _unchained(url: str) -> str | None:
+    """The protocol of a URL or plain path with "::" in a name, which fsspec would read as
+    a chain of filesystems (/ckpt/a::b went to /ckpt/a, where /ckpt/a::c and /ckpt/a went
+    too; s3://bucket/a::b failed inside s3fs). None for anything else, and for a chain whose
+    first link is a protocol (simplecache::s3://bucket)."""
     head = url.split("::", 1)[0]
-    if "::" not in url or head in fsspec.available_protocols() or (
-            "://" in head and not head.startswith("file://")):
+    if "::" not in url or head in fsspec.available_protocols():
         return None
-    path = url[len("file://"):] if url.startswith("file://") else url
-    return os.path.abspath(os.path.expanduser(path))
+    return head.split("://", 1)[0] if "://" in head else "file"
 
 
 class Store:
@@ -149,9 +147,10 @@ class Store:
         if self.url.split("://", 1)[0] in ("s3", "s3a"):
             options = s3_options(options)
         try:
-            literal = _literal_path(self.url)
-            if literal is not None:
-                self.fs, root = LocalFileSystem(**options), literal
+            protocol = _unchained(self.url)
+            if protocol is not None:  # one filesystem: the URL names a path on it
+                self.fs = fsspec.filesystem(protocol, **options)
+                root = self.fs._strip_protocol(self.url)
             else:
                 self.fs, root = fsspec.core.url_to_fs(self.url, **options)
         except (ImportError, ValueError, TypeError) as e:

@@ -727,19 +727,28 @@ def test_a_save_refuses_what_a_load_could_not_restore_before_writing(tmp_path, k
     assert not os.path.exists(url)
 
 
-@pytest.mark.parametrize("spell", ["path", "file://"])
-def test_a_path_with_a_double_colon_is_a_folder_of_its_own(tmp_path, spell):
-    """fsspec reads "a::b" as a chain of filesystems: /x/a::b and /x/a::c were both /x/a."""
+@pytest.mark.parametrize("spell", ["path", "file://", "s3"])
+def test_a_path_with_a_double_colon_is_a_folder_of_its_own(tmp_path, spell, request):
+    """fsspec reads "a::b" as a chain of filesystems: /x/a::b and /x/a::c were both /x/a,
+    and s3://bucket/a::b failed inside s3fs."""
+    root, options = str(tmp_path), None
+    if spell == "s3":
+        url, options = request.getfixturevalue("s3_repo")
+        root = url.rsplit("/", 1)[0]
+    elif spell == "file://":
+        root = "file://" + root
     folders = ["a", "a::b", "a::c"]
     for k, name in enumerate(folders):
-        url = ("file://" if spell == "file://" else "") + str(tmp_path / name)
-        dckpt.save({"w": torch.full((2,), float(k))}, url, step=k + 1)
+        dckpt.save({"w": torch.full((2,), float(k))}, f"{root}/{name}", step=k + 1,
+                   storage_options=options)
     for k, name in enumerate(folders):
-        url = ("file://" if spell == "file://" else "") + str(tmp_path / name)
-        assert [i.step for i in dckpt.list_checkpoints(url)] == [k + 1]
+        url = f"{root}/{name}"
+        assert [i.step for i in dckpt.list_checkpoints(url, storage_options=options)] == [k + 1]
         out = {"w": torch.zeros(2)}
-        assert dckpt.load(out, url).step == k + 1 and out["w"].tolist() == [float(k)] * 2
-    assert sorted(os.listdir(tmp_path)) == folders
+        assert dckpt.load(out, url, storage_options=options).step == k + 1
+        assert out["w"].tolist() == [float(k)] * 2
+    if spell != "s3":
+        assert sorted(os.listdir(tmp_path)) == folders
 
 
 def test_a_load_into_another_nesting_says_how_the_checkpoint_holds_the_key(tmp_path):
