@@ -18,7 +18,7 @@ import torch
 from dckpt.errors import StateDictError, UnsafeValueError
 from dckpt.manifest import MAX_VALUE_BYTES
 
-__all__ = ["RawBytes", "safe_load", "serialize"]
+__all__ = ["RawBytes", "safe_load", "serialize", "check_loadable"]
 
 
 class RawBytes(io.BytesIO):
@@ -116,6 +116,19 @@ def _plain_key(value: object, budget: list[int]) -> Hashable | None:
     return None
 
 
+def check_loadable(key: str, raw: bytes | memoryview, what: str = "its value") -> None:
+    """StateDictError naming ``key`` unless ``raw`` (torch.save's bytes) loads back with
+    ``weights_only=True``, as every load reads it."""
+    try:
+        _weights_only(raw)
+    except Exception as e:
+        raise StateDictError(
+            f"{key}: {what} would be refused by the load "
+            f"(torch.load(weights_only=True): {_refusal(e)}); store it as tensors, "
+            "numbers, strings, lists and dicts, or allow its type on every process "
+            "that saves or loads with torch.serialization.add_safe_globals") from None
+
+
 def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
     """A non-tensor value's stored bytes, checked to load back with ``weights_only=True``;
     StateDictError naming ``key`` when a load could not restore it. A small plain value
@@ -135,14 +148,7 @@ def serialize(key: str, value: object) -> RawBytes | io.BytesIO:
             raise StateDictError(f"{key}: a {type(value).__name__} cannot be saved "
                                  f"({type(e).__name__}: {str(e)[:200]}); store its state as "
                                  "tensors, numbers, strings, lists and dicts") from None
-        try:
-            _weights_only(raw.getbuffer())
-        except Exception as e:
-            raise StateDictError(
-                f"{key}: a {type(value).__name__} would be refused by the load "
-                f"(torch.load(weights_only=True): {_refusal(e)}); store it as tensors, "
-                "numbers, strings, lists and dicts, or allow its type on every process "
-                "that saves or loads with torch.serialization.add_safe_globals") from None
+        check_loadable(key, raw.getbuffer(), f"a {type(value).__name__}")
     if raw.getbuffer().nbytes > MAX_VALUE_BYTES:
         raise StateDictError(f"{key}: a {type(value).__name__} of {raw.getbuffer().nbytes} "
                              f"bytes is larger than a non-tensor value may be "

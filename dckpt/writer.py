@@ -28,7 +28,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
 from dckpt.state_checks import refuse
 from dckpt.storage import Store
-from dckpt.values import RawBytes
+from dckpt.values import RawBytes, check_loadable
 from dckpt.watchdog import Heartbeat, wait_all
 
 __all__ = ["Writer", "check_metrics", "plain_metric"]
@@ -238,6 +238,10 @@ class Writer(StorageWriter):
                                    prewritten[i.index].blocks)))
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
+        # DCP's own planner (dcp.save with a Writer) pickles values unchecked: checked here,
+        # before any byte is written, as SafeSavePlanner checks them (a value no load reads
+        # was committed)
+        resolved = {} if isinstance(planner, SafeSavePlanner) else _checked_values(items, planner)
         self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
         self._heartbeat = Heartbeat()
         self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
@@ -252,7 +256,7 @@ class Writer(StorageWriter):
             try:
                 futures = [pool.submit(self._write_segment,
                                        layout.segment_name(assignment.attempt, assignment.rank, k),
-                                       items, planner)
+                                       items, planner, resolved)
                            for k, items in enumerate(bins)]
                 for part in wait_all(futures, self.config.io_stall_timeout_s,
                                      f"rank {assignment.rank}'s writes of step {self.step}",
@@ -394,15 +398,16 @@ class Writer(StorageWriter):
         mode = self.config.compression
         return mode == "on" or (mode == "auto" and not self.store.local)
 
-    def _write_segment(self, name: str, items: list[WriteItem],
-                       planner: SavePlanner) -> list[WriteResult]:
+    def _write_segment(self, name: str, items: list[WriteItem], planner: SavePlanner,
+                       resolved: dict[MetadataIndex, Any]) -> list[WriteResult]:
         results = []
         direct = self.config.direct_io and self.store.direct_capable
         self.created.append(name)
         with self.open_segment(name, direct, sum(item_nbytes(i) for i in items)) as f:
             out = self.segment_out(f, name, direct)
             for item in items:
-                data = planner.resolve_data(item)
+                data = (resolved[item.index] if item.index in resolved
+                        else planner.resolve_data(item))
                 encoding = "torch"
                 if item.type == WriteItemType.BYTE_IO:
                     assert isinstance(data, io.BytesIO)
@@ -439,6 +444,19 @@ class Writer(StorageWriter):
                 self.rank_s[f"rank_{k}"] = self.rank_s.get(f"rank_{k}", 0.0) + v
             self.rank_s["rank_close"] = self.rank_s.get("rank_close", 0.0) + close_s
         return results
+
+
+def _checked_values(items: list[WriteItem], planner: SavePlanner) -> dict[MetadataIndex, Any]:
+    """The non-tensor values of ``items`` as ``planner`` serializes them, each checked to
+    load with ``weights_only=True`` (StateDictError naming the first that would not)."""
+    values = {}
+    for item in items:
+        if item.type == WriteItemType.BYTE_IO:
+            data = planner.resolve_data(item)
+            if isinstance(data, io.BytesIO) and not isinstance(data, RawBytes):
+                check_loadable(item.index.fqn, data.getbuffer())
+            values[item.index] = data
+    return values
 
 
 def _sums(blocks: tuple[BlockRef, ...]) -> tuple[int, int]:

@@ -114,3 +114,23 @@ def test_whatever_a_save_accepts_a_load_restores_bit_for_bit(tmp_path_factory):
 
     check()
     assert tried["saved"] >= EXAMPLES // 2, tried  # the states are mostly savable
+
+
+def test_dcp_save_through_the_writer_with_dcps_planner_commits_only_what_loads(tmp_path):
+    """dcp.save with a dckpt Writer and DCP's own planner pickles values unchecked: a value
+    that weights_only refuses (a datetime) was committed, and no load could read it."""
+    import datetime
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    url = str(tmp_path / "repo")
+    with pytest.raises(CheckpointException) as caught:  # DCP's own error, around dckpt's
+        dcp.save({"w": torch.ones(2), "when": datetime.datetime(2026, 1, 1)},
+                 storage_writer=dckpt.Writer(url, step=1))
+    assert "when: its value would be refused by the load" in str(caught.value)
+    assert dckpt.list_checkpoints(url) == []
+    dcp.save({"w": torch.ones(2), "n": 7}, storage_writer=dckpt.Writer(url, step=2))
+    out = {"w": torch.zeros(2), "n": 0}
+    dcp.load(out, storage_reader=dckpt.Reader(url, step=2))
+    assert out["n"] == 7 and torch.equal(out["w"], torch.ones(2))
