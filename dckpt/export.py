@@ -74,6 +74,12 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
         if progress is not None:
             progress(done[0], total)
 
+    if fmt != "dckpt":
+        parent, _, base = to.rstrip("/").rpartition("/")
+        if not base:
+            raise ArgumentError(f"export destination {to!r} names no file")
+        dest = Store(parent or ".", storage_options)
+        _check_replaceable(dest, base, to)
     try:
         if fmt == "dckpt":
             return _export_dckpt(store, m, Store(to, storage_options), step)
@@ -81,16 +87,26 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
             flat = {fqn: read_item(fetcher, m, fqn, step) for fqn in m.items}
     finally:
         store.close_files()
-    parent, _, base = to.rstrip("/").rpartition("/")
-    if not base:
-        raise ArgumentError(f"export destination {to!r} names no file")
-    dest = Store(parent or ".", storage_options)
     with dest.open_replace(base) as f:
         if fmt == "torch":
             torch.save(unflatten(flat, m.planner_data), f)
         else:
             _write_safetensors(flat, m, f)
     return dest.size(base)
+
+
+def _check_replaceable(dest: Store, base: str, to: str) -> None:
+    """An export replaces a file at ``to`` as a whole (a new file renamed over it); anything
+    else there is refused: a rename over a device made /dev/full a regular file."""
+    if not dest.local:
+        return
+    path = dest.path(base)
+    if os.path.lexists(path) and not os.path.isfile(path):
+        what = ("a folder" if os.path.isdir(path) else
+                "a link to nothing" if os.path.islink(path) else
+                "a device, pipe or socket")
+        raise ArgumentError(f"export destination {to} is {what}, not a file; an export "
+                            "writes a new file there, replacing only a file")
 
 
 def _read_block(store: Store, ref: BlockRef, what: str) -> bytearray:

@@ -580,6 +580,37 @@ def test_export_into_the_repository_itself_is_refused_and_writes_nothing(tmp_pat
     assert torch.equal(torch.load(beside)["w"], torch.ones(10))
 
 
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+@pytest.mark.parametrize("what", ["pipe", "folder", "link to a pipe", "link to nothing"])
+def test_an_export_replaces_only_a_file(tmp_path, fmt, what):
+    """An export renames a new file over its destination: over a device (/dev/full, as
+    root) it left a regular file in the device's place."""
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    dest = tmp_path / "out"
+    if what == "folder":
+        dest.mkdir()
+    elif what == "pipe":
+        os.mkfifo(dest)
+    else:
+        target = tmp_path / "pipe"
+        if what == "link to a pipe":
+            os.mkfifo(target)
+        os.symlink(target, dest)
+    before = os.lstat(dest)
+    with pytest.raises(dckpt.ArgumentError, match="not a file; an export writes a new file"):
+        dckpt.export(url, str(dest), step=1, format=fmt)
+    after = os.lstat(dest)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)
+    assert sorted(os.listdir(tmp_path)) == sorted(["repo", "out"] + (["pipe"] if what ==
+                                                                      "link to a pipe" else []))
+    link = tmp_path / "link"  # a link to a file is replaced by the file, as a rename does
+    (tmp_path / "old.pt").write_bytes(b"old")
+    os.symlink(tmp_path / "old.pt", link)
+    assert dckpt.export(url, str(link), step=1, format=fmt) > 0
+    assert not os.path.islink(link) and (tmp_path / "old.pt").read_bytes() == b"old"
+
+
 @pytest.mark.s3
 @pytest.mark.parametrize("fmt", ["torch", "safetensors"])
 def test_export_to_s3(tmp_path, s3_repo, fmt):
