@@ -26,9 +26,19 @@ __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance"
            "segments_for"]
 
 
+_NUMPY_DTYPES = frozenset({torch.float16, torch.float32, torch.float64, torch.complex64,
+                           torch.complex128, torch.int8, torch.int16, torch.int32, torch.int64,
+                           torch.uint8, torch.bool})
+"""Dtypes whose tensors ``numpy()`` sees as they are."""
+
+
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The tensor's elements in row-major order as bytes; no copy when already contiguous."""
     t = t.detach()
+    if (t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" and t.is_contiguous()
+            and t.numel() and not t.is_conj() and not t.is_neg()):
+        # the common case, without the two views below (7 us of 12 a tensor)
+        return memoryview(t.numpy()).cast("B")  # type: ignore[arg-type]
     if t.is_conj() or t.is_neg():  # a lazy conjugate's values, not its bits
         t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
