@@ -220,3 +220,19 @@ def test_the_benchmarks_raw_host_memory_is_aligned_zeroed_and_written_straight(t
     f.close()
     assert f.straight == nbytes // DIRECT_ALIGN * DIRECT_ALIGN  # no copy but the tail
     assert (tmp_path / "raw").read_bytes() == data.tobytes()
+
+
+def test_tensor_bytes_are_the_row_major_values_of_every_kind_of_tensor():
+    """Contiguous host tensors of numpy's dtypes take a path of their own: the same bytes
+    as the general one, an element's bits in row-major order."""
+    from dckpt.segments import tensor_bytes
+
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(6, 4, generator=g)
+    z = torch.randn(8, dtype=torch.complex64, generator=g)
+    for t in [base, base.t(), base[::2], base[0, 0], torch.zeros(0, 3), base.bfloat16(),
+              base.to(torch.float8_e4m3fn), (base > 0), base.to(torch.int16), z, z.conj(),
+              base._neg_view(), base.clone().requires_grad_(), torch.zeros(5, dtype=torch.uint16)]:
+        want = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        got = tensor_bytes(t)
+        assert got.nbytes == want.numel() and bytes(got) == want.numpy().tobytes(), t
