@@ -81,8 +81,17 @@ def _shape_hints(missing: list[str], stored: Iterable[str]) -> dict[str, str]:
         for i in range(1, len(parts)):
             under.setdefault(".".join(parts[:i]), []).append(k)
     stored_keys = set(stored)
+    compiled = {_uncompiled(k): k for k in stored_keys if "_orig_mod" in k}
+    if any("_orig_mod" in k for k in missing):
+        compiled.update((_uncompiled(k), k) for k in stored_keys)
     hints = {}
+    why = (": one side's module was torch.compile'd (its keys hold _orig_mod); save and load "
+           "the module alike, or through dckpt.TrainState, which keys it as the module itself")
     for k in missing:
+        other = compiled.get(_uncompiled(k))
+        if other is not None and other != k:
+            hints[k], why = f"; the checkpoint holds it as {other}{why}", ""  # said once
+            continue
         if k in under:
             inside = under[k]
             hints[k] = (f"; the checkpoint holds {k} as a nested dict or list ("
@@ -96,6 +105,11 @@ def _shape_hints(missing: list[str], stored: Iterable[str]) -> dict[str, str]:
             hints[k] = (f"; the checkpoint holds {above} as one value: give {above} a value, "
                         "not a dict or list")
     return hints
+
+
+def _uncompiled(key: str) -> str:
+    """``key`` without the ``_orig_mod`` components a torch.compile'd module's keys hold."""
+    return ".".join(p for p in key.split(".") if p != "_orig_mod")
 
 
 def unasked_keys(asked: Iterable[Iterable[str]], metadata: Metadata) -> list[str]:

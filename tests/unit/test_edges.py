@@ -795,6 +795,29 @@ def test_a_load_into_another_nesting_says_how_the_checkpoint_holds_the_key(tmp_p
             "as one value: give epoch a value, not a dict or list") in text
 
 
+@pytest.mark.parametrize("saved", ["compiled", "plain"])
+def test_a_compiled_module_against_a_plain_one_says_so_once(tmp_path, saved):
+    def module():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 3))
+
+    compiled = torch.compile(module())  # compiled on first call only: never called here
+    dckpt.save({"model": compiled if saved == "compiled" else module()}, str(tmp_path), step=1)
+    with pytest.raises(dckpt.StateDictError) as e:
+        dckpt.load({"model": module() if saved == "compiled" else compiled}, str(tmp_path))
+    text = str(e.value).split("\n  rank 0:")[1]  # the rank's listing, whole
+    plain, orig = "model.0.weight", "model._orig_mod.0.weight"
+    asked, held = (plain, orig) if saved == "compiled" else (orig, plain)
+    assert (f"{asked}: in the state dict but not in the checkpoint; the checkpoint holds it "
+            f"as {held}: one side's module was torch.compile'd") in text
+    assert text.count("torch.compile'd") == 1 and f"as {held[:-6]}bias" in text
+    url = str(tmp_path / "train_state")  # keyed as the module itself: either way loads
+    dckpt.save({"app": dckpt.TrainState(compiled if saved == "compiled" else module())}, url,
+               step=1)
+    assert dckpt.load({"app": dckpt.TrainState(module() if saved == "compiled" else compiled)},
+                      url).step == 1
+
+
 def test_a_load_into_a_lazy_module_is_refused_naming_what_to_do(tmp_path):
     dckpt.save({"m": torch.nn.Linear(5, 3)}, str(tmp_path), step=1)
     with pytest.raises(dckpt.StateDictError, match="m.weight: an uninitialized parameter .a "
