@@ -74,7 +74,7 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
     passes them: reduce a metric over the ranks first where each rank computes its own.
     """
     check_state_dict(state_dict)
-    check_step(step)
+    step = check_step(step)
     return default_saver().save(state_dict, url, step=step, metrics=metrics,
                                 storage_options=storage_options, config=config)
 
@@ -93,7 +93,7 @@ def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics |
     info lists it.
     """
     check_state_dict(state_dict)
-    check_step(step)
+    step = check_step(step)
     return default_saver().async_save(state_dict, url, step=step, metrics=metrics,
                                       storage_options=storage_options, config=config)
 
@@ -192,7 +192,7 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     """``load``, reading through ``make_reader`` (takes Reader's arguments): the memory
     tier's reader fetches what its node lacks from the nodes that hold it."""
     check_state_dict(state_dict)
-    check_step(step, optional=True)
+    step = check_step(step, optional=True)
     check_bool(partial, "partial")
     check_config(config, LoadConfig)
     with dist.collectives(f"load from {url}", saving=False):
@@ -339,7 +339,7 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
     holding only it; ``"torch"`` the full unsharded state dict as one ``torch.save`` file;
     ``"safetensors"`` its tensors as one safetensors file. Returns the bytes written. Every
     byte read is verified. Not collective."""
-    check_step(step, optional=True)
+    step = check_step(step, optional=True)
     store = open_repository(url, storage_options)
     if format not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

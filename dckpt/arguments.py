@@ -6,9 +6,10 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.layout import MAX_STEP, same_url
@@ -20,9 +21,21 @@ F = TypeVar("F", bound=Callable[..., Any])
 T = TypeVar("T")
 
 
+@overload
+def check_step(step: object, name: str = ..., *, optional: Literal[False] = ...) -> int: ...
+
+
+@overload
+def check_step(step: object, name: str = ..., *, optional: bool) -> int | None: ...
+
+
 def check_step(step: object, name: str = "step", *, optional: bool = False) -> int | None:
+    """``step`` as a Python int (a numpy integer is taken as its value), or None where
+    ``optional``; ArgumentError for anything else (bools, floats, tensors, out of range)."""
     if step is None and optional:
         return None
+    if isinstance(step, numbers.Integral) and type(step) not in (int, bool):
+        step = int(step)  # numpy's integers: the manifests hold plain ints
     if type(step) is not int or not 0 <= step <= MAX_STEP:
         raise ArgumentError(f"{name} must be an int in [0, {MAX_STEP}]"
                             f"{' or None' if optional else ''}, got {_show(step)}")

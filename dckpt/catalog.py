@@ -76,7 +76,7 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
     exist), or StorageError when no read ends for 300 s (``watchdog.STALL_S``: a hung
     mount). Not collective."""
-    check_step(step, optional=True)
+    step = check_step(step, optional=True)
     check_bool(all_steps, "all_steps")
     check_bool(quarantine, "quarantine")
     store = open_repository(url, storage_options)
@@ -109,7 +109,7 @@ def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
     gc's grace period, so that a save in flight that references its blocks keeps them.
     Not collective."""
-    check_step(step)
+    step = check_step(step)
     store = open_repository(url, storage_options)
     steps = committed_steps(store)
     if step not in steps:
@@ -178,8 +178,8 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
 def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = None) -> Diff:
     """Which items differ between checkpoints ``step_a`` and ``step_b``, and the stored bytes
     they share; from the manifests alone. Not collective."""
-    check_step(step_a, "step_a")
-    check_step(step_b, "step_b")
+    step_a = check_step(step_a, "step_a")
+    step_b = check_step(step_b, "step_b")
     store = open_repository(url, storage_options)
     return diff_manifests(read_manifest(store, step_a), read_manifest(store, step_b))
 
@@ -188,6 +188,6 @@ def diff(url: str, step_a: int, step_b: int, *, storage_options: dict | None = N
 def inspect(url: str, *, step: int | None = None,
             storage_options: dict | None = None) -> Manifest:
     """The manifest of ``step`` (default: the newest committed). Not collective."""
-    check_step(step, optional=True)
+    step = check_step(step, optional=True)
     store = open_repository(url, storage_options)
     return read_manifest(store, step)

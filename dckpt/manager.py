@@ -158,7 +158,7 @@ class CheckpointManager:
         all ranks agreeing), the chosen ``step``, or the best by ``best_metric=(name,
         mode)``. None when the repository holds no checkpoint: a fresh start."""
         check_state_dict(state_dict)
-        check_step(step, optional=True)
+        step = check_step(step, optional=True)
         check_bool(partial, "partial")
         if best_metric is not None and not (isinstance(best_metric, tuple | list)
                                             and len(best_metric) == 2):
@@ -236,7 +236,7 @@ class CheckpointManager:
         """(collective, every step) Save if a trigger fires at ``step``: the handle of the
         async save (or the info of a sync one), else None. After a preemption signal: the
         emergency checkpoint, then the job exits (see the class)."""
-        _check_save_call(step, state_dict, metrics)
+        step = _check_save_call(step, state_dict, metrics)
         check_bool(epoch_end, "epoch_end")
         self._check_open("maybe_save", step)
         self._poll()
@@ -285,7 +285,7 @@ class CheckpointManager:
     @public
     def save(self, step: int, state_dict: dict, metrics: dict | None = None) -> Result:
         """(collective) Save now, whatever the triggers say."""
-        _check_save_call(step, state_dict, metrics)
+        step = _check_save_call(step, state_dict, metrics)
         self._check_open("save", step)  # a save in flight after close() is waited for by none
         self._poll()
         return self._save(step, state_dict, metrics, "asked", self._watched(metrics))
@@ -448,9 +448,10 @@ class CheckpointManager:
         self._close(remove_memory=exc[0] is None)  # after a crash the restart may need it
 
 
-def _check_save_call(step: object, state_dict: object, metrics: object) -> None:
+def _check_save_call(step: object, state_dict: object, metrics: object) -> int:
     """A save's arguments, refused at once (a failed save lets training go on; a wrong
-    argument would fail every save)."""
-    check_step(step)
+    argument would fail every save); the step as a Python int."""
+    step = check_step(step)
     check_state_dict(state_dict)
     check_metrics(metrics, convert=False)  # a device tensor's value is read where it is used
+    return step

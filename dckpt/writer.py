@@ -138,7 +138,7 @@ class Writer(StorageWriter):
     def __init__(self, url: str, *, step: int, metrics: Metrics | None = None,
                  storage_options: dict | None = None, config: SaveConfig | None = None) -> None:
         super().__init__()
-        check_step(step)
+        step = check_step(step)
         self.store = Store(url, storage_options)
         self.step = step
         self.metrics = check_metrics(metrics)

@@ -408,6 +408,30 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
     assert file_url.read_bytes() == b"x"
 
 
+def test_numpy_integer_steps_are_their_values_everywhere(tmp_path):
+    """A step counted with numpy (np.arange, a sampler's state) was refused; it is taken as
+    the int it holds, and what is stored and listed is a plain int."""
+    import numpy as np
+
+    url = str(tmp_path / "repo")
+    steps = [np.int64(1), np.int32(2), np.uint16(3)]
+    dckpt.save({"w": torch.ones(2)}, url, step=steps[0])
+    dckpt.async_save({"w": torch.ones(2) * 2}, url, step=steps[1]).wait()
+    with dckpt.CheckpointManager(url, save_every_steps=1, handle_signals=False) as mgr:
+        mgr.maybe_save(steps[2], {"w": torch.ones(2) * 3})
+    listed = [i.step for i in dckpt.list_checkpoints(url)]
+    assert listed == [1, 2, 3] and all(type(s) is int for s in listed)
+    out = {"w": torch.zeros(2)}
+    info = dckpt.load(out, url, step=np.int64(2))
+    assert type(info.step) is int and info.step == 2 and out["w"].tolist() == [2.0, 2.0]
+    assert dckpt.verify(url, step=np.int8(1)).ok
+    dckpt.delete(url, step=np.int64(1))
+    assert [i.step for i in dckpt.list_checkpoints(url)] == [2, 3]
+    for bad in (np.bool_(True), np.float64(2.0), np.int64(-1), torch.tensor(2)):
+        with pytest.raises(dckpt.ArgumentError, match="step must be an int"):
+            dckpt.save({"w": torch.ones(2)}, url, step=bad)
+
+
 def test_a_state_that_does_not_fit_a_train_state_or_stager_is_a_state_dict_error():
     model = torch.nn.Linear(2, 2)
     state = dckpt.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))
