@@ -34,7 +34,7 @@ def check_step(step: object, name: str = "step", *, optional: bool = False) -> i
     ``optional``; ArgumentError for anything else (bools, floats, tensors, out of range)."""
     if step is None and optional:
         return None
-    if isinstance(step, numbers.Integral) and type(step) not in (int, bool):
+    if type(step) not in (int, bool) and isinstance(step, numbers.Integral):
         step = int(step)  # numpy's integers: the manifests hold plain ints
     if type(step) is not int or not 0 <= step <= MAX_STEP:
         raise ArgumentError(f"{name} must be an int in [0, {MAX_STEP}]"

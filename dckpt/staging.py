@@ -145,7 +145,7 @@ def _as_slot(slot: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class CopyEngine:
     """Copies tensors into host slots: CUDA ones non-blocking on a side stream per device.
 
-    ``copy`` enqueues; ``record()`` returns the CUDA events that mark the copies done (empty
+    ``copy_all`` enqueues; ``record()`` returns the CUDA events that mark the copies done (empty
     for CPU-only state), which ``wait_host`` (host blocks) or ``wait_device`` (the current
     stream waits, the host goes on) consume.
     """
@@ -163,10 +163,6 @@ class CopyEngine:
             stream.wait_stream(torch.cuda.current_stream(device))
             self._used.add(device)
         return stream
-
-    @torch.no_grad()
-    def copy(self, slot: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
-        return self.copy_all([slot], [src])[0]
 
     @torch.no_grad()
     def copy_all(self, slots: Sequence[torch.Tensor],
