@@ -12,7 +12,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
+from torch.distributed.checkpoint.default_planner import (
+    DefaultLoadPlanner,
+    DefaultSavePlanner,
+    create_default_local_load_plan,
+)
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
 
@@ -270,7 +274,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         coordinator, which refuses them all at once (see ``create_global_plan``)."""
         assert self.metadata is not None  # set_up_planner ran
         problems = self._meta_problems + state_dict_problems(self.state_dict, self.metadata)
-        plan = LoadPlan([]) if problems else super().create_local_plan()
+        # IMPORTANT: not DefaultLoadPlanner's: where this rank lacks a key of the checkpoint
+        # (FSDP1's ShardedTensor without a local shard) it takes the checkpoint for one of
+        # torch 2.3's, whose keys leave lists whole, and asked for "optim.param_groups"
+        plan = LoadPlan([]) if problems else create_default_local_load_plan(
+            self.state_dict, self.metadata, not self.allow_partial_load)
         return dataclasses.replace(plan, planner_data=_Asked(tuple(self.state_dict),
                                                              tuple(problems)))
 

@@ -1,7 +1,7 @@
 """PyTorch Lightning: every rank saves its shard through dckpt, from Lightning's own
 checkpoint calls (``ModelCheckpoint``, ``Trainer.save_checkpoint``, ``fit(ckpt_path=...)``).
 
-    from dckpt.integrations.lightning import DDPStrategy   # ModelParallelStrategy, SingleDevice...
+    from dckpt.integrations.lightning import DDPStrategy   # FSDPStrategy, ModelParallel...
     trainer = L.Trainer(strategy=DDPStrategy(), callbacks=[ModelCheckpoint(...)])
     trainer.fit(model, ckpt_path="last")
 
@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.strategies import DDPStrategy as _DDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy as _FSDPStrategy
 from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallelStrategy
 from lightning.pytorch.strategies import SingleDeviceStrategy as _SingleDeviceStrategy
 
@@ -44,8 +45,8 @@ from dckpt.integrations.common import (
     write_pointer,
 )
 
-__all__ = ["DckptCheckpointing", "DDPStrategy", "ModelParallelStrategy", "SingleDeviceStrategy",
-           "load_weights"]
+__all__ = ["DckptCheckpointing", "DDPStrategy", "FSDPStrategy", "ModelParallelStrategy",
+           "SingleDeviceStrategy", "load_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +199,12 @@ class DckptCheckpointing:
 
 class DDPStrategy(DckptCheckpointing, _DDPStrategy):
     """Lightning's ``DDPStrategy``, checkpointing through dckpt (see DckptCheckpointing)."""
+
+
+class FSDPStrategy(DckptCheckpointing, _FSDPStrategy):
+    """Lightning's ``FSDPStrategy`` (FSDP1), checkpointing through dckpt: each rank saves
+    its shards (FSDP1's sharded state dict, whatever ``state_dict_type`` says), and a load
+    reshards to the run's layout."""
 
 
 class ModelParallelStrategy(DckptCheckpointing, _ModelParallelStrategy):

@@ -21,11 +21,12 @@ import torch
 from frameworks import leave
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.utils.data import DataLoader, TensorDataset
 
 
 class Net(L.LightningModule):
-    def __init__(self, width: int = 32, fsdp: bool = False) -> None:
+    def __init__(self, width: int = 32, fsdp: bool = False, fsdp1: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.net = nn.Sequential(nn.Linear(16, width), nn.ReLU(), nn.Dropout(0.1),
@@ -39,6 +40,9 @@ class Net(L.LightningModule):
                 if isinstance(layer, nn.Linear):
                     fully_shard(layer, mesh=self.device_mesh)
             fully_shard(self.net, mesh=self.device_mesh)
+        if self.hparams.fsdp1 and not isinstance(self.net, FSDP):
+            # wrapped here, on the CPU: Lightning would wrap for a GPU (device_id=None)
+            self.net = FSDP(self.net, device_id=torch.device("cpu"), use_orig_params=True)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -63,13 +67,15 @@ class Kill(Callback):
 
 
 def strategy(name: str, url: str | None):
-    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
 
     from dckpt.integrations import lightning as dl
 
     return {"ddp": lambda: DDPStrategy(),
             "fsdp2": lambda: ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+            "fsdp1": lambda: type("CpuFSDP", (FSDPStrategy,), {})(state_dict_type="sharded"),
             "dckpt-ddp": lambda: dl.DDPStrategy(url=url),
+            "dckpt-fsdp1": lambda: dl.FSDPStrategy(url=url),
             "dckpt-fsdp2": lambda: dl.ModelParallelStrategy(
                 data_parallel_size=2, tensor_parallel_size=1, url=url),
             }[name]()
@@ -88,7 +94,7 @@ def main() -> None:
     L.seed_everything(0, workers=True)
     data = TensorDataset(torch.randn(64, 16), torch.randn(64, 1))
     fsdp = args.strategy.endswith("fsdp2")
-    model = Net(fsdp=fsdp)
+    model = Net(fsdp=fsdp, fsdp1=args.strategy.endswith("fsdp1"))
     ckpt = ModelCheckpoint(dirpath=args.dir, monitor="loss", save_top_k=2, save_last=True,
                            every_n_epochs=1)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=strategy(args.strategy, args.url),
@@ -101,6 +107,10 @@ def main() -> None:
 
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
                                                                        cpu_offload=True))
+    elif isinstance(model.net, FSDP):  # FSDP1's full state dict crashes on the CPU
+        with FSDP.summon_full_params(model.net, writeback=False):
+            weights = {k.replace("_fsdp_wrapped_module.", ""): v.detach().clone()
+                       for k, v in model.net.named_parameters()}
     else:
         weights = model.state_dict()
     if trainer.global_rank == 0:

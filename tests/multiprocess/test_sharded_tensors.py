@@ -106,8 +106,12 @@ def _fsdp1(rank, world, url):
 
     def build(seed: int):
         torch.manual_seed(seed)
-        model = FSDP(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)),
-                     device_id=torch.device("cpu"), use_orig_params=True)
+        # the last layer lies whole in one rank's part of the flat parameter: the other
+        # rank's ShardedTensors of it hold no shard
+        layers = (torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                  torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        model = FSDP(torch.nn.Sequential(*layers), device_id=torch.device("cpu"),
+                     use_orig_params=True)
         return model, torch.optim.AdamW(model.parameters(), lr=0.1)
 
     def step(model, optimizer, x):
@@ -116,7 +120,7 @@ def _fsdp1(rank, world, url):
         optimizer.step()
         return model(x)
 
-    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(rank))
+    x = torch.randn(3, 16, generator=torch.Generator().manual_seed(rank))
     model, optimizer = build(0)
     step(model, optimizer, x)
     kinds = {type(v).__name__ for v in get_state_dict(model, optimizer)[0].values()}
