@@ -100,7 +100,9 @@ def test_dcp_stager_refuses_a_sharded_tensor_by_name():
 
 def _fsdp1(rank, world, url):
     from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
 
     warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -127,8 +129,20 @@ def _fsdp1(rank, world, url):
     dckpt.save({"app": dckpt.TrainState(model, optimizer)}, url, step=1)
     again, again_optimizer = build(1)  # other weights, no optimizer state
     dckpt.load({"app": dckpt.TrainState(again, again_optimizer)}, url)
-    return kinds, torch.equal(step(model, optimizer, x), step(again, again_optimizer, x))
+    # the move off FSDP1, deprecated: the same checkpoint into FSDP2 (DTensors)
+    torch.manual_seed(2)
+    fsdp2 = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    fully_shard(fsdp2, mesh=init_device_mesh("cpu", (world,)))
+    fsdp2_optimizer = torch.optim.AdamW(fsdp2.parameters(), lr=0.1)
+    dckpt.load({"app": dckpt.TrainState(fsdp2, fsdp2_optimizer)}, url)
+    out = step(model, optimizer, x)
+    return (kinds, torch.equal(out, step(again, again_optimizer, x)),
+            torch.equal(out, step(fsdp2, fsdp2_optimizer, x)))
 
 
 def test_an_fsdp1_model_and_optimizer_come_back_and_train_on_bit_equal(tmp_path):
-    assert [o.value for o in run_ranks(_fsdp1, 2, str(tmp_path))] == [({"ShardedTensor"}, True)] * 2
+    """Into FSDP1 again and into FSDP2: the next step's output is bit-equal to the saved
+    model's own."""
+    assert [o.value for o in run_ranks(_fsdp1, 2, str(tmp_path))] == [
+        ({"ShardedTensor"}, True, True)] * 2
