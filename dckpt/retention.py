@@ -9,6 +9,7 @@ the newest checkpoint or a protected one (a save in flight, a run's restore poin
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,7 +42,7 @@ class _Union(_Composable):
     policies: tuple[Policy, ...]
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
-        return {s for p in self.policies for s in p(checkpoints)}
+        return set().union(*(_kept(p, list(checkpoints)) for p in self.policies))
 
     def __or__(self, other: Policy) -> _Union:
         return _Union((*self.policies, _policy(other)))
@@ -129,10 +130,32 @@ def plan(policy: Policy, checkpoints: Sequence[CheckpointInfo], *,
     """(steps to keep, steps to delete), each ascending. The newest checkpoint and the
     ``protect`` steps are always kept, whatever the policy says."""
     steps = sorted(c.step for c in checkpoints)
-    keep = {int(s) for s in policy(list(checkpoints))} | set(protect)
+    keep = _kept(policy, list(checkpoints)) | set(protect)
     if steps:
         keep.add(steps[-1])
     return [s for s in steps if s in keep], [s for s in steps if s not in keep]
+
+
+def _kept(policy: Policy, checkpoints: list[CheckpointInfo]) -> set[int]:
+    """The steps ``policy`` keeps; anything but an iterable of steps (ints) is refused: a
+    3.7 or a True taken as a step would keep a checkpoint nobody named, and delete others."""
+    said = policy(checkpoints)
+    problem = None
+    try:
+        steps = None if isinstance(said, (str, bytes)) else list(said)
+    except TypeError:
+        steps = None
+    if steps is None:
+        problem = f"{type(said).__name__} {said!r:.60}"
+    else:
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+        if bad:
+            problem = f"{type(bad[0]).__name__} {bad[0]!r:.60} among the steps"
+    if problem is not None:
+        raise ArgumentError(f"the retention policy {policy!r:.80} returned {problem}: a policy "
+                            "returns the steps to keep, an iterable of ints (the .step of the "
+                            "CheckpointInfos it is given)")
+    return {int(s) for s in steps}  # type: ignore[union-attr]
 
 
 def gc_min_age_s(now_s: float, started: Iterable[float], margin_s: float) -> float:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
+import numpy
 import pytest
+import torch
 
 import dckpt
 from dckpt.retention import best, plan
@@ -58,6 +62,35 @@ def test_best_orders_by_metric_and_ties_go_to_the_newer():
 def test_bad_policies_are_refused(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize("policy, said", [
+    (lambda cs: 30, "int 30"),
+    (lambda cs: None, "NoneType None"),
+    (lambda cs: "30", "str '30'"),
+    (lambda cs: [30.5], "float 30.5 among the steps"),  # once kept step 30
+    (lambda cs: [True], "bool True among the steps"),  # once kept step 1
+    (lambda cs: cs[:1], "CheckpointInfo CheckpointInfo(step=0"),
+    (dckpt.KeepLast(1) | (lambda cs: 10), "int 10"),  # in a union
+])
+def test_a_policy_that_returns_anything_but_steps_is_refused_saying_what_it_returned(
+        policy, said):
+    with pytest.raises(dckpt.ArgumentError, match=re.escape(f"returned {said}")):
+        plan(policy, infos(LOSSES))
+    assert plan(lambda cs: (numpy.int64(c.step) for c in cs[:1]), infos(LOSSES))[0] == [0, 60]
+
+
+def test_the_manager_refuses_a_bad_policy_and_deletes_nothing(tmp_path):
+    url = str(tmp_path / "repo")
+    mgr = dckpt.CheckpointManager(url, save_every_steps=1, retention=lambda cs: 2.0,
+                                  async_save=False, handle_signals=False)
+    for step in (1, 2, 3):
+        mgr.maybe_save(step, {"w": torch.ones(2)})
+    with pytest.raises(dckpt.ArgumentError, match="returned float 2.0: a policy returns the "
+                                                  "steps to keep"):
+        mgr.apply_retention()
+    mgr.close()
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [1, 2, 3]
 
 
 # ---------------------------------------------------------------- the upkeep's reuse of manifests
