@@ -25,6 +25,7 @@ from dckpt.layout import check_object_name
 from dckpt.manifest import (
     FORMAT,
     MAX_BLOCK_BYTES,
+    MAX_OBJECT_BYTES,
     MAX_WORLD_SIZE,
     READS,
     Entry,
@@ -34,7 +35,7 @@ from dckpt.manifest import (
     unseal,
 )
 
-__all__ = ["decode", "summary", "reusing"]
+__all__ = ["decode", "summary", "references", "reusing"]
 
 
 def _metrics(doc: object) -> dict[str, float | int | str | bool | None]:
@@ -221,6 +222,54 @@ def _head(raw: bytes, name: str) -> Summary | None:
     except (DckptError, ValueError, TypeError, KeyError, AttributeError, OverflowError,
             RecursionError, MemoryError):
         return None
+
+
+Reference = tuple[str, int, int]
+"""A block as gc sees it: (segment, offset, length)."""
+
+
+def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Reference]]:
+    """What gc needs of a manifest: its step and every block it references, after the
+    checksum over every byte, each reference checked as ``decode`` checks its segment,
+    offset and length, the items' other fields not looked at (as ``summary``: bytes that
+    pass the checksum are the bytes written). ``decode`` builds an object per item and
+    block: 0.6 s of a manifest of 20,000 items, 4x this. Anything unexpected (a first
+    version's manifest, a field missing, damage) is decoded whole, which says what is
+    wrong; within ``reusing``, so is everything, for the next run to reuse."""
+    if getattr(_reuse, "state", None) is None:
+        try:
+            with paused_gc():
+                found = _references(raw, name)
+        except (DckptError, ValueError, TypeError, KeyError, AttributeError, OverflowError,
+                RecursionError, MemoryError):
+            found = None
+        if found is not None:
+            return found
+    m = decode(raw, name=name)
+    return m.step, [(b.segment, b.offset, b.length) for b in m.refs()]
+
+
+def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:
+    if not (isinstance(raw, (bytes, bytearray))
+            and raw.startswith(b'{"format":"%s","version":2,' % FORMAT.encode())):
+        return None
+    doc = _parsed(raw, name)
+    segments = _segments(doc, name)
+    count = len(segments)
+    out: list[Reference] = []
+    add = out.append
+    for item in doc["items"].values():
+        kind = item["kind"]
+        for data in item["chunks"] if kind == "tensor" else (item,) if kind == "value" else ():
+            for seg, offset, length, _, _, _ in data["blocks"]:
+                if (type(seg) is not int or type(offset) is not int or type(length) is not int
+                        or not 0 <= seg < count or offset < 0 or length < 0
+                        or offset + length > MAX_OBJECT_BYTES):
+                    return None
+                add((segments[seg], offset, length))
+        if kind not in ("tensor", "value"):
+            return None
+    return check_int(doc["step"], "step"), out
 
 
 def _decode(raw: bytes, name: str) -> Manifest:

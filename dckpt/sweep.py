@@ -21,10 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dckpt import layout
-from dckpt.decoder import decode
-from dckpt.errors import DckptError, FormatError
-from dckpt.manifest import Manifest
-from dckpt.repository import committed_steps, manifests
+from dckpt.decoder import Reference, references
+from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
+from dckpt.repository import committed_steps, read_manifest_bytes
 from dckpt.storage import Store
 
 __all__ = ["GcReport", "collect", "DEFAULT_MIN_AGE_S"]
@@ -62,16 +61,23 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     stay live, for a save that took it as its base before the delete."""
     now = time.time() if now_s is None else now_s
     tombstone_age = min_age_s if deleted_min_age_s is None else deleted_min_age_s
-    live: list[Manifest] = []
+    live: list[tuple[int, list[Reference]]] = []
     # one deleted since the listing is left out: its record under deleted/, listed next,
     # keeps its blocks live
-    for step, m in manifests(store, committed_steps(store)):
-        if isinstance(m, DckptError):
+    for step in committed_steps(store):
+        name = f"{store.url}/{layout.manifest_name(step)}"
+        try:
+            found = references(read_manifest_bytes(store, step)[1], name=name)
+            if found[0] != step:
+                raise FormatError(f"{name}: holds step {found[0]}, its name says {step}")
+        except CheckpointNotFoundError:
+            continue
+        except DckptError as e:
             raise FormatError(
-                f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({m}); "
+                f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({e}); "
                 "what it references cannot be told from garbage. Delete that checkpoint "
                 "(dckpt.delete) or restore its manifest, then run gc again") from None
-        live.append(m)
+        live.append(found)
     expired = []
     for name in store.list_names(layout.DELETED_DIR):
         parsed = layout.parse_tombstone_name(name)
@@ -80,7 +86,7 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         if now - parsed[1] < tombstone_age:
             try:
                 raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
-                live.append(decode(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+                live.append(references(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
             except FileNotFoundError:
                 continue  # expired for another gc (a shorter deleted_min_age_s) meanwhile
             except (DckptError, IsADirectoryError) as e:
@@ -94,11 +100,11 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
             expired.append(f"{layout.DELETED_DIR}/{name}")
     referenced: dict[str, int] = {}
     seen = set()  # blocks shared by checkpoints (or within one) count once
-    for m in live:
-        for b in m.refs():
-            if (b.segment, b.offset) not in seen:  # a block shared within a checkpoint
-                seen.add((b.segment, b.offset))
-                referenced[b.segment] = referenced.get(b.segment, 0) + b.length
+    for _, refs in live:
+        for segment, offset, length in refs:
+            if (segment, offset) not in seen:  # a block shared within a checkpoint
+                seen.add((segment, offset))
+                referenced[segment] = referenced.get(segment, 0) + length
     deleted, young, partly = [], [], []
     freed = 0
     attempts = store.list_names(layout.DATA_DIR)
@@ -129,4 +135,4 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
              "%d partly referenced objects", store.url, " (dry run)" if dry_run else "",
              len(deleted), freed, len(young), sum(w for _, _, w in partly), len(partly))
     return GcReport(dry_run, tuple(deleted), freed, tuple(young), tuple(partly),
-                    tuple(m.step for m in live))
+                    tuple(step for step, _ in live))

@@ -165,6 +165,28 @@ def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
             dckpt.gc(url, min_age_s=0)
 
 
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "another step's"])
+def test_gc_stops_at_a_damaged_manifest_and_removes_nothing(tmp_path, damage):
+    """gc reads only the block references of each manifest, behind its checksum: damage
+    there stops it, as a whole decode did."""
+    url = str(tmp_path)
+    for step in (1, 2, 3):
+        dckpt.save({"w": torch.full((10,), float(step))}, url, step=step)
+    dckpt.delete(url, step=1)
+    manifest = os.path.join(url, layout.manifest_name(3))
+    raw = open(manifest, "rb").read()
+    damaged = {"flip": raw[:40] + bytes([raw[40] ^ 1]) + raw[41:], "truncate": raw[:-7],
+               "empty": b"",
+               "another step's": open(os.path.join(url, layout.manifest_name(2)), "rb").read()}
+    open(manifest, "wb").write(damaged[damage])
+    before = sorted(os.path.join(d, n) for d, _, names in os.walk(url) for n in names)
+    with pytest.raises(dckpt.FormatError, match="gc stopped: the manifest of step 3"):
+        dckpt.gc(url, min_age_s=0)
+    assert sorted(os.path.join(d, n) for d, _, names in os.walk(url) for n in names) == before
+    open(manifest, "wb").write(raw)
+    assert dckpt.gc(url, min_age_s=0).live_checkpoints == (2, 3)
+
+
 @pytest.mark.parametrize("damage", ["the folder is a file", "a mark is a folder",
                                     "a mark is garbage"])
 def test_damaged_quarantine_marks_never_stop_a_restore(tmp_path, damage):

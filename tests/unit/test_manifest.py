@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 import dckpt
 from dckpt import layout
 from dckpt.blocks import check, cut, digest
-from dckpt.decoder import decode, summary
+from dckpt.decoder import decode, references, reusing, summary
 from dckpt.dtypes import dtype_from_name, dtype_name
-from dckpt.errors import FormatError, IntegrityError
+from dckpt.errors import DckptError, FormatError, IntegrityError
 from dckpt.manifest import (
     BlockRef,
     ChunkEntry,
@@ -234,6 +234,71 @@ def test_the_fast_tensor_entry_decodes_as_the_checked_one(edits):
         assert fast is None, edits
         return
     assert fast is None or fast == checked, edits
+
+
+def _refs(m: Manifest) -> list[tuple[str, int, int]]:
+    return [(b.segment, b.offset, b.length) for b in m.refs()]
+
+
+def test_references_are_the_decoded_manifests_for_every_kind_of_item(tmp_path):
+    """Tensors in one chunk and in many, values, compressed blocks, blocks shared with the
+    checkpoint before (a differential save), and a first version's manifest."""
+    url = str(tmp_path / "repo")
+    state = {"w": torch.arange(5000.0), "meta": {"epoch": 3, "name": "x"},
+             "h": torch.zeros(40, 30, dtype=torch.bfloat16)}
+    cfg = dckpt.SaveConfig(block_size_bytes=4096, compression="on")
+    dckpt.save(state, url, step=1, config=cfg)
+    state["w"][:10] = -1
+    dckpt.save(state, url, step=2, config=cfg)
+    golden = os.path.join(GOLDEN, layout.manifest_name(42))
+    for path, step in [(os.path.join(url, layout.manifest_name(1)), 1),
+                       (os.path.join(url, layout.manifest_name(2)), 2), (golden, 42)]:
+        raw = open(path, "rb").read()
+        assert references(raw) == (step, _refs(decode(raw)))
+    assert len(references(open(os.path.join(url, layout.manifest_name(2)), "rb").read())[1]) > 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([
+    ("items",), ("items", "w"), ("items", "w", "kind"), ("items", "w", "chunks"),
+    ("items", "w", "chunks", 0), ("items", "w", "chunks", 0, "blocks"),
+    ("items", "v", "kind"), ("items", "v", "blocks"), ("segments",), ("segments", 0),
+    ("step",), ("version",),
+    *[("items", "w", "chunks", 0, "blocks", b, f) for b in (0, 1) for f in range(6)]]),
+    st.sampled_from([*_TRICKY, {"kind": "tensor"}, {"kind": "value", "blocks": []},
+                     [[0, 0, 4, 4, "ab" * 16, "raw"]]])), max_size=3))
+def test_references_are_decodes_or_checked_rows(edits):
+    """A forged manifest (resealed after the edits): where decode accepts it, references
+    returns exactly its blocks; where decode refuses it, references either refuses it too
+    or returns only rows whose segment, offset and length decode's checks would pass."""
+    doc = json.loads(encode(_manifest()))
+    for path, value in edits:
+        _edit(doc, path, value)
+    raw = reseal(doc)
+    try:
+        expected = _refs(decode(raw))
+    except DckptError:
+        try:
+            _, found = references(raw)
+        except DckptError:
+            return
+        segments = doc["segments"]
+        assert all(seg in segments and type(o) is int and type(n) is int and o >= 0 and n >= 0
+                   for seg, o, n in found), edits
+        return
+    assert references(raw) == (doc["step"], expected), edits
+
+
+def test_references_within_reusing_are_the_memos_manifest(monkeypatch):
+    raw = encode(_manifest())
+    memo: dict = {}
+    with reusing(memo, 1 << 20):
+        assert references(raw) == (1, _refs(decode(raw)))
+    assert len(memo) == 1  # decoded whole, for the next run
+    monkeypatch.setattr("dckpt.decoder.entry", None)  # an item decoded would raise
+    with reusing(memo, 1 << 20):
+        assert references(raw)[0] == 1
+    assert references(raw) == (1, _refs(_manifest()))  # outside: items never decoded
 
 
 @pytest.mark.parametrize("name, ok", [
