@@ -73,9 +73,10 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     """Read back and check every byte of one checkpoint (``step``, default the newest), or of
     every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
     that restores skip it at once (nothing is deleted), and clear the mark of each one that
-    verifies clean. Raises only when ``url`` holds no repository (or the asked step does not
-    exist), or StorageError when no read ends for 300 s (``watchdog.STALL_S``: a hung
-    mount). Not collective."""
+    verifies clean; a mark that cannot be written (a read-only copy) is logged as an error,
+    the report returned as without marks. Raises only when ``url`` holds no repository (or
+    the asked step does not exist), or StorageError when no read ends for 300 s
+    (``watchdog.STALL_S``: a hung mount). Not collective."""
     step = check_step(step, optional=True)
     check_bool(all_steps, "all_steps")
     check_bool(quarantine, "quarantine")
@@ -95,8 +96,17 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
         bad: dict[int, str] = {}
         for p in report.problems:
             bad.setdefault(p.step, p.message.splitlines()[0])
+        unmarked: list[str] = []
         for s in report.steps:
-            set_quarantine(store, s, bad.get(s))
+            try:
+                set_quarantine(store, s, bad.get(s))
+            except (OSError, DckptError) as e:  # a read-only copy: the findings still count
+                unmarked.append(f"step {s}: {type(e).__name__}: {str(e).splitlines()[0]}")
+                bad.pop(s, None)
+        if unmarked:
+            log.error("verify of %s could not update the quarantine marks of %d step(s) (a "
+                      "restore reads a damaged one to find the damage itself): %s", url,
+                      len(unmarked), "; ".join(unmarked[:3]))
         if bad:
             log.warning("quarantined steps %s of %s", sorted(bad), url)
     return report

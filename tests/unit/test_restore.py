@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -86,6 +87,30 @@ def test_quarantine_marks_a_damaged_checkpoint_and_restores_skip_it_at_once(tmp_
     assert cli(["verify", url, "--step", "3", "--quarantine"]) == 0
     assert all(i.quarantined is None for i in dckpt.list_checkpoints(url))
     assert dckpt.load(_empty(), url).step == 3
+
+
+def test_a_quarantine_mark_that_cannot_be_written_still_reports_the_damage(
+        tmp_path, monkeypatch, caplog):
+    """A read-only copy of a repository (a mount, a bucket without write rights): the mark
+    fails; the verify's findings come back, and the log says which marks it could not set
+    (it raised StorageError, the findings lost)."""
+    import errno
+
+    url = str(tmp_path)
+    _three(url)
+    damage(tmp_path, 3, "flipped_byte")
+
+    def read_only(store, step, reason):
+        raise OSError(errno.EROFS, "Read-only file system", f"{url}/quarantine")
+
+    monkeypatch.setattr("dckpt.catalog.set_quarantine", read_only)
+    with caplog.at_level(logging.WARNING, logger="dckpt"):
+        report = dckpt.verify(url, all_steps=True, quarantine=True)
+    assert [p.step for p in report.problems] == [3] and report.steps == (1, 2, 3)
+    assert "could not update the quarantine marks of 3 step(s)" in caplog.text
+    assert "Read-only file system" in caplog.text and "quarantined steps" not in caplog.text
+    assert cli(["verify", url, "--all", "--quarantine"]) == 1  # the damage, as without marks
+    assert all(i.quarantined is None for i in dckpt.list_checkpoints(url))
 
 
 def test_partial_restore_loads_only_the_asked_keys(tmp_path):
