@@ -49,7 +49,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--small-tensors", type=int, default=0,
                    help="instead: N tensors of 64 bytes each; async pause (layout reused), "
-                        "sync save and load, against DCP's save and load")
+                        "sync save and load, against DCP's save and load and torch.save "
+                        "(fsynced) and torch.load")
     args = p.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -155,12 +156,24 @@ def _small_tensors(n: int, repeat: int, url: str, peer: str) -> None:
                                  for _ in range(repeat))
     dcp_load = statistics.median(timed(lambda: dcp.load(out, checkpoint_id=peer))
                                  for _ in range(repeat))
+    own = os.path.join(peer, f"torch-save-{rank}.pt")  # each rank its own file, made durable
+
+    def torch_save() -> None:
+        with open(own, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    torch_save_s = statistics.median(timed(torch_save) for _ in range(repeat))
+    torch_load_s = statistics.median(timed(lambda: torch.load(own, weights_only=True))
+                                     for _ in range(repeat))
     if rank == 0:
         print(json.dumps({"tensors": n, "ranks": world, "tensors_per_rank": len(state),
                           "async_pause_s": statistics.median(pauses),
                           "async_call_to_commit_s": statistics.median(commits),
                           "save_s": save, "load_s": load, "dcp_save_s": dcp_save,
-                          "dcp_load_s": dcp_load}))
+                          "dcp_load_s": dcp_load, "torch_save_s": torch_save_s,
+                          "torch_load_s": torch_load_s}))
 
 
 if __name__ == "__main__":

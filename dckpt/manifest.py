@@ -227,22 +227,12 @@ def unseal(raw: bytes, name: str) -> None:
 
 
 def encode(m: Manifest) -> bytes:
+    """The manifest's bytes: JSON, its items last, sealed. The items are written from
+    templates, not built as dicts for ``json.dumps`` (10 us an item, 0.2 s of the commit of
+    a save of 20,000 tensors); every string in them but the keys is one the format names
+    (a dtype, an encoding, a codec, a hex digest), and the keys are JSON-escaped."""
     segments = m.segments()
     index = {name: i for i, name in enumerate(segments)}
-
-    def data_json(d: StoredData) -> dict:
-        return {"nbytes": d.nbytes,
-                "blocks": [[index[s], o, n, r, h, c] for s, o, n, r, h, c in d.blocks]}
-
-    items: dict[str, dict] = {}
-    for fqn, e in m.items.items():
-        if isinstance(e, TensorEntry):
-            items[fqn] = {"kind": "tensor", "dtype": e.dtype, "size": list(e.size),
-                          "requires_grad": e.requires_grad,
-                          "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes),
-                                      **data_json(c.data)} for c in e.chunks]}
-        else:
-            items[fqn] = {"kind": "value", "encoding": e.encoding, **data_json(e.data)}
     doc = {
         "format": FORMAT, "version": VERSION, "step": m.step, "attempt": m.attempt,
         "created_at": m.created_at, "world_size": m.world_size,
@@ -250,9 +240,36 @@ def encode(m: Manifest) -> bytes:
         "bytes_logical": m.bytes_logical, "bytes_written": m.bytes_written,
         "phase_s": m.phase_s, "block_size_bytes": m.block_size_bytes,
         "dcp_version": m.dcp_version, "planner_data": m.planner_data,
-        "segments": segments, "items": items,
+        "segments": segments,
     }
-    return seal(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+    head = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+    body = [head[:-1], ',"items":{']
+    add = body.append
+    key = json.encoder.encode_basestring_ascii  # what json.dumps writes for a key
+    lists: dict[tuple[int, ...], str] = {}  # sizes and offsets repeat: (0,), (4096,)
+
+    def ints(values: tuple[int, ...]) -> str:
+        text = lists.get(values)
+        if text is None:
+            text = lists[values] = "[" + ",".join([str(int(v)) for v in values]) + "]"
+        return text
+
+    def data(d: StoredData) -> str:
+        rows = ",".join([f'[{index[s]},{o},{n},{r},"{h}","{c}"]' for s, o, n, r, h, c in d.blocks])
+        return f'"nbytes":{d.nbytes:d},"blocks":[{rows}]'
+
+    for i, (fqn, e) in enumerate(m.items.items()):
+        if i:
+            add(",")
+        if isinstance(e, TensorEntry):
+            chunks = ",".join([f'{{"offsets":{ints(c.offsets)},"sizes":{ints(c.sizes)},'
+                               f"{data(c.data)}}}" for c in e.chunks])
+            add(f'{key(fqn)}:{{"kind":"tensor","dtype":"{e.dtype}","size":{ints(e.size)},'
+                f'"requires_grad":{"true" if e.requires_grad else "false"},"chunks":[{chunks}]}}')
+        else:
+            add(f'{key(fqn)}:{{"kind":"value","encoding":"{e.encoding}",{data(e.data)}}}')
+    add("}}")
+    return seal("".join(body).encode())
 
 
 def metric_ok(value: object, *, stored: bool = True) -> bool:

@@ -294,7 +294,10 @@ class Writer(StorageWriter):
 
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         t_finish = time.perf_counter()
-        stored = {r.index: r.storage_data for rank_results in results for r in rank_results}
+        # keyed by (fqn, offsets): a MetadataIndex per lookup costs a torch.Size
+        stored: dict[tuple[str, tuple[int, ...] | None], _Stored] = {
+            (r.index.fqn, r.index.offset): r.storage_data
+            for rank_results in results for r in rank_results}
         items = _entries(metadata, stored)
         phase_s = {"plan": self._t["write"] - self._t["start"], "write": t_finish - self._t["write"]}
         manifest = Manifest(
@@ -464,18 +467,21 @@ def _sums(blocks: tuple[BlockRef, ...]) -> tuple[int, int]:
     return sum(b.length for b in blocks), sum(b.raw_length for b in blocks)
 
 
-def _entries(metadata: Metadata, stored: dict[MetadataIndex, _Stored]) -> dict[str, Entry]:
+def _entries(metadata: Metadata,
+             stored: dict[tuple[str, tuple[int, ...] | None], _Stored]) -> dict[str, Entry]:
     items: dict[str, Entry] = {}
+    dtypes: dict[torch.dtype, str] = {}
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, BytesStorageMetadata):
-            value = stored[MetadataIndex(fqn)]
+            value = stored[fqn, None]
             items[fqn] = ValueEntry(value.data, value.encoding)
         elif isinstance(md, TensorStorageMetadata):
-            chunks = tuple(ChunkEntry(tuple(c.offsets), tuple(c.sizes),
-                                      stored[MetadataIndex(fqn, c.offsets)].data)
-                           for c in md.chunks)
-            items[fqn] = TensorEntry(dtype_name(md.properties.dtype), tuple(md.size),
-                                     bool(md.properties.requires_grad), chunks)
+            chunks = tuple([ChunkEntry(tuple(c.offsets), tuple(c.sizes),
+                                       stored[fqn, c.offsets].data) for c in md.chunks])
+            dtype = md.properties.dtype
+            name = dtypes.get(dtype) or dtypes.setdefault(dtype, dtype_name(dtype))
+            items[fqn] = TensorEntry(name, tuple(md.size), bool(md.properties.requires_grad),
+                                     chunks)
     return items
 
 

@@ -8,8 +8,11 @@ import struct
 import threading
 import time
 
+import numpy
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import dckpt
 from dckpt.cli import main as cli
@@ -541,3 +544,42 @@ def test_export_refuses_a_damaged_checkpoint(tmp_path, fmt):
     path.write_bytes(bytes(raw))
     with pytest.raises(dckpt.IntegrityError, match="'w'"):
         dckpt.export(url, str(tmp_path / "out"), format=fmt)
+
+
+def _content(size: int, kind: int) -> bytes:
+    if kind == 0:
+        return bytes(size)
+    if kind == 1:  # noise: stored raw
+        return numpy.random.default_rng(size).bytes(size)
+    if kind == 2:  # the same bytes as another item of this size
+        return b"\x01" * size
+    return numpy.arange(size // 4, dtype=numpy.float32).tobytes()  # compressible
+
+
+@settings(max_examples=150, deadline=None)
+@given(items=st.lists(st.tuples(st.integers(0, 3 * 1024 + 2).map(lambda n: 4 * n),
+                                st.integers(0, 3)), min_size=1, max_size=12),
+       compress=st.booleans(), indexed=st.booleans())
+def test_the_one_block_path_stores_an_item_as_the_general_path(items, compress, indexed):
+    """SegmentOut.append stores an item of one block on a path of its own: the bytes, the
+    block references, the counters and the index it leaves are the general path's."""
+    import io
+
+    from dckpt.dedup import BlockIndex
+    from dckpt.segments import SegmentOut
+
+    seen = []
+    for general in (False, True):
+        index = BlockIndex(None) if indexed else None
+        f = io.BytesIO()
+        out = SegmentOut(f, "seg", 4096, index=index, compress=compress)
+        refs, changed = [], []
+        for size, kind in items:
+            buf = memoryview(_content(size, kind))
+            refs.append(out._blocks(buf, 4, 4096, 1 << 18) if general
+                        else out.append(buf, planes=4, min_run_bytes=1 << 18))
+            changed.append(out.changed)
+        seen.append((refs, changed, f.getvalue(), out.offset, out.written, out.raw_written,
+                     out.new_blocks, sorted(index._refs.items()) if index else None))
+    assert seen[0] == seen[1]
+    assert any(len(r) == 1 for r in seen[0][0]) or all(n == 0 or n > 4096 for n, _ in items)

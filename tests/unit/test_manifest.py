@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -234,6 +235,69 @@ def test_the_fast_tensor_entry_decodes_as_the_checked_one(edits):
         assert fast is None, edits
         return
     assert fast is None or fast == checked, edits
+
+
+def _reference_encode(m: Manifest) -> bytes:
+    """The manifest as a dict given to json.dumps: what ``encode`` writes from templates."""
+    segments = m.segments()
+    index = {name: i for i, name in enumerate(segments)}
+
+    def data_json(d: StoredData) -> dict:
+        return {"nbytes": d.nbytes,
+                "blocks": [[index[s], o, n, r, h, c] for s, o, n, r, h, c in d.blocks]}
+
+    items: dict[str, dict] = {}
+    for fqn, e in m.items.items():
+        if isinstance(e, TensorEntry):
+            items[fqn] = {"kind": "tensor", "dtype": e.dtype, "size": list(e.size),
+                          "requires_grad": e.requires_grad,
+                          "chunks": [{"offsets": list(c.offsets), "sizes": list(c.sizes),
+                                      **data_json(c.data)} for c in e.chunks]}
+        else:
+            items[fqn] = {"kind": "value", "encoding": e.encoding, **data_json(e.data)}
+    doc = {"format": "dckpt.manifest", "version": 2, "step": m.step, "attempt": m.attempt,
+           "created_at": m.created_at, "world_size": m.world_size,
+           "metrics": {k: v if not isinstance(v, float) or v == v and abs(v) != float("inf")
+                       else str(v) for k, v in m.metrics.items()},
+           "bytes_logical": m.bytes_logical, "bytes_written": m.bytes_written,
+           "phase_s": m.phase_s, "block_size_bytes": m.block_size_bytes,
+           "dcp_version": m.dcp_version, "planner_data": m.planner_data,
+           "segments": segments, "items": items}
+    return seal(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+
+
+_SEGMENTS = ["data/s1-t0-00000000/r00000-000.seg", "data/s0-t0-00000000/r00001-002.seg"]
+_a_block = st.builds(BlockRef, st.sampled_from(_SEGMENTS), st.integers(0, 2**50),
+                     st.integers(0, 2**30), st.integers(0, 2**30),
+                     st.sampled_from(["0" * 32, "0123456789abcdef" * 2]),
+                     st.sampled_from(["raw", "zstd"]))
+_a_data = st.builds(StoredData, st.integers(0, 2**40), st.lists(_a_block, max_size=3).map(tuple))
+_some_ints = st.lists(st.integers(0, 2**40), max_size=3).map(tuple)
+_an_entry = st.one_of(
+    st.builds(ValueEntry, _a_data, st.sampled_from(["torch", "bytes"])),
+    st.builds(TensorEntry, st.sampled_from(["float32", "bfloat16", "int8", "bool"]), _some_ints,
+              st.booleans(), st.lists(st.builds(ChunkEntry, _some_ints, _some_ints, _a_data),
+                                      max_size=3).map(tuple)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=12), _an_entry, max_size=6))
+def test_encode_writes_what_json_dumps_of_the_manifest_would(items):
+    """Keys with quotes, backslashes, control characters and any unicode, values, tensors
+    of any number of chunks and blocks, both codecs: byte for byte json.dumps's output."""
+    m = dataclasses.replace(_manifest(), items=items, planner_data=None)
+    assert encode(m) == _reference_encode(m)
+
+
+def test_encode_of_a_saved_manifest_is_byte_for_byte_the_dumps_one(tmp_path):
+    url = str(tmp_path)
+    state = {"w": torch.arange(5000.0), 'we"ird\\key\n': torch.ones(3, 2),
+             "meta": {"epoch": 3}, "b": torch.zeros(0), "h": torch.ones(40, 30).bfloat16()}
+    dckpt.save(state, url, step=1, config=dckpt.SaveConfig(block_size_bytes=4096,
+                                                           compression="on"),
+               metrics={"loss": float("nan"), "acc": 0.5})
+    raw = open(os.path.join(url, layout.manifest_name(1)), "rb").read()
+    assert encode(decode(raw)) == _reference_encode(decode(raw)) == raw
 
 
 def _refs(m: Manifest) -> list[tuple[str, int, int]]:
