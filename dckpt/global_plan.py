@@ -165,6 +165,8 @@ class PlanCache:
     def __init__(self) -> None:
         self.hits = 0
         """Saves that reused the plan."""
+        self.local: tuple[object, SavePlan, str] | None = None
+        """This rank's last local plan: (its state dict's shape, the plan, its digest)."""
         self.clear()
 
     def clear(self) -> None:
@@ -191,8 +193,16 @@ def save_state_dict(state_dict: dict[str, Any], storage_writer: StorageWriter,
             planner.set_up_planner(state_dict=state_dict, storage_meta=storage_writer.storage_meta(),
                                    is_coordinator=dw.is_coordinator)
             storage_writer.set_up_storage_writer(dw.is_coordinator)
+            local = cache.local
+            if isinstance(planner, SafeSavePlanner) and local is not None:
+                planner.reuse = local[0], local[1]
             plan = storage_writer.prepare_local_plan(planner.create_local_plan())
-            mine["plan"], mine["key"] = plan, plan_digest(plan)
+            made = getattr(planner, "made", None)
+            reused = made is not None and local is not None and made[1] is local[1]
+            # a plan taken again has the digest it had: its items and mappings are the same
+            key = local[2] if reused and local is not None else plan_digest(plan)
+            cache.local = None if made is None else (made[0], made[1], key)
+            mine["plan"], mine["key"] = plan, key
         plan, key = mine["plan"], mine["key"]
         if offer_known and cache.plan is not None and cache.key == key:
             return _Known(key, cache.generation, plan.storage_data,

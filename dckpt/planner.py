@@ -117,6 +117,12 @@ class SafeSavePlanner(DefaultSavePlanner):
         self._values: dict[str, io.BytesIO] = {}
         self._problems: list[str] | None = None
         self.prewritten = {}
+        self.reuse: tuple[object, SavePlan] | None = None
+        """(shape, plan): the local plan of the line's last save (global_plan.PlanCache),
+        taken again for a state dict of the same shape (``plan_key``) instead of DCP making
+        the same one anew (0.15 s of a save of 20,000 tensors)."""
+        self.made: tuple[object, SavePlan] | None = None
+        """This save's (shape, plan), for the next; None where the shape is not known."""
 
     def set_up_planner(self, state_dict: dict[str, Any], storage_meta: object = None,
                        is_coordinator: bool = False) -> None:
@@ -145,7 +151,16 @@ class SafeSavePlanner(DefaultSavePlanner):
 
     def create_local_plan(self) -> SavePlan:
         refuse(self.check())
-        return with_value_digests(super().create_local_plan(), self._values)
+        key = plan_key(self.state_dict)
+        # with the flattening's mappings, which the plan carries into the manifest: a list
+        # and a dict keyed "0" flatten alike
+        shape = None if key is None else (key, getattr(self, "mappings", None))
+        if shape is not None and self.reuse is not None and self.reuse[0] == shape:
+            self.plan = plan = self.reuse[1]
+        else:
+            plan = super().create_local_plan()
+        self.made = None if shape is None else (shape, plan)
+        return with_value_digests(plan, self._values)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         """(coordinator) Refuse keys the ranks hold differently, before DCP keeps one

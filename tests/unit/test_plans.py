@@ -73,6 +73,53 @@ def test_saves_alternating_structures_each_load_their_own_state(tmp_path):
         assert str(out) == str(saved), step
 
 
+def test_a_sync_save_takes_its_lines_last_local_plan_again_only_for_the_same_shape(
+        tmp_path, monkeypatch):
+    """DCP's local plan is made once per shape of the state dict: a save of the same shape
+    takes the last one again; any change of a key, a nesting, a shape, a dtype, a
+    requires_grad or a tensor into a value makes it anew, and every save loads back as it
+    was saved."""
+    from torch.distributed.checkpoint import default_planner
+
+    made = []
+    real = default_planner.create_default_local_save_plan
+    monkeypatch.setattr(default_planner, "create_default_local_save_plan",
+                        lambda *a: made.append(1) or real(*a))
+    base = {"a": torch.zeros(4, 2), "b": [torch.zeros(3)], "n": 5}
+    states = [
+        (base, True),
+        ({"a": torch.ones(4, 2), "b": [torch.randn(3)], "n": 6}, False),  # values only
+        ({"a": torch.zeros(2, 4), "b": [torch.zeros(3)], "n": 5}, True),  # a shape
+        ({"a": torch.zeros(2, 4), "b": [torch.zeros(3)], "n": 5}, False),
+        ({"a": torch.zeros(2, 4).double(), "b": [torch.zeros(3)], "n": 5}, True),  # a dtype
+        ({"a": torch.zeros(2, 4).double(), "b": {"0": torch.zeros(3)}, "n": 5}, True),  # nesting
+        ({"a": torch.zeros(2, 4).double(), "b": {"0": torch.zeros(3)}, "n": 7}, False),
+        ({"a": torch.zeros(2, 4).double(), "b": {"0": torch.zeros(3)}, "n": torch.tensor(7)},
+         True),  # a value into a tensor
+        ({"a": torch.nn.Parameter(torch.zeros(2, 4).double()), "b": {"0": torch.zeros(3)},
+          "n": torch.tensor(7)}, True),  # requires_grad
+        ({"a": torch.zeros(2, 4).double(), "b": {"0": torch.zeros(3)}, "m": torch.tensor(7)},
+         True),  # a key's name
+    ]
+    url = str(tmp_path / "repo")
+    for step, (state, new) in enumerate(states, 1):
+        before = len(made)
+        dckpt.save(state, url, step=step)
+        assert len(made) - before == int(new), step
+    for step, (state, _) in enumerate(states, 1):
+        out = {k: (torch.zeros_like(v).detach() if isinstance(v, torch.Tensor) else
+                   [torch.zeros(3)] if isinstance(v, list) else
+                   {"0": torch.zeros(3)} if isinstance(v, dict) else 0)
+               for k, v in state.items()}
+        dckpt.load(out, url, step=step)
+        assert str(out) == str({k: v.detach() if isinstance(v, torch.Tensor) else v
+                                for k, v in state.items()}), step
+        entry = dckpt.inspect(url, step=step).items["a"]
+        assert (entry.size, entry.dtype, entry.requires_grad) == (
+            tuple(state["a"].shape), str(state["a"].dtype).removeprefix("torch."),
+            state["a"].requires_grad), step
+
+
 class _Seen(DefaultLoadPlanner):
     """Counts the reads the coordinator's global plan is given."""
 
