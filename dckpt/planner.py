@@ -85,9 +85,12 @@ def plan_key(flat: dict[str, Any]) -> tuple | None:
         elif type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
             key.append((fqn, v.shape, v.dtype, v.device, v.layout, v.requires_grad))
         elif is_dtensor(v):
+            mesh: Any = v.device_mesh  # type: ignore[attr-defined]
+            # where this rank's shard lies: the mesh's shape and this rank's coordinate in it
+            # (a mesh made anew can take a freed one's id)
             key.append((fqn, v.shape, local_shard(v).shape, v.dtype,  # type: ignore[arg-type]
                         v.device, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
-                        id(v.device_mesh)))  # type: ignore[attr-defined]
+                        id(mesh), tuple(mesh.shape), tuple(mesh.get_coordinate() or ())))
         else:
             return None
     return tuple(key)
