@@ -82,14 +82,17 @@ def plan_key(flat: dict[str, Any]) -> tuple | None:
     for fqn, v in flat.items():
         if not isinstance(v, torch.Tensor):
             key.append((fqn,))
-        elif type(v) is torch.Tensor or isinstance(v, torch.nn.Parameter):
+        elif type(v) in PLAIN:  # a lazy parameter, whose shape raises, is a subclass
+            if v.is_nested:  # no shape to key on; refused by the checks
+                return None
             key.append((fqn, v.shape, v.dtype, v.device, v.layout, v.requires_grad))
         elif is_dtensor(v):
             mesh: Any = v.device_mesh  # type: ignore[attr-defined]
             # where this rank's shard lies: the mesh's shape and this rank's coordinate in it
             # (a mesh made anew can take a freed one's id)
-            key.append((fqn, v.shape, local_shard(v).shape, v.dtype,  # type: ignore[arg-type]
-                        v.device, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
+            local = local_shard(v)  # type: ignore[arg-type]
+            key.append((fqn, v.shape, local.shape, v.dtype, v.device, local.layout,
+                        local.is_nested, v.requires_grad, tuple(v.placements),  # type: ignore[attr-defined]
                         id(mesh), tuple(mesh.shape), tuple(mesh.get_coordinate() or ())))
         else:
             return None
@@ -133,15 +136,17 @@ class SafeSavePlanner(DefaultSavePlanner):
             super().set_up_planner(state_dict, storage_meta, is_coordinator)  # type: ignore[arg-type]
             self.state_dict = _sharded_flattened(self.state_dict)
 
-    def check(self) -> list[str]:
-        """(all ranks, after set_up_planner) Every problem of the state dict."""
+    def check(self, *, tensors: bool = True) -> list[str]:
+        """(all ranks, after set_up_planner) Every problem of the state dict. ``tensors=False``
+        where a state dict of the same ``plan_key`` passed these checks before: they read
+        only what the key holds (3 us a tensor, 0.06 s of a pause of 20,000)."""
         if self._problems is not None:
             return self._problems
         problems: list[str] = []
         self._values = {}
         for key, value in self.state_dict.items():
             if isinstance(value, torch.Tensor):
-                problem = tensor_problem(key, value)
+                problem = tensor_problem(key, value) if tensors else None
                 if problem:
                     problems.append(problem)
                 continue
@@ -152,13 +157,19 @@ class SafeSavePlanner(DefaultSavePlanner):
         self._problems = problems
         return problems
 
-    def create_local_plan(self) -> SavePlan:
-        refuse(self.check())
+    def shape(self) -> object:
+        """(after set_up_planner) What this rank's local plan and checks follow from:
+        ``plan_key``, with the flattening's mappings, which the plan carries into the
+        manifest (a list and a dict keyed "0" flatten alike); None where it is not known."""
         key = plan_key(self.state_dict)
-        # with the flattening's mappings, which the plan carries into the manifest: a list
-        # and a dict keyed "0" flatten alike
-        shape = None if key is None else (key, getattr(self, "mappings", None))
-        if shape is not None and self.reuse is not None and self.reuse[0] == shape:
+        return None if key is None else (key, getattr(self, "mappings", None))
+
+    def create_local_plan(self) -> SavePlan:
+        shape = self.shape()
+        same = shape is not None and self.reuse is not None and self.reuse[0] == shape
+        refuse(self.check(tensors=not same))
+        if same:
+            assert self.reuse is not None
             self.plan = plan = self.reuse[1]
         else:
             plan = super().create_local_plan()

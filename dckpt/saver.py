@@ -44,7 +44,7 @@ from dckpt.global_plan import PlanCache, run_save, stateful_to_state_dict
 from dckpt.handle import SaveHandle
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import StoredData
-from dckpt.planner import SafeSavePlanner, StagedPlanner, plan_key
+from dckpt.planner import SafeSavePlanner, StagedPlanner
 from dckpt.segments import SegmentOut, item_nbytes
 from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
 from dckpt.storage import Store
@@ -271,9 +271,11 @@ class AsyncSaver:
     def _plan(self, state_dict: StateDict, config: SaveConfig) -> _Planned:
         """(caller's thread) DCP's local plan, its data, and where each tensor is staged."""
         planner = SafeSavePlanner()
+        shape = None
         try:
             planner.set_up_planner(stateful_to_state_dict(state_dict), None, dist.rank() == 0)
-            problems = planner.check()
+            shape = planner.shape()
+            problems = planner.check(tensors=shape is None or shape != self._last_plan_key)
         except StateDictError as e:  # keys that collide once flattened
             problems = [e.message]
         if problems:  # refused in the persist thread's collective: the same on every rank
@@ -281,10 +283,6 @@ class AsyncSaver:
             planned.problems = problems
             planned.key, planned.sizes = ((), 0), [0]
             return planned
-        # with the flattening's mappings, which the plan carries into the manifest: a list
-        # and a dict keyed "0" flatten alike, and a reused plan exported one as the other
-        key = plan_key(planner.state_dict)  # type: ignore[attr-defined]
-        shape = None if key is None else (key, getattr(planner, "mappings", None))
         if shape is None or shape != self._last_plan_key:
             self._last_plan, self._last_plan_key = planner.create_local_plan(), shape
         assert self._last_plan is not None
@@ -299,8 +297,8 @@ class AsyncSaver:
                 else:
                     assert isinstance(data, torch.Tensor)
                     tensors.append((item, data))
-        fits, window = fit([item_nbytes(i) for i, _ in tensors], config.staging_bytes,
-                           config.block_size_bytes)
+        nbytes = [item_nbytes(i) for i, _ in tensors]
+        fits, window = fit(nbytes, config.staging_bytes, config.block_size_bytes)
         chosen = set(fits)
         planned.fit = [tensors[k] for k in fits]
         planned.overflow = [t for k, t in enumerate(tensors) if k not in chosen]
@@ -310,7 +308,7 @@ class AsyncSaver:
         planned.key = ((shape, tuple(fits)) if shape is not None else
                        tuple((i.index, t.dtype, tuple(t.shape), t.device)
                              for i, t in planned.fit), planned.window)
-        planned.sizes = [item_nbytes(i) for i, _ in planned.fit] + [planned.window]
+        planned.sizes = [nbytes[k] for k in fits] + [planned.window]
         planned.pinned = any(t.device.type == "cuda" for _, t in tensors)
         return planned
 
@@ -324,7 +322,7 @@ class AsyncSaver:
             return staging
         slots = self._area.slots(planned.key, planned.sizes, pinned=planned.pinned)
         staging.staged.update(planned.values)
-        staging.staged_bytes = sum(item_nbytes(i) for i, _ in planned.fit)
+        staging.staged_bytes = sum(planned.sizes[:-1])  # the window aside
 
         typed = self._area.typed  # the slots as these tensors, from the last save
         if typed is not None and len(typed) != len(planned.fit):

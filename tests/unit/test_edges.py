@@ -782,6 +782,34 @@ def test_a_save_refuses_what_a_load_could_not_restore_before_writing(tmp_path, k
     assert not os.path.exists(url)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize("key", ["meta", "sparse", "nested", "lazy", "quantized", "np_array"])
+def test_a_refused_tensor_in_place_of_a_saved_one_is_refused_all_the_same(tmp_path, key,
+                                                                          mode):
+    """A save takes the last save's local plan, and skips its tensor checks, only for a state
+    dict of the same shape: a tensor that is refused, under a key that held a plain tensor of
+    the same size, is refused as in a first save, and the next good save plans again."""
+    url = str(tmp_path / "repo")
+    bad = (torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.quint8)
+           if key == "quantized" else _unloadable()[key])
+
+    def save(state: dict, step: int) -> None:
+        if mode == "sync":
+            dckpt.save(state, url, step=step)
+        else:
+            dckpt.async_save(state, url, step=step).wait()
+
+    good = {"w": torch.ones(2), "x": torch.ones(3)}
+    save(good, 1)
+    save({"w": torch.full((2,), 2.0), "x": torch.full((3,), 2.0)}, 2)  # the plan taken again
+    with pytest.raises(dckpt.UnsavableStateError, match="- x: "):
+        save({"w": torch.ones(2), "x": bad}, 3)
+    save({"w": torch.full((2,), 4.0), "x": torch.full((3,), 4.0)}, 4)
+    out = {"w": torch.zeros(2), "x": torch.zeros(3)}
+    assert dckpt.load(out, url).step == 4 and out["x"].tolist() == [4.0] * 3
+    assert [c.step for c in dckpt.list_checkpoints(url)] == [1, 2, 4]
+
+
 @pytest.mark.parametrize("spell", ["path", "file://", "s3"])
 def test_a_path_with_a_double_colon_is_a_folder_of_its_own(tmp_path, spell, request):
     """fsspec reads "a::b" as a chain of filesystems: /x/a::b and /x/a::c were both /x/a,
