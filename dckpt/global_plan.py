@@ -178,6 +178,22 @@ class PlanCache:
         self.metadata: Metadata | None = None
 
 
+def _local_plan(planner: SavePlanner, storage_writer: StorageWriter,
+                cache: PlanCache) -> tuple[SavePlan, str]:
+    """This rank's local plan and its digest: the line's last one taken again where the
+    planner finds a state dict of the same shape (``SafeSavePlanner.reuse``)."""
+    local = cache.local
+    if isinstance(planner, SafeSavePlanner) and local is not None:
+        planner.reuse = local[0], local[1]
+    plan = storage_writer.prepare_local_plan(planner.create_local_plan())
+    made = getattr(planner, "made", None)
+    again = made is not None and local is not None and made[1] is local[1]
+    # a plan taken again: its items and mappings, so its digest
+    key = local[2] if again and local is not None else plan_digest(plan)
+    cache.local = None if made is None else (made[0], made[1], key)
+    return plan, key
+
+
 def save_state_dict(state_dict: dict[str, Any], storage_writer: StorageWriter,
                     planner: SavePlanner, process_group: Any, no_dist: bool,
                     cache: PlanCache | None = None) -> Any:
@@ -193,16 +209,7 @@ def save_state_dict(state_dict: dict[str, Any], storage_writer: StorageWriter,
             planner.set_up_planner(state_dict=state_dict, storage_meta=storage_writer.storage_meta(),
                                    is_coordinator=dw.is_coordinator)
             storage_writer.set_up_storage_writer(dw.is_coordinator)
-            local = cache.local
-            if isinstance(planner, SafeSavePlanner) and local is not None:
-                planner.reuse = local[0], local[1]
-            plan = storage_writer.prepare_local_plan(planner.create_local_plan())
-            made = getattr(planner, "made", None)
-            reused = made is not None and local is not None and made[1] is local[1]
-            # a plan taken again has the digest it had: its items and mappings are the same
-            key = local[2] if reused and local is not None else plan_digest(plan)
-            cache.local = None if made is None else (made[0], made[1], key)
-            mine["plan"], mine["key"] = plan, key
+            mine["plan"], mine["key"] = _local_plan(planner, storage_writer, cache)
         plan, key = mine["plan"], mine["key"]
         if offer_known and cache.plan is not None and cache.key == key:
             return _Known(key, cache.generation, plan.storage_data,

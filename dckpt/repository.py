@@ -8,12 +8,13 @@ import time
 from collections.abc import Iterable, Iterator
 
 from dckpt import layout
-from dckpt.decoder import decode, summary
+from dckpt.decoder import Reference, decode, references, summary
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
 from dckpt.manifest import Manifest, Summary
 from dckpt.storage import Store
 
 __all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
+           "read_references",
            "read_manifest_bytes", "decode_manifest", "require_repository", "mark_repository",
            "quarantined", "set_quarantine", "manifests", "summaries", "still_committed"]
 
@@ -129,6 +130,17 @@ def still_committed(store: Store, step: int) -> bool:
     """Whether ``step``'s manifest is still there: a check that failed on a checkpoint
     deleted meanwhile (its data collected) found no damage."""
     return store.exists(layout.manifest_name(step))
+
+
+def read_references(store: Store, step: int) -> list[Reference]:
+    """``step``'s block references alone (``decoder.references``, for gc), read and checked
+    as ``read_manifest`` reads and checks its manifest."""
+    step, raw = read_manifest_bytes(store, step)
+    name = f"{store.url}/{layout.manifest_name(step)}"
+    held, refs = references(raw, name=name)
+    if held != step:
+        raise FormatError(f"{name}: holds step {held}, its name says {step}")
+    return refs
 
 
 def decode_manifest(raw: bytes, step: int, url: str) -> Manifest:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from dckpt import layout
 from dckpt.decoder import Reference, references
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
-from dckpt.repository import committed_steps, read_manifest_bytes
+from dckpt.repository import committed_steps, read_references
 from dckpt.storage import Store
 
 __all__ = ["GcReport", "collect", "DEFAULT_MIN_AGE_S"]
@@ -65,11 +65,8 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     # one deleted since the listing is left out: its record under deleted/, listed next,
     # keeps its blocks live
     for step in committed_steps(store):
-        name = f"{store.url}/{layout.manifest_name(step)}"
         try:
-            found = references(read_manifest_bytes(store, step)[1], name=name)
-            if found[0] != step:
-                raise FormatError(f"{name}: holds step {found[0]}, its name says {step}")
+            live.append((step, read_references(store, step)))
         except CheckpointNotFoundError:
             continue
         except DckptError as e:
@@ -77,7 +74,6 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
                 f"gc stopped: the manifest of step {step} in {store.url} cannot be read ({e}); "
                 "what it references cannot be told from garbage. Delete that checkpoint "
                 "(dckpt.delete) or restore its manifest, then run gc again") from None
-        live.append(found)
     expired = []
     for name in store.list_names(layout.DELETED_DIR):
         parsed = layout.parse_tombstone_name(name)

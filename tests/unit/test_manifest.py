@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -337,7 +338,7 @@ def test_references_are_decodes_or_checked_rows(edits):
     or returns only rows whose segment, offset and length decode's checks would pass."""
     doc = json.loads(encode(_manifest()))
     for path, value in edits:
-        _edit(doc, path, value)
+        _edit(doc, path, copy.deepcopy(value))  # the examples' values are shared: not theirs
     raw = reseal(doc)
     try:
         expected = _refs(decode(raw))
