@@ -17,8 +17,15 @@ from torch.distributed.checkpoint.default_planner import (
     DefaultSavePlanner,
     create_default_local_load_plan,
 )
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
-from torch.distributed.checkpoint.planner import LoadPlan, ReadItem, SavePlan, WriteItem, WriteItemType
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.planner import (
+    LoadItemType,
+    LoadPlan,
+    ReadItem,
+    SavePlan,
+    WriteItem,
+    WriteItemType,
+)
 
 from dckpt.blocks import digest
 from dckpt.errors import StateDictError, listing
@@ -107,6 +114,26 @@ def _sharded_flattened(flat: dict[str, Any]) -> dict[str, Any]:
            for v in flat.values()):
         return flatten_sharded_tensors(flat)
     return flat
+
+
+def local_load_plan(state_dict: dict[str, Any], metadata: Metadata, strict: bool) -> LoadPlan:
+    """DCP's ``create_default_local_load_plan``, but a plain tensor stored whole, in one chunk
+    of its own size, is the one read DCP's overlap search would find, made without it (20 us
+    a tensor, 0.4 s of a load of 20,000); the read items are DCP's, in its order."""
+    reads: list[ReadItem] = []
+    for fqn, obj in state_dict.items():
+        md = metadata.state_dict_metadata.get(fqn)
+        if type(obj) in PLAIN and type(md) is TensorStorageMetadata and len(md.chunks) == 1:
+            chunk, size = md.chunks[0], obj.size()
+            if md.size == size == chunk.sizes and all(size) and not any(chunk.offsets):
+                zeros = chunk.offsets
+                reads.append(ReadItem(type=LoadItemType.TENSOR,
+                                      dest_index=MetadataIndex(fqn, zeros, 0), dest_offsets=zeros,
+                                      storage_index=MetadataIndex(fqn, zeros, 0),
+                                      storage_offsets=zeros, lengths=size))
+                continue
+        reads += create_default_local_load_plan({fqn: obj}, metadata, strict).items
+    return LoadPlan(reads)
 
 
 class SafeSavePlanner(DefaultSavePlanner):
@@ -306,7 +333,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # IMPORTANT: not DefaultLoadPlanner's: where this rank lacks a key of the checkpoint
         # (FSDP1's ShardedTensor without a local shard) it takes the checkpoint for one of
         # torch 2.3's, whose keys leave lists whole, and asked for "optim.param_groups"
-        plan = LoadPlan([]) if problems else create_default_local_load_plan(
+        plan = LoadPlan([]) if problems else local_load_plan(
             self.state_dict, self.metadata, not self.allow_partial_load)
         return dataclasses.replace(plan, planner_data=_Asked(tuple(self.state_dict),
                                                              tuple(problems)))

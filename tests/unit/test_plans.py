@@ -8,6 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 
 import dckpt
@@ -191,3 +193,49 @@ def test_the_collector_runs_again_after_saves_of_many_items_failed_or_not(tmp_pa
     out = {k: torch.zeros(16) for k in state}
     dckpt.load(out, url, step=3)
     assert gc.isenabled() and all(torch.equal(out[k], v) for k, v in state.items())
+
+
+_SHAPES = st.lists(st.integers(0, 5), max_size=3).map(tuple)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_SHAPES, st.integers(1, 3), st.booleans(), st.booleans()),
+                min_size=1, max_size=6))
+def test_the_local_load_plan_is_dcps_read_for_read(items):
+    """A plain tensor stored whole takes a path of its own; every read item, its order and
+    its chunk indices are DCP's: tensors of 0 to 3 dimensions (empty ones too) stored in 1
+    to 3 chunks along the first, Parameters and values."""
+    from torch.distributed.checkpoint.default_planner import create_default_local_load_plan
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from dckpt.planner import local_load_plan
+
+    state: dict = {}
+    md: dict = {}
+    for k, (shape, pieces, parameter, value) in enumerate(items):
+        fqn = f"t{k}"
+        if value:
+            state[fqn], md[fqn] = 5, BytesStorageMetadata()
+            continue
+        t = torch.zeros(shape)
+        state[fqn] = torch.nn.Parameter(t) if parameter else t
+        rows = shape[0] if shape else 1
+        cuts = sorted({0, *(rows * i // pieces for i in range(1, pieces))}) if shape else [0]
+        chunks = [ChunkStorageMetadata(
+            offsets=torch.Size([start] + [0] * (len(shape) - 1)) if shape else torch.Size([]),
+            sizes=torch.Size([end - start, *shape[1:]]) if shape else torch.Size([]))
+            for start, end in zip(cuts, [*cuts[1:], rows])]
+        md[fqn] = TensorStorageMetadata(TensorProperties.create_from_tensor(t),
+                                        torch.Size(shape), chunks)
+    metadata = Metadata(md)
+    ours = local_load_plan(state, metadata, True).items
+    dcps = create_default_local_load_plan(state, metadata, True).items
+    assert ours == dcps
+    assert [(r.dest_index.index, r.storage_index.index) for r in ours] == [
+        (r.dest_index.index, r.storage_index.index) for r in dcps]
