@@ -233,7 +233,7 @@ def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Referen
     checksum over every byte, each reference checked as ``decode`` checks its segment,
     offset and length, the items' other fields not looked at (as ``summary``: bytes that
     pass the checksum are the bytes written). ``decode`` builds an object per item and
-    block: 0.6 s of a manifest of 20,000 items, 4x this. Anything unexpected (a first
+    block: 0.6 s of a manifest of 20,000 items, about 3x this. Anything unexpected (a first
     version's manifest, a field missing, damage) is decoded whole, which says what is
     wrong; within ``reusing``, so is everything, for the next run to reuse."""
     if getattr(_reuse, "state", None) is None:

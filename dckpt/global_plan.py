@@ -183,13 +183,14 @@ def _local_plan(planner: SavePlanner, storage_writer: StorageWriter,
     """This rank's local plan and its digest: the line's last one taken again where the
     planner finds a state dict of the same shape (``SafeSavePlanner.reuse``)."""
     local = cache.local
-    if isinstance(planner, SafeSavePlanner) and local is not None:
-        planner.reuse = local[0], local[1]
+    safe = planner if isinstance(planner, SafeSavePlanner) else None
+    if safe is not None and local is not None:
+        safe.reuse = local[0], local[1]
     plan = storage_writer.prepare_local_plan(planner.create_local_plan())
-    made = getattr(planner, "made", None)
-    again = made is not None and local is not None and made[1] is local[1]
-    # a plan taken again: its items and mappings, so its digest
-    key = local[2] if again and local is not None else plan_digest(plan)
+    made = safe.made if safe is not None else None
+    # a plan taken again keeps its digest: the same items and mappings
+    key = (local[2] if local is not None and made is not None and made[1] is local[1]
+           else plan_digest(plan))
     cache.local = None if made is None else (made[0], made[1], key)
     return plan, key
 
