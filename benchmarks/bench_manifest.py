@@ -1,12 +1,15 @@
-"""What a manifest of many block references costs: decoding 100,000 of them with the
-checksum, tiling and bound checks (format 2) against the same manifest without them (format
-1), beside the JSON parse alone; a load of the state (and its find phase: reading and
-decoding the manifest); and differential saves of it, sync and async (call to commit), with
-their commits (gathering the ranks' references, checking them, encoding and writing the
-manifest).
+"""What a manifest of many block references costs: decoding 100,000 of them as written
+(format 3: a binary block table) and in format 2's form (the same references as JSON rows),
+beside the JSON parse alone; a load of the state (and its find phase: reading and decoding
+the manifest); and differential saves of it, sync and async (call to commit), with their
+commits (gathering the ranks' references, checking them, encoding and writing the manifest).
+With --synthetic N, no save: a manifest of N references over 64 ranks' items built in
+memory, its encoding, decoding and gc's reading of its references in both forms, and the
+memory a decoded manifest holds (before and after one rank's items build their references).
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
     .venv/bin/python benchmarks/bench_manifest.py --small-tensors 20000 [--repeat 3]
+    .venv/bin/python benchmarks/bench_manifest.py --synthetic 2000000 [--repeat 3]
     .venv/bin/torchrun --standalone --nproc-per-node=2 benchmarks/bench_manifest.py ...
 
 Under torchrun the ranks share the blocks (each its own items), and the saves' commits
@@ -23,15 +26,21 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
+import tracemalloc
 
 import torch
 import torch.distributed as dist
 
 import dckpt
 from dckpt import layout
-from dckpt.decoder import decode
+from dckpt.decoder import decode, references
+from dckpt.manifest import BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, encode, seal
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from dckpt_testing import as_rows  # noqa: E402
 
 
 def _median(fn, repeat: int) -> float:
@@ -51,7 +60,12 @@ def main() -> None:
                    help="instead: N tensors of 64 bytes each; async pause (layout reused), "
                         "sync save and load, against DCP's save and load and torch.save "
                         "(fsynced) and torch.load")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="instead: a manifest of N block references built in memory (no save)")
     args = p.parse_args()
+    if args.synthetic:
+        _synthetic(args.synthetic, args.repeat)
+        return
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
@@ -86,14 +100,9 @@ def _blocks(args: argparse.Namespace, url: str) -> None:
     raw = open(f"{url}/{layout.manifest_name(1)}", "rb").read()
     m = decode(raw)
     blocks = sum(1 for _ in m.blocks())
-    doc = json.loads(raw)
-    doc.pop("checksum")
-    doc["version"] = 1
-    for e in doc["items"].values():
-        e.pop("encoding", None)
-    raw_v1 = json.dumps(doc, separators=(",", ":")).encode()
-    v2 = _median(lambda: decode(raw), args.repeat)
-    v1 = _median(lambda: decode(raw_v1), args.repeat)
+    raw_v2 = _as_v2(raw)
+    v3 = _median(lambda: decode(raw), args.repeat)
+    v2 = _median(lambda: decode(raw_v2), args.repeat)
     parse = _median(lambda: json.loads(raw), args.repeat)
     out = {k: torch.empty_like(v) for k, v in state.items()}
     finds: list[float] = []
@@ -111,13 +120,54 @@ def _blocks(args: argparse.Namespace, url: str) -> None:
         async_saves.append(t2 - t1)
     if rank != 0:
         return
-    print(json.dumps({"ranks": world, "blocks": blocks, "manifest_bytes": len(raw), "json_parse_s": parse,
-                      "decode_v1_s": v1, "decode_v2_s": v2, "checks_s": v2 - v1,
+    print(json.dumps({"ranks": world, "blocks": blocks, "manifest_bytes": len(raw),
+                      "manifest_v2_bytes": len(raw_v2), "json_parse_s": parse,
+                      "decode_s": v3, "decode_v2_s": v2,
                       "load_s": load, "load_find_s": statistics.median(finds),
-                      "checks_share_of_load": (v2 - v1) / load,
                       "save_s": statistics.median(saves), "commit_s": statistics.median(commits),
                       "async_save_s": statistics.median(async_saves),
                       "async_commit_s": statistics.median(async_commits)}))
+
+
+def _as_v2(raw: bytes) -> bytes:
+    """The manifest in format 2's form: every block reference a JSON row in its item."""
+    doc = as_rows(json.loads(raw))
+    doc.pop("checksum")
+    return seal(json.dumps(doc, separators=(",", ":")).encode())
+
+
+def _synthetic(n: int, repeat: int) -> None:
+    ranks, per_item, block = 64, 1024, 256 << 10
+    items: dict[str, TensorEntry] = {}
+    for i in range(max(1, n // per_item)):
+        seg = f"data/s100-t1700000000000-deadbeef/r{i % ranks:05d}-{i % 4:03d}.seg"
+        blocks = tuple(BlockRef(seg, (i // ranks) * per_item * block + j * block, block, block,
+                                f"{i * per_item + j:032x}") for j in range(per_item))
+        items[f"rank{i % ranks}.layers.{i}.w"] = TensorEntry(
+            "bfloat16", (per_item * block // 2,), False,
+            (ChunkEntry((0,), (per_item * block // 2,), StoredData(per_item * block, blocks)),))
+    m = Manifest(step=100, attempt="s100-t1700000000000-deadbeef", created_at=1.0,
+                 world_size=ranks, items=items, bytes_logical=sum(e.nbytes for e in items.values()),
+                 block_size_bytes=block)
+    raw = encode(m)
+    raw_v2 = _as_v2(raw)
+    out: dict[str, object] = {"references": sum(1 for _ in m.refs()), "manifest_bytes": len(raw),
+                              "manifest_v2_bytes": len(raw_v2),
+                              "encode_s": _median(lambda: encode(m), repeat)}
+    del m, items
+    for form, data in (("", raw), ("_v2", raw_v2)):
+        out[f"decode{form}_s"] = _median(lambda: decode(data), repeat)  # noqa: B023
+        out[f"references{form}_s"] = _median(lambda: references(data), repeat)  # noqa: B023
+        tracemalloc.start()
+        held = decode(data)
+        out[f"decoded{form}_bytes"] = tracemalloc.get_traced_memory()[0]
+        mine = [d for fqn, d in held.datas() if fqn.startswith("rank0.")]
+        for d in mine:
+            d.blocks  # noqa: B018 - one rank's items read: their references built
+        out[f"decoded{form}_rank0_built_bytes"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del held, mine
+    print(json.dumps(out))
 
 
 def _small_tensors(n: int, repeat: int, url: str, peer: str) -> None:

@@ -36,7 +36,7 @@ from dckpt.export import FORMATS, export_checkpoint
 from dckpt.gcpause import paused_gc
 from dckpt.global_plan import quiet_single_process
 from dckpt.info import CheckpointInfo, info_from_manifest
-from dckpt.manifest import Manifest, extents
+from dckpt.manifest import Manifest
 from dckpt.optim_state import params_by_id
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
@@ -274,7 +274,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
         bytes_read = dist.total(reader.bytes_read, group)
         if not partial and dist.rank() == 0:  # all of it read and verified, by some rank:
             # the next save's base, for the coordinator (rank 0) to check (dedup.usable_base)
-            dedup.committed(store, (manifest.step, manifest.attempt), extents(manifest.refs()))
+            dedup.committed(store, (manifest.step, manifest.attempt), manifest.extents())
         now = time.perf_counter()
         phase_s = {"find": t_read - t_find, **reader.phase_s, "total": now - t0}
         lost_steps = lost_s = None

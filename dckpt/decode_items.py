@@ -19,6 +19,7 @@ from dckpt.manifest import (
     MAX_TENSOR_BYTES,
     MAX_VALUE_BYTES,
     BlockRef,
+    BlockTable,
     ChunkEntry,
     Entry,
     StoredData,
@@ -26,7 +27,8 @@ from dckpt.manifest import (
     ValueEntry,
 )
 
-__all__ = ["entry", "check_obj", "check_int", "check_ints", "check_str", "check_float", "short"]
+__all__ = ["entry", "Rows", "Blocks", "check_obj", "check_int", "check_ints", "check_str",
+           "check_float", "short"]
 
 _DIGEST_RE = re.compile(r"[0-9a-f]{32}")
 _HEX_RE = re.compile(r"[0-9a-f]*")
@@ -135,15 +137,64 @@ def _blocks_checked(rows: list, where: str, segments: list[str]) -> tuple[BlockR
     return tuple(blocks)
 
 
-def _data(doc: dict, where: str, segments: list[str], maximum: int) -> StoredData:
+class Rows:
+    """A version 3 manifest's block table as its items take their rows: in order, each row
+    once (``take``), every row by the end (``finish``)."""
+
+    def __init__(self, table: BlockTable) -> None:
+        self.table = table
+        self.next = 0
+
+    def take(self, value: object, nbytes: int) -> StoredData | None:
+        """The rows ``[first, count]`` as an item's stored data, or None when they are not
+        the next rows or their raw bytes are not ``nbytes``."""
+        if type(value) is not list or len(value) != 2:
+            return None
+        first, count = value
+        if (type(first) is not int or type(count) is not int or first != self.next
+                or count < 0 or first + count > self.table.count
+                or self.table.raw_bytes(first, count) != nbytes):
+            return None
+        self.next = first + count
+        return StoredData(nbytes, table=self.table, first=first, count=count)
+
+    def why(self, value: object, nbytes: int) -> str:
+        if (type(value) is not list or len(value) != 2
+                or any(type(v) is not int or v < 0 for v in value)):
+            return f"expected [first row, row count], found {short(value)}"
+        first, count = value
+        if first != self.next:
+            return f"rows from {first}, where the previous item's end at row {self.next}"
+        if first + count > self.table.count:
+            return f"rows {first}..{first + count - 1} of a table of {self.table.count}"
+        return (f"blocks hold {self.table.raw_bytes(first, count)} bytes, nbytes says "
+                f"{nbytes}")
+
+    def finish(self, name: str) -> None:
+        if self.next != self.table.count:
+            raise FormatError(f"{name}: the block table holds {self.table.count} rows, the "
+                              f"items use {self.next}; the manifest is damaged")
+
+
+Blocks = list[str] | Rows
+"""Where an item's blocks are: version 1 and 2 rows name segments by index; version 3
+items take rows of the block table."""
+
+
+def _data(doc: dict, where: str, source: Blocks, maximum: int) -> StoredData:
     nbytes = check_int(doc["nbytes"], f"{where}.nbytes", maximum=maximum)
     rows = doc["blocks"]
+    if isinstance(source, Rows):
+        data = source.take(rows, nbytes)
+        if data is None:
+            raise FormatError(f"{where}.blocks: {source.why(rows, nbytes)}")
+        return data
     if not isinstance(rows, list):
         raise FormatError(f"{where}.blocks: expected a list")
     # a few rows (a small tensor's): one by one is faster than column by column
-    blocks = _blocks_fast(rows, segments) if len(rows) > 4 else None
+    blocks = _blocks_fast(rows, source) if len(rows) > 4 else None
     if blocks is None:
-        blocks = _blocks_checked(rows, where, segments)
+        blocks = _blocks_checked(rows, where, source)
     if sum(b.raw_length for b in blocks) != nbytes:
         raise FormatError(f"{where}: blocks hold {sum(b.raw_length for b in blocks)} bytes, "
                           f"nbytes says {nbytes}")
@@ -192,7 +243,7 @@ def _block_fast(row: object, segments: list[str]) -> BlockRef | None:
     return tuple.__new__(BlockRef, (segments[seg], offset, length, raw_length, digest, codec))
 
 
-def _whole_tensor_fast(doc: dict, segments: list[str]) -> TensorEntry | None:
+def _whole_tensor_fast(doc: dict, source: Blocks) -> TensorEntry | None:
     """The common tensor entry, one chunk that covers it, checked as ``entry`` checks it
     without building a field's name for a message it will not write (a third of the decode
     of a manifest of many small tensors); None for anything else, which ``entry`` then
@@ -214,29 +265,37 @@ def _whole_tensor_fast(doc: dict, segments: list[str]) -> TensorEntry | None:
     volume = math.prod(size) * itemsize
     if (type(offsets) is not list or len(offsets) != len(size) or any(o != 0 for o in offsets)
             or any(type(o) is not int for o in offsets) or volume > MAX_TENSOR_BYTES
-            or type(nbytes) is not int or nbytes != volume or type(rows) is not list):
+            or type(nbytes) is not int or nbytes != volume):
+        return None
+    if isinstance(source, Rows):
+        data = source.take(rows, nbytes)
+        if data is None:
+            return None
+        return TensorEntry(dtype, tuple(size), requires_grad,
+                           (ChunkEntry(tuple(offsets), tuple(size), data),))
+    if type(rows) is not list:
         return None
     if len(rows) <= 4:
-        few = [_block_fast(row, segments) for row in rows]
+        few = [_block_fast(row, source) for row in rows]
         blocks = None if None in few else tuple(b for b in few if b is not None)
     else:
-        blocks = _blocks_fast(rows, segments)
+        blocks = _blocks_fast(rows, source)
     if blocks is None or sum(b.raw_length for b in blocks) != nbytes:
         return None
     return TensorEntry(dtype, tuple(size), requires_grad,
                        (ChunkEntry(tuple(offsets), tuple(size), StoredData(nbytes, blocks)),))
 
 
-def entry(fqn: str, doc: object, segments: list[str], version: int) -> Entry:
+def entry(fqn: str, doc: object, source: Blocks, version: int) -> Entry:
     """One item of the manifest, checked; FormatError naming the field that is wrong."""
     if type(doc) is dict:
-        fast = _whole_tensor_fast(doc, segments)
+        fast = _whole_tensor_fast(doc, source)
         if fast is not None:
             return fast
-    return _entry_checked(fqn, doc, segments, version)
+    return _entry_checked(fqn, doc, source, version)
 
 
-def _entry_checked(fqn: str, doc: object, segments: list[str], version: int) -> Entry:
+def _entry_checked(fqn: str, doc: object, source: Blocks, version: int) -> Entry:
     where = f"items[{fqn!r}]"
     if not isinstance(doc, dict) or doc.get("kind") not in ("tensor", "value"):
         raise FormatError(f"{where}: expected an object with kind 'tensor' or 'value'")
@@ -250,7 +309,7 @@ def _entry_checked(fqn: str, doc: object, segments: list[str], version: int) -> 
             if encoding not in ENCODINGS:
                 raise FormatError(f"{where}: unknown encoding {encoding!r}; known: "
                                   f"{', '.join(ENCODINGS)}")
-        return ValueEntry(_data(doc, where, segments, MAX_VALUE_BYTES), encoding)
+        return ValueEntry(_data(doc, where, source, MAX_VALUE_BYTES), encoding)
     check_obj(doc, where, {"kind", "dtype", "size", "requires_grad", "chunks"})
     dtype = check_str(doc["dtype"], f"{where}.dtype")
     itemsize = DTYPE_SIZES.get(dtype)
@@ -272,7 +331,7 @@ def _entry_checked(fqn: str, doc: object, segments: list[str], version: int) -> 
                 o + s > n for o, s, n in zip(offsets, sizes, size)):
             raise FormatError(f"{w}: box offsets={list(offsets)} sizes={list(sizes)} "
                               f"does not fit a tensor of size {list(size)}")
-        data = _data(c, w, segments, MAX_TENSOR_BYTES)
+        data = _data(c, w, source, MAX_TENSOR_BYTES)
         if data.nbytes != math.prod(sizes) * itemsize:
             raise FormatError(f"{w}: holds {data.nbytes} bytes, a {dtype} box of sizes "
                               f"{list(sizes)} needs {math.prod(sizes) * itemsize}")

@@ -5,6 +5,8 @@ is an IntegrityError (pure, no torch: ``python -m dckpt.prefetch`` decodes with 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import threading
@@ -12,6 +14,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from dckpt.decode_items import (
+    Blocks,
+    Rows,
     check_float,
     check_int,
     check_obj,
@@ -28,6 +32,7 @@ from dckpt.manifest import (
     MAX_OBJECT_BYTES,
     MAX_WORLD_SIZE,
     READS,
+    BlockTable,
     Entry,
     Manifest,
     Summary,
@@ -146,12 +151,32 @@ def _parsed(raw: bytes, name: str) -> dict:
     if type(version) is not int or version not in READS:
         raise FormatError(f"{name}: format version {short(version)} is not supported by "
                           f"this dckpt (it reads versions {READS}); upgrade dckpt to load it")
-    if version >= 2:
+    if version >= 3:
+        unseal(raw, name)
+        check_obj(doc, name, _TOP_REQUIRED | {"checksum", "block_table"})
+    elif version == 2:
         unseal(raw, name)
         check_obj(doc, name, _TOP_REQUIRED | {"checksum"})
     else:
         check_obj(doc, name, _TOP_REQUIRED)
     return doc
+
+
+def _table(doc: dict, segments: list[str], name: str) -> BlockTable:
+    """A version 3 manifest's block table, every row checked."""
+    text = doc["block_table"]
+    if not isinstance(text, str):
+        raise FormatError(f"{name}: block_table must be a string")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as e:
+        raise FormatError(f"{name}: block_table is not base64 ({e})") from e
+    try:
+        table = BlockTable(raw, segments)
+        table.check()
+    except FormatError as e:
+        raise FormatError(f"{name}: {e.message}; the manifest is damaged") from e
+    return table
 
 
 def _segments(doc: dict, name: str) -> list[str]:
@@ -195,9 +220,9 @@ def summary(raw: bytes, *, name: str = "manifest") -> Summary:
     items' agreement with each other and the header (what a load and ``verify`` check) is
     not looked at: bytes that pass the checksum are the bytes written, so only a writer's
     bug or a forgery could make them disagree. The header is parsed alone where the bytes
-    are laid out as ``encode`` writes them, items last; anything else (a first version's
-    manifest, another order, damage) is decoded whole, which says what is wrong as a load
-    would."""
+    are laid out as ``encode`` writes them, items (and the block table) last; anything else
+    (a first version's manifest, another order, damage) is decoded whole, which says what is
+    wrong as a load would."""
     head = _head(raw, name)
     if head is not None:
         return head
@@ -206,9 +231,19 @@ def summary(raw: bytes, *, name: str = "manifest") -> Summary:
                    m.bytes_written, m.phase_s)
 
 
+def _sealed_version(raw: bytes) -> int | None:
+    """2 or 3 where the bytes begin as ``encode`` writes a manifest of that version."""
+    if isinstance(raw, (bytes, bytearray)) and raw.startswith(_PREFIX):
+        version = raw[len(_PREFIX):len(_PREFIX) + 2]
+        return {b"2,": 2, b"3,": 3}.get(bytes(version))
+    return None
+
+
+_PREFIX = b'{"format":"%s","version":' % FORMAT.encode()
+
+
 def _head(raw: bytes, name: str) -> Summary | None:
-    if not (isinstance(raw, (bytes, bytearray))
-            and raw.startswith(b'{"format":"%s","version":2,' % FORMAT.encode())):
+    if _sealed_version(raw) is None:
         return None
     try:
         unseal(raw, name)
@@ -250,11 +285,16 @@ def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Referen
 
 
 def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:
-    if not (isinstance(raw, (bytes, bytearray))
-            and raw.startswith(b'{"format":"%s","version":2,' % FORMAT.encode())):
+    version = _sealed_version(raw)
+    if version is None:
         return None
     doc = _parsed(raw, name)
     segments = _segments(doc, name)
+    step = check_int(doc["step"], "step")
+    if version == 3:
+        table = _table(doc, segments, name)
+        return step, list(zip(map(segments.__getitem__, table.segment), table.offset,
+                              table.length))
     count = len(segments)
     out: list[Reference] = []
     add = out.append
@@ -269,7 +309,7 @@ def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:
                 add((segments[seg], offset, length))
         if kind not in ("tensor", "value"):
             return None
-    return check_int(doc["step"], "step"), out
+    return step, out
 
 
 def _decode(raw: bytes, name: str) -> Manifest:
@@ -277,7 +317,13 @@ def _decode(raw: bytes, name: str) -> Manifest:
     segments = _segments(doc, name)
     if not isinstance(doc["items"], dict):
         raise FormatError(f"{name}: items must be a JSON object")
-    items = {fqn: entry(fqn, e, segments, doc["version"]) for fqn, e in doc["items"].items()}
+    version = doc["version"]
+    source: Blocks = segments
+    if version >= 3:
+        source = Rows(_table(doc, segments, name))
+    items = {fqn: entry(fqn, e, source, version) for fqn, e in doc["items"].items()}
+    if isinstance(source, Rows):
+        source.finish(name)
     s = _summary(doc, name)
     m = Manifest(
         step=s.step, attempt=s.attempt, created_at=s.created_at, world_size=s.world_size,

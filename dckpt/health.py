@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.info import CheckpointInfo
-from dckpt.manifest import Manifest, extents
+from dckpt.manifest import Manifest
 from dckpt.reads import read_stored_sample
 from dckpt.repository import missing_object, read_manifest, still_committed
 from dckpt.storage import Store
@@ -82,7 +82,7 @@ def _check(store: Store, step: int, verify: bool, sample_bytes: int
 
 def _objects_present(store: Store, m: Manifest) -> str | None:
     """Why ``m`` cannot load from what the listing shows, or None."""
-    return missing_object(store, extents(m.refs()))
+    return missing_object(store, m.extents())
 
 
 def check_health(store: Store, newest_first: Iterable[CheckpointInfo], count: int, *,

@@ -7,30 +7,41 @@ dtypes are names and item sizes here; dckpt.dtypes maps them to torch's.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
-from typing import Any, NamedTuple
+from itertools import chain, pairwise
+from typing import Any
 
 import xxhash
 
+from dckpt.block_table import (
+    CODECS,
+    MAX_BLOCK_BYTES,
+    MAX_OBJECT_BYTES,
+    BlockRef,
+    BlockTable,
+    extents,
+    pack,
+)
 from dckpt.errors import IntegrityError
 from dckpt.layout import MAX_STEP
 
 __all__ = [
     "FORMAT", "VERSION", "BlockRef", "StoredData", "ChunkEntry", "TensorEntry", "ValueEntry",
     "Manifest", "Summary", "encode", "stored_datas", "extents", "DTYPE_SIZES", "MAX_BLOCK_BYTES",
-    "MAX_VALUE_BYTES", "seal", "unseal", "metric_ok",
+    "MAX_VALUE_BYTES", "seal", "unseal", "metric_ok", "CODECS", "MAX_OBJECT_BYTES", "BlockTable",
 ]
 
 FORMAT = "dckpt.manifest"
-VERSION = 2
-READS = (1, 2)
-"""Versions this dckpt reads: 1 (no checksum, values always torch.save bytes) and 2."""
+VERSION = 3
+READS = (1, 2, 3)
+"""Versions this dckpt reads: 1 (no checksum, values always torch.save bytes), 2 (block
+rows in JSON) and 3 (a block table)."""
 
 # IMPORTANT: the names are part of the format; add, never rename.
 DTYPE_SIZES: dict[str, int] = {
@@ -39,41 +50,77 @@ DTYPE_SIZES: dict[str, int] = {
     "uint32": 4, "uint64": 8, "bool": 1, "float8_e4m3fn": 1, "float8_e5m2": 1,
     "float8_e4m3fnuz": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "float4_e2m1fn_x2": 1,
 }
-MAX_BLOCK_BYTES = 1 << 30
-"""No block holds more raw bytes (SaveConfig caps the block size there)."""
 MAX_VALUE_BYTES = 1 << 30
 """No non-tensor value is larger once serialized (a save refuses one that is: store such
 data as a tensor); a reader allocates a value's bytes before it reads them."""
-MAX_OBJECT_BYTES = 1 << 50
-"""No block lies past this offset of its object (1 PiB)."""
 MAX_TENSOR_BYTES = 1 << 56
 MAX_WORLD_SIZE = 1 << 24
 ENCODINGS = ("torch", "bytes")
 """A value's stored bytes: ``torch.save`` output (loaded with ``weights_only=True``), or the
 contents of an ``io.BytesIO``, handed back as one (never unpickled)."""
-CODECS = ("raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8")
 _SEAL = re.compile(rb',"checksum":"([0-9a-f]{32})"}$')
 
 
-class BlockRef(NamedTuple):
-    """One stored block: ``length`` bytes at ``offset`` of object ``segment``. A named tuple,
-    not a frozen dataclass: a manifest holds one per block (10^5 to 10^6 at scale, decoded
-    on every rank before a restore reads), and a tuple is built in a quarter of the time."""
-
-    segment: str
-    offset: int
-    length: int
-    raw_length: int
-    digest: str
-    codec: str = "raw"
-
-
-@dataclass(frozen=True)
 class StoredData:
-    """The bytes of one stored item, as the concatenation of its blocks' raw bytes."""
+    """The bytes of one stored item, as the concatenation of its blocks' raw bytes.
+
+    Immutable. A decoded version 3 manifest's items hold rows of its ``BlockTable`` and
+    build their ``blocks`` when first asked (a rank reads its own items' blocks, not every
+    rank's: at 10^6 references a tuple of named tuples per block is 0.5 KB each)."""
+
+    __slots__ = ("_blocks", "_count", "_first", "_table", "nbytes")
+
+    def __init__(self, nbytes: int, blocks: tuple[BlockRef, ...] | None = None, *,
+                 table: BlockTable | None = None, first: int = 0, count: int = 0) -> None:
+        if (blocks is None) == (table is None):
+            raise ValueError("StoredData takes blocks or a table's rows, not both")
+        init = object.__setattr__
+        init(self, "nbytes", nbytes)
+        init(self, "_blocks", blocks)
+        init(self, "_table", table)
+        init(self, "_first", first)
+        init(self, "_count", count)
 
     nbytes: int
-    blocks: tuple[BlockRef, ...]
+    _blocks: tuple[BlockRef, ...] | None
+    _table: BlockTable | None
+    _first: int
+    _count: int
+
+    @property
+    def blocks(self) -> tuple[BlockRef, ...]:
+        blocks = self._blocks
+        if blocks is None:
+            assert self._table is not None
+            blocks = self._table.refs(self._first, self._count)
+            object.__setattr__(self, "_blocks", blocks)  # a cache: the value never changes
+            object.__setattr__(self, "_table", None)
+        return blocks
+
+    @property
+    def count(self) -> int:
+        """How many blocks, without building them."""
+        return len(self._blocks) if self._blocks is not None else self._count
+
+    def extents(self) -> dict[str, int]:
+        """``extents`` of the blocks, without building them."""
+        if self._table is not None:
+            return self._table.extents(self._first, self._count)
+        return extents(self.blocks)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"StoredData is immutable: cannot set {name}")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StoredData):
+            return NotImplemented
+        return self.nbytes == other.nbytes and self.blocks == other.blocks
+
+    def __hash__(self) -> int:
+        return hash((self.nbytes, self.blocks))
+
+    def __repr__(self) -> str:
+        return f"StoredData(nbytes={self.nbytes}, blocks={self.blocks!r})"
 
     def __reduce__(self) -> tuple[object, ...]:
         # pickled (DCP's gather of every rank's write results) with the blocks as plain
@@ -141,7 +188,25 @@ class Manifest:
 
     def segments(self) -> list[str]:
         """Every object this checkpoint needs, in a stable order."""
-        return sorted({b[0] for b in self.refs()})
+        return sorted(self.extents())
+
+    def extents(self) -> dict[str, int]:
+        """Per object, the bytes it must hold for this checkpoint (``extents``), without
+        building a decoded manifest's references: one pass over the rows of its table."""
+        datas = [d for _, d in self.datas()]
+        table = datas[0]._table if datas else None
+        if table is not None and all(  # consecutive rows of one table: as decoded
+                d._table is table and d._first == c._first + c._count
+                for c, d in pairwise(datas)):
+            first = datas[0]._first
+            return table.extents(first, datas[-1]._first + datas[-1]._count - first)
+        ends = extents(chain.from_iterable(d.blocks for d in datas if d._table is None))
+        for d in datas:
+            if d._table is not None:
+                for segment, end in d.extents().items():
+                    if end > ends.get(segment, -1):
+                        ends[segment] = end
+        return ends
 
     def refs(self) -> Iterator[BlockRef]:
         """Every block reference, in manifest order: ``blocks()`` without the keys, at C
@@ -174,17 +239,6 @@ class Summary:
     bytes_logical: int
     bytes_written: int
     phase_s: dict[str, float]
-
-
-def extents(refs: Iterable[BlockRef]) -> dict[str, int]:
-    """Per object, the bytes it must hold for ``refs``: its blocks' furthest end."""
-    ends: dict[str, int] = {}
-    get = ends.get
-    for segment, offset, length, _, _, _ in refs:  # unpacked: 2.5x faster than attributes
-        end = offset + length
-        if end > get(segment, 0):
-            ends[segment] = end
-    return ends
 
 
 def stored_datas(entry: Entry) -> list[StoredData]:
@@ -227,10 +281,10 @@ def unseal(raw: bytes, name: str) -> None:
 
 
 def encode(m: Manifest) -> bytes:
-    """The manifest's bytes: JSON, its items last, sealed. The items are written from
-    templates, not built as dicts for ``json.dumps`` (10 us an item, 0.2 s of the commit of
-    a save of 20,000 tensors); every string in them but the keys is one the format names
-    (a dtype, an encoding, a codec, a hex digest), and the keys are JSON-escaped."""
+    """The manifest's bytes: JSON, its items and then its block table last, sealed. The
+    items are written from templates, not built as dicts for ``json.dumps`` (10 us an item,
+    0.2 s of the commit of a save of 20,000 tensors); every string in them but the keys is
+    one the format names (a dtype, an encoding), and the keys are JSON-escaped."""
     segments = m.segments()
     index = {name: i for i, name in enumerate(segments)}
     doc = {
@@ -254,9 +308,12 @@ def encode(m: Manifest) -> bytes:
             text = lists[values] = "[" + ",".join([str(int(v)) for v in values]) + "]"
         return text
 
+    refs: list[BlockRef] = []
+
     def data(d: StoredData) -> str:
-        rows = ",".join([f'[{index[s]},{o},{n},{r},"{h}","{c}"]' for s, o, n, r, h, c in d.blocks])
-        return f'"nbytes":{d.nbytes:d},"blocks":[{rows}]'
+        first = len(refs)
+        refs.extend(d.blocks)
+        return f'"nbytes":{d.nbytes:d},"blocks":[{first},{len(refs) - first}]'
 
     for i, (fqn, e) in enumerate(m.items.items()):
         if i:
@@ -268,7 +325,9 @@ def encode(m: Manifest) -> bytes:
                 f'"requires_grad":{"true" if e.requires_grad else "false"},"chunks":[{chunks}]}}')
         else:
             add(f'{key(fqn)}:{{"kind":"value","encoding":"{e.encoding}",{data(e.data)}}}')
-    add("}}")
+    add('},"block_table":"')
+    add(base64.b64encode(pack(refs, index)).decode("ascii"))
+    add('"}')
     return seal("".join(body).encode())
 
 

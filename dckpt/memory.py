@@ -109,7 +109,7 @@ class MemoryTier:
         for step in kept:
             try:
                 m = read_manifest(self.store, step)
-                folders |= {b.segment.rpartition("/")[0] for b in m.refs()}
+                folders |= {s.rpartition("/")[0] for s in m.extents()}
                 if step == steps[-1]:
                     spare_after = layout.attempt_started_s(m.attempt)
             except Exception as e:  # damaged: not worth keeping

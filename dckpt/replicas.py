@@ -35,7 +35,7 @@ from torch.futures import Future
 from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import DckptError, IntegrityError, StorageError
-from dckpt.manifest import ChunkEntry, StoredData, extents
+from dckpt.manifest import ChunkEntry, StoredData
 from dckpt.memory import bytes_tensor, mapped_segments, recycled_write, reserve
 from dckpt.reader import Reader, share_replicated
 from dckpt.reads import Fetcher, read_stored
@@ -141,7 +141,7 @@ def inventory(store: Store, node: int, *, check_blocks: bool = False) -> Invento
             log.warning("memory tier %s: manifest of step %d unreadable: %s", store.url,
                         step, e)
             continue
-        manifests[step] = extents(m.refs())
+        manifests[step] = m.extents()
         if check_blocks:
             _drop_damaged(store, m, step)
     segments: dict[str, int] = {}

@@ -60,7 +60,6 @@ from dckpt.manifest import (
     TensorEntry,
     ValueEntry,
     encode,
-    extents,
     metric_ok,
 )
 from dckpt.planner import SafeSavePlanner
@@ -307,7 +306,7 @@ class Writer(StorageWriter):
             bytes_written=sum(st.written for st in stored.values()),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
-        ends = extents(manifest.refs())  # one pass over the blocks (10^5 and more)
+        ends = manifest.extents()  # one pass over the blocks (10^5 and more)
         self._check_references(ends)
         self.committed_raw = encode(manifest)
         self._manifest_sent = True

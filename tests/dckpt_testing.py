@@ -32,6 +32,31 @@ def reseal(doc: dict) -> bytes:
     return seal(json.dumps({k: v for k, v in doc.items() if k != "checksum"}).encode())
 
 
+def as_rows(doc: dict) -> dict:
+    """A third version's manifest document as the second version writes it: each item's
+    block rows in JSON (``[segment, offset, length, raw_length, digest, codec]``), for
+    tests that forge rows one field at a time. A reader still takes the second version."""
+    from dckpt.block_table import BlockTable
+
+    if doc.get("version") != 3:
+        return doc
+    import base64
+
+    table = BlockTable(base64.b64decode(doc["block_table"]), list(range(len(doc["segments"]))))
+    out = {k: v for k, v in doc.items() if k != "block_table"}
+    out["version"] = 2
+    out["items"] = {}
+    for fqn, item in doc["items"].items():
+        item = dict(item)
+        datas = [item]
+        if "chunks" in item:
+            item["chunks"] = datas = [dict(c) for c in item["chunks"]]
+        for d in datas:
+            d["blocks"] = [list(r) for r in table.refs(*d["blocks"])]
+        out["items"][fqn] = item
+    return out
+
+
 # ------------------------------------------------------------------ fault injection
 
 FAULT: dict = {}

@@ -3,6 +3,7 @@ for every public function and CLI command, damage that must not spread into new 
 
 from __future__ import annotations
 
+import base64
 import collections
 import copy
 import json
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 
 import dckpt
 from dckpt import dedup, layout
-from dckpt_testing import reseal
+from dckpt_testing import as_rows, reseal
 
 EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES", "350"))
 """Mutations per CI run; DCKPT_HYPOTHESIS_EXAMPLES=20000 for a long run."""
@@ -81,8 +82,25 @@ def _deep(n: int) -> object:
 def mutation(draw, doc: dict):
     """(description, the manifest's new bytes): a structural change (resealed or not) or
     byte damage of the stored manifest."""
-    kind = draw(st.sampled_from(["replace", "delete", "swap", "empty", "nest", "bytes"]))
+    kind = draw(st.sampled_from(["replace", "delete", "swap", "empty", "nest", "bytes", "row"]))
     raw = json.dumps(doc).encode()
+    if kind == "row":  # one field of one row of the block table
+        table = bytearray(base64.b64decode(doc["block_table"]))
+        n = len(table) // 37
+        row = draw(st.integers(0, n - 1))
+        at, size = draw(st.sampled_from([(0, 8), (8 * n, 4), (12 * n, 4), (16 * n, 4),
+                                         (20 * n, 1), (21 * n, 16)]))
+        pos = at + size * row
+        old = int.from_bytes(table[pos:pos + size], "little")
+        value = draw(st.sampled_from([0, 1, old + 1, max(old - 1, 0), 2**30, 2**30 + 1,
+                                      2**50 - 1, 2**50, 2**(8 * size) - 1]).filter(
+            lambda v: v < 2**(8 * size) and v != old))
+        table[pos:pos + size] = value.to_bytes(size, "little")
+        d = dict(doc, block_table=base64.b64encode(bytes(table)).decode())
+        sealed = draw(st.booleans())
+        return (f"row {row} bytes {at}+{size} {old} -> {value} "
+                f"{'resealed' if sealed else 'unsealed'}",
+                reseal(d) if sealed else json.dumps(d).encode())
     if kind == "bytes":
         stored = draw(st.sampled_from(["flip", "cut", "insert"]))
         pos = draw(st.integers(0, len(RAW_STEP2) - 1))
@@ -229,7 +247,7 @@ def test_a_save_after_damage_commits_a_loadable_checkpoint(tmp_path, damage):
     m = dckpt.inspect(url, step=2)
     seg = os.path.join(url, m.items["w"].chunks[0].data.blocks[0].segment)
     path = os.path.join(url, layout.manifest_name(2))
-    doc = json.loads(open(path, "rb").read())
+    doc = as_rows(json.loads(open(path, "rb").read()))
     if damage == "flip data":
         forget()  # a restarted job: nothing here verified step 2
         data = bytearray(open(seg, "rb").read())

@@ -12,7 +12,7 @@ import torch
 
 import dckpt
 from dckpt import layout
-from dckpt_testing import arm, disarm, faulty_s3_class, flip_stored_byte, reseal
+from dckpt_testing import arm, as_rows, disarm, faulty_s3_class, flip_stored_byte, reseal
 
 
 def _segment_paths(root: str, step: int) -> list[str]:
@@ -252,7 +252,7 @@ def test_pickle_payload_is_refused_and_runs_nothing(tmp_path, monkeypatch):
     monkeypatch.setenv("DCKPT_PWNED", str(marker))
     dckpt.save({"w": torch.ones(4), "cfg": {"lr": 0.1}}, url, step=1)
     # Forge a checkpoint whose value object is a hostile pickle, with a valid digest.
-    m = json.loads(open(os.path.join(url, layout.manifest_name(1))).read())
+    m = as_rows(json.loads(open(os.path.join(url, layout.manifest_name(1))).read()))
     raw = pickle.dumps(_Boom())
     seg = "data/forged/r00000-000.seg"
     os.makedirs(os.path.join(url, "data/forged"))

@@ -16,7 +16,7 @@ DESIGN = PACKAGE.parent / "docs" / "design.md"
 
 LAYERS = [
     # pure: the format, names, configs and decisions over lists
-    {"errors", "layout", "dtypes", "manifest", "decoder", "decode_items", "gcpause", "blocks",
+    {"errors", "layout", "dtypes", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
      "codec", "info", "arguments", "triggers", "retention", "config", "watchdog"},
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
@@ -43,14 +43,15 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
     "torch.distributed._": {"torch_internals"},
 }
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
-TORCH_FREE = {"errors", "layout", "manifest", "decoder", "decode_items", "gcpause", "blocks",
+TORCH_FREE = {"errors", "layout", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
               "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "direct",
               "repository", "reads", "shm", "verify", "sweep", "status", "health", "diff",
               "catalog"}
 """Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,
 ``verify``, ``delete``, ``gc``, ``status``, ``health`` and ``diff`` run (a test runs them and
 finds no torch imported)."""
-PREFETCH_NEEDS = {"layout", "decoder", "decode_items", "gcpause", "manifest", "errors"}
+PREFETCH_NEEDS = {"layout", "decoder", "decode_items", "gcpause", "manifest", "block_table",
+                  "errors"}
 """All ``python -m dckpt.prefetch`` loads of dckpt: the stdlib and xxhash beside them."""
 
 

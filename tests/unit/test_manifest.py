@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import dataclasses
 import json
 import os
 import shutil
+import struct
 
 import pytest
 import torch
@@ -35,6 +37,7 @@ from dckpt.reader import box_range
 from dckpt.reads import blocks_in_range, coalesce
 
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "repo-v1")
+GOLDEN_V2 = os.path.join(os.path.dirname(__file__), "golden", "repo-v2")
 
 
 def test_golden_repository_keeps_loading(tmp_path):
@@ -53,6 +56,48 @@ def test_golden_repository_keeps_loading(tmp_path):
     assert torch.equal(state["h"], torch.arange(5, dtype=torch.bfloat16))
     assert state["meta"] == {"epoch": 3, "name": "golden"}
     assert dckpt.verify(str(repo)).ok
+
+
+def test_golden_second_version_repository_keeps_loading(tmp_path):
+    """Written by dckpt before the block table (format version 2): a differential save over
+    compressed and raw blocks, an empty tensor, values of both encodings. Both steps load
+    bit-equal and verify, their references are their decodes', and a save into the same
+    repository (version 3) takes its blocks as a base and loads back."""
+    import io
+
+    repo = str(shutil.copytree(GOLDEN_V2, tmp_path / "repo"))
+    raw = open(os.path.join(repo, layout.manifest_name(8)), "rb").read()
+    assert raw.startswith(b'{"format":"dckpt.manifest","version":2,')
+    assert references(raw) == (8, _refs(decode(raw)))
+    w = torch.arange(3000, dtype=torch.float32).reshape(30, 100)
+    n = torch.randn(2048, generator=torch.Generator().manual_seed(7))
+    for step, epoch in ((7, 3), (8, 4)):
+        state = {"w": torch.zeros(30, 100), "n": torch.zeros(2048),
+                 "b": torch.zeros(3, dtype=torch.int64), "h": torch.zeros(5, dtype=torch.bfloat16),
+                 "e": torch.ones(0), "meta": {"epoch": 0, "name": ""}, "buf": io.BytesIO()}
+        assert dckpt.load(state, repo, step=step).step == step
+        expected_n = n.clone()
+        if step == 8:
+            expected_n[:10] += 1
+        assert torch.equal(state["w"], w) and torch.equal(state["n"], expected_n)
+        assert state["b"].tolist() == [1, -2, 3]
+        assert torch.equal(state["h"], torch.arange(5, dtype=torch.bfloat16))
+        assert state["e"].shape == (0,) and state["meta"] == {"epoch": epoch, "name": "golden"}
+        assert state["buf"].getvalue() == b"rng\0state"
+    assert dckpt.verify(repo, all_steps=True).ok
+    codecs = {b.codec for b in decode(raw).refs()}
+    assert codecs == {"raw", "zstd", "zstd-planes-4"}
+    state["meta"]["epoch"] = 5
+    info = dckpt.save(state, repo, step=9, config=dckpt.SaveConfig(block_size_bytes=4096,
+                                                                   compression="on"))
+    assert info.bytes_written < info.bytes_logical / 2  # the second version's blocks reused
+    new = open(os.path.join(repo, layout.manifest_name(9)), "rb").read()
+    assert new.startswith(b'{"format":"dckpt.manifest","version":3,')
+    back = {k: (v.clone().zero_() if isinstance(v, torch.Tensor) else v) for k, v in state.items()}
+    back["meta"] = {"epoch": 0, "name": ""}
+    back["buf"] = io.BytesIO()
+    dckpt.load(back, repo, step=9)
+    assert torch.equal(back["n"], state["n"]) and back["meta"]["epoch"] == 5
 
 
 def _manifest() -> Manifest:
@@ -157,7 +202,7 @@ def _block(doc: dict, i: int) -> list:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=3), "version 3 is not supported"),
+    (lambda d: d.update(version=4), "version 4 is not supported"),
     (lambda d: d.pop("items"), "missing fields \\['items'\\]"),
     (lambda d: d["items"]["w"]["chunks"][0].update(nbytes=4), "blocks hold 4100 bytes"),
     (lambda d: d["items"]["w"].update(dtype="float128"), "unknown dtype 'float128'"),
@@ -180,12 +225,148 @@ def _block(doc: dict, i: int) -> list:
     (lambda d: d.update(format="other"), "not a dckpt manifest"),
 ])
 def test_decode_refuses_what_the_spec_does_not_allow(edit, message):
-    import json
-
-    doc = json.loads(encode(_manifest()))
+    """A second version's manifest (block rows in JSON) edited and resealed."""
+    doc = _v2_doc()
     edit(doc)
     with pytest.raises(FormatError, match=message):
         decode(reseal(doc))
+
+
+def _table_edit(column: str, row: int, value: int):
+    """An edit of one field of the block table's row, in place in its bytes."""
+    n = 2  # _manifest's rows: w's two blocks
+    at, fmt = {"offset": (0, "<Q"), "segment": (8 * n, "<I"), "length": (12 * n, "<I"),
+               "raw_length": (16 * n, "<I"), "codec": (20 * n, "<B")}[column]
+
+    def edit(doc: dict) -> None:
+        table = bytearray(base64.b64decode(doc["block_table"]))
+        struct.pack_into(fmt, table, at + struct.calcsize(fmt) * row, value)
+        doc["block_table"] = base64.b64encode(bytes(table)).decode()
+    return edit
+
+
+def _w_rows(value) -> object:
+    return lambda d: d["items"]["w"]["chunks"][0].update(blocks=value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d.pop("block_table"), "missing fields \\['block_table'\\]"),
+    (lambda d: d.update(block_table=[1]), "block_table must be a string"),
+    (lambda d: d.update(block_table="!" + d["block_table"][1:]), "block_table is not base64"),
+    (lambda d: d.update(block_table=d["block_table"][:-4]), "whole number of 37-byte rows"),
+    (lambda d: d.update(block_table=base64.b64encode(_reference_table(
+        [*_manifest().refs(), BlockRef(d["segments"][0], 0, 0, 0, "0" * 32)],
+        {d["segments"][0]: 0})).decode()), "holds 3 rows, the items use 2"),
+    (_table_edit("segment", 1, 1), "block_table row 1: segment 1 of 1"),
+    (_table_edit("codec", 0, 5), "block_table row 0: .* codec 5"),
+    (_table_edit("length", 1, 3), "block_table row 1: .* length 3, raw length 4, codec 0"),
+    (_table_edit("length", 0, 4097), "block_table row 0: .* length 4097, raw length 4096"),
+    (_table_edit("raw_length", 0, 2 ** 30 + 1), "block_table row 0"),
+    (_table_edit("offset", 1, 2 ** 50 - 2), "block_table row 1: .* offset 1125899906842622"),
+    (_table_edit("offset", 0, 2 ** 64 - 1), "block_table row 0"),
+    (lambda d: _table_edit("raw_length", 1, 5)(d) or _table_edit("length", 1, 5)(d),
+     "blocks hold 4101 bytes, nbytes says 4100"),
+    (_w_rows([1, 1]), "rows from 1, where the previous item's end at row 0"),
+    (_w_rows([0, 3]), "rows 0..2 of a table of 2"),
+    (_w_rows([0, 1]), "blocks hold 4096 bytes"),
+    (_w_rows([0, -2]), "expected \\[first row, row count\\]"),
+    (_w_rows([0, 2.0]), "expected \\[first row, row count\\]"),
+    (_w_rows([[0, 0, 4096, 4096, "0" * 32, "raw"]]), "expected \\[first row, row count\\]"),
+    (_w_rows([0, True]), "expected \\[first row, row count\\]"),
+    (lambda d: d["items"]["v"].update(blocks=[2, 0]) or d["items"].update(
+        v=d["items"].pop("v"), w=d["items"].pop("w")), "rows from 2, where"),
+])
+def test_decode_refuses_a_block_table_the_spec_does_not_allow(edit, message):
+    """A third version's manifest, edited and resealed: the table's bytes, its rows'
+    bounds, and the items' ranges of rows (in order, each row once, every row used)."""
+    doc = json.loads(encode(_manifest()))
+    assert doc["version"] == 3 and doc["items"]["w"]["chunks"][0]["blocks"] == [0, 2]
+    edit(doc)
+    with pytest.raises(FormatError, match=message):
+        decode(reseal(doc))
+
+
+_a_row = st.tuples(st.integers(0, 2), st.one_of(st.integers(0, 2 ** 64 - 1),
+                                                st.sampled_from([0, 2 ** 50 - 8, 2 ** 50])),
+                   st.one_of(st.integers(0, 2 ** 32 - 1), st.sampled_from([0, 4, 8])),
+                   st.one_of(st.integers(0, 2 ** 32 - 1), st.sampled_from([4, 8, 2 ** 30])),
+                   st.binary(min_size=16, max_size=16), st.integers(0, 6))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.lists(_a_row, max_size=6), min_size=1, max_size=3), st.data())
+def test_a_block_table_decodes_as_the_same_rows_in_json(items, data):
+    """Rows of any values, split over value items, as a third version's table and as a
+    second version's JSON rows: both decode to the same manifest, or both are refused."""
+    codes = ["raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8", "lz4", "x"]
+    segments = ["data/a/r0.seg", "data/b/r1.seg"]  # a third index is out of range
+    table = [r for rows in items for r in rows]
+    nbytes = [sum(r[3] for r in rows) + data.draw(st.sampled_from([0, 0, 1])) for rows in items]
+    head = {"format": "dckpt.manifest", "step": 3, "attempt": "s3-t0-00000000",
+            "created_at": 1.0, "world_size": 1, "metrics": {}, "bytes_written": 0,
+            "phase_s": {}, "block_size_bytes": 4096, "dcp_version": None, "planner_data": None,
+            "segments": segments, "bytes_logical": sum(nbytes)}
+    v2 = {**head, "version": 2, "items": {
+        f"v{i}": {"kind": "value", "encoding": "bytes", "nbytes": n,
+                  "blocks": [[s, o, ln, r, d.hex(), codes[c]] for s, o, ln, r, d, c in rows]}
+        for i, (rows, n) in enumerate(zip(items, nbytes))}}
+    columns = [b"".join(struct.pack(f, r[i]) for r in table)
+               for i, f in ((1, "<Q"), (0, "<I"), (2, "<I"), (3, "<I"), (5, "<B"))]
+    firsts = [sum(len(rows) for rows in items[:i]) for i in range(len(items))]
+    v3 = {**head, "version": 3, "items": {
+        f"v{i}": {"kind": "value", "encoding": "bytes", "nbytes": n, "blocks": [f, len(rows)]}
+        for i, (rows, n, f) in enumerate(zip(items, nbytes, firsts))},
+        "block_table": base64.b64encode(b"".join(columns + [r[4] for r in table])).decode()}
+    outcomes = []
+    for doc in (v2, v3):
+        try:
+            m = decode(reseal(doc))
+            outcomes.append([(k, e.nbytes, e.data.blocks) for k, e in m.items.items()])
+        except FormatError:
+            outcomes.append(None)
+    assert outcomes[0] == outcomes[1], (items, nbytes)
+
+
+def test_a_third_version_item_builds_its_blocks_when_first_asked(monkeypatch):
+    """Decoding builds no reference; an item's are built once, on first use, and equal the
+    encoded ones; the manifest's other items stay unbuilt."""
+    from dckpt.block_table import BlockTable
+
+    seg = "data/s1-t0-00000000/r00000-000.seg"
+    items = {f"t{i}": TensorEntry("int8", (3,), False, (ChunkEntry((0,), (3,), StoredData(
+        3, (BlockRef(seg, 10 * i, 2, 2, f"{i:032x}"), BlockRef(seg, 10 * i + 2, 1, 1,
+                                                                "f" * 32, "raw")))),))
+             for i in range(5)}
+    m = dataclasses.replace(_manifest(), items=items, bytes_logical=15, planner_data=None)
+    built = []
+    real = BlockTable.refs
+    monkeypatch.setattr(BlockTable, "refs", lambda self, first, count: built.append(
+        (first, count)) or real(self, first, count))
+    back = decode(encode(m))
+    assert built == []
+    assert back.items["t3"].chunks[0].data.blocks == items["t3"].chunks[0].data.blocks
+    assert back.items["t3"].chunks[0].data.blocks is back.items["t3"].chunks[0].data.blocks
+    assert built == [(6, 2)]
+    assert back.items == m.items and len(built) == 5
+
+
+def test_extents_of_a_decoded_manifest_are_its_references_extents():
+    """From the table's rows, for the whole manifest, a part of its items, and after some
+    items built their references: what ``extents`` of every reference says."""
+    segs = [f"data/s{i}-t0-00000000/r00000-000.seg" for i in range(3)]
+    items = {f"t{i}": TensorEntry("int8", (4,), False, (ChunkEntry((0,), (4,), StoredData(
+        4, (BlockRef(segs[i % 3], 100 * i, 3, 3, f"{i:032x}"),
+            BlockRef(segs[(i + 1) % 3], 7 * i, 1, 1, "f" * 32)))),)) for i in range(7)}
+    m = dataclasses.replace(_manifest(), items=items, bytes_logical=28, planner_data=None)
+    every = extents(m.refs())
+    back = decode(encode(m))
+    assert back.extents() == every and back.segments() == sorted(segs)
+    some = {k: back.items[k] for k in ("t1", "t4", "t5")}
+    part = dataclasses.replace(back, items=some)
+    assert part.extents() == extents(dataclasses.replace(m, items={
+        k: m.items[k] for k in some}).refs())
+    back.items["t2"].chunks[0].data.blocks  # built: the rest still from the table
+    assert back.extents() == every and extents(back.refs()) == every
 
 
 _TRICKY = [True, False, 0, 1, -1, 1.0, 0.0, 2 ** 63, 2 ** 70, None, "", "x", "raw", "zstd",
@@ -238,14 +419,60 @@ def test_the_fast_tensor_entry_decodes_as_the_checked_one(edits):
     assert fast is None or fast == checked, edits
 
 
-def _reference_encode(m: Manifest) -> bytes:
-    """The manifest as a dict given to json.dumps: what ``encode`` writes from templates."""
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from([
+    ("dtype",), ("size",), ("chunks",), ("chunks", 0, "offsets"), ("chunks", 0, "sizes"),
+    ("chunks", 0, "nbytes"), ("chunks", 0, "blocks"), ("chunks", 0, "blocks", 0),
+    ("chunks", 0, "blocks", 1)]), st.sampled_from(_TRICKY)), max_size=3))
+def test_the_fast_tensor_entry_takes_table_rows_as_the_checked_one(edits):
+    """The same, for a third version's item, whose blocks are rows of the table: each path
+    takes the same rows, or neither takes any."""
+    from dckpt.block_table import BlockTable
+    from dckpt.decode_items import Rows, _entry_checked, _whole_tensor_fast
+
+    doc = _tensor_doc()
+    doc["chunks"][0]["blocks"] = [0, 2]
+    for path, value in edits:
+        _edit(doc, path, copy.deepcopy(value))
+    segments = ["data/a", "data/b"]
+    rows = [BlockRef("data/a", 0, 16, 16, "ab" * 16), BlockRef("data/b", 8, 8, 8, "cd" * 16)]
+    table = BlockTable(_reference_table(rows, {"data/a": 0, "data/b": 1}), segments)
+    fast_rows, checked_rows = Rows(table), Rows(table)
+    fast = _whole_tensor_fast(doc, fast_rows) if isinstance(doc, dict) else None
+    try:
+        checked = _entry_checked("w", doc, checked_rows, 3)
+    except FormatError:
+        assert fast is None and fast_rows.next == 0, edits
+        return
+    assert fast is None or (fast == checked and fast_rows.next == checked_rows.next), edits
+    assert checked.chunks[0].data.blocks == tuple(rows) and checked_rows.next == 2
+
+
+def _reference_table(rows: list[BlockRef], index: dict[str, int]) -> bytes:
+    """docs/format.md's block table, packed a row at a time with struct."""
+    codes = ["raw", "zstd", "zstd-planes-2", "zstd-planes-4", "zstd-planes-8"]
+    return b"".join([
+        b"".join(struct.pack("<Q", r.offset) for r in rows),
+        b"".join(struct.pack("<I", index[r.segment]) for r in rows),
+        b"".join(struct.pack("<I", r.length) for r in rows),
+        b"".join(struct.pack("<I", r.raw_length) for r in rows),
+        bytes(codes.index(r.codec) for r in rows),
+        b"".join(bytes.fromhex(r.digest) for r in rows)])
+
+
+def _reference_encode(m: Manifest, version: int = 3) -> bytes:
+    """The manifest as a dict given to json.dumps: what ``encode`` writes from templates
+    (version 3), or what the encoder of version 2 wrote."""
     segments = m.segments()
     index = {name: i for i, name in enumerate(segments)}
+    rows: list[BlockRef] = []
 
     def data_json(d: StoredData) -> dict:
-        return {"nbytes": d.nbytes,
-                "blocks": [[index[s], o, n, r, h, c] for s, o, n, r, h, c in d.blocks]}
+        if version == 2:
+            return {"nbytes": d.nbytes,
+                    "blocks": [[index[s], o, n, r, h, c] for s, o, n, r, h, c in d.blocks]}
+        rows.extend(d.blocks)
+        return {"nbytes": d.nbytes, "blocks": [len(rows) - len(d.blocks), len(d.blocks)]}
 
     items: dict[str, dict] = {}
     for fqn, e in m.items.items():
@@ -256,15 +483,21 @@ def _reference_encode(m: Manifest) -> bytes:
                                       **data_json(c.data)} for c in e.chunks]}
         else:
             items[fqn] = {"kind": "value", "encoding": e.encoding, **data_json(e.data)}
-    doc = {"format": "dckpt.manifest", "version": 2, "step": m.step, "attempt": m.attempt,
-           "created_at": m.created_at, "world_size": m.world_size,
+    doc = {"format": "dckpt.manifest", "version": version, "step": m.step,
+           "attempt": m.attempt, "created_at": m.created_at, "world_size": m.world_size,
            "metrics": {k: v if not isinstance(v, float) or v == v and abs(v) != float("inf")
                        else str(v) for k, v in m.metrics.items()},
            "bytes_logical": m.bytes_logical, "bytes_written": m.bytes_written,
            "phase_s": m.phase_s, "block_size_bytes": m.block_size_bytes,
            "dcp_version": m.dcp_version, "planner_data": m.planner_data,
            "segments": segments, "items": items}
+    if version == 3:
+        doc["block_table"] = base64.b64encode(_reference_table(rows, index)).decode()
     return seal(json.dumps(doc, separators=(",", ":"), allow_nan=False).encode())
+
+
+def _v2_doc() -> dict:
+    return json.loads(_reference_encode(_manifest(), version=2))
 
 
 _SEGMENTS = ["data/s1-t0-00000000/r00000-000.seg", "data/s0-t0-00000000/r00001-002.seg"]
@@ -335,8 +568,9 @@ def test_references_are_the_decoded_manifests_for_every_kind_of_item(tmp_path):
 def test_references_are_decodes_or_checked_rows(edits):
     """A forged manifest (resealed after the edits): where decode accepts it, references
     returns exactly its blocks; where decode refuses it, references either refuses it too
-    or returns only rows whose segment, offset and length decode's checks would pass."""
-    doc = json.loads(encode(_manifest()))
+    or returns only rows whose segment, offset and length decode's checks would pass (a
+    second version's manifest: the third's rows are in its block table, tested below)."""
+    doc = _v2_doc()
     for path, value in edits:
         _edit(doc, path, copy.deepcopy(value))  # the examples' values are shared: not theirs
     raw = reseal(doc)
