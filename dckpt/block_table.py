@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from functools import partial
 from operator import add, gt, itemgetter
 from typing import Literal, NamedTuple
@@ -96,17 +96,19 @@ class BlockTable:
         self.digests = view[at:]
 
     def check(self) -> None:
-        """Every row within the bounds of docs/format.md; a pass over each column in C."""
+        """Every row within the bounds of docs/format.md: a pass over each column in C,
+        and one over the offsets and lengths together only where an offset lies within
+        4 GiB of the largest object."""
         if not self.count:
             return
+        furthest = max(self.offset)
         ok = (max(self.segment) < len(self.segments) and max(self.codec) < len(CODECS)
-              and max(self.raw_length) <= MAX_BLOCK_BYTES
-              and max(self.offset) <= MAX_OBJECT_BYTES
-              and max(map(add, self.offset, self.length)) <= MAX_OBJECT_BYTES
-              and not any(map(gt, self.length, self.raw_length)))
-        if ok and self.length != self.raw_length:  # compressed blocks: none of them raw
-            ok = not any(c == 0 and n != r
-                         for c, n, r in zip(self.codec, self.length, self.raw_length))
+              and max(self.raw_length) <= MAX_BLOCK_BYTES and furthest <= MAX_OBJECT_BYTES)
+        if ok and furthest > MAX_OBJECT_BYTES - (1 << 32):  # length < 2^32
+            ok = max(map(add, self.offset, self.length)) <= MAX_OBJECT_BYTES
+        if ok and self.length != self.raw_length:  # equal columns (no block compressed): OK
+            ok = not any(map(gt, self.length, self.raw_length)) and not any(
+                c == 0 and n != r for c, n, r in zip(self.codec, self.length, self.raw_length))
         if not ok:
             row = next(i for i in range(self.count) if not self._row_ok(i))
             raise FormatError(
@@ -134,6 +136,12 @@ class BlockTable:
             map(self.segments.__getitem__, self.segment[first:end]), self.offset[first:end],
             self.length[first:end], self.raw_length[first:end], digests,
             map(CODECS.__getitem__, self.codec[first:end]))))
+
+    def spans(self, first: int, count: int) -> Iterator[tuple[str, int, int]]:
+        """(segment, offset, length) of a range of rows, without building references."""
+        end = first + count
+        return zip(map(self.segments.__getitem__, self.segment[first:end]),
+                   self.offset[first:end], self.length[first:end])
 
     def extents(self, first: int, count: int) -> dict[str, int]:
         """``extents`` of a range of rows, without building their references."""

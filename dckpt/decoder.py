@@ -281,7 +281,7 @@ def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Referen
         if found is not None:
             return found
     m = decode(raw, name=name)
-    return m.step, [(b.segment, b.offset, b.length) for b in m.refs()]
+    return m.step, list(m.spans())
 
 
 def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:

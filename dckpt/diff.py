@@ -89,14 +89,14 @@ def diff_manifests(a: Manifest, b: Manifest) -> Diff:
                 items.append(ItemDiff(fqn, "changed", b.items[fqn].nbytes, changed))
             else:
                 same += 1
-    in_a = {(x.segment, x.offset) for x in a.refs()}
+    in_a = {(segment, offset) for segment, offset, _ in a.spans()}
     seen: set[tuple[str, int]] = set()
     total = shared = 0
-    for x in b.refs():
-        if (x.segment, x.offset) in seen:
+    for segment, offset, length in b.spans():
+        if (segment, offset) in seen:
             continue
-        seen.add((x.segment, x.offset))
-        total += x.length
-        if (x.segment, x.offset) in in_a:
-            shared += x.length
+        seen.add((segment, offset))
+        total += length
+        if (segment, offset) in in_a:
+            shared += length
     return Diff(a.step, b.step, tuple(items), same, total, shared)

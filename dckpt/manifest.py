@@ -90,17 +90,22 @@ class StoredData:
     @property
     def blocks(self) -> tuple[BlockRef, ...]:
         blocks = self._blocks
-        if blocks is None:
+        if blocks is None:  # threads that race here build equal tuples: either one is kept
             assert self._table is not None
             blocks = self._table.refs(self._first, self._count)
             object.__setattr__(self, "_blocks", blocks)  # a cache: the value never changes
-            object.__setattr__(self, "_table", None)
         return blocks
 
     @property
     def count(self) -> int:
         """How many blocks, without building them."""
         return len(self._blocks) if self._blocks is not None else self._count
+
+    def spans(self) -> Iterator[tuple[str, int, int]]:
+        """(segment, offset, length) of each block, without building the references."""
+        if self._table is not None:
+            return self._table.spans(self._first, self._count)
+        return ((b[0], b[1], b[2]) for b in self.blocks)
 
     def extents(self) -> dict[str, int]:
         """``extents`` of the blocks, without building them."""
@@ -212,6 +217,11 @@ class Manifest:
         """Every block reference, in manifest order: ``blocks()`` without the keys, at C
         speed (a manifest may hold 10^6)."""
         return chain.from_iterable(d.blocks for _, d in self.datas())
+
+    def spans(self) -> Iterator[tuple[str, int, int]]:
+        """(segment, offset, length) of every block, in manifest order, without building a
+        decoded manifest's references."""
+        return chain.from_iterable(d.spans() for _, d in self.datas())
 
     def blocks(self) -> Iterator[tuple[str, StoredData, BlockRef]]:
         """Every block reference, with its item's key and stored data, in manifest order."""

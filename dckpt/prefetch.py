@@ -76,9 +76,9 @@ def _newest(root: str) -> list[int]:
 
 def _ranges(m: Manifest, ranks: set[int] | None) -> dict[str, list[tuple[int, int]]]:
     spans: dict[str, list[tuple[int, int]]] = {}
-    for ref in m.refs():
-        if ranks is None or _writer_rank(ref.segment) in ranks:
-            spans.setdefault(ref.segment, []).append((ref.offset, ref.length))
+    for segment, offset, length in m.spans():
+        if ranks is None or _writer_rank(segment) in ranks:
+            spans.setdefault(segment, []).append((offset, length))
     out: dict[str, list[tuple[int, int]]] = {}
     for seg, pieces in spans.items():
         pieces.sort()

@@ -350,7 +350,31 @@ def test_a_third_version_item_builds_its_blocks_when_first_asked(monkeypatch):
     assert back.items == m.items and len(built) == 5
 
 
-def test_extents_of_a_decoded_manifest_are_its_references_extents():
+def test_threads_that_build_one_items_references_at_once_get_equal_ones():
+    import threading
+
+    seg = "data/s1-t0-00000000/r00000-000.seg"
+    blocks = tuple(BlockRef(seg, i, 1, 1, f"{i:032x}") for i in range(20_000))
+    m = dataclasses.replace(_manifest(), items={"t": TensorEntry("int8", (20_000,), False, (
+        ChunkEntry((0,), (20_000,), StoredData(20_000, blocks)),))}, bytes_logical=20_000,
+        planner_data=None)
+    for _ in range(5):
+        data = decode(encode(m)).items["t"].chunks[0].data
+        start, found = threading.Barrier(8), []
+
+        def build(data=data, start=start, found=found):
+            start.wait()
+            found.append(data.blocks)
+
+        threads = [threading.Thread(target=build) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(found) == 8 and all(b == blocks for b in found)
+
+
+def test_extents_and_spans_of_a_decoded_manifest_are_its_references():
     """From the table's rows, for the whole manifest, a part of its items, and after some
     items built their references: what ``extents`` of every reference says."""
     segs = [f"data/s{i}-t0-00000000/r00000-000.seg" for i in range(3)]
@@ -365,8 +389,11 @@ def test_extents_of_a_decoded_manifest_are_its_references_extents():
     part = dataclasses.replace(back, items=some)
     assert part.extents() == extents(dataclasses.replace(m, items={
         k: m.items[k] for k in some}).refs())
+    spans = [(b.segment, b.offset, b.length) for b in m.refs()]
+    assert list(back.spans()) == spans
     back.items["t2"].chunks[0].data.blocks  # built: the rest still from the table
     assert back.extents() == every and extents(back.refs()) == every
+    assert list(back.spans()) == spans and list(m.spans()) == spans
 
 
 _TRICKY = [True, False, 0, 1, -1, 1.0, 0.0, 2 ** 63, 2 ** 70, None, "", "x", "raw", "zstd",
