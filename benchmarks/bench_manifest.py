@@ -4,8 +4,10 @@ beside the JSON parse alone; a load of the state (and its find phase: reading an
 the manifest); and differential saves of it, sync and async (call to commit), with their
 commits (gathering the ranks' references, checking them, encoding and writing the manifest).
 With --synthetic N, no save: a manifest of N references over 64 ranks' items built in
-memory, its encoding, decoding and gc's reading of its references in both forms, and the
-memory a decoded manifest holds (before and after one rank's items build their references).
+memory, its encoding, decoding and gc's reading of its references in both forms, the
+memory a decoded manifest holds (before and after one rank's items build their references),
+and the dedup index of the first save after a restore (one rank's items, or every item),
+decode included.
 
     .venv/bin/python benchmarks/bench_manifest.py [--blocks 100000] [--repeat 5]
     .venv/bin/python benchmarks/bench_manifest.py --small-tensors 20000 [--repeat 3]
@@ -35,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 import dckpt
-from dckpt import layout
+from dckpt import dedup, layout
 from dckpt.decoder import decode, references
 from dckpt.manifest import BlockRef, ChunkEntry, Manifest, StoredData, TensorEntry, encode, seal
 
@@ -167,6 +169,18 @@ def _synthetic(n: int, repeat: int) -> None:
         out[f"decoded{form}_rank0_built_bytes"] = tracemalloc.get_traced_memory()[0]
         tracemalloc.stop()
         del held, mine
+    # the first differential save after a restore: rank 0's index of the base's blocks, of
+    # its own items (as dckpt indexes now) and of every item (as it did)
+    keys = {dedup.item_key(fqn, (0,)) for fqn in decode(raw).items if fqn.startswith("rank0.")}
+    for name, wanted in (("rank0_items", keys), ("every_item", None)):
+        out[f"index_{name}_s"] = _median(
+            lambda: dedup.BlockIndex.of_manifest(decode(raw), wanted), repeat)  # noqa: B023
+        m = decode(raw)
+        tracemalloc.start()
+        index = dedup.BlockIndex.of_manifest(m, wanted)
+        out[f"index_{name}_bytes"] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del index, m
     print(json.dumps(out))
 
 

@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
+from itertools import chain
 
 from dckpt.errors import DckptError, IntegrityError
 from dckpt.manifest import BlockRef, Manifest, TensorEntry
@@ -88,15 +89,23 @@ class BlockIndex:
         return BlockIndex(self.base, list(self._refs.values()), self.history)
 
     @classmethod
-    def of_manifest(cls, m: Manifest) -> BlockIndex:
+    def of_manifest(cls, m: Manifest, keys: Collection[str] | None = None) -> BlockIndex:
+        """The blocks and history of the manifest's stored items, or of those whose
+        ``item_key`` is in ``keys`` (the items a rank is about to write: at 10^6 references
+        every rank indexing every rank's blocks took 0.5 KB and 1 us each)."""
         history: History = {}
+        refs = []
         for fqn, e in m.items.items():
             chunks = ([(c.offsets, c.data) for c in e.chunks] if isinstance(e, TensorEntry)
                       else [(None, e.data)])
             for offsets, d in chunks:
-                if len(d.blocks) > 1:
-                    history[item_key(fqn, offsets)] = (d.blocks[0].raw_length, None)
-        return cls((m.step, m.attempt), m.refs(), history)
+                key = item_key(fqn, offsets)
+                if keys is not None and key not in keys:
+                    continue
+                if d.count > 1:
+                    history[key] = (d.block_size, None)
+                refs.append(d.blocks)
+        return cls((m.step, m.attempt), chain.from_iterable(refs), history)
 
     def get(self, digest: str, raw_length: int) -> BlockRef | None:
         return self._refs.get((digest, raw_length))
@@ -132,10 +141,12 @@ def forget() -> None:
         _state.clear()
 
 
-def index_for(store: Store, base: tuple[int, str] | None) -> BlockIndex:
+def index_for(store: Store, base: tuple[int, str] | None,
+              keys: Collection[str] | None = None) -> BlockIndex:
     """(all ranks, before writing) A fresh index of the blocks of the base checkpoint
     ``(step, attempt)`` the coordinator chose (None: empty): this rank's own blocks when its
-    last save was that attempt, else the base's manifest."""
+    last save was that attempt, else the base's manifest's, of the items ``keys`` names
+    (``item_key``: the items this rank writes) or of every item."""
     if base is None:
         return BlockIndex(None)
     with _lock:
@@ -151,7 +162,7 @@ def index_for(store: Store, base: tuple[int, str] | None) -> BlockIndex:
         log.warning("no dedup against step %d of %s: it was committed again meanwhile",
                     base[0], store.url)
         return BlockIndex(None)
-    return BlockIndex.of_manifest(m)
+    return BlockIndex.of_manifest(m, keys)
 
 
 def written(store: Store, base: tuple[int, str], refs: Iterable[BlockRef],

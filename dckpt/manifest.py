@@ -101,6 +101,14 @@ class StoredData:
         """How many blocks, without building them."""
         return len(self._blocks) if self._blocks is not None else self._count
 
+    @property
+    def block_size(self) -> int:
+        """The raw length of the first block (the size the item was cut into: the last block
+        may be shorter), without building the references; 0 when there is none."""
+        if self._table is not None:
+            return self._table.raw_length[self._first] if self._count else 0
+        return self.blocks[0].raw_length if self.blocks else 0
+
     def spans(self) -> Iterator[tuple[str, int, int]]:
         """(segment, offset, length) of each block, without building the references."""
         if self._table is not None:

@@ -244,8 +244,9 @@ class Writer(StorageWriter):
         self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
         self._heartbeat = Heartbeat()
         self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
-        self._index = (dedup.index_for(self.store, assignment.base) if self.config.dedup
-                       else None)
+        self._index = (dedup.index_for(self.store, assignment.base,
+                                       {item_key(i.index.fqn, i.index.offset) for i in items})
+                       if self.config.dedup else None)
         self.rank_s["rank_index"] = time.perf_counter() - self._t["write"]
         sizes = [item_nbytes(i) for i in items]
         bins = [[items[k] for k in b] for b in balance(

@@ -583,3 +583,36 @@ def test_the_one_block_path_stores_an_item_as_the_general_path(items, compress, 
                      out.new_blocks, sorted(index._refs.items()) if index else None))
     assert seen[0] == seen[1]
     assert any(len(r) == 1 for r in seen[0][0]) or all(n == 0 or n > 4096 for n, _ in items)
+
+
+def test_an_index_read_from_a_manifest_holds_the_blocks_of_the_items_asked_for(tmp_path):
+    """After a restore, a rank indexes the base's blocks of the items it is about to write
+    (their key and offsets), not every rank's; the next save still writes only what
+    changed, and loads back."""
+    from dckpt.dedup import BlockIndex, forget
+
+    url = str(tmp_path / "repo")
+    cfg = SaveConfig(block_size_bytes=4096, compression="off", sparse_block_size_bytes=None,
+                     min_read_run_bytes=None)  # no item rewritten whole for its runs
+    g = torch.Generator().manual_seed(3)
+    state = {"a": torch.randn(4096, generator=g), "b": torch.randn(3000, generator=g),
+             "meta": {"epoch": 1}}
+    dckpt.save(state, url, step=1, config=cfg)
+    m = dckpt.inspect(url)
+    a, b = m.items["a"].chunks[0].data.blocks, m.items["b"].chunks[0].data.blocks
+    some = BlockIndex.of_manifest(m, {"a@0"})
+    assert len(some) == 4 and all(some.get(x.digest, x.raw_length) == x for x in a)
+    assert all(some.get(x.digest, x.raw_length) is None for x in b)
+    assert some.history == {"a@0": (4096, None)}
+    every = BlockIndex.of_manifest(m)
+    assert len(every) == 4 + 3 + 1 and set(every.history) == {"a@0", "b@0"}
+    forget()  # a restarted job
+    out = {"a": torch.zeros(4096), "b": torch.zeros(3000), "meta": {"epoch": 0}}
+    dckpt.load(out, url)
+    state["b"][:10] += 1  # one block of b changes
+    info = dckpt.save(state, url, step=2, config=cfg)
+    assert info.bytes_written == 4096  # b's first block; a and the value found
+    forget()
+    back = {"a": torch.zeros(4096), "b": torch.zeros(3000), "meta": {"epoch": 0}}
+    dckpt.load(back, url, step=2)
+    assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"], state["b"])
