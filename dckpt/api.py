@@ -29,6 +29,7 @@ from dckpt.errors import (
     DckptError,
     FormatError,
     IntegrityError,
+    NewerFormatError,
     StateDictError,
     listing,
 )
@@ -243,7 +244,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
         assert found.step is not None
         manifest, problem = _decode_found(found, url, group)
         if problem is not None or manifest is None:
-            if step is not None:
+            if step is not None or isinstance(problem, NewerFormatError):
                 raise problem or IntegrityError(f"{url}: step {found.step} does not decode")
             log.warning("rank %d: skipping step %d: %s", dist.rank(), found.step, problem)
             skipped.append((found.step, str(problem)))

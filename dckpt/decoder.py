@@ -23,7 +23,7 @@ from dckpt.decode_items import (
     entry,
     short,
 )
-from dckpt.errors import DckptError, FormatError, IntegrityError
+from dckpt.errors import DckptError, FormatError, IntegrityError, NewerFormatError
 from dckpt.gcpause import paused_gc
 from dckpt.layout import check_object_name
 from dckpt.manifest import (
@@ -148,6 +148,11 @@ def _parsed(raw: bytes, name: str) -> dict:
         raise FormatError(f"{name}: not a dckpt manifest (format field is "
                           f"{short(doc.get('format')) if isinstance(doc, dict) else None})")
     version = doc.get("version")
+    if type(version) is int and version > max(READS):
+        unseal(raw, name)  # every version ends with its checksum: damage is not news
+        raise NewerFormatError(f"{name}: format version {version} is newer than this dckpt "
+                               f"reads (versions {READS}); upgrade dckpt to load it, or load "
+                               "an older step by number")
     if type(version) is not int or version not in READS:
         raise FormatError(f"{name}: format version {short(version)} is not supported by "
                           f"this dckpt (it reads versions {READS}); upgrade dckpt to load it")

@@ -7,6 +7,7 @@ __all__ = [
     "CheckpointNotFoundError",
     "IntegrityError",
     "FormatError",
+    "NewerFormatError",
     "UnsafeValueError",
     "CommitError",
     "CheckpointExistsError",
@@ -71,6 +72,13 @@ class IntegrityError(DckptError):
 
 class FormatError(IntegrityError):
     """A manifest is not valid JSON of a known version, or breaks the format spec."""
+
+
+class NewerFormatError(FormatError):
+    """A sound manifest (its checksum matches) of a format version newer than this dckpt
+    reads. Not damage: ``load(step=None)`` stops at it instead of falling back to an older
+    checkpoint, which would silently lose the training since; upgrade dckpt, or ask for an
+    older step."""
 
 
 class UnsafeValueError(IntegrityError):

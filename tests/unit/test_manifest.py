@@ -202,7 +202,7 @@ def _block(doc: dict, i: int) -> list:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d.update(version=4), "version 4 is not supported"),
+    (lambda d: d.update(version=0), "version 0 is not supported"),
     (lambda d: d.pop("items"), "missing fields \\['items'\\]"),
     (lambda d: d["items"]["w"]["chunks"][0].update(nbytes=4), "blocks hold 4100 bytes"),
     (lambda d: d["items"]["w"].update(dtype="float128"), "unknown dtype 'float128'"),
@@ -394,6 +394,38 @@ def test_extents_and_spans_of_a_decoded_manifest_are_its_references():
     back.items["t2"].chunks[0].data.blocks  # built: the rest still from the table
     assert back.extents() == every and extents(back.refs()) == every
     assert list(back.spans()) == spans and list(m.spans()) == spans
+
+
+def test_a_newer_format_stops_a_load_where_damage_falls_back(tmp_path):
+    """A sound manifest of a version this dckpt does not know yet is news, not damage: a load
+    of the newest step stops at it (falling back would silently lose the training since)
+    and names it; the same bytes damaged, or a version that is not a number, are damage, and
+    the load falls back to the step before. gc stops at it and removes nothing."""
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(3)}, url, step=1)
+    dckpt.save({"w": torch.full((3,), 2.0)}, url, step=2)
+    path = os.path.join(url, layout.manifest_name(2))
+    doc = json.loads(open(path, "rb").read())
+    newer = reseal(dict(doc, version=4, future={"field": 1}))
+    with pytest.raises(dckpt.NewerFormatError, match="format version 4 is newer"):
+        decode(newer)
+    for raw, loads in [(newer, None), (newer.replace(b'"version": 4', b'"version": 5'), 1),
+                       (reseal(dict(doc, version="4")), 1), (newer[:-3], 1)]:
+        open(path, "wb").write(raw)
+        out = {"w": torch.zeros(3)}
+        if loads is None:
+            with pytest.raises(dckpt.NewerFormatError, match="upgrade dckpt"):
+                dckpt.load(out, url)
+            assert torch.equal(out["w"], torch.zeros(3))  # nothing loaded
+            assert dckpt.load(out, url, step=1).step == 1  # an older step, asked by number
+            with pytest.raises(dckpt.FormatError):
+                dckpt.gc(url, min_age_s=0)
+            assert dckpt.verify(url, step=1).ok and not dckpt.verify(url, step=2).ok
+        else:
+            info = dckpt.load(out, url)
+            assert info.step == 1 and [s for s, _ in info.skipped] == [2]
+            assert torch.equal(out["w"], torch.ones(3))
+    assert os.path.exists(path) and len(os.listdir(os.path.join(url, "data"))) == 2
 
 
 _TRICKY = [True, False, 0, 1, -1, 1.0, 0.0, 2 ** 63, 2 ** 70, None, "", "x", "raw", "zstd",
