@@ -61,12 +61,27 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     stay live, for a save that took it as its base before the delete."""
     now = time.time() if now_s is None else now_s
     tombstone_age = min_age_s if deleted_min_age_s is None else deleted_min_age_s
-    live: list[tuple[int, list[Reference]]] = []
+    live: list[int] = []
+    referenced: dict[str, int] = {}  # per object, the bytes of its distinct live blocks
+    seen: dict[str, set[int]] = {}  # per object, its live blocks' offsets
+
+    def mark(step: int, refs: list[Reference]) -> None:
+        """As each manifest is read: one checkpoint's references are held at a time, the
+        distinct blocks of all of them (10^6 references each, and most shared)."""
+        live.append(step)
+        for segment, offset, length in refs:
+            offsets = seen.get(segment)
+            if offsets is None:
+                offsets = seen[segment] = set()
+            if offset not in offsets:  # a block shared by checkpoints, or within one
+                offsets.add(offset)
+                referenced[segment] = referenced.get(segment, 0) + length
+
     # one deleted since the listing is left out: its record under deleted/, listed next,
     # keeps its blocks live
     for step in committed_steps(store):
         try:
-            live.append((step, read_references(store, step)))
+            mark(step, read_references(store, step))
         except CheckpointNotFoundError:
             continue
         except DckptError as e:
@@ -82,7 +97,7 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         if now - parsed[1] < tombstone_age:
             try:
                 raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
-                live.append(references(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+                mark(*references(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
             except FileNotFoundError:
                 continue  # expired for another gc (a shorter deleted_min_age_s) meanwhile
             except (DckptError, IsADirectoryError) as e:
@@ -94,13 +109,6 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
                     "hand if no save can be that old") from None
         else:
             expired.append(f"{layout.DELETED_DIR}/{name}")
-    referenced: dict[str, int] = {}
-    seen = set()  # blocks shared by checkpoints (or within one) count once
-    for _, refs in live:
-        for segment, offset, length in refs:
-            if (segment, offset) not in seen:  # a block shared within a checkpoint
-                seen.add((segment, offset))
-                referenced[segment] = referenced.get(segment, 0) + length
     deleted, young, partly = [], [], []
     freed = 0
     attempts = store.list_names(layout.DATA_DIR)
@@ -131,4 +139,4 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
              "%d partly referenced objects", store.url, " (dry run)" if dry_run else "",
              len(deleted), freed, len(young), sum(w for _, _, w in partly), len(partly))
     return GcReport(dry_run, tuple(deleted), freed, tuple(young), tuple(partly),
-                    tuple(step for step, _ in live))
+                    tuple(live))
