@@ -164,7 +164,7 @@ class Rows:
             return f"expected [first row, row count], found {short(value)}"
         first, count = value
         if first != self.next:
-            return f"rows from {first}, where the previous item's end at row {self.next}"
+            return f"rows from {first}, where the item before ends at row {self.next}"
         if first + count > self.table.count:
             return f"rows {first}..{first + count - 1} of a table of {self.table.count}"
         return (f"blocks hold {self.table.raw_bytes(first, count)} bytes, nbytes says "

@@ -73,7 +73,7 @@ class StoredData:
     def __init__(self, nbytes: int, blocks: tuple[BlockRef, ...] | None = None, *,
                  table: BlockTable | None = None, first: int = 0, count: int = 0) -> None:
         if (blocks is None) == (table is None):
-            raise ValueError("StoredData takes blocks or a table's rows, not both")
+            raise ValueError("StoredData takes its blocks or a table's rows: one of the two")
         init = object.__setattr__
         init(self, "nbytes", nbytes)
         init(self, "_blocks", blocks)

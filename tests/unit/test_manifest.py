@@ -266,7 +266,7 @@ def _w_rows(value) -> object:
     (_table_edit("offset", 0, 2 ** 64 - 1), "block_table row 0"),
     (lambda d: _table_edit("raw_length", 1, 5)(d) or _table_edit("length", 1, 5)(d),
      "blocks hold 4101 bytes, nbytes says 4100"),
-    (_w_rows([1, 1]), "rows from 1, where the previous item's end at row 0"),
+    (_w_rows([1, 1]), "rows from 1, where the item before ends at row 0"),
     (_w_rows([0, 3]), "rows 0..2 of a table of 2"),
     (_w_rows([0, 1]), "blocks hold 4096 bytes"),
     (_w_rows([0, -2]), "expected \\[first row, row count\\]"),
