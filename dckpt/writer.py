@@ -309,7 +309,7 @@ class Writer(StorageWriter):
             dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
         ends = manifest.extents()  # one pass over the blocks (10^5 and more)
         self._check_references(ends)
-        self.committed_raw = encode(manifest)
+        self.committed_raw = encode(manifest, segments=sorted(ends))
         self._manifest_sent = True
         try:
             self.store.create_exclusive(layout.manifest_name(self.step), self.committed_raw)
