@@ -26,7 +26,9 @@ from dckpt.block_table import (
     BlockRef,
     BlockTable,
     extents,
+    join_columns,
     pack,
+    pack_columns,
 )
 from dckpt.errors import IntegrityError
 from dckpt.layout import MAX_STEP
@@ -136,15 +138,34 @@ class StoredData:
         return f"StoredData(nbytes={self.nbytes}, blocks={self.blocks!r})"
 
     def __reduce__(self) -> tuple[object, ...]:
-        # pickled (DCP's gather of every rank's write results) with the blocks as plain
-        # tuples: a named tuple pickles through a Python call per block (0.8 s against 0.3 s
-        # per 300,000 blocks, docs/benchmarks.md)
+        # pickled by DCP's gather of every rank's write results: the blocks of a large item
+        # as a block table (its bytes copied: 37 a block), a small one's as plain tuples (a
+        # named tuple pickles through a Python call per block: 0.8 s against 0.3 s per
+        # 300,000 blocks, docs/benchmarks.md)
+        table = self._table
+        if table is not None:
+            return _stored_table, (self.nbytes, b"".join(table.columns(self._first,
+                                                                       self._count)),
+                                   table.segments)
+        if len(self.blocks) >= _TABLE_FROM:
+            segments = sorted({b[0] for b in self.blocks})
+            index = {name: i for i, name in enumerate(segments)}
+            return _stored_table, (self.nbytes, pack(list(self.blocks), index), segments)
         return _stored_data, (self.nbytes, tuple(map(tuple, self.blocks)))
+
+
+_TABLE_FROM = 64
+"""Blocks from which a stored item pickles as a table."""
 
 
 def _stored_data(nbytes: int, blocks: tuple[tuple[Any, ...], ...]) -> StoredData:
     make = partial(tuple.__new__, BlockRef)  # as the decoder builds them: no call per block
     return StoredData(nbytes, tuple(map(make, blocks)))
+
+
+def _stored_table(nbytes: int, raw: bytes, segments: list[str]) -> StoredData:
+    table = BlockTable(raw, segments)  # from a peer of this job: its own bytes, not a file's
+    return StoredData(nbytes, table=table, first=0, count=table.count)
 
 
 @dataclass(frozen=True)
@@ -327,12 +348,23 @@ def encode(m: Manifest, *, segments: list[str] | None = None) -> bytes:
             text = lists[values] = "[" + ",".join([str(int(v)) for v in values]) + "]"
         return text
 
-    refs: list[BlockRef] = []
+    tables: list[list[bytes]] = []  # the block table, in parts: tables' rows copied as
+    refs: list[BlockRef] = []  # they are, the other items' references packed in runs
+    rows = 0
 
     def data(d: StoredData) -> str:
-        first = len(refs)
-        refs.extend(d.blocks)
-        return f'"nbytes":{d.nbytes:d},"blocks":[{first},{len(refs) - first}]'
+        nonlocal rows
+        first, table = rows, d._table
+        if table is not None:
+            if refs:
+                tables.append(pack_columns(refs, index))
+                refs.clear()
+            tables.append(table.columns(d._first, d._count, index))
+            rows += d._count
+        else:
+            refs.extend(d.blocks)
+            rows += len(d.blocks)
+        return f'"nbytes":{d.nbytes:d},"blocks":[{first},{rows - first}]'
 
     for i, (fqn, e) in enumerate(m.items.items()):
         if i:
@@ -345,7 +377,8 @@ def encode(m: Manifest, *, segments: list[str] | None = None) -> bytes:
         else:
             add(f'{key(fqn)}:{{"kind":"value","encoding":"{e.encoding}",{data(e.data)}}}')
     add('},"block_table":"')
-    add(base64.b64encode(pack(refs, index)).decode("ascii"))
+    tables.append(pack_columns(refs, index))
+    add(base64.b64encode(join_columns(tables)).decode("ascii"))
     add('"}')
     return seal("".join(body).encode())
 

@@ -330,7 +330,13 @@ def test_a_save_whose_referenced_objects_vanished_does_not_commit(tmp_path):
     arm("slow", delay_s=0.5)
     try:
         t = _slow_save_in_thread(url, changed, 2, out)
-        time.sleep(1.0)  # past the plan (the base was sound then), into the writes
+        # past the plan (the base was sound then), into the writes, each of which waits
+        # 0.5 s first: as soon as the save's segment exists (a fixed sleep raced the save on
+        # a loaded machine)
+        deadline = time.monotonic() + 30
+        while (not list((tmp_path / "repo" / "data").glob("s2-*/r00000-*.seg"))
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
         os.remove(tmp_path / "repo" / segment)  # what a gc with too short a grace would do
         t.join(60)
     finally:
