@@ -146,15 +146,21 @@ class BlockTable:
             self.length[first:end], self.raw_length[first:end], digests,
             map(CODECS.__getitem__, self.codec[first:end]))))
 
-    def columns(self, first: int, count: int, index: dict[str, int] | None = None
+    def renumbering(self, index: dict[str, int]) -> list[int] | None:
+        """Each of this table's segment numbers in ``index``, for ``columns``; None where
+        they are the same. A name no row of a range uses may be missing from the index: its
+        number is never looked up."""
+        renumber = [index.get(name, 0) for name in self.segments]
+        return None if renumber == list(range(len(renumber))) else renumber
+
+    def columns(self, first: int, count: int, renumber: list[int] | None = None
                 ) -> list[bytes]:
         """A range of rows as ``pack_columns`` packs them, the segments numbered by
-        ``index`` (None: as here): the columns' bytes copied, not a reference built (the
-        commit's gather sends large items as tables, and the coordinator writes them so)."""
+        ``renumber`` (``renumbering``; None: as here): the columns' bytes copied, not a
+        reference built (the commit's gather sends large items as tables, and the
+        coordinator writes them so)."""
         end = first + count
-        # a name none of these rows uses may be missing from the index: never looked up
-        renumber = None if index is None else [index.get(name, 0) for name in self.segments]
-        if renumber is None or renumber == list(range(len(renumber))):
+        if renumber is None:
             segment = _le(self.segment[first:end], "I")
         else:
             segment = _le(array("I", map(renumber.__getitem__, self.segment[first:end])), "I")

@@ -351,6 +351,7 @@ def encode(m: Manifest, *, segments: list[str] | None = None) -> bytes:
     tables: list[list[bytes]] = []  # the block table, in parts: tables' rows copied as
     refs: list[BlockRef] = []  # they are, the other items' references packed in runs
     rows = 0
+    renumbers: dict[int, list[int] | None] = {}
 
     def data(d: StoredData) -> str:
         nonlocal rows
@@ -359,7 +360,9 @@ def encode(m: Manifest, *, segments: list[str] | None = None) -> bytes:
             if refs:
                 tables.append(pack_columns(refs, index))
                 refs.clear()
-            tables.append(table.columns(d._first, d._count, index))
+            if id(table) not in renumbers:  # once per table: it may name 10^3 objects
+                renumbers[id(table)] = table.renumbering(index)
+            tables.append(table.columns(d._first, d._count, renumbers[id(table)]))
             rows += d._count
         else:
             refs.extend(d.blocks)
