@@ -58,6 +58,13 @@ def room_problem(folder: str, free_bytes: int, held_bytes: int, need_bytes: int)
             "(memory_every_steps=None)")
 
 
+def _lstat(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+
+
 class MemoryTier:
     """The memory tier of one repository on this node. ``prune`` and ``remove`` are for one
     process per node (the node's local rank 0)."""
@@ -70,10 +77,23 @@ class MemoryTier:
             raise ArgumentError(f"the memory tier's folder {parent} (memory_dir, or "
                                 f"DCKPT_MEMORY_DIR) {what}; create it or name another")
         try:
-            if os.path.lexists(self.folder) and not os.path.isdir(self.folder):
+            found = _lstat(self.folder)
+            if found is not None and not stat.S_ISDIR(found.st_mode):
+                if stat.S_ISLNK(found.st_mode):  # IMPORTANT: never followed: in a shared
+                    # folder such as /dev/shm another user may have placed it, to have the
+                    # tier's checkpoints written, chmodded and pruned where it points
+                    raise StorageError(f"the memory tier's folder {self.folder} is a symbolic "
+                                       "link; dckpt does not follow it: remove it, or name "
+                                       "another folder (memory_dir= or DCKPT_MEMORY_DIR)")
                 log.warning("memory tier: %s is not a folder; replacing it", self.folder)
                 os.unlink(self.folder)  # a name of dckpt's own: no one else's file
             os.makedirs(self.folder, mode=0o700, exist_ok=True)
+            found = os.lstat(self.folder)
+            if not stat.S_ISDIR(found.st_mode) or found.st_uid != os.getuid():
+                raise StorageError(f"the memory tier's folder {self.folder} belongs to user "
+                                   f"{found.st_uid}, not to this one ({os.getuid()}); "
+                                   "remove it, or name another folder (memory_dir= or "
+                                   "DCKPT_MEMORY_DIR)")
             os.chmod(self.folder, 0o700)
         except OSError as e:
             raise StorageError(f"cannot make the memory tier's folder {self.folder}: {e}") \

@@ -291,6 +291,31 @@ def test_a_memory_folder_that_is_not_one_is_refused_saying_what_it_is(tmp_path, 
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.parametrize("placed", ["a link to a folder of the user's", "another user's folder"])
+def test_a_tier_folder_someone_else_placed_is_refused_and_left_as_it_is(tmp_path, monkeypatch,
+                                                                         placed):
+    """In a shared folder (/dev/shm) another user can create the tier's name first: as a link
+    to a folder of the user's, which the tier would chmod, fill and prune, or as a folder of
+    their own, which they could read."""
+    url, shm, target = str(tmp_path / "ckpt"), tmp_path / "shm", tmp_path / "elsewhere"
+    shm.mkdir()
+    target.mkdir(mode=0o755)
+    (target / "data").mkdir()
+    (target / "data" / "notes.seg").write_bytes(b"the user's")
+    if placed.startswith("a link"):
+        os.symlink(target, memory.memory_folder(url, str(shm)))
+    else:  # the folder is the real user's; the tier runs as someone else
+        monkeypatch.setattr(os, "getuid", lambda real=os.getuid(): real + 1)
+        target = shutil.copytree(target, memory.memory_folder(url, str(shm)))
+    before = sorted(os.walk(target)), stat.S_IMODE(os.stat(target).st_mode)
+    with pytest.raises(dckpt.StorageError, match="symbolic link|belongs to user") as e:
+        dckpt.CheckpointManager(url, memory_every_steps=1, memory_dir=str(shm),
+                                handle_signals=False)
+    assert "memory_dir= or DCKPT_MEMORY_DIR" in str(e.value)
+    assert (sorted(os.walk(target)), stat.S_IMODE(os.stat(target).st_mode)) == before
+    assert not os.path.exists(url)
+
+
 def test_a_copy_to_storage_checks_every_memory_block_first(tmp_path):
     url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
     shm.mkdir()
