@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 import dckpt
+from dckpt import memory
 
 EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES_STATES", "60"))
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
@@ -67,7 +68,7 @@ def _like(v: object) -> object:
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.resolve_conj().reshape(-1).clone().view(torch.uint8)
+    return t.resolve_conj().reshape(-1).clone(memory_format=torch.contiguous_format).view(torch.uint8)
 
 
 def _assert_same(want: object, got: object, path: str = "state") -> None:
@@ -114,6 +115,47 @@ def test_whatever_a_save_accepts_a_load_restores_bit_for_bit(tmp_path_factory):
 
     check()
     assert tried["saved"] >= EXAMPLES // 2, tried  # the states are mostly savable
+
+
+MEMORY_EXAMPLES = int(os.environ.get("DCKPT_HYPOTHESIS_EXAMPLES_MEMORY", "20"))
+
+
+def test_whatever_a_memory_save_accepts_its_restore_and_storage_copy_give_back(tmp_path_factory):
+    """The memory tier's own path: tensors staged into /dev/shm-style files, read back
+    mapped, and copied from there to storage (a drain): after a crash the restore from
+    memory, and after a clean end (memory removed) the one from the storage copy, give
+    every value back bit for bit; a refused state commits nothing in either tier."""
+    tried = {"memory": 0, "storage": 0, "refused": 0}
+
+    @seed(20261203)
+    @settings(max_examples=MEMORY_EXAMPLES, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(STATES, st.sampled_from(["crash", "clean end"]))
+    def check(state: dict, end: str) -> None:
+        url, shm = str(tmp_path_factory.mktemp("repo")), str(tmp_path_factory.mktemp("shm"))
+        failed: list = []
+        mgr = dckpt.CheckpointManager(url, save_every_steps=2, memory_every_steps=1,
+                                      memory_dir=shm, handle_signals=False,
+                                      on_failure=lambda step, e: failed.append(e))
+        mgr.maybe_save(2, state)
+        mgr._poll(wait=True)
+        mgr._close(remove_memory=end == "clean end")
+        if failed:
+            assert all(isinstance(e, dckpt.DckptError) for e in failed), failed
+            tried["refused"] += 1
+            held = memory.held(url, shm)  # (folder, bytes, newest step), or None
+            assert dckpt.list_checkpoints(url) == [] and (held is None or held[2] is None)
+            return
+        out = _like(state)
+        with dckpt.CheckpointManager(url, memory_every_steps=1, memory_dir=shm,
+                                     handle_signals=False) as again:
+            info = again.restore(out)  # type: ignore[arg-type]
+        assert (info.step, info.tier) == (2, "memory" if end == "crash" else "storage")
+        tried[info.tier] += 1
+        _assert_same(state, out)
+
+    check()
+    assert tried["memory"] and tried["storage"] and tried["refused"] < MEMORY_EXAMPLES // 2, tried
 
 
 def test_dcp_save_through_the_writer_with_dcps_planner_commits_only_what_loads(tmp_path):
