@@ -13,7 +13,7 @@ from dckpt.errors import ArgumentError
 from dckpt.prefetch import available_memory
 from dckpt.storage import Store
 
-__all__ = ["add_arguments", "check", "reach", "room", "METHODS", "LAYOUTS", "WORKLOADS",
+__all__ = ["add_arguments", "check", "out_problem", "reach", "room", "METHODS", "LAYOUTS", "WORKLOADS",
            "DTYPES"]
 
 METHODS = ("raw", "memcpy", "dckpt", "DCP", "torch-checkpointing")
@@ -66,7 +66,31 @@ def check(args: argparse.Namespace) -> list[str]:
         raise ArgumentError("--repeats and --threads must be at least 1")
     if not (args.gib_per_rank > 0 and args.tensor_mib > 0):
         raise ArgumentError("--gib-per-rank and --tensor-mib must be positive")
+    problem = out_problem(args.out)
+    if problem:  # found at the end, it would cost the run's measurements
+        raise ArgumentError(f"--out {args.out}: {problem}")
     return names
+
+
+OUTPUTS = ("results.jsonl", "summary.png")
+
+
+def out_problem(out: str) -> str | None:
+    """Why the results cannot be written into the folder ``out`` (made at the end if it
+    does not exist), or None."""
+    folder = os.path.abspath(out)
+    for name in OUTPUTS:
+        path = os.path.join(folder, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            return f"{path} is there and is not a file; the results would be written over it"
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder; name a folder for the results"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"cannot write in {existing}"
+    return None
 
 
 def reach(url: str, options: dict | None) -> None:

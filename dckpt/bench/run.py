@@ -316,9 +316,12 @@ def main(args: argparse.Namespace, options: dict | None, names: list[str]) -> in
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     run.remove_all()
     if run.rank == 0:
-        written = report.write(args.out)
-        print(report.table())
-        print(f"\nwrote {', '.join(written)}")
+        print(report.table())  # first: a failed write below leaves the figures on screen
+        try:
+            print(f"\nwrote {', '.join(report.write(args.out))}")
+        except OSError as e:  # checked at the start; changed since
+            run.say(f"the results could not be written to {args.out}: {e}")
+            code = 2
     dist.barrier()
     return code
 

@@ -126,6 +126,10 @@ def test_a_workload_of_differential_saves_restores_bit_exact(tmp_path):
     # more than the node holds: the run would be killed for memory (and what runs beside it)
     (("--gib-per-rank", "100000"), "GiB of host memory on this node"),
     (("--gib-per-rank", "100000", "--ranks", "2"), "GiB of host memory on this node"),
+    # found at the end, it cost the run's measurements
+    (("--out", "A_FILE"), "is a file, not a folder; name a folder for the results"),
+    (("--out", "A_FILE/sub"), "is a file, not a folder; name a folder for the results"),
+    (("--out", "RESULTS_A_FOLDER"), "results.jsonl is there and is not a file"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, says):
     target = tmp_path / "target"
@@ -133,7 +137,15 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, sa
     url = str(target) if args[0] != "-o" else "s3://bucket/x"
     ranks = int(args[-1]) if "--ranks" in args else 0
     args = args[:-2] if ranks else args
-    proc = subprocess.run(bench_cmd(url, *args, "--out", str(tmp_path / "out"), ranks=ranks),
+    bad_out = args[0] == "--out"
+    if bad_out:
+        (tmp_path / "a_file").write_text("keep me")
+        (tmp_path / "results" / "results.jsonl").mkdir(parents=True)
+        places = {"A_FILE": str(tmp_path / "a_file"), "RESULTS_A_FOLDER": str(tmp_path / "results")}
+        args = ("--out", places.get(args[1], args[1].replace("A_FILE", places["A_FILE"])))
+    else:
+        args = (*args, "--out", str(tmp_path / "out"))
+    proc = subprocess.run(bench_cmd(url, *args, ranks=ranks),
                           capture_output=True, text=True, timeout=120, env=env())
     assert proc.returncode == (1 if ranks else 2), proc.stdout + proc.stderr  # torchrun: 1
     assert says in proc.stderr, proc.stderr
@@ -141,6 +153,9 @@ def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, sa
         assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.count(says) == max(ranks, 1)  # every rank refuses, the same way
     assert os.listdir(target) == [] and not (tmp_path / "out").exists()
+    if bad_out:
+        assert (tmp_path / "a_file").read_text() == "keep me"
+        assert os.listdir(tmp_path / "results" / "results.jsonl") == []
 
 
 @pytest.mark.parametrize("where", ["a file", "under a file"])
@@ -180,6 +195,34 @@ def test_a_failure_outside_any_method_still_removes_what_the_run_wrote(tmp_path)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "failed (RuntimeError): removing what the run wrote" in proc.stderr
     assert "the storage went away" in proc.stderr and os.listdir(target) == []
+
+
+RESULTS_UNWRITABLE = """
+import sys
+import dckpt.bench.report as report
+from dckpt.cli import main
+
+def refuse(self, out_dir):
+    raise PermissionError(13, "Permission denied (the folder changed during the run)", out_dir)
+
+report.Report.write = refuse
+sys.exit(main(["bench", sys.argv[1], "--gib-per-rank", "0.004", "--tensor-mib", "1",
+               "--repeats", "1", "--methods", "raw,dckpt", "--out", sys.argv[2]]))
+"""
+
+
+def test_results_that_cannot_be_written_at_the_end_leave_the_table_on_screen(tmp_path):
+    target = tmp_path / "target"
+    target.mkdir()
+    proc = subprocess.run([sys.executable, "-c", RESULTS_UNWRITABLE, str(target),
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=120,
+                          env=env())
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "the results could not be written to" in proc.stderr, proc.stderr
+    assert "Permission denied" in proc.stderr and "Traceback" not in proc.stderr
+    rows = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
+    assert {"raw", "dckpt"} <= set(rows), proc.stdout  # the measurements, printed
+    assert os.listdir(target) == []
 
 
 def _interrupt(cmd: list[str], target, when: str) -> tuple[int, str]:
