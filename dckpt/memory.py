@@ -33,7 +33,7 @@ from dckpt.blocks import check
 from dckpt.errors import ArgumentError, IntegrityError, StorageError
 from dckpt.manifest import StoredData, TensorEntry, ValueEntry
 from dckpt.repository import committed_steps, read_manifest
-from dckpt.shm import DEFAULT_MEMORY_DIR, bytes_under, held, memory_folder
+from dckpt.shm import DEFAULT_MEMORY_DIR, bytes_under, held, lock, memory_folder, unlock
 from dckpt.storage import Store
 from dckpt.values import RawBytes
 
@@ -230,9 +230,19 @@ class MemoryTier:
             raise
         return staged, close
 
+    def lock(self) -> None:
+        """(the node's leader) Hold the folder for this job (``shm.lock``)."""
+        self._lock_fd: int | None = lock(self.folder)
+
+    def unlock(self, *, forget: bool = False) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            unlock(self.folder, fd, forget=forget)
+
     def remove(self) -> None:
         """Remove the folder and all it holds (a job's clean end)."""
         shutil.rmtree(self.folder, ignore_errors=True)
+        self.unlock()
 
     def reset(self) -> None:
         """Empty the folder (what it held cannot be read: a file where one of its folders

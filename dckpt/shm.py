@@ -4,15 +4,23 @@ tier, its bytes and its newest step. Free of torch, for ``dckpt status``; the ti
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import os
+import socket
 
+from dckpt.errors import StorageError
 from dckpt.repository import committed_steps
 from dckpt.storage import Store
 
-__all__ = ["DEFAULT_MEMORY_DIR", "memory_folder", "held", "bytes_under"]
+__all__ = ["DEFAULT_MEMORY_DIR", "memory_folder", "held", "bytes_under", "lock", "unlock", "LOCK"]
 
 DEFAULT_MEMORY_DIR = "/dev/shm"
+LOCK = ".lock"
+"""In the tier's folder: locked by the node's leader while its job runs (a POSIX lock, which
+the process's end releases, a crash's included, and a fork does not pass on)."""
 
 
 def memory_folder(url: str, memory_dir: str | None = None) -> str:
@@ -38,12 +46,48 @@ def held(url: str, memory_dir: str | None = None) -> tuple[str, int, int | None]
 
 
 def bytes_under(folder: str) -> int:
-    """The bytes of the files under ``folder`` (files removed meanwhile count nothing)."""
+    """The bytes of the files under ``folder`` (files removed meanwhile count nothing; the
+    tier's lock file not at all)."""
     total = 0
     for d, _, files in os.walk(folder):
-        for f in files:
+        for f in files if d != folder else (f for f in files if f != LOCK):
             try:
                 total += os.path.getsize(os.path.join(d, f))
             except OSError:
                 pass  # removed meanwhile
     return total
+
+
+def lock(folder: str) -> int:
+    """Lock the tier's ``folder`` for this process; returns the lock's file descriptor. A
+    second job on the same repository and node (launched twice by mistake, or a requeue
+    whose first run still lives) would prune the first's memory checkpoints and fail its
+    saves: StorageError, naming the process that holds it."""
+    path = os.path.join(folder, LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError as e:
+        raise StorageError(f"cannot open the memory tier's lock {path}: {e}") from e
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "a process"
+        os.close(fd)
+        if e.errno not in (errno.EACCES, errno.EAGAIN):
+            raise StorageError(f"cannot lock the memory tier's folder {folder}: {e}") from e
+        raise StorageError(
+            f"the memory tier's folder {folder} is in use by another job ({holder}): two jobs "
+            "on one repository would prune each other's memory checkpoints. Stop the other "
+            "job, or give this one another URL or memory_dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+def unlock(folder: str, fd: int, *, forget: bool = False) -> None:
+    """Release the lock of :func:`lock` (``forget``: and remove its file first, while still
+    held, so that no one else holds the file removed)."""
+    if forget:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(folder, LOCK))
+    os.close(fd)

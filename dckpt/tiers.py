@@ -125,15 +125,21 @@ class MemorySaves:
         folder (agents on one machine without a memory_dir each), is the same error on
         every rank."""
         made: MemoryTier | DckptError
+        locked: DckptError | None = None  # another job holds the folder
         try:
             made = MemoryTier(url, memory_dir)
             st = os.stat(made.folder)
+            if self.nodes.leader(self.nodes.of[dist.rank()]) == dist.rank():
+                try:
+                    made.lock()
+                except DckptError as e:
+                    locked = e
             mine: object = (self.nodes.of[dist.rank()], made.folder,
-                            (socket.gethostname(), st.st_dev, st.st_ino))
+                            (socket.gethostname(), st.st_dev, st.st_ino), locked)
         except DckptError as e:  # on one node only, maybe
             made = mine = e
         everyone = dist.gather(mine, self.group)
-        refused = [e for e in everyone if isinstance(e, DckptError)]
+        refused: list[DckptError] = []
         nodes: dict[object, tuple[str, set[int]]] = {}
         for entry in everyone:
             if isinstance(entry, tuple):
@@ -157,8 +163,12 @@ class MemorySaves:
                             in named.values()) + "): a node's ranks share one folder, which "
                 "its leader commits into; pass the same memory_dir (or DCKPT_MEMORY_DIR) to "
                 "every rank of a node"))
+        refused += [e for e in everyone if isinstance(e, DckptError)]
+        refused += [e[3] for e in everyone if isinstance(e, tuple) and e[3] is not None]  # last:
+        # the second leader of two nodes that share a folder finds it locked, by the first
         if refused:
             if isinstance(made, MemoryTier):
+                made.unlock(forget=True)
                 with contextlib.suppress(OSError):
                     os.rmdir(made.folder)  # made here, and empty: nothing made on refusal
             raise refused[0]
@@ -392,3 +402,4 @@ class MemorySaves:
             dist.gather(None, self.group)  # every rank is past its last read and write
             if self.leader:
                 self.tier.remove()
+        self.tier.unlock()  # kept or removed, this job is done with it

@@ -95,3 +95,28 @@ def test_a_storage_that_fails_at_restore_is_the_same_error_on_every_rank(tmp_pat
     out = [o.value for o in run_ranks(_listing_fails_on_rank0, 2, url, shm, timeout_s=60)]
     assert out[0] == out[1] and out[0][0] == "StorageError"
     assert "connection reset" in out[0][1] and "cannot list" in out[0][1]
+
+
+def _second_job(rank, world, url, shm):
+    try:
+        mgr = dckpt.CheckpointManager(url, memory_every_steps=1, handle_signals=False,
+                                      memory_dir=shm)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e)
+    mgr.maybe_save(0, _state(rank, 0))
+    mgr.close()
+    return mgr.memory.step
+
+
+def test_a_tier_another_job_holds_is_refused_alike_on_every_rank(tmp_path):
+    url, shm = str(tmp_path / "ckpt"), str(tmp_path / "shm")
+    os.mkdir(shm)
+    first = memory.MemoryTier(url, shm)  # this process: the first job's node leader
+    first.lock()
+    out = [o.value for o in run_ranks(_second_job, 2, url, shm)]
+    assert out[0] == out[1] and out[0][0] == "StorageError", out
+    assert f"in use by another job (process {os.getpid()} on" in out[0][1]
+    assert os.listdir(first.folder) == [".lock"] and dckpt.list_checkpoints(url) == []
+    first.unlock()  # the first job ends
+    assert [o.value for o in run_ranks(_second_job, 2, url, shm)] == [0, 0]
+    assert not os.listdir(shm)

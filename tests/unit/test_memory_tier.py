@@ -4,9 +4,13 @@ nothing after a clean end, reuses a crashed run's memory, refuses a folder witho
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import stat
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -314,6 +318,60 @@ def test_a_tier_folder_someone_else_placed_is_refused_and_left_as_it_is(tmp_path
     assert "memory_dir= or DCKPT_MEMORY_DIR" in str(e.value)
     assert (sorted(os.walk(target)), stat.S_IMODE(os.stat(target).st_mode)) == before
     assert not os.path.exists(url)
+
+
+HOLDER = r"""
+import os, sys, time, torch, dckpt
+url, shm, then = sys.argv[1:4]
+mgr = dckpt.CheckpointManager(url, memory_every_steps=1, memory_dir=shm, handle_signals=False)
+state = {"w": torch.arange(64.0)}
+mgr.restore(state)
+mgr.maybe_save(1, state)
+mgr._poll(wait=True)
+if then == "fork":  # a data loader's worker, forked after the manager was made
+    if os.fork() == 0:
+        time.sleep(600)
+        os._exit(0)
+print("holding", flush=True)
+if then == "fork":
+    os.kill(os.getpid(), 9)  # the job crashes; its forked worker lives on
+time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("then", ["sleep", "fork"])
+def test_a_second_job_on_the_same_memory_tier_is_refused_while_the_first_lives(tmp_path, then):
+    """Two jobs on one repository and node (launched twice, or a requeue whose first run
+    still lives) would prune each other's memory checkpoints: the second is refused, naming
+    the first, and changes nothing. Once the first is gone (killed: no clean end), a restart
+    takes the tier and restores from it, even if a process it forked still lives."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    first = subprocess.Popen([sys.executable, "-c", HOLDER, url, str(shm), then],
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert first.stdout is not None and first.stdout.readline() == "holding\n"
+        folder = memory.memory_folder(url, str(shm))
+        if then == "sleep":
+            before = sorted((d, sorted(f)) for d, _, f in os.walk(folder))
+            with pytest.raises(dckpt.StorageError, match=rf"in use by another job \(process "
+                               rf"{first.pid} on .*memory_dir"):
+                dckpt.CheckpointManager(url, memory_every_steps=1, memory_dir=str(shm),
+                                        handle_signals=False)
+            assert sorted((d, sorted(f)) for d, _, f in os.walk(folder)) == before
+            os.kill(first.pid, signal.SIGKILL)
+        first.wait(timeout=60)
+        state = {"w": torch.zeros(64)}
+        with dckpt.CheckpointManager(url, memory_every_steps=1, memory_dir=str(shm),
+                                     handle_signals=False) as again:
+            info = again.restore(state)
+            assert (info.step, info.tier) == (1, "memory")
+            assert torch.equal(state["w"], torch.arange(64.0))
+        assert not os.path.exists(folder)  # the clean end removed it, lock and all
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(first.pid, signal.SIGKILL)  # the forked worker too
+        first.wait(timeout=60)
 
 
 def test_a_copy_to_storage_checks_every_memory_block_first(tmp_path):
