@@ -39,6 +39,7 @@ from dckpt.global_plan import quiet_single_process
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import Manifest
 from dckpt.optim_state import params_by_id
+from dckpt.overlaps import differing
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
 from dckpt.repository import (
@@ -315,7 +316,7 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
     except BaseException:
         planner.forget_made()  # a fallback to an older step, or the caller, starts clean
         raise
-    problems = []
+    problems = differing(planner.state_dict, planner.tied)  # tied keys read apart (overlaps)
     for key in keys:
         if key not in stateful:
             state_dict[key] = flat[key]

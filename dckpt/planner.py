@@ -32,6 +32,7 @@ from dckpt.errors import StateDictError, listing
 from dckpt.manifest import StoredData
 from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
 from dckpt.optim_state import forget, make_missing_state
+from dckpt.overlaps import Tied, shared_memory
 from dckpt.state_checks import (
     PLAIN,
     differing_values,
@@ -291,6 +292,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # top-level key -> the object that loads through its load_state_dict (dckpt.api)
         self.stateful: dict[str, object] = {}
         self._meta_problems: list[str] = []
+        self.tied: list[Tied] = []
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -319,6 +321,12 @@ class SafeLoadPlanner(DefaultLoadPlanner):
             self.flatten_sharded_tensors = sharded
         if sharded:
             self.state_dict = _sharded_flattened(self.state_dict)
+        # destinations that share memory: refused where they overlap in part; a tied key is
+        # read into a twin of its own, compared with its first key's after the reads (api)
+        overlapping, self.tied = shared_memory(self.state_dict)
+        self._meta_problems += overlapping
+        for t in self.tied:
+            self.state_dict[t.key] = torch.empty_like(self.state_dict[t.key])
 
     def forget_made(self) -> None:
         """Take back the optimizer state made for this load (it failed): a caller that goes

@@ -601,3 +601,29 @@ def test_items_of_many_blocks_cross_the_gather_as_tables_and_load_back(tmp_path)
     for world in (1, 2):
         outcomes = run_ranks(_load_large_items, world, url)
         assert [o.value for o in outcomes] == [(2, True, True, True)] * world
+
+
+def _tied_dtensors(rank, world, url, differ):
+    """One DTensor under two keys (FSDP2's tied embedding and output projection)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.arange(24.0).reshape(6, 4)
+    saved = {"emb": distribute_tensor(full, mesh, [Shard(0)]),
+             "head": distribute_tensor(full + 1 if differ else full, mesh, [Shard(0)])}
+    dckpt.save(saved, url, step=1)
+    t = distribute_tensor(torch.zeros(6, 4), mesh, [Shard(1)])  # resharded on load
+    try:
+        info = dckpt.load({"emb": t, "head": t}, url)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e).splitlines()[1].strip()
+    return info.step, torch.equal(t.full_tensor(), full)
+
+
+def test_a_dtensor_under_two_keys_loads_once_or_is_refused_alike(tmp_path):
+    assert [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "same"), False)] \
+        == [(1, True), (1, True)]
+    out = [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "apart"), True)]
+    assert out[0] == out[1] and out[0][0] == "StateDictError", out
+    assert "head: one tensor with emb in the state dict (tied weights)" in out[0][1], out

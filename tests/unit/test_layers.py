@@ -23,7 +23,8 @@ LAYERS = [
     # the repository: manifests found, blocks indexed, segments written, blocks read
     {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
     # the DCP plug-ins
-    {"planner", "state_checks", "optim_state", "meta_tensors", "writer", "reader", "replicas"},
+    {"planner", "state_checks", "overlaps", "optim_state", "meta_tensors", "writer", "reader",
+     "replicas"},
     # the save pipeline
     {"handle", "global_plan", "saver"},
     # operations over a repository, and the public functions

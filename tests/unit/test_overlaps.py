@@ -1,0 +1,153 @@
+"""Destinations of a load that share memory. A load writes each key's bytes into its
+destination and checks them there: two keys whose destinations overlapped wrote into each
+other, and a sound checkpoint was reported damaged ("the object is damaged") and skipped
+for an older one. Tied weights (one tensor under two keys) load when the checkpoint holds
+equal values for them, and are refused, not skipped, when it does not; partial overlaps
+are refused before anything is read; views that share no element load as any others."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import dckpt
+from dckpt.overlaps import shared_memory
+
+
+def _zeros(**kw):
+    out = {"a": torch.zeros(3, 4), "b": torch.zeros(4), "c": torch.zeros(6)}
+    out.update(kw)
+    return out
+
+
+SAVED = {"a": torch.arange(12.0).reshape(3, 4), "b": torch.arange(4.0) + 100,
+         "c": torch.arange(6.0) + 200}
+
+
+def test_destinations_that_overlap_in_part_are_refused_naming_both_before_any_read(tmp_path):
+    url = str(tmp_path / "r")
+    dckpt.save(SAVED, url, step=1)
+    buf = torch.full((8,), -1.0)
+    with pytest.raises(dckpt.StateDictError) as e:
+        dckpt.load(_zeros(b=buf[0:4], c=buf[2:8]), url)
+    assert "c: its memory overlaps that of b in part" in str(e.value)
+    assert "damaged" not in str(e.value)
+    assert torch.equal(buf, torch.full((8,), -1.0))  # refused before the reads
+
+
+@pytest.mark.parametrize("layout", ["columns", "interleaved", "rows"])
+def test_views_of_one_buffer_that_share_no_element_load(tmp_path, layout):
+    """Their byte ranges intersect (all but rows), their elements do not."""
+    url = str(tmp_path / "r")
+    saved = {"x": torch.arange(12.0).reshape(4, 3), "y": torch.arange(12.0).reshape(4, 3) + 50}
+    dckpt.save(saved, url, step=1)
+    buf = torch.zeros(4, 6) if layout != "interleaved" else torch.zeros(24)
+    if layout == "columns":
+        x, y = buf[:, :3], buf[:, 3:]
+    elif layout == "interleaved":
+        x, y = buf[0::2].view(4, 3), buf[1::2].view(4, 3)
+    else:
+        x, y = buf.view(8, 3)[:4], buf.view(8, 3)[4:]
+    out = {"x": x, "y": y}
+    dckpt.load(out, url)
+    assert torch.equal(x, saved["x"]) and torch.equal(y, saved["y"])
+
+
+class Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(10, 4)
+        self.head = torch.nn.Linear(4, 10, bias=False)
+        self.head.weight = self.emb.weight  # tied, as language models tie them
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.emb(x))
+
+
+def test_tied_weights_load_into_one_tensor(tmp_path):
+    url = str(tmp_path / "r")
+    torch.manual_seed(0)
+    model = Tied()
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([1, 2])).sum().backward()
+    opt.step()
+    dckpt.save({"app": dckpt.TrainState(model, opt)}, url, step=1)
+    torch.manual_seed(1)
+    again = Tied()
+    opt2 = torch.optim.AdamW(again.parameters())
+    info = dckpt.load({"app": dckpt.TrainState(again, opt2)}, url)
+    assert info.step == 1 and not info.skipped
+    assert again.head.weight is again.emb.weight
+    assert torch.equal(again.emb.weight, model.emb.weight)
+    assert torch.equal(opt2.state[again.emb.weight]["exp_avg"],
+                       opt.state[model.emb.weight]["exp_avg"])
+
+
+def test_tied_keys_the_checkpoint_holds_apart_are_refused_not_skipped(tmp_path):
+    """An older checkpoint whose values were equal must not be restored in its place."""
+    url = str(tmp_path / "r")
+    dckpt.save({"a": torch.ones(4), "b": torch.ones(4)}, url, step=1)
+    dckpt.save({"a": torch.ones(4), "b": torch.zeros(4)}, url, step=2)
+    t = torch.full((4,), 7.0)
+    with pytest.raises(dckpt.StateDictError) as e:
+        dckpt.load({"a": t, "b": t}, url)
+    assert "b: one tensor with a in the state dict (tied weights), but the checkpoint holds " \
+           "different values" in str(e.value)
+    assert dckpt.load({"a": t, "b": t}, url, step=1).step == 1  # equal there: loads
+    assert torch.equal(t, torch.ones(4))
+
+
+def test_three_keys_on_one_tensor_and_a_view_beside_them(tmp_path):
+    url = str(tmp_path / "r")
+    saved = {"p": torch.arange(4.0), "q": torch.arange(4.0), "r": torch.arange(4.0),
+             "s": torch.arange(4.0) + 9}
+    dckpt.save(saved, url, step=1)
+    buf = torch.zeros(8)
+    t = buf[:4]
+    out = {"p": t, "q": t, "r": buf[:4], "s": buf[4:]}  # r: another view object, same memory
+    dckpt.load(out, url)
+    assert torch.equal(buf, torch.cat([torch.arange(4.0), torch.arange(4.0) + 9]))
+
+
+@st.composite
+def _views(draw: st.DrawFn) -> list[tuple[int, tuple[int, ...], tuple[int, ...]]]:
+    """Views of a 64-element buffer: (offset, shape, stride), each its own elements once."""
+    out = []
+    for _ in range(draw(st.integers(2, 4))):
+        inner = draw(st.integers(1, 3))
+        n1 = draw(st.integers(1, 4))
+        if draw(st.booleans()):  # one dimension
+            shape, stride = (n1,), (inner,)
+        else:
+            n0 = draw(st.integers(1, 3))
+            shape, stride = (n0, n1), ((n1 - 1) * inner + draw(st.integers(1, 4)), inner)
+        span = sum((n - 1) * s for n, s in zip(shape, stride)) + 1
+        out.append((draw(st.integers(0, 64 - span)), shape, stride))
+    return out
+
+
+def _elements(offset, shape, stride) -> set[int]:
+    index = torch.arange(64).as_strided(shape, stride, offset)
+    return set(index.reshape(-1).tolist())
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(_views())
+def test_overlaps_are_found_exactly_as_the_elements_say(views):
+    """Against the elements each view covers: two keys that share one are tied (the same
+    view) or a problem (any other); keys that share none are neither."""
+    buf = torch.zeros(64)
+    flat = {f"k{i}": buf.as_strided(shape, stride, offset)
+            for i, (offset, shape, stride) in enumerate(views)}
+    problems, tied = shared_memory(flat)
+    flagged = {p.split(":")[0] for p in problems} | {t.key for t in tied}
+    want = set()
+    for j, b in enumerate(views):
+        for a in views[:j]:
+            if _elements(*a) & _elements(*b):
+                want.add(f"k{j}")
+    assert flagged == want, (views, problems, tied)
+    for t in tied:
+        assert views[int(t.key[1:])] == views[int(t.first[1:])]
