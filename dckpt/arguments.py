@@ -104,6 +104,9 @@ def check_url(url: object) -> str:
             raise ArgumentError(
                 f"{text}: an object store has no folders to resolve '//', '.' or '..' in (they "
                 f"would be part of the object names); write it as {scheme}://BUCKET/PREFIX")
+        if "?versionId=" in rest:  # s3fs cuts a version off there: the saves went elsewhere
+            raise ArgumentError(f"{text}: '?versionId=' in an S3 path names an object's "
+                                "version (s3fs), not a prefix; choose a prefix without it")
     local = text[len("file://"):] if text.startswith("file://") else (
         None if "://" in text else text)
     if local is not None and os.path.exists(local) and not os.path.isdir(local):
