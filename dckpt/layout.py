@@ -99,6 +99,13 @@ def check_object_name(name: object) -> str:
     return name
 
 
+def same_path(a: str, b: str) -> bool:
+    """Whether two local paths name one place, as fsspec reads them (``~`` expanded)."""
+    def full(p: str) -> str:
+        return os.path.normpath(os.path.abspath(os.path.expanduser(p)))
+    return full(a) == full(b)
+
+
 def same_url(a: str, b: str) -> bool:
     """Whether two repository URLs name the same place: local paths absolute and normalized
     (``file://`` or not), other URLs as written, a trailing slash aside."""
@@ -109,5 +116,5 @@ def same_url(a: str, b: str) -> bool:
 
     la, lb = local(a), local(b)
     if la is not None and lb is not None:
-        return os.path.normpath(os.path.abspath(la)) == os.path.normpath(os.path.abspath(lb))
+        return same_path(la, lb)
     return a.rstrip("/") == b.rstrip("/")

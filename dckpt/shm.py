@@ -25,9 +25,10 @@ the process's end releases, a crash's included, and a fork does not pass on)."""
 
 def memory_folder(url: str, memory_dir: str | None = None) -> str:
     """The memory tier's folder for the repository at ``url``: one per user and URL."""
-    root = memory_dir or os.environ.get("DCKPT_MEMORY_DIR") or DEFAULT_MEMORY_DIR
+    root = os.path.expanduser(memory_dir or os.environ.get("DCKPT_MEMORY_DIR")
+                              or DEFAULT_MEMORY_DIR)
     key = url if "://" in url and not url.startswith("file://") else os.path.abspath(
-        url.removeprefix("file://"))
+        os.path.expanduser(url.removeprefix("file://")))  # as fsspec reads a local path
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(root, f"dckpt-{os.getuid()}-{digest}")
 

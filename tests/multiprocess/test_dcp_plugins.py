@@ -108,3 +108,13 @@ def test_a_checkpoint_id_other_than_the_plug_ins_repository_is_refused(tmp_path)
         dcp.load(state, storage_reader=dckpt.Reader(url, step=1), checkpoint_id=other)
     dcp.load(state, storage_reader=dckpt.Reader(url, step=1), checkpoint_id=url)
     assert [i.step for i in dckpt.list_checkpoints(url)] == [1]
+
+
+def test_a_checkpoint_id_spelled_with_a_tilde_is_the_same_repository(tmp_path, monkeypatch):
+    """fsspec expands "~" in a local path: "~/repo" and its expansion are one repository."""
+    import torch.distributed.checkpoint as dcp
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    dcp.save({"w": torch.ones(4)}, storage_writer=dckpt.Writer("~/repo", step=1),
+             checkpoint_id=str(tmp_path / "repo"))
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path / "repo"))] == [1]

@@ -281,6 +281,10 @@ def test_the_default_folder_is_under_dev_shm_or_the_environment(tmp_path, monkey
     assert a != memory.memory_folder(str(tmp_path / "y"))
     monkeypatch.setenv("DCKPT_MEMORY_DIR", str(tmp_path))
     assert memory.memory_folder("s3://b/run").startswith(f"{tmp_path}/dckpt-")
+    # "~" is expanded, as fsspec expands it in the repository's own path
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert memory.memory_folder("~/ckpt", "~") == memory.memory_folder(str(tmp_path / "ckpt"),
+                                                                       str(tmp_path))
 
 
 @pytest.mark.parametrize("where", ["absent", "a file"])
