@@ -109,6 +109,8 @@ def check_url(url: object) -> str:
                                 "version (s3fs), not a prefix; choose a prefix without it")
     local = text[len("file://"):] if text.startswith("file://") else (
         None if "://" in text else text)
+    if local is not None:
+        local = os.path.expanduser(local)  # as fsspec reads it
     if local is not None and os.path.exists(local) and not os.path.isdir(local):
         raise ArgumentError(f"{text} is a file, not a repository folder; pass the folder that "
                             "holds (or will hold) the checkpoints")

@@ -402,7 +402,7 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
     ]
 
 
-def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
+def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path, monkeypatch):
     url = str(tmp_path / "repo")
     file_url = tmp_path / "a-file"
     file_url.write_bytes(b"x")
@@ -419,7 +419,10 @@ def test_every_bad_argument_is_one_clear_error_and_writes_nothing(tmp_path):
         ("manager s3 url with .", lambda: dckpt.CheckpointManager("s3://b/./r",
                                                                   save_every_steps=1)),
         ("list url is a file", lambda: dckpt.list_checkpoints(str(file_url))),
+        ("save url is a file under ~", lambda: dckpt.save({"w": torch.ones(1)}, "~/a-file",
+                                                          step=1)),
     ]
+    monkeypatch.setenv("HOME", str(tmp_path))
     for name, call in calls:
         with pytest.raises(dckpt.DckptError) as e:
             call()
