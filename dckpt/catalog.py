@@ -48,11 +48,13 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
     return list(_infos(store, url, committed_steps(store)))
 
 
-def _infos(store: Store, url: str, steps: Iterable[int]) -> Iterator[CheckpointInfo]:
+def _infos(store: Store, url: str, steps: Iterable[int], *,
+           storage_errors: bool = True) -> Iterator[CheckpointInfo]:
     """Each step's CheckpointInfo, in the order of ``steps``, read as it is asked for; a
-    damaged one with ``problem`` set, one deleted since the listing left out."""
+    damaged one with ``problem`` set, one deleted since the listing left out.
+    ``storage_errors=False``: a manifest the storage failed to give raises StorageError."""
     marked = quarantined(store)
-    for step, m in summaries(store, steps):
+    for step, m in summaries(store, steps, storage_errors=storage_errors):
         yield (CheckpointInfo(step=step, url=url, created_at=0.0, metrics={}, world_size=0,
                               bytes_logical=0, bytes_written=0, problem=str(m))
                if isinstance(m, DckptError) else
@@ -73,8 +75,10 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     """Read back and check every byte of one checkpoint (``step``, default the newest), or of
     every committed one with ``all_steps=True``. ``quarantine``: mark each damaged one so
     that restores skip it at once (nothing is deleted), and clear the mark of each one that
-    verifies clean; a mark that cannot be written (a read-only copy) is logged as an error,
-    the report returned as without marks. Raises only when ``url`` holds no repository (or
+    verifies clean; a step whose only problems are the storage's (``Problem.damage`` False:
+    a read that failed, not bytes found wrong) keeps its mark as it was. A mark that cannot
+    be written (a read-only copy) is logged as an error, the report returned as without
+    marks. Raises only when ``url`` holds no repository (or
     the asked step does not exist), or StorageError when no read ends for 300 s
     (``watchdog.STALL_S``: a hung mount). Not collective."""
     step = check_step(step, optional=True)
@@ -95,9 +99,13 @@ def verify(url: str, *, step: int | None = None, all_steps: bool = False,
     if quarantine:
         bad: dict[int, str] = {}
         for p in report.problems:
-            bad.setdefault(p.step, p.message.splitlines()[0])
+            if p.damage:
+                bad.setdefault(p.step, p.message.splitlines()[0])
+        unsure = {p.step for p in report.problems} - set(bad)  # the storage failed there
         unmarked: list[str] = []
         for s in report.steps:
+            if s in unsure:
+                continue
             try:
                 set_quarantine(store, s, bad.get(s))
             except (OSError, DckptError) as e:  # a read-only copy: the findings still count
@@ -179,7 +187,8 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     # newest first, each manifest read when the check comes to it (and decoded once): the
     # check stops at the first recoverable one, older ones are never read
     with reusing({}, HEALTH_DECODED_BYTES):
-        return check_health(store, _infos(store, url, reversed(steps)), len(steps),
+        return check_health(store, _infos(store, url, reversed(steps), storage_errors=False),
+                            len(steps),
                             max_age_s=max_age_s, min_free_bytes=min_free_bytes,
                             verify=verify, sample_bytes=sample_bytes)
 

@@ -142,7 +142,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
                           "problems": [dataclasses.asdict(p) for p in report.problems]})
     else:
         for p in report.problems:
-            print(f"PROBLEM step {p.step}: {p.message}")
+            kind = "" if p.damage else " (the storage failed; the data may be sound)"
+            print(f"PROBLEM step {p.step}{kind}: {p.message}")
         state = "clean" if report.ok else f"{len(report.problems)} problem(s) found"
         print(f"verified steps {list(report.steps)}: {_size(report.bytes_checked)} checked, "
               f"{state}")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from dckpt.errors import CheckpointNotFoundError, DckptError
+from dckpt.errors import CheckpointNotFoundError, DckptError, StorageError
 from dckpt.info import CheckpointInfo
 from dckpt.manifest import Manifest
 from dckpt.reads import read_stored_sample
@@ -63,6 +63,9 @@ def _check(store: Store, step: int, verify: bool, sample_bytes: int
         why = _objects_present(store, m)
         if why is None and verify:
             report = verify_steps(store, [step])
+            failed = [p for p in report.problems if not p.damage]
+            if failed:  # no finding about the data: the check failed (UNKNOWN)
+                raise StorageError(failed[0].message)
             why = None if report.ok else report.problems[0].message
         if why is None:  # the sample read also checks what it reads
             t0 = time.perf_counter()
@@ -73,6 +76,8 @@ def _check(store: Store, step: int, verify: bool, sample_bytes: int
                 estimate = m.bytes_logical / max(1, m.world_size) / rate
     except CheckpointNotFoundError:
         return None
+    except StorageError:
+        raise  # the storage failed, not the checkpoint: the check's answer is UNKNOWN
     except DckptError as e:
         why = str(e).splitlines()[0]
     if why is not None and not still_committed(store, step):
@@ -97,7 +102,8 @@ def check_health(store: Store, newest_first: Iterable[CheckpointInfo], count: in
     for info in newest_first:
         if newest is None and info.problem is None:
             newest = info
-        if info.problem is not None or info.quarantined is not None:
+        if info.problem is not None or info.quarantined is not None:  # (a storage that
+            # failed to give the manifest raised StorageError in the listing: UNKNOWN)
             why: str | None = info.problem or f"quarantined: {info.quarantined}"
             assert why is not None
             unrecoverable.append((info.step, why.splitlines()[0]))

@@ -219,7 +219,7 @@ class Metrics:
         """A dckpt.VerifyReport: the damaged checkpoints it found."""
         if not self._on():
             return
-        damaged = len({p.step for p in report.problems})
+        damaged = len({p.step for p in report.problems if p.damage})  # not the storage's
         self.damaged.labels(self.job).set(damaged)
         if damaged:
             self.corrupt.labels(self.job).inc(damaged)

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 
 from dckpt import layout
 from dckpt.decoder import Reference, decode, references, summary
-from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
+from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError, StorageError
 from dckpt.manifest import Manifest, Summary
 from dckpt.storage import Store
 
@@ -109,9 +109,11 @@ def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifes
             yield step, e
 
 
-def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary | DckptError]]:
+def summaries(store: Store, steps: Iterable[int], *, storage_errors: bool = True
+              ) -> Iterator[tuple[int, Summary | DckptError]]:
     """``manifests``' headers (``decoder.summary``: the checksum checked, the items not
-    decoded), for a listing."""
+    decoded), for a listing. ``storage_errors=False``: a StorageError (the storage failed,
+    not the manifest) is raised, not yielded."""
     for step in steps:
         try:
             step, raw = read_manifest_bytes(store, step)
@@ -123,6 +125,8 @@ def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary
         except CheckpointNotFoundError:
             continue
         except DckptError as e:
+            if not storage_errors and isinstance(e, StorageError):
+                raise
             yield step, e
 
 

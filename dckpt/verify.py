@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dckpt import watchdog
-from dckpt.errors import DckptError
+from dckpt.errors import DckptError, IntegrityError, NewerFormatError
 from dckpt.manifest import BlockRef, StoredData
 from dckpt.reads import Fetcher, coalesce
 from dckpt.repository import manifests, still_committed
@@ -21,6 +21,16 @@ class Problem:
     message: str
     object: str | None = None
     item: str | None = None
+    damage: bool = True
+    """The stored bytes are wrong or gone (an IntegrityError); False where the storage
+    failed to answer (a connection reset, a refusal) or the manifest is of a newer format:
+    no finding about the data, and no reason to quarantine the step."""
+
+
+def _problem(step: int, e: BaseException, message: str | None = None,
+             obj: str | None = None, item: str | None = None) -> Problem:
+    damage = isinstance(e, IntegrityError) and not isinstance(e, NewerFormatError)
+    return Problem(step, message or str(e), obj, item, damage)
 
 
 @dataclass(frozen=True)
@@ -49,7 +59,7 @@ def verify_steps(store: Store, steps: list[int], *, threads: int = 4,
     seen = []
     for step, m in manifests(store, steps):
         if isinstance(m, DckptError):
-            problems.append(Problem(step, str(m)))
+            problems.append(_problem(step, m))
             seen.append(step)
             continue
         found = len(problems)
@@ -124,7 +134,8 @@ def _recheck(fetcher: Fetcher, step: int, suspect: set[BlockRef],
             except watchdog.Stalled:
                 raise  # the storage stopped answering: not a finding about the data
             except DckptError as e:
-                problems.append(Problem(step, str(e), req.segment, fqn))
-            except OSError as e:
-                problems.append(Problem(step, f"reading {req.segment}: {e}", req.segment, fqn))
+                problems.append(_problem(step, e, obj=req.segment, item=fqn))
+            except OSError as e:  # not one reads.py takes for damage: the storage's
+                problems.append(_problem(step, e, f"reading {req.segment}: {e}", req.segment,
+                                         fqn))
     return checked

@@ -128,6 +128,49 @@ def test_health_and_verify_leave_metrics_for_cron(tmp_path):
     assert values(prom)["dckpt_health_status"] == 3
 
 
+def test_a_storage_that_fails_makes_health_unknown_and_counts_no_damage(tmp_path, monkeypatch,
+                                                                        capsys):
+    """A read or a manifest the storage failed to give (past its retries) says nothing about
+    the checkpoints: health was CRITICAL ("none recoverable") and the metrics counted every
+    step damaged, paging someone for a network blip. Now health is UNKNOWN (exit 3) and the
+    damaged gauge stays 0; real damage beside it still counts."""
+    import errno
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from dckpt.storage import Store
+
+    repo = tmp_path / "repo"
+    three_saves(repo)
+    os.truncate(own_segment(repo, 3), 10)  # step 3: really damaged (its listing says so)
+
+    def reset(*args, **kwargs):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    prom = tmp_path / "verify.prom"
+    with monkeypatch.context() as m:
+        m.setattr(Store, "read_into", reset)
+        m.setattr(Store, "read_vectored", reset)
+        assert cli(["health", str(repo), "--verify"]) == 3
+        assert "UNKNOWN" in capsys.readouterr().out
+        assert cli(["verify", str(repo), "--all", "--metrics-textfile", str(prom),
+                    "--job", "cron"]) == 1
+    values = {s.name: s.value for f in text_string_to_metric_families(prom.read_text())
+              for s in f.samples if s.labels.get("job_name") == "cron"}
+    assert values["dckpt_damaged_checkpoints"] == 0  # the reads failed: no finding
+    with monkeypatch.context() as m:
+        real = Store.read_bytes
+        m.setattr(Store, "read_bytes", lambda self, name: reset() if "manifests/" in name
+                  else real(self, name))
+        assert cli(["health", str(repo)]) == 3
+    assert cli(["health", str(repo), "--verify"]) == 1  # the storage answers again: step 3
+    assert cli(["verify", str(repo), "--all", "--metrics-textfile", str(prom),
+                "--job", "cron"]) == 1
+    values = {s.name: s.value for f in text_string_to_metric_families(prom.read_text())
+              for s in f.samples if s.labels.get("job_name") == "cron"}
+    assert values["dckpt_damaged_checkpoints"] == 1  # step 3
+
+
 def test_health_reads_the_manifests_down_to_the_recoverable_one_only(tmp_path, monkeypatch):
     """A monitor runs health often: it decodes the newest manifests down to the first
     recoverable checkpoint, once each, not every manifest of a repository that keeps many."""

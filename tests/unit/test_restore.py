@@ -11,6 +11,7 @@ import torch
 import dckpt
 from dckpt.cli import main as cli
 from dckpt.config import LoadConfig
+from dckpt_testing import reseal
 from restore_damage import KINDS, damage
 
 
@@ -86,6 +87,50 @@ def test_quarantine_marks_a_damaged_checkpoint_and_restores_skip_it_at_once(tmp_
     damage(tmp_path, 3, "flipped_byte")  # flips the same byte back
     assert cli(["verify", url, "--step", "3", "--quarantine"]) == 0
     assert all(i.quarantined is None for i in dckpt.list_checkpoints(url))
+    assert dckpt.load(_empty(), url).step == 3
+
+
+@pytest.mark.parametrize("failure", ["connection reset", "storage refused", "newer format"])
+def test_a_storage_failure_during_verify_is_reported_but_quarantines_nothing(
+        tmp_path, monkeypatch, capsys, failure):
+    """A read the storage failed (a connection reset past its retries, a refusal) or a
+    manifest of a newer format says nothing about the data: the report lists it, but a
+    quarantine of a sound step made every later restore skip it for an older one."""
+    import errno
+
+    from dckpt.storage import Store
+
+    url = str(tmp_path)
+    _three(url)
+    damage(tmp_path, 1, "flipped_byte")
+    dckpt.verify(url, step=1, quarantine=True)  # step 1: really damaged, marked
+    manifest = tmp_path / "manifests" / "000000000003.json"
+    sound = manifest.read_bytes()
+
+    def read_into(self, name, offset, out):
+        if failure == "connection reset":
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+        raise dckpt.StorageError(f"{name}: access denied")
+
+    with monkeypatch.context() as m:
+        if failure == "newer format":
+            manifest.write_bytes(reseal({**json.loads(sound), "version": 99}))
+        else:
+            m.setattr(Store, "read_into", read_into)
+            m.setattr(Store, "read_vectored", lambda self, n, o, outs: read_into(self, n, o, outs[0]))
+        report = dckpt.verify(url, all_steps=True, quarantine=True)
+        assert {p.step for p in report.problems} >= {3}, report
+        # where the reads fail, step 1's damage cannot be seen either
+        assert all(p.damage == (failure == "newer format" and p.step == 1)
+                   for p in report.problems), report
+        if failure != "newer format":
+            capsys.readouterr()
+            assert cli(["verify", url, "--step", "3"]) == 1
+            assert "PROBLEM step 3 (the storage failed; the data may be sound)" in \
+                capsys.readouterr().out
+    manifest.write_bytes(sound)
+    marks = {i.step: bool(i.quarantined) for i in dckpt.list_checkpoints(url)}
+    assert marks == {1: True, 2: False, 3: False}  # step 1's mark kept, no new ones
     assert dckpt.load(_empty(), url).step == 3
 
 
