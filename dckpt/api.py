@@ -42,6 +42,7 @@ from dckpt.optim_state import params_by_id
 from dckpt.overlaps import differing
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
+from dckpt.reads import UNREADABLE
 from dckpt.repository import (
     committed_steps,
     decode_manifest,
@@ -138,7 +139,10 @@ def _find(store: Store, step: int | None, passed: set[int]) -> _Found:
                 break
             except (CheckpointNotFoundError, FormatError) as e:  # gone, or a folder
                 found.skipped.append((s, str(e)))
-            except OSError as e:  # one manifest unreadable: the older ones may be fine
+            except OSError as e:
+                if e.errno not in UNREADABLE:  # the storage failed (a connection reset, a
+                    raise  # refusal, a timeout), not this manifest: no fallback to an older
+                # one unreadable for a reason of its own (EIO, ELOOP): the older may be fine
                 found.skipped.append((s, str(storage_error(e, f"reading step {s}"))))
         newest = steps[-1]
         try:  # the newest's time, unless it is the one found (its decoding tells)

@@ -214,9 +214,9 @@ def any_true(flag: bool, group: dist.ProcessGroup | None) -> bool:
     return bool(t.item())
 
 
-def _describe(exc: BaseException) -> str:
+def _describe(exc: BaseException, doing: str) -> str:
     if isinstance(exc, PermissionError):  # say which credentials to check
-        return str(storage_error(exc, "writing"))
+        return str(storage_error(exc, doing))
     return str(exc) if isinstance(exc, DckptError) else f"{type(exc).__name__}: {exc}"
 
 
@@ -230,7 +230,7 @@ def translate(exc: CheckpointException, *, what: str, saving: bool) -> DckptErro
     IntegrityError when all are integrity problems.
     """
     errors = {r: e for r, (e, _trace) in sorted(exc.failures.items())}
-    failures = {r: _describe(e) for r, e in errors.items()}
+    failures = {r: _describe(e, "writing" if saving else "reading") for r, e in errors.items()}
     # the class each failure has where it leaves dckpt alone (a storage library's error is
     # a StorageError: a response cut short, a connection reset)
     kinds = {type(storage_error(e, what)) for e in errors.values()}

@@ -70,6 +70,42 @@ def test_the_recovery_report_says_what_was_read_and_lost(tmp_path):
     assert clean.tried == (2,) and clean.skipped == () and clean.data_lost_steps is None
 
 
+@pytest.mark.parametrize("failure", [
+    ConnectionResetError(104, "Connection reset by peer"),
+    PermissionError(13, "Permission denied"),
+    TimeoutError("timed out"),
+    OSError(5, "Input/output error"),  # a medium error under this manifest: damage
+])
+def test_a_newest_manifest_the_storage_fails_to_give_is_an_error_not_a_fallback(
+        tmp_path, monkeypatch, failure):
+    """The storage failing to give the newest manifest (a reset, a refusal, a timeout) said
+    nothing about it, yet the load fell back and restored an older step: training since
+    then lost, where a retry would have found it. Only a manifest unreadable for a reason
+    of its own (EIO, ELOOP) is skipped, as damage."""
+    from dckpt.storage import Store
+
+    url = str(tmp_path)
+    _three(url)
+    real = Store.read_bytes
+
+    def read_bytes(self, name):
+        if name.endswith("000000000003.json"):
+            raise failure
+        return real(self, name)
+
+    monkeypatch.setattr(Store, "read_bytes", read_bytes)
+    out = _empty()
+    if getattr(failure, "errno", None) == 5:
+        info = dckpt.load(out, url)
+        assert info.step == 2 and [s for s, _ in info.skipped] == [3]
+        return
+    with pytest.raises(dckpt.StorageError, match=type(failure).__name__):
+        dckpt.load(out, url)
+    assert _same(out, _empty())  # nothing loaded
+    monkeypatch.undo()
+    assert dckpt.load(out, url).step == 3
+
+
 def test_quarantine_marks_a_damaged_checkpoint_and_restores_skip_it_at_once(tmp_path, capsys):
     url = str(tmp_path)
     _three(url)
