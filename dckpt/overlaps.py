@@ -147,7 +147,12 @@ def differing(flat: dict[str, Any], tied: list[Tied]) -> list[str]:
         return local.detach().resolve_conj().resolve_neg().reshape(-1).contiguous().view(
             torch.uint8)
 
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        if a.device != b.device:  # a plain tensor's twin is on the host (planner)
+            a, b = a.cpu(), b.cpu()
+        return torch.equal(a, b)
+
     return [f"{t.key}: one tensor with {t.first} in the state dict (tied weights), but the "
             "checkpoint holds different values for the two; load into separate tensors, or "
             "leave one of the keys out (partial=True)"
-            for t in tied if not torch.equal(bits(flat[t.key]), bits(flat[t.first]))]
+            for t in tied if not same(bits(flat[t.key]), bits(flat[t.first]))]

@@ -325,8 +325,10 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # read into a twin of its own, compared with its first key's after the reads (api)
         overlapping, self.tied = shared_memory(self.state_dict)
         self._meta_problems += overlapping
-        for t in self.tied:
-            self.state_dict[t.key] = torch.empty_like(self.state_dict[t.key])
+        for t in self.tied:  # a plain tensor's twin on the host: a tied embedding has no
+            dest = self.state_dict[t.key]  # second copy on the GPU, not even for the load
+            self.state_dict[t.key] = (torch.empty(dest.shape, dtype=dest.dtype)
+                                      if type(dest) in PLAIN else torch.empty_like(dest))
 
     def forget_made(self) -> None:
         """Take back the optimizer state made for this load (it failed): a caller that goes

@@ -122,3 +122,19 @@ def test_load_into_a_cuda_models_parameters_that_require_grad(tmp_path):
     assert got.weight.requires_grad and got.weight.is_cuda
     assert torch.equal(got.weight.detach().cpu(), want.weight.detach())
     assert torch.equal(got.bias.detach().cpu(), want.bias.detach())
+
+
+def test_tied_cuda_tensors_load_once_and_their_twin_stays_on_the_host(tmp_path):
+    """A tied key's values are read into a twin on the host (no second copy of a tied
+    embedding on the GPU) and compared with the GPU tensor's."""
+    emb = torch.randn(100, 16)
+    dckpt.save({"emb": emb, "head": emb}, str(tmp_path / "same"), step=1)
+    dckpt.save({"emb": emb, "head": emb + 1}, str(tmp_path / "apart"), step=1)
+    t = torch.zeros(100, 16, device="cuda")
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    dckpt.load({"emb": t, "head": t}, str(tmp_path / "same"))
+    assert torch.equal(t.cpu(), emb)
+    assert torch.cuda.max_memory_allocated() - before < emb.nbytes  # no twin on the GPU
+    with pytest.raises(dckpt.StateDictError, match="head: one tensor with emb"):
+        dckpt.load({"emb": t, "head": t}, str(tmp_path / "apart"))
