@@ -40,21 +40,21 @@ second is the first one's decode, for manifests up to this many bytes."""
 
 @public
 def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[CheckpointInfo]:
-    """Committed checkpoints, oldest first. One whose manifest is damaged is listed with
-    ``problem`` set (its checksum and header are checked, its items are not decoded:
-    ``decoder.summary``). Not collective."""
+    """Committed checkpoints, oldest first. One whose manifest is damaged (or of a newer
+    format) is listed with ``problem`` set (its checksum and header are checked, its items
+    are not decoded: ``decoder.summary``); the storage failing to give one raises
+    StorageError. Not collective."""
     store = open_repository(url, storage_options, required=False)
     # an empty or absent repository is a valid, empty one
     return list(_infos(store, url, committed_steps(store)))
 
 
-def _infos(store: Store, url: str, steps: Iterable[int], *,
-           storage_errors: bool = True) -> Iterator[CheckpointInfo]:
+def _infos(store: Store, url: str, steps: Iterable[int]) -> Iterator[CheckpointInfo]:
     """Each step's CheckpointInfo, in the order of ``steps``, read as it is asked for; a
-    damaged one with ``problem`` set, one deleted since the listing left out.
-    ``storage_errors=False``: a manifest the storage failed to give raises StorageError."""
+    damaged one with ``problem`` set, one deleted since the listing left out; a manifest
+    the storage fails to give raises StorageError."""
     marked = quarantined(store)
-    for step, m in summaries(store, steps, storage_errors=storage_errors):
+    for step, m in summaries(store, steps):
         yield (CheckpointInfo(step=step, url=url, created_at=0.0, metrics={}, world_size=0,
                               bytes_logical=0, bytes_written=0, problem=str(m))
                if isinstance(m, DckptError) else
@@ -187,8 +187,7 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     # newest first, each manifest read when the check comes to it (and decoded once): the
     # check stops at the first recoverable one, older ones are never read
     with reusing({}, HEALTH_DECODED_BYTES):
-        return check_health(store, _infos(store, url, reversed(steps), storage_errors=False),
-                            len(steps),
+        return check_health(store, _infos(store, url, reversed(steps)), len(steps),
                             max_age_s=max_age_s, min_free_bytes=min_free_bytes,
                             verify=verify, sample_bytes=sample_bytes)
 

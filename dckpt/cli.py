@@ -89,7 +89,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     print(f"{'step':>10}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  metrics")
     for i in infos:
         if i.problem:
-            print(f"{i.step:>10}  DAMAGED: {i.problem.splitlines()[0]}")
+            print(f"{i.step:>10}  UNREADABLE: {i.problem.splitlines()[0]}")
             continue
         if i.quarantined:
             print(f"{i.step:>10}  QUARANTINED: {i.quarantined}")

@@ -9,7 +9,7 @@ from collections.abc import Iterable, Iterator
 
 from dckpt import layout
 from dckpt.decoder import Reference, decode, references, summary
-from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError, StorageError
+from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError, IntegrityError
 from dckpt.manifest import Manifest, Summary
 from dckpt.storage import Store
 
@@ -109,11 +109,12 @@ def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifes
             yield step, e
 
 
-def summaries(store: Store, steps: Iterable[int], *, storage_errors: bool = True
-              ) -> Iterator[tuple[int, Summary | DckptError]]:
+def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary | DckptError]]:
     """``manifests``' headers (``decoder.summary``: the checksum checked, the items not
-    decoded), for a listing. ``storage_errors=False``: a StorageError (the storage failed,
-    not the manifest) is raised, not yielded."""
+    decoded), for a listing; a manifest that cannot be used (damaged, or of a newer format)
+    as its IntegrityError. The storage failing to give one raises (StorageError): that is
+    no finding about the checkpoint, and a listing without it would mislead a retention
+    policy or a monitor."""
     for step in steps:
         try:
             step, raw = read_manifest_bytes(store, step)
@@ -124,9 +125,7 @@ def summaries(store: Store, steps: Iterable[int], *, storage_errors: bool = True
             yield step, s
         except CheckpointNotFoundError:
             continue
-        except DckptError as e:
-            if not storage_errors and isinstance(e, StorageError):
-                raise
+        except IntegrityError as e:
             yield step, e
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 import dckpt
@@ -169,6 +170,37 @@ def test_a_storage_that_fails_makes_health_unknown_and_counts_no_damage(tmp_path
     values = {s.name: s.value for f in text_string_to_metric_families(prom.read_text())
               for s in f.samples if s.labels.get("job_name") == "cron"}
     assert values["dckpt_damaged_checkpoints"] == 1  # step 3
+
+
+def test_a_listing_the_storage_fails_is_an_error_not_a_damaged_step(tmp_path, monkeypatch,
+                                                                     capsys):
+    """ls showed a manifest the storage failed to give (an S3 error past its retries) as
+    DAMAGED, and a retention policy planned over the rest; now the listing raises, as a
+    failed listing of the folder does, and a damaged manifest is still listed as one."""
+    from dckpt.storage import Store
+
+    repo = tmp_path / "repo"
+    three_saves(repo)
+    (repo / "manifests" / "000000000001.json").write_bytes(b"{}")  # damaged
+    real = Store.read_bytes
+
+    def failing(self, name):
+        if name.endswith("000000000002.json"):
+            raise dckpt.StorageError(f"{name}: SlowDown, tries exhausted")
+        return real(self, name)
+
+    with monkeypatch.context() as m:
+        m.setattr(Store, "read_bytes", failing)
+        with pytest.raises(dckpt.StorageError, match="SlowDown"):
+            dckpt.list_checkpoints(str(repo))
+        capsys.readouterr()
+        assert cli(["ls", str(repo)]) == 2
+        assert "SlowDown" in capsys.readouterr().err
+    infos = dckpt.list_checkpoints(str(repo))
+    assert [(i.step, i.problem is not None) for i in infos] == [(1, True), (2, False),
+                                                                (3, False)]
+    assert cli(["ls", str(repo)]) == 0
+    assert "UNREADABLE" in capsys.readouterr().out
 
 
 def test_health_reads_the_manifests_down_to_the_recoverable_one_only(tmp_path, monkeypatch):
