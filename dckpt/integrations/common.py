@@ -331,12 +331,18 @@ def load_pointed(state: dict[str, Any], pointer: Pointer, *, broadcast: Broadcas
         if metrics is not None:
             metrics.observe_restore(info, 1)
         return info
-    older: list[int] = []
+    older: list[int] | DckptError = []
     if rank == 0:
-        older = sorted((c.step for c in dckpt.list_checkpoints(
-            pointer.url, storage_options=storage_options)
-            if c.step < pointer.step and c.problem is None), reverse=True)
-    for step in broadcast(older):
+        try:
+            older = sorted((c.step for c in dckpt.list_checkpoints(
+                pointer.url, storage_options=storage_options)
+                if c.step < pointer.step and c.problem is None), reverse=True)
+        except DckptError as e:  # the storage failed: the same error on every rank, at once
+            older = e
+    older = broadcast(older)
+    if isinstance(older, DckptError):
+        raise older
+    for step in older:
         try:
             info = dckpt.load(state, pointer.url, step=step, partial=partial,
                               storage_options=storage_options)
