@@ -9,7 +9,7 @@ So:
   refused, naming both keys;
 - one view under several keys (tied weights: an output projection that is the embedding)
   is loaded once into its first key; the others are read into memory of their own and
-  compared after the reads, equal or refused (``untied``, ``differing``).
+  compared after the reads, equal or refused (``shared_memory``, ``differing``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dckpt.state_checks import PLAIN
 from dckpt.torch_internals import held_tensors, is_dtensor
-
-PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 __all__ = ["shared_memory", "differing", "Tied"]
 
@@ -134,9 +133,7 @@ def _pair(flat: dict[str, Any], first: _Span, later: _Span, tied: dict[str, Tied
 
 def _tieable(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Destinations read apart into a twin of their own: plain tensors and DTensors."""
-    def kind(t: torch.Tensor) -> object:
-        return "dtensor" if is_dtensor(t) else type(t) in PLAIN
-    return kind(a) == kind(b) and kind(a) is not False
+    return (type(a) in PLAIN and type(b) in PLAIN) or (is_dtensor(a) and is_dtensor(b))
 
 
 def differing(flat: dict[str, Any], tied: list[Tied]) -> list[str]:
