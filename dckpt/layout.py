@@ -99,11 +99,9 @@ def check_object_name(name: object) -> str:
     return name
 
 
-def same_path(a: str, b: str) -> bool:
-    """Whether two local paths name one place, as fsspec reads them (``~`` expanded)."""
-    def full(p: str) -> str:
-        return os.path.normpath(os.path.abspath(os.path.expanduser(p)))
-    return full(a) == full(b)
+def full_path(path: str) -> str:
+    """A local path as fsspec reads it (``~`` expanded), absolute and normalized."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def same_url(a: str, b: str) -> bool:
@@ -116,5 +114,5 @@ def same_url(a: str, b: str) -> bool:
 
     la, lb = local(a), local(b)
     if la is not None and lb is not None:
-        return same_path(la, lb)
+        return full_path(la) == full_path(lb)
     return a.rstrip("/") == b.rstrip("/")

@@ -12,6 +12,7 @@ import os
 import socket
 
 from dckpt.errors import StorageError
+from dckpt.layout import full_path
 from dckpt.repository import committed_steps
 from dckpt.storage import Store
 
@@ -27,8 +28,8 @@ def memory_folder(url: str, memory_dir: str | None = None) -> str:
     """The memory tier's folder for the repository at ``url``: one per user and URL."""
     root = os.path.expanduser(memory_dir or os.environ.get("DCKPT_MEMORY_DIR")
                               or DEFAULT_MEMORY_DIR)
-    key = url if "://" in url and not url.startswith("file://") else os.path.abspath(
-        os.path.expanduser(url.removeprefix("file://")))  # as fsspec reads a local path
+    key = url if "://" in url and not url.startswith("file://") else full_path(
+        url.removeprefix("file://"))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     return os.path.join(root, f"dckpt-{os.getuid()}-{digest}")
 
