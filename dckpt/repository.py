@@ -109,7 +109,7 @@ def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifes
             yield step, e
 
 
-def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary | DckptError]]:
+def summaries(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Summary | IntegrityError]]:
     """``manifests``' headers (``decoder.summary``: the checksum checked, the items not
     decoded), for a listing; a manifest that cannot be used (damaged, or of a newer format)
     as its IntegrityError. The storage failing to give one raises (StorageError): that is
