@@ -89,7 +89,7 @@ def out_problem(out: str) -> str | None:
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder; name a folder for the results"
     if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing}"
+        return f"cannot write in {existing}; name a folder this user may write to"
     return None
 
 
