@@ -9,7 +9,13 @@ So:
   refused, naming both keys;
 - one view under several keys (tied weights: an output projection that is the embedding)
   is loaded once into its first key; the others are read into memory of their own and
-  compared after the reads, equal or refused (``shared_memory``, ``differing``).
+  compared after the reads, equal or refused (``shared_memory``, ``read_apart``,
+  ``differing``).
+
+dckpt's load planner does this as it sets up; under ``dcp.load`` with DCP's own planner the
+Reader does it around its reads (``ReadApart``): DCP's planner loaded the later key's values
+into both keys there, silently, wherever the destination took its values through a copy (a
+transposed view, a GPU tensor).
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dckpt.errors import StateDictError, listing
 from dckpt.state_checks import PLAIN
 from dckpt.torch_internals import held_tensors, is_dtensor
 
-__all__ = ["shared_memory", "differing", "Tied"]
+__all__ = ["shared_memory", "read_apart", "differing", "Tied", "ReadApart"]
 
 
 class _Span(NamedTuple):
@@ -153,3 +160,39 @@ def differing(flat: dict[str, Any], tied: list[Tied]) -> list[str]:
             "checkpoint holds different values for the two; load into separate tensors, or "
             "leave one of the keys out (partial=True)"
             for t in tied if not same(bits(flat[t.key]), bits(flat[t.first]))]
+
+
+def read_apart(flat: dict[str, Any], tied: list[Tied]) -> dict[str, Any]:
+    """Give each tied key of ``flat`` a twin to be read into, in place of its destination
+    (a plain tensor's twin on the host: a tied embedding gets no second copy on the GPU, not
+    even for the load); the destinations replaced, by key."""
+    replaced = {}
+    for t in tied:
+        dest = replaced[t.key] = flat[t.key]
+        flat[t.key] = (torch.empty(dest.shape, dtype=dest.dtype) if type(dest) in PLAIN
+                       else torch.empty_like(dest))
+    return replaced
+
+
+class ReadApart:
+    """(one rank, around its reads) The shared memory of another planner's destinations
+    (DCP's DefaultLoadPlanner under ``dcp.load``, which reads every key into its own
+    destination): partial overlaps refused before any read, tied keys read into twins and
+    compared after the reads; ``finish`` puts the destinations back."""
+
+    def __init__(self, flat: dict[str, Any]) -> None:
+        problems, self.tied = shared_memory(flat)
+        if problems:
+            raise StateDictError(listing("the state dict does not fit the checkpoint",
+                                         problems))
+        self.flat = flat
+        self.replaced = read_apart(flat, self.tied)
+
+    def finish(self, *, read: bool) -> None:
+        """Put the destinations back; where the reads completed (``read``), refuse tied keys
+        whose values differ."""
+        problems = differing(self.flat, self.tied) if read else []
+        self.flat.update(self.replaced)
+        if problems:
+            raise StateDictError(listing("the state dict does not fit the checkpoint",
+                                         problems))

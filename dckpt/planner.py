@@ -32,7 +32,7 @@ from dckpt.errors import StateDictError, listing
 from dckpt.manifest import StoredData
 from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
 from dckpt.optim_state import forget, make_missing_state
-from dckpt.overlaps import Tied, shared_memory
+from dckpt.overlaps import Tied, read_apart, shared_memory
 from dckpt.state_checks import (
     PLAIN,
     differing_values,
@@ -325,10 +325,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # read into a twin of its own, compared with its first key's after the reads (api)
         overlapping, self.tied = shared_memory(self.state_dict)
         self._meta_problems += overlapping
-        for t in self.tied:  # a plain tensor's twin on the host: a tied embedding has no
-            dest = self.state_dict[t.key]  # second copy on the GPU, not even for the load
-            self.state_dict[t.key] = (torch.empty(dest.shape, dtype=dest.dtype)
-                                      if type(dest) in PLAIN else torch.empty_like(dest))
+        read_apart(self.state_dict, self.tied)
 
     def forget_made(self) -> None:
         """Take back the optimizer state made for this load (it failed): a caller that goes

@@ -40,6 +40,7 @@ from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name
 from dckpt.manifest import ChunkEntry, Manifest, StoredData, TensorEntry
+from dckpt.overlaps import ReadApart
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reads import Fetcher, Request, Target, blocks_in_range, coalesce, spans
 from dckpt.repository import read_manifest
@@ -268,9 +269,15 @@ class Reader(StorageReader):
             plan, self._items = dataclasses.replace(plan, items=self._items), None
         self._copy_s = 0.0
         shared: list[Shared] = plan.storage_data or []
+        apart: ReadApart | None = None
         try:
+            flat = getattr(planner, "state_dict", None)  # dckpt's planner reads ties apart
+            if not isinstance(planner, SafeLoadPlanner) and isinstance(flat, dict):
+                apart = ReadApart(flat)
             self._read_items(plan, planner)
         except BaseException:
+            if apart is not None:
+                apart.finish(read=False)
             if shared:  # the peers learn of it and skip the broadcasts; DCP reports this
                 dist.any_true(True, self._group())
             raise
@@ -281,6 +288,8 @@ class Reader(StorageReader):
             t0 = time.perf_counter()
             self._broadcast(shared, planner)
             self.phase_s["broadcast"] = time.perf_counter() - t0
+        if apart is not None:  # after every collective: a refusal here leaves none waiting
+            apart.finish(read=True)
         self.phase_s["read"] = time.perf_counter() - t_read
         future: Future[None] = Future()
         future.set_result(None)

@@ -603,8 +603,10 @@ def test_items_of_many_blocks_cross_the_gather_as_tables_and_load_back(tmp_path)
         assert [o.value for o in outcomes] == [(2, True, True, True)] * world
 
 
-def _tied_dtensors(rank, world, url, differ):
-    """One DTensor under two keys (FSDP2's tied embedding and output projection)."""
+def _tied_dtensors(rank, world, url, differ, via_dcp=False):
+    """One DTensor under two keys (FSDP2's tied embedding and output projection); through
+    dckpt.load, or dcp.load with dckpt's Reader and DCP's own planner."""
+    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -615,15 +617,25 @@ def _tied_dtensors(rank, world, url, differ):
     dckpt.save(saved, url, step=1)
     t = distribute_tensor(torch.zeros(6, 4), mesh, [Shard(1)])  # resharded on load
     try:
-        info = dckpt.load({"emb": t, "head": t}, url)
+        if via_dcp:
+            dcp.load({"emb": t, "head": t}, storage_reader=dckpt.Reader(url))
+        else:
+            dckpt.load({"emb": t, "head": t}, url)
     except dckpt.DckptError as e:
         return type(e).__name__, str(e).splitlines()[1].strip()
-    return info.step, torch.equal(t.full_tensor(), full)
+    except BaseException as e:  # DCP's CheckpointException: each rank's failure
+        if not hasattr(e, "failures"):
+            raise
+        first = e.failures[min(e.failures)][0]
+        return type(first).__name__, str(first).splitlines()[1].strip()
+    return 1, torch.equal(t.full_tensor(), full)
 
 
-def test_a_dtensor_under_two_keys_loads_once_or_is_refused_alike(tmp_path):
-    assert [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "same"), False)] \
-        == [(1, True), (1, True)]
-    out = [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "apart"), True)]
+@pytest.mark.parametrize("via_dcp", [False, True], ids=["dckpt.load", "dcp.load"])
+def test_a_dtensor_under_two_keys_loads_once_or_is_refused_alike(tmp_path, via_dcp):
+    assert [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "same"), False,
+                                       via_dcp)] == [(1, True), (1, True)]
+    out = [o.value for o in run_ranks(_tied_dtensors, 2, str(tmp_path / "apart"), True,
+                                      via_dcp)]
     assert out[0] == out[1] and out[0][0] == "StateDictError", out
     assert "head: one tensor with emb in the state dict (tied weights)" in out[0][1], out

@@ -99,6 +99,53 @@ def test_tied_keys_the_checkpoint_holds_apart_are_refused_not_skipped(tmp_path):
     assert torch.equal(t, torch.ones(4))
 
 
+def _dcp_failure(state, url, step):
+    """What ``dcp.load`` with dckpt's Reader and DCP's own planner raised on this rank."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.load(state, storage_reader=dckpt.Reader(url, step=step))
+    except BaseException as e:  # DCP's CheckpointException is a BaseException
+        return e.failures[0][0]  # type: ignore[attr-defined]
+    return None
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "offset"])
+def test_dcp_load_with_its_own_planner_reads_tied_keys_apart(tmp_path, layout):
+    """DCP's planner reads every key into its destination: where that takes a copy (a
+    transposed view), the later key's values landed in both keys, silently; where it reads
+    in place, the check of the first key failed ("damaged")."""
+    url = str(tmp_path / "r")
+    a = torch.arange(16.0).reshape(4, 4)
+    dckpt.save({"a": a, "b": a + 100}, url, step=1)
+    dckpt.save({"a": a, "b": a.clone()}, url, step=2)
+
+    def tied():
+        buf = torch.full((20,), -1.0)
+        t = {"contiguous": buf[:16].view(4, 4), "transposed": buf[:16].view(4, 4).t(),
+             "offset": buf[4:].view(4, 4)}[layout]
+        return {"a": t, "b": t}
+
+    state = tied()
+    failure = _dcp_failure(state, url, 1)
+    assert isinstance(failure, dckpt.StateDictError), failure
+    assert "b: one tensor with a in the state dict (tied weights), but the checkpoint holds " \
+           "different values" in str(failure)
+    state = tied()
+    assert _dcp_failure(state, url, 2) is None
+    assert torch.equal(state["a"], a) and state["b"] is state["a"]  # the caller's tensor
+
+
+def test_dcp_load_with_its_own_planner_refuses_partial_overlaps_before_reading(tmp_path):
+    url = str(tmp_path / "r")
+    dckpt.save({"a": torch.ones(4, 4), "b": torch.ones(4, 4)}, url, step=1)
+    buf = torch.full((24,), -1.0)
+    failure = _dcp_failure({"a": buf[:16].view(4, 4), "b": buf[8:].view(4, 4)}, url, 1)
+    assert isinstance(failure, dckpt.StateDictError), failure
+    assert "b: its memory overlaps that of a in part" in str(failure)
+    assert torch.equal(buf, torch.full((24,), -1.0))
+
+
 def test_three_keys_on_one_tensor_and_a_view_beside_them(tmp_path):
     url = str(tmp_path / "r")
     saved = {"p": torch.arange(4.0), "q": torch.arange(4.0), "r": torch.arange(4.0),
