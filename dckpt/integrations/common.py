@@ -20,12 +20,12 @@ import posixpath
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 import dckpt
-from dckpt.arguments import check_bool, check_config, check_options, check_url
+from dckpt.arguments import check_bool, check_config, check_options, check_url, storage_error
 from dckpt.catalog import committed
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, UnsafeValueError
 from dckpt.layout import same_url
@@ -34,7 +34,7 @@ from dckpt.upkeep import Upkeep
 from dckpt.writer import Metrics
 
 __all__ = ["Pointer", "write_pointer", "read_pointer", "remove_pointer", "pack", "unpack",
-           "Saves", "load_pointed"]
+           "Saves", "load_pointed", "on_rank0"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,7 @@ MAX_POINTER_BYTES = 64 * 1024
 
 Broadcast = Callable[[Any], Any]
 """(all ranks) rank 0's value on every rank: the framework's own broadcast."""
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,25 @@ class Pointer:
     url: str
     step: int
     facts: dict[str, Any] = field(default_factory=dict)
+
+
+def on_rank0(fn: Callable[[], T], *, broadcast: Broadcast, rank: int, what: str) -> T | None:
+    """(all ranks) ``fn()`` on rank 0 alone (the framework's files are rank 0's: its pointers,
+    the listing that numbers the next step): its value there, None on the others; where it
+    fails, the same DckptError on every rank at once. Before, the other ranks went on into
+    the save's collectives and waited there for the collective timeout (or for rank 0's
+    process to end), then raised a broken collective, while rank 0 raised a bare OSError."""
+    out: T | None = None
+    failure: DckptError | None = None
+    if rank == 0:
+        try:
+            out = fn()
+        except Exception as e:
+            failure = storage_error(e, what)
+    failure = broadcast(failure)
+    if failure is not None:
+        raise failure
+    return out
 
 
 def _is_local(url: str) -> bool:
@@ -201,9 +221,9 @@ class Saves:
         """(all ranks) A step no checkpoint of ``url`` has: one past the newest committed
         (listed once per run), then counting up."""
         if url not in self._next:
-            newest = -1
-            if rank == 0:
-                newest = max(committed(url, storage_options=self.storage_options), default=-1)
+            newest = on_rank0(lambda: max(committed(url, storage_options=self.storage_options),
+                                          default=-1),
+                              broadcast=broadcast, rank=rank, what=f"listing {url}")
             self._next[url] = int(broadcast(newest)) + 1
         step = self._next[url]
         self._next[url] += 1
@@ -268,6 +288,14 @@ class Saves:
         paths) names: a crash between replacing or removing a pointer and the delete that
         waited for the next commit leaves them. Only for a repository all of whose pointers
         are in ``pointers``; call it with no save in flight."""
+        try:
+            return self._sweep(url, pointers)
+        except DckptError as e:  # housekeeping: never what ends a training run
+            log.warning("could not delete the checkpoints of %s that no pointer names (the "
+                        "next run tries again): %s", url, e)
+            return []
+
+    def _sweep(self, url: str, pointers: list[str]) -> list[int]:
         named: set[int] = set()
         for path in pointers:
             try:
@@ -293,6 +321,12 @@ class Saves:
         try:
             dckpt.delete(url, step=step, storage_options=self.storage_options)
         except CheckpointNotFoundError:
+            return
+        except DckptError as e:  # housekeeping: never what ends a training run (rank 0's)
+            log.warning("could not delete checkpoint %d of %s, whose pointer was replaced "
+                        "or removed (a run that keeps its repository beside the pointers "
+                        "deletes it at its first save; dckpt.delete otherwise): %s", step,
+                        url, e)
             return
         if url not in self._upkeep:
             self._upkeep[url] = Upkeep(url, self.storage_options, None, True, self._writing)

@@ -35,6 +35,7 @@ from dckpt.integrations.common import (
     Pointer,
     Saves,
     load_pointed,
+    on_rank0,
     read_pointer,
     remove_pointer,
     write_pointer,
@@ -72,6 +73,12 @@ def _pointer_in(folder: str | None, rank: int) -> Pointer | None:
     if isinstance(found, BaseException):
         raise found
     return found
+
+
+def _write_pointer_in(folder: str, pointer: Pointer) -> None:
+    """(rank 0) The checkpoint folder the framework expects, holding ``pointer``."""
+    os.makedirs(folder, exist_ok=True)
+    write_pointer(os.path.join(folder, POINTER_NAME), pointer)
 
 
 def _remove_folder(folder: str, saves: Saves) -> None:
@@ -141,27 +148,15 @@ class DckptTrainerMixin:
         url = self.dckpt_url or os.path.join(run_dir, "dckpt")
         step = self._saves.next_step(url, _broadcast, self._rank)
         training = not t.args.save_only_model
-        replaced = []
-        if self._rank == 0 and self.dckpt_url is None and not self._swept:
-            # the output folder's own repository: what a crash left unnamed goes, once
-            self._saves.settle()
-            self._saves.sweep(url, [os.path.join(f, POINTER_NAME)
-                                    for f in sort_checkpoints(run_dir, PREFIX_CHECKPOINT_DIR)])
-            self._swept = True
-        if self._rank == 0:
-            try:
-                old = read_pointer(os.path.join(folder, POINTER_NAME))
-            except (FileNotFoundError, FormatError):
-                old = None
-            if old is not None:
-                replaced.append((old.url, old.step))
-        self._saves.save(self._dckpt_state(training), url, step=step, replaces=replaced,
+        pointer = os.path.join(folder, POINTER_NAME)
+        replaced = on_rank0(lambda: self._before_save(run_dir, pointer, url),
+                            broadcast=_broadcast, rank=self._rank, what=f"reading {pointer}")
+        self._saves.save(self._dckpt_state(training), url, step=step, replaces=replaced or [],
                          metrics={"global_step": float(t.state.global_step),
                                   "epoch": float(t.state.epoch or 0.0)})
-        if self._rank == 0:
-            os.makedirs(folder, exist_ok=True)
-            write_pointer(os.path.join(folder, POINTER_NAME), Pointer(url, step, {
-                "training": training, "global_step": int(t.state.global_step)}))
+        on_rank0(lambda: _write_pointer_in(folder, Pointer(url, step, {
+            "training": training, "global_step": int(t.state.global_step)})),
+            broadcast=_broadcast, rank=self._rank, what=f"writing {pointer}")
         t.accelerator.wait_for_everyone()
         if (t.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST)
                 and t.state.best_global_step):
@@ -226,6 +221,20 @@ class DckptTrainerMixin:
                 failures=e.failures) from None
         self._saves.close()  # the save in flight commits before train returns
         return out
+
+    def _before_save(self, run_dir: str, pointer: str, url: str) -> list[tuple[str, int]]:
+        """(rank 0) Sweep the output folder's own repository, once (what a crash left
+        unnamed goes); the checkpoint whose ``pointer`` the save replaces."""
+        if self.dckpt_url is None and not self._swept:
+            self._saves.settle()
+            self._saves.sweep(url, [os.path.join(f, POINTER_NAME)
+                                    for f in sort_checkpoints(run_dir, PREFIX_CHECKPOINT_DIR)])
+            self._swept = True
+        try:
+            old = read_pointer(pointer)
+        except (FileNotFoundError, FormatError):
+            old = None
+        return [(old.url, old.step)] if old is not None else []
 
     def _older_folders(self, folder: str) -> list[str]:
         """The checkpoint folders beside ``folder`` and older than it, oldest first."""
@@ -386,9 +395,9 @@ class AcceleratorCheckpoints:
         step = self._saves.next_step(url, _broadcast, self._rank)
         self._saves.save(self._state(), url, step=step, replaces=[],
                          metrics={"accelerate_step": float(a.step)})
-        if self._rank == 0:
-            os.makedirs(output_dir, exist_ok=True)
-            write_pointer(os.path.join(output_dir, POINTER_NAME), Pointer(url, step))
+        on_rank0(lambda: _write_pointer_in(output_dir, Pointer(url, step)),
+                 broadcast=_broadcast, rank=self._rank,
+                 what=f"writing {os.path.join(output_dir, POINTER_NAME)}")
         config.iteration += 1
         a.wait_for_everyone()
         return output_dir

@@ -37,6 +37,7 @@ from dckpt.integrations.common import (
     Pointer,
     Saves,
     load_pointed,
+    on_rank0,
     pack,
     read_pointer,
     remove_pointer,
@@ -114,26 +115,29 @@ class DckptCheckpointing:
         facts = {"optimizers": len(self.optimizers) if with_optimizers else 0,  # type: ignore[attr-defined]
                  "global_step": int(checkpoint.get("global_step", 0)),
                  "epoch": int(checkpoint.get("epoch", 0))}
-        replaced = []
-        if me == 0 and self.dckpt_url is None and url not in self._swept:
-            # the folder's own repository: what a crash left unnamed goes, once per run
+        replaced = on_rank0(lambda: self._before_save(path, url), broadcast=self.broadcast,  # type: ignore[attr-defined]
+                            rank=me, what=f"reading the checkpoint file {path}")
+        self._saves.save(state, url, step=step, replaces=replaced or [],
+                         metrics={k: float(facts[k]) for k in ("global_step", "epoch")})
+        on_rank0(lambda: write_pointer(path, Pointer(url, step, facts)),
+                 broadcast=self.broadcast, rank=me,  # type: ignore[attr-defined]
+                 what=f"writing the checkpoint file {path}")
+
+    def _before_save(self, path: str, url: str) -> list[tuple[str, int]]:
+        """(rank 0) Sweep the folder's own repository, once per run (what a crash left
+        unnamed goes); the checkpoint whose pointer ``path`` the save replaces."""
+        if self.dckpt_url is None and url not in self._swept:
             self._saves.settle()
             folder = os.path.dirname(path)
             names = os.listdir(folder) if os.path.isdir(folder) else []
             self._saves.sweep(url, [os.path.join(folder, n) for n in names
                                     if os.path.isfile(os.path.join(folder, n))])
             self._swept.add(url)
-        if me == 0:
-            try:
-                old = read_pointer(path)
-            except (FileNotFoundError, FormatError):
-                old = None
-            if old is not None:
-                replaced.append((old.url, old.step))
-        self._saves.save(state, url, step=step, replaces=replaced,
-                         metrics={k: float(facts[k]) for k in ("global_step", "epoch")})
-        if me == 0:
-            write_pointer(path, Pointer(url, step, facts))
+        try:
+            old = read_pointer(path)
+        except (FileNotFoundError, FormatError):
+            old = None
+        return [(old.url, old.step)] if old is not None else []
 
     def remove_checkpoint(self, filepath: Any) -> None:
         """(all ranks) Remove the pointer and, once no save needs it, its checkpoint."""

@@ -39,7 +39,7 @@ import dckpt
 from dckpt import dist
 from dckpt.catalog import committed
 from dckpt.decoder import reusing
-from dckpt.errors import DckptError
+from dckpt.errors import CheckpointNotFoundError, DckptError
 from dckpt.retention import KeepLast
 from dckpt.train_state import RandomStates
 from dckpt.upkeep import DECODED_BYTES, Upkeep
@@ -240,7 +240,7 @@ class DckptCheckpointManager(BaseCheckpointManager):
         if loaded.skipped:
             log.warning("rank %d: loaded step %d; passed over %s", dist.rank(), loaded.step,
                         [s for s, _ in loaded.skipped])
-        self._drop_newer(loaded.step, steps)
+        self._drop_newer(loaded.step, steps, group)
         log.info("rank %d: loaded step %d of %s in %.2f s", dist.rank(), loaded.step,
                  self.url, time.monotonic() - begin)
         return True
@@ -262,17 +262,30 @@ class DckptCheckpointManager(BaseCheckpointManager):
         except DckptError as e:
             return [], False, e
 
-    def _drop_newer(self, loaded: int, steps: list[int]) -> None:
-        """(rank 0) Delete the steps newer than the one loaded (damaged, or of a timeline
-        the run left): the run saves them again, and a committed step is never
-        overwritten."""
+    def _drop_newer(self, loaded: int, steps: list[int], group: Any) -> None:
+        """(all ranks; rank 0 deletes) Delete the steps newer than the one loaded (damaged,
+        or of a timeline the run left): the run saves them again, and a committed step is
+        never overwritten. A delete that fails is the same error on every rank: the run
+        would fail to save those steps (before, rank 0 alone raised, and the others went
+        on to wait in the first collective of the training)."""
         newer = [s for s in steps if s > loaded]
-        if dist.rank() != 0 or not newer:
+        if not newer:
             return
-        log.warning("deleting checkpoints %s of %s, newer than step %d the run resumes from",
-                    newer, self.url, loaded)
-        for s in newer:
-            dckpt.delete(self.url, step=s, storage_options=self.config.storage_options)
+        error: DckptError | None = None
+        if dist.rank() == 0:
+            log.warning("deleting checkpoints %s of %s, newer than step %d the run resumes "
+                        "from", newer, self.url, loaded)
+            for s in newer:
+                try:
+                    dckpt.delete(self.url, step=s, storage_options=self.config.storage_options)
+                except CheckpointNotFoundError:
+                    continue  # gone already
+                except DckptError as e:
+                    error = e
+                    break
+        error = dist.broadcast(error, group)  # type: ignore[assignment]
+        if error is not None:
+            raise error
 
     def _initial_load(self) -> bool:
         path = self.config.initial_load_path

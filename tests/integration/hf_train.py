@@ -7,6 +7,8 @@ steps, keeping 2.
 
 ``--own``: the framework's own checkpointing (Trainer's files, accelerator.save_state)
 instead of dckpt's. ``--kill-at-step N``: rank 1 SIGKILLs itself at global step N.
+``--fail-pointer read|write``: rank 0's reads (or writes) of the checkpoint folders' pointer
+files fail with ENOSPC; each rank prints what it raised.
 """
 
 from __future__ import annotations
@@ -125,6 +127,17 @@ def accelerate(args) -> dict:
     return a.unwrap_model(model).state_dict()
 
 
+def fail_pointer(kind: str) -> None:
+    import errno
+
+    from dckpt.integrations import hf
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    setattr(hf, f"{kind}_pointer", full)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -133,8 +146,17 @@ def main() -> None:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--fail-pointer", choices=["read", "write"], default=None)
     args = p.parse_args()
-    weights = (trainer if args.mode == "trainer" else accelerate)(args)
+    if args.fail_pointer and os.environ.get("RANK") == "0":
+        fail_pointer(args.fail_pointer)
+    try:
+        weights = (trainer if args.mode == "trainer" else accelerate)(args)
+    except Exception as e:
+        if not args.fail_pointer:
+            raise
+        print(f"rank {os.environ.get('RANK')} raised {type(e).__name__}: {e}", flush=True)
+        os._exit(1)
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, args.out)
         print("DONE", flush=True)

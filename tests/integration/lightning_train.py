@@ -6,6 +6,9 @@ scheduler, checkpoints at each epoch end (top 2 by loss, and last.ckpt).
 
 ``--strategy``: dckpt-ddp, dckpt-fsdp2 (dckpt's strategies) or ddp, fsdp2 (Lightning's own).
 ``--kill-at-step N``: rank 1 SIGKILLs itself when the global step reaches N.
+``--fail-pointer read|write``: rank 0's reads (or writes) of Lightning's checkpoint files
+fail with ENOSPC (the folder Lightning names is full; the repository is elsewhere, --url);
+each rank prints what it raised.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 import time
 
 import lightning as L
@@ -81,6 +85,17 @@ def strategy(name: str, url: str | None):
             }[name]()
 
 
+def fail_pointer(kind: str) -> None:
+    import errno
+
+    from dckpt.integrations import lightning as dl
+
+    def full(path, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    setattr(dl, f"{kind}_pointer", full)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -90,7 +105,10 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--fail-pointer", choices=["read", "write"], default=None)
     args = p.parse_args()
+    if args.fail_pointer and os.environ.get("RANK") == "0":
+        fail_pointer(args.fail_pointer)
     L.seed_everything(0, workers=True)
     data = TensorDataset(torch.randn(64, 16), torch.randn(64, 1))
     fsdp = args.strategy.endswith("fsdp2")
@@ -101,7 +119,14 @@ def main() -> None:
                         max_epochs=args.epochs, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0,
                         deterministic=True, callbacks=[ckpt, Kill(args.kill_at_step)])
-    trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True), ckpt_path=args.resume)
+    try:
+        trainer.fit(model, DataLoader(data, batch_size=4, shuffle=True), ckpt_path=args.resume)
+    except Exception as e:
+        if not args.fail_pointer:
+            raise
+        print(f"rank {trainer.global_rank} raised {type(e).__name__}: {e}", flush=True)
+        sys.stdout.flush()
+        os._exit(1)
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -150,3 +150,16 @@ def test_load_best_model_at_end_loads_the_best_checkpoints_weights(tmp_path):
     got, best = best_of(Trainer, tmp_path / "run")
     assert best == own_best != "checkpoint-24"
     assert equal(own, got)
+
+
+@pytest.mark.parametrize("mode", ["trainer", "accelerate"])
+def test_a_pointer_rank_0_cannot_write_fails_every_rank_alike(tmp_path, mode):
+    """The pointer files are rank 0's. Where one's write failed, rank 0 raised a bare
+    OSError and the other ranks went on to wait in the next collective."""
+    out = torchrun("--dir", str(tmp_path / "ckpt"), "--mode", mode, "--fail-pointer", "write",
+                   check=False)
+    raised = sorted(line for line in out.splitlines() if " raised " in line)
+    assert len(raised) == 2, out[-3000:]
+    assert raised[0].removeprefix("rank 0") == raised[1].removeprefix("rank 1"), raised
+    assert "raised StorageError: writing " in raised[0] and POINTER_NAME in raised[0]
+    assert "No space left on device" in raised[0]

@@ -181,6 +181,22 @@ def test_two_ranks_killed_with_sigkill_resume_bit_exact(tmp_path, kind):
         str(tmp_path / "ckpt" / "dckpt"))]
 
 
+@pytest.mark.parametrize("kind", ["read", "write"])
+def test_a_checkpoint_file_rank_0_cannot_read_or_write_fails_every_rank_alike(tmp_path, kind):
+    """Lightning's checkpoint files are rank 0's. Where its read (of the file the save
+    replaces) or write of one failed, rank 0 raised a bare OSError and rank 1 went on into
+    the save's collectives, to wait there for the collective timeout or for rank 0's
+    process to end, and then raise a broken collective."""
+    out = torchrun("--dir", str(tmp_path / "ckpt"), "--url", str(tmp_path / "repo"),
+                   "--strategy", "dckpt-ddp", "--fail-pointer", kind, check=False)
+    raised = sorted(line for line in out.splitlines() if " raised " in line)
+    assert len(raised) == 2, out[-3000:]
+    assert raised[0].removeprefix("rank 0") == raised[1].removeprefix("rank 1"), raised
+    assert "raised StorageError: " + ("reading" if kind == "read" else "writing") + \
+        " the checkpoint file " in raised[0]
+    assert "No space left on device" in raised[0]
+
+
 def test_metrics_record_pauses_saves_and_restores(tmp_path):
     prom = tmp_path / "dckpt.prom"
     metrics = dckpt.Metrics("lightning", textfile=str(prom))

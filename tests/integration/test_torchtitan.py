@@ -8,6 +8,7 @@ itself needs a GPU: the loop here drives the manager as Trainer.train does.)"""
 from __future__ import annotations
 
 import logging
+import time
 
 import frameworks
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 pytest.importorskip("torchtitan", reason="torchtitan is not installed: pip install dckpt[torchtitan]")
 
-from dckpt_testing import flip_stored_byte
+from dckpt_testing import flip_stored_byte, run_ranks
 from torch import nn
 from torchtitan.components.checkpointer.dcp import CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
@@ -102,6 +103,32 @@ def test_a_damaged_newest_step_falls_back_and_the_run_saves_it_again(tmp_path, c
     assert equal(reference, got)
     assert [c.step for c in dckpt.list_checkpoints(repo)] == [4, 8, 12, 16]
     assert dckpt.verify(repo, all_steps=True).ok  # step 12 made again, whole
+
+
+def _resume_where_deletes_fail(rank, world, folder):
+    """2 gloo ranks resume past a damaged newest step; rank 0's delete of that step fails."""
+    if rank == 0:
+        def failing(*args, **kwargs):
+            raise dckpt.StorageError("SlowDown, tries exhausted")
+
+        dckpt.delete = failing
+    begin = time.monotonic()
+    try:
+        Run(folder).train(16)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e), time.monotonic() - begin
+    return None
+
+
+def test_a_newer_step_rank_0_cannot_delete_fails_every_rank_alike(tmp_path):
+    """The run resumes from an older step and deletes the newer ones on rank 0 (it saves
+    them again). Where that delete failed, rank 0 alone raised; the others went on to
+    train and waited in the first collective, for its timeout."""
+    Run(tmp_path / "run").train(12)
+    flip_stored_byte(str(tmp_path / "run" / "checkpoint"), 12, "0.weight", at=5)
+    out = [o.value for o in run_ranks(_resume_where_deletes_fail, 2, str(tmp_path / "run"))]
+    assert out[0][:2] == out[1][:2] == ("StorageError", "SlowDown, tries exhausted"), out
+    assert max(o[2] for o in out) < 60, out  # at once, not at a collective's timeout
 
 
 def test_an_initial_load_from_torchtitans_own_checkpoint(tmp_path):
