@@ -126,13 +126,15 @@ def delete(url: str, *, step: int, storage_options: dict | None = None) -> None:
     listed or loaded. Its data stays until ``gc`` finds nothing references it (other
     checkpoints may share its blocks); a copy of the manifest waits under ``deleted/`` for
     gc's grace period, so that a save in flight that references its blocks keeps them.
-    Not collective."""
+    Its quarantine mark goes too. Not collective."""
     step = check_step(step)
     store = open_repository(url, storage_options)
     steps = committed_steps(store)
     if step not in steps:
         raise CheckpointNotFoundError(f"{url} has no committed checkpoint for step {step}; "
                                       f"committed steps: {steps or 'none'}")
+    if step in quarantined(store):  # first: a mark that outlived the step would skip the
+        set_quarantine(store, step, None)  # checkpoint saved under it again, sound or not
     name = layout.manifest_name(step)
     try:
         raw = store.read_bytes(name)

@@ -126,6 +126,21 @@ def test_quarantine_marks_a_damaged_checkpoint_and_restores_skip_it_at_once(tmp_
     assert dckpt.load(_empty(), url).step == 3
 
 
+def test_a_deleted_quarantined_step_saved_again_is_not_quarantined(tmp_path):
+    """The mark named the step alone and outlived its delete: the sound checkpoint saved
+    again under that step was skipped by every restore, for an older one."""
+    url = str(tmp_path)
+    _three(url)
+    damage(tmp_path, 3, "flipped_byte")
+    assert not dckpt.verify(url, step=3, quarantine=True).ok
+    dckpt.delete(url, step=3)
+    dckpt.save({"w": torch.full((4,), 7.0)}, url, step=3)
+    assert [i.quarantined for i in dckpt.list_checkpoints(url)] == [None, None, None]
+    out = {"w": torch.zeros(4)}
+    info = dckpt.load(out, url, partial=True)
+    assert info.step == 3 and info.skipped == () and torch.equal(out["w"], torch.full((4,), 7.0))
+
+
 @pytest.mark.parametrize("failure", ["connection reset", "storage refused", "newer format"])
 def test_a_storage_failure_during_verify_is_reported_but_quarantines_nothing(
         tmp_path, monkeypatch, capsys, failure):
