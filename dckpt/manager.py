@@ -116,6 +116,7 @@ class CheckpointManager:
         self._closed = False
         self._last_save_t = time.monotonic()
         self._committed: set[int] = set()
+        self._passed_over: dict[int, str] = {}  # step -> why the restore passed it over
         self._saved_metrics: list[Mapping[str, object]] = []  # the triggers' ``previous``
         self._pending: list[SaveHandle] = []
         # step -> wall time its save began, while it may still be writing (gc after
@@ -197,6 +198,9 @@ class CheckpointManager:
         self.recoveries = max(self.recoveries, 1)
         self.restored = info
         self._committed.add(info.step)
+        # the newer checkpoints it passed over (damaged, quarantined): the run saves those
+        # steps again, and deletes each first (Upkeep.clear)
+        self._passed_over = dict(info.skipped) if info.tier == "storage" else {}
         self._last_save_t = time.monotonic()
         if dist.rank() == 0:
             skipped = "; ".join(f"step {s}: {headline(r)}" for s, r in info.skipped)
@@ -294,6 +298,13 @@ class CheckpointManager:
               watched: Mapping[str, object]) -> Result:
         log.info("rank %d: saving step %d (%s)", dist.rank(), step, reason,
                  extra=event("save_start", step=step, reason=reason))
+        if step in self._passed_over:  # every rank's restore passed over the same steps
+            try:
+                self._upkeep.clear(step, self._passed_over.pop(step), dist.checkpoint_group(
+                    self.config.save.collective_timeout_s, purpose="trigger"))
+            except DckptError as e:
+                self._failed(step, e)
+                return None
         self._last_save_t = time.monotonic()
         self._started[step] = time.time()
         self._saved_metrics.append(watched)  # agreed values only: triggers compare them

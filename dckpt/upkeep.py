@@ -1,7 +1,8 @@
 """The CheckpointManager's upkeep: the retention policy, then gc, in a background thread.
 
 The decisions are pure (``retention.plan``, ``retention.gc_min_age_s``); this module applies
-them to the repository (rank 0 only, after each commit, not collective).
+them to the repository (rank 0 only, after each commit, not collective), and deletes the
+checkpoints a restore passed over before the run saves their steps again (``clear``).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
-from dckpt import catalog
+from dckpt import catalog, dist
 from dckpt.decoder import reusing
-from dckpt.errors import CheckpointNotFoundError
+from dckpt.errors import CheckpointNotFoundError, DckptError, headline
 from dckpt.info import CheckpointInfo
 from dckpt.logs import event
 from dckpt.manifest import Manifest
@@ -109,6 +111,29 @@ class Upkeep:
             if self.metrics is not None and not dry_run:
                 self.metrics.observe_repository(self.url, len(kept))
             return RetentionReport(tuple(kept), tuple(deleted), dry_run, report)
+
+    def clear(self, step: int, why: str, group: Any) -> None:
+        """(all ranks; rank 0 deletes) Delete checkpoint ``step``, which this run's restore
+        passed over (``why``: damaged, quarantined), before the run saves that step again.
+        A committed step is never overwritten: that save failed ("already committed"), and
+        the run had no checkpoint of the step. Gone already is fine; a delete that fails is
+        the same error on every rank."""
+        error: DckptError | None = None
+        if dist.rank() == 0:
+            log.warning("deleting checkpoint %d of %s, which the restore passed over (%s), "
+                        "to save that step again", step, self.url, headline(why),
+                        extra=event("retention", step=step, reason="passed over on restore"))
+            try:
+                with self._lock:
+                    catalog.delete(self.url, step=step, storage_options=self.storage_options)
+            except CheckpointNotFoundError:
+                pass
+            except DckptError as e:
+                error = e
+        with dist.collectives(f"the delete of step {step} before its save", saving=True):
+            error = dist.broadcast(error, group)  # type: ignore[assignment]
+        if error is not None:
+            raise error
 
     def wait(self) -> None:
         """Wait for the runs submitted; a failure is logged, never raised."""

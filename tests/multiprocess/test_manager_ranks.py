@@ -228,3 +228,53 @@ def test_a_peer_that_dies_between_saves_is_a_dckpt_error_leaving_the_with_block(
     name, is_dckpt, message, seconds = survivor.value
     assert is_dckpt and "a collective with the other ranks broke" in message, (name, message)
     assert seconds < 60  # the 5 s timeout, not a hang
+
+
+def _redo_past_damage(rank, world, url, delete_fails):
+    """Restore past a damaged newest step and train it again; rank 0's delete of it fails
+    where ``delete_fails``."""
+    if delete_fails and rank == 0:
+        def failing(*args, **kwargs):
+            raise dckpt.StorageError("SlowDown, tries exhausted")
+
+        from dckpt import catalog
+
+        catalog.delete = failing
+    state = {"w": torch.zeros(64)}
+    mgr = dckpt.CheckpointManager(url, save_every_steps=2, async_save=False,
+                                  handle_signals=False)
+    info = mgr.restore(state)
+    for step in range(info.step + 1, 7):
+        state["w"] += 1
+        mgr.maybe_save(step, state)
+    mgr.close()
+    return info.step, [(s, reason.splitlines()[0][-40:]) for s, reason in mgr.failures]
+
+
+def _first_run(rank, world, url):
+    state = {"w": torch.zeros(64)}
+    mgr = dckpt.CheckpointManager(url, save_every_steps=2, async_save=False,
+                                  handle_signals=False)
+    for step in range(5):
+        state["w"] += 1
+        mgr.maybe_save(step, state)
+    mgr.close()
+
+
+def test_a_step_the_restore_passed_over_is_saved_again_by_every_rank_or_failed_alike(tmp_path):
+    from dckpt_testing import flip_stored_byte
+
+    for delete_fails in (True, False):
+        url = str(tmp_path / f"ckpt{delete_fails}")
+        run_ranks(_first_run, 2, url)
+        flip_stored_byte(url, 4, "w", at=3)
+        out = [o.value for o in run_ranks(_redo_past_damage, 2, url, delete_fails)]
+        assert out[0] == out[1], out
+        assert out[0][0] == 2
+        if delete_fails:  # the same failure on both ranks, and training went on
+            assert out[0][1] == [(4, "SlowDown, tries exhausted")], out
+            assert [c.step for c in dckpt.list_checkpoints(url)] == [0, 2, 4, 6]
+            assert not dckpt.verify(url, step=4).ok  # still the damaged one
+        else:
+            assert out[0][1] == []
+            assert dckpt.verify(url, all_steps=True).ok

@@ -218,6 +218,45 @@ def test_failed_save_is_reported_and_training_goes_on(tmp_path):
     assert steps_of(url) == [0, 4, 8]
 
 
+@pytest.mark.parametrize("how", ["damaged", "quarantined"])
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_step_the_restore_passed_over_is_saved_again_when_the_run_redoes_it(tmp_path, how,
+                                                                             async_save):
+    """The restore falls back past a damaged newest checkpoint, and the run trains those
+    steps again: its save of that step met the committed (damaged) one and failed, and the
+    run had no checkpoint of it. Now the restore's skipped step is deleted first (only it:
+    a sound checkpoint the run meets again still fails, test above)."""
+    from dckpt_testing import flip_stored_byte
+
+    url = str(tmp_path)
+
+    def run(upto: int) -> tuple[dckpt.CheckpointManager, dict]:
+        mgr = dckpt.CheckpointManager(url, save_every_steps=2, async_save=async_save,
+                                      handle_signals=False)
+        state = {"w": torch.zeros(1024)}
+        info = mgr.restore(state)
+        for step in range(info.step + 1 if info else 0, upto + 1):
+            state["w"] += step
+            mgr.maybe_save(step, state)
+        mgr.close()
+        return mgr, state
+
+    _, at6 = run(6)
+    flip_stored_byte(url, 6, "w", at=10)
+    if how == "quarantined":  # the restore skips it at once, for the mark
+        assert not dckpt.verify(url, step=6, quarantine=True).ok
+    mgr, _ = run(8)
+    assert mgr.restored.step == 4 and [s for s, _ in mgr.restored.skipped] == [6]
+    assert ("quarantined by verify" in mgr.restored.skipped[0][1]) is (how == "quarantined")
+    assert mgr.failures == []
+    assert steps_of(url) == [0, 2, 4, 6, 8]
+    assert [c.quarantined for c in dckpt.list_checkpoints(url)] == [None] * 5  # mark gone
+    assert dckpt.verify(url, all_steps=True).ok
+    again = {"w": torch.zeros(1024)}
+    dckpt.load(again, url, step=6)
+    assert torch.equal(again["w"], at6["w"])  # the run redid steps 5 and 6 alike
+
+
 def test_a_failed_saves_reason_names_the_problem(tmp_path):
     mgr = dckpt.CheckpointManager(str(tmp_path), save_every_steps=1, async_save=False,
                                   handle_signals=False)
