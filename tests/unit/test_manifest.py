@@ -505,7 +505,7 @@ def test_the_fast_tensor_entry_decodes_as_the_checked_one(edits):
 
     doc = _tensor_doc()
     for path, value in edits:
-        _edit(doc, path, value)
+        _edit(doc, path, copy.deepcopy(value))  # the examples' values are shared: not theirs
     segments = ["data/a", "data/b"]
     fast = _whole_tensor_fast(doc, segments) if isinstance(doc, dict) else None
     try:
