@@ -30,7 +30,13 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, sort_checkpoints
 
 import dckpt
-from dckpt.errors import ArgumentError, DckptError, FormatError, IntegrityError
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointNotFoundError,
+    FormatError,
+    IntegrityError,
+    NewerFormatError,
+)
 from dckpt.integrations.common import (
     Pointer,
     Saves,
@@ -247,28 +253,38 @@ class DckptTrainerMixin:
 
     def _committed_folder(self, folder: str) -> str:
         """(all ranks) ``folder``, or where its checkpoint never committed, the newest older
-        folder whose checkpoint did (rank 0 decides)."""
-        chosen = folder
-        if self._rank == 0:
-            for candidate in [folder, *reversed(self._older_folders(folder))]:
-                try:
-                    pointer = read_pointer(os.path.join(candidate, POINTER_NAME))
-                except (OSError, FormatError):
-                    continue
-                if pointer is None:
-                    chosen = candidate  # a folder of the Trainer's own
-                    break
-                try:  # its manifest alone, not every one of a run that keeps them all
-                    dckpt.inspect(pointer.url, step=pointer.step,
-                                  storage_options=self._storage_options)
-                except DckptError:
-                    continue  # never committed, or damaged
-                chosen = candidate
-                break
-            if chosen != folder:
-                log.warning("rank 0: the checkpoint of %s never committed; resuming from %s",
-                            folder, chosen)
+        folder whose checkpoint did (rank 0 decides). A storage that fails while it looks is
+        that error on every rank: the newer checkpoint may be sound, and resuming from an
+        older one would silently redo the training since."""
+        chosen = on_rank0(lambda: self._first_committed(folder), broadcast=_broadcast,
+                          rank=self._rank, what=f"looking for a checkpoint in {folder}")
         return str(_broadcast(chosen))
+
+    def _first_committed(self, folder: str) -> str:
+        """(rank 0) See ``_committed_folder``."""
+        for candidate in [folder, *reversed(self._older_folders(folder))]:
+            try:
+                pointer = read_pointer(os.path.join(candidate, POINTER_NAME))
+            except (FileNotFoundError, FormatError):
+                continue  # no pointer (its save never wrote one), or a damaged one
+            if pointer is None:
+                chosen = candidate  # a folder of the Trainer's own
+                break
+            try:  # its manifest alone, not every one of a run that keeps them all
+                dckpt.inspect(pointer.url, step=pointer.step,
+                              storage_options=self._storage_options)
+            except NewerFormatError:
+                raise  # sound, for a newer dckpt: never passed over
+            except (CheckpointNotFoundError, IntegrityError):
+                continue  # never committed, or damaged
+            chosen = candidate
+            break
+        else:
+            return folder
+        if chosen != folder:
+            log.warning("rank 0: the checkpoint of %s never committed; resuming from %s",
+                        folder, chosen)
+        return chosen
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         if _pointer_in(resume_from_checkpoint, self._rank) is None:

@@ -39,7 +39,7 @@ import dckpt
 from dckpt import dist
 from dckpt.catalog import committed
 from dckpt.decoder import reusing
-from dckpt.errors import CheckpointNotFoundError, DckptError
+from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, NewerFormatError
 from dckpt.retention import KeepLast
 from dckpt.train_state import RandomStates
 from dckpt.upkeep import DECODED_BYTES, Upkeep
@@ -255,7 +255,9 @@ class DckptCheckpointManager(BaseCheckpointManager):
                 return steps, False, None
             try:
                 manifest = dckpt.inspect(self.url, step=step, **opts)
-            except DckptError:
+            except (IntegrityError, CheckpointNotFoundError) as e:
+                if isinstance(e, NewerFormatError):
+                    raise
                 return steps, False, None  # damaged: the load says so, or falls back
             model_only = manifest.step == 0 or manifest.metrics.get("model_only") == 1.0
             return steps, model_only, None

@@ -103,6 +103,27 @@ def test_a_checkpoint_that_never_committed_gives_way_to_the_folder_before(tmp_pa
     assert equal(reference, got)
 
 
+@pytest.mark.parametrize("where", ["manifest", "pointer"])
+def test_a_storage_that_fails_while_resuming_is_that_error_not_an_older_folder(
+        tmp_path, monkeypatch, where):
+    """A reset connection (or an EIO on the pointer) while rank 0 looked for the newest
+    committed folder passed that folder over: the run resumed from checkpoint-4 and
+    redid the training since, where a retry would have found checkpoint-8 sound."""
+    trained(tmp_path / "run", 8)
+    if where == "manifest":
+        def failing(*args, **kwargs):
+            raise dckpt.StorageError("connection reset by peer, tries exhausted")
+        monkeypatch.setattr(dckpt, "inspect", failing)
+    else:
+        import dckpt.integrations.hf as hf
+
+        def failing(path):
+            raise OSError(5, "Input/output error", path)
+        monkeypatch.setattr(hf, "read_pointer", failing)
+    with pytest.raises(dckpt.StorageError, match="reset by peer|Input/output error"):
+        trained(tmp_path / "run", 12, resume=True)
+
+
 def test_a_damaged_checkpoint_raises_naming_the_folder_to_resume_from(tmp_path):
     trained(tmp_path / "run", 8)
     newest = read_pointer(str(tmp_path / "run" / "checkpoint-8" / POINTER_NAME))

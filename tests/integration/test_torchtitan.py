@@ -131,6 +131,19 @@ def test_a_newer_step_rank_0_cannot_delete_fails_every_rank_alike(tmp_path):
     assert max(o[2] for o in out) < 60, out  # at once, not at a collective's timeout
 
 
+def test_a_storage_that_fails_while_the_load_looks_is_that_error(tmp_path, monkeypatch):
+    """A failed read of the newest manifest was taken for damage: the load went on unsure
+    whether that step holds the model alone (step 0, a final save), and loaded as if not."""
+    Run(tmp_path / "run").train(4)
+
+    def failing(*args, **kwargs):
+        raise dckpt.StorageError("connection reset by peer, tries exhausted")
+
+    monkeypatch.setattr(dckpt, "inspect", failing)
+    with pytest.raises(dckpt.StorageError, match="reset by peer"):
+        Run(tmp_path / "run").train(8)
+
+
 def test_an_initial_load_from_torchtitans_own_checkpoint(tmp_path):
     own = Run(tmp_path / "own", manager=CheckpointManager)
     weights = own.train(4)
