@@ -34,7 +34,7 @@ ProcessGroup = dist.ProcessGroup
 __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
            "checkpoint_group", "broadcast", "broadcast_tensor", "broadcast_from", "node",
            "exchange", "any_true", "total", "by_value", "ranks_text", "refuse_differences",
-           "translate", "raise_interrupt", "peer_failure", "Agreed", "Agreement",
+           "translate", "raise_interrupt", "peer_failure", "destroyed", "Agreed", "Agreement",
            "calls_between"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ The entry holds the default group itself, not its id: a destroyed and re-created
 group (a new id, or the old one reused) never gets a group of the old one back. Cleared at
 exit, while the interpreter still runs: a gloo group left for the interpreter's teardown to
 free can abort the process."""
+_made_as = [0]
+"""This process's rank when it made them (``rank()`` says 0 once the group is destroyed)."""
 atexit.register(_groups.clear)
 
 
@@ -109,6 +111,7 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
                 "make the same calls; or a rank died") from e
         entry = (world, made, float(timeout_s))
         _groups[purpose] = entry
+        _made_as[0] = rank()
     elif entry[2] != float(timeout_s):
         set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)  # torch >= 2.4
         if set_timeout is not None:
@@ -262,9 +265,22 @@ def raise_interrupt(exc: CheckpointException) -> None:
         raise mine[0]
 
 
+def destroyed() -> bool:
+    """Whether the process group dckpt's groups came from was destroyed since
+    (``dist.destroy_process_group()``, the usual last line of a training script)."""
+    return bool(_groups) and not active()
+
+
 def peer_failure(exc: BaseException, *, what: str, saving: bool) -> DckptError:
-    """A collective broke (a rank died or timed out): say so in the right error type."""
+    """A collective broke (a rank died or timed out, or the process group was destroyed):
+    say so in the right error type."""
     cls = CommitError if saving else DckptError
+    if destroyed():
+        return cls(f"{what} failed on rank {_made_as[0]}: the process group was destroyed "
+                   "(dist.destroy_process_group()) while it ran; wait for the saves in "
+                   "flight first (handle.wait(), or CheckpointManager.close()). Nothing was "
+                   f"committed for it; earlier checkpoints are intact ({type(exc).__name__}: "
+                   f"{str(exc).splitlines()[0][:200] if str(exc) else ''})")
     return cls(f"{what} failed on rank {rank()}: a collective with the other ranks broke "
                f"({type(exc).__name__}: {exc}). A rank died, stopped answering within the "
                "timeout, or called another collective (every rank calls the same dckpt "
@@ -279,8 +295,8 @@ def collectives(what: str, *, saving: bool) -> Iterator[None]:
         yield
     except DckptError:
         raise
-    except RuntimeError as e:
-        if not active():
+    except (RuntimeError, ValueError) as e:  # ValueError: a group no longer registered
+        if not active() and not destroyed():
             raise
         raise peer_failure(e, what=what, saving=saving) from e
 

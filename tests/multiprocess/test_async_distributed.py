@@ -176,3 +176,30 @@ def test_ranks_agree_to_skip_when_one_rank_is_still_busy(tmp_path):
     values = [o.value for o in run_ranks(_skip_agreement, 2, str(tmp_path))]
     assert values == [(True, True, 3), (False, True, 3)]
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+def _destroyed_in_flight(rank, world, url):
+    state = {"w": torch.arange(1 << 18, dtype=torch.float32)}
+    dckpt.save(state, url, step=1)
+    arm("slow", delay_s=0.2)  # still writing when the group goes
+    handle = dckpt.async_save(state, url, step=2)
+    torch.distributed.destroy_process_group()  # the usual last line of a training script
+    try:
+        handle.wait(timeout=60)
+    except dckpt.DckptError as e:
+        return type(e).__name__, str(e).split(" failed on rank")[1].split("; wait")[0]
+    finally:
+        disarm()
+    return "committed"
+
+
+def test_a_process_group_destroyed_under_a_save_in_flight_says_so(tmp_path):
+    """The save cannot commit without its collectives; it said "a collective with the other
+    ranks broke (ValueError: Group ... is not registered)", as for a dead peer."""
+    url = "faultyfile://" + str(tmp_path / "r")
+    out = [o.value for o in run_ranks(_destroyed_in_flight, 2, url)]
+    for rank, (kind, says) in enumerate(out):
+        assert kind == "CommitError", out
+        assert says == f" {rank}: the process group was destroyed (dist.destroy_process_group()) " \
+                       "while it ran", out
+    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "r"))] == [1]
