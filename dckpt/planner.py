@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,11 +75,54 @@ class PlannerData(dict):
         self.value_digests = value_digests
 
 
-def with_value_digests(plan: SavePlan, values: dict[str, io.BytesIO]) -> SavePlan:
-    """``plan`` carrying the digests of this rank's serialized non-tensor values."""
+EXACT_DIGEST_BYTES = 64 << 10
+"""Whole tensors of integers or booleans up to this size, on the host, are compared between
+the ranks too (``exact_tensors``): the per-rank state a training loop keeps in tensors (a
+generator's state, a data loader's position) is of that kind; a model's weights, replicated
+and equal by construction, are not (and hashing them would cost)."""
+
+
+_exact_items: list[Any] = [(None, [])]
+"""The last plan ``exact_tensors`` looked through (a weak reference) and its candidates: a
+plan reused from save to save (global_plan.PlanCache) is looked through once (8 ms for
+20,000 tensors)."""
+
+
+def exact_tensors(plan: SavePlan, lookup: Any) -> dict[str, torch.Tensor]:
+    """The items of ``plan`` that are whole, small integer or boolean host tensors, by key:
+    ``lookup(item)`` gives the tensor (the state dict's, or its staged copy)."""
+    seen, candidates = _exact_items[0]  # one tuple: the persist thread's calls read it too
+    if seen is None or seen() is not plan:
+        candidates = []
+        for item in plan.items:
+            if item.type != WriteItemType.TENSOR or item.tensor_data is None:
+                continue
+            size, chunk = item.tensor_data.size, item.tensor_data.chunk
+            dtype = item.tensor_data.properties.dtype
+            if not (dtype.is_floating_point or dtype.is_complex or any(chunk.offsets)
+                    or tuple(chunk.sizes) != tuple(size)
+                    or size.numel() * dtype.itemsize > EXACT_DIGEST_BYTES):
+                candidates.append(item)
+        _exact_items[0] = (weakref.ref(plan), candidates)
+    out: dict[str, torch.Tensor] = {}
+    for item in candidates:
+        t = lookup(item)
+        if (isinstance(t, torch.Tensor) and type(t) in PLAIN and t.device.type == "cpu"
+                and t.layout == torch.strided and not t.is_quantized):
+            out[item.index.fqn] = t
+    return out
+
+
+def with_value_digests(plan: SavePlan, values: dict[str, io.BytesIO],
+                       tensors: dict[str, torch.Tensor] | None = None) -> SavePlan:
+    """``plan`` carrying the digests of this rank's serialized non-tensor values, and of
+    ``tensors`` (``exact_tensors``)."""
     if not isinstance(plan.planner_data, dict):  # no flattening: nothing to carry them in
         return plan
     digests = {fqn: digest(value.getbuffer()) for fqn, value in values.items()}
+    for fqn, t in (tensors or {}).items():
+        digests[fqn] = digest(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()
+                              .tobytes())
     return dataclasses.replace(plan, planner_data=PlannerData(plan.planner_data, digests))
 
 
@@ -202,7 +246,8 @@ class SafeSavePlanner(DefaultSavePlanner):
         else:
             plan = super().create_local_plan()
         self.made = None if shape is None else (shape, plan)
-        return with_value_digests(plan, self._values)
+        return with_value_digests(plan, self._values, exact_tensors(
+            plan, lambda item: self.state_dict.get(item.index.fqn)))
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         """(coordinator) Refuse keys the ranks hold differently, before DCP keeps one
@@ -216,8 +261,8 @@ class SafeSavePlanner(DefaultSavePlanner):
         differ = differing_values(all_plans)
         if differ:
             log.warning(
-                "%d non-tensor value(s) differ between the ranks that save them under one key; "
-                "the checkpoint keeps one rank's, and every rank loads that one back: %s. Give "
+                "%d value(s) differ between the ranks that save them under one key; the "
+                "checkpoint keeps one rank's, and every rank loads that one back: %s. Give "
                 "state that differs per rank a key of its own (rank{r}.name)", len(differ),
                 "; ".join(differ[:10]) + (f"; and {len(differ) - 10} more" if len(differ) > 10
                                           else ""))
@@ -267,9 +312,9 @@ class StagedPlanner(SafeSavePlanner):
             raise self._failure
         values = {item.index.fqn: self._staged.get(item.index) for item in self._local_plan.items
                   if item.type == WriteItemType.BYTE_IO}  # this save's, not the cached plan's
-        self.plan = with_value_digests(self._local_plan,
-                                       {k: v for k, v in values.items()
-                                        if isinstance(v, io.BytesIO)})
+        self.plan = with_value_digests(
+            self._local_plan, {k: v for k, v in values.items() if isinstance(v, io.BytesIO)},
+            exact_tensors(self._local_plan, lambda item: self._staged.get(item.index)))
         return self.plan
 
     def resolve_data(self, write_item: WriteItem) -> Any:

@@ -210,10 +210,11 @@ def replica_problems(plans: list[SavePlan]) -> list[str]:
 
 
 def differing_values(plans: list[SavePlan]) -> list[str]:
-    """Non-tensor values that several ranks save under one key with different contents: DCP
-    keeps one rank's (whichever its dedup picks), and every rank loads that one back: a
-    per-rank data loader's position saved under a shared key comes back the same on every
-    rank. Ranks that sent no digests are not judged."""
+    """Values (non-tensor ones, and small integer tensors: dckpt.planner.exact_tensors) that
+    several ranks save under one key with different contents: DCP keeps one rank's
+    (whichever its dedup picks), and every rank loads that one back: a per-rank data
+    loader's position, or a generator's state, saved under a shared key comes back the same
+    on every rank. Ranks that sent no digests are not judged."""
     first: dict[str, tuple[int, str]] = {}
     differ: dict[str, list[int]] = {}
     for rank, plan in enumerate(plans):

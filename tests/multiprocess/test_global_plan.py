@@ -156,3 +156,37 @@ def test_a_reused_plan_still_warns_of_differing_values_and_a_refusal_plans_again
         assert o.value[5].startswith("ArgumentError") and (
             "the ranks asked to save different steps (5 on rank 0; 6 on rank 1)" in o.value[5])
     assert leftovers(str(tmp_path / "repo")) == []
+
+
+def _per_rank_tensors_under_one_key(rank, world, url, async_save):
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("dckpt.planner").addHandler(handler)
+    torch.manual_seed(rank)
+    state = {"rng": torch.get_rng_state(), "pos": torch.tensor(10 * rank),
+             "seen": torch.tensor([True, rank == 1]), "same": torch.arange(6),
+             "w": torch.full((4,), float(rank)),  # floats: weights, never hashed
+             "big": torch.full((1 << 15,), rank, dtype=torch.int32)}  # 128 KiB: not hashed
+    for step in (1, 2):  # the second reuses the plan
+        if async_save:
+            dckpt.async_save(state, url, step=step).wait()
+        else:
+            dckpt.save(state, url, step=step)
+    return [m for m in records if "differ between the ranks" in m]
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_small_integer_tensors_that_differ_per_rank_under_one_key_are_warned_of(tmp_path,
+                                                                                  async_save):
+    """A generator's state or a loader's position saved on every rank under one key: DCP
+    keeps one rank's, and every rank restores that one, silently (non-tensor values were
+    warned of; tensors were not)."""
+    warned = [o.value for o in run_ranks(_per_rank_tensors_under_one_key, 2,
+                                         str(tmp_path / "repo"), async_save)]
+    assert warned[1] == [] and len(warned[0]) == 2, warned  # the coordinator's, per save
+    for message in warned[0]:
+        assert message.startswith("3 value(s) differ between the ranks")
+        for key in ("rng", "pos", "seen"):
+            assert f"{key} (rank 0 holds another value than rank 1)" in message
+        assert "same (" not in message and "w (" not in message and "big (" not in message
