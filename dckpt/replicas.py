@@ -37,7 +37,8 @@ from dckpt.blocks import check
 from dckpt.errors import DckptError, IntegrityError, StorageError
 from dckpt.manifest import ChunkEntry, StoredData
 from dckpt.memory import bytes_tensor, mapped_segments, recycled_write, reserve
-from dckpt.reader import Reader, share_replicated
+from dckpt.read_plan import share_replicated
+from dckpt.reader import Reader
 from dckpt.reads import Fetcher, read_stored
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.storage import Store

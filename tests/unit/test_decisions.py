@@ -22,7 +22,7 @@ from dckpt.dedup import block_size_for
 from dckpt.errors import headline
 from dckpt.export import unflatten
 from dckpt.manifest import ChunkEntry, StoredData
-from dckpt.reader import Shared, share_replicated
+from dckpt.read_plan import Shared, share_replicated
 from dckpt.retention import gc_min_age_s
 from dckpt.segments import balance, segments_for
 from dckpt.staging import aligned, fit
@@ -173,7 +173,7 @@ def test_the_staging_budget_holds_what_fits_and_windows_the_rest(sizes, budget, 
     if budget is not None:
         assert sum(aligned(sizes[k]) for k in got_fits) + got_window <= budget
 
-# ---------------------------------------------------------------- reader.share_replicated
+# ------------------------------------------------------------- read_plan.share_replicated
 
 
 def _item(fqn: str, lengths: list[int], offsets: list[int] | None = None) -> ReadItem:

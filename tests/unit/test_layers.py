@@ -24,7 +24,7 @@ LAYERS = [
     {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
     # the DCP plug-ins
     {"planner", "state_checks", "overlaps", "optim_state", "meta_tensors", "writer", "reader",
-     "replicas"},
+     "read_plan", "replicas"},
     # the save pipeline
     {"handle", "global_plan", "saver"},
     # operations over a repository, and the public functions
