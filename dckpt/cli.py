@@ -167,7 +167,9 @@ def cmd_gc(args: argparse.Namespace) -> int:
         _print_json({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes})
         return 0
     verb = "would remove" if report.dry_run else "removed"
-    print(f"{verb} {len(report.deleted)} objects, {_size(report.bytes_freed)}; "
+    uploads = (f" and {len(report.aborted_uploads)} incomplete uploads"
+               if report.aborted_uploads else "")
+    print(f"{verb} {len(report.deleted)} objects{uploads}, {_size(report.bytes_freed)}; "
           f"live checkpoints {list(report.live_checkpoints)}")
     if report.kept_young:
         print(f"spared {len(report.kept_young)} unreferenced objects younger than "

@@ -443,6 +443,35 @@ class Store:
         except FileNotFoundError:
             pass
 
+    def incomplete_uploads(self, folder: str) -> list[tuple[str, str, int]]:
+        """(S3) The multipart uploads under ``folder`` that were neither completed nor
+        aborted (a writer killed mid-upload), as (name, upload id, bytes of its parts so
+        far): no listing shows them, and their parts are stored, and billed, until aborted.
+        [] on other stores."""
+        call = getattr(self.fs, "call_s3", None)
+        if self.local or call is None or self.url.split("://", 1)[0] not in ("s3", "s3a"):
+            return []
+        bucket, _, key = self.path(folder).partition("/")
+        out: list[tuple[str, str, int]] = []
+        marker: dict[str, str] = {}
+        while True:
+            page = call("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/",
+                        **marker)
+            for upload in page.get("Uploads", []):
+                name = f"{bucket}/{upload['Key']}"[len(self.root) + 1:]
+                parts = call("list_parts", Bucket=bucket, Key=upload["Key"],
+                             UploadId=upload["UploadId"]).get("Parts", [])
+                out.append((name, upload["UploadId"], sum(int(p["Size"]) for p in parts)))
+            if not page.get("IsTruncated"):
+                return out
+            marker = {"KeyMarker": page["NextKeyMarker"],
+                      "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, name: str, upload_id: str) -> None:
+        """(S3) Abort an incomplete multipart upload of ``name``: its parts are deleted."""
+        bucket, _, key = self.path(name).partition("/")
+        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
+
 
 
 def _unlink_quietly(path: str) -> None:

@@ -6,7 +6,9 @@ checkpoint deleted less than ``min_age_s`` ago (``dckpt.delete`` leaves its mani
 blocks). What is spared: objects of a save attempt younger than ``min_age_s`` (the attempt's
 name carries its start time), which may still be in flight. Everything else under ``data/``
 goes. A segment that some blocks of a live checkpoint still need is kept whole; the bytes no
-one references in it are reported as waste.
+one references in it are reported as waste. On S3, the multipart uploads under ``data/`` that
+never completed (a writer killed mid-upload: no listing shows them, but their parts are
+stored) are aborted by the same rule of age.
 
 A damaged manifest stops gc: what it references cannot be told from garbage. One that
 vanishes after the listing was deleted meanwhile: its tombstone, written before the manifest
@@ -45,6 +47,10 @@ class GcReport:
     partly_referenced: tuple[tuple[str, int, int], ...]
     """(object, its size, its bytes no live checkpoint references), for kept objects."""
     live_checkpoints: tuple[int, ...]
+    aborted_uploads: tuple[str, ...] = ()
+    """(S3) Multipart uploads of attempts older than ``min_age_s`` that never completed (a
+    writer killed mid-upload), aborted (with ``dry_run``: that would be): their parts were
+    stored, and billed, though no listing shows them. Their bytes are in ``bytes_freed``."""
 
     @property
     def wasted_bytes(self) -> int:
@@ -132,11 +138,21 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
             store.remove_folder(folder)
         if progress is not None:
             progress(i + 1, len(attempts))
+    aborted = []
+    for name, upload_id, size in store.incomplete_uploads(layout.DATA_DIR):
+        started = layout.attempt_started_s(name.split("/")[1]) if name.count("/") >= 2 else None
+        if started is None or now - started < min_age_s:
+            continue  # in flight (an upload completes when its object is written), or not ours
+        aborted.append(name)
+        freed += size
+        if not dry_run:
+            store.abort_upload(name, upload_id)
     if not dry_run:
         for name in expired:  # after the data: a crash in between leaves only more to collect
             store.delete(name)
-    log.info("gc of %s%s: %d objects, %d bytes freed; %d spared as young; %d bytes wasted in "
-             "%d partly referenced objects", store.url, " (dry run)" if dry_run else "",
-             len(deleted), freed, len(young), sum(w for _, _, w in partly), len(partly))
+    log.info("gc of %s%s: %d objects and %d incomplete uploads, %d bytes freed; %d spared as "
+             "young; %d bytes wasted in %d partly referenced objects", store.url,
+             " (dry run)" if dry_run else "", len(deleted), len(aborted), freed, len(young),
+             sum(w for _, _, w in partly), len(partly))
     return GcReport(dry_run, tuple(deleted), freed, tuple(young), tuple(partly),
-                    tuple(live))
+                    tuple(live), tuple(aborted))

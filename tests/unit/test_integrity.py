@@ -12,6 +12,7 @@ import torch
 
 import dckpt
 from dckpt import layout
+from dckpt.storage import Store
 from dckpt_testing import arm, as_rows, disarm, faulty_s3_class, flip_stored_byte, reseal
 
 
@@ -331,11 +332,55 @@ def test_s3_error_mid_save_is_a_commit_error(s3_repo):
         disarm()
     assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
     # the upload was aborted, nothing of step 2 is left
-    assert dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts).deleted == ()
+    report = dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts)
+    assert report.deleted == () and report.aborted_uploads == ()
+    assert Store(url, opts).incomplete_uploads("data") == []
     out = {"w": torch.zeros(3 << 20)}
     assert dckpt.load(out, url, storage_options=opts).step == 1
     assert torch.equal(out["w"], first)
     assert dckpt.save({"w": torch.zeros(4)}, url, step=2, storage_options=opts).step == 2
+
+
+_KILLED_MID_UPLOAD = """
+import sys
+sys.path.insert(0, {tests!r})
+import fsspec, torch, dckpt
+from dckpt_testing import arm, faulty_s3_class
+fsspec.register_implementation("faultys3", faulty_s3_class(), clobber=True)
+opts = {opts!r}
+arm("kill", after_bytes=12 << 20)  # SIGKILL, two 5 MiB parts up
+dckpt.save({{"w": torch.randn(8 << 20)}}, {url!r}, step=2, storage_options=opts)
+"""
+
+
+def test_gc_aborts_the_multipart_upload_of_a_writer_killed_mid_upload(s3_repo):
+    """A rank SIGKILLed mid-save (a preemption) leaves its segment's multipart upload
+    open: no listing shows it, and S3 stores (and bills) its parts until it is aborted.
+    gc aborted none: 10 MB per killed rank here, gigabytes at full size."""
+    import subprocess
+    import sys
+
+    url, opts = s3_repo
+    opts = {**opts, "default_block_size": 5 << 20}
+    first = {"w": torch.arange(4.0)}
+    dckpt.save(first, url, step=1, storage_options=opts)
+    code = _KILLED_MID_UPLOAD.format(tests=os.path.dirname(os.path.dirname(__file__)),
+                                     opts=opts, url=url.replace("s3://", "faultys3://"))
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == -9
+    store = Store(url, opts)
+    [(name, _, size)] = store.incomplete_uploads("data")
+    assert name.startswith("data/s2-") and size >= 5 << 20  # the parts sent before the kill
+    young = dckpt.gc(url, storage_options=opts)  # a save may still be uploading it
+    assert young.aborted_uploads == () and len(store.incomplete_uploads("data")) == 1
+    planned = dckpt.gc(url, dry_run=True, min_age_s=0, storage_options=opts)
+    assert planned.aborted_uploads == (name,) and len(store.incomplete_uploads("data")) == 1
+    done = dckpt.gc(url, min_age_s=0, storage_options=opts)
+    assert done.aborted_uploads == (name,) and done.bytes_freed == size
+    assert store.incomplete_uploads("data") == []
+    out = {"w": torch.zeros(4)}
+    assert dckpt.load(out, url, storage_options=opts).step == 1 and torch.equal(out["w"],
+                                                                             first["w"])
+    assert dckpt.save(first, url, step=2, storage_options=opts).step == 2
 
 
 def test_s3_server_error_is_a_commit_error(moto_server):
