@@ -32,7 +32,13 @@ from lightning.pytorch.strategies import ModelParallelStrategy as _ModelParallel
 from lightning.pytorch.strategies import SingleDeviceStrategy as _SingleDeviceStrategy
 
 import dckpt
-from dckpt.errors import ArgumentError, CheckpointNotFoundError, FormatError, StateDictError
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointNotFoundError,
+    DckptError,
+    FormatError,
+    StateDictError,
+)
 from dckpt.integrations.common import (
     Pointer,
     Saves,
@@ -143,7 +149,11 @@ class DckptCheckpointing:
         """(all ranks) Remove the pointer and, once no save needs it, its checkpoint."""
         if self.global_rank != 0:  # type: ignore[attr-defined]
             return
-        pointer = remove_pointer(str(filepath))
+        try:
+            pointer = remove_pointer(str(filepath))
+        except (OSError, DckptError) as e:  # rank 0's alone: raising would leave the others
+            log.warning("could not remove %s (its checkpoint stays): %s", filepath, e)
+            return  # waiting in the next collective; what stays is housekeeping
         if pointer is None:  # a checkpoint Lightning wrote itself
             super().remove_checkpoint(filepath)  # type: ignore[misc]
             return

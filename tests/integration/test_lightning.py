@@ -197,6 +197,22 @@ def test_a_checkpoint_file_rank_0_cannot_read_or_write_fails_every_rank_alike(tm
     assert "No space left on device" in raised[0]
 
 
+def test_a_pointer_that_cannot_be_removed_is_logged_and_training_goes_on(tmp_path,
+                                                                          monkeypatch, caplog):
+    """Removal (top-k) is rank 0's alone: its raising ended rank 0 mid-run while the other
+    ranks went on into their next collective."""
+    import dckpt.integrations.lightning as dl
+
+    def failing(path):
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(dl, "remove_pointer", failing)
+    with caplog.at_level(logging.WARNING):
+        _, trainer = fit(tmp_path / "ckpt", 4)
+    assert trainer.current_epoch == 4
+    assert "could not remove" in caplog.text and "Input/output error" in caplog.text
+
+
 def test_metrics_record_pauses_saves_and_restores(tmp_path):
     prom = tmp_path / "dckpt.prom"
     metrics = dckpt.Metrics("lightning", textfile=str(prom))
