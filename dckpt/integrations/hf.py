@@ -33,6 +33,7 @@ import dckpt
 from dckpt.errors import (
     ArgumentError,
     CheckpointNotFoundError,
+    DckptError,
     FormatError,
     IntegrityError,
     NewerFormatError,
@@ -88,8 +89,14 @@ def _write_pointer_in(folder: str, pointer: Pointer) -> None:
 
 
 def _remove_folder(folder: str, saves: Saves) -> None:
-    """(rank 0) Remove a checkpoint folder, and its checkpoint once no save needs it."""
-    pointer = remove_pointer(os.path.join(folder, POINTER_NAME))
+    """(rank 0) Remove a checkpoint folder, and its checkpoint once no save needs it. A
+    failure is logged: rank 0's alone, raising would leave the other ranks waiting in their
+    next collective, and what stays is housekeeping."""
+    try:
+        pointer = remove_pointer(os.path.join(folder, POINTER_NAME))
+    except (OSError, DckptError) as e:
+        log.warning("could not remove %s (its checkpoint stays): %s", folder, e)
+        return
     if pointer is not None:
         saves.release(pointer.url, pointer.step)
     shutil.rmtree(folder, ignore_errors=True)

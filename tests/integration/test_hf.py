@@ -124,6 +124,26 @@ def test_a_storage_that_fails_while_resuming_is_that_error_not_an_older_folder(
         trained(tmp_path / "run", 12, resume=True)
 
 
+def test_a_folder_rotation_that_fails_is_logged_and_training_goes_on(tmp_path, monkeypatch,
+                                                                      caplog):
+    """``save_total_limit`` removes old folders on rank 0 alone: its raising ended rank 0
+    mid-run while the other ranks went on into their next collective."""
+    import dckpt.integrations.hf as hf
+
+    def failing(path):
+        raise OSError(5, "Input/output error", path)
+
+    monkeypatch.setattr(hf, "remove_pointer", failing)
+    model, data = model_and_data()
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8,
+                             max_steps=12, save_strategy="steps", save_steps=4,
+                             save_total_limit=1, report_to=[], use_cpu=True, disable_tqdm=True)
+    with caplog.at_level(logging.WARNING):
+        out = Trainer(model=model, args=args, train_dataset=data).train()
+    assert out.global_step == 12
+    assert "could not remove" in caplog.text and "Input/output error" in caplog.text
+
+
 def test_a_damaged_checkpoint_raises_naming_the_folder_to_resume_from(tmp_path):
     trained(tmp_path / "run", 8)
     newest = read_pointer(str(tmp_path / "run" / "checkpoint-8" / POINTER_NAME))
