@@ -22,8 +22,9 @@ def _options(pairs: list[str]) -> dict | None:
     out: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"dckpt: -o expects KEY=VALUE, got {pair!r}")
+        if not sep or not key:  # an error like any other: one line, exit 2 (SystemExit's 1
+            # read as "a problem found" from verify)
+            raise dckpt.ArgumentError(f"-o expects KEY=VALUE, got {pair!r}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -237,6 +238,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     try:
+        if not math.isfinite(args.sample_mib) or args.sample_mib < 0:
+            raise dckpt.ArgumentError(f"--sample-mib must be a finite number >= 0, got "
+                                      f"{args.sample_mib}")
         h = dckpt.health(args.url, max_age_s=args.max_age, min_free_bytes=args.min_free,
                          verify=args.verify, sample_bytes=int(args.sample_mib * (1 << 20)),
                          storage_options=_options(args.option))

@@ -79,6 +79,14 @@ def test_errors_say_what_is_wrong(tmp_path):
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
     version = _dckpt("--version")
     assert version.returncode == 0 and version.stdout == f"dckpt {dckpt.__version__}\n"
+    # a storage option without "=" (or without a key) exited 1, which verify's callers read
+    # as "a problem found"; "=v" was passed on as the option ""
+    option = _dckpt_process("verify", str(tmp_path), "-o", "key")  # the real exit code
+    assert option.returncode == 2 and "-o expects KEY=VALUE" in option.stderr, option
+    option = _dckpt("verify", str(tmp_path), "-o", "=v")
+    assert option.returncode == 2 and "-o expects KEY=VALUE" in option.stderr, option
+    sample = _dckpt("health", str(tmp_path), "--sample-mib", "nan")
+    assert sample.returncode == 3 and "--sample-mib must be a finite number" in sample.stdout
 
 
 def test_the_repository_commands_answer_without_importing_torch(tmp_path):
