@@ -404,7 +404,7 @@ class CheckpointManager:
             log.warning("preemption checkpoint of step %d %s", step,
                         "committed" if self.preempted else "FAILED")
         if self.config.exit_on_preemption:  # memory is kept unless storage has this step
-            self._close(remove_memory=self.preempted)
+            self._close(remove_memory=self.preempted, finish_upkeep=False)
             self._signals.exit(signum)
         self._signals.signum = None
         return result
@@ -436,11 +436,13 @@ class CheckpointManager:
         else. A clean end: the memory tier's folder is removed."""
         self._close(remove_memory=True)
 
-    def _close(self, remove_memory: bool) -> None:
+    def _close(self, remove_memory: bool, finish_upkeep: bool = True) -> None:
+        """``finish_upkeep=False`` (a preemption's exit): retention and gc stop where they
+        are, for the restart's first save to resume; the grace period is for the checkpoint."""
         if self._closed:
             return
         self._poll(wait=True)
-        self._upkeep.close()
+        self._upkeep.close(finish=finish_upkeep)
         try:
             with dist.collectives("closing the CheckpointManager", saving=False):
                 if self.memory is not None:

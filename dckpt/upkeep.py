@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ class Upkeep:
         self._jobs: list[Future[RetentionReport]] = []
         self._lock = threading.Lock()
         self._decoded: dict[bytes, Manifest] = {}  # manifests read by the last run
+        self._stopping = False  # a preemption's exit: the run in progress stops at its next step
 
     @property
     def active(self) -> bool:
@@ -88,6 +89,7 @@ class Upkeep:
             if self.retention is not None:
                 kept, deleted = plan(self.retention, infos, protect=protect)
                 for s in [] if dry_run else deleted:
+                    self._check_stop()
                     try:
                         catalog.delete(self.url, step=s, storage_options=self.storage_options)
                     except CheckpointNotFoundError:
@@ -101,7 +103,8 @@ class Upkeep:
                 now = time.time()
                 report = collect(Store(self.url, self.storage_options), dry_run=dry_run,
                                  min_age_s=gc_min_age_s(now, started, GC_MARGIN_S),
-                                 deleted_min_age_s=GC_MARGIN_S, now_s=now)
+                                 deleted_min_age_s=GC_MARGIN_S, now_s=now,
+                                 progress=lambda done, total: self._check_stop())
             freed = report.bytes_freed if report is not None else 0
             if deleted or freed:
                 log.info("retention%s: kept steps %s, deleted %s; gc freed %d bytes",
@@ -135,15 +138,34 @@ class Upkeep:
         if error is not None:
             raise error
 
+    def _check_stop(self) -> None:
+        if self._stopping:
+            raise _Stopped
+
     def wait(self) -> None:
         """Wait for the runs submitted; a failure is logged, never raised."""
         for job in self._jobs:
             try:
                 job.result()
+            except (_Stopped, CancelledError):
+                log.info("retention and gc of %s stopped for the exit; the next run's first "
+                         "save resumes them", self.url)
             except Exception as e:
                 log.error("retention failed: %s", e)
         self._jobs = []
 
-    def close(self) -> None:
+    def close(self, *, finish: bool = True) -> None:
+        """Wait for the runs submitted; without ``finish`` (a preemption's exit, which has
+        seconds) the queued ones are cancelled and the one in progress stops at its next
+        delete or data folder. Both are safe to stop anywhere (a delete is one removal,
+        gc removes data only after it found what is live), and idempotent."""
+        if not finish:
+            self._stopping = True
+            for job in self._jobs:
+                job.cancel()
         self.wait()
         self._pool.shutdown(wait=True)
+
+
+class _Stopped(Exception):
+    """Retention or gc stopped for a preemption's exit."""

@@ -311,6 +311,46 @@ def test_preemption_signal_without_exit(tmp_path):
     assert steps_of(url) == [0, 10, 13]
 
 
+def test_a_preemptions_exit_does_not_wait_for_retention_and_gc(tmp_path, monkeypatch):
+    """The grace period is for the emergency checkpoint. The exit waited for a whole pass of
+    retention and gc (on a slow store, minutes: one request per delete and per data
+    folder), past the grace period; now the pass stops at its next step, and the next run
+    resumes it."""
+    from dckpt import catalog
+
+    url = str(tmp_path)
+    state = {"w": torch.zeros(64)}
+    for step in range(6):  # old checkpoints for the retention to delete
+        dckpt.save(state, url, step=step)
+    slow = catalog.delete
+
+    def delete(*args, **kwargs):
+        time.sleep(1.0)  # a store that answers slowly
+        return slow(*args, **kwargs)
+
+    monkeypatch.setattr(catalog, "delete", delete)
+    mgr = dckpt.CheckpointManager(url, save_every_steps=10, async_save=False,
+                                  retention=dckpt.KeepLast(1), handle_signals=True)
+    mgr.restore(state)
+    mgr.maybe_save(10, state)  # its retention starts: 6 deletes, 1 s each
+    time.sleep(0.2)
+    os.kill(os.getpid(), signal.SIGTERM)
+    begin = time.monotonic()
+    with pytest.raises(SystemExit):
+        mgr.maybe_save(11, state)  # the emergency checkpoint, then the exit
+    took = time.monotonic() - begin
+    assert took < 3.0, took  # the delete in progress, not the rest (6 s and more)
+    steps = steps_of(url)
+    assert 11 in steps and 10 in steps and len(steps) > 2  # retention stopped part way
+    monkeypatch.setattr(catalog, "delete", slow)
+    mgr = dckpt.CheckpointManager(url, save_every_steps=1, async_save=False,
+                                  retention=dckpt.KeepLast(1), handle_signals=False)
+    assert mgr.restore(state).step == 11
+    mgr.maybe_save(12, state)
+    mgr.close()  # a clean end waits for its retention
+    assert steps_of(url) == [12]
+
+
 def test_preemption_saves_then_chains_to_the_previous_handler(tmp_path):
     url = str(tmp_path)
     model, opt, sched, _, state = make_train()
