@@ -126,10 +126,10 @@ class Upkeep:
             log.warning("deleting checkpoint %d of %s, which the restore passed over (%s), "
                         "to save that step again", step, self.url, headline(why),
                         extra=event("retention", step=step, reason="passed over on restore"))
-            try:
-                with self._lock:
-                    catalog.delete(self.url, step=step, storage_options=self.storage_options)
-            except CheckpointNotFoundError:
+            try:  # not under the lock: a retention pass holds it for as long as it runs,
+                # while the other ranks wait in the broadcast below; a delete races another
+                catalog.delete(self.url, step=step, storage_options=self.storage_options)
+            except CheckpointNotFoundError:  # gone already (that pass deleted it)
                 pass
             except DckptError as e:
                 error = e
