@@ -295,9 +295,9 @@ def collectives(what: str, *, saving: bool) -> Iterator[None]:
         yield
     except DckptError:
         raise
-    except (RuntimeError, ValueError) as e:  # ValueError: a group no longer registered
-        if not active() and not destroyed():
-            raise
+    except (RuntimeError, ValueError) as e:
+        if not destroyed() and (isinstance(e, ValueError) or not active()):
+            raise  # a ValueError is a group's only once destroyed ("not registered")
         raise peer_failure(e, what=what, saving=saving) from e
 
 
