@@ -9,6 +9,7 @@ import dataclasses
 import io
 import logging
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,7 +89,8 @@ plan reused from save to save (global_plan.PlanCache) is looked through once (8 
 20,000 tensors)."""
 
 
-def exact_tensors(plan: SavePlan, lookup: Any) -> dict[str, torch.Tensor]:
+def exact_tensors(plan: SavePlan, lookup: Callable[[WriteItem], object]
+                  ) -> dict[str, torch.Tensor]:
     """The items of ``plan`` that are whole, small integer or boolean host tensors, by key:
     ``lookup(item)`` gives the tensor (the state dict's, or its staged copy)."""
     seen, candidates = _exact_items[0]  # one tuple: the persist thread's calls read it too

@@ -144,7 +144,8 @@ class Store:
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = check_url(url)
         options = check_options(storage_options) or {}
-        if self.url.split("://", 1)[0] in ("s3", "s3a"):
+        self.s3 = self.url.split("://", 1)[0] in ("s3", "s3a")  # dckpt's bounds for S3
+        if self.s3:
             options = s3_options(options)
         try:
             protocol = _unchained(self.url)
@@ -158,7 +159,7 @@ class Store:
                                 f"{sorted(options)} ({type(e).__name__}: {e})") from e
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
-        if self.url.split("://", 1)[0] in ("s3", "s3a") and hasattr(self.fs, "retries"):
+        if self.s3 and hasattr(self.fs, "retries"):
             self.fs.retries = min(self.fs.retries, S3_RETRIES)
         self._fds: dict[str, int] = {}
         self._fds_lock = threading.Lock()
@@ -448,8 +449,8 @@ class Store:
         aborted (a writer killed mid-upload), as (name, upload id, bytes of its parts so
         far): no listing shows them, and their parts are stored, and billed, until aborted.
         [] on other stores."""
-        call = getattr(self.fs, "call_s3", None)
-        if self.local or call is None or self.url.split("://", 1)[0] not in ("s3", "s3a"):
+        call = getattr(self.fs, "call_s3", None)  # s3fs's own: its client's calls
+        if call is None:
             return []
         bucket, _, key = self.path(folder).partition("/")
         out: list[tuple[str, str, int]] = []
