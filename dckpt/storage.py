@@ -444,29 +444,38 @@ class Store:
         except FileNotFoundError:
             pass
 
-    def incomplete_uploads(self, folder: str) -> list[tuple[str, str, int]]:
+    def incomplete_uploads(self, folder: str) -> list[tuple[str, str]]:
         """(S3) The multipart uploads under ``folder`` that were neither completed nor
-        aborted (a writer killed mid-upload), as (name, upload id, bytes of its parts so
-        far): no listing shows them, and their parts are stored, and billed, until aborted.
-        [] on other stores."""
+        aborted (a writer killed mid-upload, or one still writing), as (name, upload id): no
+        listing shows them, and their parts are stored, and billed, until aborted. [] on
+        other stores."""
         call = getattr(self.fs, "call_s3", None)  # s3fs's own: its client's calls
         if call is None:
             return []
         bucket, _, key = self.path(folder).partition("/")
-        out: list[tuple[str, str, int]] = []
+        out: list[tuple[str, str]] = []
         marker: dict[str, str] = {}
         while True:
             page = call("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/",
                         **marker)
-            for upload in page.get("Uploads", []):
-                name = f"{bucket}/{upload['Key']}"[len(self.root) + 1:]
-                parts = call("list_parts", Bucket=bucket, Key=upload["Key"],
-                             UploadId=upload["UploadId"]).get("Parts", [])
-                out.append((name, upload["UploadId"], sum(int(p["Size"]) for p in parts)))
+            out += [(f"{bucket}/{u['Key']}"[len(self.root) + 1:], u["UploadId"])
+                    for u in page.get("Uploads", [])]
             if not page.get("IsTruncated"):
                 return out
             marker = {"KeyMarker": page["NextKeyMarker"],
                       "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def upload_bytes(self, name: str, upload_id: str) -> int:
+        """(S3) The bytes of the parts an incomplete multipart upload of ``name`` holds."""
+        bucket, _, key = self.path(name).partition("/")
+        total, marker = 0, 0
+        while True:
+            page = self.fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id,
+                                   PartNumberMarker=marker)
+            total += sum(int(p["Size"]) for p in page.get("Parts", []))
+            if not page.get("IsTruncated"):
+                return total
+            marker = int(page["NextPartNumberMarker"])
 
     def abort_upload(self, name: str, upload_id: str) -> None:
         """(S3) Abort an incomplete multipart upload of ``name``: its parts are deleted."""

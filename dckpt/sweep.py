@@ -139,12 +139,12 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         if progress is not None:
             progress(i + 1, len(attempts))
     aborted = []
-    for name, upload_id, size in store.incomplete_uploads(layout.DATA_DIR):
+    for name, upload_id in store.incomplete_uploads(layout.DATA_DIR):
         started = layout.attempt_started_s(name.split("/")[1]) if name.count("/") >= 2 else None
         if started is None or now - started < min_age_s:
             continue  # in flight (an upload completes when its object is written), or not ours
         aborted.append(name)
-        freed += size
+        freed += store.upload_bytes(name, upload_id)  # only for these: a request each
         if not dry_run:
             store.abort_upload(name, upload_id)
     if not dry_run:
