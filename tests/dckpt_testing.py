@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -68,10 +69,16 @@ def arm(kind: str, after_bytes: int = 0, delay_s: float = 0.0, only: str = "") -
     """Arm a fault for this process's faultyfile:// and faultys3:// writes: past
     ``after_bytes`` the write fails ('enospc', 'eio'), the process dies ('kill') or stops
     until a SIGCONT ('stop') or every write blocks ``delay_s`` first ('hang'); 'slow' makes
-    every write sleep ``delay_s`` first and fail nothing. ``only``: just the writes of files
-    whose path holds it."""
+    every write sleep ``delay_s`` first and fail nothing; 'gate' makes every write wait until
+    open_gate(). ``only``: just the writes of files whose path holds it."""
     FAULT.clear()
-    FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s, only=only)
+    FAULT.update(kind=kind, after_bytes=after_bytes, written=0, delay_s=delay_s, only=only,
+                 gate=threading.Event())
+
+
+def open_gate() -> None:
+    """Let the writes an armed 'gate' holds go on."""
+    FAULT["gate"].set()
 
 
 def disarm() -> None:
@@ -88,6 +95,9 @@ class _FaultyFile:
             return self._f.write(data)
         if FAULT and FAULT["kind"] == "slow":
             time.sleep(FAULT["delay_s"])
+            return self._f.write(data)
+        if FAULT and FAULT["kind"] == "gate":
+            FAULT["gate"].wait()
             return self._f.write(data)
         if FAULT and FAULT["written"] + len(data) > FAULT["after_bytes"]:
             room = FAULT["after_bytes"] - FAULT["written"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dckpt
-from dckpt_testing import arm, disarm, leftovers, run_ranks
+from dckpt_testing import arm, disarm, leftovers, open_gate, run_ranks
 
 ROWS, COLS = 4, 1 << 16
 
@@ -181,9 +181,11 @@ def test_ranks_agree_to_skip_when_one_rank_is_still_busy(tmp_path):
 def _destroyed_in_flight(rank, world, url):
     state = {"w": torch.arange(1 << 18, dtype=torch.float32)}
     dckpt.save(state, url, step=1)
-    arm("slow", delay_s=0.2)  # still writing when the group goes
+    state["w"] += 1  # new blocks to write: the save is writing (held) when the group goes
+    arm("gate")
     handle = dckpt.async_save(state, url, step=2)
     torch.distributed.destroy_process_group()  # the usual last line of a training script
+    open_gate()
     try:
         handle.wait(timeout=60)
     except dckpt.DckptError as e:

@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 
 import dckpt
 from dckpt.saver import AsyncSaver
-from dckpt_testing import arm, disarm
+from dckpt_testing import arm, disarm, open_gate
 
 
 def _state(seed: int = 0) -> dict:
@@ -63,11 +63,12 @@ def test_checkpoint_holds_values_at_the_call_when_state_changes_after_return(tmp
     url = f"faultyfile://{tmp_path}/repo"
     state = _state()
     want = _snapshot(state)
-    arm("slow", delay_s=0.05)  # the write surely runs after the changes below
+    arm("gate")  # the write surely runs after the changes below
     try:
         handle = dckpt.async_save(state, url, step=5, metrics={"loss": 0.5})
         assert not handle.done()
         _mutate(state)  # training goes on before the write
+        open_gate()
         info = handle.wait(timeout=60)
     finally:
         disarm()

@@ -309,7 +309,10 @@ def test_deleting_the_base_of_a_save_in_flight_keeps_its_blocks_for_the_grace(tm
     arm("slow", delay_s=0.5)
     try:
         t = _slow_save_in_thread(url, changed, 2, out)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # past the plan, which references step 1's blocks
+        while (not list((tmp_path / "repo" / "data").glob("s2-*/r00000-*.seg"))
+               and time.monotonic() < deadline):
+            time.sleep(0.005)
         dckpt.delete(url, step=1)
         report = dckpt.gc(url, min_age_s=1.5)
         t.join(60)
