@@ -25,9 +25,11 @@ from typing import Any, BinaryIO, TypeVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dckpt import s3
 from dckpt.arguments import check_options, check_url
 from dckpt.direct import DirectFile
 from dckpt.errors import ArgumentError
+from dckpt.mounts import watched_filesystem
 from dckpt.watchdog import STALL_S, call_bounded
 
 __all__ = ["Store"]
@@ -35,57 +37,7 @@ __all__ = ["Store"]
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
-S3_CONFIG = {"connect_timeout": 10, "read_timeout": 30,
-             "retries": {"max_attempts": 2, "mode": "standard"}}
-"""botocore settings an S3 store gets unless ``storage_options["config_kwargs"]`` sets them:
-a request that gets no answer fails after 30 s and is tried twice by botocore, and s3fs
-tries those twice more (``S3_RETRIES``), so one request takes at most about 2 minutes
-(s3fs's own defaults allow 375 s and more: a black-holed save hung past 7 minutes)."""
-S3_RETRIES = 2
-
-
-def s3_options(options: dict) -> dict:
-    """``options`` with dckpt's bounded timeouts and retries where the caller set none."""
-    config = dict(S3_CONFIG)
-    config.update(options.get("config_kwargs") or {})
-    return {**options, "config_kwargs": config}
-
-
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-WATCHED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
-              "beegfs", "9p", "virtiofs", "afs", "panfs", "wekafs", "orangefs")
-"""Filesystems whose metadata calls run under a bound (also every ``fuse*`` one): those
-that can stop answering while the node lives. Elsewhere (ext4, xfs, tmpfs...) the calls run
-in the caller's thread: the hand-off to a worker costs 70 us, and milliseconds when the
-cores are busy."""
-
-
-@functools.lru_cache(maxsize=256)
-def watched_filesystem(path: str) -> bool:
-    """Whether the filesystem mounted at ``path`` (its absolute path, not resolved: resolving
-    would touch the filesystem) is a network or FUSE one; True when the mounts are unknown."""
-    try:
-        with open("/proc/self/mounts") as f:
-            fstype = filesystem_type(os.path.abspath(path), f.read().splitlines())
-    except OSError:
-        return True
-    return fstype.startswith("fuse") or fstype in WATCHED_FS
-
-
-def filesystem_type(path: str, mounts: list[str]) -> str:
-    """The type of the filesystem holding absolute ``path``, from lines of /proc/mounts."""
-    best, fstype = "", ""
-    for line in mounts:
-        parts = line.split()
-        if len(parts) < 3:
-            continue
-        mount = parts[1].replace("\\040", " ")
-        inside = path == mount or path.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
 
 
 def _bounded(method: F) -> F:
@@ -100,24 +52,6 @@ def _bounded(method: F) -> F:
         return call_bounded(lambda: method(self, *args, **kwargs), self.stall_s,
                             f"{self.url}: {method.__name__} {args[0] if args else ''}")
     return wrapper  # type: ignore[return-value]
-
-
-_LOST = frozenset({"ConnectionClosedError", "ServerDisconnectedError", "ClientPayloadError",
-                   "ClientOSError", "IncompleteRead", "ProtocolError"})
-"""Exceptions of the storage libraries for a connection that broke mid-request (botocore,
-aiohttp, urllib3): the request may have arrived."""
-
-
-def _connection_lost(e: BaseException) -> bool:
-    """Whether ``e``, or an exception it came from, says the connection broke mid-request."""
-    seen: BaseException | None = e
-    for _ in range(8):
-        if seen is None:
-            return False
-        if isinstance(seen, ConnectionError) or type(seen).__name__ in _LOST:
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
 
 
 def _unchained(url: str) -> str | None:
@@ -146,7 +80,7 @@ class Store:
         options = check_options(storage_options) or {}
         self.s3 = self.url.split("://", 1)[0] in ("s3", "s3a")  # dckpt's bounds for S3
         if self.s3:
-            options = s3_options(options)
+            options = s3.options_with_bounds(options)
         try:
             protocol = _unchained(self.url)
             if protocol is not None:  # one filesystem: the URL names a path on it
@@ -160,7 +94,7 @@ class Store:
         self.root = root.rstrip("/") or "/"
         self.local = isinstance(self.fs, LocalFileSystem)
         if self.s3 and hasattr(self.fs, "retries"):
-            self.fs.retries = min(self.fs.retries, S3_RETRIES)
+            self.fs.retries = min(self.fs.retries, s3.RETRIES)
         self._fds: dict[str, int] = {}
         self._fds_lock = threading.Lock()
         if not self.local:
@@ -266,7 +200,7 @@ class Store:
                 # save's attempt: another save's are never the same). Not after a timeout:
                 # a storage that stops answering would not answer the read either.
                 exists = isinstance(e, FileExistsError)
-                if not exists and not _connection_lost(e):
+                if not exists and not s3.connection_lost(e):
                     raise
                 held = self._holds(path, data, tries=3 if exists else 1)
                 if held:
@@ -445,43 +379,20 @@ class Store:
             pass
 
     def incomplete_uploads(self, folder: str) -> list[tuple[str, str]]:
-        """(S3) The multipart uploads under ``folder`` that were neither completed nor
-        aborted (a writer killed mid-upload, or one still writing), as (name, upload id): no
-        listing shows them, and their parts are stored, and billed, until aborted. [] on
-        other stores."""
-        call = getattr(self.fs, "call_s3", None)  # s3fs's own: its client's calls
-        if call is None:
+        """(S3) The multipart uploads under ``folder`` never completed nor aborted, as (name,
+        upload id): ``s3.incomplete_uploads``. [] on other stores."""
+        if getattr(self.fs, "call_s3", None) is None:  # s3fs's own: its client's calls
             return []
-        bucket, _, key = self.path(folder).partition("/")
-        out: list[tuple[str, str]] = []
-        marker: dict[str, str] = {}
-        while True:
-            page = call("list_multipart_uploads", Bucket=bucket, Prefix=key.rstrip("/") + "/",
-                        **marker)
-            out += [(f"{bucket}/{u['Key']}"[len(self.root) + 1:], u["UploadId"])
-                    for u in page.get("Uploads", [])]
-            if not page.get("IsTruncated"):
-                return out
-            marker = {"KeyMarker": page["NextKeyMarker"],
-                      "UploadIdMarker": page["NextUploadIdMarker"]}
+        return [(key[len(self.root) + 1:], upload_id)
+                for key, upload_id in s3.incomplete_uploads(self.fs, self.path(folder))]
 
     def upload_bytes(self, name: str, upload_id: str) -> int:
         """(S3) The bytes of the parts an incomplete multipart upload of ``name`` holds."""
-        bucket, _, key = self.path(name).partition("/")
-        total, marker = 0, 0
-        while True:
-            page = self.fs.call_s3("list_parts", Bucket=bucket, Key=key, UploadId=upload_id,
-                                   PartNumberMarker=marker)
-            total += sum(int(p["Size"]) for p in page.get("Parts", []))
-            if not page.get("IsTruncated"):
-                return total
-            marker = int(page["NextPartNumberMarker"])
+        return s3.upload_bytes(self.fs, self.path(name), upload_id)
 
     def abort_upload(self, name: str, upload_id: str) -> None:
         """(S3) Abort an incomplete multipart upload of ``name``: its parts are deleted."""
-        bucket, _, key = self.path(name).partition("/")
-        self.fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id)
-
+        s3.abort_upload(self.fs, self.path(name), upload_id)
 
 
 def _unlink_quietly(path: str) -> None:

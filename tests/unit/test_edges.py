@@ -587,10 +587,10 @@ def black_hole():
 
 
 def test_s3_that_stops_answering_is_an_error_in_bounded_time(black_hole):
-    from dckpt.storage import S3_CONFIG, s3_options
+    from dckpt.s3 import CONFIG, options_with_bounds
 
-    assert s3_options({})["config_kwargs"] == S3_CONFIG  # bounded by default
-    assert s3_options({"config_kwargs": {"read_timeout": 5}})["config_kwargs"]["read_timeout"] == 5
+    assert options_with_bounds({})["config_kwargs"] == CONFIG  # bounded by default
+    assert options_with_bounds({"config_kwargs": {"read_timeout": 5}})["config_kwargs"]["read_timeout"] == 5
     for name, call, error in [
         ("save", lambda: dckpt.save({"w": torch.ones(4)}, "s3://b/r", step=1,
                                     storage_options=black_hole), dckpt.CommitError),

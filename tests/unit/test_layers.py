@@ -19,7 +19,7 @@ LAYERS = [
     {"errors", "layout", "dtypes", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
      "codec", "info", "arguments", "triggers", "retention", "config", "watchdog"},
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
-    {"storage", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
+    {"storage", "s3", "mounts", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
     {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
     # the DCP plug-ins
@@ -45,7 +45,7 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
 }
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
-              "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "direct",
+              "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "s3", "mounts", "direct",
               "repository", "reads", "shm", "verify", "sweep", "status", "health", "diff",
               "catalog"}
 """Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,

@@ -13,7 +13,8 @@ import torch
 
 import dckpt
 from dckpt.reads import Fetcher
-from dckpt.storage import Store, filesystem_type, watched_filesystem
+from dckpt.mounts import filesystem_type, watched_filesystem
+from dckpt.storage import Store
 from dckpt.watchdog import Heartbeat, Stalled, wait_all
 from dckpt_testing import arm, disarm
 
