@@ -53,11 +53,11 @@ from dckpt.repository import (
     require_repository,
 )
 from dckpt.saver import SaveHandle, default_saver, wait_idle
+from dckpt.step_metrics import Metrics
 from dckpt.storage import Store
 from dckpt.torch_internals import load_state_dict
 from dckpt.train_state import loading
 from dckpt.verify import Progress
-from dckpt.writer import Metrics
 
 __all__ = ["save", "async_save", "load", "export"]
 

@@ -33,10 +33,11 @@ from dckpt.metrics import Metrics
 from dckpt.preemption import SignalWatch
 from dckpt.retention import Policy, best
 from dckpt.saver import SaveHandle
+from dckpt.step_metrics import check_metrics, plain_metric
 from dckpt.tiers import MemorySaves
 from dckpt.triggers import Moment, Trigger
 from dckpt.upkeep import RetentionReport, Upkeep
-from dckpt.writer import Writer, check_metrics, plain_metric
+from dckpt.writer import Writer
 
 __all__ = ["CheckpointManager", "RetentionReport"]
 

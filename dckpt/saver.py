@@ -47,9 +47,10 @@ from dckpt.manifest import StoredData
 from dckpt.planner import SafeSavePlanner, StagedPlanner
 from dckpt.segments import SegmentOut, item_nbytes
 from dckpt.staging import CopyEngine, HostArea, fit, wait_device, wait_host
+from dckpt.step_metrics import Metrics
 from dckpt.storage import Store
 from dckpt.watchdog import Heartbeat, call_bounded
-from dckpt.writer import Metrics, Writer
+from dckpt.writer import Writer
 
 __all__ = ["SaveHandle", "AsyncSaver", "default_saver", "lower_priority", "wait_idle"]
 

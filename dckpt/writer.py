@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import logging
 import threading
 import time
@@ -30,13 +29,10 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
-import numpy as np
 import torch
 from torch.distributed.checkpoint.metadata import (
-    BytesStorageMetadata,
     Metadata,
     MetadataIndex,
-    TensorStorageMetadata,
 )
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
@@ -44,38 +40,31 @@ from torch.futures import Future
 
 from dckpt import dedup, discard, dist, layout
 from dckpt.arguments import check_checkpoint_id, check_config, check_step
+from dckpt.commit import Stored, check_references, entries, planner_data, sums
 from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
 from dckpt.direct import DIRECT_ALIGN
 from dckpt.dtypes import dtype_name
-from dckpt.errors import ArgumentError, CheckpointExistsError, CommitError
+from dckpt.errors import ArgumentError, CheckpointExistsError
 from dckpt.gcpause import paused_gc
 from dckpt.info import CheckpointInfo, info_from_manifest
 from dckpt.manifest import (
-    BlockRef,
-    ChunkEntry,
-    Entry,
     Manifest,
     StoredData,
-    TensorEntry,
-    ValueEntry,
     encode,
-    metric_ok,
 )
 from dckpt.planner import SafeSavePlanner
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
 from dckpt.state_checks import refuse
+from dckpt.step_metrics import Metrics, check_metrics
 from dckpt.storage import Store
 from dckpt.values import RawBytes, check_loadable
 from dckpt.watchdog import Heartbeat, wait_all
 
-__all__ = ["Writer", "check_metrics", "plain_metric"]
+__all__ = ["Writer"]
 
 log = logging.getLogger(__name__)
-
-Metrics = dict[str, float | int | str | bool | None]
-
 
 @dataclass(frozen=True)
 class _Assignment:
@@ -84,44 +73,6 @@ class _Assignment:
     attempt: str
     rank: int
     base: tuple[int, str] | None = None  # the (step, attempt) to dedup against
-
-
-@dataclass(frozen=True)
-class _Stored:
-    """One rank's report for one item: where its blocks are (WriteResult.storage_data)."""
-
-    data: StoredData
-    written: int = 0  # stored bytes this save wrote for it (the rest it references)
-    raw_written: int = 0  # what they held before compression
-    encoding: str = "torch"  # a value's: torch.save bytes, or an io.BytesIO's ("bytes")
-
-
-def plain_metric(value: object) -> object:
-    """A metric as the format holds it: a one-element tensor (``loss``, not ``loss.item()``)
-    or a numpy number as the Python number it holds; anything else as it is. A device
-    tensor's value is copied to the host here: call it only where the value is used."""
-    return value.item() if _number_like(value) else value  # type: ignore[attr-defined]
-
-
-def _number_like(value: object) -> bool:
-    return ((isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex())
-            or (isinstance(value, np.generic) and value.dtype.kind in "biuf"))
-
-
-def check_metrics(metrics: object, *, convert: bool = True) -> Metrics:
-    """``metrics`` checked, and with ``convert``, their values made plain (``plain_metric``);
-    without, checked only, a one-element tensor's value left where it is (on its device)."""
-    if metrics is None:
-        return {}
-    if isinstance(metrics, dict):
-        values = {k: plain_metric(v) for k, v in metrics.items()} if convert else metrics
-        if all(isinstance(k, str) and (metric_ok(v, stored=False)
-                                       or (not convert and _number_like(v)))
-               for k, v in values.items()):
-            return dict(values)  # type: ignore[arg-type]  # checked above
-    raise ArgumentError(
-        "metrics must map str to int (64-bit), float, str, bool or None (or a "
-        f"one-element tensor, a numpy number), got {str(metrics)[:200]}")
 
 
 RANK_PHASES = ("rank_plan", "rank_index", "rank_write", "rank_copy", "rank_hash", "rank_lookup",
@@ -233,7 +184,7 @@ class Writer(StorageWriter):
         # items an async save already wrote during its pause (over its staging budget)
         prewritten = planner.prewritten if isinstance(planner, SafeSavePlanner) else {}
         results = [WriteResult(index=i.index, size_in_bytes=prewritten[i.index].nbytes,
-                               storage_data=_Stored(prewritten[i.index], *_sums(
+                               storage_data=Stored(prewritten[i.index], *sums(
                                    prewritten[i.index].blocks)))
                    for i in plan.items if i.index in prewritten]
         items = [i for i in plan.items if i.index not in prewritten]
@@ -295,10 +246,10 @@ class Writer(StorageWriter):
     def _finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         t_finish = time.perf_counter()
         # keyed by (fqn, offsets): a MetadataIndex per lookup costs a torch.Size
-        stored: dict[tuple[str, tuple[int, ...] | None], _Stored] = {
+        stored: dict[tuple[str, tuple[int, ...] | None], Stored] = {
             (r.index.fqn, r.index.offset): r.storage_data
             for rank_results in results for r in rank_results}
-        items = _entries(metadata, stored)
+        items = entries(metadata, stored)
         phase_s = {"plan": self._t["write"] - self._t["start"], "write": t_finish - self._t["write"]}
         manifest = Manifest(
             step=self.step, attempt=self._attempt, created_at=time.time(), world_size=len(results),
@@ -306,9 +257,10 @@ class Writer(StorageWriter):
             bytes_logical=sum(e.nbytes for e in items.values()),
             bytes_written=sum(st.written for st in stored.values()),
             phase_s=phase_s, block_size_bytes=self.config.block_size_bytes,
-            dcp_version=metadata.version, planner_data=_planner_data(metadata.planner_data))
+            dcp_version=metadata.version, planner_data=planner_data(metadata.planner_data))
         ends = manifest.extents()  # one pass over the blocks (10^5 and more)
-        self._check_references(ends)
+        check_references(self.store, ends, step=self.step, attempt=self._attempt,
+                         shared_storage=self.shared_storage)
         self.committed_raw = encode(manifest, segments=sorted(ends))
         self._manifest_sent = True
         try:
@@ -350,37 +302,6 @@ class Writer(StorageWriter):
                            f"{dist.rank()}")
 
     # -- internals ---------------------------------------------------------------------
-
-    def _check_references(self, ends: dict[str, int]) -> None:
-        """(coordinator) Every object the manifest references (``ends``: each one's furthest
-        block end) is there, whole, as the coordinator sees the store: one listing per
-        attempt folder. An earlier attempt's object may be gone (a gc with a grace period
-        shorter than this save took it); this save's own may never have been visible here
-        (a rank that wrote to another folder, or to its node's own disk): a checkpoint no
-        load could read is not committed."""
-        mine = f"{layout.DATA_DIR}/{self._attempt}"
-        folders: dict[str, dict[str, int]] = {}
-        for segment, end in ends.items():
-            folder, _, base = segment.rpartition("/")
-            if folder != mine or self.shared_storage:
-                folders.setdefault(folder, {})[base] = end
-        for folder, wanted in folders.items():
-            sizes = self.store.list_sizes(folder)
-            bad = sorted(b for b, end in wanted.items() if sizes.get(b, -1) < end)
-            if not bad:
-                continue
-            if folder == mine:
-                raise CommitError(
-                    f"step {self.step}: {len(bad)} objects the ranks wrote are missing or "
-                    f"short in {self.store.url} as the coordinator (rank {dist.rank()}) sees "
-                    f"it ({folder}/{bad[0]}...); every rank must save to the same shared "
-                    "storage and URL (not a node-local path); nothing was committed")
-            raise CommitError(
-                f"step {self.step} references blocks in {len(bad)} objects of {folder} "
-                f"that are missing or short in {self.store.url} (a gc whose min_age_s is "
-                "shorter than this save took them, or a rank wrote them where the "
-                "coordinator cannot see: every rank must save to the same shared storage); "
-                "nothing was committed, save again")
 
     def open_segment(self, name: str, direct: bool, nbytes: int) -> AbstractContextManager[BinaryIO]:
         """A new segment object, of about ``nbytes`` (the memory tier's writer reuses the
@@ -435,7 +356,7 @@ class Writer(StorageWriter):
                     self._history[key] = (size, None if fresh else out.changed)
                 stored = StoredData(len(buf), tuple(blocks))
                 results.append(WriteResult(index=item.index, size_in_bytes=len(buf),
-                                           storage_data=_Stored(stored, out.written - before,
+                                           storage_data=Stored(stored, out.written - before,
                                                                 out.raw_written - raw_before,
                                                                 encoding)))
                 del buf
@@ -462,36 +383,3 @@ def _checked_values(items: list[WriteItem], planner: SavePlanner) -> dict[Metada
     return values
 
 
-def _sums(blocks: tuple[BlockRef, ...]) -> tuple[int, int]:
-    """(stored, raw) bytes of ``blocks``."""
-    return sum(b.length for b in blocks), sum(b.raw_length for b in blocks)
-
-
-def _entries(metadata: Metadata,
-             stored: dict[tuple[str, tuple[int, ...] | None], _Stored]) -> dict[str, Entry]:
-    items: dict[str, Entry] = {}
-    dtypes: dict[torch.dtype, str] = {}
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, BytesStorageMetadata):
-            value = stored[fqn, None]
-            items[fqn] = ValueEntry(value.data, value.encoding)
-        elif isinstance(md, TensorStorageMetadata):
-            chunks = tuple([ChunkEntry(tuple(c.offsets), tuple(c.sizes),
-                                       stored[fqn, c.offsets].data) for c in md.chunks])
-            dtype = md.properties.dtype
-            name = dtypes.get(dtype) or dtypes.setdefault(dtype, dtype_name(dtype))
-            items[fqn] = TensorEntry(name, tuple(md.size), bool(md.properties.requires_grad),
-                                     chunks)
-    return items
-
-
-def _planner_data(data: object) -> dict[str, list[str | int]] | None:
-    """DCP's default planner maps each flat key to its path in the nested state dict."""
-    if not isinstance(data, dict):
-        return None
-    out = {k: list(v) for k, v in data.items() if isinstance(v, (tuple, list))}
-    try:
-        json.dumps(out)
-    except (TypeError, ValueError):
-        return None
-    return out

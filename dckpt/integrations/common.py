@@ -29,9 +29,9 @@ from dckpt.arguments import check_bool, check_config, check_options, check_url, 
 from dckpt.catalog import committed
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, UnsafeValueError
 from dckpt.layout import same_url
+from dckpt.step_metrics import Metrics
 from dckpt.storage import Store
 from dckpt.upkeep import Upkeep
-from dckpt.writer import Metrics
 
 __all__ = ["Pointer", "write_pointer", "read_pointer", "remove_pointer", "pack", "unpack",
            "Saves", "load_pointed", "on_rank0"]

@@ -41,9 +41,9 @@ from dckpt.catalog import committed
 from dckpt.decoder import reusing
 from dckpt.errors import CheckpointNotFoundError, DckptError, IntegrityError, NewerFormatError
 from dckpt.retention import KeepLast
+from dckpt.step_metrics import Metrics
 from dckpt.train_state import RandomStates
 from dckpt.upkeep import DECODED_BYTES, Upkeep
-from dckpt.writer import Metrics
 
 __all__ = ["DckptCheckpointManager"]
 

@@ -17,13 +17,13 @@ DESIGN = PACKAGE.parent / "docs" / "design.md"
 LAYERS = [
     # pure: the format, names, configs and decisions over lists
     {"errors", "layout", "dtypes", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
-     "codec", "info", "arguments", "triggers", "retention", "config", "watchdog"},
+     "codec", "info", "arguments", "triggers", "retention", "config", "watchdog", "step_metrics"},
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "s3", "mounts", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
     {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
     # the DCP plug-ins
-    {"planner", "state_checks", "overlaps", "optim_state", "meta_tensors", "writer", "reader",
+    {"planner", "state_checks", "overlaps", "optim_state", "meta_tensors", "writer", "commit", "reader",
      "read_plan", "replicas"},
     # the save pipeline
     {"handle", "global_plan", "saver"},
