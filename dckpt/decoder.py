@@ -269,13 +269,24 @@ Reference = tuple[str, int, int]
 
 
 def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Reference]]:
-    """What gc needs of a manifest: its step and every block it references, after the
-    checksum over every byte, each reference checked as ``decode`` checks its segment,
-    offset and length, the items' other fields not looked at (as ``summary``: bytes that
-    pass the checksum are the bytes written). ``decode`` builds an object per item and
-    block: 0.6 s of a manifest of 20,000 items, about 3x this. Anything unexpected (a first
-    version's manifest, a field missing, damage) is decoded whole, which says what is
-    wrong; within ``reusing``, so is everything, for the next run to reuse."""
+    """A manifest's step and every block it references (``reference_rows``, as tuples)."""
+    step, found = reference_rows(raw, name=name)
+    if isinstance(found, BlockTable):
+        return step, list(zip(map(found.segments.__getitem__, found.segment), found.offset,
+                              found.length))
+    return step, found
+
+
+def reference_rows(raw: bytes, *,
+                   name: str = "manifest") -> tuple[int, BlockTable | list[Reference]]:
+    """What gc needs of a manifest: its step and every block it references (a version 3
+    manifest's block table, whose columns gc reads in place; an older one's references),
+    after the checksum over every byte, each reference checked as ``decode`` checks its
+    segment, offset and length, the items' other fields not looked at (as ``summary``:
+    bytes that pass the checksum are the bytes written). ``decode`` builds an object per
+    item and block: 0.6 s of a manifest of 20,000 items, about 3x this. Anything unexpected
+    (a first version's manifest, a field missing, damage) is decoded whole, which says what
+    is wrong; within ``reusing``, so is everything, for the next run to reuse."""
     if getattr(_reuse, "state", None) is None:
         try:
             with paused_gc():
@@ -289,7 +300,7 @@ def references(raw: bytes, *, name: str = "manifest") -> tuple[int, list[Referen
     return m.step, list(m.spans())
 
 
-def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:
+def _references(raw: bytes, name: str) -> tuple[int, BlockTable | list[Reference]] | None:
     version = _sealed_version(raw)
     if version is None:
         return None
@@ -297,9 +308,7 @@ def _references(raw: bytes, name: str) -> tuple[int, list[Reference]] | None:
     segments = _segments(doc, name)
     step = check_int(doc["step"], "step")
     if version == 3:
-        table = _table(doc, segments, name)
-        return step, list(zip(map(segments.__getitem__, table.segment), table.offset,
-                              table.length))
+        return step, _table(doc, segments, name)
     count = len(segments)
     out: list[Reference] = []
     add = out.append

@@ -8,7 +8,8 @@ import time
 from collections.abc import Iterable, Iterator
 
 from dckpt import layout
-from dckpt.decoder import Reference, decode, references, summary
+from dckpt.block_table import BlockTable
+from dckpt.decoder import Reference, decode, reference_rows, summary
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError, IntegrityError
 from dckpt.manifest import Manifest, Summary
 from dckpt.storage import Store
@@ -135,12 +136,12 @@ def still_committed(store: Store, step: int) -> bool:
     return store.exists(layout.manifest_name(step))
 
 
-def read_references(store: Store, step: int) -> list[Reference]:
-    """``step``'s block references alone (``decoder.references``, for gc), read and checked
-    as ``read_manifest`` reads and checks its manifest."""
+def read_references(store: Store, step: int) -> BlockTable | list[Reference]:
+    """``step``'s block references alone (``decoder.reference_rows``, for gc), read and
+    checked as ``read_manifest`` reads and checks its manifest."""
     step, raw = read_manifest_bytes(store, step)
     name = f"{store.url}/{layout.manifest_name(step)}"
-    held, refs = references(raw, name=name)
+    held, refs = reference_rows(raw, name=name)
     if held != step:
         raise FormatError(f"{name}: holds step {held}, its name says {step}")
     return refs

@@ -23,8 +23,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from dckpt import layout
-from dckpt.decoder import Reference, references
+from dckpt.block_table import BlockTable
+from dckpt.decoder import Reference, reference_rows
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError
+from dckpt.live_blocks import LiveBlocks
 from dckpt.repository import committed_steps, read_references
 from dckpt.storage import Store
 
@@ -68,20 +70,12 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
     now = time.time() if now_s is None else now_s
     tombstone_age = min_age_s if deleted_min_age_s is None else deleted_min_age_s
     live: list[int] = []
-    referenced: dict[str, int] = {}  # per object, the bytes of its distinct live blocks
-    seen: dict[str, set[int]] = {}  # per object, its live blocks' offsets
+    blocks = LiveBlocks()  # the distinct blocks of all of them (10^6 a checkpoint, most shared)
 
-    def mark(step: int, refs: list[Reference]) -> None:
-        """As each manifest is read: one checkpoint's references are held at a time, the
-        distinct blocks of all of them (10^6 references each, and most shared)."""
+    def mark(step: int, refs: BlockTable | list[Reference]) -> None:
+        """As each manifest is read: one checkpoint's references are held at a time."""
         live.append(step)
-        for segment, offset, length in refs:
-            offsets = seen.get(segment)
-            if offsets is None:
-                offsets = seen[segment] = set()
-            if offset not in offsets:  # a block shared by checkpoints, or within one
-                offsets.add(offset)
-                referenced[segment] = referenced.get(segment, 0) + length
+        blocks.add(refs)
 
     # one deleted since the listing is left out: its record under deleted/, listed next,
     # keeps its blocks live
@@ -103,7 +97,7 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
         if now - parsed[1] < tombstone_age:
             try:
                 raw = store.read_bytes(f"{layout.DELETED_DIR}/{name}")
-                mark(*references(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
+                mark(*reference_rows(raw, name=f"{store.url}/{layout.DELETED_DIR}/{name}"))
             except FileNotFoundError:
                 continue  # expired for another gc (a shorter deleted_min_age_s) meanwhile
             except (DckptError, IsADirectoryError) as e:
@@ -115,6 +109,8 @@ def collect(store: Store, *, dry_run: bool = False, min_age_s: float = DEFAULT_M
                     "hand if no save can be that old") from None
         else:
             expired.append(f"{layout.DELETED_DIR}/{name}")
+    referenced = blocks.bytes_per_object()  # per object, the bytes of its live blocks
+    blocks.clear()
     deleted, young, partly = [], [], []
     freed = 0
     attempts = store.list_names(layout.DATA_DIR)

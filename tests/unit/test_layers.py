@@ -21,7 +21,8 @@ LAYERS = [
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
     {"storage", "s3", "mounts", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
-    {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard"},
+    {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard",
+     "live_blocks"},
     # the DCP plug-ins
     {"planner", "state_checks", "overlaps", "optim_state", "meta_tensors", "writer", "commit", "reader",
      "read_plan", "replicas"},
@@ -46,7 +47,7 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
               "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "s3", "mounts", "direct",
-              "repository", "reads", "shm", "verify", "sweep", "status", "health", "diff",
+              "repository", "reads", "shm", "verify", "sweep", "live_blocks", "status", "health", "diff",
               "catalog"}
 """Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,
 ``verify``, ``delete``, ``gc``, ``status``, ``health`` and ``diff`` run (a test runs them and
