@@ -92,17 +92,22 @@ class Pipeline(Stateful):
         try:
             p = json.loads(state_dict[PROGRESS_KEY])
             p = {"done": list(p["done"]), "results": dict(p["results"]),
-                 "current": p["current"], "step": int(p["step"])}
+                 "current": p["current"], "step": p["step"]}
+            if (not all(isinstance(s, str) for s in p["done"])
+                    or not all(isinstance(r, dict) for r in p["results"].values())
+                    or not isinstance(p["current"], str | None)
+                    or type(p["step"]) is not int or p["step"] < -1):
+                raise ValueError(f"fields of the wrong type or value: {p}")
         except (KeyError, TypeError, ValueError) as e:
             raise StateDictError(f"the checkpoint's pipeline progress is not one a Pipeline "
-                                 f"saved ({type(e).__name__}: {e})") from None
+                                 f"saved ({type(e).__name__}: {str(e)[:300]})") from None
         unknown = [s for s in p["done"] if s not in self.stages]
         if unknown:
             raise ArgumentError(f"the checkpoint's pipeline finished stages {unknown} that this "
                              f"pipeline ({self.stages}) does not have")
         self.done = list(p["done"])
         self.results = dict(p["results"])
-        self.current, self.step = p["current"], int(p["step"])
+        self.current, self.step = p["current"], p["step"]
 
     def __repr__(self) -> str:
         return (f"Pipeline(done={self.done}, current={self.current!r}, step={self.step}, "

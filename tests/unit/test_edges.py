@@ -958,3 +958,12 @@ def test_a_stateful_that_refuses_its_state_is_a_state_dict_error_naming_it(tmp_p
     dckpt.save({"pipeline": {PROGRESS_KEY: "[1]"}}, url, step=2)  # not a Pipeline's progress
     with pytest.raises(dckpt.StateDictError, match="pipeline progress is not one a Pipeline"):
         dckpt.load(progress, url, partial=True)
+    sound = {"done": ["a"], "results": {"a": {"loss": 1.5}}, "current": "b", "step": 3}
+    for step, odd in enumerate([{"step": 1e400}, {"step": True}, {"step": 2.5}, {"step": -2},
+                                {"current": 5}, {"done": [1]}, {"results": {"a": 1}}], 3):
+        dckpt.save({"pipeline": {PROGRESS_KEY: json.dumps({**sound, **odd})}}, url, step=step)
+        with pytest.raises(dckpt.StateDictError, match="not one a Pipeline saved"):
+            dckpt.load(progress, url, step=step, partial=True)
+    dckpt.save({"pipeline": {PROGRESS_KEY: json.dumps(sound)}}, url, step=20)
+    dckpt.load(progress, url, step=20, partial=True)
+    assert progress["pipeline"].progress() == {**sound, "stages": ["a", "b"]}
