@@ -7,6 +7,7 @@ import argparse
 import os
 import secrets
 import shutil
+import tempfile
 
 from dckpt.config import SaveConfig
 from dckpt.errors import ArgumentError
@@ -88,8 +89,12 @@ def out_problem(out: str) -> str | None:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):
         return f"{existing} is a file, not a folder; name a folder for the results"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"cannot write in {existing}; name a folder this user may write to"
+    try:  # a file made and removed: the permission bits do not tell (root, read-only mounts)
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".dckpt-bench-out-"):
+            pass
+    except OSError as e:
+        return (f"cannot write in {existing} ({e.strerror or e}); name a folder this user "
+                "may write to")
     return None
 
 

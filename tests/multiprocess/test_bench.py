@@ -130,6 +130,8 @@ def test_a_workload_of_differential_saves_restores_bit_exact(tmp_path):
     (("--out", "A_FILE"), "is a file, not a folder; name a folder for the results"),
     (("--out", "A_FILE/sub"), "is a file, not a folder; name a folder for the results"),
     (("--out", "RESULTS_A_FOLDER"), "results.jsonl is there and is not a file"),
+    # the permission bits said yes (as root): the run went on, and failed to write at the end
+    (("--out", "/proc/dckpt-bench-out"), "cannot write in /proc"),
 ])
 def test_bad_arguments_are_refused_before_anything_is_written(tmp_path, args, says):
     target = tmp_path / "target"
