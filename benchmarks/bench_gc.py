@@ -6,7 +6,7 @@ repository is synthetic: manifests built in memory and committed, their objects 
 files of the right sizes (gc reads manifests and lists objects; it reads no data).
 
     .venv/bin/python benchmarks/bench_gc.py [--checkpoints 20] [--refs 1000000]
-        [--changed 0.1] [--repeat 2] [--src PATH ...]
+        [--changed 0.1] [--repeat 2] [--src PATH ...] [--keep | --repo PATH]
 
 Each gc runs in a process of its own (its peak RSS is the child's); ``--src`` runs the gc of
 other copies of the package too (``git archive <rev> dckpt | tar -x -C /tmp/base``), in
@@ -30,14 +30,16 @@ ROOT = os.path.dirname(HERE)
 BLOCK = 4096
 
 _CHILD = """
-import json, resource, sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from dckpt import sweep
 from dckpt.storage import Store
 t = time.perf_counter()
 report = sweep.collect(Store(sys.argv[2]), dry_run=True, min_age_s=3600)
-print(json.dumps({"gc_s": time.perf_counter() - t,
-                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+# VmHWM, not ru_maxrss: Linux keeps a process's ru_maxrss across execve, so a child forked
+# from a large parent reports the parent's size
+hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"gc_s": time.perf_counter() - t, "peak_rss_mib": hwm / 1024,
                   "live": len(report.live_checkpoints), "deleted": len(report.deleted),
                   "wasted_bytes": report.wasted_bytes, "src": sys.argv[1]}))
 """
@@ -101,25 +103,31 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--src", nargs="*", default=[], help="other copies of the package to run")
     p.add_argument("--dir", default=None, help="where to build (default: a temp folder)")
+    p.add_argument("--repo", default=None,
+                   help="a repository this script built and kept (--keep): no build")
+    p.add_argument("--keep", action="store_true", help="keep the repository, and say where")
     args = p.parse_args()
-    root = tempfile.mkdtemp(prefix="dckpt-gc-", dir=args.dir)
+    root = tempfile.mkdtemp(prefix="dckpt-gc-", dir=args.dir) if args.repo is None else None
+    repo = args.repo or os.path.join(root, "repo")
     try:
-        t = time.perf_counter()
-        distinct = build(os.path.join(root, "repo"), args.checkpoints, args.refs, args.changed)
         setup = {"checkpoints": args.checkpoints, "refs_per_checkpoint": args.refs,
-                 "changed": args.changed, "distinct_blocks": distinct,
-                 "build_s": time.perf_counter() - t}
-        print(json.dumps({"setup": setup}), flush=True)
+                 "changed": args.changed}
+        if args.repo is None:
+            t = time.perf_counter()
+            setup["distinct_blocks"] = build(repo, args.checkpoints, args.refs, args.changed)
+            setup["build_s"] = time.perf_counter() - t
+        else:
+            setup = {"repo": repo}
+        print(json.dumps({"setup": setup, "kept": repo if args.keep else None}), flush=True)
         for _ in range(args.repeat):
-            print(json.dumps({"read_manifests_s": read_floor(os.path.join(root, "repo"))}),
-                  flush=True)
+            print(json.dumps({"read_manifests_s": read_floor(repo)}), flush=True)
             for src in [ROOT, *args.src]:
-                out = subprocess.run([sys.executable, "-c", _CHILD, src,
-                                      os.path.join(root, "repo")],
+                out = subprocess.run([sys.executable, "-c", _CHILD, src, repo],
                                      check=True, capture_output=True, text=True).stdout
                 print(json.dumps({**setup, **json.loads(out.splitlines()[-1])}), flush=True)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        if root is not None and not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """gc's count of live blocks (dckpt.live_blocks) against the plain one it replaced: the
-bytes of each object's distinct live blocks, whatever the order, sharing and merges."""
+bytes of each object's distinct live blocks, whatever the order and sharing."""
 
 from __future__ import annotations
 
@@ -38,12 +38,11 @@ def _length(segment: str, offset: int) -> int:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(_block, max_size=30), max_size=8), st.integers(1, 40),
-       st.booleans())
-def test_distinct_bytes_per_object_equal_the_plain_count(checkpoints, merge_rows, big_offsets):
+@given(st.lists(st.lists(_block, max_size=30), max_size=8), st.booleans())
+def test_distinct_bytes_per_object_equal_the_plain_count(checkpoints, big_offsets):
     scale = 1 << 58 if big_offsets else 4096  # past 64 bits with the object number: lexsort
     refs = [[(s, o * scale, _length(s, o)) for s, o in ckpt] for ckpt in checkpoints]
-    live = LiveBlocks(merge_rows=merge_rows)
+    live = LiveBlocks()
     for ckpt in refs:
         live.add(ckpt)
     assert live.bytes_per_object() == _plain(refs)
@@ -72,7 +71,7 @@ def test_a_block_table_counts_as_its_references(tmp_path):
     raws = [open(f"{url}/manifests/{s:012d}.json", "rb").read() for s in (1, 2)]
     tables = [reference_rows(raw)[1] for raw in raws]
     assert all(isinstance(t, BlockTable) for t in tables)
-    live = LiveBlocks(merge_rows=1)
+    live = LiveBlocks()
     for t in tables:
         live.add(t)
     as_tuples = [references(raw)[1] for raw in raws]
@@ -103,7 +102,7 @@ def test_gc_of_a_repository_of_shared_blocks_keeps_and_reports_what_is_live(tmp_
 
 @pytest.mark.parametrize("rows", [0, 1, 5])
 def test_an_empty_or_tiny_set(rows):
-    live = LiveBlocks(merge_rows=2)
+    live = LiveBlocks()
     live.add([])
     refs = [("data/a/x.seg", i * 10, 10) for i in range(rows)]
     live.add(refs)
