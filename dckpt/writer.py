@@ -24,8 +24,9 @@ import io
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -216,7 +217,9 @@ class Writer(StorageWriter):
             finally:  # after a failure, writers still running finish on their own
                 pool.shutdown(wait=False, cancel_futures=True)
             t = time.perf_counter()
-            self.store.sync_folder(f"{layout.DATA_DIR}/{assignment.attempt}")
+            folder = f"{layout.DATA_DIR}/{assignment.attempt}"
+            if any(n.startswith(folder + "/") for n in self.created):  # else no folder
+                self.store.sync_folder(folder)
             self.rank_s["rank_sync_folder"] = time.perf_counter() - t
         if self.config.dedup:  # the next save's index, if the coordinator commits this one
             dedup.written(self.store, (self.step, assignment.attempt),
@@ -326,9 +329,15 @@ class Writer(StorageWriter):
                        resolved: dict[MetadataIndex, Any]) -> list[WriteResult]:
         results = []
         direct = self.config.direct_io and self.store.direct_capable
-        self.created.append(name)
-        with self.open_segment(name, direct, sum(item_nbytes(i) for i in items)) as f:
-            out = self.segment_out(f, name, direct)
+        nbytes = sum(item_nbytes(i) for i in items)
+
+        def opened() -> BinaryIO:
+            self.created.append(name)
+            return stack.enter_context(self.open_segment(name, direct, nbytes))
+
+        with ExitStack() as stack:  # closed (made durable) or aborted as the block ends
+            f = _FirstWrite(opened)  # no object for a writer whose every block is known
+            out = self.segment_out(f, name, direct)  # type: ignore[arg-type]
             for item in items:
                 data = (resolved[item.index] if item.index in resolved
                         else planner.resolve_data(item))
@@ -368,6 +377,26 @@ class Writer(StorageWriter):
                 self.rank_s[f"rank_{k}"] = self.rank_s.get(f"rank_{k}", 0.0) + v
             self.rank_s["rank_close"] = self.rank_s.get("rank_close", 0.0) + close_s
         return results
+
+
+class _FirstWrite:
+    """A segment's file, created at its first write: a writer whose every block the
+    repository holds already (a differential save of unchanged or frozen tensors) creates
+    no object, where it made an empty one per writer thread and rank, which gc then
+    deleted (on S3 a request each way)."""
+
+    def __init__(self, create: Callable[[], BinaryIO]) -> None:
+        self._create = create
+        self._f: BinaryIO | None = None
+
+    @property
+    def created(self) -> bool:
+        return self._f is not None
+
+    def write(self, data: Any) -> int:
+        if self._f is None:
+            self._f = self._create()
+        return self._f.write(data)
 
 
 def _checked_values(items: list[WriteItem], planner: SavePlanner) -> dict[MetadataIndex, Any]:

@@ -180,9 +180,8 @@ def test_gc_racing_a_save_deletes_nothing_referenced_and_the_save_commits(tmp_pa
     try:
         t = threading.Thread(target=save)
         t.start()
-        deadline = time.monotonic() + 30
-        while not os.listdir(tmp_path / "repo" / "data") or len(
-                os.listdir(tmp_path / "repo" / "data")) < 3:
+        deadline = time.monotonic() + 30  # a segment, not only its folder (made just before)
+        while not list((tmp_path / "repo" / "data").glob("s3-*/r00000-*.seg")):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         report = dckpt.gc(url)  # while step 3 is being written
@@ -625,3 +624,48 @@ def test_an_index_read_from_a_manifest_holds_the_blocks_of_the_items_asked_for(t
     back = {"a": torch.zeros(4096), "b": torch.zeros(3000), "meta": {"epoch": 0}}
     dckpt.load(back, url, step=2)
     assert torch.equal(back["a"], state["a"]) and torch.equal(back["b"], state["b"])
+
+
+def _data_objects(url: str, options: dict | None, step: int) -> dict[str, int]:
+    from dckpt.storage import Store
+
+    store = Store(url, options)
+    return {f"{a}/{n}": size for a in store.list_names("data") if a.startswith(f"s{step}-")
+            for n, size in store.list_sizes(f"data/{a}").items()}
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_writer_with_nothing_new_creates_no_object(repo, mode, monkeypatch):
+    """A differential save of unchanged (or frozen) tensors made an empty segment per writer
+    thread and rank, which gc then deleted: on S3 a request each way."""
+    import dckpt.writer
+
+    monkeypatch.setattr(dckpt.writer, "segments_for", lambda total, threads: threads)  # not
+    url, options = repo  # one per 64 MiB: four writers for a small state
+    g = torch.Generator().manual_seed(3)
+    state = {f"t{i}": torch.randn(64 << 10, generator=g) for i in range(8)}
+    config = dckpt.SaveConfig(writer_threads=4)
+
+    def save(step: int) -> None:
+        if mode == "sync":
+            dckpt.save(state, url, step=step, storage_options=options, config=config)
+        else:
+            dckpt.async_save(state, url, step=step, storage_options=options,
+                             config=config).wait(timeout=60)
+
+    save(1)
+    assert len(_data_objects(url, options, 1)) == 4
+    save(2)  # nothing changed
+    assert _data_objects(url, options, 2) == {}
+    before = dict(state)
+    state["t5"] = state["t5"] + 1  # one writer has a tensor that changed
+    save(3)
+    made = _data_objects(url, options, 3)
+    assert len(made) == 1 and all(size > 0 for size in made.values()), made
+    for step in (2, 3):
+        out = {k: torch.empty_like(v) for k, v in state.items()}
+        dckpt.load(out, url, step=step, storage_options=options)
+        want = before if step == 2 else state
+        assert all(torch.equal(out[k], want[k]) for k in state)
+    assert dckpt.verify(url, storage_options=options).ok
+    assert dckpt.gc(url, min_age_s=0, storage_options=options).deleted == ()
