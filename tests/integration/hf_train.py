@@ -156,7 +156,7 @@ def main() -> None:
         if not args.fail_pointer:
             raise
         print(f"rank {os.environ.get('RANK')} raised {type(e).__name__}: {e}", flush=True)
-        os._exit(1)
+        os._exit(0)  # not 1: torchrun would stop the other rank before it printed
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, args.out)
         print("DONE", flush=True)

@@ -126,7 +126,7 @@ def main() -> None:
             raise
         print(f"rank {trainer.global_rank} raised {type(e).__name__}: {e}", flush=True)
         sys.stdout.flush()
-        os._exit(1)
+        os._exit(0)  # not 1: torchrun would stop the other rank before it printed
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
