@@ -31,10 +31,7 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import torch
-from torch.distributed.checkpoint.metadata import (
-    Metadata,
-    MetadataIndex,
-)
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
@@ -49,11 +46,7 @@ from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError
 from dckpt.gcpause import paused_gc
 from dckpt.info import CheckpointInfo, info_from_manifest
-from dckpt.manifest import (
-    Manifest,
-    StoredData,
-    encode,
-)
+from dckpt.manifest import Manifest, StoredData, encode
 from dckpt.planner import SafeSavePlanner
 from dckpt.repository import committed_steps, mark_repository
 from dckpt.segments import SegmentOut, balance, byte_planes, item_nbytes, segments_for, tensor_bytes
@@ -66,6 +59,7 @@ from dckpt.watchdog import Heartbeat, wait_all
 __all__ = ["Writer"]
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class _Assignment:
