@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -155,7 +156,8 @@ def main() -> None:
     except Exception as e:
         if not args.fail_pointer:
             raise
-        print(f"rank {os.environ.get('RANK')} raised {type(e).__name__}: {e}", flush=True)
+        sys.stdout.flush()  # then one write, a line of its own: the ranks share the pipe
+        os.write(1, f"\nrank {os.environ.get('RANK')} raised {type(e).__name__}: {e}\n".encode())
         os._exit(0)  # not 1: torchrun would stop the other rank before it printed
     if int(os.environ.get("RANK", "0")) == 0 and args.out:
         torch.save({k: v.detach().clone() for k, v in weights.items()}, args.out)

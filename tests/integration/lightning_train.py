@@ -124,8 +124,8 @@ def main() -> None:
     except Exception as e:
         if not args.fail_pointer:
             raise
-        print(f"rank {trainer.global_rank} raised {type(e).__name__}: {e}", flush=True)
-        sys.stdout.flush()
+        sys.stdout.flush()  # then one write, a line of its own: the ranks share the pipe
+        os.write(1, f"\nrank {trainer.global_rank} raised {type(e).__name__}: {e}\n".encode())
         os._exit(0)  # not 1: torchrun would stop the other rank before it printed
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
