@@ -383,10 +383,6 @@ class _FirstWrite:
         self._create = create
         self._f: BinaryIO | None = None
 
-    @property
-    def created(self) -> bool:
-        return self._f is not None
-
     def write(self, data: Any) -> int:
         if self._f is None:
             self._f = self._create()
