@@ -11,7 +11,9 @@ train state, and calls ``load`` / ``save`` / ``maybe_wait_for_staging`` / ``clos
 dckpt repository whose steps are torchtitan's steps. dckpt adds: async saves from reused
 staging, blocks already stored not written again, every byte verified on load, fallback
 past a checkpoint that fails, each rank's random states, S3 through fsspec URLs, and
-``keep_latest_k`` as ``KeepLast`` retention with garbage collection.
+``keep_latest_k`` as ``KeepLast`` retention with garbage collection. Hugging Face
+safetensors in and out (``initial_load_in_hf``, ``last_save_in_hf``) go through the model's
+``sd_adapter`` and DCP's Hugging Face reader and writer, as torchtitan's own manager does.
 """
 
 from __future__ import annotations
@@ -80,13 +82,19 @@ class DckptCheckpointManager(BaseCheckpointManager):
         ``torchtitan``) to this file after each event, for node_exporter's textfile
         collector; None: no metrics."""
 
+        hf_folder: str | None = None
+        """Where ``last_save_in_hf`` writes the final model as Hugging Face safetensors,
+        in a ``step-N`` folder (as torchtitan's own manager does under ``folder``); None:
+        the repository's path with ``-hf`` appended. A local path."""
+
         def __post_init__(self) -> None:
             BaseCheckpointManager.Config.__post_init__(self)
-            if self.initial_load_in_hf or self.last_save_in_hf:
-                raise ValueError(
-                    "DckptCheckpointManager does not read or write Hugging Face safetensors: "
-                    "set initial_load_in_hf and last_save_in_hf to False; `dckpt export URL "
-                    "--step N --to model.safetensors --format safetensors` writes one")
+            for where in (self.hf_folder, self.url):
+                if self.last_save_in_hf and where and filesystem.is_remote(where):
+                    raise ValueError(
+                        f"last_save_in_hf writes local files; {where} is remote: set "
+                        "hf_folder to a local path (or `dckpt export URL --step N --to "
+                        "model.safetensors --format safetensors` afterwards)")
 
     def __init__(self, config: Config, *, dataloader: Any, model_parts: list[nn.Module],
                  optimizers: Any, lr_schedulers: Any, states: dict[str, Any],
@@ -101,6 +109,11 @@ class DckptCheckpointManager(BaseCheckpointManager):
         self.states.update({MODEL: ModelWrapper(model_parts), OPTIMIZER: optimizers,
                             DATALOADER: dataloader, LR_SCHEDULER: lr_schedulers})
         self.export_dtype = TORCH_DTYPE_MAP[config.export_dtype]
+        if (config.initial_load_in_hf or config.last_save_in_hf) and sd_adapter is None:
+            raise ValueError("checkpoint.initial_load_in_hf and last_save_in_hf need the "
+                             "model's state dict adapter (sd_adapter): this model has none")
+        self.sd_adapter = sd_adapter
+        self.hf_folder = config.hf_folder or self.url.rstrip("/") + "-hf"
         self._handle: dckpt.SaveHandle | None = None
         self._started = 0.0
         self.metrics = (dckpt.Metrics("torchtitan", textfile=config.metrics_textfile)
@@ -147,8 +160,11 @@ class DckptCheckpointManager(BaseCheckpointManager):
         self._started = time.time()
         if last_step and self.config.last_save_model_only:
             # the final weights, in the export dtype; nothing to resume from
-            self._committed(dckpt.save(self._model_only(), self.url, step=curr_step,
-                                       metrics=metrics, storage_options=so))
+            model = self._model_only()
+            self._committed(dckpt.save(model, self.url, step=curr_step, metrics=metrics,
+                                       storage_options=so))
+            if self.config.last_save_in_hf:
+                self._save_hf(model, curr_step)
         elif self.config.async_save and not last_step:
             self._handle = dckpt.async_save(self._flattened(self.states), self.url,
                                             step=curr_step, metrics=metrics, storage_options=so)
@@ -162,6 +178,28 @@ class DckptCheckpointManager(BaseCheckpointManager):
         if self.metrics is not None:
             self.metrics.observe_pause(held)
         return True
+
+    def _save_hf(self, model: dict[str, Any], step: int) -> None:
+        """(all ranks) The final model as Hugging Face safetensors in ``hf_folder/step-N``,
+        through the adapter and DCP's writer, as torchtitan's own manager writes it (one
+        file, or the files the adapter's index names, consolidated on every rank)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import HuggingFaceStorageWriter
+        from torch.distributed.checkpoint._consolidate_hf_safetensors import (
+            consolidate_safetensors_files_on_every_rank,
+        )
+
+        path = filesystem.join(self.hf_folder, f"step-{step}")
+        mapping = self.sd_adapter.fqn_to_index_mapping
+        dcp.save(self.sd_adapter.to_hf(model), storage_writer=HuggingFaceStorageWriter(
+            path=filesystem.join(path, "sharded") if mapping else path, save_distributed=True,
+            fqn_to_index_mapping=mapping, enable_consolidation=not mapping))
+        if mapping:
+            consolidate_safetensors_files_on_every_rank(
+                input_dir=filesystem.join(path, "sharded"), output_dir=path,
+                fqn_to_index_mapping=mapping, num_threads=5)
+        log.info("rank %d: the final model of step %d in Hugging Face safetensors: %s",
+                 dist.rank(), step, path)
 
     def _committed(self, info: dckpt.CheckpointInfo | None) -> None:
         """(after a commit) Metrics; keep_latest_k and garbage collection, in the background
@@ -290,19 +328,35 @@ class DckptCheckpointManager(BaseCheckpointManager):
             raise error
 
     def _initial_load(self) -> bool:
-        path = self.config.initial_load_path
+        """An empty repository: the initial load path's checkpoint (torchtitan's own DCP
+        folder, or with ``initial_load_in_hf`` Hugging Face safetensors, by default from
+        the adapter's ``hf_assets_path``), else a fresh start (False)."""
+        from_hf = self.config.initial_load_in_hf
+        path = self.config.initial_load_path or (self.sd_adapter.hf_assets_path if from_hf
+                                                 else None)
         if not path:
             log.info("no checkpoint in %s: a fresh start", self.url)
             return False
         import torch.distributed.checkpoint as dcp
 
-        model_only = self.config.initial_load_model_only
+        if not filesystem.isdir(path):
+            raise ValueError(f"the initial load path {path} is not a folder"
+                             + ("" if self.config.initial_load_path else
+                                " (the model's hf_assets_path; or set initial_load_path)"))
+        model_only = self.config.initial_load_model_only  # initial_load_in_hf requires it
         states = (self.states[MODEL].state_dict() if model_only
                   else self._flattened(self.states))
         states.pop(RNG, None)
-        dcp.load(states, checkpoint_id=path)
+        if from_hf:
+            hf = self.sd_adapter.to_hf(states)
+            dcp.load(hf, storage_reader=self.sd_adapter.get_hf_storage_reader(
+                path, self.config.initial_load_in_hf_quantized))
+            states = self.sd_adapter.from_hf(hf)
+        else:
+            dcp.load(states, checkpoint_id=path)
         if model_only:
             self.states[MODEL].load_state_dict(states)
-        log.info("rank %d: loaded the initial checkpoint %s", dist.rank(), path)
+        log.info("rank %d: loaded the initial checkpoint %s%s", dist.rank(), path,
+                 " (Hugging Face safetensors)" if from_hf else "")
         return True
 

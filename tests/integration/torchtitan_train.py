@@ -4,10 +4,13 @@ ParallelAwareDataloader and checkpoint manager contract, driven as ``Trainer.tra
 them (torchtitan's Trainer itself needs a GPU).
 
     torchrun --nproc-per-node 2 torchtitan_train.py --dir D --manager dckpt|own \
-        [--kill-at-step N] [--steps 20] --out final.pt
+        [--kill-at-step N] [--steps 20] [--hf-assets A [--initial-hf] [--final-hf]] \
+        --out final.pt
 
 ``--manager own``: torchtitan's DCP CheckpointManager. ``--kill-at-step N``: rank 1
-SIGKILLs itself when step N begins.
+SIGKILLs itself when step N begins. ``--hf-assets``: a state dict adapter (Hugging Face
+names for the model's keys) whose assets folder ``--initial-hf`` loads from and whose index
+file, if any, ``--final-hf`` writes by.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from torchtitan.components.checkpointer.dcp import CheckpointManager
 from torchtitan.components.dataloader import ParallelAwareDataloader
 from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
+from torchtitan.protocols.state_dict_adapter import StateDictAdapter
 
 from dckpt.integrations.torchtitan import DckptCheckpointManager
 
@@ -58,6 +62,17 @@ class Progress(Stateful):
         self.step = int(state_dict["step"])
 
 
+class Adapter(StateDictAdapter):
+    """The test model's keys under Hugging Face names, as a model's state dict adapter
+    gives them (torchtitan's base class: its index file, its DCP reader)."""
+
+    def to_hf(self, state_dict: dict) -> dict:
+        return {f"model.layers.{k}": v for k, v in state_dict.items()}
+
+    def from_hf(self, hf_state_dict: dict) -> dict:
+        return {k.removeprefix("model.layers."): v for k, v in hf_state_dict.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--dir", required=True)
@@ -65,6 +80,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--kill-at-step", type=int, default=None)
     p.add_argument("--out", default=None)
+    p.add_argument("--hf-assets", default=None, help="the adapter's hf_assets_path")
+    p.add_argument("--initial-hf", action="store_true", help="initial_load_in_hf")
+    p.add_argument("--final-hf", action="store_true", help="last_save_in_hf, in bfloat16")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -88,13 +106,16 @@ def main() -> None:
                                      batch_size=4)
     progress = Progress()
     manager = DckptCheckpointManager if args.manager == "dckpt" else CheckpointManager
+    hf = dict(initial_load_in_hf=args.initial_hf, last_save_in_hf=args.final_hf,
+              export_dtype="bfloat16" if args.final_hf else "float32")
     checkpointer = manager.Config(enable=True, folder="checkpoint", interval=4,
-                                  keep_latest_k=2).build(
+                                  keep_latest_k=2, **hf).build(
         dataloader=loader, model_parts=[model], optimizers=optimizers,
-        lr_schedulers=schedulers, states={"train_state": progress}, sd_adapter=None,
+        lr_schedulers=schedulers, states={"train_state": progress},
+        sd_adapter=Adapter(None, args.hf_assets) if args.hf_assets else None,
         base_folder=args.dir)
-    checkpointer.load(step=-1)  # as Trainer.train does
-    print(f"rank {rank}: starting at step {progress.step + 1}", flush=True)
+    loaded = checkpointer.load(step=-1)  # as Trainer.train does
+    print(f"rank {rank}: starting at step {progress.step + 1}, loaded: {loaded}", flush=True)
     batches = iter(loader)
     while progress.step < args.steps:
         progress.step += 1
