@@ -95,7 +95,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if i.quarantined:
             print(f"{i.step:>10}  QUARANTINED: {i.quarantined}")
             continue
-        metrics = " ".join(f"{k}={v}" for k, v in i.metrics.items())
+        metrics = _metrics_text(i.metrics)
         print(f"{i.step:>10}  {_when(i.created_at):<23}  {i.world_size:>5}  "
               f"{_size(i.bytes_logical):>10}  {_size(i.bytes_written):>10}  {metrics}")
     if not infos:
@@ -113,7 +113,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{_size(m.bytes_written)}  segments {len(m.segments())}  "
           f"block size {_size(m.block_size_bytes)}")
     if m.metrics:
-        print("metrics " + " ".join(f"{k}={v}" for k, v in m.metrics.items()))
+        print("metrics " + _metrics_text(m.metrics))
     print(f"{'item':<48} {'kind':<6} {'dtype':<9} {'shape':<18} {'shards':>6} {'bytes':>10}")
     for fqn, e in m.items.items():
         if isinstance(e, dckpt.TensorEntry):
@@ -122,6 +122,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         else:
             print(f"{fqn:<48} value  {'':<9} {'':<18} {'':>6} {_size(e.nbytes):>10}")
     return 0
+
+
+def _metrics_text(metrics: dict) -> str:
+    """``name=value`` pairs; floats to 6 significant digits (--json has them whole)."""
+    return " ".join(f"{k}={float(f'{v:.6g}')}" if isinstance(v, float) else f"{k}={v}"
+                    for k, v in metrics.items())
 
 
 def _metrics(args: argparse.Namespace) -> dckpt.Metrics | None:

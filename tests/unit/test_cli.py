@@ -35,14 +35,17 @@ def _dckpt_process(*args: str) -> subprocess.CompletedProcess:
 def test_ls_inspect_verify(tmp_path):
     url = str(tmp_path)
     dckpt.save({"w": torch.ones(256, 4), "opt": {"lr": 0.5}}, url, step=5, metrics={"loss": 2.0})
-    dckpt.save({"w": torch.zeros(256, 4), "opt": {"lr": 0.25}}, url, step=9, metrics={"loss": 1.0})
+    dckpt.save({"w": torch.zeros(256, 4), "opt": {"lr": 0.25}}, url, step=9,
+               metrics={"loss": 1.0, "ppl": 1 / 3, "tokens": 12345678901})
 
     ls = _dckpt("ls", url)
     assert ls.returncode == 0
     lines = ls.stdout.splitlines()
-    assert lines[1].split()[0] == "5" and lines[2].split()[0] == "9" and "loss=1.0" in lines[2]
+    assert lines[1].split()[0] == "5" and lines[2].split()[0] == "9"
+    assert lines[2].split()[-3:] == ["loss=1.0", "ppl=0.333333", "tokens=12345678901"]
     listed = json.loads(_dckpt("ls", url, "--json").stdout)
     assert [i["step"] for i in listed] == [5, 9]
+    assert listed[1]["metrics"] == {"loss": 1.0, "ppl": 1 / 3, "tokens": 12345678901}
     value = io.BytesIO()
     torch.save(0.5, value)
     assert listed[0]["bytes_logical"] == 256 * 4 * 4 + len(value.getvalue())
