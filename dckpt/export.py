@@ -3,6 +3,7 @@ one torch.save file or one safetensors file. Every byte is verified on the way."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -17,7 +18,13 @@ import torch
 from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
-from dckpt.errors import ArgumentError, CheckpointExistsError, IntegrityError, StateDictError
+from dckpt.errors import (
+    ArgumentError,
+    CheckpointExistsError,
+    IntegrityError,
+    StateDictError,
+    StorageError,
+)
 from dckpt.items import read_item
 from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode
 from dckpt.reads import READ_THREADS, Fetcher
@@ -74,20 +81,28 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
         if progress is not None:
             progress(done[0], total)
 
-    if fmt != "dckpt":
+    if fmt != "dckpt":  # a file, replaced whole
         parent, _, base = to.rstrip("/").rpartition("/")
         if not base:
             raise ArgumentError(f"export destination {to!r} names no file")
         dest = Store(parent or ".", storage_options)
         _check_replaceable(dest, base, to)
-    try:
-        if fmt == "dckpt":
+    else:
+        try:
             return _export_dckpt(store, m, Store(to, storage_options), step)
-        with Fetcher(store, READ_THREADS) as fetcher:
-            flat = {fqn: read_item(fetcher, m, fqn, step) for fqn in m.items}
-    finally:
-        store.close_files()
-    with dest.open_replace(base) as f:
+        finally:
+            store.close_files()
+    with contextlib.ExitStack() as stack:
+        try:  # first: a destination that cannot be written fails before the reads
+            f = stack.enter_context(dest.open_replace(base))
+        except OSError as e:
+            raise StorageError(f"export destination {to} cannot be written ({type(e).__name__}"
+                               f": {e}); nothing was read or written") from e
+        try:
+            with Fetcher(store, READ_THREADS) as fetcher:
+                flat = {fqn: read_item(fetcher, m, fqn, step) for fqn in m.items}
+        finally:
+            store.close_files()
         if fmt == "torch":
             torch.save(unflatten(flat, m.planner_data), f)
         else:

@@ -7,6 +7,7 @@ import base64
 import collections
 import copy
 import json
+import glob
 import os
 import shutil
 import socket
@@ -657,6 +658,22 @@ def test_an_export_replaces_only_a_file(tmp_path, fmt, what):
     os.symlink(tmp_path / "old.pt", link)
     assert dckpt.export(url, str(link), step=1, format=fmt) > 0
     assert not os.path.islink(link) and (tmp_path / "old.pt").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("fmt", ["torch", "safetensors"])
+def test_an_export_to_a_place_that_cannot_be_written_says_so_before_reading(tmp_path, fmt):
+    """The destination is opened first: an export of a large checkpoint read it all, then
+    failed, saying "the storage failed ... earlier checkpoints are intact"."""
+    url = str(tmp_path / "repo")
+    dckpt.save({"w": torch.ones(10)}, url, step=1)
+    for seg in glob.glob(os.path.join(url, "data", "*", "*.seg")):
+        os.remove(seg)  # a read would be an IntegrityError
+    with pytest.raises(dckpt.StorageError, match="export destination /proc/out cannot be "
+                       "written .*nothing was read or written"):
+        dckpt.export(url, "/proc/out", step=1, format=fmt)
+    with pytest.raises(dckpt.IntegrityError, match="missing"):
+        dckpt.export(url, str(tmp_path / "out"), step=1, format=fmt)
+    assert sorted(os.listdir(tmp_path)) == ["repo"]  # no temp file left
 
 
 @pytest.mark.s3
