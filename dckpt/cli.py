@@ -14,6 +14,7 @@ import time
 
 import dckpt
 from dckpt.errors import headline
+from dckpt.repository import open_repository
 
 __all__ = ["main"]
 
@@ -99,8 +100,19 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{i.step:>10}  {_when(i.created_at):<23}  {i.world_size:>5}  "
               f"{_size(i.bytes_logical):>10}  {_size(i.bytes_written):>10}  {metrics}")
     if not infos:
-        print("(no committed checkpoint)")
+        print("(no committed checkpoint" + _no_repository(args) + ")")
     return 0
+
+
+def _no_repository(args: argparse.Namespace) -> str:
+    """Why a listing is empty, where the URL holds no repository at all (a mistyped path)."""
+    try:
+        open_repository(args.url, _options(args.option))
+    except dckpt.CheckpointNotFoundError:
+        return f"; {args.url} holds no dckpt repository: check the path"
+    except dckpt.DckptError:
+        pass
+    return ""
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

@@ -45,6 +45,8 @@ def test_ls_inspect_verify(tmp_path):
     assert lines[2].split()[-3:] == ["loss=1.0", "ppl=0.333333", "tokens=12345678901"]
     listed = json.loads(_dckpt("ls", url, "--json").stdout)
     assert [i["step"] for i in listed] == [5, 9]
+    typo = _dckpt("ls", url + "x")  # an empty repository, as an absent one is, but said
+    assert typo.returncode == 0 and f"{url}x holds no dckpt repository" in typo.stdout
     assert listed[1]["metrics"] == {"loss": 1.0, "ppl": 1 / 3, "tokens": 12345678901}
     value = io.BytesIO()
     torch.save(0.5, value)
