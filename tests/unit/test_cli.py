@@ -79,7 +79,7 @@ def test_errors_say_what_is_wrong(tmp_path):
     missing = _dckpt_process("inspect", str(tmp_path / "nothing"))
     assert missing.returncode == 2 and "holds no dckpt repository" in missing.stderr
     empty = _dckpt("ls", str(tmp_path / "nothing"))  # an absent repository is an empty one
-    assert empty.returncode == 0 and "(no committed checkpoint)" in empty.stdout
+    assert empty.returncode == 0 and "(no committed checkpoint; " in empty.stdout
     usage = _dckpt("verify", str(tmp_path), "--step", "1", "--all")
     assert usage.returncode == 2 and "not allowed with" in usage.stderr
     version = _dckpt("--version")
