@@ -1,18 +1,18 @@
 """The dckpt command: ls, inspect, verify, delete, gc, export, status, health, diff, and
-bench (its own package, ``dckpt.bench``). Calls only public functions."""
+bench (its own package, ``dckpt.bench``). Calls only public functions, and the repository's
+marker check (``ls`` tells an absent repository from an empty one)."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import json
 import math
 import os
 import sys
-import time
 
 import dckpt
+from dckpt.cli_format import Progress, age, metrics_text, print_json, size, when
 from dckpt.errors import headline
 from dckpt.repository import open_repository
 
@@ -33,60 +33,10 @@ def _options(pairs: list[str]) -> dict | None:
     return out or None
 
 
-def _when(ts: float) -> str:
-    try:
-        return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (ValueError, OverflowError, OSError):
-        return f"unix time {ts!r}"
-
-
-def _json_safe(value: object) -> object:
-    """``value`` with every non-finite float as a string: JSON has no NaN or Infinity."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, tuple) and hasattr(value, "_asdict"):  # a named tuple: a BlockRef
-        return _json_safe(value._asdict())
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def _print_json(value: object) -> None:
-    print(json.dumps(_json_safe(value), indent=2, allow_nan=False, default=str))
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-class _Progress:
-    """A progress line on stderr for long work, at most a few updates a second."""
-
-    def __init__(self, label: str, enabled: bool) -> None:
-        self.label, self.enabled, self._last = label, enabled, 0.0
-
-    def __call__(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self._last < 0.25 and done < total):
-            return
-        self._last = now
-        pct = 100.0 * done / total if total else 100.0
-        sys.stderr.write(f"\r{self.label}: {_size(done)} / {_size(total)} ({pct:.0f}%)")
-        if done >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 def cmd_ls(args: argparse.Namespace) -> int:
     infos = dckpt.list_checkpoints(args.url, storage_options=_options(args.option))
     if args.json:
-        _print_json([dataclasses.asdict(i) for i in infos])
+        print_json([dataclasses.asdict(i) for i in infos])
         return 0
     print(f"{'step':>10}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  metrics")
     for i in infos:
@@ -96,9 +46,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         if i.quarantined:
             print(f"{i.step:>10}  QUARANTINED: {i.quarantined}")
             continue
-        metrics = _metrics_text(i.metrics)
-        print(f"{i.step:>10}  {_when(i.created_at):<23}  {i.world_size:>5}  "
-              f"{_size(i.bytes_logical):>10}  {_size(i.bytes_written):>10}  {metrics}")
+        metrics = metrics_text(i.metrics)
+        print(f"{i.step:>10}  {when(i.created_at):<23}  {i.world_size:>5}  "
+              f"{size(i.bytes_logical):>10}  {size(i.bytes_written):>10}  {metrics}")
     if not infos:
         print("(no committed checkpoint" + _no_repository(args) + ")")
     return 0
@@ -118,28 +68,22 @@ def _no_repository(args: argparse.Namespace) -> str:
 def cmd_inspect(args: argparse.Namespace) -> int:
     m = dckpt.inspect(args.url, step=args.step, storage_options=_options(args.option))
     if args.json:
-        _print_json(dataclasses.asdict(m))
+        print_json(dataclasses.asdict(m))
         return 0
-    print(f"step {m.step}  attempt {m.attempt}  created {_when(m.created_at)}")
-    print(f"ranks {m.world_size}  logical {_size(m.bytes_logical)}  written "
-          f"{_size(m.bytes_written)}  segments {len(m.segments())}  "
-          f"block size {_size(m.block_size_bytes)}")
+    print(f"step {m.step}  attempt {m.attempt}  created {when(m.created_at)}")
+    print(f"ranks {m.world_size}  logical {size(m.bytes_logical)}  written "
+          f"{size(m.bytes_written)}  segments {len(m.segments())}  "
+          f"block size {size(m.block_size_bytes)}")
     if m.metrics:
-        print("metrics " + _metrics_text(m.metrics))
+        print("metrics " + metrics_text(m.metrics))
     print(f"{'item':<48} {'kind':<6} {'dtype':<9} {'shape':<18} {'shards':>6} {'bytes':>10}")
     for fqn, e in m.items.items():
         if isinstance(e, dckpt.TensorEntry):
             print(f"{fqn:<48} tensor {e.dtype:<9} {list(e.size)!s:<18} {len(e.chunks):>6} "
-                  f"{_size(e.nbytes):>10}")
+                  f"{size(e.nbytes):>10}")
         else:
-            print(f"{fqn:<48} value  {'':<9} {'':<18} {'':>6} {_size(e.nbytes):>10}")
+            print(f"{fqn:<48} value  {'':<9} {'':<18} {'':>6} {size(e.nbytes):>10}")
     return 0
-
-
-def _metrics_text(metrics: dict) -> str:
-    """``name=value`` pairs; floats to 6 significant digits (--json has them whole)."""
-    return " ".join(f"{k}={float(f'{v:.6g}')}" if isinstance(v, float) else f"{k}={v}"
-                    for k, v in metrics.items())
 
 
 def _metrics(args: argparse.Namespace) -> dckpt.Metrics | None:
@@ -151,12 +95,12 @@ def _metrics(args: argparse.Namespace) -> dckpt.Metrics | None:
 def cmd_verify(args: argparse.Namespace) -> int:
     report = dckpt.verify(args.url, step=args.step, all_steps=args.all,
                           quarantine=args.quarantine, storage_options=_options(args.option),
-                          progress=_Progress("verifying", not args.json and sys.stderr.isatty()))
+                          progress=Progress("verifying", not args.json and sys.stderr.isatty()))
     metrics = _metrics(args)
     if metrics is not None:
         metrics.observe_verify(report)
     if args.json:
-        _print_json({"ok": report.ok, "steps": list(report.steps),
+        print_json({"ok": report.ok, "steps": list(report.steps),
                           "bytes_checked": report.bytes_checked,
                           "problems": [dataclasses.asdict(p) for p in report.problems]})
     else:
@@ -164,7 +108,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             kind = "" if p.damage else " (the storage failed; the data may be sound)"
             print(f"PROBLEM step {p.step}{kind}: {p.message}")
         state = "clean" if report.ok else f"{len(report.problems)} problem(s) found"
-        print(f"verified steps {list(report.steps)}: {_size(report.bytes_checked)} checked, "
+        print(f"verified steps {list(report.steps)}: {size(report.bytes_checked)} checked, "
               f"{state}")
     return 0 if report.ok else 1
 
@@ -172,7 +116,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_delete(args: argparse.Namespace) -> int:
     dckpt.delete(args.url, step=args.step, storage_options=_options(args.option))
     if args.json:
-        _print_json({"deleted": args.step})
+        print_json({"deleted": args.step})
     else:
         print(f"deleted step {args.step}; its data goes at the next gc that finds it unreferenced")
     return 0
@@ -181,40 +125,33 @@ def cmd_delete(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     report = dckpt.gc(args.url, dry_run=args.dry_run, min_age_s=args.min_age,
                       storage_options=_options(args.option),
-                      progress=_Progress("sweeping", not args.json and sys.stderr.isatty()))
+                      progress=Progress("sweeping", not args.json and sys.stderr.isatty()))
     if args.json:
-        _print_json({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes})
+        print_json({**dataclasses.asdict(report), "wasted_bytes": report.wasted_bytes})
         return 0
     verb = "would remove" if report.dry_run else "removed"
     uploads = (f" and {len(report.aborted_uploads)} incomplete uploads"
                if report.aborted_uploads else "")
-    print(f"{verb} {len(report.deleted)} objects{uploads}, {_size(report.bytes_freed)}; "
+    print(f"{verb} {len(report.deleted)} objects{uploads}, {size(report.bytes_freed)}; "
           f"live checkpoints {list(report.live_checkpoints)}")
     if report.kept_young:
         print(f"spared {len(report.kept_young)} unreferenced objects younger than "
               f"{args.min_age:.0f} s (a save may be writing them)")
     if report.partly_referenced:
         print(f"{len(report.partly_referenced)} objects are only partly referenced: "
-              f"{_size(report.wasted_bytes)} in them is no longer needed but kept")
+              f"{size(report.wasted_bytes)} in them is no longer needed but kept")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     n = dckpt.export(args.url, args.to, step=args.step, format=args.format,
                      storage_options=_options(args.option),
-                     progress=_Progress("exporting", not args.json and sys.stderr.isatty()))
+                     progress=Progress("exporting", not args.json and sys.stderr.isatty()))
     if args.json:
-        _print_json({"to": args.to, "format": args.format, "bytes": n})
+        print_json({"to": args.to, "format": args.format, "bytes": n})
     else:
-        print(f"exported to {args.to} ({args.format}, {_size(n)})")
+        print(f"exported to {args.to} ({args.format}, {size(n)})")
     return 0
-
-
-def _age(seconds: float) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
-        if seconds >= n:
-            return f"{seconds / n:.1f} {unit}"
-    return f"{seconds:.0f} s"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -222,7 +159,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                       memory_dir=args.memory_dir)
     healthy = st.newest is not None and not st.problems
     if args.json:
-        _print_json({**dataclasses.asdict(st), "healthy": healthy})
+        print_json({**dataclasses.asdict(st), "healthy": healthy})
         return 0 if healthy else 1
     print(f"repository  {st.url}")
     print(f"checkpoints {st.checkpoints}" + (f", damaged: steps {list(st.damaged)}"
@@ -231,9 +168,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if st.newest is None:
         print("newest      NONE usable: a restart would start from scratch")
     else:
-        print(f"newest      step {st.newest.step}, committed {_when(st.newest.created_at)} "
-              f"({_age(st.newest_age_s or 0.0)} ago), {st.newest.world_size} ranks, "
-              f"{_size(st.newest.bytes_logical)}")
+        print(f"newest      step {st.newest.step}, committed {when(st.newest.created_at)} "
+              f"({age(st.newest_age_s or 0.0)} ago), {st.newest.world_size} ranks, "
+              f"{size(st.newest.bytes_logical)}")
     if st.pipeline is not None:
         p = st.pipeline
         print(f"pipeline    {len(p['done'])} of {len(p['stages'])} stages done")
@@ -247,7 +184,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  pending   {stage}")
     if st.memory is not None:
         folder, nbytes, step = st.memory
-        print(f"memory      {_size(nbytes)} held in {folder} (this node)"
+        print(f"memory      {size(nbytes)} held in {folder} (this node)"
               + (f", newest step {step}" if step is not None else ""))
     for problem in st.problems:
         print(f"problem     {problem}")
@@ -267,7 +204,7 @@ def cmd_health(args: argparse.Namespace) -> int:
         if metrics is not None:
             metrics.observe_unknown()
         if args.json:
-            _print_json({"url": args.url, "code": 3, "status": "UNKNOWN", "reasons": [str(e)]})
+            print_json({"url": args.url, "code": 3, "status": "UNKNOWN", "reasons": [str(e)]})
         else:
             print(f"UNKNOWN: {args.url}: {e}")
         return 3
@@ -275,11 +212,11 @@ def cmd_health(args: argparse.Namespace) -> int:
     if metrics is not None:
         metrics.observe_health(h)
     if args.json:
-        _print_json({**dataclasses.asdict(h), "status": h.status})
+        print_json({**dataclasses.asdict(h), "status": h.status})
         return h.code
     print(f"{h.status}: {h.url}" + (f": {'; '.join(h.reasons)}" if h.reasons else ""))
     if h.newest_step is not None:
-        print(f"newest        step {h.newest_step}, {_age(h.newest_age_s or 0.0)} old "
+        print(f"newest        step {h.newest_step}, {age(h.newest_age_s or 0.0)} old "
               f"({h.checkpoints} checkpoints)")
     print("recoverable   " + (f"step {h.recoverable_step}" if h.recoverable_step is not None
                               else "NONE: a restart would start from scratch"))
@@ -289,22 +226,22 @@ def cmd_health(args: argparse.Namespace) -> int:
         print(f"read          {h.read_bytes_per_s / 1e6:.3g} MB/s measured; restore read "
               f"about {h.estimated_read_s:.2g} s per rank")
     if h.free_bytes is not None:
-        print(f"free storage  {_size(h.free_bytes)}")
+        print(f"free storage  {size(h.free_bytes)}")
     return h.code
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
     d = dckpt.diff(args.url, args.step_a, args.step_b, storage_options=_options(args.option))
     if args.json:
-        _print_json({**dataclasses.asdict(d), "changed_bytes": d.changed_bytes})
+        print_json({**dataclasses.asdict(d), "changed_bytes": d.changed_bytes})
         return 0
     print(f"step {d.step_a} -> step {d.step_b}: {len(d.items)} items differ, {d.same} equal; "
-          f"{_size(d.changed_bytes)} changed; {_size(d.bytes_shared)} of step {d.step_b}'s "
-          f"{_size(d.bytes_b)} stored bytes shared with step {d.step_a}")
+          f"{size(d.changed_bytes)} changed; {size(d.bytes_shared)} of step {d.step_b}'s "
+          f"{size(d.bytes_b)} stored bytes shared with step {d.step_a}")
     if d.items:
         print(f"{'item':<56} {'change':<8} {'size':>10} {'changed':>10}")
         for i in d.items:
-            print(f"{i.fqn:<56} {i.change:<8} {_size(i.nbytes):>10} {_size(i.changed_bytes):>10}")
+            print(f"{i.fqn:<56} {i.change:<8} {size(i.nbytes):>10} {size(i.changed_bytes):>10}")
     return 0
 
 

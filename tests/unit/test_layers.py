@@ -34,7 +34,7 @@ LAYERS = [
     # orchestration
     {"preemption", "upkeep", "tiers", "manager"},
     # the command line, and the launcher-side prefetch
-    {"cli", "__main__", "prefetch"},
+    {"cli", "cli_format", "__main__", "prefetch"},
 ]
 LAYER = {m: i for i, layer in enumerate(LAYERS) for m in layer}
 
@@ -48,7 +48,7 @@ COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
               "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "s3", "mounts", "direct",
               "repository", "reads", "shm", "verify", "sweep", "live_blocks", "status", "health", "diff",
-              "catalog"}
+              "catalog", "cli_format"}
 """Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,
 ``verify``, ``delete``, ``gc``, ``status``, ``health`` and ``diff`` run (a test runs them and
 finds no torch imported)."""
