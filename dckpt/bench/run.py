@@ -231,7 +231,10 @@ def stop_children() -> None:
 
 
 def init_ranks(device: str) -> str:
-    """Join torchrun's ranks, or make a group of one; returns the state's device."""
+    """Join torchrun's ranks, or make a group of one; returns the state's device. ``main``
+    destroys the group it made: a gloo group left to the interpreter's exit sometimes
+    aborted the process there ("terminate called without an active exception"), after a
+    refusal had been printed, with SIGABRT in place of its exit status."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if "RANK" not in os.environ:  # one process: a group of one, as torchrun would set it up
@@ -270,7 +273,16 @@ def main(args: argparse.Namespace, options: dict | None, names: list[str]) -> in
     torch's import, so that a refusal answers at once) gave the ``names`` of the methods."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ArgumentError("--device cuda: no GPU is visible here")
+    made = not dist.is_initialized()
     device = init_ranks(args.device)
+    try:
+        return _run(args, options, names, device)
+    finally:
+        if made and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, options: dict | None, names: list[str], device: str) -> int:
     refuse_what_the_nodes_cannot_hold(args, options, names, device)
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)
