@@ -24,9 +24,9 @@ def leave() -> None:
     os._exit(0)
 
 
-def torchrun(script: str, *args: str, check: bool = True) -> str:
-    """Run ``script`` of this folder on 2 ranks; its output (stdout, then stderr)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+def torchrun(script: str, *args: str, check: bool = True, ranks: int = 2) -> str:
+    """Run ``script`` of this folder on ``ranks`` ranks; its output (stdout, then stderr)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            os.path.join(HERE, script), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)

@@ -243,6 +243,24 @@ def test_fsdp2_from_and_to_hugging_face_safetensors_as_torchtitans_own(tmp_path)
                               "model-00002-of-00002.safetensors"]
 
 
+def test_a_seed_checkpoint_starts_two_fsdp2_ranks_as_torchtitans_own(tmp_path):
+    """torchtitan's create_seed_checkpoint: one process saves step 0 (the model alone,
+    unsharded); a job on 2 FSDP2 ranks starts from it, as from torchtitan's own seed."""
+    for manager in ("own", "dckpt"):
+        folder = str(tmp_path / manager)
+        frameworks.torchrun("torchtitan_train.py", "--dir", folder, "--manager", manager,
+                            "--seed-checkpoint", ranks=1)
+        out = frameworks.torchrun("torchtitan_train.py", "--dir", folder, "--manager", manager,
+                                  "--steps", "6", "--out", str(tmp_path / f"{manager}.pt"))
+        assert "rank 1: starting at step 1, loaded: True" in out
+    frameworks.torchrun("torchtitan_train.py", "--dir", str(tmp_path / "unseeded"), "--steps",
+                        "6", "--out", str(tmp_path / "unseeded.pt"))
+    own, ours, unseeded = (torch.load(tmp_path / f"{m}.pt", weights_only=True)
+                           for m in ("own", "dckpt", "unseeded"))
+    assert equal(own, ours) and not equal(ours, unseeded)
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path / "dckpt" / "checkpoint"))] == [4, 6]
+
+
 def test_hugging_face_formats_without_an_adapter_or_to_a_remote_folder_are_refused(tmp_path):
     with pytest.raises(ValueError, match="sd_adapter"):
         Run(tmp_path, last_save_in_hf=True)

@@ -5,12 +5,13 @@ them (torchtitan's Trainer itself needs a GPU).
 
     torchrun --nproc-per-node 2 torchtitan_train.py --dir D --manager dckpt|own \
         [--kill-at-step N] [--steps 20] [--hf-assets A [--initial-hf] [--final-hf]] \
-        --out final.pt
+        [--seed-checkpoint] --out final.pt
 
 ``--manager own``: torchtitan's DCP CheckpointManager. ``--kill-at-step N``: rank 1
 SIGKILLs itself when step N begins. ``--hf-assets``: a state dict adapter (Hugging Face
 names for the model's keys) whose assets folder ``--initial-hf`` loads from and whose index
-file, if any, ``--final-hf`` writes by.
+file, if any, ``--final-hf`` writes by. ``--seed-checkpoint`` (one rank, as torchtitan
+requires): save step 0 of other initial weights, as torchtitan's ``create_seed_checkpoint``.
 """
 
 from __future__ import annotations
@@ -83,10 +84,12 @@ def main() -> None:
     p.add_argument("--hf-assets", default=None, help="the adapter's hf_assets_path")
     p.add_argument("--initial-hf", action="store_true", help="initial_load_in_hf")
     p.add_argument("--final-hf", action="store_true", help="last_save_in_hf, in bfloat16")
+    p.add_argument("--seed-checkpoint", action="store_true",
+                   help="as torchtitan's create_seed_checkpoint: save step 0 and stop")
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    torch.manual_seed(0)
+    torch.manual_seed(1 if args.seed_checkpoint else 0)  # a seed's weights differ from a start's
     # IMPORTANT: no dropout. Trainer.train makes the data iterator after the load, and
     # making one draws from the global random stream: a resumed run's stream is one draw
     # off an uninterrupted run's, with any manager
@@ -109,11 +112,16 @@ def main() -> None:
     hf = dict(initial_load_in_hf=args.initial_hf, last_save_in_hf=args.final_hf,
               export_dtype="bfloat16" if args.final_hf else "float32")
     checkpointer = manager.Config(enable=True, folder="checkpoint", interval=4,
-                                  keep_latest_k=2, **hf).build(
+                                  keep_latest_k=2,
+                                  create_seed_checkpoint=args.seed_checkpoint, **hf).build(
         dataloader=loader, model_parts=[model], optimizers=optimizers,
         lr_schedulers=schedulers, states={"train_state": progress},
         sd_adapter=Adapter(None, args.hf_assets) if args.hf_assets else None,
         base_folder=args.dir)
+    if args.seed_checkpoint:  # as torchtitan's train.py does
+        checkpointer.save(curr_step=0, last_step=True)
+        checkpointer.close()
+        return
     loaded = checkpointer.load(step=-1)  # as Trainer.train does
     print(f"rank {rank}: starting at step {progress.step + 1}, loaded: {loaded}", flush=True)
     batches = iter(loader)
