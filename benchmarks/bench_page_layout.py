@@ -1,0 +1,198 @@
+"""Where a sync save's writes lose speed against the raw ``O_DIRECT`` limit: the physical
+layout of the memory they come from.
+
+    .venv/bin/python benchmarks/bench_page_layout.py --gib 1 --rounds 7 --out bench-out/page_layout.jsonl
+
+The same bytes (``--gib`` GiB as 64 MiB float32 tensors, 4 writer threads, one file each,
+``O_DIRECT`` then fsync) written in turns each round from:
+
+- ``torch, parallel fill``: tensors as ``torch.randn`` makes them (its threads fault the
+  pages in, interleaved): a state's memory, as dckpt's sync save writes it;
+- ``torch, one-thread fill``: the same values copied by one thread into fresh tensors;
+- ``mmap, one-thread fill``: a page-aligned anonymous mapping per tensor, filled in order
+  (how the benchmarks' raw limit holds its bytes);
+- ``mmap, huge pages``: the same with ``MADV_HUGEPAGE`` before the first touch;
+- ``bounced``: the parallel-fill tensors copied through a reused window per thread
+  (``--window-mib``, filled in order once) and written from there;
+
+and ``dckpt.save`` of the parallel-fill tensors. Each memory kind's physical runs per 64
+MiB (pages whose frame numbers follow each other, from ``/proc/self/pagemap``; root only)
+beside it: a request to the disk holds at most ``max_segments`` runs
+(``/sys/block/<dev>/queue``), so memory in 4 KiB pieces makes more, smaller requests.
+JSON lines (GB/s per round, medians) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from common import emit
+
+TENSOR = 64 << 20
+THREADS = 4
+
+
+def physical_runs(addr: int, nbytes: int) -> int | None:
+    """Runs of physically adjacent pages in ``[addr, addr + nbytes)``; None without root."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    first = addr // page
+    try:
+        with open("/proc/self/pagemap", "rb") as f:
+            f.seek(first * 8)
+            entries = np.frombuffer(f.read((nbytes // page) * 8), dtype=np.uint64)
+    except OSError:
+        return None
+    frames = (entries & np.uint64((1 << 55) - 1)).astype(np.int64)
+    if not frames.any():
+        return None  # frame numbers hidden: not root
+    return int((np.diff(frames) != 1).sum()) + 1
+
+
+def aligned(t: torch.Tensor) -> memoryview:
+    """The tensor's whole pages (``O_DIRECT`` takes page-aligned memory)."""
+    mv = memoryview(t.view(torch.uint8).numpy())
+    head = -t.data_ptr() % 4096
+    return mv[head: head + (len(mv) - head) // 4096 * 4096]
+
+
+def mapped(values: torch.Tensor, huge: bool) -> tuple[mmap.mmap, memoryview]:
+    m = mmap.mmap(-1, TENSOR, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge:
+        m.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(m, dtype=np.uint8)[:] = values.view(torch.uint8).numpy()
+    return m, memoryview(m)
+
+
+def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
+    def one(i: int) -> None:
+        fd = os.open(os.path.join(folder, f"w{i}"),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        try:
+            for buf in per_thread[i]:
+                mv = buf
+                while len(mv):
+                    mv = mv[os.write(fd, mv):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(THREADS) as ex:
+        list(ex.map(one, range(THREADS)))
+    return time.perf_counter() - t0
+
+
+def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor]) -> float:
+    def one(i: int) -> None:
+        fd = os.open(os.path.join(folder, f"b{i}"),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        win = windows[i]
+        wmv = memoryview(win.numpy())
+        try:
+            for t in tensors[i::THREADS]:
+                b = t.view(torch.uint8)
+                for s in range(0, len(b), len(win)):
+                    n = min(len(win), len(b) - s)
+                    win[:n].copy_(b[s:s + n])
+                    mv = wmv[:n]
+                    while len(mv):
+                        mv = mv[os.write(fd, mv):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(THREADS) as ex:
+        list(ex.map(one, range(THREADS)))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--gib", type=float, default=1.0)
+    p.add_argument("--rounds", type=int, default=7)
+    p.add_argument("--window-mib", type=int, default=16)
+    p.add_argument("--dir", default=None, help="where to write (default: a temp folder here)")
+    p.add_argument("--out", default="bench-out/page_layout.jsonl")
+    args = p.parse_args()
+    import dckpt
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    base = tempfile.mkdtemp(prefix="page-layout-", dir=args.dir or os.getcwd())
+    n = max(THREADS, int(args.gib * (1 << 30)) // TENSOR)
+    parallel = [torch.randn(TENSOR // 4) for _ in range(n)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one_thread = [torch.empty_like(t).copy_(t) for t in parallel]
+    torch.set_num_threads(threads)
+    maps = [mapped(t, huge=False) for t in parallel]
+    huge = [mapped(t, huge=True) for t in parallel]
+    windows = [torch.zeros(args.window_mib << 20, dtype=torch.uint8) for _ in range(THREADS)]
+    # a multiple of the page size, page-aligned: O_DIRECT writes take the window's pages
+    windows = [w[-w.data_ptr() % 4096:][: (args.window_mib << 20) - 4096] for w in windows]
+    kinds = {
+        "torch, parallel fill": [aligned(t) for t in parallel],
+        "torch, one-thread fill": [aligned(t) for t in one_thread],
+        "mmap, one-thread fill": [mv for _, mv in maps],
+        "mmap, huge pages": [mv for _, mv in huge],
+    }
+    first_page = {
+        "torch, parallel fill": parallel[0].data_ptr() // 4096 * 4096 + 4096,
+        "torch, one-thread fill": one_thread[0].data_ptr() // 4096 * 4096 + 4096,
+        "mmap, one-thread fill": int(np.frombuffer(maps[0][1], np.uint8).ctypes.data),
+        "mmap, huge pages": int(np.frombuffer(huge[0][1], np.uint8).ctypes.data),
+        "bounced": windows[0].data_ptr(),
+    }
+    runs = {k: physical_runs(a, TENSOR - 8192 if k != "bounced" else windows[0].numel())
+            for k, a in first_page.items()}
+    nbytes = sum(len(v) for v in kinds["torch, parallel fill"])
+    seconds: dict[str, list[float]] = {k: [] for k in [*kinds, "bounced", "dckpt.save"]}
+    state = {f"t{i}": t for i, t in enumerate(parallel)}
+    try:
+        for r in range(args.rounds):  # in turns: the disk's speed drifts
+            for kind, bufs in kinds.items():
+                folder = tempfile.mkdtemp(dir=base)
+                seconds[kind].append(write_all(folder, [bufs[i::THREADS] for i in range(THREADS)]))
+                shutil.rmtree(folder)
+            folder = tempfile.mkdtemp(dir=base)
+            seconds["bounced"].append(bounced_write(folder, parallel, windows))
+            shutil.rmtree(folder)
+            if r:  # the last round's checkpoint gone: this save writes every block
+                dckpt.delete(os.path.join(base, "repo"), step=r - 1)
+                dckpt.gc(os.path.join(base, "repo"), min_age_s=0)
+            t0 = time.perf_counter()
+            info = dckpt.save(state, os.path.join(base, "repo"), step=r)
+            seconds["dckpt.save"].append(time.perf_counter() - t0)
+            assert info.bytes_written >= nbytes, info.bytes_written
+            print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    dev = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(os.stat(args.dir or '.').st_dev)}:0"))
+    queue = {}
+    for name in ("max_segments", "max_sectors_kb"):
+        try:
+            with open(f"/sys/block/{dev}/queue/{name}") as f:
+                queue[name] = int(f.read())
+        except (OSError, ValueError):
+            queue[name] = None
+    for kind, s in seconds.items():
+        emit(args.out, {"kind": kind, "gib": nbytes / (1 << 30), "rounds": args.rounds,
+                        "gbps": [round(nbytes / x / 1e9, 3) for x in s],
+                        "gbps_median": round(nbytes / statistics.median(s) / 1e9, 3),
+                        "physical_runs_per_64mib": runs.get(kind), "window_mib": args.window_mib,
+                        "device": dev, **queue})
+
+
+if __name__ == "__main__":
+    main()
