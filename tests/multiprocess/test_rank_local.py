@@ -140,3 +140,83 @@ def test_a_value_that_differs_under_a_shared_key_is_named_at_every_save(tmp_path
     loaded = [o.value[1] for o in outcomes]
     assert [o["loader"]["pos"] for o in loaded] == [loaded[0]["loader"]["pos"]] * 4  # one kept
     assert [o[f"rank{r}.pos"] for r, o in enumerate(loaded)] == [100, 101, 102, 103]
+
+
+MISMATCHES = ["none", "missing shared", "missing own", "extra key", "dtype", "shape",
+              "tensor for value", "value for tensor", "another rank's key", "nested deeper"]
+
+
+def _mismatch(state: dict, kind: str, rank: int, world: int) -> None:
+    """One rank's load-side state dict, changed as a caller's mistake would change it."""
+    if kind == "missing shared":
+        del state["w"]
+    elif kind == "missing own":
+        del state[f"rank{rank}.x"]
+    elif kind == "extra key":
+        state["never.saved"] = torch.zeros(2)
+    elif kind == "dtype":
+        state["w"] = torch.zeros(6, dtype=torch.float64)
+    elif kind == "shape":
+        state[f"rank{rank}.x"] = torch.zeros(4)
+    elif kind == "tensor for value":
+        state[f"rank{rank}.loader"] = torch.zeros(1)
+    elif kind == "value for tensor":
+        state[f"rank{rank}.x"] = [0.0, 0.0, 0.0]
+    elif kind == "another rank's key":
+        state[f"rank{(rank + 1) % world}.x"] = state.pop(f"rank{rank}.x")
+    elif kind == "nested deeper":
+        state["w"] = {"inner": state["w"]}
+
+
+def _mismatched_loads(rank, world, url, seed, scenarios):
+    """Every rank draws the same scenarios; in each, one rank (or none) loads a state dict
+    changed by one mistake. The outcome per scenario: the values, or the error."""
+    import random
+
+    rng = random.Random(seed)
+    dckpt.save(_state(rank), url, step=1)
+    out = []
+    for _ in range(scenarios):
+        kind, culprit = rng.choice(MISMATCHES), rng.randrange(world)
+        state = _empty(rank)
+        if rank == culprit:
+            _mismatch(state, kind, rank, world)
+        try:
+            dckpt.load(state, url)
+            got = ("ok", state["w"].tolist() if "w" in state else None,
+                   state[f"rank{rank}.x"].tolist(), state[f"rank{rank}.loader"])
+        except dckpt.DckptError as e:
+            got = (type(e).__name__, str(e))
+        except Exception as e:  # anything else is a bug; the assertion names it
+            got = ("NOT A DckptError", f"{type(e).__name__}: {e}")
+        out.append((kind, culprit, got))
+    return out
+
+
+@pytest.mark.parametrize("world, seed", [(2, 1), (3, 2)])
+def test_one_ranks_mistaken_state_dict_is_the_same_error_on_every_rank(tmp_path, world, seed):
+    """A load where one rank's state dict differs from what the checkpoint holds (its own
+    key missing, another rank's key, a dtype, a shape, a value where a tensor was): the
+    same StateDictError on every rank, word for word, naming the key; without the mistake,
+    or with a shared key that another rank asks for left out, every rank's own values."""
+    outcomes = run_ranks(_mismatched_loads, world, str(tmp_path / "repo"), seed, 16,
+                         timeout_s=240)
+    per_rank = [o.value for o in outcomes]
+    seen = set()
+    for i, (kind, culprit, _) in enumerate(per_rank[0]):
+        got = [r[i][2] for r in per_rank]
+        seen.add(kind)
+        assert all(g[0] != "NOT A DckptError" for g in got), (kind, got)
+        if kind in ("none", "missing shared"):  # another rank asks for the shared key
+            assert [g[0] for g in got] == ["ok"] * world, (kind, got)
+            assert [g[2] for g in got] == [[float(r)] * 3 for r in range(world)]
+            assert [g[1] for g in got] == [None if kind != "none" and r == culprit
+                                           else list(range(6)) for r in range(world)]
+            continue
+        kinds = {g[0] for g in got}
+        assert kinds == {"StateDictError"}, (kind, culprit, got)
+        assert len({g[1] for g in got}) == 1, (kind, got)  # word for word
+        key = {"dtype": "w", "nested deeper": "w",
+               "extra key": "never.saved"}.get(kind, f"rank{culprit}.")
+        assert key in got[0][1], (kind, got[0][1])
+    assert len(seen) >= 6, seen  # the draws covered most mistakes
