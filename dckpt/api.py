@@ -76,8 +76,7 @@ def save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics | None 
     first for an async save in flight. ``metrics`` are recorded as the coordinator (rank 0)
     passes them: reduce a metric over the ranks first where each rank computes its own.
     """
-    check_state_dict(state_dict)
-    step = check_step(step)
+    # the saver checks the arguments, on every rank at once
     return default_saver().save(state_dict, url, step=step, metrics=metrics,
                                 storage_options=storage_options, config=config)
 
@@ -95,8 +94,7 @@ def async_save(state_dict: StateDict, url: str, *, step: int, metrics: Metrics |
     in the background never raises here: ``handle.wait()`` raises it, and the next save's
     info lists it.
     """
-    check_state_dict(state_dict)
-    step = check_step(step)
+    # the saver checks the arguments, on every rank at once
     return default_saver().async_save(state_dict, url, step=step, metrics=metrics,
                                       storage_options=storage_options, config=config)
 
@@ -197,10 +195,15 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
               config: LoadConfig | None = None) -> CheckpointInfo:
     """``load``, reading through ``make_reader`` (takes Reader's arguments): the memory
     tier's reader fetches what its node lacks from the nodes that hold it."""
-    check_state_dict(state_dict)
-    step = check_step(step, optional=True)
-    check_bool(partial, "partial")
-    check_config(config, LoadConfig)
+    def check() -> int | None:
+        check_state_dict(state_dict)
+        check_bool(partial, "partial")
+        check_config(config, LoadConfig)
+        return check_step(step, optional=True)
+
+    timeout_s = (config if isinstance(config, LoadConfig) else LoadConfig()).collective_timeout_s
+    # one rank's refusal is every rank's
+    step = dist.agreed(check, "dckpt.load", timeout_s=timeout_s, saving=False)
     with dist.collectives(f"load from {url}", saving=False):
         return _load_with(make_reader, state_dict, url, step=step, partial=partial,
                           storage_options=storage_options, config=config or LoadConfig())

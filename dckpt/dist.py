@@ -7,11 +7,12 @@ import atexit
 import logging
 import os
 import time
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import torch
 import torch.distributed as dist
@@ -30,10 +31,12 @@ from dckpt.errors import (
 )
 
 ProcessGroup = dist.ProcessGroup
+T = TypeVar("T")
+
 
 __all__ = ["active", "rank", "world_size", "local_rank", "local_world_size", "gather",
            "checkpoint_group", "broadcast", "broadcast_tensor", "broadcast_from", "node",
-           "exchange", "any_true", "total", "by_value", "ranks_text", "refuse_differences",
+           "exchange", "any_true", "total", "by_value", "ranks_text", "refuse_differences", "agreed",
            "translate", "raise_interrupt", "peer_failure", "destroyed", "Agreed", "Agreement",
            "calls_between"]
 
@@ -94,7 +97,8 @@ def checkpoint_group(timeout_s: float, purpose: str = "commit") -> dist.ProcessG
     the caller-thread agreements made while a save may be in flight, ``"trigger"`` the
     manager's agreements, ``"memory"`` (and ``"memory-control"``) the memory tier's saves,
     which may run beside a storage save, ``"drain"`` its copies to storage, ``"arguments"``
-    the comparison of the managers' arguments.
+    the comparison of the managers' arguments, ``"calls"`` each call's argument checks
+    (``agreed``).
     """
     if not active():
         return None
@@ -184,6 +188,46 @@ def refuse_differences(mine: dict[str, str], group: dist.ProcessGroup | None, wh
               for name in mine if len({theirs[name] for theirs in everyone}) > 1]
     if differ:
         raise ArgumentError(f"{what}:\n" + "\n".join(differ) + f"\n{fix}")
+
+
+def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool) -> T:
+    """(all ranks) ``check()`` (the argument checks of the call ``what``), whose DckptError
+    on any rank is raised on every rank, word for word, at once; and ranks that made
+    different calls at once are refused alike. A call refused on one rank alone (a wrong
+    argument there) left the others in its first collective, and ranks in different calls
+    (one loads, another saves) met in collectives that do not pair up: both failed as a
+    broken collective after the timeout. The cost: one all-reduce of two integers.
+    ``timeout_s``: the call's collective timeout (its default where the config given is
+    refused); ``saving``: a peer that fails it is a CommitError."""
+    try:
+        result, error = check(), None
+    except DckptError as e:
+        result, error = None, e
+    group = checkpoint_group(timeout_s, purpose="calls") if active() else None
+    if group is None:
+        if error is not None:
+            raise error
+        return cast(T, result)
+    code = zlib.crc32(what.encode()) & 0x3FFFFFFF  # the call's number; a failure: above all
+    with collectives(what, saving=saving):
+        # the largest and (negated) the smallest number: equal where every rank made this
+        # call and passed its checks (two int32s: measured cheaper than three, or int64s)
+        t = torch.tensor([code if error is None else 0x7FFFFFFF, -code], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        if int(t[0]) == -int(t[1]):
+            return cast(T, result)
+        mine = (what, None if error is None else (type(error).__name__, str(error)))
+        everyone = cast(list[tuple[str, tuple[str, str] | None]], gather(mine, group))
+    if len({call for call, _ in everyone}) > 1:
+        raise ArgumentError("the ranks made different dckpt calls at once ("
+                            + by_value([call for call, _ in everyone]) + "); every rank "
+                            "calls the same collective function at the same point")
+    errors = [(r, e) for r, (_, e) in enumerate(everyone) if e is not None]
+    r, (name, text) = errors[0]
+    cls = next((c for c in (ArgumentError, StateDictError, UnsavableStateError,
+                            CheckpointExistsError) if c.__name__ == name), DckptError)
+    others = "" if len(errors) == 1 else f" (and on {ranks_text([e[0] for e in errors[1:]])})"
+    raise cls(f"{what} refused on rank {r}{others}: {text}") from error
 
 
 CHUNK_BYTES = 256 << 20

@@ -77,26 +77,33 @@ class CheckpointManager:
                  on_restore: Callable[[CheckpointInfo], None] | None = None,
                  on_failure: Callable[[int, BaseException], None] | None = None,
                  metrics: Metrics | None = None) -> None:
-        spelled = ManagerConfig.of(
-            save_every_steps=save_every_steps, save_every_seconds=save_every_seconds,
-            save_at_epoch_end=save_at_epoch_end, save_on_improve=save_on_improve,
-            retention=retention, gc=gc, async_save=async_save, handle_signals=handle_signals,
-            exit_on_preemption=exit_on_preemption, storage_options=storage_options,
-            save_config=save_config, load_config=load_config,
-            memory_every_steps=memory_every_steps, memory_dir=memory_dir,
-            memory_replicas=memory_replicas)
-        if config is not None and (spelled != ManagerConfig()
-                                   or not isinstance(config, ManagerConfig)):
-            raise ArgumentError("CheckpointManager: pass a ManagerConfig or its keyword "
-                                f"arguments, not both; got config={config!r}")
-        self.url = check_url(url)
-        self.config = config or spelled
-        for name, fn in (("on_save", on_save), ("on_restore", on_restore),
-                         ("on_failure", on_failure)):
-            if fn is not None and not callable(fn):
-                raise ArgumentError(f"{name} must be a callable or None, got {fn!r}")
-        if metrics is not None and not isinstance(metrics, Metrics):
-            raise ArgumentError(f"metrics must be a dckpt.Metrics or None, got {metrics!r}")
+        def checked() -> tuple[str, ManagerConfig]:
+            spelled = ManagerConfig.of(
+                save_every_steps=save_every_steps, save_every_seconds=save_every_seconds,
+                save_at_epoch_end=save_at_epoch_end, save_on_improve=save_on_improve,
+                retention=retention, gc=gc, async_save=async_save,
+                handle_signals=handle_signals, exit_on_preemption=exit_on_preemption,
+                storage_options=storage_options, save_config=save_config,
+                load_config=load_config, memory_every_steps=memory_every_steps,
+                memory_dir=memory_dir, memory_replicas=memory_replicas)
+            if config is not None and (spelled != ManagerConfig()
+                                       or not isinstance(config, ManagerConfig)):
+                raise ArgumentError("CheckpointManager: pass a ManagerConfig or its keyword "
+                                    f"arguments, not both; got config={config!r}")
+            for name, fn in (("on_save", on_save), ("on_restore", on_restore),
+                             ("on_failure", on_failure)):
+                if fn is not None and not callable(fn):
+                    raise ArgumentError(f"{name} must be a callable or None, got {fn!r}")
+            if metrics is not None and not isinstance(metrics, Metrics):
+                raise ArgumentError(f"metrics must be a dckpt.Metrics or None, got {metrics!r}")
+            return check_url(url), config or spelled
+
+        # one rank's refusal is every rank's, at once
+        timeout_s = (save_config if isinstance(save_config, SaveConfig) else
+                     config.save if isinstance(config, ManagerConfig) else
+                     SaveConfig()).collective_timeout_s
+        self.url, self.config = dist.agreed(checked, "CheckpointManager", timeout_s=timeout_s,
+                                            saving=False)
         self.storage_options = self.config.storage_options
         self.on_save, self.on_restore, self.on_failure = on_save, on_restore, on_failure
         self.metrics = metrics
@@ -159,15 +166,19 @@ class CheckpointManager:
         """(collective) Load the newest checkpoint that loads cleanly (damaged ones skipped,
         all ranks agreeing), the chosen ``step``, or the best by ``best_metric=(name,
         mode)``. None when the repository holds no checkpoint: a fresh start."""
-        check_state_dict(state_dict)
-        step = check_step(step, optional=True)
-        check_bool(partial, "partial")
-        if best_metric is not None and not (isinstance(best_metric, tuple | list)
-                                            and len(best_metric) == 2):
-            raise ArgumentError("restore: best_metric must be a (name, 'min' or 'max') pair, "
-                                f"got {best_metric!r}")
-        if step is not None and best_metric is not None:
-            raise ArgumentError("restore: pass step or best_metric, not both")
+        def checked() -> int | None:
+            check_state_dict(state_dict)
+            check_bool(partial, "partial")
+            if best_metric is not None and not (isinstance(best_metric, tuple | list)
+                                                and len(best_metric) == 2):
+                raise ArgumentError("restore: best_metric must be a (name, 'min' or 'max') "
+                                    f"pair, got {best_metric!r}")
+            if step is not None and best_metric is not None:
+                raise ArgumentError("restore: pass step or best_metric, not both")
+            return check_step(step, optional=True)
+
+        step = dist.agreed(checked, "CheckpointManager.restore",
+                           timeout_s=self.config.load.collective_timeout_s, saving=False)
         if best_metric is not None:
             chosen = self.best(*best_metric)
             if chosen is None:
@@ -290,8 +301,13 @@ class CheckpointManager:
     @public
     def save(self, step: int, state_dict: dict, metrics: dict | None = None) -> Result:
         """(collective) Save now, whatever the triggers say."""
-        step = _check_save_call(step, state_dict, metrics)
-        self._check_open("save", step)  # a save in flight after close() is waited for by none
+        def checked() -> int:
+            checked_step = _check_save_call(step, state_dict, metrics)
+            self._check_open("save", checked_step)  # a save in flight after close() is
+            return checked_step  # waited for by none
+
+        step = dist.agreed(checked, "CheckpointManager.save",
+                           timeout_s=self.config.save.collective_timeout_s, saving=True)
         self._poll()
         return self._save(step, state_dict, metrics, "asked", self._watched(metrics))
 

@@ -148,10 +148,9 @@ class AsyncSaver:
              storage_options: dict | None = None, config: SaveConfig | None = None
              ) -> CheckpointInfo:
         """(collective) Synchronous save; first waits for a save in flight."""
-        check_state_dict(state_dict)
-        config = check_config(config, SaveConfig) or SaveConfig()
-        writer = self.writer(url, step=step, metrics=metrics,
-                             storage_options=storage_options, config=config)
+        writer = self._checked(state_dict, url, step, metrics, storage_options, config,
+                               "save")
+        config = writer.config
         with self._calls:
             self.wait_idle()
             group = dist.checkpoint_group(config.collective_timeout_s, purpose=self.purpose)
@@ -164,12 +163,21 @@ class AsyncSaver:
                    config: SaveConfig | None = None) -> SaveHandle:
         """(collective) Stage ``state_dict`` and return; write and commit in the background."""
         t0 = time.perf_counter()
-        check_state_dict(state_dict)
-        config = check_config(config, SaveConfig) or SaveConfig()
-        writer = self.writer(url, step=step, metrics=metrics,  # checks the arguments first
-                             storage_options=storage_options, config=config)
+        writer = self._checked(state_dict, url, step, metrics, storage_options, config,
+                               "async_save")
         with self._calls:
-            return self._async_save(state_dict, writer, config, t0)
+            return self._async_save(state_dict, writer, writer.config, t0)
+
+    def _checked(self, state_dict: StateDict, url: str, step: int, metrics: Metrics | None,
+                 storage_options: dict | None, config: SaveConfig | None, call: str) -> Writer:
+        """(all ranks) The save's Writer, its arguments checked on every rank: one rank's
+        refusal is every rank's (``dist.agreed``)."""
+        def check() -> Writer:
+            check_state_dict(state_dict)
+            return self.writer(url, step=step, metrics=metrics, storage_options=storage_options,
+                               config=check_config(config, SaveConfig) or SaveConfig())
+        timeout_s = (config if isinstance(config, SaveConfig) else SaveConfig()).collective_timeout_s
+        return dist.agreed(check, f"dckpt.{call}", timeout_s=timeout_s, saving=True)
 
     def _async_save(self, state_dict: StateDict, writer: Writer, config: SaveConfig,
                     t0: float) -> SaveHandle:

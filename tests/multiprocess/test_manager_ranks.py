@@ -278,3 +278,45 @@ def test_a_step_the_restore_passed_over_is_saved_again_by_every_rank_or_failed_a
         else:
             assert out[0][1] == []
             assert dckpt.verify(url, all_steps=True).ok
+
+
+def _one_rank_mistaken(rank, world, url):
+    """Each call with a wrong argument on rank 1 alone: what every rank sees, and when."""
+    state = {"w": torch.arange(4.0)}
+    wrong = rank == 1
+    calls = {
+        "CheckpointManager": lambda: dckpt.CheckpointManager(
+            url, save_every_steps=-2 if wrong else 2),
+        "restore": lambda: mgr.restore(state, step="4" if wrong else None),
+        "save": lambda: mgr.save(2, state, metrics={"loss": [1.0]} if wrong else None),
+        "save after close": lambda: mgr.save(3, state),
+    }
+    mgr = dckpt.CheckpointManager(url, save_every_steps=2, async_save=False)
+    out = {}
+    for name, call in calls.items():
+        if name == "save after close" and wrong:
+            mgr.close()
+        t0 = time.monotonic()
+        try:
+            call()
+            out[name] = ("ok",)
+        except dckpt.DckptError as e:
+            out[name] = (type(e).__name__, str(e), time.monotonic() - t0)
+    mgr.close()
+    return out, [c.step for c in dckpt.list_checkpoints(url)]
+
+
+def test_a_wrong_argument_on_one_rank_is_the_same_error_on_every_rank_at_once(tmp_path):
+    """A manager made, restored or saved with a wrong argument on one rank: the others
+    waited in the call's first collective for its timeout (300 s), to fail as a broken
+    collective; now every rank raises the wrong rank's error at once."""
+    outcomes = [o.value for o in run_ranks(_one_rank_mistaken, 2, str(tmp_path / "ckpt"),
+                                           timeout_s=120)]
+    for name, says in [("CheckpointManager", "save_every_steps"), ("restore", "step must be"),
+                       ("save", "metrics must"), ("save after close", "after close()")]:
+        got = [out[name] for out, _ in outcomes]
+        assert got[0][0] == got[1][0] != "ok", (name, got)
+        assert got[0][1] == got[1][1] and "refused on rank 1: " in got[0][1], (name, got)
+        assert says in got[0][1], (name, got[0][1])
+        assert max(g[2] for g in got) < 30, (name, got)
+    assert all(steps == [] for _, steps in outcomes)  # nothing committed

@@ -3,6 +3,8 @@ loaded back by each rank; unasked keys are judged over every rank's state dict."
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -143,7 +145,10 @@ def test_a_value_that_differs_under_a_shared_key_is_named_at_every_save(tmp_path
 
 
 MISMATCHES = ["none", "missing shared", "missing own", "extra key", "dtype", "shape",
-              "tensor for value", "value for tensor", "another rank's key", "nested deeper"]
+              "tensor for value", "value for tensor", "another rank's key", "nested deeper",
+              "a step that is no int", "a partial that is no bool"]
+ARGUMENT_MISTAKES = {"a step that is no int": {"step": "1"}, "a partial that is no bool":
+                     {"partial": "yes"}}
 
 
 def _mismatch(state: dict, kind: str, rank: int, world: int) -> None:
@@ -178,18 +183,20 @@ def _mismatched_loads(rank, world, url, seed, scenarios):
     out = []
     for _ in range(scenarios):
         kind, culprit = rng.choice(MISMATCHES), rng.randrange(world)
-        state = _empty(rank)
+        state, kwargs = _empty(rank), {}
         if rank == culprit:
             _mismatch(state, kind, rank, world)
+            kwargs = ARGUMENT_MISTAKES.get(kind, {})
+        t0 = time.monotonic()
         try:
-            dckpt.load(state, url)
+            dckpt.load(state, url, **kwargs)
             got = ("ok", state["w"].tolist() if "w" in state else None,
                    state[f"rank{rank}.x"].tolist(), state[f"rank{rank}.loader"])
         except dckpt.DckptError as e:
             got = (type(e).__name__, str(e))
         except Exception as e:  # anything else is a bug; the assertion names it
             got = ("NOT A DckptError", f"{type(e).__name__}: {e}")
-        out.append((kind, culprit, got))
+        out.append((kind, culprit, got, time.monotonic() - t0))
     return out
 
 
@@ -197,15 +204,18 @@ def _mismatched_loads(rank, world, url, seed, scenarios):
 def test_one_ranks_mistaken_state_dict_is_the_same_error_on_every_rank(tmp_path, world, seed):
     """A load where one rank's state dict differs from what the checkpoint holds (its own
     key missing, another rank's key, a dtype, a shape, a value where a tensor was): the
-    same StateDictError on every rank, word for word, naming the key; without the mistake,
-    or with a shared key that another rank asks for left out, every rank's own values."""
+    same StateDictError on every rank, word for word, naming the key; an argument of the
+    wrong type on one rank: the same ArgumentError on every rank, at once; without the
+    mistake, or with a shared key that another rank asks for left out, every rank's own
+    values."""
     outcomes = run_ranks(_mismatched_loads, world, str(tmp_path / "repo"), seed, 16,
                          timeout_s=240)
     per_rank = [o.value for o in outcomes]
     seen = set()
-    for i, (kind, culprit, _) in enumerate(per_rank[0]):
+    for i, (kind, culprit, _, _) in enumerate(per_rank[0]):
         got = [r[i][2] for r in per_rank]
         seen.add(kind)
+        assert max(r[i][3] for r in per_rank) < 60, (kind, [r[i][3] for r in per_rank])
         assert all(g[0] != "NOT A DckptError" for g in got), (kind, got)
         if kind in ("none", "missing shared"):  # another rank asks for the shared key
             assert [g[0] for g in got] == ["ok"] * world, (kind, got)
@@ -214,9 +224,96 @@ def test_one_ranks_mistaken_state_dict_is_the_same_error_on_every_rank(tmp_path,
                                            else list(range(6)) for r in range(world)]
             continue
         kinds = {g[0] for g in got}
-        assert kinds == {"StateDictError"}, (kind, culprit, got)
+        expected = "ArgumentError" if kind in ARGUMENT_MISTAKES else "StateDictError"
+        assert kinds == {expected}, (kind, culprit, got)
         assert len({g[1] for g in got}) == 1, (kind, got)  # word for word
+        if kind in ARGUMENT_MISTAKES:
+            assert f"dckpt.load refused on rank {culprit}: " in got[0][1], got[0][1]
+            continue
         key = {"dtype": "w", "nested deeper": "w",
                "extra key": "never.saved"}.get(kind, f"rank{culprit}.")
         assert key in got[0][1], (kind, got[0][1])
     assert len(seen) >= 6, seen  # the draws covered most mistakes
+
+
+SAVE_MISTAKES = ["none", "shape", "dtype", "tensor for value", "unloadable value",
+                 "another step", "a step that is no int", "metrics that are no mapping",
+                 "a state dict that is no dict", "a config that is no SaveConfig"]
+
+
+def _mistaken_saves(rank, world, url, seed, scenarios, mode):
+    """Every rank draws the same scenarios; in each, one rank saves with one mistake. The
+    outcome per scenario: the step committed, or the error, and what the repository holds."""
+    import os
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for i in range(scenarios):
+        kind, culprit = rng.choice(SAVE_MISTAKES), rng.randrange(world)
+        state, step, metrics, config = _state(rank), 10 + i, {"loss": 1.0}, None
+        if rank == culprit:
+            if kind == "shape":
+                state["w"] = torch.arange(7.0)
+            elif kind == "dtype":
+                state["w"] = torch.arange(6, dtype=torch.float16)
+            elif kind == "tensor for value":
+                state[f"rank{rank}.loader"] = {"pos": torch.ones(1)}
+                state["w"] = [1.0] * 6
+            elif kind == "unloadable value":
+                state[f"rank{rank}.loader"] = {"pos": os.stat_result((0,) * 10)}
+            elif kind == "another step":
+                step = 1000 + i
+            elif kind == "a step that is no int":
+                step = str(step)
+            elif kind == "metrics that are no mapping":
+                metrics = [1.0]
+            elif kind == "a state dict that is no dict":
+                state = list(state.values())
+            elif kind == "a config that is no SaveConfig":
+                config = {"block_size_bytes": 4096}
+        t0 = time.monotonic()
+        try:
+            save = dckpt.async_save if mode == "async" else dckpt.save
+            done = save(state, url, step=step, metrics=metrics, config=config)
+            got = ("ok", (done.wait() if mode == "async" else done).step)
+        except dckpt.DckptError as e:
+            got = (type(e).__name__, str(e))
+        except Exception as e:
+            got = ("NOT A DckptError", f"{type(e).__name__}: {e}")
+        seconds = time.monotonic() - t0
+        torch.distributed.barrier()
+        out.append((kind, culprit, got, [c.step for c in dckpt.list_checkpoints(url)], seconds))
+    return out
+
+
+@pytest.mark.parametrize("world, seed, mode", [(2, 1, "sync"), (3, 2, "async")])
+def test_one_ranks_mistaken_save_is_the_same_error_on_every_rank_and_commits_nothing(
+        tmp_path, world, seed, mode):
+    """A save where one rank's state or arguments differ (a shared tensor's shape or dtype,
+    a value for a tensor, a value a load could not restore, another step, an argument of
+    the wrong type): the same error on every rank, word for word, at once, and no
+    checkpoint; without the mistake, the step commits. (An argument refused on one rank
+    alone left the others in the save's first collective until its timeout, 300 s.)"""
+    url = str(tmp_path / "repo")
+    outcomes = run_ranks(_mistaken_saves, world, url, seed, 12, mode, timeout_s=240)
+    per_rank = [o.value for o in outcomes]
+    committed: list[int] = []
+    for i, (kind, culprit, _, _, _) in enumerate(per_rank[0]):
+        got = [r[i][2] for r in per_rank]
+        assert all(g[0] != "NOT A DckptError" for g in got), (kind, got)
+        # word for word on every rank (each names the step it asked for, where they differ)
+        said = {(g[0], g[1].partition(" failed on ")[2] if kind == "another step" else g[1])
+                for g in got}
+        assert len(said) == 1, (kind, culprit, got)
+        if kind == "none":
+            assert got[0] == ("ok", 10 + i)
+            committed.append(10 + i)
+        else:
+            assert got[0][0] in ("ArgumentError", "StateDictError", "UnsavableStateError"), got
+        assert all(r[i][3] == committed for r in per_rank), (kind, [r[i][3] for r in per_rank])
+        assert max(r[i][4] for r in per_rank) < 60, (kind, [r[i][4] for r in per_rank])
+    assert {k for k, *_ in per_rank[0]} - {"none"}, "the draws made no mistake"
+    data = tmp_path / "repo" / "data"
+    attempts = {p.name.split("-")[0] for p in data.iterdir()} if data.exists() else set()
+    assert attempts <= {f"s{s}" for s in committed}, attempts  # refused saves wrote nothing
