@@ -190,7 +190,8 @@ def refuse_differences(mine: dict[str, str], group: dist.ProcessGroup | None, wh
         raise ArgumentError(f"{what}:\n" + "\n".join(differ) + f"\n{fix}")
 
 
-def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool) -> T:
+def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool,
+           alike: str = "") -> T:
     """(all ranks) ``check()`` (the argument checks of the call ``what``), whose DckptError
     on any rank is raised on every rank, word for word, at once; and ranks that made
     different calls at once are refused alike. A call refused on one rank alone (a wrong
@@ -198,7 +199,8 @@ def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool)
     (one loads, another saves) met in collectives that do not pair up: both failed as a
     broken collective after the timeout. The cost: one all-reduce of two integers.
     ``timeout_s``: the call's collective timeout (its default where the config given is
-    refused); ``saving``: a peer that fails it is a CommitError."""
+    refused); ``saving``: a peer that fails it is a CommitError; ``alike``: arguments the
+    ranks must pass alike, as text (ranks apart made different calls)."""
     try:
         result, error = check(), None
     except DckptError as e:
@@ -208,7 +210,8 @@ def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool)
         if error is not None:
             raise error
         return cast(T, result)
-    code = zlib.crc32(what.encode()) & 0x3FFFFFFF  # the call's number; a failure: above all
+    call = f"{what}({alike})" if alike else what
+    code = zlib.crc32(call.encode()) & 0x3FFFFFFF  # the call's number; a failure: above all
     with collectives(what, saving=saving):
         # the largest and (negated) the smallest number: equal where every rank made this
         # call and passed its checks (two int32s: measured cheaper than three, or int64s)
@@ -216,13 +219,14 @@ def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
         if int(t[0]) == -int(t[1]):
             return cast(T, result)
-        mine = (what, None if error is None else (type(error).__name__, str(error)))
+        mine = (call, None if error is None else (type(error).__name__, str(error)))
         everyone = cast(list[tuple[str, tuple[str, str] | None]], gather(mine, group))
-    if len({call for call, _ in everyone}) > 1:
-        raise ArgumentError("the ranks made different dckpt calls at once ("
-                            + by_value([call for call, _ in everyone]) + "); every rank "
-                            "calls the same collective function at the same point")
     errors = [(r, e) for r, (_, e) in enumerate(everyone) if e is not None]
+    if not errors:
+        raise ArgumentError("the ranks made different dckpt calls at once ("
+                            + by_value([c for c, _ in everyone]) + "); every rank "
+                            "calls the same collective function at the same point, with the "
+                            "same arguments where they must be alike")
     r, (name, text) = errors[0]
     cls = next((c for c in (ArgumentError, StateDictError, UnsavableStateError,
                             CheckpointExistsError) if c.__name__ == name), DckptError)

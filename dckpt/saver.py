@@ -176,8 +176,11 @@ class AsyncSaver:
             check_state_dict(state_dict)
             return self.writer(url, step=step, metrics=metrics, storage_options=storage_options,
                                config=check_config(config, SaveConfig) or SaveConfig())
-        timeout_s = (config if isinstance(config, SaveConfig) else SaveConfig()).collective_timeout_s
-        return dist.agreed(check, f"dckpt.{call}", timeout_s=timeout_s, saving=True)
+        given = config if isinstance(config, SaveConfig) else SaveConfig()
+        # if_busy alike: ranks apart (one skips, another waits) met the wrong collectives
+        alike = f"if_busy={given.if_busy!r}" if call == "async_save" else ""
+        return dist.agreed(check, f"dckpt.{call}", timeout_s=given.collective_timeout_s,
+                           saving=True, alike=alike)
 
     def _async_save(self, state_dict: StateDict, writer: Writer, config: SaveConfig,
                     t0: float) -> SaveHandle:

@@ -178,6 +178,32 @@ def test_ranks_agree_to_skip_when_one_rank_is_still_busy(tmp_path):
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
 
 
+def _busy_policies_apart(rank, world, url):
+    first = dckpt.async_save(_state(1.0), url, step=1)
+    t0 = time.monotonic()
+    try:
+        dckpt.async_save(_state(2.0), url, step=2, config=dckpt.SaveConfig(
+            if_busy="skip" if rank else "wait", collective_timeout_s=30))
+        return "staged", time.monotonic() - t0
+    except dckpt.DckptError as e:
+        return f"{type(e).__name__}: {e}", time.monotonic() - t0
+    finally:
+        first.wait(timeout=60)
+
+
+def test_ranks_with_different_busy_policies_are_refused_alike_at_once(tmp_path):
+    """One rank skips when busy, the other waits: they met the wrong collectives, and
+    failed after the timeout; now the same ArgumentError on both, at once."""
+    said = [o.value for o in run_ranks(_busy_policies_apart, 2, str(tmp_path))]
+    assert said[0][0] == said[1][0] == (
+        "ArgumentError: the ranks made different dckpt calls at once (dckpt.async_save("
+        "if_busy='wait') on rank 0; dckpt.async_save(if_busy='skip') on rank 1); every rank "
+        "calls the same collective function at the same point, with the same arguments "
+        "where they must be alike"), said
+    assert max(s for _, s in said) < 15, said  # not after the 30 s timeout
+    assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1]
+
+
 def _destroyed_in_flight(rank, world, url):
     state = {"w": torch.arange(1 << 18, dtype=torch.float32)}
     dckpt.save(state, url, step=1)

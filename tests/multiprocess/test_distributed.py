@@ -239,7 +239,8 @@ def test_a_rank_that_loads_while_the_other_saves_fails_both_saying_so(tmp_path):
         _save_while_the_other_loads, 2, url)]
     assert save == load == ("ArgumentError: the ranks made different dckpt calls at once "
                             "(dckpt.save on rank 0; dckpt.load on rank 1); every rank calls "
-                            "the same collective function at the same point"), (save, load)
+                            "the same collective function at the same point, with the same "
+                            "arguments where they must be alike"), (save, load)
     assert save_s < 15 and load_s < 15  # at once, not after the 30 s timeout
     assert [i.step for i in dckpt.list_checkpoints(url)] == [1] and leftovers(url) == []
 
