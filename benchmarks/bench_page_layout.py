@@ -32,11 +32,11 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-
 from common import emit
 
 TENSOR = 64 << 20
@@ -74,15 +74,13 @@ def mapped(values: torch.Tensor, huge: bool) -> tuple[mmap.mmap, memoryview]:
     return m, memoryview(m)
 
 
-def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
+def _in_threads(folder: str, write: Callable[[int, int], None]) -> float:
+    """Seconds for ``write(i, fd)`` into a fresh ``O_DIRECT`` file per thread, then fsync."""
     def one(i: int) -> None:
         fd = os.open(os.path.join(folder, f"w{i}"),
                      os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
         try:
-            for buf in per_thread[i]:
-                mv = buf
-                while len(mv):
-                    mv = mv[os.write(fd, mv):]
+            write(i, fd)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -91,31 +89,33 @@ def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
     with ThreadPoolExecutor(THREADS) as ex:
         list(ex.map(one, range(THREADS)))
     return time.perf_counter() - t0
+
+
+def _write(fd: int, mv: memoryview) -> None:
+    while len(mv):
+        mv = mv[os.write(fd, mv):]
+
+
+def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
+    def write(i: int, fd: int) -> None:
+        for buf in per_thread[i]:
+            _write(fd, buf)
+
+    return _in_threads(folder, write)
 
 
 def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor]) -> float:
-    def one(i: int) -> None:
-        fd = os.open(os.path.join(folder, f"b{i}"),
-                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    def write(i: int, fd: int) -> None:
         win = windows[i]
         wmv = memoryview(win.numpy())
-        try:
-            for t in tensors[i::THREADS]:
-                b = t.view(torch.uint8)
-                for s in range(0, len(b), len(win)):
-                    n = min(len(win), len(b) - s)
-                    win[:n].copy_(b[s:s + n])
-                    mv = wmv[:n]
-                    while len(mv):
-                        mv = mv[os.write(fd, mv):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        for t in tensors[i::THREADS]:
+            b = t.view(torch.uint8)
+            for s in range(0, len(b), len(win)):
+                n = min(len(win), len(b) - s)
+                win[:n].copy_(b[s:s + n])
+                _write(fd, wmv[:n])
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(THREADS) as ex:
-        list(ex.map(one, range(THREADS)))
-    return time.perf_counter() - t0
+    return _in_threads(folder, write)
 
 
 def main() -> None:
