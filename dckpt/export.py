@@ -97,7 +97,8 @@ def export_checkpoint(store: Store, m: Manifest, to: str, fmt: str, *,
             f = stack.enter_context(dest.open_replace(base))
         except OSError as e:
             raise StorageError(f"export destination {to} cannot be written ({type(e).__name__}"
-                               f": {e}); nothing was read or written") from e
+                               f": {e}); nothing was read or written: name a file in a folder "
+                               "this process can write") from e
         try:
             with Fetcher(store, READ_THREADS) as fetcher:
                 flat = {fqn: read_item(fetcher, m, fqn, step) for fqn in m.items}
