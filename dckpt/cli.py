@@ -101,8 +101,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         metrics.observe_verify(report)
     if args.json:
         print_json({"ok": report.ok, "steps": list(report.steps),
-                          "bytes_checked": report.bytes_checked,
-                          "problems": [dataclasses.asdict(p) for p in report.problems]})
+                    "bytes_checked": report.bytes_checked,
+                    "problems": [dataclasses.asdict(p) for p in report.problems]})
     else:
         for p in report.problems:
             kind = "" if p.damage else " (the storage failed; the data may be sound)"

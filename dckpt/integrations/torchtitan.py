@@ -89,12 +89,12 @@ class DckptCheckpointManager(BaseCheckpointManager):
 
         def __post_init__(self) -> None:
             BaseCheckpointManager.Config.__post_init__(self)
-            for where in (self.hf_folder, self.url):
-                if self.last_save_in_hf and where and filesystem.is_remote(where):
-                    raise ValueError(
-                        f"last_save_in_hf writes local files; {where} is remote: set "
-                        "hf_folder to a local path (or `dckpt export URL --step N --to "
-                        "model.safetensors --format safetensors` afterwards)")
+            where = self.hf_folder or self.url  # hf_folder's default: beside the url
+            if self.last_save_in_hf and where and filesystem.is_remote(where):
+                raise ValueError(
+                    f"last_save_in_hf writes local files; {where} is remote: set "
+                    "hf_folder to a local path (or `dckpt export URL --step N --to "
+                    "model.safetensors --format safetensors` afterwards)")
 
     def __init__(self, config: Config, *, dataloader: Any, model_parts: list[nn.Module],
                  optimizers: Any, lr_schedulers: Any, states: dict[str, Any],

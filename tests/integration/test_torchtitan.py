@@ -271,6 +271,9 @@ def test_hugging_face_formats_without_an_adapter_or_to_a_remote_folder_are_refus
     with pytest.raises(ValueError, match="hf_folder"):
         DckptCheckpointManager.Config(enable=True, last_save_in_hf=True,
                                       hf_folder="s3://bucket/hf")
+    local = DckptCheckpointManager.Config(enable=True, last_save_in_hf=True,  # its own folder
+                                          url="s3://bucket/run", hf_folder=str(tmp_path / "hf"))
+    assert local.hf_folder == str(tmp_path / "hf")
     run = Run(tmp_path, initial_load_in_hf=True, sd_adapter=Adapter(None, None),
               initial_load_path=str(tmp_path / "nothing"))
     with pytest.raises(ValueError, match="nothing is not a folder"):
