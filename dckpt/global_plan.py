@@ -295,9 +295,11 @@ def run_save(state_dict: StateDict, writer: Writer, planner: SavePlanner | None,
             # not dcp.save, which wraps each top-level value's state_dict() in a logger that
             # makes two debug records of it (torch's distributed loggers are at DEBUG):
             # 50 us a value, 1 s of a sync save of 20,000 tensors; and plans globally at
-            # every save (dckpt.global_plan)
+            # every save (dckpt.global_plan). Alone by the group the call began with, not
+            # by dist.active() now: an async save's persist thread may start after the
+            # caller destroyed the process group, and must fail, not commit alone.
             info = save_state_dict(stateful_to_state_dict(state_dict), writer,
-                                   planner or SafeSavePlanner(), group, not dist.active(), plans)
+                                   planner or SafeSavePlanner(), group, group is None, plans)
     except CheckpointException as e:
         writer.discard(e)
         dist.raise_interrupt(e)

@@ -231,3 +231,38 @@ def test_a_process_group_destroyed_under_a_save_in_flight_says_so(tmp_path):
         assert says == f" {rank}: the process group was destroyed (dist.destroy_process_group()) " \
                        "while it ran", out
     assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "r"))] == [1]
+
+
+def _destroyed_before_the_persist_thread_ran(rank, world, url):
+    import threading
+
+    import dckpt.saver
+
+    state = {"w": torch.arange(1 << 16, dtype=torch.float32)}
+    dckpt.save(state, url, step=1)
+    go, run_save = threading.Event(), dckpt.saver.run_save
+
+    def late(*args, **kwargs):  # the persist thread starts only after the destroy
+        go.wait()
+        return run_save(*args, **kwargs)
+
+    dckpt.saver.run_save = late
+    try:
+        handle = dckpt.async_save(state, url, step=2)
+        torch.distributed.destroy_process_group()
+        go.set()
+        handle.wait(timeout=60)
+    except dckpt.DckptError as e:
+        return type(e).__name__, "process group was destroyed" in str(e)
+    finally:
+        dckpt.saver.run_save = run_save
+    return "committed"
+
+
+def test_a_persist_thread_that_starts_after_the_destroy_fails_on_every_rank(tmp_path):
+    """It took "no process group" for a save of one process: rank 1 committed step 2 alone
+    and its handle said so, while rank 0's failed (seen under load in CI)."""
+    url = "faultyfile://" + str(tmp_path / "r")
+    out = [o.value for o in run_ranks(_destroyed_before_the_persist_thread_ran, 2, url)]
+    assert out == [("CommitError", True)] * 2, out
+    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "r"))] == [1]
