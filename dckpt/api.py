@@ -17,6 +17,7 @@ from dckpt import dedup, dist
 from dckpt.arguments import (
     check_bool,
     check_config,
+    check_path,
     check_state_dict,
     check_step,
     public,
@@ -213,6 +214,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: s
                step: int | None, partial: bool, storage_options: dict | None,
                config: LoadConfig) -> CheckpointInfo:
     store = open_repository(url, storage_options, required=False)
+    url = store.url  # a str where a path object was given
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)
     asked = cast(list[tuple[int | None, bool, str]], dist.gather((step, partial, url), group))
@@ -349,6 +351,7 @@ def export(url: str, to: str, *, step: int | None = None, format: str = "dckpt",
     ``"safetensors"`` its tensors as one safetensors file. Returns the bytes written. Every
     byte read is verified. Not collective."""
     step = check_step(step, optional=True)
+    to = check_path(to, "the export destination")
     store = open_repository(url, storage_options)
     if format not in FORMATS:
         raise ArgumentError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

@@ -89,14 +89,18 @@ def check_options(options: object, name: str = "storage_options") -> dict | None
     return dict(options)
 
 
-def check_url(url: object) -> str:
-    if not isinstance(url, (str, os.PathLike)) or not str(url):
-        raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
-    text = os.fspath(url)
-    if not isinstance(text, str):
-        raise ArgumentError(f"expected a repository URL or path, got {_show(url)}")
+def check_path(value: object, name: str, kind: str = "a URL or path") -> str:
+    """``value``, a ``str`` or an ``os.PathLike``, as a str; ``name`` says what it is."""
+    text = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+    if not isinstance(text, str) or not text:
+        raise ArgumentError(f"{name} must be {kind}, got {_show(value)}")
     if "\0" in text:
-        raise ArgumentError(f"the URL holds a NUL character: {text!r}")
+        raise ArgumentError(f"{name} holds a NUL character: {text!r}")
+    return text
+
+
+def check_url(url: object) -> str:
+    text = check_path(url, "the repository")
     scheme, sep, rest = text.partition("://")
     if sep and scheme in OBJECT_STORES:
         parts = rest.rstrip("/").split("/")

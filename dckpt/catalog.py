@@ -6,10 +6,18 @@ waiting seconds for torch's import; save, load and export are ``dckpt.api``."""
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Iterator
 
 from dckpt import layout
-from dckpt.arguments import check_bool, check_bytes, check_seconds, check_step, public
+from dckpt.arguments import (
+    check_bool,
+    check_bytes,
+    check_path,
+    check_seconds,
+    check_step,
+    public,
+)
 from dckpt.decoder import reusing
 from dckpt.diff import Diff, diff_manifests
 from dckpt.errors import CheckpointNotFoundError, DckptError
@@ -46,19 +54,19 @@ def list_checkpoints(url: str, *, storage_options: dict | None = None) -> list[C
     StorageError. Not collective."""
     store = open_repository(url, storage_options, required=False)
     # an empty or absent repository is a valid, empty one
-    return list(_infos(store, url, committed_steps(store)))
+    return list(_infos(store, committed_steps(store)))
 
 
-def _infos(store: Store, url: str, steps: Iterable[int]) -> Iterator[CheckpointInfo]:
+def _infos(store: Store, steps: Iterable[int]) -> Iterator[CheckpointInfo]:
     """Each step's CheckpointInfo, in the order of ``steps``, read as it is asked for; a
     damaged one with ``problem`` set, one deleted since the listing left out; a manifest
     the storage fails to give raises StorageError."""
     marked = quarantined(store)
     for step, m in summaries(store, steps):
-        yield (CheckpointInfo(step=step, url=url, created_at=0.0, metrics={}, world_size=0,
+        yield (CheckpointInfo(step=step, url=store.url, created_at=0.0, metrics={}, world_size=0,
                               bytes_logical=0, bytes_written=0, problem=str(m))
                if isinstance(m, DckptError) else
-               info_from_manifest(m, url, quarantined=marked.get(step)))
+               info_from_manifest(m, store.url, quarantined=marked.get(step)))
 
 
 @public
@@ -165,10 +173,12 @@ def gc(url: str, *, dry_run: bool = False, min_age_s: float = DEFAULT_MIN_AGE_S,
 
 @public
 def status(url: str, *, storage_options: dict | None = None,
-           memory_dir: str | None = None) -> Status:
+           memory_dir: str | os.PathLike | None = None) -> Status:
     """The repository at a glance: the newest usable checkpoint and its age, the count,
     damaged and quarantined steps, a pipeline's progress, and what this node's memory tier
     holds. Not collective."""
+    if memory_dir is not None:
+        memory_dir = check_path(memory_dir, "memory_dir", "a folder path or None")
     store = open_repository(url, storage_options, required=False)
     return repository_status(store, list_checkpoints(url, storage_options=storage_options),
                              memory_dir)
@@ -189,7 +199,7 @@ def health(url: str, *, max_age_s: float | None = None, min_free_bytes: int | No
     # newest first, each manifest read when the check comes to it (and decoded once): the
     # check stops at the first recoverable one, older ones are never read
     with reusing({}, HEALTH_DECODED_BYTES):
-        return check_health(store, _infos(store, url, reversed(steps)), len(steps),
+        return check_health(store, _infos(store, reversed(steps)), len(steps),
                             max_age_s=max_age_s, min_free_bytes=min_free_bytes,
                             verify=verify, sample_bytes=sample_bytes)
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dckpt.arguments import check_bool, check_options
+from dckpt.arguments import check_bool, check_options, check_path
 from dckpt.errors import ArgumentError
 from dckpt.manifest import MAX_BLOCK_BYTES
 from dckpt.retention import Policy
@@ -208,8 +209,8 @@ class ManagerConfig:
     memory_trigger: Trigger | None = None
     """When to checkpoint into node memory (the memory tier: dckpt.tiers); None: no memory
     tier. Its saves are independent of the storage tier's."""
-    memory_dir: str | None = None
-    """The memory tier's parent folder; None: ``DCKPT_MEMORY_DIR``, else ``/dev/shm``."""
+    memory_dir: str | os.PathLike | None = None
+    """The memory tier's parent folder (a str once made); None: ``DCKPT_MEMORY_DIR``, else ``/dev/shm``."""
     memory_replicas: int = 0
     """Copies of each rank's memory checkpoint in the memory of other nodes (the next ones
     on a ring over torchrun's nodes), so that the loss of a node still restores from
@@ -232,9 +233,9 @@ class ManagerConfig:
                                                 or self.memory_trigger.agreed):
             raise ArgumentError("ManagerConfig.memory_trigger must decide from steps and "
                                 "epoch ends alone (EverySteps, AtEpochEnd)")
-        if self.memory_dir is not None and not isinstance(self.memory_dir, str):
-            raise ArgumentError(f"memory_dir must be a folder path or None, got "
-                                f"{self.memory_dir!r}")
+        if self.memory_dir is not None:  # a str where a path object was given
+            object.__setattr__(self, "memory_dir", check_path(
+                self.memory_dir, "memory_dir", "a folder path or None"))
         if type(self.memory_replicas) is not int or self.memory_replicas < 0:
             raise ArgumentError(f"memory_replicas must be an int >= 0, got "
                                 f"{self.memory_replicas!r}")

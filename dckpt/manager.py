@@ -15,7 +15,7 @@ import os
 import signal
 import time
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Literal, cast
 
 from dckpt import api, dist
 from dckpt.arguments import check_bool, check_state_dict, check_step, check_url, public
@@ -72,7 +72,7 @@ class CheckpointManager:
                  async_save: bool = True, handle_signals: bool = True,
                  exit_on_preemption: bool = True, storage_options: dict | None = None,
                  save_config: SaveConfig | None = None, load_config: LoadConfig | None = None,
-                 memory_every_steps: int | None = None, memory_dir: str | None = None,
+                 memory_every_steps: int | None = None, memory_dir: str | os.PathLike | None = None,
                  memory_replicas: int = 0, on_save: Callable[[CheckpointInfo], None] | None = None,
                  on_restore: Callable[[CheckpointInfo], None] | None = None,
                  on_failure: Callable[[int, BaseException], None] | None = None,
@@ -147,7 +147,7 @@ class CheckpointManager:
                            if trigger is not None and trigger.agreed else None)
         self._broadcasts = (dist.checkpoint_group(timeout_s, purpose="trigger")
                             if trigger is not None and trigger.watches else None)
-        self.memory = (MemorySaves(self.url, self.config.memory_dir,
+        self.memory = (MemorySaves(self.url, cast(str | None, self.config.memory_dir),  # a str by now
                                    self.config.memory_trigger, self.config.save,
                                    self.config.load, drains=self.config.trigger is not None,
                                    replicas=self.config.memory_replicas)

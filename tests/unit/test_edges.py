@@ -334,6 +334,13 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("gc min_age nan", lambda: dckpt.gc(url, min_age_s=float("nan"))),
         ("export step str", lambda: dckpt.export(url, url + "-x", step="x")),
         ("export format", lambda: dckpt.export(url, url + "-x", format="zip")),
+        ("export to int", lambda: dckpt.export(url, 5)),  # an unexpected TypeError
+        ("export to empty", lambda: dckpt.export(url, "")),
+        ("manager memory_dir empty", lambda: dckpt.CheckpointManager(
+            url, memory_every_steps=1, memory_dir="")),  # taken as the default folder
+        ("manager memory_dir bytes", lambda: dckpt.CheckpointManager(
+            url, memory_every_steps=1, memory_dir=b"/dev/shm")),
+        ("status memory_dir int", lambda: dckpt.status(url, memory_dir=5)),  # a TypeError
         ("inspect step -1", lambda: dckpt.inspect(url, step=-1)),
         ("diff step str", lambda: dckpt.diff(url, "a", 1)),
         ("health max_age str", lambda: dckpt.health(url, max_age_s="x")),
@@ -455,6 +462,31 @@ def test_numpy_integer_steps_are_their_values_everywhere(tmp_path):
     for bad in (np.bool_(True), np.float64(2.0), np.int64(-1), torch.tensor(2)):
         with pytest.raises(dckpt.ArgumentError, match="step must be an int"):
             dckpt.save({"w": torch.ones(2)}, url, step=bad)
+
+
+def test_path_objects_are_taken_everywhere_and_infos_hold_the_url_as_a_str(tmp_path):
+    """A pathlib.Path was taken as a repository, but load and list_checkpoints returned it
+    as CheckpointInfo.url (a str elsewhere), export to one failed with "unexpected
+    TypeError", and memory_dir refused it."""
+    repo, memory = tmp_path / "repo", tmp_path / "memory"
+    memory.mkdir()
+    infos = [dckpt.save({"w": torch.ones(2)}, repo, step=1),
+             dckpt.async_save({"w": torch.ones(2) * 2}, repo, step=2).wait(),
+             dckpt.load({"w": torch.zeros(2)}, repo), *dckpt.list_checkpoints(repo),
+             dckpt.health(repo), dckpt.status(repo)]
+    with dckpt.CheckpointManager(repo, save_every_steps=2, memory_every_steps=1,
+                                 memory_dir=memory, handle_signals=False) as mgr:
+        infos.append(mgr.restore({"w": torch.zeros(2)}))
+        mgr.maybe_save(3, {"w": torch.ones(2) * 3})
+        assert os.listdir(memory)  # the tier is there
+    out = {"w": torch.zeros(2)}
+    infos.append(dckpt.load(out, repo, step=2))
+    assert out["w"].tolist() == [2.0, 2.0]
+    assert [(type(i.url), i.url) for i in infos] == [(str, str(repo))] * len(infos)
+    for fmt, to in (("torch", tmp_path / "e.pt"), ("dckpt", tmp_path / "e")):
+        assert dckpt.export(repo, to, format=fmt) > 0
+    assert torch.load(tmp_path / "e.pt")["w"].tolist() == [2.0, 2.0]
+    assert [c.step for c in dckpt.list_checkpoints(tmp_path / "e")] == [2]
 
 
 def test_a_state_that_does_not_fit_a_train_state_or_stager_is_a_state_dict_error():
