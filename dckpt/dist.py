@@ -26,6 +26,7 @@ from dckpt.errors import (
     DckptError,
     IntegrityError,
     StateDictError,
+    StorageError,
     UnsavableStateError,
     headline,
 )
@@ -201,14 +202,20 @@ def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool,
     ``timeout_s``: the call's collective timeout (its default where the config given is
     refused); ``saving``: a peer that fails it is a CommitError; ``alike``: arguments the
     ranks must pass alike, as text (ranks apart made different calls)."""
+    raised: Exception | None = None
     try:
         result, error = check(), None
     except DckptError as e:
-        result, error = None, e
+        result, error, raised = None, e, e
+    except Exception as e:  # not a refusal (the storage failed where the check opened it):
+        # shared all the same, for no rank to wait on another that left
+        result, raised = None, e
+        error = (StorageError if isinstance(e, OSError) else DckptError)(
+            f"{type(e).__name__}: {str(e)[:300]}")
     group = checkpoint_group(timeout_s, purpose="calls") if active() else None
     if group is None:
-        if error is not None:
-            raise error
+        if raised is not None:
+            raise raised
         return cast(T, result)
     call = f"{what}({alike})" if alike else what
     code = zlib.crc32(call.encode()) & 0x3FFFFFFF  # the call's number; a failure: above all
@@ -229,9 +236,10 @@ def agreed(check: Callable[[], T], what: str, *, timeout_s: float, saving: bool,
                             "same arguments where they must be alike")
     r, (name, text) = errors[0]
     cls = next((c for c in (ArgumentError, StateDictError, UnsavableStateError,
-                            CheckpointExistsError) if c.__name__ == name), DckptError)
+                            CheckpointExistsError, StorageError) if c.__name__ == name),
+               DckptError)
     others = "" if len(errors) == 1 else f" (and on {ranks_text([e[0] for e in errors[1:]])})"
-    raise cls(f"{what} refused on rank {r}{others}: {text}") from error
+    raise cls(f"{what} refused on rank {r}{others}: {text}") from raised
 
 
 CHUNK_BYTES = 256 << 20

@@ -317,3 +317,39 @@ def test_one_ranks_mistaken_save_is_the_same_error_on_every_rank_and_commits_not
     data = tmp_path / "repo" / "data"
     attempts = {p.name.split("-")[0] for p in data.iterdir()} if data.exists() else set()
     assert attempts <= {f"s{s}" for s in committed}, attempts  # refused saves wrote nothing
+
+
+def _storage_fails_in_the_check_on_rank_1(rank, world, url):
+    import dckpt.saver
+
+    saver = dckpt.saver.default_saver()
+    writer = saver.writer
+
+    def unreachable(*args, **kwargs):  # as a node whose mount refuses this user
+        raise PermissionError(13, "Permission denied", url)
+
+    if rank == 1:
+        saver.writer = unreachable
+    config = dckpt.SaveConfig(collective_timeout_s=30)
+    t0 = time.monotonic()
+    try:
+        dckpt.save({"w": torch.ones(4)}, url, step=1, config=config)
+        got = ("ok", "")
+    except dckpt.DckptError as e:
+        got = (type(e).__name__, str(e))
+    finally:
+        saver.writer = writer
+    return got, time.monotonic() - t0
+
+
+def test_a_storage_failure_in_one_ranks_checks_is_the_same_error_on_every_rank(tmp_path):
+    """Not a refusal but an OSError where a rank's checks open the storage: it left that
+    rank alone (an unexpected error there), and the others in the save's first collective
+    until its timeout."""
+    url = str(tmp_path / "repo")
+    out = [o.value for o in run_ranks(_storage_fails_in_the_check_on_rank_1, 2, url,
+                                      timeout_s=120)]
+    (kind, said), seconds = out[0]
+    assert kind == "StorageError" and "refused on rank 1: PermissionError" in said, out
+    assert [o[0] for o in out] == [out[0][0]] * 2 and max(s for _, s in out) < 20, out
+    assert dckpt.list_checkpoints(url) == []
