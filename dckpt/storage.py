@@ -145,7 +145,10 @@ class Store:
         except BaseException:
             discard = getattr(f, "discard", None)
             if discard is not None and not self.local:
-                discard()  # abort a multipart upload instead of completing it
+                try:
+                    discard()  # abort a multipart upload instead of completing it
+                finally:  # s3fs leaves it open, without a buffer: its __del__ then failed
+                    _mark_closed(f)  # to close it, on the stderr
             else:
                 _close_quietly(f)  # a full disk fails the flush of the last bytes too
                 if self.local:
@@ -399,6 +402,13 @@ def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
+        pass
+
+
+def _mark_closed(f: Any) -> None:
+    try:
+        f.closed = True  # fsspec's buffered files have a setter
+    except AttributeError:
         pass
 
 

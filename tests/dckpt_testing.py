@@ -125,6 +125,12 @@ class _FaultyFile:
     def __getattr__(self, name):
         return getattr(self._f, name)
 
+    def __setattr__(self, name, value):  # the file's own attributes (closed), as unwrapped
+        if name in ("_f", "_path"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._f, name, value)
+
     def __enter__(self):
         return self
 
