@@ -20,6 +20,7 @@ reported their data durable, and then the same outcome everywhere.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import threading
@@ -84,6 +85,8 @@ class Writer(StorageWriter):
                  storage_options: dict | None = None, config: SaveConfig | None = None) -> None:
         super().__init__()
         step = check_step(step)
+        self._arguments: dict[str, Any] = dict(url=url, step=step, metrics=metrics,
+                                               storage_options=storage_options, config=config)
         self.store = Store(url, storage_options)
         self.step = step
         self.metrics = check_metrics(metrics)
@@ -115,6 +118,12 @@ class Writer(StorageWriter):
         self.created: list[str] = []
         """The objects this rank created for this save (``discard`` removes them if it fails)."""
         self._manifest_sent = False
+
+    def __reduce__(self) -> tuple[object, ...]:
+        """A Writer goes to another process (DCP's checkpoint process:
+        ``dcp.async_save(..., async_checkpointer_type=AsyncCheckpointerType.PROCESS)``) as
+        its arguments, and is made anew there: its locks and open files stay here."""
+        return functools.partial(type(self), **self._arguments), ()
 
     # -- DCP protocol ----------------------------------------------------------------
 

@@ -256,11 +256,12 @@ def _preloaded() -> list[str]:
 
 
 def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
-              allow_failures: bool = False) -> list[Outcome]:
+              allow_failures: bool = False, daemon: bool = True) -> list[Outcome]:
     """Run ``fn(rank, world_size, *args)`` on real gloo ranks (spawned processes).
 
     Returns one Outcome per rank. Unless ``allow_failures``, a rank that raised or died
-    fails the test with that rank's traceback.
+    fails the test with that rank's traceback. ``daemon=False``: ranks that start processes
+    of their own (a daemon may not).
     """
     import multiprocessing as mp
 
@@ -273,7 +274,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
     queue = ctx.Queue()
     init_file = tempfile.mktemp(prefix="dckpt-pg-")
     procs = [ctx.Process(target=_entry, args=(fn, r, world_size, init_file, queue, args,
-                                              timeout_s), daemon=True)
+                                              timeout_s), daemon=daemon)
              for r in range(world_size)]
     for p in procs:
         p.start()

@@ -43,6 +43,36 @@ def test_stager_stages_dtensors_for_dcp_async_save(tmp_path):
     assert [o.value for o in run_ranks(_stager_dtensor, 2, url)] == [{1: True, 2: True}] * 2
 
 
+def _dcp_async_save_in_a_process(rank, world, url):
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    state = {f"w{rank}": torch.randn(256, 1024), "shared": torch.ones(1024)}
+    wants = {}
+    for step in (1, 2):
+        wants[step] = {k: v.clone() for k, v in state.items()}
+        future = dcp.async_save(state, storage_writer=dckpt.Writer(url, step=step),
+                                async_checkpointer_type=AsyncCheckpointerType.PROCESS)
+        state[f"w{rank}"][0] += 1  # after staging: not in this checkpoint
+        future.result(timeout=120)
+    got = {}
+    for step in (1, 2):
+        out = {k: torch.zeros_like(v) for k, v in state.items()}
+        dckpt.load(out, url, step=step)
+        got[step] = all(torch.equal(out[k], v) for k, v in wants[step].items())
+    return got
+
+
+def test_dcp_async_save_in_its_checkpoint_process_takes_the_writer(tmp_path):
+    """AsyncCheckpointerType.PROCESS pickles the writer to its checkpoint process: "cannot
+    pickle '_thread.lock' object" before. The second save there is differential."""
+    url = str(tmp_path / "ckpt")
+    outcomes = run_ranks(_dcp_async_save_in_a_process, 2, url, timeout_s=240, daemon=False)
+    assert [o.value for o in outcomes] == [{1: True, 2: True}] * 2
+    first, second = dckpt.list_checkpoints(url)
+    assert first.bytes_written >= 2 * 256 * 1024 * 4
+    assert second.bytes_written < first.bytes_written / 4
+
+
 def _dcp_save_twice(rank, world, url):
     state = {f"w{rank}": torch.randn(256, 1024), "shared": torch.ones(1024)}
     dcp.save(state, storage_writer=dckpt.Writer(url, step=1))
