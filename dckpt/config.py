@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dckpt.arguments import check_bool, check_options, check_path
+from dckpt.arguments import check_bool, check_config, check_options, check_path
 from dckpt.errors import ArgumentError
 from dckpt.manifest import MAX_BLOCK_BYTES
 from dckpt.retention import Policy
@@ -38,6 +38,18 @@ def _positive(owner: object, **fields: float) -> None:
             raise ArgumentError(f"{type(owner).__name__}.{name} must be > 0, got {value!r}")
 
 
+MAX_COLLECTIVE_TIMEOUT_S = 1e9
+"""A gloo group's timeout is a timedelta: infinity (or 2**70) failed to make it, on the
+first save or load of a job of more than one rank."""
+
+
+def _collective_timeout(owner: object, value: float) -> None:
+    _positive(owner, collective_timeout_s=value)
+    if not value <= MAX_COLLECTIVE_TIMEOUT_S:
+        raise ArgumentError(f"{type(owner).__name__}.collective_timeout_s must be at most "
+                            f"{MAX_COLLECTIVE_TIMEOUT_S:.0e} s (31 years), got {value!r}")
+
+
 def _ints(owner: object, low: int, high: int | None, **fields: object) -> None:
     """Fields that must be ints (not bools, not floats) in [low, high]."""
     for name, value in fields.items():
@@ -65,7 +77,8 @@ class SaveConfig:
     writer_threads: int = 4
     """Writer threads per rank; each writes one segment object, so also segments per rank."""
     collective_timeout_s: float = 300.0
-    """A peer that does not answer a collective within this time fails the save."""
+    """A peer that does not answer a collective within this time fails the save (finite,
+    at most ``MAX_COLLECTIVE_TIMEOUT_S``)."""
     io_stall_timeout_s: float = STALL_S
     """Writes that make no progress for this long (a hung network or FUSE mount blocks
     them in the kernel) fail this rank's save with a StorageError, and so the save on every
@@ -117,8 +130,8 @@ class SaveConfig:
         _ints(self, 1, MAX_THREADS, writer_threads=self.writer_threads)
         _ints(self, 0, 19, persist_nice=self.persist_nice)
         _bools(self, dedup=self.dedup, direct_io=self.direct_io, overlap=self.overlap)
-        _positive(self, collective_timeout_s=self.collective_timeout_s,
-                  io_stall_timeout_s=self.io_stall_timeout_s)
+        _positive(self, io_stall_timeout_s=self.io_stall_timeout_s)  # inf: no bound
+        _collective_timeout(self, self.collective_timeout_s)
         if self.staging_bytes is not None:
             _ints(self, 1, None, staging_bytes=self.staging_bytes)
         if self.compression not in ("auto", "on", "off"):
@@ -162,7 +175,8 @@ class LoadConfig:
     read_buffer_bytes: int = 1 * GiB
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0
-    """A peer that does not answer a collective within this time fails the load."""
+    """A peer that does not answer a collective within this time fails the load (finite,
+    at most ``MAX_COLLECTIVE_TIMEOUT_S``)."""
     io_stall_timeout_s: float = STALL_S
     """Reads that make no progress for this long (a hung network or FUSE mount) fail the
     load with a StorageError; their threads are left behind (dckpt.watchdog)."""
@@ -180,8 +194,8 @@ class LoadConfig:
         _ints(self, 1, None, read_buffer_bytes=self.read_buffer_bytes)
         if self.read_request_bytes is not None:
             _ints(self, 1, None, read_request_bytes=self.read_request_bytes)
-        _positive(self, collective_timeout_s=self.collective_timeout_s,
-                  io_stall_timeout_s=self.io_stall_timeout_s)
+        _positive(self, io_stall_timeout_s=self.io_stall_timeout_s)  # inf: no bound
+        _collective_timeout(self, self.collective_timeout_s)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,7 +290,7 @@ class ManagerConfig:
         triggers: list[Trigger] = []
         if save_every_steps is not None:
             triggers.append(EverySteps(save_every_steps))
-        if save_at_epoch_end:
+        if check_bool(save_at_epoch_end, "save_at_epoch_end"):  # "no" turned it on
             triggers.append(AtEpochEnd())
         if save_every_seconds is not None:
             triggers.append(EverySeconds(save_every_seconds))
@@ -298,5 +312,8 @@ class ManagerConfig:
         if unknown:
             raise ArgumentError(f"unknown manager options {sorted(unknown)}; see "
                                 "dckpt.ManagerConfig for the fields")
-        return cls(trigger=trigger, memory_trigger=memory, save=save_config or SaveConfig(),
-                   load=load_config or LoadConfig(), **fields)  # type: ignore[arg-type]
+        # a falsy wrong type (0, {}) was taken as None
+        return cls(trigger=trigger, memory_trigger=memory,
+                   save=check_config(save_config, SaveConfig, "save_config") or SaveConfig(),
+                   load=check_config(load_config, LoadConfig, "load_config") or LoadConfig(),
+                   **fields)  # type: ignore[arg-type]

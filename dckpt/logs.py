@@ -63,11 +63,13 @@ def configure_logging(json_lines: bool = True, *, level: int | str = logging.INF
     """Send dckpt's logs to ``stream`` (stderr), as JSON lines or plain text."""
     named = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if type(named) is not int or not isinstance(json_lines, bool) or (
-            stream is not None and not callable(getattr(stream, "write", None))):
+            stream is not None and not callable(getattr(stream, "write", None))) or (
+            run is not None and not isinstance(run, str)):
         raise ArgumentError(
             "configure_logging(json_lines: bool, level: a logging level such as logging.INFO "
-            f"or 'INFO', stream: a text stream or None), got json_lines={json_lines!r}, "
-            f"level={level!r}, stream={type(stream).__name__}")
+            f"or 'INFO', stream: a text stream or None, run: a str or None), got "
+            f"json_lines={json_lines!r}, level={level!r}, stream={type(stream).__name__}, "
+            f"run={type(run).__name__}")
     level = named
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter(run) if json_lines else logging.Formatter(

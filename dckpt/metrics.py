@@ -33,7 +33,7 @@ from prometheus_client import (
 )
 
 from dckpt import dist
-from dckpt.arguments import check_bool, public
+from dckpt.arguments import check_bool, check_path, public
 from dckpt.errors import ArgumentError, DckptError, StorageError
 from dckpt.info import CheckpointInfo
 
@@ -52,10 +52,7 @@ class Metrics:
         if not isinstance(job, str) or not job:
             raise ArgumentError(f"Metrics job must be a non-empty str, got {job!r}")
         if textfile is not None:
-            if not isinstance(textfile, str | os.PathLike):
-                raise ArgumentError(f"Metrics textfile must be a file path or None, got "
-                                    f"{type(textfile).__name__} {textfile!r}")
-            textfile = os.fspath(textfile)
+            textfile = check_path(textfile, "Metrics textfile", "a file path or None")
             if os.path.isdir(textfile):
                 raise ArgumentError(f"Metrics textfile {textfile!r} is a folder; name the file "
                                     "(node_exporter reads *.prom files)")
@@ -245,9 +242,7 @@ class Metrics:
     def write_textfile(self, path: str | os.PathLike) -> None:
         """Write the metrics for node_exporter's textfile collector (atomically);
         StorageError when it cannot be written."""
-        if not isinstance(path, str | os.PathLike) or not os.fspath(path):
-            raise ArgumentError(f"write_textfile: path must be a file path, got {path!r}")
-        path = os.fspath(path)
+        path = check_path(path, "write_textfile's path", "a file path")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_to_textfile(path, self.registry)

@@ -58,7 +58,7 @@ class KeepLast(_Composable):
     n: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if type(self.n) is not int or self.n < 1:  # not a bool
             raise ArgumentError(f"KeepLast(n): n must be an int >= 1, got {self.n!r}")
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:
@@ -75,7 +75,7 @@ class KeepBest(_Composable):
     mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.n, int) or self.n < 1:
+        if type(self.n) is not int or self.n < 1:  # not a bool
             raise ArgumentError(f"KeepBest(n, ...): n must be an int >= 1, got {self.n!r}")
         if not isinstance(self.metric, str) or not self.metric:
             raise ArgumentError(f"KeepBest metric must be a metric's name, got {self.metric!r}")
@@ -93,7 +93,7 @@ class KeepEvery(_Composable):
     steps: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.steps, int) or self.steps < 1:
+        if type(self.steps) is not int or self.steps < 1:  # not a bool
             raise ArgumentError(f"KeepEvery(steps): steps must be an int >= 1, got {self.steps!r}")
 
     def __call__(self, checkpoints: Sequence[CheckpointInfo]) -> set[int]:

@@ -170,7 +170,7 @@ class OnImprove(Trigger):
     mode: Literal["min", "max"] = "min"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.metric, str) or self.mode not in ("min", "max"):
+        if not isinstance(self.metric, str) or not self.metric or self.mode not in ("min", "max"):
             raise ArgumentError("save_on_improve must be (metric, 'min' | 'max'), got "
                                 f"({self.metric!r}, {self.mode!r})")
 

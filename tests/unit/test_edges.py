@@ -341,6 +341,20 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("manager memory_dir bytes", lambda: dckpt.CheckpointManager(
             url, memory_every_steps=1, memory_dir=b"/dev/shm")),
         ("status memory_dir int", lambda: dckpt.status(url, memory_dir=5)),  # a TypeError
+        # each taken: "no" turned saves at epoch ends on; a falsy config was the default;
+        # an infinite collective timeout failed to make the gloo group of a multi-rank job
+        ("manager epoch_end str", lambda: dckpt.CheckpointManager(url, save_at_epoch_end="no")),
+        ("manager save_config 0", lambda: dckpt.CheckpointManager(url, save_config=0)),
+        ("manager load_config {}", lambda: dckpt.CheckpointManager(url, load_config={})),
+        ("SaveConfig timeout inf", lambda: dckpt.SaveConfig(collective_timeout_s=float("inf"))),
+        ("LoadConfig timeout 2**70", lambda: dckpt.LoadConfig(collective_timeout_s=2**70)),
+        ("KeepLast True", lambda: dckpt.KeepLast(True)),
+        ("KeepBest True", lambda: dckpt.KeepBest(True, "loss")),
+        ("KeepEvery True", lambda: dckpt.KeepEvery(True)),
+        ("OnImprove empty metric", lambda: dckpt.OnImprove("")),
+        ("Metrics textfile empty", lambda: dckpt.Metrics(textfile="")),
+        ("Metrics textfile NUL", lambda: dckpt.Metrics(textfile="a\0b")),
+        ("logging run list", lambda: dckpt.configure_logging(run=[])),
         ("inspect step -1", lambda: dckpt.inspect(url, step=-1)),
         ("diff step str", lambda: dckpt.diff(url, "a", 1)),
         ("health max_age str", lambda: dckpt.health(url, max_age_s="x")),
