@@ -125,6 +125,7 @@ class Metrics:
     def _on(self) -> bool:
         return self.enabled
 
+    @public
     def observe_save(self, info: CheckpointInfo) -> None:
         if not self._on():
             return
@@ -145,17 +146,20 @@ class Metrics:
             self.saves.labels(self.job).inc()
         self._flush()
 
+    @public
     def observe_pause(self, seconds: float) -> None:
         """The training's pause for one save (recorded when the save is staged)."""
         if self._on():
             self.pause.labels(self.job).observe(seconds)
 
+    @public
     def observe_failure(self, reason: str) -> None:
         if not self._on():
             return
         self.failures.labels(self.job, reason).inc()
         self._flush()
 
+    @public
     def observe_restore(self, info: CheckpointInfo, recoveries: int) -> None:
         if not self._on():
             return
@@ -167,15 +171,18 @@ class Metrics:
                 self.corrupt.labels(self.job).inc(len(info.skipped))
         self._flush()
 
+    @public
     def observe_corrupt(self, n: int = 1) -> None:
         if self._on():
             self.corrupt.labels(self.job).inc(n)
 
+    @public
     def observe_memory(self, held_bytes: int) -> None:
         """What the memory tier holds on this node (after each memory commit)."""
         if self._on():
             self.memory_bytes.labels(self.job).set(held_bytes)
 
+    @public
     def observe_repository(self, url: str, checkpoints: int) -> None:
         """The count of checkpoints, and free space where the repository is a local path."""
         if not self._on():
@@ -189,6 +196,7 @@ class Metrics:
                 pass
         self._flush()
 
+    @public
     def observe_health(self, health: Any) -> None:
         """A dckpt.Health (``dckpt health --metrics-textfile``, e.g. from cron)."""
         if not self._on():
@@ -206,12 +214,14 @@ class Metrics:
                 self.last_success_ts.labels(self.job).set(time.time() - health.newest_age_s)
         self._flush()
 
+    @public
     def observe_unknown(self) -> None:
         """A health check that could not run."""
         if self._on():
             self.health.labels(self.job).set(3)
             self._flush()
 
+    @public
     def observe_verify(self, report: Any) -> None:
         """A dckpt.VerifyReport: the damaged checkpoints it found."""
         if not self._on():

@@ -19,7 +19,7 @@ shows it. A Stateful: DCP saves and loads it like the rest of the state.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from torch.distributed.checkpoint.stateful import Stateful
@@ -90,6 +90,8 @@ class Pipeline(Stateful):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         try:
+            if not isinstance(state_dict, Mapping):
+                raise TypeError(f"a {type(state_dict).__name__}, not a dict")
             p = json.loads(state_dict[PROGRESS_KEY])
             p = {"done": list(p["done"]), "results": dict(p["results"]),
                  "current": p["current"], "step": p["step"]}

@@ -503,6 +503,12 @@ def test_path_objects_are_taken_everywhere_and_infos_hold_the_url_as_a_str(tmp_p
     assert [c.step for c in dckpt.list_checkpoints(tmp_path / "e")] == [2]
 
 
+def test_a_pipeline_state_of_a_wrong_type_is_a_state_dict_error():
+    for wrong in (torch.ones(2), 5, None, ["x"]):  # a tensor was an IndexError
+        with pytest.raises(dckpt.StateDictError):
+            dckpt.Pipeline(["a"]).load_state_dict(wrong)
+
+
 def test_a_state_that_does_not_fit_a_train_state_or_stager_is_a_state_dict_error():
     model = torch.nn.Linear(2, 2)
     state = dckpt.TrainState(model, torch.optim.SGD(model.parameters(), lr=0.1))

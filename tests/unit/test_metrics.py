@@ -135,6 +135,19 @@ def test_bad_arguments_to_the_ways_out_are_refused(call):
         call(dckpt.Metrics())
 
 
+@pytest.mark.parametrize("call", [
+    lambda m: m.observe_pause("x"), lambda m: m.observe_memory(None),
+    lambda m: m.observe_corrupt(-1), lambda m: m.observe_save({"step": 1}),
+    lambda m: m.observe_restore(None, 1), lambda m: m.observe_health(5),
+    lambda m: m.observe_verify([]), lambda m: m.observe_repository(5, 1),
+    lambda m: m.observe_pause(),
+])
+def test_a_record_of_a_wrong_value_is_a_dckpt_error(call):
+    """Each left as a TypeError, ValueError or AttributeError of prometheus_client."""
+    with pytest.raises(dckpt.DckptError):
+        call(dckpt.Metrics())
+
+
 def test_a_way_out_that_fails_is_a_dckpt_error_in_bounded_time():
     metrics = dckpt.Metrics()
     port = metrics.serve(0, addr="127.0.0.1")  # the port the system chose, served
