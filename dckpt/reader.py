@@ -42,6 +42,7 @@ from dckpt.repository import read_manifest
 from dckpt.storage import Store
 from dckpt.torch_internals import narrow_tensor_by_index
 from dckpt.values import RawBytes, safe_load
+from dckpt.watchdog import reported
 
 __all__ = ["Reader"]
 
@@ -234,8 +235,11 @@ class Reader(StorageReader):
         groups: dict[MetadataIndex, list[ReadItem]] = {}
         for item in plan.items:
             groups.setdefault(item.storage_index, []).append(item)
+        step = self.manifest.step if self.manifest else self.step
         with Fetcher(self.store, self.config.reader_threads,
-                     self.config.io_stall_timeout_s) as fetcher:
+                     self.config.io_stall_timeout_s) as fetcher, reported(
+                f"rank {dist.rank()}: load of step {step} from {self.store.url}",
+                lambda: fetcher.bytes_read, loud=dist.rank() == 0):
             window: list[_Job] = []
             window_bytes = 0
             values: list[_Value] = []  # small: read beside the tensors, delivered last

@@ -139,6 +139,8 @@ class Fetcher:
         """Thread-seconds spent reading (summed over the reader threads)."""
         self.verify_s = 0.0
         """Thread-seconds spent decoding and checking digests."""
+        self.bytes_read = 0
+        """Stored bytes read so far (what a long load's progress says)."""
 
     def __enter__(self) -> Fetcher:
         return self
@@ -246,6 +248,8 @@ class Fetcher:
             raise IntegrityError(
                 f"{what}: object {segment} is truncated: asked {want} bytes at offset "
                 f"{offset}, got {n}")
+        with self._lock:
+            self.bytes_read += n
         return n
 
     def _timed(self, t0: float, t1: float, t2: float) -> None:

@@ -1,4 +1,4 @@
-"""Bounded waits on I/O threads.
+"""Bounded waits on I/O threads, and what a long load says while it runs (``reported``).
 
 A local path may be a network or FUSE mount (NFS, Lustre, an object store mounted as a
 folder); when it stops answering, a write or read blocks in the kernel, where no timeout
@@ -10,20 +10,28 @@ a save's segments of an attempt that will not commit (gc removes them), a load's
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from contextlib import contextmanager
 from typing import TypeVar
 
 from dckpt.errors import StorageError
 
-__all__ = ["Heartbeat", "Stalled", "wait_all", "as_done", "call_bounded", "STALL_S"]
+__all__ = ["Heartbeat", "Stalled", "wait_all", "as_done", "call_bounded", "reported", "STALL_S",
+           "PROGRESS_S"]
+
+log = logging.getLogger(__name__)
 
 STALL_S = 300.0
 """The default bound on I/O without progress (``io_stall_timeout_s``)."""
+
+PROGRESS_S = 30.0
+"""How often a long load says how far it got (``reported``)."""
 
 T = TypeVar("T")
 
@@ -143,3 +151,29 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str,
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]
+
+
+@contextmanager
+def reported(what: str, done: Callable[[], int], *, loud: bool) -> Iterator[None]:
+    """While the block runs, log every ``PROGRESS_S`` the bytes ``done()`` counts and their
+    rate (INFO where ``loud``, else DEBUG): a restore of hundreds of GB from an object store
+    takes minutes, and said nothing before it ended. A block shorter than that logs nothing."""
+    stop = threading.Event()
+    t0 = time.monotonic()
+    level = logging.INFO if loud else logging.DEBUG
+
+    def run() -> None:
+        while not stop.wait(PROGRESS_S):
+            n, seconds = done(), time.monotonic() - t0
+            amount = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+            rate = n / seconds
+            speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e8 else f"{rate / 1e6:.1f} MB/s"
+            log.log(level, "%s: %s read in %.0f s (%s)", what, amount, seconds, speed)
+
+    ticker = threading.Thread(target=run, name="dckpt-progress", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()

@@ -146,3 +146,33 @@ def test_metadata_calls_are_bounded_on_network_and_fuse_filesystems_only():
     assert not watched_filesystem("/dev/shm")  # tmpfs
     watched_filesystem.cache_clear()
 
+
+
+def test_a_long_load_says_how_far_it_got_and_a_short_one_says_nothing(tmp_path, monkeypatch,
+                                                                       caplog):
+    """A restore of hundreds of GB from an object store takes minutes, and said nothing
+    before it ended."""
+    url = str(tmp_path)
+    dckpt.save(STATE, url, step=1, config=dckpt.SaveConfig(block_size_bytes=64 << 10))
+    out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    caplog.set_level("DEBUG", logger="dckpt.watchdog")
+    dckpt.load(out, url)
+    assert not [r for r in caplog.records if r.name == "dckpt.watchdog"]  # under PROGRESS_S
+    read = Fetcher._read
+
+    def slow(self, *args, **kwargs):
+        time.sleep(0.05)
+        return read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Fetcher, "_read", slow)
+    monkeypatch.setattr("dckpt.watchdog.PROGRESS_S", 0.1)
+    config = dckpt.LoadConfig(reader_threads=1, read_request_bytes=64 << 10)
+    out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    assert dckpt.load(out, url, config=config).step == 1
+    assert all(torch.equal(out[k], STATE[k]) for k in STATE)
+    said = [r.getMessage() for r in caplog.records if r.name == "dckpt.watchdog"]
+    assert said and all(r.levelname == "INFO" for r in caplog.records
+                        if r.name == "dckpt.watchdog")
+    assert all(m.startswith(f"rank 0: load of step 1 from {url}: ") for m in said), said
+    mib = [float(m.split(": ")[-1].split(" MiB read in ")[0]) for m in said]
+    assert mib == sorted(mib) and 0 < mib[-1] <= 1.21e6 / 2**20, said  # 1.2 MB, counted once
