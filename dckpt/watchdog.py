@@ -1,4 +1,4 @@
-"""Bounded waits on I/O threads, and what a long load says while it runs (``reported``).
+"""Bounded waits on I/O threads, and what a long load or save says as it runs (``reported``).
 
 A local path may be a network or FUSE mount (NFS, Lustre, an object store mounted as a
 folder); when it stops answering, a write or read blocks in the kernel, where no timeout
@@ -154,10 +154,12 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str,
 
 
 @contextmanager
-def reported(what: str, done: Callable[[], int], *, loud: bool) -> Iterator[None]:
+def reported(what: str, done: Callable[[], int], *, loud: bool,
+             verb: str = "read") -> Iterator[None]:
     """While the block runs, log every ``PROGRESS_S`` the bytes ``done()`` counts and their
     rate (INFO where ``loud``, else DEBUG): a restore of hundreds of GB from an object store
-    takes minutes, and said nothing before it ended. A block shorter than that logs nothing."""
+    takes minutes, and said nothing before it ended; a save as much. A block shorter than
+    that logs nothing."""
     stop = threading.Event()
     t0 = time.monotonic()
     level = logging.INFO if loud else logging.DEBUG
@@ -168,7 +170,7 @@ def reported(what: str, done: Callable[[], int], *, loud: bool) -> Iterator[None
             amount = f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
             rate = n / seconds
             speed = f"{rate / 1e9:.2f} GB/s" if rate >= 1e8 else f"{rate / 1e6:.1f} MB/s"
-            log.log(level, "%s: %s read in %.0f s (%s)", what, amount, seconds, speed)
+            log.log(level, "%s: %s %s in %.0f s (%s)", what, amount, verb, seconds, speed)
 
     ticker = threading.Thread(target=run, name="dckpt-progress", daemon=True)
     ticker.start()

@@ -55,7 +55,7 @@ from dckpt.state_checks import refuse
 from dckpt.step_metrics import Metrics, check_metrics
 from dckpt.storage import Store
 from dckpt.values import RawBytes, check_loadable
-from dckpt.watchdog import Heartbeat, wait_all
+from dckpt.watchdog import Heartbeat, reported, wait_all
 
 __all__ = ["Writer"]
 
@@ -198,6 +198,7 @@ class Writer(StorageWriter):
         resolved = {} if isinstance(planner, SafeSavePlanner) else _checked_values(items, planner)
         self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
         self._heartbeat = Heartbeat()
+        self._outs: list[SegmentOut] = []  # what a long save's progress counts
         self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
         self._index = (dedup.index_for(self.store, assignment.base,
                                        {item_key(i.index.fqn, i.index.offset) for i in items})
@@ -213,10 +214,13 @@ class Writer(StorageWriter):
                                        layout.segment_name(assignment.attempt, assignment.rank, k),
                                        items, planner, resolved)
                            for k, items in enumerate(bins)]
-                for part in wait_all(futures, self.config.io_stall_timeout_s,
-                                     f"rank {assignment.rank}'s writes of step {self.step}",
-                                     self._heartbeat):
-                    results.extend(part)
+                with reported(f"rank {assignment.rank}: save of step {self.step} to "
+                              f"{self.store.url}", lambda: sum(o.written for o in self._outs),
+                              loud=assignment.rank == 0, verb="written"):
+                    for part in wait_all(futures, self.config.io_stall_timeout_s,
+                                         f"rank {assignment.rank}'s writes of step {self.step}",
+                                         self._heartbeat):
+                        results.extend(part)
             finally:  # after a failure, writers still running finish on their own
                 pool.shutdown(wait=False, cancel_futures=True)
             t = time.perf_counter()
@@ -319,6 +323,7 @@ class Writer(StorageWriter):
                          align=DIRECT_ALIGN if direct else 0, index=self._index,
                          compress=self.compresses)
         out.beat = self._heartbeat.beat
+        self._outs.append(out)
         return out
 
     @property

@@ -176,3 +176,27 @@ def test_a_long_load_says_how_far_it_got_and_a_short_one_says_nothing(tmp_path, 
     assert all(m.startswith(f"rank 0: load of step 1 from {url}: ") for m in said), said
     mib = [float(m.split(": ")[-1].split(" MiB read in ")[0]) for m in said]
     assert mib == sorted(mib) and 0 < mib[-1] <= 1.21e6 / 2**20, said  # 1.2 MB, counted once
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_long_save_says_how_far_it_got(tmp_path, monkeypatch, caplog, mode):
+    url = f"faultyfile://{tmp_path}"
+    config = dckpt.SaveConfig(block_size_bytes=64 << 10, writer_threads=1)
+    caplog.set_level("INFO", logger="dckpt.watchdog")
+    monkeypatch.setattr("dckpt.watchdog.PROGRESS_S", 0.1)
+    monkeypatch.setattr("dckpt.segments.SegmentOut.WRITE_BYTES", 64 << 10)
+    arm("slow", delay_s=0.03)  # each write: the segment's 1.2 MB go in 19 pieces
+    try:
+        if mode == "sync":
+            dckpt.save(STATE, url, step=1, config=config)
+        else:
+            dckpt.async_save(STATE, url, step=1, config=config).wait(timeout=60)
+    finally:
+        disarm()
+    said = [r.getMessage() for r in caplog.records if r.name == "dckpt.watchdog"]
+    assert said and all(m.startswith(f"rank 0: save of step 1 to {url}: ") for m in said), said
+    mib = [float(m.split(": ")[-1].split(" MiB written in ")[0]) for m in said]
+    assert mib == sorted(mib) and 0 < mib[-1] <= 1.21e6 / 2**20, said
+    out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+    assert dckpt.load(out, str(tmp_path)).step == 1
+    assert all(torch.equal(out[k], STATE[k]) for k in STATE)
