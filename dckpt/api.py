@@ -196,24 +196,25 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
               config: LoadConfig | None = None) -> CheckpointInfo:
     """``load``, reading through ``make_reader`` (takes Reader's arguments): the memory
     tier's reader fetches what its node lacks from the nodes that hold it."""
-    def check() -> int | None:
+    def check() -> tuple[int | None, Store]:
         check_state_dict(state_dict)
         check_bool(partial, "partial")
         check_config(config, LoadConfig)
-        return check_step(step, optional=True)
+        # the URL too: a wrong one on one rank left the others in the first collective
+        return check_step(step, optional=True), open_repository(url, storage_options,
+                                                                required=False)
 
     timeout_s = (config if isinstance(config, LoadConfig) else LoadConfig()).collective_timeout_s
     # one rank's refusal is every rank's
-    step = dist.agreed(check, "dckpt.load", timeout_s=timeout_s, saving=False)
-    with dist.collectives(f"load from {url}", saving=False):
-        return _load_with(make_reader, state_dict, url, step=step, partial=partial,
+    step, store = dist.agreed(check, "dckpt.load", timeout_s=timeout_s, saving=False)
+    with dist.collectives(f"load from {store.url}", saving=False):
+        return _load_with(make_reader, state_dict, store, step=step, partial=partial,
                           storage_options=storage_options, config=config or LoadConfig())
 
 
-def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: str, *,
+def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, store: Store, *,
                step: int | None, partial: bool, storage_options: dict | None,
                config: LoadConfig) -> CheckpointInfo:
-    store = open_repository(url, storage_options, required=False)
     url = store.url  # a str where a path object was given
     wait_idle()  # the checkpoint group carries one thing at a time
     group = dist.checkpoint_group(config.collective_timeout_s)

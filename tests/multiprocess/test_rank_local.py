@@ -353,3 +353,29 @@ def test_a_storage_failure_in_one_ranks_checks_is_the_same_error_on_every_rank(t
     assert kind == "StorageError" and "refused on rank 1: PermissionError" in said, out
     assert [o[0] for o in out] == [out[0][0]] * 2 and max(s for _, s in out) < 20, out
     assert dckpt.list_checkpoints(url) == []
+
+
+def _load_with_a_wrong_url_on_rank_1(rank, world, url):
+    dckpt.save({"w": torch.ones(4)}, url, step=1)
+    out = []
+    for wrong in (None, 5, "a\0b", ""):
+        t0 = time.monotonic()
+        try:
+            dckpt.load({"w": torch.zeros(4)}, wrong if rank == 1 else url,
+                       config=dckpt.LoadConfig(collective_timeout_s=30))
+            got = ("ok", "")
+        except dckpt.DckptError as e:
+            got = (type(e).__name__, str(e))
+        out.append((got, time.monotonic() - t0))
+    return out
+
+
+def test_a_wrong_url_on_one_rank_of_a_load_is_the_same_error_on_every_rank(tmp_path):
+    """The URL was checked outside the load's shared checks: the rank that passed None
+    raised at once, the others waited in the load's first collective until its timeout."""
+    url = str(tmp_path / "repo")
+    per_rank = [o.value for o in run_ranks(_load_with_a_wrong_url_on_rank_1, 2, url,
+                                           timeout_s=120)]
+    for (a, sa), (b, sb) in zip(*per_rank):
+        assert a == b and a[0] == "ArgumentError" and "refused on rank 1" in a[1], (a, b)
+        assert max(sa, sb) < 20, (sa, sb)
