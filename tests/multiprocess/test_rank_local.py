@@ -379,3 +379,63 @@ def test_a_wrong_url_on_one_rank_of_a_load_is_the_same_error_on_every_rank(tmp_p
     for (a, sa), (b, sb) in zip(*per_rank):
         assert a == b and a[0] == "ArgumentError" and "refused on rank 1" in a[1], (a, b)
         assert max(sa, sb) < 20, (sa, sb)
+
+
+_ODD = {"None": None, "5": 5, "''": "", "NUL": "a\0b", "[]": [], "object": object(),
+        "-1": -1, "nan": float("nan")}
+
+
+def _odd_value_on_rank_1(rank, world, url):
+    """Each argument of load, save, async_save and the manager's construction, restore and
+    save in turn given an odd value on rank 1 alone."""
+    def state() -> dict:
+        return {"w": torch.arange(8.0), "n": 3}
+
+    dckpt.save(state(), url, step=1)
+    mgr = dckpt.CheckpointManager(url, handle_signals=False, async_save=False)
+    calls = {
+        "load": (dckpt.load, dict(state_dict=state(), url=url, step=None, partial=False,
+                                  storage_options=None, config=None)),
+        "save": (dckpt.save, dict(state_dict=state(), url=url, step=None, metrics=None,
+                                  storage_options=None, config=None)),
+        "async_save": (lambda **k: dckpt.async_save(**k).wait(timeout=60),
+                       dict(state_dict=state(), url=url, step=None, metrics=None, config=None)),
+        "manager": (lambda **k: dckpt.CheckpointManager(**k).close(),
+                    dict(url=url, save_every_steps=None, save_at_epoch_end=False,
+                         handle_signals=False, save_config=None, memory_replicas=0)),
+        "mgr.restore": (mgr.restore, dict(state_dict=state(), step=None, best_metric=None,
+                                          partial=False)),
+        "mgr.save": (mgr.save, dict(step=None, state_dict=state(), metrics=None)),
+    }
+    out, step = [], 10
+    for name, (call, valid) in calls.items():
+        for param in valid:
+            for label, value in _ODD.items():
+                kwargs = dict(valid)
+                if "step" in kwargs and "save" in name:
+                    step += 1
+                    kwargs["step"] = step
+                if rank == 1:
+                    kwargs[param] = value
+                t0 = time.monotonic()
+                try:
+                    call(**kwargs)
+                    got = "ok"
+                except dckpt.DckptError as e:
+                    got = type(e).__name__
+                except Exception as e:  # noqa: BLE001 - what the test looks for
+                    got = f"NOT A DckptError: {type(e).__name__}: {e}"
+                out.append((f"{name}({param}={label})", got, time.monotonic() - t0))
+    mgr.close()
+    return out
+
+
+def test_an_odd_value_of_any_argument_on_one_rank_is_the_same_outcome_on_every_rank(tmp_path):
+    """Ranks alike: both succeed, or both raise the same DckptError type, at once (a wrong
+    URL of a load on one rank left the other in its first collective until the timeout)."""
+    url = str(tmp_path / "repo")
+    per_rank = [o.value for o in run_ranks(_odd_value_on_rank_1, 2, url, timeout_s=240)]
+    apart = [(a[0], a[1], b[1]) for a, b in zip(*per_rank) if a[1] != b[1]]
+    slow = [(a[0], a[2], b[2]) for a, b in zip(*per_rank) if max(a[2], b[2]) > 20]
+    assert apart == [] and slow == []
+    assert all(not got.startswith("NOT") for r in per_rank for _, got, _ in r)
