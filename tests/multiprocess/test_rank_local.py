@@ -349,7 +349,7 @@ def test_a_storage_failure_in_one_ranks_checks_is_the_same_error_on_every_rank(t
     url = str(tmp_path / "repo")
     out = [o.value for o in run_ranks(_storage_fails_in_the_check_on_rank_1, 2, url,
                                       timeout_s=120)]
-    (kind, said), seconds = out[0]
+    (kind, said), _ = out[0]
     assert kind == "StorageError" and "refused on rank 1: PermissionError" in said, out
     assert [o[0] for o in out] == [out[0][0]] * 2 and max(s for _, s in out) < 20, out
     assert dckpt.list_checkpoints(url) == []
