@@ -224,7 +224,8 @@ class ManagerConfig:
     """When to checkpoint into node memory (the memory tier: dckpt.tiers); None: no memory
     tier. Its saves are independent of the storage tier's."""
     memory_dir: str | os.PathLike | None = None
-    """The memory tier's parent folder (a str once made); None: ``DCKPT_MEMORY_DIR``, else ``/dev/shm``."""
+    """The memory tier's parent folder (a str once made); None: ``DCKPT_MEMORY_DIR``, else
+    ``/dev/shm``."""
     memory_replicas: int = 0
     """Copies of each rank's memory checkpoint in the memory of other nodes (the next ones
     on a ring over torchrun's nodes), so that the loss of a node still restores from

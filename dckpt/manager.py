@@ -147,7 +147,8 @@ class CheckpointManager:
                            if trigger is not None and trigger.agreed else None)
         self._broadcasts = (dist.checkpoint_group(timeout_s, purpose="trigger")
                             if trigger is not None and trigger.watches else None)
-        self.memory = (MemorySaves(self.url, cast(str | None, self.config.memory_dir),  # a str by now
+        memory_dir = cast(str | None, self.config.memory_dir)  # a str by now (ManagerConfig)
+        self.memory = (MemorySaves(self.url, memory_dir,
                                    self.config.memory_trigger, self.config.save,
                                    self.config.load, drains=self.config.trigger is not None,
                                    replicas=self.config.memory_replicas)

@@ -147,8 +147,8 @@ class Store:
             if discard is not None and not self.local:
                 try:
                     discard()  # abort a multipart upload instead of completing it
-                finally:  # s3fs leaves it open, without a buffer: its __del__ then failed
-                    _mark_closed(f)  # to close it, on the stderr
+                finally:  # s3fs leaves the file open without its buffer, and its
+                    _mark_closed(f)  # __del__ then failed to close it, on the stderr
             else:
                 _close_quietly(f)  # a full disk fails the flush of the last bytes too
                 if self.local:

@@ -31,7 +31,7 @@ STALL_S = 300.0
 """The default bound on I/O without progress (``io_stall_timeout_s``)."""
 
 PROGRESS_S = 30.0
-"""How often a long load says how far it got (``reported``)."""
+"""How often a long load or save says how far it got (``reported``)."""
 
 T = TypeVar("T")
 
