@@ -105,6 +105,8 @@ class Writer(StorageWriter):
         """(all ranks) When this rank's writes were done (``time.perf_counter``)."""
         self._heartbeat = Heartbeat()
         """Progress of this rank's writes, for the bounded wait on the writer threads."""
+        self._outs: list[SegmentOut] = []
+        """This save's segments being written (what a long save's progress counts)."""
         self._lock = threading.Lock()
         """This rank's part of the save, in seconds: ``rank_plan`` (DCP's planning, its
         collectives included), ``rank_write`` (wall time of this rank's writes) and, summed
@@ -198,7 +200,7 @@ class Writer(StorageWriter):
         resolved = {} if isinstance(planner, SafeSavePlanner) else _checked_values(items, planner)
         self.rank_s = dict.fromkeys(RANK_PHASES, 0.0)
         self._heartbeat = Heartbeat()
-        self._outs: list[SegmentOut] = []  # what a long save's progress counts
+        self._outs = []
         self.rank_s["rank_plan"] = self._t["write"] - self._t.get("start", self._t["write"])
         self._index = (dedup.index_for(self.store, assignment.base,
                                        {item_key(i.index.fqn, i.index.offset) for i in items})
