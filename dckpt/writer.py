@@ -85,8 +85,7 @@ class Writer(StorageWriter):
                  storage_options: dict | None = None, config: SaveConfig | None = None) -> None:
         super().__init__()
         step = check_step(step)
-        self._arguments: dict[str, Any] = dict(url=url, step=step, metrics=metrics,
-                                               storage_options=storage_options, config=config)
+        self._storage_options = storage_options  # the Store keeps its fsspec instance only
         self.store = Store(url, storage_options)
         self.step = step
         self.metrics = check_metrics(metrics)
@@ -125,7 +124,9 @@ class Writer(StorageWriter):
         """A Writer goes to another process (DCP's checkpoint process:
         ``dcp.async_save(..., async_checkpointer_type=AsyncCheckpointerType.PROCESS)``) as
         its arguments, and is made anew there: its locks and open files stay here."""
-        return functools.partial(type(self), **self._arguments), ()
+        return functools.partial(type(self), self.store.url, step=self.step,
+                                 metrics=self.metrics, storage_options=self._storage_options,
+                                 config=self.config), ()
 
     # -- DCP protocol ----------------------------------------------------------------
 
