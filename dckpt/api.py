@@ -43,7 +43,6 @@ from dckpt.optim_state import params_by_id
 from dckpt.overlaps import differing
 from dckpt.planner import SafeLoadPlanner
 from dckpt.reader import Reader
-from dckpt.reads import UNREADABLE
 from dckpt.repository import (
     committed_steps,
     decode_manifest,
@@ -136,13 +135,9 @@ def _find(store: Store, step: int | None, passed: set[int]) -> _Found:
             try:
                 found.step, found.raw = read_manifest_bytes(store, s)
                 break
-            except (CheckpointNotFoundError, FormatError) as e:  # gone, or a folder
-                found.skipped.append((s, str(e)))
-            except OSError as e:
-                if e.errno not in UNREADABLE:  # the storage failed (a connection reset, a
-                    raise  # refusal, a timeout), not this manifest: no fallback to an older
-                # one unreadable for a reason of its own (EIO, ELOOP): the older may be fine
-                found.skipped.append((s, str(storage_error(e, f"reading step {s}"))))
+            except (CheckpointNotFoundError, FormatError) as e:  # gone, or damaged (a
+                found.skipped.append((s, str(e)))  # folder, EIO, ELOOP): the older may be
+                # fine; the storage failing raises (no fallback past a connection reset)
         newest = steps[-1]
         try:  # the newest's time, unless it is the one found (its decoding tells)
             created = None if found.step == newest else read_manifest(store, newest).created_at

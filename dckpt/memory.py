@@ -31,6 +31,7 @@ from torch.distributed.checkpoint.planner import SavePlan
 from dckpt import dist, layout
 from dckpt.blocks import check
 from dckpt.errors import ArgumentError, IntegrityError, StorageError
+from dckpt.files import open_file
 from dckpt.manifest import StoredData, TensorEntry, ValueEntry
 from dckpt.repository import committed_steps, read_manifest
 from dckpt.shm import DEFAULT_MEMORY_DIR, bytes_under, held, lock, memory_folder, unlock
@@ -259,7 +260,8 @@ def mapped_segments(root: str) -> Iterator[Any]:
     def mapped(segment: str) -> mmap.mmap | None:
         if segment not in maps:
             try:
-                with open(os.path.join(root, layout.check_object_name(segment)), "rb") as f:
+                path = os.path.join(root, layout.check_object_name(segment))
+                with open(open_file(path), "rb") as f:
                     maps[segment] = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
                                      if os.fstat(f.fileno()).st_size else None)
             except FileNotFoundError:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 from dckpt import layout
 from dckpt.decoder import decode
+from dckpt.files import open_file
 from dckpt.manifest import Manifest
 
 __all__ = ["Prefetch", "plan", "prefetch", "main", "available_memory"]
@@ -114,7 +115,7 @@ def plan(url: str, *, step: int | None = None, ranks: set[int] | None = None) ->
     for s in candidates:
         path = os.path.join(root, layout.manifest_name(s))
         try:
-            with open(path, "rb") as f:
+            with open(open_file(path), "rb") as f:
                 m = decode(f.read(), name=path)
             return Prefetch(step=s, ranges=_ranges(m, ranks))
         except Exception as e:
@@ -176,7 +177,7 @@ def _warm(job: tuple[str, list[tuple[int, int]]]) -> str:
     """Read one object's ranges into the page cache; a problem is returned, not raised."""
     path, ranges = job
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_file(path)
     except OSError as e:
         return f"{path}: {e.strerror}"
     sink = os.open(os.devnull, os.O_WRONLY)

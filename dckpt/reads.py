@@ -8,7 +8,6 @@ items made tensors and values are ``dckpt.items``.
 
 from __future__ import annotations
 
-import errno
 import threading
 import time
 from collections.abc import Sequence
@@ -19,16 +18,11 @@ from dckpt.blocks import check
 from dckpt.codec import decode
 from dckpt.errors import IntegrityError
 from dckpt.manifest import BlockRef, Manifest, StoredData
-from dckpt.storage import Store
+from dckpt.storage import UNREADABLE, Store
 from dckpt.watchdog import STALL_S, Stalled, wait_all
 
 __all__ = ["Request", "Span", "Target", "blocks_in_range", "coalesce", "spans", "Fetcher", "read_stored",
            "read_stored_sample", "READ_THREADS"]
-
-UNREADABLE = frozenset({errno.ELOOP, errno.EIO})
-"""Errors of one object, not of the storage: a symlink loop where it belongs, a medium error
-under its bytes. Its checkpoint is damaged (a restore falls back past it)."""
-
 
 @dataclass(frozen=True)
 class Request:

@@ -12,7 +12,7 @@ from dckpt.block_table import BlockTable
 from dckpt.decoder import Reference, decode, reference_rows, summary
 from dckpt.errors import CheckpointNotFoundError, DckptError, FormatError, IntegrityError
 from dckpt.manifest import Manifest, Summary
-from dckpt.storage import Store
+from dckpt.storage import UNREADABLE, Store
 
 __all__ = ["open_repository", "committed_steps", "read_manifest", "read_manifest_raw",
            "read_references",
@@ -96,6 +96,11 @@ def read_manifest_bytes(store: Store, step: int | None) -> tuple[int, bytes]:
         raise CheckpointNotFoundError(
             f"{store.url} has no committed checkpoint for step {step} (no {name}); "
             f"committed steps: {committed_steps(store) or 'none'}") from None
+    except OSError as e:
+        if e.errno not in UNREADABLE:  # the storage failed (a connection reset, a refusal, a
+            raise  # timeout), not this manifest
+        raise FormatError(f"{store.url}/{name}: cannot be read ({e.strerror or e}); the "
+                          f"manifest of step {step} is damaged") from None
 
 
 def manifests(store: Store, steps: Iterable[int]) -> Iterator[tuple[int, Manifest | DckptError]]:

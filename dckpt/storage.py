@@ -29,10 +29,16 @@ from dckpt import s3
 from dckpt.arguments import check_options, check_url
 from dckpt.direct import DirectFile
 from dckpt.errors import ArgumentError
+from dckpt.files import open_file
 from dckpt.mounts import watched_filesystem
 from dckpt.watchdog import STALL_S, call_bounded
 
-__all__ = ["Store"]
+__all__ = ["Store", "UNREADABLE"]
+
+UNREADABLE = frozenset({errno.ELOOP, errno.EIO})
+"""Errors of one object, not of the storage: a symlink loop where it belongs, a medium error
+under its bytes, something other than a file in its place (``files.open_file``). Its checkpoint is
+damaged (a restore falls back past it)."""
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
@@ -249,7 +255,10 @@ class Store:
 
     @_bounded
     def read_bytes(self, name: str) -> bytes:
-        return self.fs.cat_file(self.path(name))
+        if type(self.fs) is not LocalFileSystem:
+            return self.fs.cat_file(self.path(name))
+        with open(open_file(self.path(name)), "rb") as f:
+            return f.read()
 
     def read_into(self, name: str, offset: int, out: memoryview) -> int:
         """Read ``len(out)`` bytes at ``offset`` into ``out``; returns the count read.
@@ -314,7 +323,7 @@ class Store:
             with self._fds_lock:
                 fd = self._fds.get(path)
                 if fd is None:
-                    fd = self._fds[path] = os.open(path, os.O_RDONLY)
+                    fd = self._fds[path] = open_file(path)
         return fd
 
     def close_files(self) -> None:

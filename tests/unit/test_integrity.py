@@ -6,13 +6,14 @@ import gc
 import json
 import os
 import pickle
+import signal
 
 import fsspec
 import pytest
 import torch
 
 import dckpt
-from dckpt import layout
+from dckpt import layout, prefetch
 from dckpt.storage import Store
 from dckpt_testing import arm, as_rows, disarm, faulty_s3_class, flip_stored_byte, reseal
 
@@ -142,29 +143,52 @@ def _objects(root: str) -> list[str]:
                   for d, _, names in os.walk(os.path.join(root, layout.DATA_DIR)) for n in names)
 
 
-@pytest.mark.parametrize("swap", ["manifest", "segment", "segment as a symlink loop"])
-def test_a_folder_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap):
+def _stand_in(path: str, what: str) -> None:
+    """Put ``what`` where the file at ``path`` was."""
+    os.unlink(path)
+    if what == "folder":
+        os.mkdir(path)
+    elif what == "symlink loop":  # ELOOP
+        os.symlink(path, path)
+    elif what == "fifo":  # an open for reading blocked until a writer came: forever
+        os.mkfifo(path)
+    else:  # a device: a read of /dev/zero never ends
+        os.symlink(what, path)
+
+
+@pytest.mark.parametrize("what", ["folder", "symlink loop", "fifo", "/dev/zero", "/dev/null"])
+@pytest.mark.parametrize("swap", ["manifest", "segment"])
+def test_what_is_not_a_file_where_a_file_belongs_is_damage_and_skipped(tmp_path, swap, what):
+    """A manifest: FormatError everywhere (a symlink loop made list_checkpoints, verify and
+    gc raise a StorageError, and a FIFO or /dev/zero hung every one of them); a segment:
+    IntegrityError (a FIFO hung the load). ``load(step=None)`` falls back either way."""
     url = str(tmp_path)
     dckpt.save({"w": torch.ones(10)}, url, step=1)
     dckpt.save({"w": torch.full((10,), 2.0)}, url, step=2)
     manifest = os.path.join(url, layout.manifest_name(2))
     path = (manifest if swap == "manifest"
             else os.path.join(url, json.loads(open(manifest, "rb").read())["segments"][0]))
-    os.unlink(path)
-    if swap == "segment as a symlink loop":  # ELOOP: was a DckptError, and no fallback
-        os.symlink(path, path)
-        swap = "segment"
-    else:
-        os.mkdir(path)
-    out = {"w": torch.zeros(10)}
-    info = dckpt.load(out, url)
-    assert info.step == 1 and info.skipped[0][0] == 2 and torch.equal(out["w"], torch.ones(10))
-    assert [(i.step, i.problem is None) for i in dckpt.list_checkpoints(url)] == [
-        (1, True), (2, swap == "segment")]
-    assert not dckpt.verify(url, step=2).ok and dckpt.verify(url, step=1).ok
-    if swap == "manifest":  # what step 2 references cannot be told from garbage
-        with pytest.raises(dckpt.FormatError, match="gc stopped"):
-            dckpt.gc(url, min_age_s=0)
+    _stand_in(path, what)
+    signal.alarm(60)  # a hang fails the test instead of the suite
+    try:
+        out = {"w": torch.zeros(10)}
+        info = dckpt.load(out, url)
+        assert info.step == 1 and info.skipped[0][0] == 2
+        assert torch.equal(out["w"], torch.ones(10))
+        problems = [(i.step, i.problem) for i in dckpt.list_checkpoints(url)]
+        assert problems[0] == (1, None) and problems[1][0] == 2
+        assert (problems[1][1] is None) == (swap == "segment")  # a listing reads no segment
+        assert not dckpt.verify(url, step=2).ok and dckpt.verify(url, step=1).ok
+        assert [p.step for p in dckpt.verify(url, all_steps=True).problems] == [2]
+        assert dckpt.status(url).newest.step == (1 if swap == "manifest" else 2)
+        if swap == "manifest":  # what step 2 references cannot be told from garbage
+            with pytest.raises(dckpt.FormatError, match="gc stopped"):
+                dckpt.gc(url, min_age_s=0)
+            assert prefetch.plan(url).step == 1
+        else:
+            assert prefetch.prefetch(url).step == 2  # its note names the segment
+    finally:
+        signal.alarm(0)
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "empty", "another step's"])

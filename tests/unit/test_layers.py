@@ -19,7 +19,7 @@ LAYERS = [
     {"errors", "layout", "dtypes", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
      "codec", "info", "arguments", "triggers", "retention", "config", "watchdog", "step_metrics"},
     # edges: the only users of fsspec, torch.distributed, CUDA streams, torch internals
-    {"storage", "s3", "mounts", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
+    {"storage", "files", "s3", "mounts", "direct", "dist", "staging", "torch_internals", "values", "logs", "metrics"},
     # the repository: manifests found, blocks indexed, segments written, blocks read
     {"repository", "dedup", "segments", "reads", "items", "shm", "memory", "discard",
      "live_blocks"},
@@ -46,14 +46,14 @@ OWNERS = {  # a library (prefix) -> the only modules that import it
 }
 COLLECTIVES = {"dist"}  # the only module that imports torch.distributed itself
 TORCH_FREE = {"errors", "layout", "block_table", "manifest", "decoder", "decode_items", "gcpause", "blocks",
-              "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "s3", "mounts", "direct",
+              "codec", "info", "triggers", "retention", "arguments", "prefetch", "watchdog", "storage", "files", "s3", "mounts", "direct",
               "repository", "reads", "shm", "verify", "sweep", "live_blocks", "status", "health", "diff",
               "catalog", "cli_format"}
 """Modules whose import needs no torch: the format, and what ``dckpt ls``, ``inspect``,
 ``verify``, ``delete``, ``gc``, ``status``, ``health`` and ``diff`` run (a test runs them and
 finds no torch imported)."""
 PREFETCH_NEEDS = {"layout", "decoder", "decode_items", "gcpause", "manifest", "block_table",
-                  "errors"}
+                  "errors", "files"}
 """All ``python -m dckpt.prefetch`` loads of dckpt: the stdlib and xxhash beside them."""
 
 

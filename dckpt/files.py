@@ -1,0 +1,30 @@
+"""Local files opened for reading only where a regular file stands (stdlib alone: the
+launcher-side prefetch uses it too)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+__all__ = ["open_file"]
+
+
+def open_file(path: str) -> int:
+    """A descriptor open for reading on the regular file at ``path``. Anything else there
+    raises at once: a folder IsADirectoryError, a FIFO, socket or device OSError(EIO). A FIFO
+    opened plainly blocks until a writer comes (forever), and a read of /dev/zero never
+    ends: one where a manifest or segment belongs is damage, not a storage that hangs."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISREG(mode):
+            return fd
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device")
+        raise OSError(errno.EIO, f"{kind} where a file belongs", path)
+    except BaseException:
+        os.close(fd)
+        raise
