@@ -201,11 +201,15 @@ class CheckpointManager:
             if step is not None:
                 raise
             log.info("rank %d: no checkpoint in %s: starting fresh", dist.rank(), self.url)
+            if self.memory is not None:
+                self.memory.forget_after(None)
             return None
-        if self.memory is not None:  # IMPORTANT: only now: on a state never stepped,
-            # state_dict() (DCP's get_state_dict) steps the optimizer once with lr 0 to create
-            # its state, and its step count would change the run; a fresh start checks the
-            # room at its first memory save
+        if self.memory is not None:
+            self.memory.forget_after(info.step)
+            # IMPORTANT: only now: on a state never stepped, state_dict() (DCP's
+            # get_state_dict) steps the optimizer once with lr 0 to create its state, and its
+            # step count would change the run; a fresh start checks the room at its first
+            # memory save
             self.memory.check_room(state_dict)
         again = self.restored is not None  # a second restore of this run (a pipeline's stage)
         self.recoveries = max(self.recoveries, 1)

@@ -385,6 +385,24 @@ class MemorySaves:
             self.tier.prune()
         return restored
 
+    def forget_after(self, step: int | None) -> None:
+        """(all ranks) The job goes on from ``step`` (None: a fresh start): the memory
+        checkpoints of later steps, which its restore passed over (a segment missing or
+        short on every node that held it), go. Kept, the newest of them outlived the
+        memory saves of the run redoing those steps (pruned as older), and the first of
+        those saves under its step failed as already committed."""
+        self._reap(wait=True)
+        if not self.leader:
+            return
+        later = [s for s in committed_steps(self.tier.store) if step is None or s > step]
+        for s in later:
+            self.tier.store.delete(layout.manifest_name(s))
+        if later:
+            log.warning("memory tier %s: dropped the checkpoints of steps %s, later than the "
+                        "restored %s and not restored", self.tier.folder, later,
+                        "fresh start" if step is None else f"step {step}")
+            self.tier.prune()
+
     def close(self, remove: bool) -> None:
         """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),
         the node's leader removes the folder once every rank is done with it."""

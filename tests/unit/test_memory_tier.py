@@ -174,20 +174,34 @@ def _symlink_loop(path: str) -> None:
     os.symlink(path, path)
 
 
+def _fifo(path: str) -> None:
+    os.unlink(path)
+    os.mkfifo(path)  # an open for reading blocked until a writer came: forever
+
+
 @pytest.mark.parametrize("damage", ["data is a file", "manifests is a file",
-                                    "a segment is a symlink loop", "the folder is a file",
+                                    "a segment is a symlink loop", "a segment is a FIFO",
+                                    "a segment is short",
+                                    "the manifest is a FIFO", "the folder is a file",
                                     "spare is a file"])
 def test_a_memory_folder_damaged_past_reading_means_storage_then_memory_again(tmp_path, damage):
     """The memory tier is the node's scratch: what it cannot read is memory lost, not a
     reason to stop the job. Each of these failed the restore (StorageError), failed the
-    manager's creation, or failed every memory save after."""
+    manager's creation, or failed every memory save after; a FIFO hung the restore; a
+    short segment (as a FIFO's) left its checkpoint, passed over, to fail the memory save
+    redoing its step ("already committed")."""
     url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
     shm.mkdir()
     crashed, weights = _run(url, shm, 13, save_every_steps=5, memory_every_steps=3)
     folder = memory.memory_folder(url, str(shm))
     segment = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "data"))
                    for f in fs)
+    manifest = next(os.path.join(d, f) for d, _, fs in os.walk(os.path.join(folder, "manifests"))
+                    for f in fs)
     {"data is a file": lambda: _replace_with_a_file(os.path.join(folder, "data")),
+     "a segment is a FIFO": lambda: _fifo(segment),
+     "a segment is short": lambda: os.truncate(segment, os.path.getsize(segment) - 1),
+     "the manifest is a FIFO": lambda: _fifo(manifest),
      "manifests is a file": lambda: _replace_with_a_file(os.path.join(folder, "manifests")),
      "a segment is a symlink loop": lambda: _symlink_loop(segment),
      "the folder is a file": lambda: _replace_with_a_file(folder),
@@ -195,7 +209,11 @@ def test_a_memory_folder_damaged_past_reading_means_storage_then_memory_again(tm
     model, opt, state = _train(seed=99)
     mgr = dckpt.CheckpointManager(url, handle_signals=False, memory_dir=str(shm),
                                   save_every_steps=5, memory_every_steps=3)
-    info = mgr.restore(state)
+    signal.alarm(60)  # a hang fails the test instead of the suite
+    try:
+        info = mgr.restore(state)
+    finally:
+        signal.alarm(0)
     want = (12, "memory") if damage == "spare is a file" else (10, "storage")
     assert (info.step, info.tier) == want and _same(model.state_dict(), weights[info.step])
     for step in range(info.step + 1, info.step + 10):
