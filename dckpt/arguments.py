@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TypeVar, overload
 
-from dckpt.errors import ArgumentError, DckptError, StorageError
+from dckpt.errors import ArgumentError, DckptError, StateDictError, StorageError
 from dckpt.layout import MAX_STEP, same_url
 
 __all__ = ["check_step", "check_bool", "check_config", "check_state_dict", "check_seconds",
@@ -164,7 +164,11 @@ def storage_error(e: BaseException, what: str) -> DckptError:
             type(e).__module__.partition(".")[0] in STORAGE_LIBRARIES):
         return StorageError(f"{what}: the storage failed ({type(e).__name__}: {e}); earlier "
                             "checkpoints are intact")
-    if isinstance(e, RecursionError | MemoryError | OverflowError):
+    if isinstance(e, RecursionError):  # a manifest nested too deep: FormatError (decoder)
+        return StateDictError(f"{what}: the state dict (or a value given) holds itself (a "
+                              "dict or list inside itself, at some depth) or is nested "
+                              "deeper than Python's recursion limit")
+    if isinstance(e, MemoryError | OverflowError):
         return DckptError(f"{what}: {type(e).__name__}: {str(e)[:200]}; a manifest or an "
                           "argument holds a value far out of range")
     return DckptError(f"{what}: unexpected {type(e).__name__}: {e}")

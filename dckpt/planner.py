@@ -343,6 +343,11 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
+        with named_collisions("read"):  # each step walks the state dict recursively
+            self._set_up(state_dict, metadata, is_coordinator)
+
+    def _set_up(self, state_dict: dict[str, Any], metadata: Metadata | None,
+                is_coordinator: bool) -> None:
         # an object's meta tensors would load nothing (dckpt.meta_tensors): refused
         self._meta_problems = [meta_problem(k, obj, keys) for k, obj in self.stateful.items()
                                if (keys := meta_keys(state_dict.get(k), k))]
@@ -362,8 +367,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
                          "load into", len(made))
         sharded, self.flatten_sharded_tensors = self.flatten_sharded_tensors, False
         try:
-            with named_collisions("read"):
-                super().set_up_planner(state_dict, metadata, is_coordinator)
+            super().set_up_planner(state_dict, metadata, is_coordinator)
         finally:
             self.flatten_sharded_tensors = sharded
         if sharded:

@@ -160,10 +160,14 @@ def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | No
 
 @contextlib.contextmanager
 def named_collisions(done: str) -> Iterator[None]:
-    """DCP's flattening of a state dict whose keys collide, as a StateDictError that says
-    how they collide."""
+    """DCP's flattening of a state dict whose keys collide, or that holds itself, as a
+    StateDictError that says so."""
     try:
         yield
+    except RecursionError:  # DCP flattens recursively: a CommitError said only this
+        raise StateDictError(
+            "the state dict holds itself (a dict or list inside itself, at some depth) or is "
+            f"nested deeper than Python's recursion limit; nothing was {done}") from None
     except ValueError as e:
         if "duplicated flatten key" not in str(e):
             raise

@@ -1036,3 +1036,47 @@ def test_a_stateful_that_refuses_its_state_is_a_state_dict_error_naming_it(tmp_p
     dckpt.save({"pipeline": {PROGRESS_KEY: json.dumps(sound)}}, url, step=20)
     dckpt.load(progress, url, step=20, partial=True)
     assert progress["pipeline"].progress() == {**sound, "stages": ["a", "b"]}
+
+
+def _holding_itself(kind: str) -> object:
+    if kind == "list":
+        x: list = []
+        x.append(x)
+        return x
+    if kind == "dict":
+        d: dict = {}
+        d["me"] = {"again": d}
+        return d
+    deep: dict = {}
+    at = deep
+    for _ in range(5000):  # past the recursion limit
+        at["a"] = {}
+        at = at["a"]
+    return deep
+
+
+@pytest.mark.parametrize("kind", ["list", "dict", "nested 5000 deep"])
+def test_a_state_dict_that_holds_itself_is_refused_saying_so(tmp_path, kind):
+    """DCP flattens a state dict recursively: a RecursionError came out as a CommitError
+    (a save), a DckptError (a load) or an unexpected DckptError (staging, the memory tier),
+    saying only 'maximum recursion depth exceeded'."""
+    url = str(tmp_path / "r")
+    state = {"x": _holding_itself(kind), "w": torch.ones(2)}
+    said = "holds itself"
+    with pytest.raises(dckpt.UnsavableStateError, match=said):
+        dckpt.save(state, url, step=1)
+    with pytest.raises(dckpt.UnsavableStateError, match=said):
+        dckpt.async_save(state, url, step=1).wait(timeout=60)
+    with pytest.raises(dckpt.StateDictError, match=said):
+        dckpt.Stager().stage(state)
+    assert not os.path.exists(url) or dckpt.list_checkpoints(url) == []
+    dckpt.save({"w": torch.full((2,), 3.0)}, url, step=2)
+    with pytest.raises(dckpt.StateDictError, match=said):
+        dckpt.load(state, url, partial=True)
+    mgr = dckpt.CheckpointManager(str(tmp_path / "m"), save_every_steps=1, async_save=False,
+                                  handle_signals=False, memory_every_steps=1,
+                                  memory_dir=str(tmp_path))
+    with pytest.raises(dckpt.StateDictError, match=said):
+        mgr.maybe_save(1, state)
+    mgr.close()
+    assert dckpt.list_checkpoints(str(tmp_path / "m")) == []
