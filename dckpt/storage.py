@@ -353,7 +353,9 @@ class Store:
             return []
         except TypeError:  # filesystems without a refresh keyword
             entries = self.fs.ls(self.path(folder), detail=False)
-        return sorted(posixpath.basename(e.rstrip("/")) for e in entries)
+        # a set: an object store may hold an object and a prefix of one name (a key "a"
+        # and a key "a/x"), listed as two entries, and a step listed twice was two checkpoints
+        return sorted({posixpath.basename(e.rstrip("/")) for e in entries})
 
     @_bounded
     def list_sizes(self, folder: str) -> dict[str, int]:

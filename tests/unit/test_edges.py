@@ -1080,3 +1080,25 @@ def test_a_state_dict_that_holds_itself_is_refused_saying_so(tmp_path, kind):
         mgr.maybe_save(1, state)
     mgr.close()
     assert dckpt.list_checkpoints(str(tmp_path / "m")) == []
+
+
+@pytest.mark.s3
+def test_s3_keys_that_are_also_prefixes_or_folder_markers_list_each_step_once(s3_repo):
+    """A key and a prefix of the same name (``manifests/…2.json`` and ``…2.json/x``) were
+    listed as two entries: step 2 was two checkpoints in every listing and in gc's live
+    set. The console's folder markers (empty keys ending in /) are no checkpoints."""
+    import fsspec
+
+    url, options = s3_repo
+    dckpt.save({"w": torch.ones(4)}, url, step=1, storage_options=options)
+    dckpt.save({"w": torch.full((4,), 2.0)}, url, step=2, storage_options=options)
+    fs, root = fsspec.core.url_to_fs(url, **options)
+    fs.pipe({f"{root}/{layout.manifest_name(2)}/x": b"junk", f"{root}/": b"",
+             f"{root}/{layout.MANIFEST_DIR}/": b"", f"{root}/{layout.DATA_DIR}/": b""})
+    fs.invalidate_cache()
+    assert [i.step for i in dckpt.list_checkpoints(url, storage_options=options)] == [1, 2]
+    assert dckpt.gc(url, dry_run=True, storage_options=options).live_checkpoints == (1, 2)
+    out = {"w": torch.zeros(4)}
+    assert dckpt.load(out, url, storage_options=options).step == 2
+    assert torch.equal(out["w"], torch.full((4,), 2.0))
+    assert dckpt.verify(url, all_steps=True, storage_options=options).ok
