@@ -172,7 +172,9 @@ class Writer(StorageWriter):
         if len(set(steps)) > 1:
             raise ArgumentError(f"the ranks asked to save different steps "
                                 f"({dist.by_value(steps)}); "
-                                "every rank must pass the same step")
+                                "every rank must pass the same step (to a "
+                                "CheckpointManager's maybe_save: the same step, and "
+                                "epoch_end, at every call)")
         committed = committed_steps(self.store)
         if self.step in committed:
             raise CheckpointExistsError(
