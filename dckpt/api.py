@@ -321,7 +321,8 @@ def _dcp_load(state_dict: StateDict, reader: Reader, planner: SafeLoadPlanner,
     except BaseException:
         planner.forget_made()  # a fallback to an older step, or the caller, starts clean
         raise
-    problems = differing(planner.state_dict, planner.tied)  # tied keys read apart (overlaps)
+    # tied and overlapping keys were read apart (dckpt.overlaps)
+    problems = differing(planner.state_dict, planner.tied, planner.destinations)
     for key in keys:
         if key not in stateful:
             state_dict[key] = flat[key]

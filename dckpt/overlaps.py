@@ -5,12 +5,15 @@ digests. Two keys whose destinations overlap would write into each other: the ch
 first then fails, and a sound checkpoint was reported damaged and skipped for an older one.
 So:
 
-- destinations that overlap in part (views of one buffer that share some elements) are
-  refused, naming both keys;
 - one view under several keys (tied weights: an output projection that is the embedding)
   is loaded once into its first key; the others are read into memory of their own and
   compared after the reads, equal or refused (``shared_memory``, ``read_apart``,
-  ``differing``).
+  ``differing``);
+- plain tensors that overlap in part (views of one buffer that share some elements, as a
+  save of them stores) are each read into memory of their own; after the reads each is
+  copied into its destination, and each destination must then hold its key's values: the
+  checkpoint agrees on the elements they share, or the load is refused naming both keys.
+  Other destinations that overlap in part (DTensors) are refused before any read.
 
 dckpt's load planner does this as it sets up; under ``dcp.load`` with DCP's own planner the
 Reader does it around its reads (``ReadApart``): DCP's planner loaded the later key's values
@@ -42,7 +45,11 @@ class _Span(NamedTuple):
 class Tied(NamedTuple):
     key: str
     first: str
-    """The key whose destination receives the values; ``key``'s are read apart."""
+    """The key whose destination receives the values; ``key``'s are read apart. With
+    ``overlap``: a key whose destination shares some elements with ``key``'s."""
+    overlap: bool = False
+    """``key``'s own destination receives its values, copied after the reads (views that
+    share some elements); then it must hold them."""
 
 
 def _span(t: torch.Tensor, order: int, key: str) -> _Span:
@@ -72,9 +79,11 @@ def _share_elements(a: _Span, b: _Span) -> bool:
 
 def shared_memory(flat: dict[str, Any]) -> tuple[list[str], list[Tied]]:
     """(one rank) Problems of a flattened destination state dict whose tensors overlap in
-    part, and the keys tied to an earlier key's very view."""
+    part (other than plain tensors), the keys tied to an earlier key's very view, and the
+    keys whose plain tensors overlap another's in part (``Tied.overlap``)."""
     problems: list[str] = []
     tied: dict[str, Tied] = {}
+    overlaps: list[tuple[str, str]] = []
     for views in _sharing(flat):
         spans = sorted(_span(t, order, key) for order, key, t in views)
         for i, a in enumerate(spans):
@@ -85,9 +94,14 @@ def shared_memory(flat: dict[str, Any]) -> tuple[list[str], list[Tied]]:
                 first, later = (a, b) if a.order < b.order else (b, a)
                 if later.key in tied or first.key == later.key:
                     continue
-                problem = _pair(flat, first, later, tied)
+                problem = _pair(flat, first, later, tied, overlaps)
                 if problem:
                     problems.append(problem)
+    for pair in overlaps:  # a key tied to another's view: that key's destination holds it
+        one, two = (tied[k].first if k in tied and not tied[k].overlap else k for k in pair)
+        for key, other in ((one, two), (two, one)):
+            if key != other and key not in tied:
+                tied[key] = Tied(key, other, overlap=True)
     return problems, sorted(tied.values(), key=lambda t: t.key)
 
 
@@ -120,9 +134,11 @@ def _sharing(flat: dict[str, Any]) -> list[list[View]]:
     return [views for views in by_storage.values() if len(views) > 1]
 
 
-def _pair(flat: dict[str, Any], first: _Span, later: _Span, tied: dict[str, Tied]) -> str | None:
+def _pair(flat: dict[str, Any], first: _Span, later: _Span, tied: dict[str, Tied],
+          overlaps: list[tuple[str, str]]) -> str | None:
     """Two views whose bytes intersect: ``later`` tied to ``first``'s key (into ``tied``),
-    or the problem they make."""
+    a pair of plain tensors that share some elements (into ``overlaps``), or the problem
+    they make."""
     if _same_view(first.t, later.t):
         if _tieable(flat[first.key], flat[later.key]):
             root = tied[first.key].first if first.key in tied else first.key
@@ -131,10 +147,13 @@ def _pair(flat: dict[str, Any], first: _Span, later: _Span, tied: dict[str, Tied
         return (f"{later.key}: the same memory as {first.key} (tied weights), which a load "
                 "takes only into plain tensors and DTensors; load into separate tensors")
     if _share_elements(first, later):
+        if type(flat[first.key]) in PLAIN and type(flat[later.key]) in PLAIN:
+            overlaps.append((first.key, later.key))
+            return None
         return (f"{later.key}: its memory overlaps that of {first.key} in part (views of one "
-                "tensor that share elements); a load writes each key whole, so one would "
-                "overwrite the other. Load into tensors that do not overlap, or into one "
-                "tensor under both keys (tied weights)")
+                "tensor that share elements), which a load takes only into plain tensors. "
+                "Load into tensors that do not overlap, or into one tensor under both keys "
+                "(tied weights)")
     return None
 
 
@@ -143,9 +162,12 @@ def _tieable(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (type(a) in PLAIN and type(b) in PLAIN) or (is_dtensor(a) and is_dtensor(b))
 
 
-def differing(flat: dict[str, Any], tied: list[Tied]) -> list[str]:
-    """(one rank, after the reads) The tied keys whose values, read apart, differ from their
-    first key's, bit for bit."""
+def differing(flat: dict[str, Any], tied: list[Tied], destinations: dict[str, Any]
+              ) -> list[str]:
+    """(one rank, after the reads) Copy the values of keys that overlap another in part
+    into their ``destinations`` (``read_apart``'s), then the keys whose values, read apart,
+    differ bit for bit: a tied key's from its first key's, an overlapping key's from its
+    destination's (the checkpoint holds other values for the elements they share)."""
     def bits(t: torch.Tensor) -> torch.Tensor:
         (local,) = held_tensors(t)
         return local.detach().resolve_conj().resolve_neg().reshape(-1).contiguous().view(
@@ -156,10 +178,18 @@ def differing(flat: dict[str, Any], tied: list[Tied]) -> list[str]:
             a, b = a.cpu(), b.cpu()
         return torch.equal(a, b)
 
-    return [f"{t.key}: one tensor with {t.first} in the state dict (tied weights), but the "
+    overlapping = [t for t in tied if t.overlap]
+    with torch.no_grad():
+        for t in overlapping:
+            destinations[t.key].copy_(flat[t.key])
+    return [f"{t.key}: its memory overlaps that of {t.first} in part, and the checkpoint "
+            "holds different values for the elements they share; load into tensors that do "
+            "not overlap" if t.overlap else
+            f"{t.key}: one tensor with {t.first} in the state dict (tied weights), but the "
             "checkpoint holds different values for the two; load into separate tensors, or "
             "leave one of the keys out (partial=True)"
-            for t in tied if not same(bits(flat[t.key]), bits(flat[t.first]))]
+            for t in tied if not same(bits(flat[t.key]), bits(
+                destinations[t.key] if t.overlap else flat[t.first]))]
 
 
 def read_apart(flat: dict[str, Any], tied: list[Tied]) -> dict[str, Any]:
@@ -177,8 +207,9 @@ def read_apart(flat: dict[str, Any], tied: list[Tied]) -> dict[str, Any]:
 class ReadApart:
     """(one rank, around its reads) The shared memory of another planner's destinations
     (DCP's DefaultLoadPlanner under ``dcp.load``, which reads every key into its own
-    destination): partial overlaps refused before any read, tied keys read into twins and
-    compared after the reads; ``finish`` puts the destinations back."""
+    destination): tied and overlapping keys read into twins, compared (and copied) after
+    the reads, the other partial overlaps refused before any read; ``finish`` puts the
+    destinations back."""
 
     def __init__(self, flat: dict[str, Any]) -> None:
         problems, self.tied = shared_memory(flat)
@@ -189,9 +220,9 @@ class ReadApart:
         self.replaced = read_apart(flat, self.tied)
 
     def finish(self, *, read: bool) -> None:
-        """Put the destinations back; where the reads completed (``read``), refuse tied keys
-        whose values differ."""
-        problems = differing(self.flat, self.tied) if read else []
+        """Where the reads completed (``read``), copy overlapping keys' values into their
+        destinations; put the destinations back; refuse keys whose values differ."""
+        problems = differing(self.flat, self.tied, self.replaced) if read else []
         self.flat.update(self.replaced)
         if problems:
             raise StateDictError(listing("the state dict does not fit the checkpoint",

@@ -340,6 +340,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         self.stateful: dict[str, object] = {}
         self._meta_problems: list[str] = []
         self.tied: list[Tied] = []
+        self.destinations: dict[str, Any] = {}
+        """The destinations of the tied and overlapping keys, read apart (``tied``)."""
 
     def set_up_planner(self, state_dict: dict[str, Any], metadata: Metadata | None = None,
                        is_coordinator: bool = False) -> None:
@@ -376,7 +378,7 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         # read into a twin of its own, compared with its first key's after the reads (api)
         overlapping, self.tied = shared_memory(self.state_dict)
         self._meta_problems += overlapping
-        read_apart(self.state_dict, self.tied)
+        self.destinations = read_apart(self.state_dict, self.tied)
 
     def forget_made(self) -> None:
         """Take back the optimizer state made for this load (it failed): a caller that goes
