@@ -196,6 +196,8 @@ class MemorySaves:
         if not self._room_checked:
             self.check_room(state_dict)
         self._reap(wait=False)  # the one before, if it ended: pruned with nothing in flight
+        if self.leader:
+            self._drop_from(step)
         previous = self._pending
         handle = self.saver.async_save(state_dict, self.tier.url, step=step, metrics=metrics,
                                        config=self.skippable if may_skip else self.config)
@@ -388,20 +390,24 @@ class MemorySaves:
     def forget_after(self, step: int | None) -> None:
         """(all ranks) The job goes on from ``step`` (None: a fresh start): the memory
         checkpoints of later steps, which its restore passed over (a segment missing or
-        short on every node that held it), go. Kept, the newest of them outlived the
-        memory saves of the run redoing those steps (pruned as older), and the first of
-        those saves under its step failed as already committed."""
+        short on every node that held it, or an explicit older step), go (``_drop_from``)."""
         self._reap(wait=True)
-        if not self.leader:
-            return
-        later = [s for s in committed_steps(self.tier.store) if step is None or s > step]
+        if self.leader and self._drop_from(0 if step is None else step + 1):
+            self.tier.prune()
+
+    def _drop_from(self, step: int) -> list[int]:
+        """(the node's leader) Delete the memory checkpoints of ``step`` and later (steps
+        this run goes on to, or saves now): another run's (one this run did not restore,
+        or passed over). Kept, the newest of them outlived this run's memory saves, pruned
+        as older (the tier held none of its own), and refused the save of its own step as
+        already committed. Their folders go at the next prune."""
+        later = [s for s in committed_steps(self.tier.store) if s >= step]
         for s in later:
             self.tier.store.delete(layout.manifest_name(s))
         if later:
-            log.warning("memory tier %s: dropped the checkpoints of steps %s, later than the "
-                        "restored %s and not restored", self.tier.folder, later,
-                        "fresh start" if step is None else f"step {step}")
-            self.tier.prune()
+            log.warning("memory tier %s: dropped the checkpoints of steps %s, from another "
+                        "run (this one is at step %d)", self.tier.folder, later, step)
+        return later
 
     def close(self, remove: bool) -> None:
         """(all ranks) Wait for the memory save in flight; with ``remove`` (a clean end),

@@ -249,6 +249,24 @@ def test_a_crashed_runs_memory_is_reused_then_removed_by_a_clean_end(tmp_path):
     crashed.close()
 
 
+def test_a_run_that_did_not_restore_keeps_its_own_memory_checkpoints(tmp_path):
+    """A relaunch that starts afresh without restore: the crashed run's newer memory
+    checkpoint (step 10) outlived every memory save of the new run (each pruned as older:
+    the tier held none of its own, and reported no failure), so a restart after a crash at
+    step 6 restored the other run's step 10."""
+    url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
+    shm.mkdir()
+    first, _ = _run(url, shm, 11, memory_every_steps=2, save_every_steps=100)
+    assert memory.held(url, str(shm))[2] == 10
+    second, weights = _run(url, shm, 7, memory_every_steps=2, save_every_steps=100)
+    # storage's step 0 is the first run's (never overwritten: that save fails, and says so)
+    assert [s for s, _ in second.failures] == [0] and memory.held(url, str(shm))[2] == 6
+    mgr, info, restored = _restore(url, shm, memory_every_steps=2, save_every_steps=100)
+    assert (info.step, info.tier) == (6, "memory") and _same(restored, weights[6])
+    for m in (mgr, second, first):
+        m.close()
+
+
 def test_a_memory_folder_without_room_is_refused(tmp_path, monkeypatch):
     url, shm = str(tmp_path / "ckpt"), tmp_path / "shm"
     shm.mkdir()
