@@ -38,16 +38,18 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         print_json([dataclasses.asdict(i) for i in infos])
         return 0
-    print(f"{'step':>10}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  metrics")
+    w = max([10] + [len(str(i.step)) for i in infos])  # steps up to 2**63 - 1
+    print(f"{'step':>{w}}  {'created':<23}  {'ranks':>5}  {'logical':>10}  {'written':>10}  "
+          "metrics")
     for i in infos:
         if i.problem:
-            print(f"{i.step:>10}  UNREADABLE: {i.problem.splitlines()[0]}")
+            print(f"{i.step:>{w}}  UNREADABLE: {i.problem.splitlines()[0]}")
             continue
         if i.quarantined:
-            print(f"{i.step:>10}  QUARANTINED: {i.quarantined}")
+            print(f"{i.step:>{w}}  QUARANTINED: {i.quarantined}")
             continue
         metrics = metrics_text(i.metrics)
-        print(f"{i.step:>10}  {when(i.created_at):<23}  {i.world_size:>5}  "
+        print(f"{i.step:>{w}}  {when(i.created_at):<23}  {i.world_size:>5}  "
               f"{size(i.bytes_logical):>10}  {size(i.bytes_written):>10}  {metrics}")
     if not infos:
         print("(no committed checkpoint" + _no_repository(args) + ")")

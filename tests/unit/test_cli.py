@@ -7,6 +7,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -113,3 +114,16 @@ print("CODES", codes, "TORCH", sorted(m for m in sys.modules if m.split(".")[0] 
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "CODES [0, 0, 0, 0, 0, 0, 0, 0] TORCH []"
     assert [c.step for c in dckpt.list_checkpoints(url)] == [2]  # the delete did delete
+
+
+def test_ls_keeps_its_columns_for_steps_of_any_length(tmp_path):
+    url = str(tmp_path)
+    for step in (5, 2**63 - 1):
+        dckpt.save({"w": torch.ones(2)}, url, step=step)
+    out = _dckpt("ls", url)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["step", "5", str(2**63 - 1)]
+    starts = [lines[0].index("created")] + [
+        re.search(r"\d{4}-\d\d-\d\d ", line).start() for line in lines[1:]]
+    assert len(set(starts)) == 1, lines  # the created column starts alike
