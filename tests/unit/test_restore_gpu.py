@@ -138,3 +138,17 @@ def test_tied_cuda_tensors_load_once_and_their_twin_stays_on_the_host(tmp_path):
     assert torch.cuda.max_memory_allocated() - before < emb.nbytes  # no twin on the GPU
     with pytest.raises(dckpt.StateDictError, match="head: one tensor with emb"):
         dckpt.load({"emb": t, "head": t}, str(tmp_path / "apart"))
+
+
+def test_cuda_views_that_overlap_in_part_load_through_host_twins(tmp_path):
+    """Each key of two GPU views that share elements is read into a twin on the host, then
+    copied into its view; a checkpoint that disagrees on the shared elements is refused."""
+    buf = torch.randn(4096)
+    url = str(tmp_path / "r")
+    dckpt.save({"a": buf[:3072], "b": buf[1024:].view(32, 96)}, url, step=1)
+    dckpt.save({"a": buf[:3072], "b": buf[1024:].view(32, 96) + 1}, url, step=2)
+    dest = torch.zeros(4096, device="cuda")
+    dckpt.load({"a": dest[:3072], "b": dest[1024:].view(32, 96)}, url, step=1)
+    assert torch.equal(dest.cpu(), buf)
+    with pytest.raises(dckpt.StateDictError, match="elements they share"):
+        dckpt.load({"a": dest[:3072], "b": dest[1024:].view(32, 96)}, url, step=2)
