@@ -1,5 +1,5 @@
 """torch dtypes <-> the dtype names of the format (dckpt.manifest keeps names and sizes only,
-so that it imports no torch)."""
+so that it imports no torch), and a tensor's memory as bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from dckpt.errors import FormatError
 from dckpt.manifest import DTYPE_SIZES
 
-__all__ = ["dtype_name", "dtype_from_name"]
+__all__ = ["dtype_name", "dtype_from_name", "flat_bytes"]
 
 _DTYPES: dict[str, torch.dtype] = {
     name: getattr(torch, name) for name in DTYPE_SIZES
@@ -30,3 +30,14 @@ def dtype_from_name(name: str) -> torch.dtype:
         return _DTYPES[name]
     except KeyError:
         raise FormatError(f"dtype {name!r} is not known to this torch") from None
+
+
+def flat_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor's memory as a flat uint8 tensor (a view, no copy). A one-element
+    tensor is contiguous whatever its stride, and reshape and contiguous() keep that stride
+    (a view of every other element, cut to one), which a view as bytes refuses: a load into
+    one failed with "self.stride(-1) must be 1". Its stride is set to 1 (the same element)."""
+    flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((1,), (1,))
+    return flat.view(torch.uint8)

@@ -18,6 +18,7 @@ import torch
 from dckpt import layout
 from dckpt.blocks import check
 from dckpt.codec import decode
+from dckpt.dtypes import flat_bytes
 from dckpt.errors import (
     ArgumentError,
     CheckpointExistsError,
@@ -195,7 +196,7 @@ def _write_safetensors(flat: dict[str, Any], m: Manifest, f: BinaryIO) -> None:
     f.write(raw)
     for t in tensors:
         if t.numel():
-            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            data = flat_bytes(t.contiguous()).numpy()
             f.write(memoryview(data))  # type: ignore[arg-type]
 
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from dckpt.dtypes import flat_bytes
 from dckpt.errors import StateDictError, listing
 from dckpt.state_checks import PLAIN
 from dckpt.torch_internals import held_tensors, is_dtensor
@@ -170,8 +171,7 @@ def differing(flat: dict[str, Any], tied: list[Tied], destinations: dict[str, An
     destination's (the checkpoint holds other values for the elements they share)."""
     def bits(t: torch.Tensor) -> torch.Tensor:
         (local,) = held_tensors(t)
-        return local.detach().resolve_conj().resolve_neg().reshape(-1).contiguous().view(
-            torch.uint8)
+        return flat_bytes(local.detach().resolve_conj().resolve_neg().contiguous())
 
     def same(a: torch.Tensor, b: torch.Tensor) -> bool:
         if a.device != b.device:  # a plain tensor's twin is on the host (planner)

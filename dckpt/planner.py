@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.planner import (
 )
 
 from dckpt.blocks import digest
+from dckpt.dtypes import flat_bytes
 from dckpt.errors import StateDictError, listing
 from dckpt.manifest import StoredData
 from dckpt.meta_tensors import materialize_meta, meta_keys, meta_problem
@@ -123,8 +124,7 @@ def with_value_digests(plan: SavePlan, values: dict[str, io.BytesIO],
         return plan
     digests = {fqn: digest(value.getbuffer()) for fqn, value in values.items()}
     for fqn, t in (tensors or {}).items():
-        digests[fqn] = digest(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy()
-                              .tobytes())
+        digests[fqn] = digest(flat_bytes(t.detach().contiguous()).numpy().tobytes())
     return dataclasses.replace(plan, planner_data=PlannerData(plan.planner_data, digests))
 
 

@@ -32,7 +32,7 @@ from torch.futures import Future
 from dckpt import dist
 from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import LoadConfig
-from dckpt.dtypes import dtype_from_name
+from dckpt.dtypes import dtype_from_name, flat_bytes
 from dckpt.manifest import ChunkEntry, Manifest, StoredData
 from dckpt.overlaps import ReadApart
 from dckpt.planner import SafeLoadPlanner
@@ -300,7 +300,7 @@ class Reader(StorageReader):
         whole = (len(items) == 1 and tuple(items[0].lengths) == chunk.sizes
                  and not any(items[0].storage_offsets))
         if whole and plain_cpu(t) and t.dtype == dtype and chunk.data.nbytes > 0:
-            dest = t.reshape(-1).view(torch.uint8)
+            dest = flat_bytes(t)
             return _Job(fqn, dtype, chunk, items, targets, dest, 0, True)
         ranges = [box_range(chunk.sizes, tuple(i.storage_offsets), tuple(i.lengths)) for i in items]
         if all(r is not None for r in ranges):

@@ -20,6 +20,7 @@ from dckpt import codec
 from dckpt.blocks import cut, digest
 from dckpt.dedup import BlockIndex
 from dckpt.direct import direct_pad
+from dckpt.dtypes import flat_bytes
 from dckpt.manifest import BlockRef
 
 __all__ = ["SegmentOut", "tensor_bytes", "byte_planes", "item_nbytes", "balance",
@@ -43,7 +44,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
         t = t.resolve_conj().resolve_neg()
     if t.device.type != "cpu":
         t = t.cpu()
-    flat = t.contiguous().view(-1).view(torch.uint8)
+    flat = flat_bytes(t.contiguous())
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
@@ -242,7 +243,7 @@ class SegmentOut:
         planes = byte_planes(t.dtype)
         if t.device.type == "cpu":
             return self.append(tensor_bytes(t), planes=planes)
-        flat = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
+        flat = flat_bytes(t.detach().resolve_conj().resolve_neg().contiguous())
         blocks: list[BlockRef] = []
         for start in range(0, flat.numel(), window.numel()):
             piece = window[: min(window.numel(), flat.numel() - start)]

@@ -276,6 +276,30 @@ def test_load_into_non_contiguous_destination_and_small_buffer(tmp_path):
     assert torch.equal(dest, src)
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_one_element_views_with_a_stride_round_trip(tmp_path, mode):
+    """A one-element view of every other element (``x[1::2][:1]``): contiguous to torch
+    whatever its stride, which its flat views keep; a load into it failed ("self.stride(-1)
+    must be 1 to view Float as Byte"), an unexpected DckptError."""
+    url = str(tmp_path / "r")
+    src = torch.arange(8.0)
+    saved = {"x": src[1::2][:1], "y": src.view(4, 2)[:, :1][2:3], "n": torch.tensor(3)}
+    if mode == "sync":
+        dckpt.save(saved, url, step=1)
+    else:
+        dckpt.async_save(saved, url, step=1).wait()
+    dest = torch.zeros(8)
+    out = {"x": dest[1::2][:1], "y": dest.view(4, 2)[:, :1][2:3],
+           "n": torch.zeros(4, dtype=torch.int64)[::2][:1].view(())}
+    assert out["x"].stride() == (2,) and out["n"].dim() == 0
+    dckpt.load(out, url)
+    assert dest.tolist() == [0, 1, 0, 0, 4, 0, 0, 0] and out["n"].item() == 3
+    dckpt.export(url, str(tmp_path / "e.safetensors"), format="safetensors")
+    dckpt.export(url, str(tmp_path / "e.pt"), format="torch")
+    back = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert back["x"].tolist() == [1.0] and back["y"].tolist() == [[4.0]]
+
+
 def test_load_into_parameters_that_require_grad(tmp_path):
     """``named_parameters()`` (or ``state_dict(keep_vars=True)``): leaves that require grad,
     which take no in-place copy; a non-contiguous one went through a buffer and its copy
