@@ -33,11 +33,12 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def flat_bytes(t: torch.Tensor) -> torch.Tensor:
-    """A contiguous tensor's memory as a flat uint8 tensor (a view, no copy). A one-element
-    tensor is contiguous whatever its stride, and reshape and contiguous() keep that stride
-    (a view of every other element, cut to one), which a view as bytes refuses: a load into
-    one failed with "self.stride(-1) must be 1". Its stride is set to 1 (the same element)."""
+    """A contiguous tensor's memory as a flat uint8 tensor (a view, no copy). A tensor of
+    one element or none is contiguous whatever its stride, and reshape and contiguous()
+    keep that stride (a view of every other element, cut to one or to none), which a view
+    as bytes refuses: a load into one failed with "self.stride(-1) must be 1", and so did a
+    save of an empty bfloat16 one. Its stride is set to 1 (the same element, or none)."""
     flat = t.reshape(-1)
-    if flat.numel() == 1 and flat.stride(0) != 1:
-        flat = flat.as_strided((1,), (1,))
+    if flat.numel() <= 1 and flat.stride(0) != 1:
+        flat = flat.as_strided((flat.numel(),), (1,))
     return flat.view(torch.uint8)

@@ -146,8 +146,9 @@ def tensor_problem(key: str, t: torch.Tensor, *, into: bool = False) -> str | No
         return (f"{key}: a meta tensor has no memory; materialize it first (for example "
                 "module.to_empty(device=...))")
     if into:
-        if any(stride == 0 and size > 1
-               for x in held for size, stride in zip(x.shape, x.stride())):
+        if any(stride == 0 and size > 1  # an empty one shares no element: torch gives
+               for x in held if x.numel()  # some stride 0 (2 x 0 x 1, made by arithmetic)
+               for size, stride in zip(x.shape, x.stride())):
             return (f"{key}: its elements share memory (an expanded view, stride 0); load "
                     "into a tensor that owns its elements (.clone() it)")
         return None
