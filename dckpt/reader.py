@@ -212,13 +212,16 @@ class Reader(StorageReader):
         group = self._group()
         for s in shared:
             target = planner.resolve_tensor(s.item).detach()  # see _job
+            # as bytes: gloo refuses many dtypes ("Invalid scalar type": bool, float8,
+            # complex32...); through the host, for gloo carries CPU tensors
             if plain_cpu(target):
                 staging = target
-            elif me == s.owner:  # through the host: gloo carries CPU tensors
-                staging = target.detach().to("cpu", copy=True).contiguous()
+            elif me == s.owner:
+                staging = target.resolve_conj().resolve_neg().to("cpu", copy=True).contiguous()
             else:
                 staging = torch.empty(target.shape, dtype=target.dtype)
-            dist.broadcast_tensor(staging, s.owner, group)
+            if staging.numel():
+                dist.broadcast_tensor(flat_bytes(staging), s.owner, group)
             if me != s.owner:
                 if staging is not target:
                     target.copy_(staging)

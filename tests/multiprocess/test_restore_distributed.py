@@ -96,6 +96,39 @@ def test_replicated_state_read_once_and_broadcast(tmp_path):
         [(1, [2], True)] * 3
 
 
+_GLOO_REFUSES = [torch.float8_e4m3fn, torch.float8_e5m2, torch.int16, torch.uint16,
+                 torch.uint32, torch.uint64]  # "Invalid scalar type" from a gloo broadcast
+
+
+def _replicated_dtypes(fill: float) -> dict:
+    out = {str(d).removeprefix("torch."): torch.full((3, 5), fill).to(d) for d in
+           [*_GLOO_REFUSES, torch.bool, torch.complex32, torch.bfloat16, torch.float32]}
+    out["complex64"] = torch.full((3, 5), fill, dtype=torch.complex64) * (1 + 2j)
+    return out
+
+
+def _broadcast_every_dtype(rank, world, url):
+    dckpt.save(_replicated_dtypes(3.0), url, step=1)
+    state = {k: torch.zeros_like(v) for k, v in _replicated_dtypes(0.0).items()}
+    state["float32"] = torch.zeros(5, 3).t()  # not contiguous: through a host buffer
+    state["complex64"] = torch.zeros(3, 5, dtype=torch.complex64).conj()  # a lazy conjugate
+    dckpt.load(state, url, config=dckpt.LoadConfig(replicated="broadcast"))
+    from dckpt.dtypes import flat_bytes
+
+    def raw(t):  # torch.equal has no kernel for some of these dtypes
+        return flat_bytes(t.resolve_conj().contiguous())
+
+    return sorted(k for k, v in _replicated_dtypes(3.0).items()
+                  if not torch.equal(raw(state[k]), raw(v)))
+
+
+def test_replicated_tensors_of_every_dtype_are_broadcast(tmp_path):
+    """Read once and broadcast as bytes: gloo refuses float8, int16 and the unsigned
+    integers beyond uint8, and a load of a replicated tensor of one failed on every rank
+    with an unexpected "RuntimeError: Invalid scalar type"."""
+    assert [o.value for o in run_ranks(_broadcast_every_dtype, 2, str(tmp_path))] == [[], []]
+
+
 def _load_where_rank1_runs_out_of_memory(rank, world, url, step):
     import dckpt.api
 
