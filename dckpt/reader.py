@@ -212,8 +212,8 @@ class Reader(StorageReader):
         group = self._group()
         for s in shared:
             target = planner.resolve_tensor(s.item).detach()  # see _job
-            # as bytes: gloo refuses many dtypes ("Invalid scalar type": bool, float8,
-            # complex32...); through the host, for gloo carries CPU tensors
+            # as bytes: gloo refuses float8, int16 and uint16-64 ("Invalid scalar type");
+            # through the host, for gloo carries CPU tensors
             if plain_cpu(target):
                 staging = target
             elif me == s.owner:

@@ -196,8 +196,8 @@ class MemorySaves:
         if not self._room_checked:
             self.check_room(state_dict)
         self._reap(wait=False)  # the one before, if it ended: pruned with nothing in flight
-        if self.leader:
-            self._drop_from(step)
+        if self.leader and (self.step is None or step <= self.step):  # no listing as the
+            self._drop_from(step)  # steps go up: a run's first save, or one going back
         previous = self._pending
         handle = self.saver.async_save(state_dict, self.tier.url, step=step, metrics=metrics,
                                        config=self.skippable if may_skip else self.config)
