@@ -37,8 +37,8 @@ __all__ = ["Store", "UNREADABLE"]
 
 UNREADABLE = frozenset({errno.ELOOP, errno.EIO})
 """Errors of one object, not of the storage: a symlink loop where it belongs, a medium error
-under its bytes, something other than a file in its place (``files.open_file``). Its checkpoint is
-damaged (a restore falls back past it)."""
+under its bytes, something other than a file in its place (``files.open_file``). Its
+checkpoint is damaged (a restore falls back past it)."""
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
