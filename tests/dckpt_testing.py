@@ -211,18 +211,31 @@ class Outcome:
     value: object = None
     error_type: str | None = None
     error: str | None = None
+    reported: bool = False  # it put a result (or an error) on the queue
 
     @property
     def killed(self) -> bool:
         return self.exitcode == -signal.SIGKILL
 
 
+INIT_FAILED = "InitFailed"
+"""A rank's error type where its gloo group could not be made: rarely, on a loaded machine,
+"Gloo connectFullMesh failed ... Connection closed by peer" (tests on other workers make
+groups on 127.0.0.1 at once). No code of the test ran; run_ranks starts the ranks again."""
+
+
 def _entry(fn, rank, world_size, init_file, queue, args, timeout_s):
     import torch.distributed as dist
 
     sys.path[:0] = [p for p in os.environ.get("DCKPT_TEST_PATH", "").split(os.pathsep) if p]
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+    except RuntimeError as e:  # the harness's group, before any of the test's code ran
+        queue.put((rank, None, INIT_FAILED, "".join(traceback.format_exception(e))))
+        queue.close()
+        queue.join_thread()
+        os._exit(3)
     try:
         result = (rank, fn(rank, world_size, *args), None, None)
     except BaseException as e:  # noqa: BLE001 - reported to the parent
@@ -263,6 +276,23 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
     fails the test with that rank's traceback. ``daemon=False``: ranks that start processes
     of their own (a daemon may not).
     """
+    for attempt in range(3):
+        outcomes = _run_ranks_once(fn, world_size, args, timeout_s, daemon)
+        if not any(o.error_type == INIT_FAILED for o in outcomes) or attempt == 2:
+            break
+        print(f"run_ranks: a gloo group could not be made (attempt {attempt + 1}); "
+              "starting the ranks again", file=sys.stderr)
+    if not allow_failures:
+        for o in outcomes:
+            if o.error is not None:
+                raise AssertionError(f"rank {o.rank} raised:\n{o.error}")
+            if o.exitcode != 0:
+                returned = "returned its result, then" if o.reported else "gave no result and"
+                raise AssertionError(f"rank {o.rank} {returned} exited with {o.exitcode}")
+    return outcomes
+
+
+def _run_ranks_once(fn, world_size: int, args, timeout_s: float, daemon: bool) -> list[Outcome]:
     import multiprocessing as mp
 
     # forkserver: one server per test process imports torch, DCP and dckpt's modules once,
@@ -284,11 +314,14 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
         try:
             item = queue.get(timeout=0.2)
             results[item[0]] = item
+            if item[2] == INIT_FAILED:  # the others cannot make the group either
+                break
         except Exception:  # noqa: BLE001 - queue.Empty
             if all(not p.is_alive() for p in procs) and queue.empty():
                 break
+    init_failed = any(r[2] == INIT_FAILED for r in results.values())
     for p in procs:
-        p.join(timeout=max(1.0, deadline - time.monotonic()))
+        p.join(timeout=5.0 if init_failed else max(1.0, deadline - time.monotonic()))
         if p.is_alive():
             p.kill()
             p.join()
@@ -297,14 +330,7 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0,
     outcomes = []
     for r, p in enumerate(procs):
         _, value, etype, err = results.get(r, (r, None, None, None))
-        outcomes.append(Outcome(r, p.exitcode, value, etype, err))
-    if not allow_failures:
-        for o in outcomes:
-            if o.error is not None:
-                raise AssertionError(f"rank {o.rank} raised:\n{o.error}")
-            if o.exitcode != 0:
-                returned = "returned its result, then" if o.rank in results else "gave no result and"
-                raise AssertionError(f"rank {o.rank} {returned} exited with {o.exitcode}")
+        outcomes.append(Outcome(r, p.exitcode, value, etype, err, reported=r in results))
     return outcomes
 
 
