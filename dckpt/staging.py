@@ -182,7 +182,9 @@ class CopyEngine:
             elif src.device.type == "cuda":
                 stream = self._stream(src.device)
                 with torch.cuda.stream(stream):
-                    dst.copy_(src, non_blocking=True)
+                    # a lazy negation crossed to the host as its bits, unnegated (torch 2.11,
+                    # non-blocking): resolved on the device first, on the copies' stream
+                    dst.copy_(src.resolve_conj().resolve_neg(), non_blocking=True)
                 # the allocator must not hand src's memory to the training before the copy ran
                 src.record_stream(stream)
             else:
