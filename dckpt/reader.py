@@ -358,8 +358,9 @@ class Reader(StorageReader):
                     if target.device.type == "cuda":
                         # from pinned memory on a side stream: returns at once; the caching
                         # host allocator keeps the buffer until the copy is done
+                        bits, values = plain_bits(target, self._source(job, item))
                         with torch.cuda.stream(self._h2d_stream(target.device)):
-                            target.copy_(self._source(job, item), non_blocking=True)
+                            bits.copy_(values, non_blocking=True)
                     else:
                         target.copy_(self._source(job, item))
                     self._copy_s += time.perf_counter() - t0
@@ -385,6 +386,17 @@ class Reader(StorageReader):
             return job.buffer[a:b].view(job.dtype).reshape(tuple(item.lengths))
         whole = job.buffer.view(job.dtype).reshape(sizes)
         return narrow_tensor_by_index(whole, item.storage_offsets, item.lengths)
+
+
+def plain_bits(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``target``'s memory seen without its lazy conjugation or negation, and ``source``'s
+    values as that memory must hold them: a copy between the two moves bits alone. torch
+    2.11's non-blocking copies between host and GPU dropped a lazy negation."""
+    if target.is_conj():
+        target, source = target.conj(), source.conj()
+    if target.is_neg():
+        target, source = torch._neg_view(target), torch._neg_view(source)
+    return target, source.resolve_conj().resolve_neg()
 
 
 def plain_cpu(t: torch.Tensor) -> bool:

@@ -152,3 +152,22 @@ def test_cuda_views_that_overlap_in_part_load_through_host_twins(tmp_path):
     assert torch.equal(dest.cpu(), buf)
     with pytest.raises(dckpt.StateDictError, match="elements they share"):
         dckpt.load({"a": dest[:3072], "b": dest[1024:].view(32, 96)}, url, step=2)
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 4096])
+def test_load_into_lazy_conjugates_and_negations_on_cuda(tmp_path, budget):
+    # torch 2.11 dropped a lazy negation in a non-blocking copy between host and GPU
+    g = torch.Generator().manual_seed(3)
+    want = {"conj": torch.randn(700, dtype=torch.complex64, generator=g),
+            "neg": torch.randn(700, generator=g), "both": torch.randn(700, dtype=torch.complex64,
+                                                                     generator=g)}
+    dckpt.save(want, str(tmp_path), step=1)
+    z = torch.zeros(700, dtype=torch.complex64, device="cuda")
+    w = torch.zeros(700, dtype=torch.complex64, device="cuda")
+    got = {"conj": z.conj(), "neg": torch.zeros(700, dtype=torch.complex64,
+                                                device="cuda").conj().imag,
+           "both": torch._neg_view(w.conj())}
+    assert got["neg"].is_neg() and got["both"].is_neg() and got["both"].is_conj()
+    dckpt.load(got, str(tmp_path), config=dckpt.LoadConfig(read_buffer_bytes=budget))
+    for k, v in want.items():
+        assert torch.equal(got[k].resolve_conj().resolve_neg().cpu(), v), k

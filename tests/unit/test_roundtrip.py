@@ -319,6 +319,24 @@ def test_load_into_parameters_that_require_grad(tmp_path):
     assert torch.equal(got["w"].detach(), want["w"]) and torch.equal(got["b"].detach(), want["b"])
 
 
+@pytest.mark.parametrize("view", ["plain", "conj", "neg", "conj and neg", "neg imag"])
+def test_plain_bits_copies_values_into_lazy_views_as_bits(view):
+    """The reader's copies onto the GPU move bits alone (a non-blocking copy there dropped a
+    lazy negation): ``plain_bits`` turns a lazy destination and its values into bits."""
+    from dckpt.reader import plain_bits
+
+    memory = torch.zeros(50, dtype=torch.complex64)
+    target = {"plain": memory, "conj": memory.conj(), "neg": torch._neg_view(memory),
+              "conj and neg": torch._neg_view(memory.conj()), "neg imag": memory.conj().imag}[view]
+    values = torch.randn(target.shape, dtype=target.dtype,
+                         generator=torch.Generator().manual_seed(1))
+    bits, source = plain_bits(target, values)
+    assert not (bits.is_conj() or bits.is_neg() or source.is_conj() or source.is_neg())
+    assert bits.data_ptr() == target.data_ptr()
+    bits.copy_(source)
+    assert torch.equal(target.resolve_conj().resolve_neg(), values)
+
+
 @pytest.mark.parametrize("mode", ["sync", "async", "async over the staging budget"])
 def test_lazy_conjugate_and_negative_views_round_trip_by_value(tmp_path, mode):
     """A conjugate (``.conj()``) or negative view reads as the conjugate of its memory: the
