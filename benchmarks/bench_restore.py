@@ -261,6 +261,22 @@ def memcpy_s(nbytes: int, ranks: int, fresh: bool) -> float:
     return time.perf_counter() - t0
 
 
+def host_to_device_s(nbytes: int) -> float:
+    """Seconds to copy ``nbytes`` of ordinary (pageable) host memory into a fresh GPU tensor:
+    the floor of a restore from the memory tier onto the GPU, beside the host memcpy."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    torch.empty(nbytes, dtype=torch.uint8, device="cuda").copy_(src)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    del src
+    torch.cuda.empty_cache()
+    return seconds
+
+
 def raw_cold_read_sequential(args: argparse.Namespace) -> float:
     """A single sequential stream per file, all ranks' files at once: cat-like."""
     paths = [os.path.join(args.dir, f"raw-{r}.bin") for r in range(args.ranks)]
@@ -332,10 +348,14 @@ def main() -> None:
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
     methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    seq, copies, fresh = [], [], []
+    seq, copies, fresh, to_device = [], [], [], []
     for i in range(args.repeats):
         copies.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=False))
         fresh.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=True))
+        if args.device == "cuda":  # one GPU here: the ranks' shards one after another
+            to_device.append(host_to_device_s(nbytes))
+        print(f"memcpy {copies[-1]:.3f} s, into fresh pages {fresh[-1]:.3f} s"
+              + (f", host to GPU {to_device[-1]:.3f} s" if to_device else ""), flush=True)
         seq.append(raw_cold_read_sequential(args))
         for method in methods:
             evict_tree(args.dir)
@@ -372,6 +392,9 @@ def main() -> None:
         "memcpy_fresh_s": statistics.median(fresh),
         **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),
             "memory_read_vs_memcpy_fresh": med["memory"]["read_s"] / statistics.median(fresh),
+            **({"host_to_device_s": statistics.median(to_device),
+                "memory_read_vs_host_to_device": med["memory"]["read_s"]
+                / statistics.median(to_device)} if to_device else {}),
             "memory_first_step_above_bare_start_s": statistics.median(
                 r["launch_to_first_step_s"] - r["launch_to_python_s"] - r["imports_s"]
                 - r["group_s"] for r in runs["memory"])} if "memory" in med else {}),
