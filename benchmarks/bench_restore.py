@@ -99,11 +99,8 @@ def worker(args: argparse.Namespace) -> None:
     dist.barrier()
     t0 = time.time()
     info = None
+    config = read_config(dckpt, args.read_config)
     if args.worker == "dckpt":
-        config = dckpt.LoadConfig()
-        if args.read_config:
-            threads, mib = (int(x) for x in args.read_config.split("x"))
-            config = dckpt.LoadConfig(reader_threads=threads, read_request_bytes=mib << 20)
         info = dckpt.load(state, f"{base}/dckpt", config=config)
     elif args.worker == "DCP":
         dcp.load(state, storage_reader=dcp.FileSystemReader(f"{base}/dcp"))
@@ -113,7 +110,8 @@ def worker(args: argparse.Namespace) -> None:
         tc.close()
     elif args.worker == "memory":
         mgr = dckpt.CheckpointManager(f"{base}/dckpt", memory_every_steps=1, gc=False,
-                                      memory_dir=args.memory_dir, handle_signals=False)
+                                      memory_dir=args.memory_dir, handle_signals=False,
+                                      load_config=config)
         info = mgr.restore(state)
         assert info is not None and info.tier == "memory", info
         mgr._close(remove_memory=False)  # kept for the next repeat
@@ -143,6 +141,16 @@ def worker(args: argparse.Namespace) -> None:
             "load_start": t0, "loaded": t_loaded, "first_step": t_step, "values_ok": ok,
             "phase_s": info.phase_s if info else None}), flush=True)
     dist.destroy_process_group()
+
+
+def read_config(dckpt, spec: str):
+    """``THREADSxMIB`` (reader threads x request MiB) or ``THREADSxMIBxBUFMIB`` (and the host
+    buffer's bound, ``read_buffer_bytes``, in MiB) as a LoadConfig; "": the defaults."""
+    if not spec:
+        return dckpt.LoadConfig()
+    threads, mib, *buf = (int(x) for x in spec.split("x"))
+    return dckpt.LoadConfig(reader_threads=threads, read_request_bytes=mib << 20,
+                            **({"read_buffer_bytes": buf[0] << 20} if buf else {}))
 
 
 def build_state(args: argparse.Namespace, mesh, fill: bool) -> tuple[dict, object]:
@@ -200,7 +208,8 @@ def raw_read_to_device(path: str, tensors: dict) -> None:
 
 
 def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
-    """Run one torchrun job; ``mode`` is a method, "dckpt THREADSxMIB", or "dckpt prefetch"
+    """Run one torchrun job; ``mode`` is a method, "dckpt THREADSxMIB[xBUFMIB]" (or memory
+    with one), or "dckpt prefetch"
     (``python -m dckpt.prefetch`` started beside torchrun, in the launch-to-first-step time)."""
     method, _, config = mode.partition(" ")
     prefetch = config == "prefetch"
@@ -277,6 +286,30 @@ def host_to_device_s(nbytes: int) -> float:
     return seconds
 
 
+def pinned_alloc_s(nbytes: int) -> float:
+    """Seconds to allocate ``nbytes`` of pinned host memory afresh (a restore onto the GPU
+    reads through such buffers, up to ``LoadConfig.read_buffer_bytes`` at once)."""
+    import torch
+
+    t0 = time.perf_counter()
+    buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    seconds = time.perf_counter() - t0
+    # the caching host allocator would hand it to the next repeat: released where torch
+    # says how, else held (the next repeat then pins afresh all the same)
+    empty = next((getattr(torch._C, n) for n in ("_accelerator_emptyHostCache",
+                                                 "_cuda_hostEmptyCache") if hasattr(torch._C, n)),
+                 None)
+    if empty is None:
+        _HELD.append(buf)
+    else:
+        del buf
+        empty()
+    return seconds
+
+
+_HELD: list = []
+
+
 def raw_cold_read_sequential(args: argparse.Namespace) -> float:
     """A single sequential stream per file, all ranks' files at once: cat-like."""
     paths = [os.path.join(args.dir, f"raw-{r}.bin") for r in range(args.ranks)]
@@ -309,7 +342,10 @@ def main() -> None:
     p.add_argument("--keep", action="store_true", help="keep the written state for a rerun")
     p.add_argument("--read-configs", default="",
                    help="more dckpt methods with other read settings: THREADSxMIB,... "
-                        "(reader threads x request MiB), e.g. 8x64,4x32")
+                        "(reader threads x request MiB), e.g. 8x64,4x32; THREADSxMIBxBUFMIB "
+                        "also bounds the host buffer (read_buffer_bytes, MiB)")
+    p.add_argument("--memory-read-configs", default="",
+                   help="more memory methods with other read settings, as --read-configs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--state", choices=("dense", "embedding"), default="dense",
                    help="embedding: one row-sharded table (512-byte rows) that dckpt saves "
@@ -336,6 +372,8 @@ def main() -> None:
     chosen = tuple(m for m in METHODS if m in args.methods.split(","))
     if "dckpt" not in chosen or set(args.methods.split(",")) - set(METHODS):
         p.error(f"--methods: a subset of {','.join(METHODS)} with dckpt in it")
+    if args.memory_read_configs and "memory" not in chosen:
+        p.error("--memory-read-configs needs memory in --methods")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     if not os.path.exists(os.path.join(args.dir, "sums-0.json")):
         shutil.rmtree(args.dir, ignore_errors=True)
@@ -346,16 +384,19 @@ def main() -> None:
               if args.state == "dense" else int(args.gib_per_rank * (1 << 30)) // 512 * 512
               * args.ranks)
     methods = chosen + tuple(f"dckpt {c}" for c in args.read_configs.split(",") if c)
+    methods += tuple(f"memory {c}" for c in args.memory_read_configs.split(",") if c)
     methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    seq, copies, fresh, to_device = [], [], [], []
+    seq, copies, fresh, to_device, pinning = [], [], [], [], []
     for i in range(args.repeats):
         copies.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=False))
         fresh.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=True))
         if args.device == "cuda":  # one GPU here: the ranks' shards one after another
             to_device.append(host_to_device_s(nbytes))
+            pinning.append(pinned_alloc_s(1 << 30))
         print(f"memcpy {copies[-1]:.3f} s, into fresh pages {fresh[-1]:.3f} s"
-              + (f", host to GPU {to_device[-1]:.3f} s" if to_device else ""), flush=True)
+              + (f", host to GPU {to_device[-1]:.3f} s, 1 GiB pinned allocated in "
+                 f"{pinning[-1]:.3f} s" if to_device else ""), flush=True)
         seq.append(raw_cold_read_sequential(args))
         for method in methods:
             evict_tree(args.dir)
@@ -393,6 +434,7 @@ def main() -> None:
         **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),
             "memory_read_vs_memcpy_fresh": med["memory"]["read_s"] / statistics.median(fresh),
             **({"host_to_device_s": statistics.median(to_device),
+                "pinned_alloc_1gib_s": statistics.median(pinning),
                 "memory_read_vs_host_to_device": med["memory"]["read_s"]
                 / statistics.median(to_device)} if to_device else {}),
             "memory_first_step_above_bare_start_s": statistics.median(
