@@ -33,6 +33,7 @@ from dckpt import dist
 from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.config import LoadConfig
 from dckpt.dtypes import dtype_from_name, flat_bytes
+from dckpt.errors import ArgumentError
 from dckpt.manifest import ChunkEntry, Manifest, StoredData
 from dckpt.overlaps import ReadApart
 from dckpt.planner import SafeLoadPlanner
@@ -94,7 +95,8 @@ REMOTE_REQUEST_BYTES = 16 << 20
 
 
 class Reader(StorageReader):
-    """Reads the checkpoint of ``step`` (None: the newest committed) from ``url``."""
+    """Reads the checkpoint of ``step`` (None: the newest committed) from ``url``;
+    ``manifest``: that checkpoint's, already read (``dckpt.inspect``), not read again."""
 
     def __init__(self, url: str, *, step: int | None = None, storage_options: dict | None = None,
                  config: LoadConfig | None = None, manifest: Manifest | None = None) -> None:
@@ -107,7 +109,7 @@ class Reader(StorageReader):
             LOCAL_REQUEST_BYTES if self.store.local else REMOTE_REQUEST_BYTES)
         """The longest ranged read (``LoadConfig.read_request_bytes``, or its default for
         this store)."""
-        self.manifest = manifest
+        self.manifest = check_manifest(manifest, self.step)
         self.bytes_read = 0
         self.phase_s: dict[str, float] = {}
         """After a load, this rank: plan (DCP's planning up to the first read), read (the
@@ -386,6 +388,20 @@ class Reader(StorageReader):
             return job.buffer[a:b].view(job.dtype).reshape(tuple(item.lengths))
         whole = job.buffer.view(job.dtype).reshape(sizes)
         return narrow_tensor_by_index(whole, item.storage_offsets, item.lengths)
+
+
+def check_manifest(manifest: object, step: int | None) -> Manifest | None:
+    """``Reader(manifest=)``: a Manifest of ``step`` when one is named. Another step's would
+    load that step's values under this one's name."""
+    if manifest is None:
+        return None
+    if not isinstance(manifest, Manifest):
+        raise ArgumentError("Reader: manifest must be a dckpt.Manifest (dckpt.inspect(url, "
+                            f"step=...)) or None, got {type(manifest).__name__}")
+    if step is not None and manifest.step != step:
+        raise ArgumentError(f"Reader: step={step} but the manifest given is step "
+                            f"{manifest.step}'s; name one step, or pass the manifest alone")
+    return manifest
 
 
 def plain_bits(target: torch.Tensor, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -391,6 +391,9 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("load SaveConfig", lambda: dckpt.load(sd, url, config=dckpt.SaveConfig())),
         ("Writer config", lambda: dckpt.Writer(url, step=1, config=dckpt.LoadConfig())),
         ("Reader config", lambda: dckpt.Reader(url, config=5)),
+        # taken, and failed inside dcp.load as an AttributeError
+        ("Reader manifest object", lambda: dckpt.Reader(url, manifest=object())),
+        ("Reader manifest dict", lambda: dckpt.Reader(url, manifest={})),
         ("reserve list", lambda: dckpt.AsyncSaver().reserve([1])),
         ("SaveConfig timeout str", lambda: dckpt.SaveConfig(collective_timeout_s="5")),
         # a float where an int goes failed inside the save, or was taken (2.5 threads)
@@ -1102,3 +1105,20 @@ def test_s3_keys_that_are_also_prefixes_or_folder_markers_list_each_step_once(s3
     assert dckpt.load(out, url, storage_options=options).step == 2
     assert torch.equal(out["w"], torch.full((4,), 2.0))
     assert dckpt.verify(url, all_steps=True, storage_options=options).ok
+
+
+def test_a_reader_given_another_steps_manifest_is_refused(tmp_path):
+    """``Reader(url, step=1, manifest=<step 2's>)`` loaded step 2's values as step 1."""
+    import torch.distributed.checkpoint as dcp
+
+    url = str(tmp_path)
+    for step in (1, 2):
+        dckpt.save({"w": torch.full((3,), float(step))}, url, step=step)
+    second = dckpt.inspect(url, step=2)
+    with pytest.raises(dckpt.ArgumentError, match="step=1 but the manifest given is step 2's"):
+        dckpt.Reader(url, step=1, manifest=second)
+    out = {"w": torch.zeros(3)}
+    dcp.load(out, storage_reader=dckpt.Reader(url, manifest=second))  # the manifest names it
+    assert torch.equal(out["w"], torch.full((3,), 2.0))
+    dcp.load(out, storage_reader=dckpt.Reader(url, step=1, manifest=dckpt.inspect(url, step=1)))
+    assert torch.equal(out["w"], torch.full((3,), 1.0))
