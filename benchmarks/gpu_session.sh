@@ -64,9 +64,10 @@ fi
 # torchrun job took 16-20 s from launch to its first step and 4 methods x 2 repeats of the
 # restore outran 160 s. Issue 16: the memory tier's read onto the GPU, with a smaller host
 # buffer beside the default 1 GiB (is pinning it the read's cost?), against the copy from
-# host memory to the GPU and the time to pin 1 GiB
+# host memory to the GPU and the time to pin 1 GiB (8 reader threads; 16 MiB requests with
+# 256 MiB of buffer, 8 MiB with 64 MiB: each window still has 8 or more reads in flight)
 step memory_restore 190 $PY benchmarks/bench_restore.py --device "$DEVICE" --ranks 1 \
-    --gib-per-rank "$GIB" --repeats 2 --methods dckpt,memory --memory-read-configs 8x64x256,8x64x64 \
+    --gib-per-rank "$GIB" --repeats 2 --methods dckpt,memory --memory-read-configs 8x16x256,8x8x64 \
     --dir "$WORK/restore" --out "$OUT/memory_restore.jsonl"
 # issue 19: the fragmented checkpoint against DCP on the fast disk (CPU ranks), 2 repeats
 step fragmented 200 $PY benchmarks/bench_restore.py --ranks 2 --gib-per-rank "$FRAG_GIB" \
