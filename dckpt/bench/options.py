@@ -4,12 +4,13 @@ and a refused run import no torch."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import secrets
 import shutil
 import tempfile
 
-from dckpt.config import SaveConfig
+from dckpt.config import MAX_THREADS, SaveConfig
 from dckpt.errors import ArgumentError
 from dckpt.prefetch import available_memory
 from dckpt.storage import Store
@@ -65,8 +66,10 @@ def check(args: argparse.Namespace) -> list[str]:
         raise ArgumentError(f"--methods {args.methods!r}: expected names from {METHODS}")
     if args.repeats < 1 or args.threads < 1:
         raise ArgumentError("--repeats and --threads must be at least 1")
-    if not (args.gib_per_rank > 0 and args.tensor_mib > 0):
-        raise ArgumentError("--gib-per-rank and --tensor-mib must be positive")
+    if args.threads > MAX_THREADS:  # found by the first save, it cost the run
+        raise ArgumentError(f"--threads must be at most {MAX_THREADS}, got {args.threads}")
+    if not (0 < args.gib_per_rank < math.inf and 0 < args.tensor_mib < math.inf):
+        raise ArgumentError("--gib-per-rank and --tensor-mib must be positive and finite")
     problem = out_problem(args.out)
     if problem:  # found at the end, it would cost the run's measurements
         raise ArgumentError(f"--out {args.out}: {problem}")

@@ -122,6 +122,8 @@ def test_a_workload_of_differential_saves_restores_bit_exact(tmp_path):
     (("--methods", "dckpt,nccl"), "--methods"),
     (("--repeats", "0"), "--repeats"),
     (("--gib-per-rank", "-1"), "--gib-per-rank"),
+    (("--gib-per-rank", "inf"), "positive and finite"),  # it asked for "inf GiB" of memory
+    (("--threads", "100000"), "--threads must be at most 1024"),  # found by the first save
     (("-o", "no_such_option=1"), "storage options ['no_such_option']"),
     # more than the node holds: the run would be killed for memory (and what runs beside it)
     (("--gib-per-rank", "100000"), "GiB of host memory on this node"),
