@@ -25,6 +25,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Callable, Container
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -75,7 +76,7 @@ def _newest(root: str) -> list[int]:
     return [s for s in steps if s not in marked]
 
 
-def _ranges(m: Manifest, ranks: set[int] | None) -> dict[str, list[tuple[int, int]]]:
+def _ranges(m: Manifest, ranks: Container[int] | None) -> dict[str, list[tuple[int, int]]]:
     spans: dict[str, list[tuple[int, int]]] = {}
     for segment, offset, length in m.spans():
         if ranks is None or _writer_rank(segment) in ranks:
@@ -102,7 +103,7 @@ def _writer_rank(segment: str) -> int | None:
         return None
 
 
-def plan(url: str, *, step: int | None = None, ranks: set[int] | None = None) -> Prefetch:
+def plan(url: str, *, step: int | None = None, ranks: Container[int] | None = None) -> Prefetch:
     """The byte ranges of the checkpoint ``load`` would try first (or of ``step``); only the
     objects written by ``ranks`` (writer ranks, as in the object names) when given."""
     root = _local_root(str(url))
@@ -148,7 +149,7 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def prefetch(url: str, *, step: int | None = None, ranks: set[int] | None = None,
+def prefetch(url: str, *, step: int | None = None, ranks: Container[int] | None = None,
              max_bytes: int | None = None, threads: int = THREADS) -> Prefetch:
     """Read the ranges of ``plan`` into the page cache, up to ``max_bytes`` (None: half of
     the available memory), ``threads`` objects at a time; returns when they are read."""
@@ -200,24 +201,58 @@ def _warm(job: tuple[str, list[tuple[int, int]]]) -> str:
     return ""
 
 
-def _ranks(text: str) -> set[int]:
-    out: set[int] = set()
+class Ranks:
+    """``--ranks``: ranges of ranks, tested without listing them (``0-99999999999`` listed
+    every rank, and took the machine's memory and minutes before the first read)."""
+
+    def __init__(self, ranges: list[range]) -> None:
+        self.ranges = ranges
+
+    def __contains__(self, rank: object) -> bool:
+        return any(rank in r for r in self.ranges)
+
+
+def _ranks(text: str) -> Ranks:
+    ranges = []
     for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.update(range(int(lo), int(hi or lo) + 1))
-    return out
+        lo, dash, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} is not a rank or a range like 0-7") from None
+        if not 0 <= first <= last:
+            raise argparse.ArgumentTypeError(f"{part!r}: ranks are >= 0, and a range is "
+                                             "low-high")
+        ranges.append(range(first, last + 1))
+    return Ranks(ranges)
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is less than {low}")
+        return value
+    return parse
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dckpt.prefetch",
                                 description=__doc__.splitlines()[0])
     p.add_argument("url", help="the repository (a local folder)")
-    p.add_argument("--step", type=int, help="this step instead of the newest committed one")
+    p.add_argument("--step", type=_at_least(0),
+                   help="this step instead of the newest committed one")
     p.add_argument("--ranks", type=_ranks,
                    help="only objects written by these ranks, e.g. 0-7 or 0,2 (one node of a "
                         "multi-node job that restarts on the same world size)")
-    p.add_argument("--max-bytes", type=int, help="default: half of the available memory")
-    p.add_argument("--threads", type=int, default=THREADS, help="objects read at once")
+    p.add_argument("--max-bytes", type=_at_least(0),
+                   help="default: half of the available memory")
+    p.add_argument("--threads", type=_at_least(1), default=THREADS,
+                   help="objects read at once")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
     try:

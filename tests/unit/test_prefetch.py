@@ -111,6 +111,33 @@ def test_the_command_runs_without_importing_torch(tmp_path):
     assert missing.returncode == 0 and "nothing to prefetch" in missing.stderr
 
 
+@pytest.mark.parametrize("args, says", [
+    (["--step", "-1"], "--step: -1 is less than 0"),  # read as manifest -00000000001.json
+    (["--threads", "0"], "--threads: 0 is less than 1"),  # taken
+    (["--max-bytes", "-1"], "--max-bytes: -1 is less than 0"),  # taken
+    (["--ranks", "5-2"], "a range is low-high"),  # taken: nothing read, without a word
+    (["--ranks", "0,x"], "'x' is not a rank"),
+])
+def test_bad_arguments_exit_2_saying_which(tmp_path, capsys, args, says):
+    from dckpt.prefetch import main
+
+    with pytest.raises(SystemExit) as e:
+        main([_repo(tmp_path), *args])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_huge_rank_range_is_not_listed(tmp_path, capsys):
+    """``--ranks 0-99999999999`` listed every rank: minutes and the machine's memory."""
+    from dckpt.prefetch import main
+
+    url = _repo(tmp_path)
+    out = subprocess.run([sys.executable, "-m", "dckpt.prefetch", url, "--ranks", "0-99999999999"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "dckpt prefetch: step 3:" in out.stderr, out.stderr
+    assert main([url, "--ranks", "1-7,9"]) == 0
+    assert "of 0 objects" in capsys.readouterr().err  # rank 0 wrote them all
+
+
 def test_the_package_imports_its_names_on_first_use():
     """``import dckpt`` imports no torch (prefetch needs that); a public name imports its
     module when touched, and every name in __all__ resolves."""
