@@ -197,6 +197,52 @@ def test_an_unwritable_textfile_is_logged_once_and_never_fails_a_save(tmp_path, 
         dckpt.Metrics("job", textfile=5)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "socket"])
+def test_a_textfile_that_is_no_regular_file_is_never_replaced(tmp_path, kind, caplog):
+    """The textfile is written beside its path and renamed over it: /dev/null (as root), a
+    FIFO or a symlink named as the textfile were replaced by a file of metrics. (A device
+    is the same check; no test makes one, since a slip would replace it.)"""
+    import os
+
+    path = tmp_path / "dckpt.prom"
+    target = tmp_path / "elsewhere.prom"
+    target.write_text("keep")
+    server = None
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":
+        path.symlink_to(target)
+    else:
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    says = {"fifo": "a FIFO", "symlink": "a symbolic link", "socket": "a socket"}[kind]
+    with pytest.raises(dckpt.ArgumentError, match=f"is {says}, which writing it would replace"):
+        dckpt.Metrics("job", textfile=path)
+    metrics = dckpt.Metrics("job")
+    with pytest.raises(dckpt.StorageError, match="not written: it is a"):
+        metrics.write_textfile(path)  # `dckpt health --metrics-textfile` writes this way
+    prom = tmp_path / "ok.prom"  # a textfile that turns into a FIFO while the job runs
+    metrics = dckpt.Metrics("job", textfile=prom)
+    mgr = dckpt.CheckpointManager(str(tmp_path / "ckpt"), save_every_steps=1, async_save=False,
+                                  handle_signals=False, metrics=metrics)
+    mgr.maybe_save(0, {"w": torch.ones(4)})
+    mgr.wait()
+    prom.unlink()
+    os.mkfifo(prom)
+    with caplog.at_level(logging.WARNING, logger="dckpt"):
+        mgr.maybe_save(1, {"w": torch.ones(4)})
+    mgr.close()
+    assert any("not written: it is a FIFO" in r.getMessage() for r in caplog.records)
+    assert [c.step for c in dckpt.list_checkpoints(str(tmp_path / "ckpt"))] == [0, 1]
+    import stat as st
+
+    assert st.S_ISFIFO(os.lstat(prom).st_mode)  # still the FIFO
+    assert os.path.islink(path) or not os.path.isfile(path)  # still what it was
+    assert target.read_text() == "keep"
+    if server is not None:
+        server.close()
+
+
 def test_only_rank_0_records_by_default():
     m = dckpt.Metrics(job="x")
     assert m.enabled  # one process: rank 0
