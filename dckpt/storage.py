@@ -15,6 +15,7 @@ import errno
 import functools
 import os
 import posixpath
+import stat
 import threading
 import time
 import uuid
@@ -174,6 +175,14 @@ class Store:
             with self.open_write(name) as f:
                 yield f
             return
+        try:
+            mode: int | None = os.lstat(self.path(name)).st_mode
+        except OSError:
+            mode = None
+        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            # renamed over, a device (/dev/null, as root), a FIFO or a folder would go
+            raise FileExistsError(errno.EEXIST, "exists and is not a regular file; not "
+                                  "replaced", self.path(name))
         folder, _, base = name.rpartition("/")
         tmp = f"{folder + '/' if folder else ''}.tmp-{uuid.uuid4().hex}-{base}"
         try:

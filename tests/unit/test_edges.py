@@ -1122,3 +1122,30 @@ def test_a_reader_given_another_steps_manifest_is_refused(tmp_path):
     assert torch.equal(out["w"], torch.full((3,), 2.0))
     dcp.load(out, storage_reader=dckpt.Reader(url, step=1, manifest=dckpt.inspect(url, step=1)))
     assert torch.equal(out["w"], torch.full((3,), 1.0))
+
+
+def test_a_replacing_write_never_renames_over_a_device_fifo_or_folder(tmp_path):
+    """Store.open_replace (an export, a framework's pointer file) renames a new file over its
+    name: a FIFO there (or a device, as root) was replaced by it."""
+    import stat
+
+    from dckpt.integrations.common import Pointer, write_pointer
+    from dckpt.storage import Store
+
+    store = Store(str(tmp_path))
+    os.mkfifo(tmp_path / "pipe")
+    (tmp_path / "folder").mkdir()
+    for name in ("pipe", "folder"):
+        with pytest.raises(FileExistsError, match="not a regular file; not replaced"):
+            with store.open_replace(name) as f:
+                f.write(b"x")
+        with pytest.raises(OSError):
+            write_pointer(str(tmp_path / name), Pointer(str(tmp_path / "repo"), 1, {}))
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "pipe").st_mode)
+    assert os.path.isdir(tmp_path / "folder") and os.listdir(tmp_path / "folder") == []
+    assert sorted(os.listdir(tmp_path)) == ["folder", "pipe"]  # no temporary file left
+    (tmp_path / "old").write_bytes(b"old")
+    os.symlink(tmp_path / "old", tmp_path / "link")  # a link is replaced, as a rename does
+    with store.open_replace("link") as f:
+        f.write(b"new")
+    assert not os.path.islink(tmp_path / "link") and (tmp_path / "old").read_bytes() == b"old"
