@@ -26,6 +26,7 @@ from dckpt.errors import (
     StateDictError,
     StorageError,
 )
+from dckpt.files import replaced_by_rename
 from dckpt.items import read_item
 from dckpt.manifest import BlockRef, Entry, Manifest, StoredData, TensorEntry, encode
 from dckpt.reads import READ_THREADS, Fetcher
@@ -117,11 +118,8 @@ def _check_replaceable(dest: Store, base: str, to: str) -> None:
     else there is refused: a rename over a device made /dev/full a regular file."""
     if not dest.local:
         return
-    path = dest.path(base)
-    if os.path.lexists(path) and not os.path.isfile(path):
-        what = ("a folder" if os.path.isdir(path) else
-                "a link to nothing" if os.path.islink(path) else
-                "a device, pipe or socket")
+    what = replaced_by_rename(dest.path(base))
+    if what:
         raise ArgumentError(f"export destination {to} is {what}, not a file; an export "
                             "writes a new file there, replacing only a file")
 

@@ -7,7 +7,7 @@ import errno
 import os
 import stat
 
-__all__ = ["open_file"]
+__all__ = ["open_file", "replaced_by_rename"]
 
 
 def open_file(path: str) -> int:
@@ -28,3 +28,21 @@ def open_file(path: str) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def replaced_by_rename(path: str | os.PathLike) -> str | None:
+    """What a new file renamed over ``path`` would destroy that is no file, in words ("a
+    FIFO", "a link to a device", "a folder"); None where nothing stands, or a regular file
+    or a link to one (the rename replaces the link, not the file). A rename over /dev/null,
+    as root, made it a regular file."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "a link to nothing"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket"
+            if stat.S_ISSOCK(mode) else "device")
+    return f"a link to a {kind}" if os.path.islink(path) else f"a {kind}"

@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import shutil
-import stat
 import threading
 import time
 from typing import Any
@@ -36,6 +35,7 @@ from prometheus_client import (
 from dckpt import dist
 from dckpt.arguments import check_bool, check_path, public
 from dckpt.errors import ArgumentError, DckptError, StorageError
+from dckpt.files import replaced_by_rename
 from dckpt.info import CheckpointInfo
 
 __all__ = ["Metrics"]
@@ -43,22 +43,6 @@ __all__ = ["Metrics"]
 log = logging.getLogger(__name__)
 
 _SECONDS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
-
-
-def _not_a_file(path: str | os.PathLike) -> str | None:
-    """What ``path`` is when it exists and is no regular file: the textfile is written
-    beside it and renamed over it, which replaced /dev/null itself (run as root), a FIFO or
-    a symlink with a file."""
-    try:
-        mode = os.lstat(path).st_mode
-    except OSError:
-        return None
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):  # a folder: refused as one, or fails
-        return None
-    kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a device" if stat.S_ISCHR(mode)
-            or stat.S_ISBLK(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket"
-            if stat.S_ISSOCK(mode) else "not a regular file")
-    return f"{kind}, which writing it would replace"
 
 
 class Metrics:
@@ -73,10 +57,11 @@ class Metrics:
             if os.path.isdir(textfile):
                 raise ArgumentError(f"Metrics textfile {textfile!r} is a folder; name the file "
                                     "(node_exporter reads *.prom files)")
-            other = _not_a_file(textfile)
-            if other:
-                raise ArgumentError(f"Metrics textfile {textfile!r} is {other}; name a file "
-                                    "(node_exporter reads *.prom files)")
+            other = replaced_by_rename(textfile)
+            if other:  # written beside it and renamed over it
+                raise ArgumentError(f"Metrics textfile {textfile!r} is {other}, which writing "
+                                    "it would replace; name a file (node_exporter reads *.prom "
+                                    "files)")
         check_bool(all_ranks, "Metrics all_ranks")
         self.job = job
         self.textfile = textfile
@@ -274,9 +259,10 @@ class Metrics:
         """Write the metrics for node_exporter's textfile collector (atomically);
         StorageError when it cannot be written."""
         path = check_path(path, "write_textfile's path", "a file path")
-        other = _not_a_file(path)
+        other = replaced_by_rename(path)
         if other:
-            raise StorageError(f"metrics textfile {path}: not written: it is {other}")
+            raise StorageError(f"metrics textfile {path}: not written: it is {other}, which "
+                               "writing it would replace")
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             write_to_textfile(path, self.registry)

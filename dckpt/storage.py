@@ -15,7 +15,6 @@ import errno
 import functools
 import os
 import posixpath
-import stat
 import threading
 import time
 import uuid
@@ -30,7 +29,7 @@ from dckpt import s3
 from dckpt.arguments import check_options, check_url
 from dckpt.direct import DirectFile
 from dckpt.errors import ArgumentError
-from dckpt.files import open_file
+from dckpt.files import open_file, replaced_by_rename
 from dckpt.mounts import watched_filesystem
 from dckpt.watchdog import STALL_S, call_bounded
 
@@ -175,13 +174,9 @@ class Store:
             with self.open_write(name) as f:
                 yield f
             return
-        try:
-            mode: int | None = os.lstat(self.path(name)).st_mode
-        except OSError:
-            mode = None
-        if mode is not None and not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            # renamed over, a device (/dev/null, as root), a FIFO or a folder would go
-            raise FileExistsError(errno.EEXIST, "exists and is not a regular file; not "
+        what = replaced_by_rename(self.path(name))
+        if what:
+            raise FileExistsError(errno.EEXIST, f"{what} stands there, not a file; not "
                                   "replaced", self.path(name))
         folder, _, base = name.rpartition("/")
         tmp = f"{folder + '/' if folder else ''}.tmp-{uuid.uuid4().hex}-{base}"

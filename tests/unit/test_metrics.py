@@ -200,8 +200,8 @@ def test_an_unwritable_textfile_is_logged_once_and_never_fails_a_save(tmp_path, 
 @pytest.mark.parametrize("kind", ["fifo", "symlink", "socket"])
 def test_a_textfile_that_is_no_regular_file_is_never_replaced(tmp_path, kind, caplog):
     """The textfile is written beside its path and renamed over it: /dev/null (as root), a
-    FIFO or a symlink named as the textfile were replaced by a file of metrics. (A device
-    is the same check; no test makes one, since a slip would replace it.)"""
+    FIFO, or a link to one, named as the textfile was replaced by a file of metrics. (A
+    device is the same check; no test makes one, since a slip would replace it.)"""
     import os
 
     path = tmp_path / "dckpt.prom"
@@ -211,11 +211,12 @@ def test_a_textfile_that_is_no_regular_file_is_never_replaced(tmp_path, kind, ca
     if kind == "fifo":
         os.mkfifo(path)
     elif kind == "symlink":
-        path.symlink_to(target)
+        os.mkfifo(target.with_suffix(".pipe"))
+        path.symlink_to(target.with_suffix(".pipe"))
     else:
         server = socket.socket(socket.AF_UNIX)
         server.bind(str(path))
-    says = {"fifo": "a FIFO", "symlink": "a symbolic link", "socket": "a socket"}[kind]
+    says = {"fifo": "a FIFO", "symlink": "a link to a FIFO", "socket": "a socket"}[kind]
     with pytest.raises(dckpt.ArgumentError, match=f"is {says}, which writing it would replace"):
         dckpt.Metrics("job", textfile=path)
     metrics = dckpt.Metrics("job")
