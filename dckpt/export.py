@@ -118,7 +118,9 @@ def _check_replaceable(dest: Store, base: str, to: str) -> None:
     else there is refused: a rename over a device made /dev/full a regular file."""
     if not dest.local:
         return
-    what = replaced_by_rename(dest.path(base))
+    path = dest.path(base)
+    what = replaced_by_rename(path) or (  # where the link points, a file may be expected
+        "a link to nothing" if os.path.islink(path) and not os.path.exists(path) else None)
     if what:
         raise ArgumentError(f"export destination {to} is {what}, not a file; an export "
                             "writes a new file there, replacing only a file")

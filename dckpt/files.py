@@ -32,15 +32,13 @@ def open_file(path: str) -> int:
 
 def replaced_by_rename(path: str | os.PathLike) -> str | None:
     """What a new file renamed over ``path`` would destroy that is no file, in words ("a
-    FIFO", "a link to a device", "a folder"); None where nothing stands, or a regular file
-    or a link to one (the rename replaces the link, not the file). A rename over /dev/null,
-    as root, made it a regular file."""
-    if not os.path.lexists(path):
-        return None
+    FIFO", "a link to a device", "a folder"); None where nothing stands, or a regular file,
+    or a link to one or to nothing (the rename replaces the link alone). A rename over
+    /dev/null, as root, made it a regular file."""
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return "a link to nothing"
+    except OSError:  # nothing there, or a link to nothing
+        return None
     if stat.S_ISREG(mode):
         return None
     kind = ("folder" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else "socket"

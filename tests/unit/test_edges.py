@@ -1149,3 +1149,6 @@ def test_a_replacing_write_never_renames_over_a_device_fifo_or_folder(tmp_path):
     with store.open_replace("link") as f:
         f.write(b"new")
     assert not os.path.islink(tmp_path / "link") and (tmp_path / "old").read_bytes() == b"old"
+    os.symlink(tmp_path / "nothing", tmp_path / "dangling")  # a framework may leave one
+    write_pointer(str(tmp_path / "dangling"), Pointer(str(tmp_path / "repo"), 1, {}))
+    assert not os.path.islink(tmp_path / "dangling") and not (tmp_path / "nothing").exists()
