@@ -35,6 +35,13 @@ def replaced_by_rename(path: str | os.PathLike) -> str | None:
     FIFO", "a link to a device", "a folder"); None where nothing stands, or a regular file,
     or a link to one or to nothing (the rename replaces the link alone). A rename over
     /dev/null, as root, made it a regular file."""
+    folder = os.path.realpath(os.path.dirname(os.path.abspath(path)))
+    special = folder == "/dev" or folder in ("/proc", "/sys") or folder.startswith(
+        ("/proc/", "/sys/"))
+    if special and os.path.lexists(path):
+        # /dev/stdout is a link to a file when the output is redirected to one: renamed
+        # over, the link itself would go (as root)
+        return f"a name in {folder}, where names stand for devices and processes"
     try:
         mode = os.stat(path).st_mode
     except OSError:  # nothing there, or a link to nothing

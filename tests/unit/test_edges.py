@@ -1152,3 +1152,19 @@ def test_a_replacing_write_never_renames_over_a_device_fifo_or_folder(tmp_path):
     os.symlink(tmp_path / "nothing", tmp_path / "dangling")  # a framework may leave one
     write_pointer(str(tmp_path / "dangling"), Pointer(str(tmp_path / "repo"), 1, {}))
     assert not os.path.islink(tmp_path / "dangling") and not (tmp_path / "nothing").exists()
+
+
+def test_names_in_dev_and_proc_are_never_renamed_over(tmp_path):
+    """`dckpt export ckpt /dev/stdout > model.pt`: /dev/stdout is a link to a regular file
+    there, and a new file renamed over it replaced the link itself (as root). Names that
+    stand in /dev, /proc and /sys are refused by the check every replacing write makes
+    (checked on the function alone: a test that wrote there and regressed would do the
+    damage)."""
+    from dckpt.files import replaced_by_rename
+
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"")
+    for name in ("/dev/stdout", "/dev/null", "/proc/self/fd/1", "/proc/self/status"):
+        assert "where names stand for devices" in replaced_by_rename(name), name
+    for name in (str(out), str(tmp_path / "new.pt"), "/dev/shm/dckpt.prom"):
+        assert replaced_by_rename(name) is None, name
