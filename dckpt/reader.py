@@ -10,6 +10,13 @@ Call order (DCP's ``load`` drives it)::
 Tensor boxes that land whole in a contiguous CPU tensor of the same dtype are read straight
 into it; other boxes go through host buffers bounded by ``LoadConfig.read_buffer_bytes``, and
 only the blocks that hold the needed bytes are read where the needed box is contiguous.
+
+The buffered boxes are read in windows of at most half that bound, two at a time: the reads
+of the next window run while the caller's thread copies the last one out. Windows bound for
+the GPU are smaller (``PINNED_WINDOW_BYTES``), in pinned memory that the caching host
+allocator hands from one window to the next: pinning costs about 0.5 s per GiB, and a 1 GiB
+window made a restore from the memory tier onto an H200 take 1.15-1.36 s where 64 MiB
+windows took 0.79-0.80 s (docs/benchmarks.md, The H200 machine).
 """
 
 from __future__ import annotations
@@ -49,6 +56,11 @@ __all__ = ["Reader"]
 
 SPAN_GAP_BYTES = 1 << 20
 """Requests of one object at most this far apart are read as one (the gap is dropped)."""
+PINNED_WINDOW_BYTES = 64 << 20
+"""A window of boxes bound for the GPU holds at most this much pinned memory; a box larger
+than this goes through ordinary memory and a blocking copy (pinning it would cost more)."""
+PINNED_REQUEST_BYTES = 8 << 20
+"""The longest read into a pinned window: 8 or more reads in flight in each."""
 
 
 @dataclass
@@ -74,7 +86,16 @@ class _Job:
     buffer: torch.Tensor            # uint8; the destination itself when ``direct``
     first: int                      # raw byte offset of the chunk where ``buffer`` begins
     direct: bool
+    pinned: bool = False            # ``buffer`` is pinned; its copy to the GPU is asynchronous
     futures: list[PoolFuture[int]] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """Tensors whose reads are submitted together, and those reads."""
+
+    jobs: list[_Job]
+    futures: list[PoolFuture[int]]
 
 
 def _raw_value(buf: bytearray, planner: LoadPlanner) -> io.BytesIO:
@@ -247,6 +268,8 @@ class Reader(StorageReader):
                 lambda: fetcher.bytes_read, loud=dist.rank() == 0):
             window: list[_Job] = []
             window_bytes = 0
+            reading: _Window | None = None  # submitted, its copies not yet made
+            half = max(1, self.config.read_buffer_bytes // 2)  # two windows at once
             values: list[_Value] = []  # small: read beside the tensors, delivered last
             for index, items in groups.items():
                 kind, stored = self._storage[index]
@@ -255,12 +278,16 @@ class Reader(StorageReader):
                     continue
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
                 size = 0 if job.direct else job.buffer.numel()
-                if window and window_bytes + size > self.config.read_buffer_bytes:
-                    self._run(fetcher, window, planner)
+                pinned = job.pinned or any(j.pinned for j in window)
+                bound = min(half, PINNED_WINDOW_BYTES) if pinned else half
+                if window and window_bytes + size > bound:
+                    reading = self._advance(fetcher, window, reading, planner)
                     window, window_bytes = [], 0
                 window.append(job)
                 window_bytes += size
-            self._run(fetcher, window, planner)
+            reading = self._advance(fetcher, window, reading, planner)
+            if reading is not None:
+                self._finish(fetcher, reading, planner)
             for value in values:
                 self.bytes_read += sum(fetcher.results(value.futures))
                 self.deliver_value(value.buf, value.fqn, value.encoding, value.items, planner)
@@ -316,27 +343,40 @@ class Reader(StorageReader):
         first, picked = blocks_in_range(chunk.data, lo, hi)
         size = sum(ref.raw_length for ref, _ in picked)
         # CUDA destinations: a pinned buffer, so that the copy to the device runs
-        # asynchronously while the next reads go on (see _finish)
-        pinned = any(t.device.type == "cuda" for t in targets)
+        # asynchronously while the next reads go on (see _finish), unless it is large
+        pinned = size <= PINNED_WINDOW_BYTES and any(t.device.type == "cuda" for t in targets)
         return _Job(fqn, dtype, chunk, items, targets,
-                    torch.empty(size, dtype=torch.uint8, pin_memory=pinned), first, False)
+                    torch.empty(size, dtype=torch.uint8, pin_memory=pinned), first, False,
+                    pinned)
 
-    def _run(self, fetcher: Fetcher, window: list[_Job], planner: LoadPlanner) -> None:
-        """Read a window's tensors and deliver them. The requests of every tensor in the window
-        are merged into spans, so that tensors stored side by side are read together (20,000
-        tensors of 64 bytes: a few reads, not 20,000, and the reader threads no longer take
-        the interpreter from the caller's thread 20,000 times); spans go to the pool in the
+    def _advance(self, fetcher: Fetcher, window: list[_Job], reading: _Window | None,
+                 planner: LoadPlanner) -> _Window | None:
+        """Submit ``window``'s reads, then deliver the window read before it: the next
+        window's reads run while this thread copies the last one's bytes out."""
+        submitted = self._submit(fetcher, window) if window else None
+        if reading is not None:
+            self._finish(fetcher, reading, planner)
+        return submitted
+
+    def _submit(self, fetcher: Fetcher, window: list[_Job]) -> _Window:
+        """Start a window's reads. The requests of every tensor in the window are merged
+        into spans, so that tensors stored side by side are read together (20,000 tensors of
+        64 bytes: a few reads, not 20,000, and the reader threads no longer take the
+        interpreter from the caller's thread 20,000 times); spans go to the pool in the
         order of the first tensor they fill, which is the order they are delivered in."""
+        longest = self.request_bytes
+        if any(job.pinned for job in window):
+            longest = min(longest, PINNED_REQUEST_BYTES)
         parts: list[Request] = []
         owners: dict[int, tuple[int, Target]] = {}  # id(request): (its job's index, target)
         for i, job in enumerate(window):
             _, picked = blocks_in_range(job.chunk.data, job.first,
                                         job.first + job.buffer.numel())
             target = (memoryview(job.buffer.numpy()), self._what("tensor", job.fqn))  # type: ignore[arg-type]
-            for req in coalesce(picked, self.request_bytes):
+            for req in coalesce(picked, longest):
                 parts.append(req)
                 owners[id(req)] = (i, target)
-        merged = spans(parts, self.request_bytes, SPAN_GAP_BYTES)
+        merged = spans(parts, longest, SPAN_GAP_BYTES)
         merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
         futures = []
         for span in merged:
@@ -344,12 +384,13 @@ class Reader(StorageReader):
             futures.append(future)
             for i in {owners[id(p)][0] for p in span.parts}:
                 window[i].futures.append(future)
-        self._finish(fetcher, window, planner)
-        self.bytes_read += sum(fetcher.results(futures))
+        return _Window(window, futures)
 
-    def _finish(self, fetcher: Fetcher, window: list[_Job], planner: LoadPlanner) -> None:
+    def _finish(self, fetcher: Fetcher, reading: _Window, planner: LoadPlanner) -> None:
+        """Deliver a submitted window: wait for each tensor's reads, in order, and copy it
+        into its destinations."""
         waited: set[int] = set()  # a span shared by many tensors is waited for once
-        for job in window:
+        for job in reading.jobs:
             fresh = [f for f in job.futures if id(f) not in waited]
             if fresh:
                 fetcher.results(fresh)
@@ -358,15 +399,16 @@ class Reader(StorageReader):
                 if not job.direct:
                     t0 = time.perf_counter()
                     if target.device.type == "cuda":
-                        # from pinned memory on a side stream: returns at once; the caching
-                        # host allocator keeps the buffer until the copy is done
+                        # on a side stream; from pinned memory it returns at once, and the
+                        # caching host allocator keeps the buffer until the copy is done
                         bits, values = plain_bits(target, self._source(job, item))
                         with torch.cuda.stream(self._h2d_stream(target.device)):
-                            bits.copy_(values, non_blocking=True)
+                            bits.copy_(values, non_blocking=job.pinned)
                     else:
                         target.copy_(self._source(job, item))
                     self._copy_s += time.perf_counter() - t0
                 planner.commit_tensor(item, target)
+        self.bytes_read += sum(fetcher.results(reading.futures))
 
     def _h2d_stream(self, device: torch.device) -> torch.cuda.Stream:
         stream = self._streams.get(device)

@@ -446,3 +446,57 @@ def test_a_truncated_segment_names_the_first_tensor_it_cuts_among_many_read_toge
     out = {k: torch.zeros(1024) for k in state}
     with pytest.raises(dckpt.IntegrityError, match="'t5'.*truncated"):
         dckpt.load(out, url, step=1)
+
+
+def test_buffered_reads_run_one_window_ahead_within_the_budget(tmp_path, monkeypatch):
+    """Boxes read through buffers go in windows of at most half the read budget, the next
+    window's reads submitted before the last one's copies: two windows held at once."""
+    from dckpt.reader import Reader
+
+    url = str(tmp_path)
+    g = torch.Generator().manual_seed(5)
+    want = {f"t{i}": torch.randn(64, 32, generator=g) for i in range(12)}  # 8 KiB each
+    dckpt.save(want, url, step=1)
+    events: list[tuple[str, int, int]] = []
+    submit, finish = Reader._submit, Reader._finish
+
+    def recorded_submit(self, fetcher, window):
+        submitted = submit(self, fetcher, window)
+        events.append(("submit", id(submitted), sum(j.buffer.numel() for j in window)))
+        return submitted
+
+    def recorded_finish(self, fetcher, reading, planner):
+        events.append(("finish", id(reading), 0))
+        return finish(self, fetcher, reading, planner)
+
+    monkeypatch.setattr(Reader, "_submit", recorded_submit)
+    monkeypatch.setattr(Reader, "_finish", recorded_finish)
+    got = {k: torch.zeros(32, 64).t() for k in want}  # transposed: read through a buffer
+    budget = 40 << 10  # two windows of 2 tensors each
+    info = dckpt.load(got, url, config=LoadConfig(read_buffer_bytes=budget))
+    for k, v in want.items():
+        assert torch.equal(got[k], v), k
+    assert info.phase_s["copy"] > 0
+    kinds = [e[0] for e in events]
+    assert kinds == ["submit"] + ["submit", "finish"] * 5 + ["finish"], kinds
+    submitted = [e for e in events if e[0] == "submit"]
+    assert all(nbytes <= budget // 2 for _, _, nbytes in submitted)
+    assert sum(nbytes for _, _, nbytes in submitted) == 12 * 64 * 32 * 4
+    assert [e[1] for e in events if e[0] == "finish"] == [e[1] for e in submitted]  # in order
+
+
+def test_damage_in_a_window_read_ahead_fails_the_load_cleanly(tmp_path):
+    """A bad block in the window read ahead, while the one before is copied: the load
+    raises the checksum error (no fallback, one checkpoint) and leaves no reader behind."""
+    import threading
+
+    url = str(tmp_path)
+    g = torch.Generator().manual_seed(6)
+    want = {f"t{i}": torch.randn(64, 32, generator=g) for i in range(8)}
+    dckpt.save(want, url, step=1)
+    from dckpt_testing import flip_stored_byte
+    flip_stored_byte(url, 1, "t5")
+    got = {k: torch.zeros(32, 64).t() for k in want}
+    with pytest.raises(dckpt.IntegrityError, match="t5"):
+        dckpt.load(got, url, config=LoadConfig(read_buffer_bytes=20 << 10))
+    assert not [t for t in threading.enumerate() if t.name.startswith("dckpt-read")]

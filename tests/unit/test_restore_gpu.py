@@ -171,3 +171,30 @@ def test_load_into_lazy_conjugates_and_negations_on_cuda(tmp_path, budget):
     dckpt.load(got, str(tmp_path), config=dckpt.LoadConfig(read_buffer_bytes=budget))
     for k, v in want.items():
         assert torch.equal(got[k].resolve_conj().resolve_neg().cpu(), v), k
+
+
+@pytest.mark.parametrize("pinned_window", [1 << 10, 64 << 10, 64 << 20])
+def test_boxes_larger_than_the_pinned_window_go_through_ordinary_memory(tmp_path, monkeypatch,
+                                                                        pinned_window):
+    """Onto the GPU, boxes up to the pinned window take pinned buffers and asynchronous
+    copies, larger ones ordinary memory and blocking copies; both, mixed in one load, with
+    the windows read one ahead, deliver every value."""
+    from dckpt import reader
+
+    monkeypatch.setattr(reader, "PINNED_WINDOW_BYTES", pinned_window)
+    pinned: list[bool] = []
+    job = reader.Reader._job
+
+    def recorded(self, *args):
+        made = job(self, *args)
+        pinned.append(made.pinned)
+        return made
+
+    monkeypatch.setattr(reader.Reader, "_job", recorded)
+    want = _cpu_state()
+    dckpt.save(want, str(tmp_path), step=1)
+    got = _cuda_zeros(want)
+    dckpt.load(got, str(tmp_path), config=dckpt.LoadConfig(read_buffer_bytes=256 << 10))
+    _assert_loaded(got, want)
+    assert any(pinned) == (pinned_window >= 64 << 10)  # the small tensors fit 64 KiB
+    assert all(pinned) == (pinned_window >= 64 << 20)
