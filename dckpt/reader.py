@@ -14,9 +14,9 @@ only the blocks that hold the needed bytes are read where the needed box is cont
 The buffered boxes are read in windows of at most half that bound, two at a time: the reads
 of the next window run while the caller's thread copies the last one out. Windows bound for
 the GPU are smaller (``PINNED_WINDOW_BYTES``), in pinned memory that the caching host
-allocator hands from one window to the next: pinning costs about 0.5 s per GiB, and a 1 GiB
-window made a restore from the memory tier onto an H200 take 1.15-1.36 s where 64 MiB
-windows took 0.79-0.80 s (docs/benchmarks.md, The H200 machine).
+allocator hands from one window to the next: pinning costs about 0.5 s per GiB, and with a
+1 GiB window a load of 4 GiB from the memory tier onto an H200 took 1.02-1.07 s, with these
+0.47 s (docs/benchmarks.md, The H200 machine).
 """
 
 from __future__ import annotations
