@@ -83,9 +83,10 @@ class _Job:
     chunk: ChunkEntry
     items: list[ReadItem]
     targets: list[torch.Tensor]
-    buffer: torch.Tensor            # uint8; the destination itself when ``direct``
-    first: int                      # raw byte offset of the chunk where ``buffer`` begins
-    direct: bool
+    buffer: torch.Tensor            # uint8; the destination itself when ``direct``, else
+    first: int                      # made at submission; raw byte offset of the chunk where
+    direct: bool                    # ``buffer`` begins
+    nbytes: int = 0                 # of the buffer, when not ``direct``
     pinned: bool = False            # ``buffer`` is pinned; its copy to the GPU is asynchronous
     futures: list[PoolFuture[int]] = field(default_factory=list)
 
@@ -109,6 +110,9 @@ def _raw_value(buf: bytearray, planner: LoadPlanner) -> io.BytesIO:
     out.seek(0)
     return out
 
+
+_UNMADE = torch.empty(0, dtype=torch.uint8)
+"""A buffered box's buffer until its window is submitted."""
 
 LOCAL_REQUEST_BYTES = 64 << 20
 REMOTE_REQUEST_BYTES = 16 << 20
@@ -270,6 +274,7 @@ class Reader(StorageReader):
             window_bytes = 0
             reading: _Window | None = None  # submitted, its copies not yet made
             half = max(1, self.config.read_buffer_bytes // 2)  # two windows at once
+            pinned = False  # the window holds a pinned buffer
             values: list[_Value] = []  # small: read beside the tensors, delivered last
             for index, items in groups.items():
                 kind, stored = self._storage[index]
@@ -277,14 +282,13 @@ class Reader(StorageReader):
                     values.append(self._start_value(fetcher, index.fqn, stored, kind, items))
                     continue
                 job = self._job(index.fqn, dtype_from_name(kind), stored, items, planner)
-                size = 0 if job.direct else job.buffer.numel()
-                pinned = job.pinned or any(j.pinned for j in window)
-                bound = min(half, PINNED_WINDOW_BYTES) if pinned else half
-                if window and window_bytes + size > bound:
+                bound = min(half, PINNED_WINDOW_BYTES) if pinned or job.pinned else half
+                if window and window_bytes + job.nbytes > bound:
                     reading = self._advance(fetcher, window, reading, planner)
-                    window, window_bytes = [], 0
+                    window, window_bytes, pinned = [], 0, False
                 window.append(job)
-                window_bytes += size
+                window_bytes += job.nbytes
+                pinned = pinned or job.pinned
             reading = self._advance(fetcher, window, reading, planner)
             if reading is not None:
                 self._finish(fetcher, reading, planner)
@@ -345,9 +349,7 @@ class Reader(StorageReader):
         # CUDA destinations: a pinned buffer, so that the copy to the device runs
         # asynchronously while the next reads go on (see _finish), unless it is large
         pinned = size <= PINNED_WINDOW_BYTES and any(t.device.type == "cuda" for t in targets)
-        return _Job(fqn, dtype, chunk, items, targets,
-                    torch.empty(size, dtype=torch.uint8, pin_memory=pinned), first, False,
-                    pinned)
+        return _Job(fqn, dtype, chunk, items, targets, _UNMADE, first, False, size, pinned)
 
     def _advance(self, fetcher: Fetcher, window: list[_Job], reading: _Window | None,
                  planner: LoadPlanner) -> _Window | None:
@@ -370,6 +372,8 @@ class Reader(StorageReader):
         parts: list[Request] = []
         owners: dict[int, tuple[int, Target]] = {}  # id(request): (its job's index, target)
         for i, job in enumerate(window):
+            if not job.direct:  # made now, not when planned: two windows' buffers at most
+                job.buffer = torch.empty(job.nbytes, dtype=torch.uint8, pin_memory=job.pinned)
             _, picked = blocks_in_range(job.chunk.data, job.first,
                                         job.first + job.buffer.numel())
             target = (memoryview(job.buffer.numpy()), self._what("tensor", job.fqn))  # type: ignore[arg-type]

@@ -460,14 +460,20 @@ def test_buffered_reads_run_one_window_ahead_within_the_budget(tmp_path, monkeyp
     events: list[tuple[str, int, int]] = []
     submit, finish = Reader._submit, Reader._finish
 
+    held: set[int] = set()  # windows whose buffers are made and not yet delivered
+
     def recorded_submit(self, fetcher, window):
+        assert all(j.buffer.numel() == 0 for j in window)  # no buffer made before its window
         submitted = submit(self, fetcher, window)
+        held.add(id(submitted))
+        assert len(held) <= 2
         events.append(("submit", id(submitted), sum(j.buffer.numel() for j in window)))
         return submitted
 
     def recorded_finish(self, fetcher, reading, planner):
         events.append(("finish", id(reading), 0))
-        return finish(self, fetcher, reading, planner)
+        finish(self, fetcher, reading, planner)
+        held.discard(id(reading))
 
     monkeypatch.setattr(Reader, "_submit", recorded_submit)
     monkeypatch.setattr(Reader, "_finish", recorded_finish)
