@@ -96,6 +96,11 @@ def worker(args: argparse.Namespace) -> None:
         dist.barrier()
         return
     state, _ = build_state(args, mesh, fill=False)
+    if args.destination == "built":  # a model built before its restore: its pages present
+        for v in state.values():
+            v.to_local().zero_()
+        if cuda:
+            torch.cuda.synchronize()
     # dckpt imports its parts at first use; a training script names what it uses at its top,
     # before it builds its state (0.1 s here, 0.25 s on the H200 machine: not the read's)
     dckpt.load, dckpt.CheckpointManager  # noqa: B018
@@ -224,7 +229,7 @@ def launch(args: argparse.Namespace, mode: str) -> tuple[float, dict | None]:
            f"--nproc-per-node={args.ranks}", os.path.abspath(__file__), "--worker", method,
            "--gib-per-rank", str(args.gib_per_rank), "--dir", args.dir,
            "--device", args.device, "--methods", args.methods, "--state", args.state,
-           "--memory-dir", args.memory_dir,
+           "--memory-dir", args.memory_dir, "--destination", args.destination,
            *(["--read-config", config] if config else [])]
     t_launch = time.time()
     helper = (subprocess.Popen([sys.executable, "-m", "dckpt.prefetch",
@@ -254,20 +259,30 @@ def warm_tree(path: str) -> None:
                    check=True)
 
 
-def memcpy_s(nbytes: int, ranks: int, fresh: bool) -> float:
+def memcpy_s(nbytes: int, ranks: int, fresh: bool, verified: bool = False) -> float:
     """Seconds for ``ranks`` threads to each copy ``nbytes`` into host memory: present
     pages, or ``fresh`` ones (as a restarted process's tensors are: the page faults count).
-    The memory tier's floor (each rank copies its shard out of shared memory)."""
+    The memory tier's floor (each rank copies its shard out of shared memory); ``verified``:
+    into present pages, each 64 MiB followed by its xxh3-128 digest, as a load checks
+    every byte (on few cores the digests take cores the copies would use)."""
     import threading
 
     import torch
+    import xxhash
 
     pairs = [(torch.empty(nbytes, dtype=torch.uint8).fill_(1),
               torch.empty(nbytes, dtype=torch.uint8)) for _ in range(ranks)]
     if not fresh:
         for _, dst in pairs:
             dst.fill_(0)
-    threads = [threading.Thread(target=dst.copy_, args=(src,)) for src, dst in pairs]
+    def copy_and_digest(src: torch.Tensor, dst: torch.Tensor) -> None:
+        piece = 64 << 20
+        for at in range(0, nbytes, piece):
+            dst[at:at + piece].copy_(src[at:at + piece])
+            xxhash.xxh3_128_digest(memoryview(dst[at:at + piece].numpy()))
+
+    threads = [threading.Thread(target=copy_and_digest if verified else dst.copy_,
+                                args=(src, dst) if verified else (src,)) for src, dst in pairs]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -366,6 +381,11 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(m for m in METHODS if m != "torch-checkpointing"
                                                  or importlib.util.find_spec("torch_checkpointing")),
                    help="comma-separated subset of " + ",".join(METHODS))
+    p.add_argument("--destination", choices=("fresh", "built"), default="fresh",
+                   help="the state the restore loads into: fresh (allocated, never touched: "
+                        "the load pays its page faults, as the memcpy into fresh pages "
+                        "does) or built (written once before, as a model's initialized "
+                        "weights are: beside the memcpy into present pages)")
     p.add_argument("--memory-dir", default="/dev/shm",
                    help="the memory tier's parent folder (method memory)")
     p.add_argument("--worker", choices=("prepare",) + METHODS, help=argparse.SUPPRESS)
@@ -393,14 +413,16 @@ def main() -> None:
     methods += tuple(f"memory {c}" for c in args.memory_read_configs.split(",") if c)
     methods += ("dckpt prefetch",) if args.prefetch else ()
     runs: dict[str, list[dict]] = {m: [] for m in methods}
-    seq, copies, fresh, to_device, pinning = [], [], [], [], []
+    seq, copies, fresh, verified, to_device, pinning = [], [], [], [], [], []
     for i in range(args.repeats):
         copies.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=False))
         fresh.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=True))
+        verified.append(memcpy_s(nbytes // args.ranks, args.ranks, fresh=False, verified=True))
         if args.device == "cuda":  # one GPU here: the ranks' shards one after another
             to_device.append(host_to_device_s(nbytes))
             pinning.append(pinned_alloc_s(1 << 30))
-        print(f"memcpy {copies[-1]:.3f} s, into fresh pages {fresh[-1]:.3f} s"
+        print(f"memcpy {copies[-1]:.3f} s, into fresh pages {fresh[-1]:.3f} s, with digests "
+              f"{verified[-1]:.3f} s"
               + (f", host to GPU {to_device[-1]:.3f} s, 1 GiB pinned allocated in "
                  f"{pinning[-1]:.3f} s" if to_device else ""), flush=True)
         seq.append(raw_cold_read_sequential(args))
@@ -420,7 +442,7 @@ def main() -> None:
             runs[method].append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps({"bench": "restore", "method": method, "repeat": i,
-                                    "device": args.device, "cache": args.cache,
+                                    "device": args.device, "cache": args.cache, "destination": args.destination,
                                     "state": args.state,
                                     "bytes": nbytes, "ranks": args.ranks, **row}) + "\n")
             print(method, {k: round(v, 2) if isinstance(v, float) else v
@@ -430,6 +452,7 @@ def main() -> None:
            for m, rows in runs.items()}
     summary = {
         "bytes": nbytes, "device": args.device, "cache": args.cache, "state": args.state,
+        "destination": args.destination,
         "raw_sequential_read_gbps": nbytes / statistics.median(seq) / 1e9,
         **{f"{m}_read_gbps": nbytes / med[m]["read_s"] / 1e9 for m in methods},
         "dckpt_read_vs_raw_sequential": statistics.median(seq) / med["dckpt"]["read_s"],
@@ -437,8 +460,11 @@ def main() -> None:
            for m in ("raw", "DCP", "torch-checkpointing") if m in med},
         "memcpy_s": statistics.median(copies),
         "memcpy_fresh_s": statistics.median(fresh),
+        "memcpy_verified_s": statistics.median(verified),
         **({"memory_read_vs_memcpy": med["memory"]["read_s"] / statistics.median(copies),
             "memory_read_vs_memcpy_fresh": med["memory"]["read_s"] / statistics.median(fresh),
+            "memory_read_vs_memcpy_verified": med["memory"]["read_s"]
+            / statistics.median(verified),
             **({"host_to_device_s": statistics.median(to_device),
                 "pinned_alloc_1gib_s": statistics.median(pinning),
                 "memory_read_vs_host_to_device": med["memory"]["read_s"]
