@@ -506,3 +506,45 @@ def test_damage_in_a_window_read_ahead_fails_the_load_cleanly(tmp_path):
     with pytest.raises(dckpt.IntegrityError, match="t5"):
         dckpt.load(got, url, config=LoadConfig(read_buffer_bytes=20 << 10))
     assert not [t for t in threading.enumerate() if t.name.startswith("dckpt-read")]
+
+
+@pytest.mark.parametrize("fault", ["eio", "stall"])
+def test_a_storage_failing_under_the_window_read_ahead_fails_the_load_in_bounded_time(
+        tmp_path, monkeypatch, fault):
+    """The reads of a window submitted ahead fail (an I/O error) or stop answering while
+    the window before is copied out: the load raises a StorageError naming it, within the
+    stall bound, and (for the error) leaves no reader thread behind."""
+    import errno
+    import threading
+    import time
+
+    from dckpt.reads import Fetcher
+
+    url = str(tmp_path)
+    g = torch.Generator().manual_seed(7)
+    want = {f"t{i}": torch.randn(64, 32, generator=g) for i in range(8)}
+    dckpt.save(want, url, step=1)
+    read = Fetcher._read
+    late = "'t6'"  # windows of one tensor (8 KiB, half the budget 10 KiB): t6's reads are
+    # submitted before t5's copies are made
+
+    def failing(self, segment, offset, outs, what, whats=()):
+        if late in what or any(late in w for w in whats):
+            if fault == "eio":
+                raise OSError(errno.EIO, "Input/output error")
+            time.sleep(3.0)
+        return read(self, segment, offset, outs, what, whats)
+
+    monkeypatch.setattr(Fetcher, "_read", failing)
+    got = {k: torch.zeros(32, 64).t() for k in want}
+    t0 = time.monotonic()
+    with pytest.raises(dckpt.StorageError):
+        dckpt.load(got, url, config=LoadConfig(read_buffer_bytes=20 << 10,
+                                               io_stall_timeout_s=0.5))
+    assert time.monotonic() - t0 < 2.5
+    for k in ("t0", "t1", "t2", "t3", "t4", "t5"):  # the windows before it were delivered
+        assert torch.equal(got[k], want[k]), k
+    if fault == "eio":
+        assert not [t for t in threading.enumerate() if t.name.startswith("dckpt-read")]
+    else:
+        time.sleep(3.0)  # the stalled reader finishes: nothing left for the next test
