@@ -502,6 +502,30 @@ def test_random_layouts_dtypes_and_shapes_round_trip_bit_for_bit(tmp_path_factor
         assert torch.equal(flat_bytes(out[k].contiguous()), flat_bytes(t.contiguous())), (seed, k)
 
 
+@settings(max_examples=25, deadline=None, database=None)
+@given(st.integers(0, 2**32))
+def test_many_tensors_through_windows_of_any_budget_load_bit_for_bit(tmp_path_factory, seed):
+    """Many tensors, some read in place and some through buffers (other layouts), loaded
+    with read budgets from one byte to more than the state, request sizes from 4 KiB and
+    1 to 8 reader threads: the windows, two at a time, deliver every value, in place or
+    copied, bit for bit."""
+    from dckpt.dtypes import flat_bytes
+
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    url = str(tmp_path_factory.mktemp("w"))
+    want = {f"t{i}": _values(rng, (rng.choice([1, 7, 64, 300]), rng.choice([1, 5, 32])),
+                             rng.choice(_DTYPES), gen) for i in range(rng.randint(5, 24))}
+    dckpt.save({k: _laid_out(rng, t) for k, t in want.items()}, url, step=1,
+               config=dckpt.SaveConfig(block_size_bytes=4096))
+    out = {k: _laid_out(rng, torch.zeros_like(t)) for k, t in want.items()}
+    config = dckpt.LoadConfig(read_buffer_bytes=rng.choice([1, 3000, 1 << 14, 1 << 16, 1 << 24]),
+                              read_request_bytes=rng.choice([4096, 1 << 16, None]),
+                              reader_threads=rng.choice([1, 2, 8]))
+    dckpt.load(out, url, config=config)
+    for k, t in want.items():
+        assert torch.equal(flat_bytes(out[k].contiguous()), flat_bytes(t.contiguous())), (seed, k)
+
+
 def test_empty_tensors_with_odd_strides_save_and_load(tmp_path):
     """The two cases the random layouts found, kept as they are."""
     url = str(tmp_path / "r")
