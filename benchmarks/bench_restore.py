@@ -275,14 +275,17 @@ def memcpy_s(nbytes: int, ranks: int, fresh: bool, verified: bool = False) -> fl
     if not fresh:
         for _, dst in pairs:
             dst.fill_(0)
-    def copy_and_digest(src: torch.Tensor, dst: torch.Tensor) -> None:
+
+    def copy(src: torch.Tensor, dst: torch.Tensor) -> None:
+        if not verified:
+            dst.copy_(src)
+            return
         piece = 64 << 20
         for at in range(0, nbytes, piece):
             dst[at:at + piece].copy_(src[at:at + piece])
             xxhash.xxh3_128_digest(memoryview(dst[at:at + piece].numpy()))
 
-    threads = [threading.Thread(target=copy_and_digest if verified else dst.copy_,
-                                args=(src, dst) if verified else (src,)) for src, dst in pairs]
+    threads = [threading.Thread(target=copy, args=pair) for pair in pairs]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -442,8 +445,8 @@ def main() -> None:
             runs[method].append(row)
             with open(args.out, "a") as f:
                 f.write(json.dumps({"bench": "restore", "method": method, "repeat": i,
-                                    "device": args.device, "cache": args.cache, "destination": args.destination,
-                                    "state": args.state,
+                                    "device": args.device, "cache": args.cache,
+                                    "destination": args.destination, "state": args.state,
                                     "bytes": nbytes, "ranks": args.ranks, **row}) + "\n")
             print(method, {k: round(v, 2) if isinstance(v, float) else v
                            for k, v in row.items() if k != "phase_s"}, flush=True)
