@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import xxhash
 from common import emit
 
 TENSOR = 64 << 20
@@ -67,7 +68,8 @@ def aligned(t: torch.Tensor) -> memoryview:
 
 
 def mapped(values: torch.Tensor, huge: bool) -> tuple[mmap.mmap, memoryview]:
-    m = mmap.mmap(-1, TENSOR, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m = mmap.mmap(-1, values.numel() * values.element_size(),
+                  flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if huge:
         m.madvise(mmap.MADV_HUGEPAGE)
     np.frombuffer(m, dtype=np.uint8)[:] = values.view(torch.uint8).numpy()
@@ -118,6 +120,41 @@ def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.
     return _in_threads(folder, write)
 
 
+BLOCK = 256 << 10  # dckpt's default block: each hashed on its own
+
+
+def hashed_write(folder: str, bufs: list[memoryview]) -> float:
+    """As dckpt's sync save writes a tensor from its own pages: its blocks' digests first,
+    then the pages written with ``O_DIRECT``."""
+    def write(i: int, fd: int) -> None:
+        for mv in bufs[i::THREADS]:
+            for at in range(0, len(mv), BLOCK):
+                xxhash.xxh3_128_digest(mv[at:at + BLOCK])
+            _write(fd, mv)
+
+    return _in_threads(folder, write)
+
+
+def bounced_hashed_write(folder: str, tensors: list[torch.Tensor],
+                         windows: list[torch.Tensor]) -> float:
+    """Each block copied into the thread's window and hashed there at once (still in the
+    cache), the full window written: a bounce that reads the tensor once."""
+    def write(i: int, fd: int) -> None:
+        win = windows[i]
+        wmv = memoryview(win.numpy())
+        for t in tensors[i::THREADS]:
+            b = t.view(torch.uint8)
+            for s in range(0, len(b), len(win)):
+                n = min(len(win), len(b) - s)
+                for at in range(0, n, BLOCK):
+                    k = min(BLOCK, n - at)
+                    win[at:at + k].copy_(b[s + at:s + at + k])
+                    xxhash.xxh3_128_digest(wmv[at:at + k])
+                _write(fd, wmv[:n])
+
+    return _in_threads(folder, write)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--gib", type=float, default=1.0)
@@ -141,6 +178,9 @@ def main() -> None:
     windows = [torch.zeros(args.window_mib << 20, dtype=torch.uint8) for _ in range(THREADS)]
     # a multiple of the page size, page-aligned: O_DIRECT writes take the window's pages
     windows = [w[-w.data_ptr() % 4096:][: (args.window_mib << 20) - 4096] for w in windows]
+    huge_windows = [mapped(torch.zeros(args.window_mib << 18), huge=True)
+                    for _ in range(THREADS)]  # (map, view): filled in order, 2 MiB pages
+    huge_windows_t = [torch.frombuffer(m, dtype=torch.uint8) for m, _ in huge_windows]
     kinds = {
         "torch, parallel fill": [aligned(t) for t in parallel],
         "torch, one-thread fill": [aligned(t) for t in one_thread],
@@ -157,7 +197,10 @@ def main() -> None:
     runs = {k: physical_runs(a, TENSOR - 8192 if k != "bounced" else windows[0].numel())
             for k, a in first_page.items()}
     nbytes = sum(len(v) for v in kinds["torch, parallel fill"])
-    seconds: dict[str, list[float]] = {k: [] for k in [*kinds, "bounced", "dckpt.save"]}
+    seconds: dict[str, list[float]] = {
+        k: [] for k in [*kinds, "bounced", "torch, parallel fill, hashed",
+                        "bounced, hashed in the window",
+                        "bounced, huge-page window, hashed in it", "dckpt.save"]}
     state = {f"t{i}": t for i, t in enumerate(parallel)}
     try:
         for r in range(args.rounds):  # in turns: the disk's speed drifts
@@ -167,6 +210,18 @@ def main() -> None:
                 shutil.rmtree(folder)
             folder = tempfile.mkdtemp(dir=base)
             seconds["bounced"].append(bounced_write(folder, parallel, windows))
+            shutil.rmtree(folder)
+            folder = tempfile.mkdtemp(dir=base)
+            seconds["torch, parallel fill, hashed"].append(
+                hashed_write(folder, kinds["torch, parallel fill"]))
+            shutil.rmtree(folder)
+            folder = tempfile.mkdtemp(dir=base)
+            seconds["bounced, hashed in the window"].append(
+                bounced_hashed_write(folder, parallel, windows))
+            shutil.rmtree(folder)
+            folder = tempfile.mkdtemp(dir=base)
+            seconds["bounced, huge-page window, hashed in it"].append(
+                bounced_hashed_write(folder, parallel, huge_windows_t))
             shutil.rmtree(folder)
             if r:  # the last round's checkpoint gone: this save writes every block
                 dckpt.delete(os.path.join(base, "repo"), step=r - 1)
