@@ -14,6 +14,10 @@ The same bytes (``--gib`` GiB as 64 MiB float32 tensors, 4 writer threads, one f
 - ``mmap, huge pages``: the same with ``MADV_HUGEPAGE`` before the first touch;
 - ``bounced``: the parallel-fill tensors copied through a reused window per thread
   (``--window-mib``, filled in order once) and written from there;
+- with digests, as a save takes them (xxh3-128 of each 256 KiB block, in the writer
+  threads): the parallel-fill tensors' blocks digested, then their pages written; and
+  bounced, each block digested in the window as it is copied there, from a window of 4 KiB
+  pages or of huge pages;
 
 and ``dckpt.save`` of the parallel-fill tensors. Each memory kind's physical runs per 64
 MiB (pages whose frame numbers follow each other, from ``/proc/self/pagemap``; root only)
