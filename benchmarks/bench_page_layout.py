@@ -110,7 +110,14 @@ def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
     return _in_threads(folder, write)
 
 
-def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor]) -> float:
+BLOCK = 256 << 10  # dckpt's default block: each hashed on its own
+
+
+def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor],
+                  hashed: bool = False) -> float:
+    """The tensors copied through each thread's window, the full window written; ``hashed``:
+    each block copied and digested there at once (still in the cache), a bounce that reads
+    the tensor once."""
     def write(i: int, fd: int) -> None:
         win = windows[i]
         wmv = memoryview(win.numpy())
@@ -118,13 +125,15 @@ def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.
             b = t.view(torch.uint8)
             for s in range(0, len(b), len(win)):
                 n = min(len(win), len(b) - s)
-                win[:n].copy_(b[s:s + n])
+                step = BLOCK if hashed else n
+                for at in range(0, n, step):
+                    k = min(step, n - at)
+                    win[at:at + k].copy_(b[s + at:s + at + k])
+                    if hashed:
+                        xxhash.xxh3_128_digest(wmv[at:at + k])
                 _write(fd, wmv[:n])
 
     return _in_threads(folder, write)
-
-
-BLOCK = 256 << 10  # dckpt's default block: each hashed on its own
 
 
 def hashed_write(folder: str, bufs: list[memoryview]) -> float:
@@ -135,26 +144,6 @@ def hashed_write(folder: str, bufs: list[memoryview]) -> float:
             for at in range(0, len(mv), BLOCK):
                 xxhash.xxh3_128_digest(mv[at:at + BLOCK])
             _write(fd, mv)
-
-    return _in_threads(folder, write)
-
-
-def bounced_hashed_write(folder: str, tensors: list[torch.Tensor],
-                         windows: list[torch.Tensor]) -> float:
-    """Each block copied into the thread's window and hashed there at once (still in the
-    cache), the full window written: a bounce that reads the tensor once."""
-    def write(i: int, fd: int) -> None:
-        win = windows[i]
-        wmv = memoryview(win.numpy())
-        for t in tensors[i::THREADS]:
-            b = t.view(torch.uint8)
-            for s in range(0, len(b), len(win)):
-                n = min(len(win), len(b) - s)
-                for at in range(0, n, BLOCK):
-                    k = min(BLOCK, n - at)
-                    win[at:at + k].copy_(b[s + at:s + at + k])
-                    xxhash.xxh3_128_digest(wmv[at:at + k])
-                _write(fd, wmv[:n])
 
     return _in_threads(folder, write)
 
@@ -221,11 +210,11 @@ def main() -> None:
             shutil.rmtree(folder)
             folder = tempfile.mkdtemp(dir=base)
             seconds["bounced, hashed in the window"].append(
-                bounced_hashed_write(folder, parallel, windows))
+                bounced_write(folder, parallel, windows, hashed=True))
             shutil.rmtree(folder)
             folder = tempfile.mkdtemp(dir=base)
             seconds["bounced, huge-page window, hashed in it"].append(
-                bounced_hashed_write(folder, parallel, huge_windows_t))
+                bounced_write(folder, parallel, huge_windows_t, hashed=True))
             shutil.rmtree(folder)
             if r:  # the last round's checkpoint gone: this save writes every block
                 dckpt.delete(os.path.join(base, "repo"), step=r - 1)
