@@ -83,10 +83,11 @@ class _Job:
     chunk: ChunkEntry
     items: list[ReadItem]
     targets: list[torch.Tensor]
-    buffer: torch.Tensor            # uint8; the destination itself when ``direct``, else
-    first: int                      # made at submission; raw byte offset of the chunk where
-    direct: bool                    # ``buffer`` begins
-    nbytes: int = 0                 # of the buffer, when not ``direct``
+    buffer: torch.Tensor            # uint8: the destination itself when ``direct``, else
+                                    # made when its window is submitted (``_submit``)
+    first: int                      # raw byte offset of the chunk where ``buffer`` begins
+    direct: bool
+    nbytes: int = 0                 # the buffer's size, when not ``direct``
     pinned: bool = False            # ``buffer`` is pinned; its copy to the GPU is asynchronous
     futures: list[PoolFuture[int]] = field(default_factory=list)
 
