@@ -168,10 +168,9 @@ class LoadConfig:
     reader_threads: int = 8
     """Reader threads per rank, each running one ranged read at a time."""
     read_request_bytes: int | None = None
-    """Adjacent blocks are coalesced into ranged reads of up to this size. None: 64 MiB
-    from a local filesystem (fewer, longer reads of each file: cold restores of a few
-    hundred MB 1.3-1.6x faster than with 16 MiB here, the same at 1 GiB per rank;
-    docs/benchmarks.md, Read settings), 16 MiB from an object store (more requests at once)."""
+    """Adjacent blocks are coalesced into ranged reads of up to this size. None: 16 MiB,
+    from a local disk and an object store alike (cold restores of 1-2 GiB per process from
+    the local disk 1.2-1.7x faster than with 64 MiB; docs/benchmarks.md, Read settings)."""
     read_buffer_bytes: int = 1 * GiB
     """Bound on the host memory a rank holds for bytes that cannot be read in place."""
     collective_timeout_s: float = 300.0

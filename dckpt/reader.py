@@ -115,9 +115,8 @@ def _raw_value(buf: bytearray, planner: LoadPlanner) -> io.BytesIO:
 _UNMADE = torch.empty(0, dtype=torch.uint8)
 """A buffered box's buffer until its window is submitted."""
 
-LOCAL_REQUEST_BYTES = 64 << 20
-REMOTE_REQUEST_BYTES = 16 << 20
-"""The longest ranged read by default, from a local filesystem and from an object store."""
+REQUEST_BYTES = 16 << 20
+"""The longest ranged read by default (``LoadConfig.read_request_bytes=None``)."""
 
 
 class Reader(StorageReader):
@@ -131,10 +130,8 @@ class Reader(StorageReader):
         self.step = check_step(step, optional=True)
         self.config = check_config(config, LoadConfig) or LoadConfig()
         self.store.stall_s = self.config.io_stall_timeout_s
-        self.request_bytes = self.config.read_request_bytes or (
-            LOCAL_REQUEST_BYTES if self.store.local else REMOTE_REQUEST_BYTES)
-        """The longest ranged read (``LoadConfig.read_request_bytes``, or its default for
-        this store)."""
+        self.request_bytes = self.config.read_request_bytes or REQUEST_BYTES
+        """The longest ranged read (``LoadConfig.read_request_bytes``, or its default)."""
         self.manifest = check_manifest(manifest, self.step)
         self.bytes_read = 0
         self.phase_s: dict[str, float] = {}

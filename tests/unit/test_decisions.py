@@ -356,8 +356,9 @@ def test_a_loaded_value_is_shared_only_when_no_caller_can_change_it():
             safe_load(evil, "k")
 
 
-def test_reads_are_longer_from_a_local_disk_than_from_an_object_store(tmp_path):
-    assert dckpt.Reader(str(tmp_path)).request_bytes == 64 << 20
+def test_reads_are_16_mib_by_default_from_a_local_disk_and_an_object_store(tmp_path):
+    # 64 MiB from a local disk read 1-2 GiB cold 1.2-1.7x slower (docs/benchmarks.md)
+    assert dckpt.Reader(str(tmp_path)).request_bytes == 16 << 20
     assert dckpt.Reader("memory://repo").request_bytes == 16 << 20  # not a local path
     asked = dckpt.LoadConfig(read_request_bytes=1 << 20)
     assert dckpt.Reader(str(tmp_path), config=asked).request_bytes == 1 << 20
