@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's checks still owed, in one run that fits its lease (about 15 minutes of
-# device time a session, one command at most 10): the CUDA tests, the memory tier's restore
-# onto the GPU (issue 16), and the fast disk's fragmented restore (issue 19). The memory
-# tier's save and the fast disk's save and load ran on 2026-12-04 (docs/benchmarks.md).
+# device time a session, one command at most 10): the CUDA tests, and the fast disk's save,
+# cold load and fragmented restore with the reads of 16 MiB (issue 19). The memory tier's
+# save and restore on the GPU ran on 2026-12-04 (docs/benchmarks.md, The H200 machine).
 #
 #   bash benchmarks/gpu_session.sh fetch     # here, once: the wheels the GPU image lacks, in .whl/
 #   device run: command "bash benchmarks/gpu_session.sh run", carry [".whl"], timeout_s 600
@@ -25,14 +25,14 @@ fetch)
     ls .whl
     exit ;;
 run)
-    DEVICE=cuda GIB=4 FRAG_GIB=1 PY=python3
+    DEVICE=cuda FRAG_GIB=1 SL_GIB=1 PY=python3
     if ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl || exit 1
         export PYTHONPATH=/tmp/site
     fi ;;
 cpu)
-    DEVICE=cpu GIB=0.125 FRAG_GIB=0.0625 PY=.venv/bin/python ;;
+    DEVICE=cpu FRAG_GIB=0.0625 SL_GIB=0.0625 PY=.venv/bin/python ;;
 *)
     sed -n '2,12p' "$0"; exit 2 ;;
 esac
@@ -57,22 +57,17 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, its output int
 } >> "$LOG" 2>&1
 
 if [ "$DEVICE" = cuda ]; then
-    step gpu_tests 80 $PY -m pytest -q -p no:cacheprovider -m gpu \
+    step gpu_tests 60 $PY -m pytest -q -p no:cacheprovider -m gpu \
         tests/unit/test_restore_gpu.py tests/unit/test_async_gpu.py
 fi
-# Owed since the H200 runs of 2026-12-04 (docs/benchmarks.md, The H200 machine): the CUDA
-# tests of the reader whose buffers are made at submission (not yet run on a GPU), and the
-# memory tier's read onto the GPU again (read phase 0.72-0.75 s with the 64 MiB pinned
-# windows, 0.23-0.25 s of it the manager made with its import, which bench_restore.py now
-# makes before the timed phase), beside 16 reader threads, the copy from host memory to the
-# GPU and the time to pin 1 GiB
-step memory_restore 150 $PY benchmarks/bench_restore.py --device "$DEVICE" --ranks 1 \
-    --gib-per-rank "$GIB" --repeats 2 --methods dckpt,memory --memory-read-configs 16x8 \
-    --dir "$WORK/restore" --out "$OUT/memory_restore.jsonl"
-# issue 19: the fragmented checkpoint against DCP on the fast disk (CPU ranks), 2 repeats
-# (level with DCP over 4 repeats: 1.65 s against 1.69 s; more reader threads did not help)
+# Owed since the reads went back to 16 MiB (2026-12-04, docs/benchmarks.md, Read settings):
+# the fast disk's save and cold load (1.01x the raw read with 64 MiB), and the fragmented
+# restore against DCP with both request sizes (1.11x DCP's speed with 64 MiB), 2 repeats
+step save_load 130 $PY -m torch.distributed.run --standalone --nproc-per-node=2 \
+    benchmarks/bench_save_load.py --gib-per-rank "$SL_GIB" --repeats 3 \
+    --dir "$WORK/save_load" --out "$OUT/save_load.jsonl"
 step fragmented 200 $PY benchmarks/bench_restore.py --ranks 2 --gib-per-rank "$FRAG_GIB" \
-    --state embedding --repeats 2 --methods raw,dckpt,DCP --dir "$WORK/fragmented" \
-    --out "$OUT/fragmented.jsonl"
+    --state embedding --repeats 2 --methods raw,dckpt,DCP --read-configs 8x64 \
+    --dir "$WORK/fragmented" --out "$OUT/fragmented.jsonl"
 rm -rf "$WORK"
 ls -la "$OUT"
