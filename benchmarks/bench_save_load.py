@@ -8,9 +8,13 @@ files' pages are dropped from the page cache first). The raw disk is each rank w
 (sequentially, then fsync) and reading back (positional reads, 8 in flight) the same byte
 count with plain file I/O, all ranks at once as in a checkpoint; ``raw O_DIRECT`` writes the
 same bytes from page-aligned memory with ``O_DIRECT`` (no page cache, no copy: the disk's own
-limit). torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards with
-its sync saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize
-callback that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
+limit); ``raw O_DIRECT, tensors' memory`` writes them the same way from the tensors' own
+memory, each tensor's first and last partial page through a page of its own (on the 2-core
+machine the same bytes wrote 1.25-1.45x slower from memory that ``torch.randn`` filled than
+from a single-threaded copy of them: docs/benchmarks.md, Save and cold load).
+torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards with its sync
+saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize callback
+that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
 Figures are GB/s over all ranks, the median of ``--repeats`` rounds that take the methods
 in turns; ratios compare dckpt with the peers. JSON lines go to --out, a chart beside.
 """
@@ -72,6 +76,29 @@ def direct_write(path: str, aligned: list[memoryview]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def direct_write_in_place(path: str, tensors: dict) -> None:
+    """Each tensor's bytes to one file with ``O_DIRECT`` from its own memory: its whole pages
+    in 4 MiB writes, its partial first and last pages copied into a page-aligned page (the
+    file holds them padded), then fsync."""
+    page = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    try:
+        for t in tensors.values():
+            mv = memoryview(t.view(-1).view(torch.uint8).numpy())
+            head = min(-t.data_ptr() % 4096, len(mv))
+            end = head + (len(mv) - head) // 4096 * 4096
+            for part in (mv[:head], mv[end:]):  # through the page, padded
+                if len(part):
+                    page[:len(part)] = part
+                    os.write(fd, page)
+            for off in range(head, end, 4 << 20):
+                os.write(fd, mv[off: min(end, off + (4 << 20))])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        page.close()
 
 
 def aligned_copies(tensors: dict) -> list[memoryview]:
@@ -147,6 +174,9 @@ def main() -> None:
         "raw O_DIRECT": (
             lambda d: direct_write(f"{d}/rank{rank}.bin", aligned),
             lambda d: raw_read(f"{d}/rank{rank}.bin", local_tensors(dst))),
+        "raw O_DIRECT, tensors' memory": (
+            lambda d: direct_write_in_place(f"{d}/rank{rank}.bin", local_tensors(src)),
+            lambda d: raw_read(f"{d}/rank{rank}.bin", local_tensors(dst))),
         "dckpt": (
             lambda d: dckpt.save(src, d, step=1),
             lambda d: dckpt.load(dst, d, step=1)),
@@ -167,7 +197,7 @@ def main() -> None:
     loads: dict[str, list[float]] = {name: [] for name in methods}
     for i in range(args.repeats):  # the methods in turns: this disk's speed drifts over minutes
         for name, (save, load) in methods.items():
-            d = fresh(name.replace(" ", "_").replace(".", "_"), i)
+            d = fresh("".join(c if c.isalnum() else "_" for c in name), i)
             saves[name].append(timed(lambda: save(d)))
             evict_all(d)
             loads[name].append(timed(lambda: load(d)))
@@ -189,6 +219,8 @@ def main() -> None:
         ratios = {
             "save_vs_raw_write": d["save_gbps"] / raw["save_gbps"],
             "save_vs_raw_direct_write": d["save_gbps"] / results["raw O_DIRECT"]["save_gbps"],
+            "save_vs_raw_direct_write_tensors_memory":
+                d["save_gbps"] / results["raw O_DIRECT, tensors' memory"]["save_gbps"],
             "save_vs_dcp": d["save_gbps"] / ref["save_gbps"],
             "save_vs_torch_save": d["save_gbps"] / results["torch.save"]["save_gbps"],
             "load_vs_raw_cold_read": d["load_gbps"] / raw["load_gbps"],
