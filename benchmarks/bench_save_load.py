@@ -167,6 +167,7 @@ def main() -> None:
         dist.barrier()
 
     aligned = aligned_copies(local_tensors(src))
+    phases: list[dict[str, float]] = []
     methods = {
         "raw disk": (
             lambda d: raw_write(f"{d}/rank{rank}.bin", local_tensors(src)),
@@ -177,8 +178,8 @@ def main() -> None:
         "raw O_DIRECT, tensors' memory": (
             lambda d: direct_write_in_place(f"{d}/rank{rank}.bin", local_tensors(src)),
             lambda d: raw_read(f"{d}/rank{rank}.bin", local_tensors(dst))),
-        "dckpt": (
-            lambda d: dckpt.save(src, d, step=1),
+        "dckpt": (  # each save's phases kept: where a slow repeat's time went
+            lambda d: phases.append(dckpt.save(src, d, step=1).phase_s),
             lambda d: dckpt.load(dst, d, step=1)),
         "DCP": (
             lambda d: dcp.save(src, storage_writer=dcp.FileSystemWriter(d)),
@@ -213,7 +214,8 @@ def main() -> None:
         if rank == 0:
             emit(args.out, {"bench": "save_load", "method": name, "bytes": nbytes,
                             "world_size": world, **results[name],
-                            "save_s_all": saves[name], "load_s_all": loads[name]})
+                            "save_s_all": saves[name], "load_s_all": loads[name],
+                            **({"phase_s_all": phases} if name == "dckpt" else {})})
     if rank == 0:
         d, raw, ref = results["dckpt"], results["raw disk"], results["DCP"]
         ratios = {
