@@ -24,6 +24,13 @@ MiB (pages whose frame numbers follow each other, from ``/proc/self/pagemap``; r
 beside it: a request to the disk holds at most ``max_segments`` runs
 (``/sys/block/<dev>/queue``), so memory in 4 KiB pieces makes more, smaller requests.
 JSON lines (GB/s per round, medians) to ``--out``.
+
+``--allocation-order K`` measures instead what decides a state's layout: K sets of ``--gib``
+GiB made one after another the same way (``torch.randn``, nothing freed between them), each
+set's physical runs per 64 MiB and its ``O_DIRECT`` write (as above, 4 threads) in turns.
+The kernel hands a process its most scattered free pages first, so the first set made
+(what a training state usually is: the model, allocated before anything else) lies
+worst, whatever fills it.
 """
 
 from __future__ import annotations
@@ -113,6 +120,32 @@ def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
 BLOCK = 256 << 10  # dckpt's default block: each hashed on its own
 
 
+def allocation_order(args: argparse.Namespace, base: str) -> None:
+    """``--allocation-order``: the same fill, in sets made one after another."""
+    n = max(THREADS, int(args.gib * (1 << 30)) // TENSOR)
+    sets = [[torch.randn(TENSOR // 4) for _ in range(n)] for _ in range(args.allocation_order)]
+    runs = [[physical_runs(t.data_ptr() // 4096 * 4096 + 4096, TENSOR - 8192) for t in ts]
+            for ts in sets]
+    bufs = [[aligned(t) for t in ts] for ts in sets]
+    nbytes = sum(len(b) for b in bufs[0])
+    seconds: list[list[float]] = [[] for _ in sets]
+    for r in range(args.rounds):  # in turns: the disk's speed drifts
+        for k, b in enumerate(bufs):
+            folder = tempfile.mkdtemp(dir=base)
+            seconds[k].append(write_all(folder, [b[i::THREADS] for i in range(THREADS)]))
+            shutil.rmtree(folder)
+        print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
+    for k, s in enumerate(seconds):
+        known = [x for x in runs[k] if x is not None]
+        emit(args.out, {"kind": "torch.randn", "allocated": k + 1, "gib": nbytes / (1 << 30),
+                        "rounds": args.rounds, "torch_threads": torch.get_num_threads(),
+                        "gbps": [round(nbytes / x / 1e9, 3) for x in s],
+                        "gbps_median": round(nbytes / statistics.median(s) / 1e9, 3),
+                        "physical_runs_per_64mib": runs[k],
+                        "physical_runs_per_64mib_median":
+                            statistics.median(known) if known else None})
+
+
 def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor],
                   hashed: bool = False) -> float:
     """The tensors copied through each thread's window, the full window written; ``hashed``:
@@ -155,11 +188,19 @@ def main() -> None:
     p.add_argument("--window-mib", type=int, default=16)
     p.add_argument("--dir", default=None, help="where to write (default: a temp folder here)")
     p.add_argument("--out", default="bench-out/page_layout.jsonl")
+    p.add_argument("--allocation-order", type=int, default=0, metavar="K",
+                   help="measure K sets of the same fill, made one after another, instead")
     args = p.parse_args()
     import dckpt
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     base = tempfile.mkdtemp(prefix="page-layout-", dir=args.dir or os.getcwd())
+    if args.allocation_order:
+        try:
+            allocation_order(args, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
     n = max(THREADS, int(args.gib * (1 << 30)) // TENSOR)
     parallel = [torch.randn(TENSOR // 4) for _ in range(n)]
     threads = torch.get_num_threads()

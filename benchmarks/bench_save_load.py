@@ -9,9 +9,12 @@ files' pages are dropped from the page cache first). The raw disk is each rank w
 count with plain file I/O, all ranks at once as in a checkpoint; ``raw O_DIRECT`` writes the
 same bytes from page-aligned memory with ``O_DIRECT`` (no page cache, no copy: the disk's own
 limit); ``raw O_DIRECT, tensors' memory`` writes them the same way from the tensors' own
-memory, each tensor's first and last partial page through a page of its own (on the 2-core
-machine the same bytes wrote 1.25-1.45x slower from memory that ``torch.randn`` filled than
-from a single-threaded copy of them: docs/benchmarks.md, Save and cold load).
+memory, each tensor's first and last partial page through a page of its own. The copies
+``raw O_DIRECT`` writes are made after the state and the state loaded into, so they lie on
+longer runs of physical pages, and the same bytes write faster from them (1.2-1.5x on the
+2-core machine: a process's first allocations get its most scattered pages;
+docs/benchmarks.md, Where a save's time goes); ``raw O_DIRECT, tensors' memory`` is the
+limit for the state as it lies.
 torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards with its sync
 saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize callback
 that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
