@@ -27,7 +27,9 @@ JSON lines (GB/s per round, medians) to ``--out``.
 
 ``--allocation-order K`` measures instead what decides a state's layout: K sets of ``--gib``
 GiB made one after another the same way (``torch.randn``, nothing freed between them), each
-set's physical runs per 64 MiB and its ``O_DIRECT`` write (as above, 4 threads) in turns.
+set's physical runs per 64 MiB and its ``O_DIRECT`` write (as above, 4 threads) in turns,
+with the device's write requests: their mean size (``/sys/block/<dev>/stat``) and how many
+were in flight (``inflight``, sampled every 0.5 ms).
 The kernel hands a process its most scattered free pages first, so the first set made
 (what a training state usually is: the model, allocated before anything else) lies
 worst, whatever fills it.
@@ -42,6 +44,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -120,8 +123,52 @@ def write_all(folder: str, per_thread: list[list[memoryview]]) -> float:
 BLOCK = 256 << 10  # dckpt's default block: each hashed on its own
 
 
+def _device(path: str) -> str:
+    """The block device (its /sys/block name) that holds ``path``."""
+    return os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(os.stat(path).st_dev)}:0"))
+
+
+class DeviceQueue:
+    """While open, the device's writes in flight (sampled every 0.5 ms from
+    ``/sys/block/<dev>/inflight``) and the write requests it completed (``stat``)."""
+
+    def __init__(self, dev: str) -> None:
+        self.dev = dev
+        self.samples: list[int] = []
+        self.requests = self.kib_per_request = 0.0
+
+    def _stat(self) -> list[int]:
+        with open(f"/sys/block/{self.dev}/stat") as f:
+            return [int(x) for x in f.read().split()]
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with open(f"/sys/block/{self.dev}/inflight") as f:
+                self.samples.append(int(f.read().split()[1]))
+            time.sleep(0.0005)
+
+    def __enter__(self) -> DeviceQueue:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._before = self._stat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        after = self._stat()
+        self.requests = after[4] - self._before[4]  # writes completed, sectors written
+        self.kib_per_request = (after[6] - self._before[6]) / 2 / max(self.requests, 1)
+
+    @property
+    def in_flight(self) -> float:
+        return statistics.mean(self.samples) if self.samples else 0.0
+
+
 def allocation_order(args: argparse.Namespace, base: str) -> None:
-    """``--allocation-order``: the same fill, in sets made one after another."""
+    """``--allocation-order``: the same fill, in sets made one after another, with the
+    device's write requests: their size, and how many are in flight."""
     n = max(THREADS, int(args.gib * (1 << 30)) // TENSOR)
     sets = [[torch.randn(TENSOR // 4) for _ in range(n)] for _ in range(args.allocation_order)]
     runs = [[physical_runs(t.data_ptr() // 4096 * 4096 + 4096, TENSOR - 8192) for t in ts]
@@ -129,10 +176,14 @@ def allocation_order(args: argparse.Namespace, base: str) -> None:
     bufs = [[aligned(t) for t in ts] for ts in sets]
     nbytes = sum(len(b) for b in bufs[0])
     seconds: list[list[float]] = [[] for _ in sets]
+    queues: list[list[DeviceQueue]] = [[] for _ in sets]
+    dev = _device(base)
     for r in range(args.rounds):  # in turns: the disk's speed drifts
         for k, b in enumerate(bufs):
             folder = tempfile.mkdtemp(dir=base)
-            seconds[k].append(write_all(folder, [b[i::THREADS] for i in range(THREADS)]))
+            with DeviceQueue(dev) as q:
+                seconds[k].append(write_all(folder, [b[i::THREADS] for i in range(THREADS)]))
+            queues[k].append(q)
             shutil.rmtree(folder)
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     for k, s in enumerate(seconds):
@@ -143,7 +194,12 @@ def allocation_order(args: argparse.Namespace, base: str) -> None:
                         "gbps_median": round(nbytes / statistics.median(s) / 1e9, 3),
                         "physical_runs_per_64mib": runs[k],
                         "physical_runs_per_64mib_median":
-                            statistics.median(known) if known else None})
+                            statistics.median(known) if known else None,
+                        "device": dev,
+                        "writes_in_flight_mean": round(statistics.median(
+                            q.in_flight for q in queues[k]), 2),
+                        "kib_per_write_request": round(statistics.median(
+                            q.kib_per_request for q in queues[k]))})
 
 
 def bounced_write(folder: str, tensors: list[torch.Tensor], windows: list[torch.Tensor],
@@ -267,7 +323,7 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
     finally:
         shutil.rmtree(base, ignore_errors=True)
-    dev = os.path.basename(os.path.realpath(f"/sys/dev/block/{os.major(os.stat(args.dir or '.').st_dev)}:0"))
+    dev = _device(args.dir or ".")
     queue = {}
     for name in ("max_segments", "max_sectors_kb"):
         try:
