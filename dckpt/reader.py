@@ -362,8 +362,12 @@ class Reader(StorageReader):
         """Start a window's reads. The requests of every tensor in the window are merged
         into spans, so that tensors stored side by side are read together (20,000 tensors of
         64 bytes: a few reads, not 20,000, and the reader threads no longer take the
-        interpreter from the caller's thread 20,000 times); spans go to the pool in the
-        order of the first tensor they fill, which is the order they are delivered in."""
+        interpreter from the caller's thread 20,000 times). Spans go to the pool in the
+        order of the first tensor they fill, the order they are delivered in, when a
+        tensor is copied out of a buffer; a window read in place delivers nothing, and its
+        spans go by segment and offset: each file front to back, the reads in flight over
+        one or two files instead of all of them (one process loading 2 GiB from four
+        segment files, cold: 1.13x faster, docs/benchmarks.md, Read settings and order)."""
         longest = self.request_bytes
         if any(job.pinned for job in window):
             longest = min(longest, PINNED_REQUEST_BYTES)
@@ -379,7 +383,10 @@ class Reader(StorageReader):
                 parts.append(req)
                 owners[id(req)] = (i, target)
         merged = spans(parts, longest, SPAN_GAP_BYTES)
-        merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
+        if all(job.direct for job in window):
+            merged.sort(key=lambda span: (span.segment, span.offset))
+        else:
+            merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
         futures = []
         for span in merged:
             future = fetcher.submit_span(span, [owners[id(p)][1] for p in span.parts])

@@ -491,6 +491,47 @@ def test_buffered_reads_run_one_window_ahead_within_the_budget(tmp_path, monkeyp
     assert [e[1] for e in events if e[0] == "finish"] == [e[1] for e in submitted]  # in order
 
 
+def test_reads_in_place_go_file_by_file_and_buffered_ones_in_delivery_order(tmp_path,
+                                                                             monkeypatch):
+    """A window read straight into its destinations submits its reads by segment and
+    offset (each file front to back); one copied out of buffers, in the order its tensors
+    are delivered. Both load the saved values."""
+    from dckpt import writer
+    from dckpt.reads import Fetcher
+
+    url = str(tmp_path)
+    g = torch.Generator().manual_seed(8)
+    want = {f"t{i:02d}": torch.randn(128, 128, generator=g) for i in range(12)}  # 64 KiB each
+    with monkeypatch.context() as m:  # four segments, as a state of 256 MiB or more makes
+        m.setattr(writer, "segments_for", lambda nbytes, threads: threads)
+        dckpt.save(want, url, step=1, config=dckpt.SaveConfig(writer_threads=4))
+    info = dckpt.inspect(url, step=1)
+    where = {k: (e.chunks[0].data.blocks[0].segment, e.chunks[0].data.blocks[0].offset)
+             for k, e in info.items.items()}
+    assert len({seg for seg, _ in where.values()}) == 4
+    assert [where[k] for k in want] != sorted(where.values())  # key order hops files
+    key_at = {at: k for k, at in where.items()}
+    submitted: list[tuple[str, int]] = []
+    submit_span = Fetcher.submit_span
+
+    def recorded(self, span, targets):
+        submitted.append((span.segment, span.offset))
+        return submit_span(self, span, targets)
+
+    monkeypatch.setattr(Fetcher, "submit_span", recorded)
+    config = LoadConfig(read_request_bytes=64 << 10)  # a read per tensor, none joined
+    got = {k: torch.zeros(128, 128) for k in want}
+    dckpt.load(got, url, step=1, config=config)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert len(submitted) == 12 and submitted == sorted(submitted)
+
+    submitted.clear()
+    got = {k: torch.zeros(128, 128).t() for k in want}  # transposed: read through a buffer
+    dckpt.load(got, url, step=1, config=config)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert [key_at[at] for at in submitted] == list(want)
+
+
 def test_damage_in_a_window_read_ahead_fails_the_load_cleanly(tmp_path):
     """A bad block in the window read ahead, while the one before is copied: the load
     raises the checksum error (no fallback, one checkpoint) and leaves no reader behind."""
