@@ -19,7 +19,8 @@ torch-checkpointing (meta-pytorch's, when installed) saves each rank's shards wi
 saver, ``use_direct_io=False`` (its ``O_DIRECT`` path fails on ext4) and a finalize callback
 that fsyncs (it never fsyncs by itself), and loads them back into the same tensors.
 Figures are GB/s over all ranks, the median of ``--repeats`` rounds that take the methods
-in turns; ratios compare dckpt with the peers. JSON lines go to --out, a chart beside.
+in turns, each round starting one method later; ratios compare dckpt with the peers. JSON
+lines go to --out, a chart beside.
 """
 
 from __future__ import annotations
@@ -199,8 +200,12 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     saves: dict[str, list[float]] = {name: [] for name in methods}
     loads: dict[str, list[float]] = {name: [] for name in methods}
+    names = list(methods)
     for i in range(args.repeats):  # the methods in turns: this disk's speed drifts over minutes
-        for name, (save, load) in methods.items():
+        # each round starts one method later: none always follows the same one (a save's
+        # aftermath and the deletion of the last method's files weigh on what comes next)
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            save, load = methods[name]
             d = fresh("".join(c if c.isalnum() else "_" for c in name), i)
             saves[name].append(timed(lambda: save(d)))
             evict_all(d)
