@@ -366,8 +366,9 @@ class Reader(StorageReader):
         order of the first tensor they fill, the order they are delivered in, when a
         tensor is copied out of a buffer; a window read in place delivers nothing, and its
         spans go by segment and offset: each file front to back, the reads in flight over
-        one or two files instead of all of them (one process loading 2 GiB from four
-        segment files, cold: 1.13x faster, docs/benchmarks.md, Read settings and order)."""
+        one or two files instead of all of them (cold, four segment files per rank: one
+        process x 2 GiB 1.12-1.16x faster, two ranks x 1 GiB 1.31x; docs/benchmarks.md,
+        Read settings and order)."""
         longest = self.request_bytes
         if any(job.pinned for job in window):
             longest = min(longest, PINNED_REQUEST_BYTES)
