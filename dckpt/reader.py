@@ -365,10 +365,10 @@ class Reader(StorageReader):
         interpreter from the caller's thread 20,000 times). Spans go to the pool in the
         order of the first tensor they fill, the order they are delivered in, when a
         tensor is copied out of a buffer; a window read in place delivers nothing, and its
-        spans go by segment and offset: each file front to back, the reads in flight over
-        one or two files instead of all of them (cold, four segment files per rank: one
-        process x 2 GiB 1.12-1.16x faster, two ranks x 1 GiB 1.31x; docs/benchmarks.md,
-        Read settings and order)."""
+        spans keep the order ``spans`` makes: each file front to back, one file after the
+        other, the reads in flight over one or two files instead of all of them (cold, four
+        segment files per rank: one process x 2 GiB 1.12-1.16x faster, two ranks x 1 GiB
+        1.31x; docs/benchmarks.md, Read settings and order)."""
         longest = self.request_bytes
         if any(job.pinned for job in window):
             longest = min(longest, PINNED_REQUEST_BYTES)
@@ -384,9 +384,7 @@ class Reader(StorageReader):
                 parts.append(req)
                 owners[id(req)] = (i, target)
         merged = spans(parts, longest, SPAN_GAP_BYTES)
-        if all(job.direct for job in window):
-            merged.sort(key=lambda span: (span.segment, span.offset))
-        else:
+        if not all(job.direct for job in window):
             merged.sort(key=lambda span: min(owners[id(p)][0] for p in span.parts))
         futures = []
         for span in merged:
