@@ -136,6 +136,9 @@ class DeviceQueue:
         self.dev = dev
         self.samples: list[int] = []
         self.requests = self.kib_per_request = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._before: list[int] = []
 
     def _stat(self) -> list[int]:
         with open(f"/sys/block/{self.dev}/stat") as f:
@@ -147,9 +150,7 @@ class DeviceQueue:
                 self.samples.append(int(f.read().split()[1]))
             time.sleep(0.0005)
 
-    def __enter__(self) -> DeviceQueue:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+    def __enter__(self) -> DeviceQueue:  # once per queue: a thread starts only once
         self._before = self._stat()
         self._thread.start()
         return self

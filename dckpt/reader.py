@@ -367,7 +367,7 @@ class Reader(StorageReader):
         tensor is copied out of a buffer; a window read in place delivers nothing, and its
         spans keep the order ``spans`` makes: each file front to back, one file after the
         other, the reads in flight over one or two files instead of all of them (cold, four
-        segment files per rank: one process x 2 GiB 1.12-1.16x faster, two ranks x 1 GiB
+        segment files per rank: one process x 2 GiB 1.12-1.18x faster, two ranks x 1 GiB
         1.31x; docs/benchmarks.md, Read settings and order)."""
         longest = self.request_bytes
         if any(job.pinned for job in window):
