@@ -91,7 +91,9 @@ def spans(requests: Sequence[Request], max_bytes: int, max_gap: int) -> list[Spa
     """Requests of the same object whose bytes lie close (gaps of at most ``max_gap``) merged
     into reads of at most ``max_bytes``: a differential checkpoint's blocks lie in short runs
     across the segments of several saves, and one larger read beats many small ones. The gap
-    bytes are read and dropped."""
+    bytes are read and dropped. The spans come file by file, in the order the requests first
+    name each file, each front to back: the order a window read in place submits them in
+    (``Reader._submit``)."""
     out: list[Span] = []
     by_segment: dict[str, list[Request]] = {}
     for r in requests:
