@@ -252,7 +252,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, store:
         if problem is not None or manifest is None:
             if step is not None or isinstance(problem, NewerFormatError):
                 raise problem or IntegrityError(f"{url}: step {found.step} does not decode")
-            log.warning("rank %d: skipping step %d: %s", dist.rank(), found.step, problem)
+            log.warning("rank %d: skipping step %d: %s", dist.rank(), found.step, str(problem))
             skipped.append((found.step, str(problem)))
             continue
         if newest is not None and newest[0] == manifest.step:
@@ -271,7 +271,7 @@ def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, store:
             err = dist.translate(e, what=what, saving=False)
             if step is not None or not isinstance(err, IntegrityError):
                 raise err from None
-            log.warning("rank %d: skipping step %d: %s", dist.rank(), manifest.step, err)
+            log.warning("rank %d: skipping step %d: %s", dist.rank(), manifest.step, str(err))
             skipped.append((manifest.step, str(err)))
             continue
         except DckptError:

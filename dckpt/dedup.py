@@ -156,7 +156,7 @@ def index_for(store: Store, base: tuple[int, str] | None,
     try:
         m = read_manifest(store, base[0])
     except DckptError as e:  # deleted or damaged since the listing: write everything
-        log.warning("no dedup against step %d of %s: %s", base[0], store.url, e)
+        log.warning("no dedup against step %d of %s: %s", base[0], store.url, str(e))
         return BlockIndex(None)
     if m.attempt != base[1]:
         log.warning("no dedup against step %d of %s: it was committed again meanwhile",
@@ -199,7 +199,7 @@ def usable_base(store: Store, committed_steps: list[int]) -> tuple[int, str] | N
             raise IntegrityError(why)
     except (DckptError, OSError) as e:
         log.warning("no dedup against step %d of %s: %s; this save writes every block",
-                    base[0], store.url, e)
+                    base[0], store.url, str(e))
         with _lock:
             _of(store).trusted = None
         return None

@@ -68,6 +68,6 @@ def remove(store: Store, names: list[str], what: str) -> None:
     try:
         call_bounded(run, STALL_S, f"removing {what}", beat)
     except Exception as e:  # the save's error is raised; gc takes the rest
-        log.warning("could not remove the %d objects of %s (%s); gc will", len(names), what, e)
+        log.warning("could not remove the %d objects of %s (%s); gc will", len(names), what, str(e))
         return
     log.info("removed the %d objects of %s", len(names), what)

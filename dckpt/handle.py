@@ -35,7 +35,7 @@ def _finish_at_exit() -> None:
                     "wait() on its handle to choose when)", handle.step)
         handle.settle()
         if handle.error is not None:
-            log.error("the save of step %d failed: %s", handle.step, handle.error)
+            log.error("the save of step %d failed: %s", handle.step, str(handle.error))
 
 
 # IMPORTANT: threading's exit hooks run in reverse order of registration, before any thread

@@ -135,7 +135,7 @@ class MemoryTier:
                     spare_after = layout.attempt_started_s(m.attempt)
             except Exception as e:  # damaged: not worth keeping
                 log.warning("memory tier %s: step %d unreadable (%s); dropping it",
-                            self.folder, step, e)
+                            self.folder, step, str(e))
                 self.store.delete(layout.manifest_name(step))
         for s in steps:
             if s not in kept:

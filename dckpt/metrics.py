@@ -251,7 +251,7 @@ class Metrics:
         except StorageError as e:
             kind = type(e.__cause__).__name__  # its message names a temporary file
             if kind != self._unwritable:
-                log.warning("%s; the checkpoints are not affected", e)
+                log.warning("%s; the checkpoints are not affected", str(e))
             self._unwritable = kind
 
     @public

@@ -140,7 +140,7 @@ def inventory(store: Store, node: int, *, check_blocks: bool = False) -> Invento
             m = read_manifest(store, step)
         except Exception as e:  # unreadable here: another node's copy may do
             log.warning("memory tier %s: manifest of step %d unreadable: %s", store.url,
-                        step, e)
+                        step, str(e))
             continue
         manifests[step] = m.extents()
         if check_blocks:

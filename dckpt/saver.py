@@ -257,7 +257,7 @@ class AsyncSaver:
             failures, self._failures = self._failures, []
         for step, error in failures:
             log.error("rank %d: the background save of step %d failed: %s; nothing was "
-                      "committed for it", dist.rank(), step, error)
+                      "committed for it", dist.rank(), step, str(error))
         return failures
 
     def _record_failure(self, step: int, error: BaseException) -> None:
@@ -425,7 +425,7 @@ def lower_priority(nice: int) -> None:
         current = os.getpriority(os.PRIO_PROCESS, tid)
         os.setpriority(os.PRIO_PROCESS, tid, min(19, max(current, nice)))
     except OSError as e:  # not permitted on some systems: run at the training's priority
-        log.debug("could not lower the persist thread's priority: %s", e)
+        log.debug("could not lower the persist thread's priority: %s", str(e))
 
 
 _default: AsyncSaver | None = None

@@ -58,7 +58,7 @@ def _allocate(nbytes: int, pinned: bool) -> tuple[torch.Tensor, object]:
             m = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_POPULATE)
             return torch.frombuffer(m, dtype=torch.uint8), m
         except (OSError, ValueError) as e:
-            log.debug("populated mapping of %d bytes failed (%s); touching pages instead", nbytes, e)
+            log.debug("populated mapping of %d bytes failed (%s); touching pages instead", nbytes, str(e))
     buf = torch.empty(nbytes, dtype=torch.uint8)
     buf.zero_()
     return buf, None

@@ -225,7 +225,7 @@ class MemorySaves:
         self._pending = None
         if h.error is not None:
             log.warning("rank %d: the memory checkpoint of step %d failed: %s", dist.rank(),
-                        h.step, h.error)
+                        h.step, str(h.error))
             self._failed.append((h.step, h.error))
             return
         self.step, self.refused = h.step, None
@@ -299,7 +299,7 @@ class MemorySaves:
                 found = inventory(self.tier.store, node, check_blocks=check_blocks)
             except OSError as e:  # this node's memory is lost, not the storage: its peers'
                 log.warning("memory tier %s cannot be read (%s: %s); what it held is not "
-                            "used, and it starts afresh", self.tier.folder, type(e).__name__, e)
+                            "used, and it starts afresh", self.tier.folder, type(e).__name__, str(e))
                 self.tier.reset()
                 found = Inventory(node, {}, {})
             except Exception as e:
@@ -341,7 +341,7 @@ class MemorySaves:
                     self.tier.store.create_exclusive(name, raw)
                 except OSError as e:  # rank 0's node: its load then fails on every rank
                     log.warning("memory tier %s: cannot write the manifest of step %d: %s",
-                                self.tier.folder, choice.step, e)
+                                self.tier.folder, choice.step, str(e))
         return choice
 
     def restore(self, state_dict: dict, storage_url: str, storage_options: dict | None,

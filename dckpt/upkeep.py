@@ -151,7 +151,7 @@ class Upkeep:
                 log.info("retention and gc of %s stopped for the exit; the next run's first "
                          "save resumes them", self.url)
             except Exception as e:
-                log.error("retention failed: %s", e)
+                log.error("retention failed: %s", str(e))
         self._jobs = []
 
     def close(self, *, finish: bool = True) -> None:

@@ -265,7 +265,7 @@ class Saves:
             info = handle.wait()
         except DckptError as e:
             log.error("the checkpoint save of step %d failed; its pointer names a step a "
-                      "load will fall back past: %s", handle.step, e)
+                      "load will fall back past: %s", handle.step, str(e))
             self._after_commit = []
             if self.metrics is not None:
                 self.metrics.observe_failure(type(e).__name__)
@@ -292,7 +292,7 @@ class Saves:
             return self._sweep(url, pointers)
         except DckptError as e:  # housekeeping: never what ends a training run
             log.warning("could not delete the checkpoints of %s that no pointer names (the "
-                        "next run tries again): %s", url, e)
+                        "next run tries again): %s", url, str(e))
             return []
 
     def _sweep(self, url: str, pointers: list[str]) -> list[int]:
@@ -326,7 +326,7 @@ class Saves:
             log.warning("could not delete checkpoint %d of %s, whose pointer was replaced "
                         "or removed (a run that keeps its repository beside the pointers "
                         "deletes it at its first save; dckpt.delete otherwise): %s", step,
-                        url, e)
+                        url, str(e))
             return
         if url not in self._upkeep:
             self._upkeep[url] = Upkeep(url, self.storage_options, None, True, self._writing)
@@ -381,7 +381,7 @@ def load_pointed(state: dict[str, Any], pointer: Pointer, *, broadcast: Broadcas
             info = dckpt.load(state, pointer.url, step=step, partial=partial,
                               storage_options=storage_options)
         except IntegrityError as e:
-            log.warning("rank %d: step %d of %s fails too: %s", rank, step, pointer.url, e)
+            log.warning("rank %d: step %d of %s fails too: %s", rank, step, pointer.url, str(e))
             continue
         log.warning("rank %d: checkpoint step %d of %s does not load (%s); loaded step %d, "
                     "the newest older one that does", rank, pointer.step, pointer.url,

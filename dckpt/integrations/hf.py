@@ -95,7 +95,7 @@ def _remove_folder(folder: str, saves: Saves) -> None:
     try:
         pointer = remove_pointer(os.path.join(folder, POINTER_NAME))
     except (OSError, DckptError) as e:
-        log.warning("could not remove %s (its checkpoint stays): %s", folder, e)
+        log.warning("could not remove %s (its checkpoint stays): %s", folder, str(e))
         return
     if pointer is not None:
         saves.release(pointer.url, pointer.step)

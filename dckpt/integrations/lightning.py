@@ -152,7 +152,7 @@ class DckptCheckpointing:
         try:
             pointer = remove_pointer(str(filepath))
         except (OSError, DckptError) as e:  # rank 0's alone: raising would leave the others
-            log.warning("could not remove %s (its checkpoint stays): %s", filepath, e)
+            log.warning("could not remove %s (its checkpoint stays): %s", filepath, str(e))
             return  # waiting in the next collective; what stays is housekeeping
         if pointer is None:  # a checkpoint Lightning wrote itself
             super().remove_checkpoint(filepath)  # type: ignore[misc]
