@@ -53,8 +53,10 @@ def raw_write(path: str, tensors: dict) -> None:
 
 def raw_read(path: str, tensors: dict, threads: int = 8, chunk: int = 16 << 20,
              offset: int = 0) -> None:
-    """The disk's limit: positional reads of 16 MiB, 8 in flight per rank (a single stream
-    reads slower here, so it would flatter every method compared with it), from ``offset``."""
+    """The disk's limit: positional reads of 16 MiB, 8 in flight per rank, from ``offset``.
+    On the 2-core machine's disk one thread reading in order is faster on a file written
+    through the page cache (0.80 against 0.99 s for 2 GiB) and twice as slow on files written
+    with ``O_DIRECT``: this read treats both alike (docs/benchmarks.md, At full size)."""
     fd = os.open(path, os.O_RDONLY)
     jobs = []
     for t in tensors.values():
