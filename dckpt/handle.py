@@ -6,6 +6,7 @@ import concurrent.futures.thread  # noqa: F401 - its exit hook first: ours runs 
 import logging
 import threading
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -87,12 +88,14 @@ class SaveHandle:
         return self._future is None or self._future.done()
 
     def settle(self) -> None:
-        """Wait until the save ended, either way; its outcome stays on the handle."""
+        """Wait until the save ended, either way; its outcome stays on the handle.
+
+        Raises nothing, and re-raises nothing: an exception raised again takes the frames
+        it passes through into its traceback, and the future keeps it, so every later save
+        or load that waited here (``wait_idle``) would have kept its caller's state alive.
+        """
         if self._future is not None:
-            try:
-                self._future.result()
-            except BaseException:
-                pass
+            futures.wait((self._future,))
 
     def wait(self, timeout: float | None = None) -> CheckpointInfo | None:
         """Block until committed (the info) or failed (raises); SaveTimeoutError (a

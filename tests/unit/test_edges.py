@@ -1202,12 +1202,13 @@ class _KeepRecords(logging.Handler):
         self.records.append(record)
 
 
-def test_a_log_record_kept_by_a_handler_keeps_no_failure_and_no_state_alive(tmp_path):
+def test_a_failed_load_or_save_keeps_no_state_alive(tmp_path):
     """A load that falls back logs why. The record held the exception itself, and with it
     its traceback, whose frames hold the load's locals: the state dict given to the load
     stayed alive as long as a handler kept the record (pytest's capture, a MemoryHandler);
     2,000 damaged manifests in one test grew it by 520 MiB. Records carry the message as
-    text."""
+    text. And a failed background save's exception, kept by its handle, took the frames of
+    every later load into its traceback (below)."""
     import gc
     import weakref
 
@@ -1224,6 +1225,11 @@ def test_a_log_record_kept_by_a_handler_keeps_no_failure_and_no_state_alive(tmp_
         byte = f.read(1)
         f.seek(10)
         f.write(bytes([byte[0] ^ 0xFF]))
+    # a background save that failed: every later load waits on it first (``wait_idle``),
+    # and re-raising its kept exception there took the load's frames into its traceback
+    unsavable = {"x": _holding_itself("list"), "w": torch.ones(2)}
+    with pytest.raises(dckpt.UnsavableStateError):
+        dckpt.async_save(unsavable, str(tmp_path / "other"), step=1).wait(timeout=60)
     keep = _KeepRecords()
     logger = logging.getLogger("dckpt")
     logger.addHandler(keep)
@@ -1236,7 +1242,7 @@ def test_a_log_record_kept_by_a_handler_keeps_no_failure_and_no_state_alive(tmp_
         assert [s for s, _ in info.skipped] == [3, 2]
         del state
         gc.collect()
-        assert alive() is None, "a kept log record holds the loaded state"
+        assert alive() is None, "something kept holds the loaded state"
         skips = [r for r in keep.records if "skipping step" in r.getMessage()]
         assert len(skips) == 2, [r.getMessage() for r in keep.records]
         for r in keep.records:
