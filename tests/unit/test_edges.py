@@ -1250,6 +1250,10 @@ def test_a_failed_load_or_save_keeps_no_state_alive(tmp_path):
                 isinstance(a, BaseException) for a in (r.args or ())), r.getMessage()
     finally:
         logger.removeHandler(keep)
+        # the next async save reports the failed one (previous_failures) and lets it go:
+        # this one, not a later test's
+        info = dckpt.async_save({"w": torch.ones(1)}, str(tmp_path / "other"), step=2).wait()
+        assert [s for s, _ in info.previous_failures][-1:] == [1]  # the last one: ours
 
 
 def test_no_log_call_passes_a_caught_exception_itself():
