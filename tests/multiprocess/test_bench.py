@@ -28,7 +28,12 @@ def bench_cmd(url: str, *args: str, ranks: int = 0) -> list[str]:
 
 
 def env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
+    """No restarts here: the workers share torchrun's store (the default). With a store of
+    their own (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0 listened on a port the agent had
+    found free and let go, and once another test's server took it first (EADDRINUSE)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    return env
 
 
 def options_args(options: dict | None) -> list[str]:
