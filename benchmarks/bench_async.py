@@ -21,7 +21,8 @@ slowdown). Methods:
   from page-aligned memory by a niced thread, nothing else (no pause: nothing is copied);
 - ``DCP``: ``dcp.async_save`` with its defaults (a fresh CPU copy per save);
 - ``DCP DefaultStager``: ``dcp.async_save`` with ``DefaultStager`` (cached, and pinned with
-  non-blocking copies on CUDA);
+  non-blocking copies on CUDA; on torch 2.11, whose stager stages one save and then fails,
+  a new one per save, which on 2.11 caches nothing);
 - ``DCP BlockingAsyncStager cached`` (CUDA only): the older stager with a pinned cache;
 - ``torch-checkpointing`` (when installed): meta-pytorch's ``CheckpointManager`` with its
   async saver (asynchronous staging into shared memory, pinned on CUDA, and a writer
@@ -53,6 +54,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 
 import dckpt
+from dckpt.bench.methods import reusable_default_stager
 from common import bar_chart, emit, fresh_folders, make_state
 
 class Trainer:
@@ -185,6 +187,9 @@ def main() -> None:
         return handle.done, handle.wait
 
     def run_dcp(path: str, i: int, stager: str | None = None):
+        if stager == "default" and not reusable_default_stager():  # torch 2.11: one a save
+            stagers["default"].close()
+            stagers["default"] = DefaultStager(stager_opts)
         out = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(f"{path}/{i}"),
                              async_stager=stagers[stager] if stager else None)
         future = getattr(out, "upload_completion", out)

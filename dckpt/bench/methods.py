@@ -13,7 +13,9 @@ store uploads are complete) and restores into the same preallocated tensors:
   CheckpointManager does), ``dckpt.load``;
 - ``DCP``: its best configuration: ``dcp.save`` with ``thread_count`` writer threads and
   ``sync_files``; ``dcp.async_save`` with the process-based checkpointer and a
-  ``DefaultStager`` (shared memory, asynchronous staging; pinned memory on CUDA); ``dcp.load``;
+  ``DefaultStager`` (shared memory, asynchronous staging; pinned memory on CUDA; on torch
+  2.11, whose stager fails at its second save, one per save, staging in the caller's
+  thread); ``dcp.load``;
 - ``torch-checkpointing`` (meta-pytorch's, local files only in its 0.1 releases): its
   ``CheckpointManager`` with a sync saver and with its async saver (a writer process and
   asynchronous staging), a finalize callback that fsyncs the files (it never fsyncs by
@@ -33,7 +35,7 @@ import posixpath
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -197,9 +199,15 @@ class DCP(Method):
         from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
         cuda = self.w.on_gpu
-        self.stager = DefaultStager(StagingOptions(
-            use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=True,
-            use_non_blocking_copy=cuda))
+        reusable = reusable_default_stager()
+        # torch 2.11 (not reusable): staging in a thread of a new stager crashed the process
+        # at its second save of DTensors (SIGSEGV in their sharding propagation); staged in
+        # the caller's thread, the pause is the same: it ends when the copies are done
+        self.staging = StagingOptions(
+            use_pinned_memory=cuda, use_shared_memory=True, use_async_staging=reusable,
+            use_non_blocking_copy=cuda)
+        # None where each save needs a stager of its own
+        self.stager = DefaultStager(self.staging) if reusable else None
 
     def _writer(self, step: int) -> Any:
         import torch.distributed.checkpoint as dcp
@@ -226,19 +234,24 @@ class DCP(Method):
 
     def start(self, step: int) -> Callable[[], object]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.staging import DefaultStager
         from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
+        stager = self.stager or DefaultStager(self.staging)
         out: Any = dcp.async_save(self.w.state, storage_writer=self._writer(step),
                              async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-                             async_stager=self.stager)
+                             async_stager=stager)
         staged = getattr(out, "staging_completion", None)
         if staged is not None:
             staged.result()
+        if stager is not self.stager:
+            stager.close()  # staged: a stager of one save has nothing left to do
         upload = getattr(out, "upload_completion", out)
         return lambda: upload.result()
 
     def close(self) -> None:
-        self.stager.close()
+        if self.stager is not None:
+            self.stager.close()
 
 
 class TorchCheckpointing(Method):
@@ -316,6 +329,27 @@ def make_methods(names: list[str], workload: Workload, base_url: str, options: d
             except Unavailable as e:
                 missing[name] = str(e)
     return made, missing
+
+
+@cache
+def reusable_default_stager() -> bool:
+    """Whether one DCP ``DefaultStager`` stages more than one save on this torch. torch
+    2.11's closes its copier after each stage (its cache and its dispatch table cleared), so
+    that its second stage raises ``KeyError: <class 'type'>``; torch 2.13's keeps both.
+    Where it cannot, DCP's async peer takes a stager per save, which on 2.11 is what one
+    stager did anyway: it kept nothing from one save to the next."""
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+    stager = DefaultStager(StagingOptions(use_pinned_memory=False, use_shared_memory=False,
+                                          use_async_staging=False, use_non_blocking_copy=False))
+    try:
+        for _ in range(2):
+            stager.stage({"x": torch.zeros(1)})
+        return True
+    except Exception:  # any failure of the second stage: a stager per save
+        return False
+    finally:
+        stager.close()
 
 
 def memcpy_seconds(workload: Workload, repeats: int = 5) -> float:
