@@ -73,10 +73,13 @@ def make_workload(name: str, nbytes: int, rank: int) -> tuple[dict, callable]:
         frozen = _tensors(r + "frozen", params * 9 // 10, rank)
         trainable = _tensors(r + "train", params // 10, rank + 10)
         state = frozen | trainable
-        if adamw:  # random moments: constant ones would make identical blocks
-            state |= {k.replace("train", "exp_avg"): torch.randn_like(v)
+        if adamw:  # random moments: constant ones would make identical blocks; seeded, as
+            # the rest: every method's run must hold the same values (the restores are
+            # checked against the last run's)
+            g = torch.Generator().manual_seed(rank + 30)
+            state |= {k.replace("train", "exp_avg"): torch.randn(v.shape, generator=g)
                       for k, v in trainable.items()}
-            state |= {k.replace("train", "exp_avg_sq"): torch.rand_like(v)
+            state |= {k.replace("train", "exp_avg_sq"): torch.rand(v.shape, generator=g)
                       for k, v in trainable.items()}
 
         def change(i: int) -> None:
