@@ -9,7 +9,7 @@ after each save every value of the state changes (so no save can skip unchanged 
 each save: the pause (the call until it returns: the state may change then), the time to
 commit (until the save is durable and committed), and the step time while the write runs
 against the step time with no save running, measured right before each save (the
-slowdown). Methods:
+slowdown; on the CPU, the steps after the ``--overlap-steps`` that follow the call). Methods:
 
 - ``dckpt``: ``dckpt.async_save`` with its defaults (staging memory reserved once up front,
   as the CheckpointManager does after restoring; the reservation time is reported);
