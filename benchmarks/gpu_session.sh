@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU machine's checks still owed, in one run that fits its lease (about 15 minutes of
-# device time a session, one command at most 10): the CUDA tests, and the fast disk's save,
-# cold load and fragmented restore with the reads of 16 MiB (issue 19). The memory tier's
+# device time a session, one command at most 10): the CUDA tests, the fast disk's save (sync
+# and async), cold load and fragmented restore with the reads of 16 MiB, and the async
+# save's training time lost over its call and the next steps (issue 19). The memory tier's
 # save and restore on the GPU ran on 2026-12-04 (docs/benchmarks.md, The H200 machine).
 #
 #   bash benchmarks/gpu_session.sh fetch     # here, once: the wheels the GPU image lacks, in .whl/
@@ -25,14 +26,14 @@ fetch)
     ls .whl
     exit ;;
 run)
-    DEVICE=cuda FRAG_GIB=1 SL_GIB=1 PY=python3
+    DEVICE=cuda FRAG_GIB=1 SL_GIB=1 ASYNC_GIB=2 PY=python3
     if ls .whl/*.whl >/dev/null 2>&1; then
         $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl || exit 1
         export PYTHONPATH=/tmp/site
     fi ;;
 cpu)
-    DEVICE=cpu FRAG_GIB=0.0625 SL_GIB=0.0625 PY=.venv/bin/python ;;
+    DEVICE=cpu FRAG_GIB=0.0625 SL_GIB=0.0625 ASYNC_GIB=0.0625 PY=.venv/bin/python ;;
 *)
     sed -n '2,12p' "$0"; exit 2 ;;
 esac
@@ -69,5 +70,11 @@ step save_load 130 $PY -m torch.distributed.run --standalone --nproc-per-node=2 
 step fragmented 200 $PY benchmarks/bench_restore.py --ranks 2 --gib-per-rank "$FRAG_GIB" \
     --state embedding --repeats 2 --methods raw,dckpt,DCP --read-configs 8x64 \
     --dir "$WORK/fragmented" --out "$OUT/fragmented.jsonl"
+# The async save on the GPU (its pause, and the training time lost over the call and the
+# next 30 steps, alike for every method: docs/benchmarks.md, The async pause on the CPU)
+step async 150 $PY -m torch.distributed.run --standalone --nproc-per-node=1 \
+    benchmarks/bench_async.py --device "$DEVICE" --gib-per-rank "$ASYNC_GIB" --saves 5 \
+    --overlap-steps 30 --methods "dckpt,dckpt overlap,DCP DefaultStager,DCP DefaultStager async staging,torch-checkpointing,torch-checkpointing overlap" \
+    --dir "$WORK/async" --out "$OUT/async.jsonl"
 rm -rf "$WORK"
 ls -la "$OUT"
