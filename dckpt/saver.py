@@ -211,6 +211,7 @@ class AsyncSaver:
                  "pause": t_end - t0}
         planner = StagedPlanner(staging.plan, staging.staged, staging.prewritten, staging.problems,
                                 staging.failure)
+        writer.from_staging = True  # memory that lies well: written from where it is
         future = self._persist.submit(self._persist_one, writer, planner, group, staging, local,
                                       failures)
         handle = SaveHandle(step, future, staged=staging.wait_caller, pause_s=local["pause"])

@@ -123,17 +123,19 @@ class Store:
         return type(self.fs) is LocalFileSystem and hasattr(os, "O_DIRECT")
 
     @contextmanager
-    def open_write(self, name: str, *, direct: bool = False) -> Iterator[BinaryIO]:
+    def open_write(self, name: str, *, direct: bool = False,
+                   window_bytes: int = 0) -> Iterator[BinaryIO]:
         """A new object, durable when the block exits cleanly; discarded when it raises.
 
-        ``direct``: write through ``O_DIRECT`` where ``direct_capable`` (see ``DirectFile``);
-        elsewhere it is ignored. The object's bytes are the same either way.
+        ``direct``: write through ``O_DIRECT`` where ``direct_capable`` (see ``DirectFile``;
+        ``window_bytes``: its bytes copied through a reused window of that size); elsewhere
+        both are ignored. The object's bytes are the same either way.
         """
         path = self.path(name)
         if self.local:
             self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
         if direct and self.direct_capable:
-            d = DirectFile(path)
+            d = DirectFile(path, window_bytes)
             try:
                 yield d  # type: ignore[misc]
                 d.close()

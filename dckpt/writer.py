@@ -42,7 +42,7 @@ from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.commit import Stored, check_references, entries, planner_data, sums
 from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
-from dckpt.direct import DIRECT_ALIGN
+from dckpt.direct import DIRECT_ALIGN, WINDOWS, tensors_on_huge_pages
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError
 from dckpt.gcpause import paused_gc
@@ -106,6 +106,10 @@ class Writer(StorageWriter):
         """Progress of this rank's writes, for the bounded wait on the writer threads."""
         self._outs: list[SegmentOut] = []
         """This save's segments being written (what a long save's progress counts)."""
+        self.from_staging = False
+        """The bytes come from dckpt's staging memory (async saves), made once and reused,
+        which the disk takes as fast as any: written from there, without the copy through a
+        window that the state's own memory gets (``SaveConfig.write_window_bytes``)."""
         self._lock = threading.Lock()
         """This rank's part of the save, in seconds: ``rank_plan`` (DCP's planning, its
         collectives included), ``rank_write`` (wall time of this rank's writes) and, summed
@@ -321,11 +325,23 @@ class Writer(StorageWriter):
     def open_segment(self, name: str, direct: bool, nbytes: int) -> AbstractContextManager[BinaryIO]:
         """A new segment object, of about ``nbytes`` (the memory tier's writer reuses the
         memory of a pruned checkpoint's)."""
-        return self.store.open_write(name, direct=direct)
+        return self.store.open_write(name, direct=direct, window_bytes=self.window_bytes(direct))
+
+    def window_bytes(self, direct: bool) -> int:
+        """The window that this save's ``O_DIRECT`` writes copy their bytes through (0: none,
+        written from the caller's memory: where the tensors lie on huge pages, or windows
+        would not; dckpt.direct.Windows)."""
+        size = self.config.write_window_bytes
+        if not (size and direct and not self.from_staging) or tensors_on_huge_pages():
+            return 0
+        return size if WINDOWS.lies_well(size) else 0
 
     def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
+        # placed where its memory's pages fall on the file's pages only when written from
+        # that memory; through a window, packed
+        aligned = direct and not self.window_bytes(direct)
         out = SegmentOut(f, name, self.config.block_size_bytes,
-                         align=DIRECT_ALIGN if direct else 0, index=self._index,
+                         align=DIRECT_ALIGN if aligned else 0, index=self._index,
                          compress=self.compresses)
         out.beat = self._heartbeat.beat
         self._outs.append(out)

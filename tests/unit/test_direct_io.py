@@ -236,3 +236,196 @@ def test_tensor_bytes_are_the_row_major_values_of_every_kind_of_tensor():
         want = t.detach().resolve_conj().resolve_neg().contiguous().reshape(-1).view(torch.uint8)
         got = tensor_bytes(t)
         assert got.nbytes == want.numel() and bytes(got) == want.numpy().tobytes(), t
+
+
+# -- writes through reused windows (SaveConfig.write_window_bytes) ---------------------------
+
+@pytest.fixture
+def windows_here(monkeypatch):
+    """Windows taken whatever this machine's huge pages: the same code runs where they are."""
+    from dckpt import writer
+    from dckpt.direct import WINDOWS
+
+    monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: False)
+    monkeypatch.setattr(WINDOWS, "lies_well", lambda nbytes: True)
+    return WINDOWS
+
+
+class Spy:
+    """Counts the windows taken and given back, and the DirectFiles opened with one."""
+
+    def __init__(self, monkeypatch, windows):
+        self.taken = self.given = 0
+        take, give = windows.take, windows.give
+
+        def counted_take(nbytes):
+            self.taken += 1
+            return take(nbytes)
+
+        def counted_give(window):
+            self.given += 1
+            give(window)
+
+        monkeypatch.setattr(windows, "take", counted_take)
+        monkeypatch.setattr(windows, "give", counted_give)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_windowed_file_lands_pieces_of_any_size_and_alignment_and_copies_every_byte(
+        tmp_path, seed):
+    rng = random.Random(seed)
+    big = _aligned_buffer(9 << 20, seed)
+    expected = bytearray()
+
+    class Counting(CountingFile):
+        def __init__(self, path: str) -> None:
+            DirectFile.__init__(self, path, window_bytes=1 << 20)  # flushed many times
+            self.copied = self.straight = 0
+
+    f = Counting(str(tmp_path / "seg"))
+    for _ in range(12):
+        start = rng.choice([0, DIRECT_ALIGN, rng.randrange(0, 1 << 20)])
+        piece = big[start: start + rng.choice([0, 1, 4095, DIRECT_ALIGN, rng.randrange(1, 5 << 20)])]
+        assert f.write(piece) == len(piece)
+        expected += piece
+    assert f.tell() == len(expected)
+    f.close()
+    assert (tmp_path / "seg").read_bytes() == bytes(expected)
+    assert f.straight == 0 and f.copied >= len(expected)  # nothing from the caller's memory
+
+
+def test_windows_are_made_once_and_reused_from_file_to_file(tmp_path, monkeypatch):
+    from dckpt.direct import Windows
+
+    windows = Windows()
+    monkeypatch.setattr("dckpt.direct.WINDOWS", windows)
+    seen = set()
+    for i in range(4):
+        with Store(str(tmp_path)).open_write(f"s{i}", direct=True, window_bytes=1 << 20) as f:
+            seen.add(address(memoryview(f._bounce)))
+            f.write(b"z" * (3 << 20))
+        assert (tmp_path / f"s{i}").read_bytes() == b"z" * (3 << 20)
+    assert windows.made == 1 and len(seen) == 1
+
+
+def test_a_failed_write_gives_its_window_back(tmp_path, monkeypatch):
+    from dckpt.direct import Windows
+
+    windows = Windows()
+    monkeypatch.setattr("dckpt.direct.WINDOWS", windows)
+
+    def full(self, mv):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(DirectFile, "_write_all", full)
+    with pytest.raises(OSError):
+        with Store(str(tmp_path)).open_write("seg", direct=True, window_bytes=1 << 20) as f:
+            f.write(b"q" * (2 << 20))  # the first window's flush fails
+    assert not (tmp_path / "seg").exists()
+    assert windows.take(1 << 20) is f._bounce and windows.made == 1  # back, and reused
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sync_saves_write_through_windows_and_async_saves_from_their_staging(
+        tmp_path, monkeypatch, windows_here, mode):
+    spy = Spy(monkeypatch, windows_here)
+    state = _state(5)
+    url = str(tmp_path / "repo")
+    if mode == "sync":
+        info = dckpt.save(state, url, step=1, config=SaveConfig(block_size_bytes=1 << 20))
+    else:
+        saver = dckpt.AsyncSaver()
+        info = saver.async_save(state, url, step=1,
+                                config=SaveConfig(block_size_bytes=1 << 20)).wait(60)
+        saver.close()
+    segments = [p for p in (tmp_path / "repo" / "data").rglob("*.seg")]
+    if mode == "sync":
+        assert spy.taken == spy.given == len(segments) > 0
+        # packed: no zeros placed before large items, the files hold the bytes alone
+        assert sum(p.stat().st_size for p in segments) == info.bytes_written
+    else:
+        assert spy.taken == 0
+    out = {"w": torch.zeros(700_001), "b": torch.zeros(3), "h": torch.zeros(300, 1025).half(),
+           "n": 0}
+    dckpt.load(out, url)
+    assert all(torch.equal(out[k], state[k]) for k in ("w", "b", "h")) and out["n"] == 7
+
+
+def test_a_differential_save_through_windows_references_the_blocks_it_skips(
+        tmp_path, windows_here):
+    url = str(tmp_path / "repo")
+    config = SaveConfig(block_size_bytes=256 << 10)
+    state = {"a": torch.randn(3 << 20)[7:], "b": torch.arange(5_000_001, dtype=torch.int64),
+             "c": torch.randn(100, 1000).to(torch.bfloat16)}  # unaligned, odd sizes
+    first = dckpt.save(state, url, step=1, config=config)
+    before = {k: v.clone() for k, v in state.items()}
+    state["a"][: 1 << 18] += 1  # a few blocks change
+    second = dckpt.save(state, url, step=2, config=config)
+    assert second.bytes_written < first.bytes_written / 4
+    for step, expect in ((1, before), (2, state)):
+        out = {k: torch.zeros_like(v) for k, v in expect.items()}
+        dckpt.load(out, url, step=step)
+        assert all(torch.equal(out[k], expect[k]) for k in out)
+    assert dckpt.verify(url, step=1).ok and dckpt.verify(url, step=2).ok
+
+
+def test_windows_are_left_out_where_tensors_lie_on_huge_pages_or_windows_would_not(
+        tmp_path, monkeypatch):
+    from dckpt import direct, writer
+    from dckpt.writer import Writer
+
+    w = Writer(str(tmp_path), step=1)
+    monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: False)
+    monkeypatch.setattr(direct.WINDOWS, "lies_well", lambda nbytes: True)
+    assert w.window_bytes(True) == 16 << 20
+    assert w.window_bytes(False) == 0  # buffered writes copy anyway
+    w.from_staging = True
+    assert w.window_bytes(True) == 0
+    w.from_staging = False
+    assert Writer(str(tmp_path), step=1,
+                  config=SaveConfig(write_window_bytes=0)).window_bytes(True) == 0
+    monkeypatch.setattr(direct.WINDOWS, "lies_well", lambda nbytes: False)
+    assert w.window_bytes(True) == 0
+    monkeypatch.setattr(direct.WINDOWS, "lies_well", lambda nbytes: True)
+    monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: True)
+    assert w.window_bytes(True) == 0
+
+
+def test_torchs_huge_page_allocations_are_recognised(monkeypatch):
+    from dckpt.direct import tensors_on_huge_pages
+
+    tensors_on_huge_pages.cache_clear()
+    try:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+        assert tensors_on_huge_pages()
+        tensors_on_huge_pages.cache_clear()
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            always = "[always]" in f.read()
+        assert tensors_on_huge_pages() == always
+    finally:
+        tensors_on_huge_pages.cache_clear()
+
+
+def test_a_window_that_gets_no_huge_pages_is_not_used_and_not_kept(monkeypatch):
+    from dckpt import direct
+
+    windows = direct.Windows()
+    monkeypatch.setattr(direct, "huge_page_bytes", lambda window: 0)
+    assert not windows.lies_well(1 << 20) and not windows.lies_well(1 << 20)
+    assert windows.made == 1 and not windows._idle  # asked once; the window unmapped
+    monkeypatch.setattr(direct, "huge_page_bytes", lambda window: len(window))
+    assert windows.lies_well(2 << 20) and windows.made == 2
+    assert len(windows.take(2 << 20)) == 2 << 20 and windows.made == 2  # the one asked
+
+
+def test_huge_page_bytes_reads_the_windows_own_mapping():
+    from dckpt.direct import huge_page_bytes
+
+    private = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    shared = mmap.mmap(-1, 8 << 20)  # shmem: never on transparent huge pages here
+    private.madvise(mmap.MADV_HUGEPAGE)
+    np.frombuffer(private, dtype=np.uint8).fill(1)
+    np.frombuffer(shared, dtype=np.uint8).fill(1)
+    assert 0 <= huge_page_bytes(private) <= 8 << 20
+    assert huge_page_bytes(shared) == 0

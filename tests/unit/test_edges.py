@@ -428,6 +428,11 @@ def _bad_calls(url: str) -> list[tuple[str, object]]:
         ("SaveConfig overlap str", lambda: dckpt.SaveConfig(overlap="no")),
         ("SaveConfig dedup int", lambda: dckpt.SaveConfig(dedup=1)),
         ("SaveConfig direct_io str", lambda: dckpt.SaveConfig(direct_io="yes")),
+        ("SaveConfig window odd", lambda: dckpt.SaveConfig(write_window_bytes=5000)),
+        ("SaveConfig window negative", lambda: dckpt.SaveConfig(write_window_bytes=-4096)),
+        ("SaveConfig window float", lambda: dckpt.SaveConfig(write_window_bytes=4096.0)),
+        ("SaveConfig window bool", lambda: dckpt.SaveConfig(write_window_bytes=True)),
+        ("SaveConfig window 2 GiB", lambda: dckpt.SaveConfig(write_window_bytes=2 << 30)),
         ("LoadConfig threads float", lambda: dckpt.LoadConfig(reader_threads=1.5)),
         ("LoadConfig request float", lambda: dckpt.LoadConfig(read_request_bytes=1.5)),
         # each of these left as a TypeError, ValueError or AttributeError
