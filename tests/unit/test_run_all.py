@@ -31,10 +31,11 @@ def test_run_all_tiny_writes_results_and_a_chart(tmp_path):
     methods = {r.get("method") for r in records if r["bench"] == "compress"}
     assert {"raw write", "dckpt compression=on", "dckpt compression=off", "DCP"} <= methods
     saved = {r.get("method"): r for r in records if r["bench"] == "save_load"}
-    assert {"raw O_DIRECT", "dckpt", "dckpt async", "DCP"} <= set(saved)
+    assert {"raw O_DIRECT", "dckpt", "dckpt, no window", "dckpt async", "DCP"} <= set(saved)
     assert all(saved[m]["save_s"] > 0 and saved[m]["load_s"] > 0 for m in saved if m)
     ratios = next(r["ratios"] for r in records if r["bench"] == "save_load" and "ratios" in r)
     assert ratios["async_save_vs_raw_direct_write"] > 0
+    assert ratios["save_vs_save_without_window"] > 0
     assert (tmp_path / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
