@@ -14,7 +14,7 @@ import threading
 import numpy as np
 
 __all__ = ["DirectFile", "DIRECT_ALIGN", "Windows", "WINDOWS", "address", "direct_pad",
-           "huge_page_bytes", "tensors_on_huge_pages"]
+           "huge_page_share", "tensors_on_huge_pages"]
 
 DIRECT_ALIGN = 4096
 
@@ -49,7 +49,7 @@ class Windows:
             well = self._well.get(nbytes)
             if well is None:
                 window = self._make(nbytes)
-                well = self._well[nbytes] = 2 * huge_page_bytes(window) >= nbytes
+                well = self._well[nbytes] = huge_page_share(window) >= 0.5
                 if well:
                     self._idle.setdefault(nbytes, []).append(window)
                 else:
@@ -94,23 +94,25 @@ def tensors_on_huge_pages() -> bool:
         return False
 
 
-def huge_page_bytes(window: mmap.mmap) -> int:
-    """The bytes of the mapping that holds ``window`` that lie on transparent huge pages
-    (``AnonHugePages`` in ``/proc/self/smaps``; 0 where that cannot be read)."""
+def huge_page_share(window: mmap.mmap) -> float:
+    """The share of the mapping that holds ``window`` that lies on transparent huge pages
+    (``AnonHugePages`` in ``/proc/self/smaps``, over the mapping's size: the kernel merges
+    neighbouring mappings of the same kind, other windows among them, into one; 0 where
+    that cannot be read)."""
     start = address(memoryview(window))
     try:
         with open("/proc/self/smaps") as f:
-            inside = False
+            size = 0
             for line in f:
                 head = line.split(maxsplit=1)[0]
                 if "-" in head and not head.endswith(":"):  # a mapping's first line
                     lo, hi = (int(x, 16) for x in head.split("-"))
-                    inside = lo <= start < hi
-                elif inside and head == "AnonHugePages:":
-                    return int(line.split()[1]) * 1024
+                    size = hi - lo if lo <= start < hi else 0
+                elif size and head == "AnonHugePages:":
+                    return int(line.split()[1]) * 1024 / size
     except (OSError, ValueError):
         pass
-    return 0
+    return 0.0
 
 
 WINDOWS = Windows()

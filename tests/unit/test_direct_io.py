@@ -411,21 +411,25 @@ def test_a_window_that_gets_no_huge_pages_is_not_used_and_not_kept(monkeypatch):
     from dckpt import direct
 
     windows = direct.Windows()
-    monkeypatch.setattr(direct, "huge_page_bytes", lambda window: 0)
+    monkeypatch.setattr(direct, "huge_page_share", lambda window: 0.0)
     assert not windows.lies_well(1 << 20) and not windows.lies_well(1 << 20)
     assert windows.made == 1 and not windows._idle  # asked once; the window unmapped
-    monkeypatch.setattr(direct, "huge_page_bytes", lambda window: len(window))
+    monkeypatch.setattr(direct, "huge_page_share", lambda window: 1.0)
     assert windows.lies_well(2 << 20) and windows.made == 2
     assert len(windows.take(2 << 20)) == 2 << 20 and windows.made == 2  # the one asked
 
 
-def test_huge_page_bytes_reads_the_windows_own_mapping():
-    from dckpt.direct import huge_page_bytes
+def test_huge_page_share_is_of_the_windows_own_mapping_merged_with_its_neighbours_or_not():
+    """Mappings of the same kind side by side are one mapping to the kernel: the share, not
+    the bytes, tells (the bytes were 24 MiB of an 8 MiB window once)."""
+    from dckpt.direct import huge_page_share
 
-    private = mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    privates = [mmap.mmap(-1, 8 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+                for _ in range(3)]
     shared = mmap.mmap(-1, 8 << 20)  # shmem: never on transparent huge pages here
-    private.madvise(mmap.MADV_HUGEPAGE)
-    np.frombuffer(private, dtype=np.uint8).fill(1)
+    for m in privates:
+        m.madvise(mmap.MADV_HUGEPAGE)
+        np.frombuffer(m, dtype=np.uint8).fill(1)
     np.frombuffer(shared, dtype=np.uint8).fill(1)
-    assert 0 <= huge_page_bytes(private) <= 8 << 20
-    assert huge_page_bytes(shared) == 0
+    assert all(0.0 <= huge_page_share(m) <= 1.0 for m in privates)
+    assert huge_page_share(shared) == 0.0
