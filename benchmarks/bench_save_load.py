@@ -16,7 +16,9 @@ longer runs of physical pages, and the same bytes write faster from them (1.2-1.
 docs/benchmarks.md, Where a save's time goes); ``raw O_DIRECT, tensors' memory`` is the
 limit for the state as it lies. ``dckpt, no window`` is dckpt's sync save with
 ``SaveConfig(write_window_bytes=0)``: every whole page written from the tensors' own memory
-instead of copied through reused windows on huge pages (where dckpt uses them). ``dckpt
+instead of copied through reused windows on huge pages (where dckpt uses them: a disk that
+takes scattered pages slowly; the summary line's ``write_window_bytes_used`` says whether
+they were used here, 0 where not, and then the two are the same save). ``dckpt
 async`` is ``dckpt.async_save(...).wait()``, the call
 to the commit: the state copied into dckpt's staging memory, reused from save to save (the
 first round's save also makes it), and written from there, as the CheckpointManager saves by
@@ -43,6 +45,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.device_mesh import init_device_mesh
 
 import dckpt
+from dckpt.writer import Writer
 from common import bar_chart, emit, fresh_folders, evict, make_state, median, timed
 
 def local_tensors(state: dict) -> dict:
@@ -260,7 +263,10 @@ def main() -> None:
             tcr = results["torch-checkpointing"]
             ratios["save_vs_torch_checkpointing"] = d["save_gbps"] / tcr["save_gbps"]
             ratios["load_vs_torch_checkpointing"] = d["load_gbps"] / tcr["load_gbps"]
-        emit(args.out, {"bench": "save_load", "ratios": ratios, "bytes": nbytes})
+        # whether dckpt's sync saves wrote through windows on this disk and memory
+        windows = Writer(base, step=1).window_bytes(True)
+        emit(args.out, {"bench": "save_load", "ratios": ratios, "bytes": nbytes,
+                        "write_window_bytes_used": windows})
         labels = [f"{m} {op}" for m in results for op in ("save", "load")]
         values = [results[m][f"{op}_gbps"] for m in results for op in ("save", "load")]
         bar_chart(args.out.replace(".jsonl", ".png"),

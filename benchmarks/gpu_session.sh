@@ -55,6 +55,17 @@ step() {  # step NAME SECONDS COMMAND...: run it under its limit, its output int
 
 { nvidia-smi -L 2>/dev/null; nproc; free -g | head -2; df -h /tmp | tail -1
   $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+  # the disk under the benchmarks: whether sync saves copy through windows there
+  $PY -c "
+import os, sys
+from dckpt.direct import _block_folder, pages_cap_requests
+folder = _block_folder(sys.argv[1], '/sys', None)
+print('disk', folder, 'takes scattered pages slowly (windows):', pages_cap_requests(sys.argv[1]))
+for name in ('max_segments', 'max_segment_size', 'max_sectors_kb', 'nr_requests'):
+    for q in (f'{folder}/queue', f'{folder}/../queue'):
+        if folder and os.path.exists(f'{q}/{name}'):
+            print(name, open(f'{q}/{name}').read().strip()); break
+" "$WORK"
 } >> "$LOG" 2>&1
 
 if [ "$DEVICE" = cuda ]; then

@@ -125,10 +125,11 @@ class SaveConfig:
     """Sync saves to local disks with ``direct_io``: each writer thread copies the bytes
     into a window of this size on huge pages (one per writer thread: 64 MiB by default),
     made once per process and reused, and writes from it, where the kernel gives such
-    windows and the tensors do not lie on huge pages already (dckpt.direct.Windows); 0, or
+    windows, the tensors do not lie on huge pages already, and the disk takes scattered
+    pages slowly (a virtio disk without indirect descriptors; dckpt.direct.Windows); 0, or
     elsewhere: every whole page goes straight from the tensors' own memory. A state's
     memory is often scattered over single pages (a process's first allocations), which
-    some disks take in small requests; on the 2-core machine's disk the windows made sync
+    such disks take in small requests; on the 2-core machine's disk the windows made sync
     saves 1.04-1.20x faster (docs/benchmarks.md, Writes through reused windows). Async
     saves write from their staging memory."""
     overlap: bool = False

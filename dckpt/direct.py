@@ -13,8 +13,10 @@ import threading
 
 import numpy as np
 
+from dckpt.mounts import mount_source, watched_filesystem
+
 __all__ = ["DirectFile", "DIRECT_ALIGN", "Windows", "WINDOWS", "address", "direct_pad",
-           "huge_page_share", "tensors_on_huge_pages"]
+           "huge_page_share", "pages_cap_requests", "tensors_on_huge_pages"]
 
 DIRECT_ALIGN = 4096
 
@@ -30,9 +32,11 @@ class Windows:
     Windows on 4 KiB pages lie no better than the state where memory is fragmented (a
     window mapped afresh for every file, or faulted in by four writer threads at once,
     wrote slower than no copy), so they are used only where the kernel gives them huge
-    pages (``lies_well``) and the tensors do not lie on such pages already
-    (``tensors_on_huge_pages``: there the copy cost up to 6%): docs/benchmarks.md, Writes
-    through reused windows.
+    pages (``lies_well``), the tensors do not lie on such pages already
+    (``tensors_on_huge_pages``: there the copy cost up to 6%), and the disk is one that
+    takes scattered pages slowly (``pages_cap_requests``; elsewhere the copy would buy
+    nothing):
+    docs/benchmarks.md, Writes through reused windows.
     """
 
     def __init__(self) -> None:
@@ -92,6 +96,94 @@ def tensors_on_huge_pages() -> bool:
             return "[always]" in f.read()
     except OSError:
         return False
+
+
+VIRTIO_RING_F_INDIRECT_DESC = 28
+"""The virtio feature bit of a ring whose requests take one slot, whatever their pages."""
+
+
+def _block_folder(path: str, sys_root: str, mounts: list[str] | None) -> str | None:
+    """The sysfs folder of the block device that holds ``path``: by the file system's
+    device number, else by the ``/dev`` node its mount names (btrfs reports a number of its
+    own)."""
+    st_dev = os.stat(path).st_dev
+    folder = f"{sys_root}/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}"
+    if os.path.isdir(folder):
+        return os.path.realpath(folder)
+    if mounts is None:
+        try:
+            with open("/proc/self/mounts") as f:
+                mounts = f.read().splitlines()
+        except OSError:
+            return None
+    source = mount_source(path, mounts)
+    if source.startswith("/dev/"):
+        folder = f"{sys_root}/class/block/{os.path.basename(os.path.realpath(source))}"
+        if os.path.isdir(folder):
+            return os.path.realpath(folder)
+    return None
+
+
+def _slot_per_page(folder: str, sys_root: str, depth: int = 0) -> bool:
+    """Whether the block device at sysfs ``folder`` is a virtio disk without indirect
+    descriptors (a partition: its disk's; a device-mapper or md device: all of the disks
+    under it), and a request's segment may be longer than a page."""
+    slaves = os.path.join(folder, "slaves")
+    names = sorted(os.listdir(slaves)) if os.path.isdir(slaves) else []
+    if names:
+        return depth < 4 and all(
+            _slot_per_page(os.path.realpath(os.path.join(slaves, n)), sys_root, depth + 1)
+            for n in names)
+    queue = next((q for q in (os.path.join(folder, "queue"),
+                              os.path.join(os.path.dirname(folder), "queue"))
+                  if os.path.isdir(q)), None)
+    try:
+        with open(os.path.join(queue or folder, "max_segment_size")) as f:
+            if int(f.read().split()[0]) <= DIRECT_ALIGN:
+                return False  # a huge page's run makes as many segments as single pages
+    except (OSError, ValueError, IndexError):
+        pass
+    up = folder
+    for _ in range(8):  # vda1 -> vda -> block -> virtio1
+        up = os.path.dirname(up)
+        subsystem = os.path.realpath(os.path.join(up, "subsystem"))
+        if os.path.basename(subsystem) == "virtio" and os.path.isfile(
+                os.path.join(up, "features")):
+            with open(os.path.join(up, "features")) as f:
+                bits = f.read().strip()
+            return len(bits) > VIRTIO_RING_F_INDIRECT_DESC and \
+                bits[VIRTIO_RING_F_INDIRECT_DESC] == "0"
+    return False
+
+
+_SLOT_PER_PAGE: dict[int, bool] = {}
+
+
+def pages_cap_requests(path: str, sys_root: str = "/sys",
+                       mounts: list[str] | None = None) -> bool:
+    """Whether the disk under ``path`` takes fewer requests at once from memory in scattered
+    4 KiB pages than from runs of pages: a virtio disk without indirect descriptors, whose
+    ring gives every run of pages of a request a slot of its own (the 2-core machine's: a
+    request of 254 single pages fills it, and the next waits). NVMe, or virtio with indirect
+    descriptors, takes a request's pages as one list: no. False where the device is
+    unknown (tmpfs, a network or FUSE file system, no sysfs). A path not made yet is asked
+    of the nearest folder above it. Cached per file system."""
+    path = os.path.abspath(path)
+    if sys_root == "/sys" and watched_filesystem(path):  # not a disk; and its calls may hang
+        return False
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        st_dev = os.stat(path).st_dev
+        if sys_root == "/sys" and st_dev in _SLOT_PER_PAGE:
+            return _SLOT_PER_PAGE[st_dev]
+        folder = _block_folder(path, sys_root, mounts)
+        answer = folder is not None and _slot_per_page(folder, sys_root)
+    except OSError:
+        return False
+    if sys_root == "/sys":
+        _SLOT_PER_PAGE[st_dev] = answer
+    return answer
 
 
 def huge_page_share(window: mmap.mmap) -> float:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import functools
 import os
 
-__all__ = ["WATCHED_FS", "watched_filesystem", "filesystem_type"]
+__all__ = ["WATCHED_FS", "watched_filesystem", "filesystem_type", "mount_source"]
 
 WATCHED_FS = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "ceph", "glusterfs",
               "beegfs", "9p", "virtiofs", "afs", "panfs", "wekafs", "orangefs")
@@ -31,7 +31,19 @@ def watched_filesystem(path: str) -> bool:
 
 def filesystem_type(path: str, mounts: list[str]) -> str:
     """The type of the filesystem holding absolute ``path``, from lines of /proc/mounts."""
-    best, fstype = "", ""
+    return _mount(path, mounts)[2]
+
+
+def mount_source(path: str, mounts: list[str]) -> str:
+    """What the filesystem holding absolute ``path`` was mounted from (``/dev/vda1``,
+    ``tmpfs``...), from lines of /proc/mounts."""
+    return _mount(path, mounts)[0]
+
+
+def _mount(path: str, mounts: list[str]) -> list[str]:
+    """The /proc/mounts fields of the innermost mount holding ``path`` (the last one
+    mounted there)."""
+    best, fields = "", ["", "", ""]
     for line in mounts:
         parts = line.split()
         if len(parts) < 3:
@@ -39,5 +51,5 @@ def filesystem_type(path: str, mounts: list[str]) -> str:
         mount = parts[1].replace("\\040", " ")
         inside = path == mount or path.startswith(mount.rstrip("/") + "/")
         if inside and len(mount) >= len(best):
-            best, fstype = mount, parts[2]
-    return fstype
+            best, fields = mount, parts
+    return fields

@@ -42,7 +42,7 @@ from dckpt.arguments import check_checkpoint_id, check_config, check_step
 from dckpt.commit import Stored, check_references, entries, planner_data, sums
 from dckpt.config import SaveConfig
 from dckpt.dedup import BlockIndex, History, block_size_for, item_key
-from dckpt.direct import DIRECT_ALIGN, WINDOWS, tensors_on_huge_pages
+from dckpt.direct import DIRECT_ALIGN, WINDOWS, pages_cap_requests, tensors_on_huge_pages
 from dckpt.dtypes import dtype_name
 from dckpt.errors import ArgumentError, CheckpointExistsError
 from dckpt.gcpause import paused_gc
@@ -329,10 +329,12 @@ class Writer(StorageWriter):
 
     def window_bytes(self, direct: bool) -> int:
         """The window that this save's ``O_DIRECT`` writes copy their bytes through (0: none,
-        written from the caller's memory: where the tensors lie on huge pages, or windows
-        would not; dckpt.direct.Windows)."""
+        written from the caller's memory: where the tensors lie on huge pages, where the
+        disk takes scattered pages as well, or where windows would not lie on huge pages;
+        dckpt.direct.Windows)."""
         size = self.config.write_window_bytes
-        if not (size and direct and not self.from_staging) or tensors_on_huge_pages():
+        if (not (size and direct and not self.from_staging) or tensors_on_huge_pages()
+                or not pages_cap_requests(self.store.root)):
             return 0
         return size if WINDOWS.lies_well(size) else 0
 

@@ -247,6 +247,7 @@ def windows_here(monkeypatch):
     from dckpt.direct import WINDOWS
 
     monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: False)
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda path: True)
     monkeypatch.setattr(WINDOWS, "lies_well", lambda nbytes: True)
     return WINDOWS
 
@@ -377,7 +378,13 @@ def test_windows_are_left_out_where_tensors_lie_on_huge_pages_or_windows_would_n
     w = Writer(str(tmp_path), step=1)
     monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: False)
     monkeypatch.setattr(direct.WINDOWS, "lies_well", lambda nbytes: True)
+    asked = []
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda path: asked.append(path) or True)
     assert w.window_bytes(True) == 16 << 20
+    assert asked == [str(tmp_path)]  # the disk under the repository
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda path: False)
+    assert w.window_bytes(True) == 0  # a disk that takes scattered pages as well
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda path: True)
     assert w.window_bytes(False) == 0  # buffered writes copy anyway
     w.from_staging = True
     assert w.window_bytes(True) == 0
@@ -436,3 +443,123 @@ def test_huge_page_share_is_of_the_windows_own_mapping_merged_with_its_neighbour
     np.frombuffer(shared, dtype=np.uint8).fill(1)
     assert all(0.0 <= huge_page_share(m) <= 1.0 for m in privates)
     assert huge_page_share(shared) == 0.0
+
+
+# -- which disks take scattered pages slowly (dckpt.direct.pages_cap_requests) --------------
+
+def _link(path, target) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.symlink(target, path)
+
+
+def _virtio_disk(sys_root, features: str, *, partition: bool = False,
+                 max_segment_size: int = 4294967295) -> str:
+    """A fake sysfs: a virtio disk ``vda`` (and ``vda1``) with these feature bits; returns
+    the block folder the file system's device number leads to."""
+    virtio = sys_root / "devices" / "pci0000:00" / "0000:00:02.0" / "virtio1"
+    disk = virtio / "block" / "vda"
+    (disk / "queue").mkdir(parents=True)
+    (disk / "vda1").mkdir()
+    (disk / "queue" / "max_segment_size").write_text(f"{max_segment_size}\n")
+    (disk / "queue" / "max_segments").write_text("254\n")
+    (virtio / "features").write_text(features + "\n")
+    (sys_root / "bus" / "virtio").mkdir(parents=True)
+    _link(str(virtio / "subsystem"), str(sys_root / "bus" / "virtio"))
+    return str(disk / "vda1") if partition else str(disk)
+
+
+def _features(*bits: int) -> str:
+    return "".join("1" if i in bits else "0" for i in range(64))
+
+
+def _device_of(sys_root, path, folder: str) -> None:
+    st_dev = os.stat(path).st_dev
+    _link(str(sys_root / "dev" / "block" / f"{os.major(st_dev)}:{os.minor(st_dev)}"), folder)
+
+
+@pytest.mark.parametrize("partition", [False, True])
+def test_a_virtio_disk_without_indirect_descriptors_takes_scattered_pages_slowly(
+        tmp_path, partition):
+    from dckpt.direct import pages_cap_requests
+
+    sys_root, repo = tmp_path / "sys", tmp_path / "repo"
+    repo.mkdir()
+    _device_of(sys_root, repo, _virtio_disk(sys_root, _features(1, 9, 29, 32),
+                                            partition=partition))
+    assert pages_cap_requests(str(repo), str(sys_root), mounts=[])
+    # a repository not made yet is asked of the folder above it
+    assert pages_cap_requests(str(repo / "not" / "yet"), str(sys_root), mounts=[])
+
+
+def test_indirect_descriptors_nvme_short_segments_or_an_unknown_disk_take_no_windows(tmp_path):
+    from dckpt.direct import pages_cap_requests
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    indirect = tmp_path / "indirect"  # the ring takes a request's pages as one list
+    _device_of(indirect, repo, _virtio_disk(indirect, _features(9, 28, 29, 32)))
+    assert not pages_cap_requests(str(repo), str(indirect), mounts=[])
+    short = tmp_path / "short"  # a huge page makes as many segments as single pages
+    _device_of(short, repo, _virtio_disk(short, _features(9, 29), max_segment_size=4096))
+    assert not pages_cap_requests(str(repo), str(short), mounts=[])
+    nvme = tmp_path / "nvme"
+    disk = nvme / "devices" / "pci0000:00" / "0000:00:04.0" / "nvme" / "nvme0" / "nvme0n1"
+    (disk / "queue").mkdir(parents=True)
+    (disk / "queue" / "max_segment_size").write_text("4294967295\n")
+    _link(str(disk.parent.parent / "subsystem"), str(nvme / "class" / "nvme"))
+    _device_of(nvme, repo, str(disk))
+    assert not pages_cap_requests(str(repo), str(nvme), mounts=[])
+    empty = tmp_path / "empty"  # no sysfs entry, a mount that names no /dev node
+    empty.mkdir()
+    assert not pages_cap_requests(str(repo), str(empty), mounts=[f"tmpfs {repo} tmpfs rw 0 0"])
+    weird = tmp_path / "weird"  # short or odd feature bits: unknown, so no
+    _device_of(weird, repo, _virtio_disk(weird, "0101"))
+    assert not pages_cap_requests(str(repo), str(weird), mounts=[])
+
+
+def test_a_disk_found_by_its_mount_source_or_under_a_device_mapper(tmp_path):
+    """btrfs reports a device number of its own; LVM puts dm-0 over the disk."""
+    from dckpt.direct import pages_cap_requests
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    by_source = tmp_path / "by_source"
+    disk = _virtio_disk(by_source, _features(29, 32))
+    _link(str(by_source / "class" / "block" / "vdz"), disk)
+    assert not pages_cap_requests(str(repo), str(by_source), mounts=[])
+    mounts = ["/dev/root / ext4 rw 0 0", f"/dev/vdz {tmp_path} btrfs rw 0 0"]
+    assert pages_cap_requests(str(repo), str(by_source), mounts=mounts)
+
+    mapped = tmp_path / "mapped"
+    vda = _virtio_disk(mapped, _features(29, 32))
+    dm = mapped / "devices" / "virtual" / "block" / "dm-0"
+    (dm / "queue").mkdir(parents=True)
+    (dm / "queue" / "max_segment_size").write_text("4294967295\n")
+    _link(str(dm / "slaves" / "vda"), vda)
+    _device_of(mapped, repo, str(dm))
+    assert pages_cap_requests(str(repo), str(mapped), mounts=[])
+    (dm / "slaves" / "nvme0n1").mkdir()  # one disk under it that does not: no
+    assert not pages_cap_requests(str(repo), str(mapped), mounts=[])
+
+
+def test_this_machines_answer_agrees_with_its_sysfs(tmp_path):
+    """The real /sys: whatever the disk under the tests, the answer follows its virtio
+    features, and a tmpfs or unknown path says no."""
+    from dckpt.direct import pages_cap_requests
+
+    st_dev = os.stat(tmp_path).st_dev
+    folder = os.path.realpath(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}")
+    expected = False
+    up = folder
+    for _ in range(8):
+        up = os.path.dirname(up)
+        if os.path.basename(os.path.realpath(os.path.join(up, "subsystem"))) == "virtio":
+            with open(os.path.join(up, "features")) as f:
+                expected = f.read()[28] == "0"
+            break
+    if os.path.isdir(os.path.join(folder, "slaves")) and os.listdir(
+            os.path.join(folder, "slaves")):
+        pytest.skip("a device-mapper disk here: the fake sysfs tests cover it")
+    assert pages_cap_requests(str(tmp_path)) == expected
+    assert pages_cap_requests(str(tmp_path / "a" / "b")) == expected
+    assert pages_cap_requests("/proc") is False

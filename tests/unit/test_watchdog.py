@@ -13,7 +13,7 @@ import torch
 
 import dckpt
 from dckpt.reads import Fetcher
-from dckpt.mounts import filesystem_type, watched_filesystem
+from dckpt.mounts import filesystem_type, mount_source, watched_filesystem
 from dckpt.storage import Store
 from dckpt.watchdog import Heartbeat, Stalled, wait_all
 from dckpt_testing import arm, disarm
@@ -143,6 +143,11 @@ def test_metadata_calls_are_bounded_on_network_and_fuse_filesystems_only():
     assert filesystem_type("/mnt/nfsx", mounts) == "ext4"  # not a prefix by name alone
     assert filesystem_type("/mnt/nfs/local disk/a", mounts) == "ext4"
     assert filesystem_type("/mnt/bucket/ckpt", mounts) == "fuse.s3fs"
+    # what each was mounted from (the disk a file's writes go to: dckpt.direct)
+    assert mount_source("/work/repo", mounts) == "/dev/vda"
+    assert mount_source("/mnt/nfs/local disk/a", mounts) == "srv:/y"
+    assert mount_source("/dev/shm/x", mounts) == "tmpfs"
+    assert mount_source("/anything", ["short line"]) == ""
     assert not watched_filesystem("/dev/shm")  # tmpfs
     watched_filesystem.cache_clear()
 
