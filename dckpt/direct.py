@@ -179,7 +179,7 @@ def pages_cap_requests(path: str, sys_root: str = "/sys",
             return _SLOT_PER_PAGE[st_dev]
         folder = _block_folder(path, sys_root, mounts)
         answer = folder is not None and _slot_per_page(folder, sys_root)
-    except OSError:
+    except (OSError, ValueError):  # sysfs unreadable, or not what it should be: unknown
         return False
     if sys_root == "/sys":
         _SLOT_PER_PAGE[st_dev] = answer

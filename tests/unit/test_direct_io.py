@@ -515,6 +515,11 @@ def test_indirect_descriptors_nvme_short_segments_or_an_unknown_disk_take_no_win
     weird = tmp_path / "weird"  # short or odd feature bits: unknown, so no
     _device_of(weird, repo, _virtio_disk(weird, "0101"))
     assert not pages_cap_requests(str(repo), str(weird), mounts=[])
+    garbled = tmp_path / "garbled"  # bytes that are no text: unknown too, not an error
+    _device_of(garbled, repo, _virtio_disk(garbled, ""))
+    (garbled / "devices" / "pci0000:00" / "0000:00:02.0" / "virtio1" / "features"
+     ).write_bytes(b"\xff\xfe" * 40)
+    assert not pages_cap_requests(str(repo), str(garbled), mounts=[])
 
 
 def test_a_disk_found_by_its_mount_source_or_under_a_device_mapper(tmp_path):
