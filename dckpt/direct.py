@@ -35,8 +35,7 @@ class Windows:
     pages (``lies_well``), the tensors do not lie on such pages already
     (``tensors_on_huge_pages``: there the copy cost up to 6%), and the disk is one that
     takes scattered pages slowly (``pages_cap_requests``; elsewhere the copy would buy
-    nothing):
-    docs/benchmarks.md, Writes through reused windows.
+    nothing): docs/benchmarks.md, Writes through reused windows.
     """
 
     def __init__(self) -> None:
