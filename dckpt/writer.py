@@ -57,7 +57,7 @@ from dckpt.storage import Store
 from dckpt.values import RawBytes, check_loadable
 from dckpt.watchdog import Heartbeat, reported, wait_all
 
-__all__ = ["Writer"]
+__all__ = ["Writer", "write_window_bytes"]
 
 log = logging.getLogger(__name__)
 
@@ -328,15 +328,11 @@ class Writer(StorageWriter):
         return self.store.open_write(name, direct=direct, window_bytes=self.window_bytes(direct))
 
     def window_bytes(self, direct: bool) -> int:
-        """The window that this save's ``O_DIRECT`` writes copy their bytes through (0: none,
-        written from the caller's memory: where the tensors lie on huge pages, where the
-        disk takes scattered pages as well, or where windows would not lie on huge pages;
-        dckpt.direct.Windows)."""
-        size = self.config.write_window_bytes
-        if (not (size and direct and not self.from_staging) or tensors_on_huge_pages()
-                or not pages_cap_requests(self.store.root)):
+        """The window that this save's ``O_DIRECT`` writes copy their bytes through (0: none;
+        ``write_window_bytes``)."""
+        if not direct or self.from_staging:
             return 0
-        return size if WINDOWS.lies_well(size) else 0
+        return write_window_bytes(self.config, self.store.root)
 
     def segment_out(self, f: BinaryIO, name: str, direct: bool) -> SegmentOut:
         # placed where its memory's pages fall on the file's pages only when written from
@@ -408,6 +404,17 @@ class Writer(StorageWriter):
                 self.rank_s[f"rank_{k}"] = self.rank_s.get(f"rank_{k}", 0.0) + v
             self.rank_s["rank_close"] = self.rank_s.get("rank_close", 0.0) + close_s
         return results
+
+
+def write_window_bytes(config: SaveConfig, root: str) -> int:
+    """The window a sync save's ``O_DIRECT`` writes to the local folder ``root`` copy their
+    bytes through: ``config.write_window_bytes``, or 0, written from the caller's memory,
+    where the tensors lie on huge pages, where the disk takes scattered pages as well, or
+    where windows would not lie on huge pages (dckpt.direct.Windows)."""
+    size = config.write_window_bytes
+    if not size or tensors_on_huge_pages() or not pages_cap_requests(root):
+        return 0
+    return size if WINDOWS.lies_well(size) else 0
 
 
 class _FirstWrite:

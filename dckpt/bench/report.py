@@ -106,6 +106,8 @@ class Report:
             ok = ratio >= bound if sign == ">=" else ratio <= bound
             lines.append(f"dckpt {name:<42} {ratio:6.2f}x   (target {sign} {bound}: "
                          f"{'met' if ok else 'MISSED'})")
+        if "sync_saves" in self.run:
+            lines.append(f"sync saves: {self.run['sync_saves']}")
         if "cold_reads" in self.run:
             lines.append(f"restores: {self.run['cold_reads']}")
         for name, why in self.notes.items():

@@ -28,6 +28,7 @@ from dckpt.bench.report import Report, Result
 from dckpt.bench.workload import Workload
 from dckpt.errors import ArgumentError
 from dckpt.storage import Store
+from dckpt.writer import write_window_bytes
 
 __all__ = ["main"]
 
@@ -350,5 +351,19 @@ def run_facts(args: argparse.Namespace, run: Run, device: str, options: dict | N
             "cold_reads": ("each restore after the files' pages are dropped from the page "
                            "cache (posix_fadvise)" if run.store.local else
                            "from the object store: no local cache to drop"),
+            "sync_saves": sync_saves(run.store),
             "torch": torch.__version__, "dckpt": dckpt.__version__,
             "host": socket.gethostname(), "time": dt.datetime.now(dt.timezone.utc).isoformat()}
+
+
+def sync_saves(store: Store) -> str:
+    """How dckpt's sync saves write to this storage (docs/operations.md, Save speed)."""
+    if not store.local:
+        return "to the object store"
+    if not store.direct_capable:
+        return "buffered, then fsync'd"
+    window = write_window_bytes(dckpt.SaveConfig(), store.root)
+    if window:
+        return (f"O_DIRECT, copied through {window >> 20} MiB windows on huge pages (this "
+                "disk takes scattered pages slowly)")
+    return "O_DIRECT, straight from the tensors' memory"

@@ -93,6 +93,7 @@ def test_bench_on_local_files(tmp_path, ranks):
     check_outputs(tmp_path / "out", proc.stdout, ALL_LOCAL, max(ranks, 1))
     assert re.search(r"\[\s*\d+/\d+\] dckpt save 1/1", proc.stderr)  # progress is shown
     assert "dropped from the page cache" in proc.stdout  # how the restores were made cold
+    assert "sync saves: O_DIRECT, " in proc.stdout  # how dckpt's saves wrote here
     assert os.listdir(target) == []
 
 
@@ -110,6 +111,7 @@ def test_bench_on_s3(tmp_path, s3_repo, ranks):
     notes = {r["method"]: r["note"] for r in records if r["record"] == "note"}
     assert "local files only" in notes["torch-checkpointing"]
     assert "no local cache" in records[0]["cold_reads"]
+    assert records[0]["sync_saves"] == "to the object store"
     assert "testing" not in json.dumps(records[0])  # option keys, never their values
     assert left_under(url, options) == []
 

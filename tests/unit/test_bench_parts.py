@@ -144,3 +144,23 @@ def test_the_memory_a_process_may_take_is_known_here():
 
     have = available_memory()
     assert have is not None and 0 < have < 1 << 50 and have > GIB // 4
+
+
+def test_the_run_says_how_dckpts_sync_saves_write_to_this_storage(tmp_path, monkeypatch):
+    from dckpt import writer
+    from dckpt.bench.run import sync_saves
+    from dckpt.direct import WINDOWS
+    from dckpt.storage import Store
+
+    store = Store(str(tmp_path))
+    monkeypatch.setattr(writer, "tensors_on_huge_pages", lambda: False)
+    monkeypatch.setattr(WINDOWS, "lies_well", lambda nbytes: True)
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda root: root == str(tmp_path))
+    assert sync_saves(store) == ("O_DIRECT, copied through 16 MiB windows on huge pages "
+                                 "(this disk takes scattered pages slowly)")
+    monkeypatch.setattr(writer, "pages_cap_requests", lambda root: False)
+    assert sync_saves(store) == "O_DIRECT, straight from the tensors' memory"
+    monkeypatch.setattr(Store, "direct_capable", property(lambda self: False))
+    assert sync_saves(store) == "buffered, then fsync'd"
+    store.local = False
+    assert sync_saves(store) == "to the object store"
