@@ -65,6 +65,11 @@ for name in ('max_segments', 'max_segment_size', 'max_sectors_kb', 'nr_requests'
     for q in (f'{folder}/queue', f'{folder}/../queue'):
         if folder and os.path.exists(f'{q}/{name}'):
             print(name, open(f'{q}/{name}').read().strip()); break
+up = folder or '/'
+while up != '/' and not os.path.isfile(f'{up}/features'):
+    up = os.path.dirname(up)
+if up != '/':
+    print('virtio features', up, open(f'{up}/features').read().strip())
 " "$WORK"
 } >> "$LOG" 2>&1
 
