@@ -12,7 +12,7 @@ import os
 import sys
 
 import dckpt
-from dckpt.cli_format import Progress, age, metrics_text, print_json, size, when
+from dckpt.cli_format import Progress, age, metrics_text, path_argument, print_json, size, when
 from dckpt.errors import headline
 from dckpt.repository import open_repository
 
@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, fn, help_text: str) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("url", help="repository: a path, file://, s3://bucket/prefix, ...")
+        p.add_argument("url", type=path_argument,
+                       help="repository: a path, file://, s3://bucket/prefix, ...")
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                        help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000")
@@ -301,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 3600)")
     p = command("export", cmd_export, "write one checkpoint elsewhere, self-contained")
     p.add_argument("--step", type=int, help="the step (default: the newest)")
-    p.add_argument("--to", required=True, help="destination: a new repository (dckpt) or a file")
+    p.add_argument("--to", required=True, type=path_argument,
+                   help="destination: a new repository (dckpt) or a file")
     p.add_argument("--format", choices=["dckpt", "torch", "safetensors"], default="dckpt",
                    help="dckpt: a repository holding only this checkpoint; torch: one "
                         "torch.save file of the full state; safetensors: its tensors")

@@ -1,14 +1,28 @@
-"""How the dckpt command prints: sizes, times, ages, metrics, JSON, and a progress line."""
+"""How the dckpt command prints (sizes, times, ages, metrics, JSON, a progress line) and
+which paths it takes."""
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import math
 import sys
 import time
 
-__all__ = ["Progress", "age", "metrics_text", "print_json", "size", "when"]
+__all__ = ["Progress", "age", "metrics_text", "path_argument", "print_json", "size", "when"]
+
+
+def path_argument(text: str) -> str:
+    """argparse's type for a URL or path: one without control characters (a carriage return
+    from a file of CRLF lines, a newline from a pasted list), which name nothing the user
+    meant and would break the one-line error that names them."""
+    bad = sorted({c for c in text if ord(c) < 32 or ord(c) == 127})
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} holds control characters ({', '.join(repr(c) for c in bad)}): "
+            "remove them")
+    return text
 
 
 def when(ts: float) -> str:

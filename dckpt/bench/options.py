@@ -10,6 +10,7 @@ import secrets
 import shutil
 import tempfile
 
+from dckpt.cli_format import path_argument
 from dckpt.config import MAX_THREADS, SaveConfig
 from dckpt.errors import ArgumentError
 from dckpt.prefetch import available_memory
@@ -29,7 +30,8 @@ GIB = 1 << 30
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="where to write: a path, file://, s3://bucket/prefix, ... "
+    p.add_argument("url", type=path_argument,
+                   help="where to write: a path, file://, s3://bucket/prefix, ... "
                    "(a new folder under it, removed at the end)")
     p.add_argument("-o", "--option", action="append", default=[], metavar="KEY=VALUE",
                    help="fsspec storage option, e.g. -o endpoint_url=http://127.0.0.1:9000 "

@@ -616,6 +616,52 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, argv, capsys):
     assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
+def test_every_subcommand_given_odd_urls_steps_and_targets_answers_with_an_exit_code(
+        tmp_path, capsys):
+    """No traceback and no exception out of main(), whatever the arguments: an exit code of
+    the documented ones, and at most a one-line error beside argparse's usage."""
+    from dckpt.cli import main as cli
+
+    repo, afile = str(tmp_path / "repo"), str(tmp_path / "afile")
+    for s in range(3):
+        dckpt.save({"w": torch.full((4,), float(s)), "n": s}, repo, step=s)
+    (tmp_path / "afile").write_text("x")
+    urls = [repo, str(tmp_path / "absent"), afile, "", "file://" + repo, repo + "/manifests",
+            "memory://x", str(tmp_path / "a::b"), "a\nb", repo + "/../repo"]
+    argvs = [[cmd, url] for url in urls for cmd in ("ls", "status", "health", "verify")]
+    argvs += [["gc", "--dry-run", url] for url in urls]
+    for step in ("-1", "abc", "1e3", "99999999999999999999999", "", "0x2"):
+        argvs += [["inspect", repo, "--step", step], ["diff", repo, step, "1"],
+                  ["export", repo, "--step", step, "--to", str(tmp_path / "out")]]
+    argvs += [["gc", repo, "--min-age", "nan"], ["health", repo, "--max-age", "-1"],
+              ["health", repo, "--min-free", "-5"], ["health", repo, "--sample-mib", "nan"],
+              ["export", repo, "--to", repo], ["export", repo, "--to", repo + "/sub"],
+              ["export", repo, "--to", afile + "/x"], ["export", repo, "--to", ""],
+              ["ls", repo, "-o", "x"], ["ls", repo, "-o", "=1"],
+              ["verify", repo, "--metrics-textfile", afile + "/m.prom"],
+              ["status", repo, "--memory-dir", afile], ["delete", repo, "--step", "7"],
+              ["delete", afile, "--step", "1"], ["diff", afile, "0", "1"]]
+    for argv in argvs:
+        try:
+            code = cli(argv)
+        except SystemExit as e:  # argparse's refusal of a value it cannot parse
+            code = e.code
+        err = capsys.readouterr().err
+        assert code in (0, 1, 2, 3) and "Traceback" not in err, (argv, code, err)
+        if code == 2 and not err.startswith("usage:"):
+            assert len(err.strip().splitlines()) <= 1, (argv, err)
+    assert [c.step for c in dckpt.list_checkpoints(repo)] == [0, 1, 2]  # nothing was lost
+    # a carriage return from a file of CRLF lines names no folder the user meant
+    for argv in (["ls", repo + "\r"], ["export", repo, "--to", str(tmp_path / "o\n")],
+                 ["bench", str(tmp_path / "b\x00")]):
+        with pytest.raises(SystemExit) as e:
+            cli(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "holds control characters" in err, (argv, err)
+        assert len([line for line in err.splitlines() if not line.startswith(" ")]) == 2
+    assert not (tmp_path / "o\n").exists() and not (tmp_path / "b\x00").exists()
+
+
 def test_cli_json_is_json_for_odd_floats_and_times(tmp_path, capsys):
     from dckpt.cli import main as cli
 
