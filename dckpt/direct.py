@@ -123,7 +123,7 @@ def _block_folder(path: str, sys_root: str, mounts: list[str] | None) -> str | N
     return None
 
 
-def _slot_per_page(folder: str, sys_root: str, depth: int = 0) -> bool:
+def _slot_per_page(folder: str, depth: int = 0) -> bool:
     """Whether the block device at sysfs ``folder`` is a virtio disk without indirect
     descriptors (a partition: its disk's; a device-mapper or md device: all of the disks
     under it), and a request's segment may be longer than a page."""
@@ -131,7 +131,7 @@ def _slot_per_page(folder: str, sys_root: str, depth: int = 0) -> bool:
     names = sorted(os.listdir(slaves)) if os.path.isdir(slaves) else []
     if names:
         return depth < 4 and all(
-            _slot_per_page(os.path.realpath(os.path.join(slaves, n)), sys_root, depth + 1)
+            _slot_per_page(os.path.realpath(os.path.join(slaves, n)), depth + 1)
             for n in names)
     queue = next((q for q in (os.path.join(folder, "queue"),
                               os.path.join(os.path.dirname(folder), "queue"))
@@ -177,7 +177,7 @@ def pages_cap_requests(path: str, sys_root: str = "/sys",
         if sys_root == "/sys" and st_dev in _SLOT_PER_PAGE:
             return _SLOT_PER_PAGE[st_dev]
         folder = _block_folder(path, sys_root, mounts)
-        answer = folder is not None and _slot_per_page(folder, sys_root)
+        answer = folder is not None and _slot_per_page(folder)
     except (OSError, ValueError):  # sysfs unreadable, or not what it should be: unknown
         return False
     if sys_root == "/sys":
