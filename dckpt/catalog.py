@@ -180,8 +180,7 @@ def status(url: str, *, storage_options: dict | None = None,
     if memory_dir is not None:
         memory_dir = check_path(memory_dir, "memory_dir", "a folder path or None")
     store = open_repository(url, storage_options, required=False)
-    return repository_status(store, list_checkpoints(url, storage_options=storage_options),
-                             memory_dir)
+    return repository_status(store, list(_infos(store, committed_steps(store))), memory_dir)
 
 
 @public

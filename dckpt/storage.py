@@ -47,13 +47,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _bounded(method: F) -> F:
-    """A local store's metadata operation, given up after ``Store.stall_s`` on a network or
-    FUSE filesystem (a hung mount blocks it in the kernel: dckpt.watchdog); object stores
-    bound their own requests."""
+    """A metadata operation, given up after ``Store.stall_s`` on an object store (its
+    requests' own timeouts and retries took 90 s each where the server stopped answering,
+    whatever ``io_stall_timeout_s`` said) and on a network or FUSE filesystem (a hung mount
+    blocks it in the kernel: dckpt.watchdog)."""
     @functools.wraps(method)
     def wrapper(self: Store, *args: Any, **kwargs: Any) -> Any:
-        if not self.local or not (self.watch_metadata if self.watch_metadata is not None
-                                  else watched_filesystem(self.root)):
+        if not self.watched:
             return method(self, *args, **kwargs)
         return call_bounded(lambda: method(self, *args, **kwargs), self.stall_s,
                             f"{self.url}: {method.__name__} {args[0] if args else ''}")
@@ -78,8 +78,8 @@ class Store:
     """Local metadata operations (listings, manifests, folder syncs) that do not return in
     this long raise Stalled (a StorageError); set from ``io_stall_timeout_s``."""
     watch_metadata: bool | None = None
-    """Whether metadata operations run under ``stall_s``; None: on network and FUSE
-    filesystems (``watched_filesystem``)."""
+    """Whether metadata operations run under ``stall_s``; None: on object stores and on
+    network and FUSE filesystems (``watched``)."""
 
     def __init__(self, url: str, storage_options: dict | None = None) -> None:
         self.url = check_url(url)
@@ -113,6 +113,18 @@ class Store:
 
     def path(self, name: str) -> str:
         return posixpath.join(self.root, name)
+
+    @functools.cached_property
+    def watched(self) -> bool:
+        """Whether metadata operations run under ``stall_s`` (``watch_metadata``): requests
+        over a network (an object store; not fsspec's in-process memory), or local paths on a
+        network or FUSE filesystem."""
+        if self.watch_metadata is not None:
+            return self.watch_metadata
+        if not self.local:
+            protocol = self.fs.protocol
+            return "memory" not in ((protocol,) if isinstance(protocol, str) else protocol)
+        return watched_filesystem(self.root)
 
     # ------------------------------------------------------------ writes
 

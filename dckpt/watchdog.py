@@ -97,8 +97,8 @@ def _no_progress(what: str, stall_s: float, pending: int,
                  remedy: str = "If it is only slow, raise io_stall_timeout_s (SaveConfig, "
                                "LoadConfig)") -> str:
     return (f"{what}: no progress for {stall_s:g} s with {pending} request(s) in flight: the "
-            "storage stopped answering (a hung network or FUSE mount?); their threads are "
-            f"left behind. {remedy}").rstrip()
+            "storage stopped answering (a hung network or FUSE mount, or an object store's "
+            f"server?); their threads are left behind. {remedy}").rstrip()
 
 
 class _Worker(threading.Thread):
@@ -146,8 +146,9 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str,
         if time.monotonic() - beat.last < stall_s:
             continue
         raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
-                      "(a hung network or FUSE mount?); its thread is left behind. If it is "
-                      "only slow, raise io_stall_timeout_s (SaveConfig, LoadConfig)")
+                      "(a hung network or FUSE mount, or an object store's server?); its "
+                      "thread is left behind. If it is only slow, raise io_stall_timeout_s "
+                      "(SaveConfig, LoadConfig)")
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["value"]  # type: ignore[return-value]

@@ -4,6 +4,8 @@ and the next save works."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ from dckpt.reads import Fetcher
 from dckpt.mounts import filesystem_type, mount_source, watched_filesystem
 from dckpt.storage import Store
 from dckpt.watchdog import Heartbeat, Stalled, wait_all
-from dckpt_testing import arm, disarm
+from dckpt_testing import MotoServer, arm, disarm
 
 
 def test_wait_all_gives_results_in_order_the_first_failure_or_stalled():
@@ -96,6 +98,52 @@ def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path
     assert dckpt.load(out, str(tmp_path)).step == 3
     assert all(torch.equal(out[k], STATE[k] + 2) for k in STATE)
     assert [i.step for i in dckpt.list_checkpoints(str(tmp_path))] == [1, 3]
+
+
+def test_an_s3_server_that_stops_answering_fails_saves_and_loads_within_the_stall_bound():
+    """A real S3 server frozen (SIGSTOP: its socket takes connections and answers nothing).
+    The requests' own timeouts and retries took 90 s each, whatever io_stall_timeout_s
+    said: a save, an async save and a load each hung 1.5-3 minutes where 1 s was asked.
+    Now each fails after about that bound, nothing is committed, and once the server
+    answers again the last checkpoint loads."""
+    server = MotoServer()
+    try:
+        server.make_bucket("frozen")
+        url, opts = "s3://frozen/repo", server.options()
+        dckpt.save(STATE, url, step=1, storage_options=opts)
+        changed = {k: v + 1 for k, v in STATE.items()}
+        out = {k: torch.zeros_like(v) for k, v in STATE.items()}
+        save_config = dckpt.SaveConfig(io_stall_timeout_s=1.0)
+        os.kill(server.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(dckpt.CommitError, match="stopped answering"):
+                dckpt.save(changed, url, step=2, storage_options=opts, config=save_config)
+            with pytest.raises(dckpt.CommitError, match="stopped answering"):
+                dckpt.async_save(changed, url, step=3, storage_options=opts,
+                                 config=save_config).wait(timeout=60)
+            with pytest.raises(dckpt.StorageError, match="stopped answering"):
+                dckpt.load(out, url, storage_options=opts,
+                           config=dckpt.LoadConfig(io_stall_timeout_s=1.0))
+            assert time.monotonic() - t0 < 20  # not one request's 90 s
+        finally:
+            os.kill(server.proc.pid, signal.SIGCONT)
+        assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
+        assert dckpt.load(out, url, storage_options=opts).step == 1
+        assert all(torch.equal(out[k], STATE[k]) for k in STATE)
+    finally:
+        server.stop()
+
+
+def test_a_storage_failure_in_status_is_named_for_status(tmp_path, monkeypatch):
+    dckpt.save(STATE, str(tmp_path), step=1)
+
+    def fail(store):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr("dckpt.catalog.committed_steps", fail)
+    with pytest.raises(dckpt.StorageError, match=r"^dckpt\.status: the storage failed"):
+        dckpt.status(str(tmp_path))
 
 
 def test_a_load_or_verify_of_a_storage_that_stops_answering_fails_in_bounded_time(
