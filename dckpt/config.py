@@ -83,8 +83,9 @@ class SaveConfig:
     at most ``MAX_COLLECTIVE_TIMEOUT_S``)."""
     io_stall_timeout_s: float = STALL_S
     """Writes that make no progress for this long (a hung network or FUSE mount blocks
-    them in the kernel) fail this rank's save with a StorageError, and so the save on every
-    rank; their threads are left behind (dckpt.watchdog)."""
+    them in the kernel; an object store's server stopped answering), and listings or
+    manifests that get no answer, fail this rank's save with a StorageError, and so the
+    save on every rank; their threads are left behind (dckpt.watchdog)."""
     staging_bytes: int | None = None
     """Async saves: cap on the host memory that holds the staged copy (None: the whole
     state). Past it, the rest is written during the pause through a window of the buffer;
@@ -195,8 +196,9 @@ class LoadConfig:
     """A peer that does not answer a collective within this time fails the load (finite,
     at most ``MAX_COLLECTIVE_TIMEOUT_S``)."""
     io_stall_timeout_s: float = STALL_S
-    """Reads that make no progress for this long (a hung network or FUSE mount) fail the
-    load with a StorageError; their threads are left behind (dckpt.watchdog)."""
+    """Reads that make no progress for this long (a hung network or FUSE mount, an object
+    store's server that stopped answering), and listings or manifests that get no answer,
+    fail the load with a StorageError; their threads are left behind (dckpt.watchdog)."""
     replicated: Literal["read", "broadcast", "auto"] = "auto"
     """Tensors every rank loads whole (DDP parameters, a replicated optimizer): ``"read"``,
     every rank reads them; ``"broadcast"``, one rank reads each (spread over the ranks) and

@@ -75,8 +75,9 @@ class Store:
     """A repository root on one fsspec filesystem. Names are relative, '/'-separated."""
 
     stall_s = STALL_S
-    """Local metadata operations (listings, manifests, folder syncs) that do not return in
-    this long raise Stalled (a StorageError); set from ``io_stall_timeout_s``."""
+    """Metadata operations (listings, manifests, folder syncs) that do not return in this
+    long raise Stalled (a StorageError) where they are ``watched``; set from
+    ``io_stall_timeout_s``."""
     watch_metadata: bool | None = None
     """Whether metadata operations run under ``stall_s``; None: on object stores and on
     network and FUSE filesystems (``watched``)."""
