@@ -103,8 +103,8 @@ def test_a_save_to_a_storage_that_stops_answering_fails_in_bounded_time(tmp_path
 def test_an_s3_server_that_stops_answering_fails_saves_and_loads_within_the_stall_bound():
     """A real S3 server frozen (SIGSTOP: its socket takes connections and answers nothing).
     The requests' own timeouts and retries took 90 s each, whatever io_stall_timeout_s
-    said: a save, an async save and a load each hung 1.5-3 minutes where 1 s was asked.
-    Now each fails after about that bound, nothing is committed, and once the server
+    said: a save, an async save and a load each hung 1.5-3 minutes where 3 s was asked.
+    Now each fails after about the bound asked, nothing is committed, and once the server
     answers again the last checkpoint loads."""
     server = MotoServer()
     try:
