@@ -6,6 +6,8 @@ reaches. The thread that waits on the I/O threads gives up instead: ``wait_all``
 StorageError once ``stall_s`` pass without progress (a request done, or ``Heartbeat.beat``
 from inside a long one). The stuck threads are left behind, on memory nothing else uses:
 a save's segments of an attempt that will not commit (gc removes them), a load's buffers.
+Time the whole process was not running (a job suspended by its scheduler) does not count:
+``Heartbeat.woke``.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class Stalled(StorageError):
     """I/O threads made no progress in time; they are still running (or blocked)."""
 
 
+LATE_S = 1.0
+"""A wait that wakes this much later than it asked was not running in between (below)."""
+
+
 class Heartbeat:
     """The time of the last sign of progress, shared by the I/O threads of one wait."""
 
@@ -48,6 +54,19 @@ class Heartbeat:
 
     def beat(self) -> None:
         self.last = time.monotonic()
+
+    def woke(self, since: float, timeout: float) -> float:
+        """(the waiting thread, after a wait of ``timeout`` ran out; ``since``: its previous
+        wake, or when it began) The time now. A wake more than ``LATE_S`` late means this
+        process was not running (a SIGSTOP, a scheduler's suspend, a machine starved of
+        CPU), and its I/O threads were not either: that time is added to the last beat, not
+        counted as the storage's silence (a load suspended for 5 s failed on a 2 s bound as
+        the job resumed)."""
+        now = time.monotonic()
+        late = now - since - timeout
+        if late > LATE_S:
+            self.last += late
+        return now
 
 
 def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
@@ -66,15 +85,19 @@ def wait_all(futures: Sequence[Future[T]], stall_s: float, what: str,
     for f in futures:
         f.add_done_callback(ended)
     results = []
+    tick = min(0.2, stall_s)
+    since = time.monotonic()
     for f in futures:
         while True:
             if failed:
                 raise failed[0]
             try:
-                results.append(f.result(timeout=min(0.2, stall_s)))
+                results.append(f.result(timeout=tick))
+                since = time.monotonic()
                 break
             except FutureTimeout:
-                if time.monotonic() - beat.last > stall_s:
+                since = beat.woke(since, tick)
+                if since - beat.last > stall_s:
                     pending = sum(not g.done() for g in futures)
                     raise Stalled(_no_progress(what, stall_s, pending)) from None
     return results
@@ -86,11 +109,19 @@ def as_done(futures: Sequence[Future[T]], stall_s: float, what: str) -> Iterator
     ended: queue.SimpleQueue[Future[T]] = queue.SimpleQueue()
     for f in futures:
         f.add_done_callback(ended.put)
+    tick = min(1.0, stall_s)
     for pending in range(len(futures), 0, -1):
-        try:
-            yield ended.get(timeout=stall_s)
-        except queue.Empty:
-            raise Stalled(_no_progress(what, stall_s, pending, remedy="")) from None
+        beat = Heartbeat()  # the caller's time between two futures is not the storage's
+        since = beat.last
+        while True:
+            try:
+                f = ended.get(timeout=tick)
+                break
+            except queue.Empty:
+                since = beat.woke(since, tick)
+                if since - beat.last > stall_s:
+                    raise Stalled(_no_progress(what, stall_s, pending, remedy="")) from None
+        yield f
 
 
 def _no_progress(what: str, stall_s: float, pending: int,
@@ -142,8 +173,13 @@ def call_bounded(fn: Callable[[], T], stall_s: float, what: str,
         worker.start()
     worker.calls.put(call)
     beat = heartbeat or Heartbeat()
-    while not done.wait(max(0.0, min(1.0, beat.last + stall_s - time.monotonic()))):
-        if time.monotonic() - beat.last < stall_s:
+    since = time.monotonic()
+    while True:
+        timeout = max(0.0, min(1.0, beat.last + stall_s - since))
+        if done.wait(timeout):
+            break
+        since = beat.woke(since, timeout)
+        if since - beat.last < stall_s:
             continue
         raise Stalled(f"{what}: no answer for {stall_s:g} s: the storage stopped answering "
                       "(a hung network or FUSE mount, or an object store's server?); its "

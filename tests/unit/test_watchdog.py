@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -133,6 +135,87 @@ def test_an_s3_server_that_stops_answering_fails_saves_and_loads_within_the_stal
         assert all(torch.equal(out[k], STATE[k]) for k in STATE)
     finally:
         server.stop()
+
+
+def test_a_late_wake_is_added_to_the_last_beat_not_to_the_silence(monkeypatch):
+    beat = Heartbeat()
+    beat.last = 100.0
+    monkeypatch.setattr(time, "monotonic", lambda: 110.0)
+    assert beat.woke(since=103.0, timeout=1.0) == 110.0  # 6 s late: not running
+    assert beat.last == 106.0
+    assert beat.woke(since=108.5, timeout=1.0) == 110.0  # 0.5 s late: a busy machine
+    assert beat.last == 106.0
+
+
+_SUSPENDED_LOAD = """
+import sys, time, torch, dckpt
+from dckpt.reads import Fetcher
+read = Fetcher._read
+def slow(self, *args):  # 50 ms of running time a read: a suspension stops it too
+    time.sleep(0.05)
+    return read(self, *args)
+Fetcher._read = slow
+out = {"w": torch.zeros(1 << 20)}
+print("loading", flush=True)
+config = dckpt.LoadConfig(io_stall_timeout_s=1.0, reader_threads=1, read_request_bytes=64 << 10)
+info = dckpt.load(out, sys.argv[1], config=config)
+print("loaded", info.step, torch.equal(out["w"], torch.arange(1 << 20, dtype=torch.float32)),
+      flush=True)
+"""
+
+
+def test_a_process_suspended_mid_load_goes_on_when_it_resumes(tmp_path):
+    """A job stopped by its scheduler (SIGSTOP) for longer than the stall bound: its reads
+    did not stall, the whole process did. The wait that woke late on resume took that time
+    for the storage's silence and failed the load (a 5 s suspension on a 2 s bound); the
+    load now goes on and ends as it would have."""
+    dckpt.save({"w": torch.arange(1 << 20, dtype=torch.float32)}, str(tmp_path), step=1)
+    # 64 reads of 50 ms: mid-load after 1 s
+    assert _suspended(_SUSPENDED_LOAD, str(tmp_path), after_s=1.0, for_s=3.0) == "loaded 1 True"
+
+
+def _suspended(script: str, arg: str, *, after_s: float, for_s: float) -> str:
+    """What ``script`` prints after its first line, run with ``arg``; stopped (SIGSTOP)
+    ``after_s`` after that first line for ``for_s``. It must exit 0."""
+    child = subprocess.Popen([sys.executable, "-c", script, arg],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None
+        child.stdout.readline()
+        time.sleep(after_s)
+        os.kill(child.pid, signal.SIGSTOP)
+        time.sleep(for_s)
+        os.kill(child.pid, signal.SIGCONT)
+        out, err = child.communicate(timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err[-2000:]
+    return out.strip()
+
+
+_SUSPENDED_WAIT = """
+import sys, time
+from concurrent.futures import ThreadPoolExecutor
+from dckpt.watchdog import call_bounded, wait_all
+def slow():  # 1 s of running time, in steps: a suspension stops it too
+    for _ in range(20):
+        time.sleep(0.05)
+    return "done"
+print("waiting", flush=True)
+if sys.argv[1] == "call_bounded":
+    print(call_bounded(slow, 2.0, "a slow call"), flush=True)
+else:
+    with ThreadPoolExecutor(1) as pool:
+        print(*wait_all([pool.submit(slow)], 2.0, "a slow read"), flush=True)
+"""
+
+
+@pytest.mark.parametrize("wait", ["call_bounded", "wait_all"])
+def test_a_wait_suspended_longer_than_its_bound_goes_on_when_it_resumes(wait):
+    """Suspended 0.5 s into a call of 1 s for 4 s, on a bound of 2 s: the call still has
+    half a second to run when the process resumes, and the wait, whose own timeout ran
+    out meanwhile, woke to 4.5 s without an answer and gave up."""
+    assert _suspended(_SUSPENDED_WAIT, wait, after_s=0.5, for_s=4.0) == "done"
 
 
 def test_a_storage_failure_in_status_is_named_for_status(tmp_path, monkeypatch):
