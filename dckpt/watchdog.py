@@ -13,6 +13,7 @@ Time the whole process was not running (a job suspended by its scheduler) does n
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -148,6 +149,17 @@ class _Worker(threading.Thread):
 
 _IDLE: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
 """Workers free for the next call (starting a thread per call cost 130 us)."""
+
+
+def _forget_workers() -> None:
+    """(a forked child) The parent's workers are not threads here: a call handed to one
+    never ran, and every bounded call failed as a storage that stopped answering."""
+    global _IDLE
+    _IDLE = queue.SimpleQueue()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_workers)
 
 
 def call_bounded(fn: Callable[[], T], stall_s: float, what: str,

@@ -4,6 +4,7 @@ and the next save works."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import dckpt
 from dckpt.reads import Fetcher
 from dckpt.mounts import filesystem_type, mount_source, watched_filesystem
 from dckpt.storage import Store
-from dckpt.watchdog import Heartbeat, Stalled, wait_all
+from dckpt.watchdog import Heartbeat, Stalled, call_bounded, wait_all
 from dckpt_testing import MotoServer, arm, disarm
 
 
@@ -216,6 +217,45 @@ def test_a_wait_suspended_longer_than_its_bound_goes_on_when_it_resumes(wait):
     half a second to run when the process resumes, and the wait, whose own timeout ran
     out meanwhile, woke to 4.5 s without an answer and gave up."""
     assert _suspended(_SUSPENDED_WAIT, wait, after_s=0.5, for_s=4.0) == "done"
+
+
+def _in_a_forked_child(fn):
+    """``fn()``'s result (or its error's name and message) in a child forked from here."""
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.SimpleQueue()
+
+    def run():
+        try:
+            results.put(("ok", fn()))
+        except Exception as e:
+            results.put((type(e).__name__, str(e)))
+
+    child = ctx.Process(target=run)
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0
+    return results.get()
+
+
+def test_a_child_forked_after_a_bounded_call_makes_its_own(s3_repo):
+    """The parent's idle worker thread is no thread in a forked child: a bounded call handed
+    to it never ran, and a child's first load from S3 (whose listings and manifests run
+    bounded) failed after io_stall_timeout_s as a storage that stopped answering."""
+    assert call_bounded(lambda: 1, 5.0, "a call") == 1  # leaves its worker idle
+    assert _in_a_forked_child(lambda: call_bounded(lambda: 2, 2.0, "a call")) == ("ok", 2)
+    url, opts = s3_repo
+    state = {"w": torch.arange(10.0)}  # small: torch's own thread pool is not fork-safe
+    dckpt.save(state, url, step=1, storage_options=opts)
+    assert [i.step for i in dckpt.list_checkpoints(url, storage_options=opts)] == [1]
+
+    def load() -> bool:
+        out = {"w": torch.zeros(10)}
+        dckpt.load(out, url, storage_options=opts, config=dckpt.LoadConfig(io_stall_timeout_s=5))
+        return torch.equal(out["w"], state["w"])
+
+    assert _in_a_forked_child(load) == ("ok", True)
 
 
 def test_a_storage_failure_in_status_is_named_for_status(tmp_path, monkeypatch):
