@@ -202,10 +202,11 @@ def load_with(make_reader: Callable[..., Reader], state_dict: StateDict, url: st
     timeout_s = (config if isinstance(config, LoadConfig) else LoadConfig()).collective_timeout_s
     # one rank's refusal is every rank's
     step, store = dist.agreed(check, "dckpt.load", timeout_s=timeout_s, saving=False)
-    store.stall_s = (config or LoadConfig()).io_stall_timeout_s  # finding it too
+    config = config or LoadConfig()
+    store.stall_s = config.io_stall_timeout_s  # finding it too
     with dist.collectives(f"load from {store.url}", saving=False):
         return _load_with(make_reader, state_dict, store, step=step, partial=partial,
-                          storage_options=storage_options, config=config or LoadConfig())
+                          storage_options=storage_options, config=config)
 
 
 def _load_with(make_reader: Callable[..., Reader], state_dict: StateDict, store: Store, *,

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from dckpt import s3
 from dckpt.arguments import check_options, check_url
@@ -123,8 +124,7 @@ class Store:
         if self.watch_metadata is not None:
             return self.watch_metadata
         if not self.local:
-            protocol = self.fs.protocol
-            return "memory" not in ((protocol,) if isinstance(protocol, str) else protocol)
+            return not isinstance(self.fs, MemoryFileSystem)
         return watched_filesystem(self.root)
 
     # ------------------------------------------------------------ writes
